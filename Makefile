@@ -1,0 +1,73 @@
+# ngx_infer: build, test, demo and benchmark.
+#
+#   make            build the four modules into build/modules/
+#   make run        install what is missing, build, start the demo gateway
+#   make test       install what is missing, build, run the whole test suite
+#   make bench      install what is missing, build, run the benchmarks
+#
+#   make NGINX_SRC=/path/to/nginx-1.x.y    build against another nginx tree
+
+NGINX_SRC ?= /usr/share/nginx/src
+BUILD     ?= $(CURDIR)/build
+PYTHON    ?= /usr/bin/python3
+PYTEST_ARGS ?=
+
+TREE    := $(BUILD)/nginx-src
+MODDIR  := $(BUILD)/modules
+SOURCES := config $(wildcard ngx_infer_*/*.c ngx_infer_*/*.h)
+
+export INFER_MODULES_DIR := $(MODDIR)
+
+.PHONY: all build deps run test bench token clean FORCE
+
+all: build
+
+build: $(MODDIR)/.built
+
+deps:
+	@scripts/deps.sh
+
+# The configure arguments are kept in a file rewritten only when they
+# change, so that a new NGINX_SRC or flag reconfigures and nothing else does.
+$(BUILD)/configure.args: FORCE
+	@test -x "$(NGINX_SRC)/configure" || { \
+	    echo "no nginx source tree at $(NGINX_SRC):" \
+	         "run 'make deps' (Debian's nginx-dev) or set NGINX_SRC" >&2; \
+	    exit 1; }
+	@mkdir -p $(BUILD)
+	@{ echo "# $(abspath $(NGINX_SRC))"; \
+	   scripts/configure-args.sh "$(NGINX_SRC)"; } > $@.tmp
+	@if cmp -s $@.tmp $@; then rm $@.tmp; else mv $@.tmp $@; fi
+
+# nginx's configure writes into the tree it runs in: work on a copy, so the
+# sources (Debian's or anyone's) are never touched.
+$(BUILD)/configured: $(BUILD)/configure.args config
+	@echo "configuring against $(NGINX_SRC) (log: $(BUILD)/configure.log)"
+	@rm -rf $(TREE) && mkdir -p $(TREE) && cp -a $(NGINX_SRC)/. $(TREE)/
+	@cd $(TREE) && grep -v '^#' $(BUILD)/configure.args \
+	    | env -u CFLAGS xargs -d '\n' ./configure \
+	        --add-dynamic-module=$(CURDIR) > $(BUILD)/configure.log 2>&1 \
+	    || { tail -n 20 $(BUILD)/configure.log; exit 1; }
+	@grep -q -- '-Werror' $(TREE)/objs/Makefile || { \
+	    echo "objs/Makefile lacks -Werror: warnings must be errors" >&2; \
+	    exit 1; }
+	@touch $@
+
+$(MODDIR)/.built: $(BUILD)/configured $(SOURCES)
+	$(MAKE) -C $(TREE) -f objs/Makefile modules
+	@mkdir -p $(MODDIR)
+	@cp $(TREE)/objs/ngx_http_infer_*_module.so $(MODDIR)/
+	@touch $@
+	@echo "built: $$(cd $(MODDIR) && ls *.so | tr '\n' ' ')"
+
+run: deps build
+	$(PYTHON) examples/demo/run.py
+
+test: deps build
+	$(PYTHON) -m pytest -p no:cacheprovider $(PYTEST_ARGS) t/
+
+bench: deps build
+	$(PYTHON) bench/run.py
+
+clean:
+	rm -rf $(BUILD)
