@@ -13,6 +13,7 @@ pkgs=(
     # tests and demo
     redis-server python3 python3-pytest python3-requests python3-jwt
     python3-jwcrypto python3-prometheus-client python3-redis
+    python3-pytest-timeout
     # benchmarks
     wrk util-linux
 )

@@ -1,0 +1,49 @@
+"""A real redis-server on a free loopback port, nothing saved to disk."""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+from .ports import free_port, wait_port
+
+REDIS_BIN = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+class RedisServer:
+    def __init__(self, workdir, port=None):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.host = "127.0.0.1"
+        self.port = port or free_port()
+        self.proc = None
+
+    @property
+    def addr(self):
+        return f"{self.host}:{self.port}"
+
+    def start(self, timeout=10):
+        self.proc = subprocess.Popen(
+            [REDIS_BIN, "--bind", self.host, "--port", str(self.port),
+             "--save", "", "--appendonly", "no", "--daemonize", "no",
+             "--dir", str(self.workdir),
+             "--logfile", str(self.workdir / "redis.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        if not wait_port(self.host, self.port, timeout,
+                         alive=lambda: self.proc.poll() is None):
+            self.stop()
+            raise RuntimeError("redis-server did not start")
+        return self
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def client(self):
+        import redis
+        return redis.Redis(host=self.host, port=self.port,
+                           decode_responses=True)
