@@ -1,0 +1,151 @@
+#!/usr/bin/python3
+"""The ngx_infer demo gateway (`make run`).
+
+Starts on loopback: a redis-server, simulated model pools llama-3-8b (two
+replicas) and mistral-7b (one replica), and nginx with the four modules,
+configured from examples/demo/nginx.conf, on 127.0.0.1:$INFER_PORT (8080).
+Prints how to call it, stays in the foreground, and stops everything it
+started on Ctrl-C or SIGTERM.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "t"))
+
+from harness.nginx import MODULES_DIR, NGINX_BIN  # noqa: E402
+from harness.ports import wait_port  # noqa: E402
+from harness.redis import RedisServer  # noqa: E402
+from harness.simproc import SimProcess  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+RUN = Path(os.environ.get("INFER_DEMO_DIR", REPO / "build" / "demo"))
+PORT = int(os.environ.get("INFER_PORT", "8080"))
+
+
+def render(template, values):
+    text = template
+    for k, v in values.items():
+        text = text.replace("{{" + k + "}}", str(v))
+    return text
+
+
+def main():
+    RUN.mkdir(parents=True, exist_ok=True)
+    started = []
+    stopping = False
+
+    def stop(*_):
+        nonlocal stopping
+        if stopping:
+            return
+        stopping = True
+        print("\nstopping the demo ...", flush=True)
+        for p in reversed(started):
+            p.stop()
+        sys.exit(0)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+
+    try:
+        redis = RedisServer(RUN / "redis").start()
+        started.append(redis)
+        sims = {}
+        for model, replica in [("llama-3-8b", "llama-3-8b-a"),
+                               ("llama-3-8b", "llama-3-8b-b"),
+                               ("mistral-7b", "mistral-7b-a")]:
+            s = SimProcess(model, replica, RUN / replica, ttft_ms=80,
+                           tpot_ms=25)
+            s.start()
+            started.append(s)
+            sims[replica] = s
+
+        conf = render((HERE / "nginx.conf").read_text(), {
+            "modules": MODULES_DIR,
+            "run": RUN,
+            "port": PORT,
+            "user": "user root;" if os.geteuid() == 0 else "",
+            "llama_a": sims["llama-3-8b-a"].addr,
+            "llama_b": sims["llama-3-8b-b"].addr,
+            "mistral": sims["mistral-7b-a"].addr,
+            "redis": redis.addr,
+        })
+        (RUN / "nginx.conf").write_text(conf)
+
+        nginx = NginxProcess(RUN)
+        nginx.start()
+        started.append(nginx)
+    except Exception as e:  # say what failed, stop what did start
+        print(f"demo: {e}", file=sys.stderr)
+        for p in reversed(started):
+            p.stop()
+        sys.exit(1)
+
+    base = f"http://127.0.0.1:{PORT}"
+    print(f"""
+ngx_infer demo gateway: {base}  (nginx, Redis {redis.addr}, 3 simulated GPU replicas)
+
+  A chat completion (served by a llama-3-8b replica; see x-sim-replica):
+    curl -i {base}/v1/chat/completions -H 'content-type: application/json' \\
+      -d '{{"model": "llama-3-8b", "messages": [{{"role": "user", "content": "Hello"}}]}}'
+
+  Streamed, with usage at the end:
+    curl -N {base}/v1/chat/completions -H 'content-type: application/json' \\
+      -d '{{"model": "llama-3-8b", "stream": true, "stream_options": {{"include_usage": true}},
+           "messages": [{{"role": "user", "content": "Hello"}}]}}'
+
+  The mistral-7b pool (picked by header until model routing lands):
+    curl {base}/v1/chat/completions -H 'x-model: mistral-7b' -H 'content-type: application/json' \\
+      -d '{{"model": "mistral-7b", "messages": [{{"role": "user", "content": "Hi"}}]}}'
+
+  Config: {RUN}/nginx.conf   Logs: {RUN}/error.log, {RUN}/access.log
+  Ctrl-C stops everything.
+""", flush=True)
+    print("demo ready", flush=True)
+
+    while True:
+        if nginx.proc.poll() is not None:
+            print("demo: nginx exited; see " + str(RUN / "error.log"),
+                  file=sys.stderr)
+            stop()
+        time.sleep(0.5)
+
+
+class NginxProcess:
+    """nginx in the foreground with the rendered demo config."""
+
+    def __init__(self, run):
+        self.run = run
+        self.proc = None
+
+    def start(self):
+        cmd = [NGINX_BIN, "-p", str(self.run), "-c", str(self.run / "nginx.conf"),
+               "-e", str(self.run / "error.log")]
+        t = subprocess.run(cmd + ["-t", "-q"], capture_output=True, text=True)
+        if t.returncode != 0:
+            raise RuntimeError("nginx -t failed:\n" + t.stderr)
+        self.proc = subprocess.Popen(cmd)
+        if not wait_port("127.0.0.1", PORT, 10,
+                         alive=lambda: self.proc.poll() is None):
+            self.stop()
+            raise RuntimeError(f"nginx did not start on 127.0.0.1:{PORT} "
+                               f"(port taken?); see {self.run}/error.log")
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGQUIT)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+if __name__ == "__main__":
+    main()

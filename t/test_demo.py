@@ -1,0 +1,68 @@
+"""`make run`'s demo: it answers a chat completion from a llama-3-8b
+replica through the gateway, and stops everything it started on SIGTERM."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+from harness.ports import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_demo_answers_and_stops_cleanly(tmp_path):
+    port = free_port()
+    env = dict(os.environ, INFER_PORT=str(port), INFER_DEMO_DIR=str(tmp_path))
+    p = subprocess.Popen([sys.executable, str(REPO / "examples/demo/run.py")],
+                         env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    out = []
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            line = p.stdout.readline()
+            if not line:
+                break
+            out.append(line)
+            if line.strip() == "demo ready":
+                break
+        assert out and out[-1].strip() == "demo ready", "".join(out)
+        text = "".join(out)
+        assert f"http://127.0.0.1:{port}" in text and "curl" in text
+
+        base = f"http://127.0.0.1:{port}"
+        r = requests.post(base + "/v1/chat/completions", timeout=10, json={
+            "model": "llama-3-8b",
+            "messages": [{"role": "user", "content": "Hello"}]})
+        assert r.status_code == 200
+        assert r.json()["model"] == "llama-3-8b"
+        assert r.headers["x-sim-replica"].startswith("llama-3-8b-")
+
+        r = requests.post(base + "/v1/chat/completions", timeout=10,
+                          headers={"x-model": "mistral-7b"}, json={
+                              "model": "mistral-7b",
+                              "messages": [{"role": "user", "content": "Hi"}]})
+        assert r.status_code == 200
+        assert r.headers["x-sim-replica"] == "mistral-7b-a"
+
+        master = int((tmp_path / "nginx.pid").read_text())
+    finally:
+        p.send_signal(signal.SIGTERM)
+        rest, _ = p.communicate(timeout=30)
+
+    assert p.returncode == 0, "".join(out) + rest
+    # nginx is gone, and nothing listens on the port any more
+    time.sleep(0.2)
+    assert not Path(f"/proc/{master}").exists()
+    try:
+        requests.get(f"http://127.0.0.1:{port}/", timeout=1)
+        assert False, "something still listens on the demo port"
+    except requests.ConnectionError:
+        pass
+    log = (tmp_path / "error.log").read_text()
+    assert "[alert]" not in log and "[emerg]" not in log
