@@ -20,6 +20,7 @@ sys.path.insert(0, str(REPO / "t"))
 
 from harness.nginx import MODULES_DIR, NGINX_BIN  # noqa: E402
 from harness.ports import wait_port  # noqa: E402
+from harness.process import stop_process  # noqa: E402
 from harness.redis import RedisServer  # noqa: E402
 from harness.simproc import SimProcess  # noqa: E402
 
@@ -138,13 +139,7 @@ class NginxProcess:
                                f"(port taken?); see {self.run}/error.log")
 
     def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGQUIT)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, signal.SIGQUIT)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from .ports import free_port, wait_port
+from .process import Served, stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 NGINX_BIN = os.environ.get("INFER_NGINX", "/usr/sbin/nginx")
@@ -29,7 +30,7 @@ def module_path(name):
     return MODULES_DIR / f"ngx_http_infer_{name}_module.so"
 
 
-class Nginx:
+class Nginx(Served):
     def __init__(self, workdir, http="", main="", modules=MODULES,
                  workers=2, error_level="info", port=None):
         self.workdir = Path(workdir)
@@ -40,19 +41,10 @@ class Nginx:
         self.workers = workers
         self.error_level = error_level
         self.port = port or free_port()
-        self.host = "127.0.0.1"
         self.conf_path = self.workdir / "nginx.conf"
         self.error_log = self.workdir / "error.log"
         self.proc = None
         self._log_start = 0
-
-    @property
-    def url(self):
-        return f"http://{self.host}:{self.port}"
-
-    @property
-    def addr(self):
-        return f"{self.host}:{self.port}"
 
     def render(self):
         """The whole nginx.conf; {port} in http is the listen port."""
@@ -149,18 +141,8 @@ class Nginx:
         raise RuntimeError("nginx reload did not replace the workers")
 
     def stop(self, timeout=10):
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGQUIT)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        """Graceful shutdown (SIGQUIT): workers finish what they serve."""
+        stop_process(self.proc, signal.SIGQUIT, timeout)
 
     def log_text(self):
         """What this instance logged since it was started."""

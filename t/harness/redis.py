@@ -5,21 +5,17 @@ import subprocess
 from pathlib import Path
 
 from .ports import free_port, wait_port
+from .process import Served, stop_process
 
 REDIS_BIN = shutil.which("redis-server") or "/usr/bin/redis-server"
 
 
-class RedisServer:
+class RedisServer(Served):
     def __init__(self, workdir, port=None):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.host = "127.0.0.1"
         self.port = port or free_port()
         self.proc = None
-
-    @property
-    def addr(self):
-        return f"{self.host}:{self.port}"
 
     def start(self, timeout=10):
         self.proc = subprocess.Popen(
@@ -35,13 +31,7 @@ class RedisServer:
         return self
 
     def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
     def client(self):
         import redis
