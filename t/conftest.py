@@ -82,6 +82,13 @@ def sim_factory(tmp_path):
     yield make
     for s in made:
         s.stop()
+    problems = [f"{s.replica}: {line}" for s in made
+                if not s.opts.get("access_log")
+                for line in s.log_text().splitlines()
+                if not line.startswith("infer_sim listening on")]
+    if problems:
+        # a traceback or an asyncio warning: the simulator misbehaved
+        pytest.fail("simulator log:\n" + "\n".join(problems), pytrace=False)
 
 
 def _have_openai_sdk():
