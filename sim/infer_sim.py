@@ -175,6 +175,14 @@ def prompt_items(prompt):
     return [prompt]
 
 
+# POST endpoints answered by inference(), by the kind of answer they get
+INFERENCE_PATHS = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completions",
+    "/v1/embeddings": "embeddings",
+    "/api/infer": "api",
+}
+
 class ClientGone(Exception):
     """The client went away (or we reset the connection on purpose)."""
 
@@ -553,22 +561,11 @@ class Sim:
                 return await self.control(conn, req)
             self.requests_total += 1
             self.record(req)
-            if path == "/v1/chat/completions":
+            kind = INFERENCE_PATHS.get(path)
+            if kind is not None:
                 if m != "POST":
                     return await self.method_not_allowed(conn, req, "POST")
-                return await self.inference(conn, req, "chat")
-            if path == "/v1/completions":
-                if m != "POST":
-                    return await self.method_not_allowed(conn, req, "POST")
-                return await self.inference(conn, req, "completions")
-            if path == "/v1/embeddings":
-                if m != "POST":
-                    return await self.method_not_allowed(conn, req, "POST")
-                return await self.inference(conn, req, "embeddings")
-            if path == "/api/infer":
-                if m != "POST":
-                    return await self.method_not_allowed(conn, req, "POST")
-                return await self.inference(conn, req, "api")
+                return await self.inference(conn, req, kind)
             if path in ("/health", "/v2/health/ready", "/v2/health/live"):
                 if m not in ("GET", "HEAD"):
                     return await self.method_not_allowed(conn, req, "GET, HEAD")
