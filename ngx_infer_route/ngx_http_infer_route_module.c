@@ -1,8 +1,8 @@
 /*
  * Copyright (C) ngx_infer authors
  *
- * ngx_http_infer_route_module: model-aware routing.  Reads the
- * request body, finds the model it names and picks the backend pool; extracts
+ * ngx_http_infer_route_module: model-aware routing.  Reads the request
+ * body, finds the model it names and picks the backend pool; extracts
  * token usage from JSON and SSE answers.
  */
 
@@ -11,13 +11,103 @@
 #include <ngx_core.h>
 #include <ngx_http.h>
 
+#include "ngx_http_infer.h"
+#include "ngx_http_infer_route_json.h"
+
+
+#define NGX_HTTP_INFER_SOURCE_BODY    0
+#define NGX_HTTP_INFER_SOURCE_PATH    1
+#define NGX_HTTP_INFER_SOURCE_HEADER  2
+
+/* a request still waiting for its body */
+#define NGX_HTTP_INFER_ROUTE_READING  NGX_AGAIN
+
+/* room for an error message with a model name in it */
+#define NGX_HTTP_INFER_ROUTE_ERROR_MAX  (160 + NGX_HTTP_INFER_MODEL_MAX)
+
 
 typedef struct {
-    ngx_flag_t  enable;
+    ngx_uint_t                     type;
+    ngx_str_t                      header;      /* lowercased */
+} ngx_http_infer_route_source_t;
+
+
+typedef struct {
+    ngx_str_t                      name;
+    ngx_str_t                      upstream;
+    ngx_array_t                    aliases;     /* of ngx_str_t */
+} ngx_http_infer_route_model_t;
+
+
+typedef struct {
+    ngx_array_t                    models;      /* of *_model_t */
+    ngx_hash_t                     names;       /* names, aliases -> model */
+    ngx_hash_keys_arrays_t        *keys;        /* only while configuring */
+} ngx_http_infer_route_main_conf_t;
+
+
+typedef struct {
+    ngx_flag_t                     enable;
+    ngx_array_t                   *sources;     /* of *_source_t */
+    size_t                         prefix_max;
 } ngx_http_infer_route_loc_conf_t;
 
 
+typedef struct {
+    ngx_int_t                      status;      /* what the phase handler
+                                                   returns once it knows */
+    ngx_str_t                      error;       /* message, when status is
+                                                   an error */
+    const char                    *error_code;
+    ngx_uint_t                     next_source;
+    ngx_str_t                      model;       /* as the request names it */
+    ngx_http_infer_route_model_t  *entry;       /* NULL: not in registry */
+    ngx_http_infer_route_body_t   *body;        /* NULL: body not scanned */
+    unsigned                       waiting:1;   /* body read asynchronously */
+} ngx_http_infer_route_ctx_t;
+
+
+typedef enum {
+    ngx_http_infer_route_var_model = 0,
+    ngx_http_infer_route_var_model_target,
+    ngx_http_infer_route_var_upstream,
+    ngx_http_infer_route_var_stream,
+    ngx_http_infer_route_var_max_tokens,
+    ngx_http_infer_route_var_prompt_tokens,
+    ngx_http_infer_route_var_prefix_hash
+} ngx_http_infer_route_var_e;
+
+
 static ngx_int_t ngx_http_infer_route_handler(ngx_http_request_t *r);
+static void ngx_http_infer_route_body_handler(ngx_http_request_t *r);
+static ngx_int_t ngx_http_infer_route_next(ngx_http_request_t *r,
+    ngx_http_infer_route_ctx_t *ctx);
+static ngx_int_t ngx_http_infer_route_scan_body(ngx_http_request_t *r,
+    ngx_http_infer_route_ctx_t *ctx);
+static ngx_int_t ngx_http_infer_route_body_bytes(ngx_http_request_t *r,
+    ngx_str_t *body);
+static ngx_int_t ngx_http_infer_route_from_path(ngx_http_request_t *r,
+    ngx_str_t *model);
+static ngx_int_t ngx_http_infer_route_from_header(ngx_http_request_t *r,
+    ngx_http_infer_route_source_t *src, ngx_str_t *model);
+static ngx_int_t ngx_http_infer_route_resolve(ngx_http_request_t *r,
+    ngx_http_infer_route_ctx_t *ctx);
+static ngx_int_t ngx_http_infer_route_done(ngx_http_request_t *r,
+    ngx_http_infer_route_ctx_t *ctx);
+static ngx_int_t ngx_http_infer_route_fail(ngx_http_request_t *r,
+    ngx_http_infer_route_ctx_t *ctx, ngx_uint_t status, const char *code,
+    const char *fmt, ...);
+
+static ngx_int_t ngx_http_infer_route_variable(ngx_http_request_t *r,
+    ngx_http_variable_value_t *v, uintptr_t data);
+
+static char *ngx_http_infer_route_model(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static char *ngx_http_infer_route_sources(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static ngx_int_t ngx_http_infer_route_add_variables(ngx_conf_t *cf);
+static void *ngx_http_infer_route_create_main_conf(ngx_conf_t *cf);
+static char *ngx_http_infer_route_init_main_conf(ngx_conf_t *cf, void *conf);
 static void *ngx_http_infer_route_create_conf(ngx_conf_t *cf);
 static char *ngx_http_infer_route_merge_conf(ngx_conf_t *cf, void *parent,
     void *child);
@@ -33,16 +123,37 @@ static ngx_command_t  ngx_http_infer_route_commands[] = {
       offsetof(ngx_http_infer_route_loc_conf_t, enable),
       NULL },
 
+    { ngx_string("infer_model"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_2MORE,
+      ngx_http_infer_route_model,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("infer_model_source"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_1MORE,
+      ngx_http_infer_route_sources,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("infer_prefix_hash_length"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_size_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_infer_route_loc_conf_t, prefix_max),
+      NULL },
+
       ngx_null_command
 };
 
 
 static ngx_http_module_t  ngx_http_infer_route_module_ctx = {
-    NULL,                                  /* preconfiguration */
+    ngx_http_infer_route_add_variables,    /* preconfiguration */
     ngx_http_infer_route_init,             /* postconfiguration */
 
-    NULL,                                  /* create main configuration */
-    NULL,                                  /* init main configuration */
+    ngx_http_infer_route_create_main_conf, /* create main configuration */
+    ngx_http_infer_route_init_main_conf,   /* init main configuration */
 
     NULL,                                  /* create server configuration */
     NULL,                                  /* merge server configuration */
@@ -68,26 +179,914 @@ ngx_module_t  ngx_http_infer_route_module = {
 };
 
 
+static ngx_http_variable_t  ngx_http_infer_route_vars[] = {
+
+    { ngx_string("infer_model"), NULL, ngx_http_infer_route_variable,
+      ngx_http_infer_route_var_model, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("infer_model_target"), NULL, ngx_http_infer_route_variable,
+      ngx_http_infer_route_var_model_target, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("infer_upstream"), NULL, ngx_http_infer_route_variable,
+      ngx_http_infer_route_var_upstream, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("infer_stream"), NULL, ngx_http_infer_route_variable,
+      ngx_http_infer_route_var_stream, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("infer_max_tokens"), NULL, ngx_http_infer_route_variable,
+      ngx_http_infer_route_var_max_tokens, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("infer_prompt_tokens_estimate"), NULL,
+      ngx_http_infer_route_variable,
+      ngx_http_infer_route_var_prompt_tokens, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("infer_prefix_hash"), NULL, ngx_http_infer_route_variable,
+      ngx_http_infer_route_var_prefix_hash, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+      ngx_http_null_variable
+};
+
+
 /*
  * Runs in PREACCESS, before authentication, so that the model is known to
- * the access check.  The body reading and model resolution come next.
+ * the access check.  The sources are tried in their configured order; the
+ * body, when it is one, is read first (the mirror module's pattern) and
+ * stays intact for proxy_pass.
  */
 
 static ngx_int_t
 ngx_http_infer_route_handler(ngx_http_request_t *r)
 {
-    ngx_http_infer_route_loc_conf_t  *lcf;
+    ngx_int_t                         rc;
+    ngx_http_infer_route_ctx_t       *ctx;
+    ngx_http_infer_route_loc_conf_t  *rlcf;
 
-    lcf = ngx_http_get_module_loc_conf(r, ngx_http_infer_route_module);
-
-    if (!lcf->enable) {
+    if (r != r->main) {
         return NGX_DECLINED;
+    }
+
+    rlcf = ngx_http_get_module_loc_conf(r, ngx_http_infer_route_module);
+
+    if (!rlcf->enable) {
+        return NGX_DECLINED;
+    }
+
+    ctx = ngx_http_get_module_ctx(r, ngx_http_infer_route_module);
+
+    if (ctx) {
+        /* back after the body was read asynchronously */
+        return ngx_http_infer_route_done(r, ctx);
     }
 
     ngx_log_debug0(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
                    "infer route preaccess handler");
 
-    return NGX_DECLINED;
+    ctx = ngx_pcalloc(r->pool, sizeof(ngx_http_infer_route_ctx_t));
+    if (ctx == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    ngx_http_set_ctx(r, ctx, ngx_http_infer_route_module);
+
+    rc = ngx_http_infer_route_next(r, ctx);
+
+    if (rc != NGX_HTTP_INFER_ROUTE_READING) {
+        ctx->status = rc;
+        return ngx_http_infer_route_done(r, ctx);
+    }
+
+    ctx->status = NGX_HTTP_INFER_ROUTE_READING;
+
+    rc = ngx_http_read_client_request_body(r,
+                                         ngx_http_infer_route_body_handler);
+    if (rc >= NGX_HTTP_SPECIAL_RESPONSE) {
+        return rc;
+    }
+
+    /* balances the reference read_client_request_body() took */
+    ngx_http_finalize_request(r, NGX_DONE);
+
+    if (ctx->status == NGX_HTTP_INFER_ROUTE_READING) {
+        ctx->waiting = 1;
+        return NGX_DONE;
+    }
+
+    return ngx_http_infer_route_done(r, ctx);
+}
+
+
+static void
+ngx_http_infer_route_body_handler(ngx_http_request_t *r)
+{
+    ngx_int_t                    rc;
+    ngx_http_infer_route_ctx_t  *ctx;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_http_infer_route_module);
+
+    rc = ngx_http_infer_route_scan_body(r, ctx);
+
+    if (rc == NGX_DECLINED) {
+        /* no model in the body: the sources after it */
+        rc = ngx_http_infer_route_next(r, ctx);
+    }
+
+    ctx->status = rc;
+
+    /* proxy_pass and any later reader get the body as it came */
+    r->preserve_body = 1;
+
+    if (ctx->waiting) {
+        r->write_event_handler = ngx_http_core_run_phases;
+        ngx_http_core_run_phases(r);
+    }
+}
+
+
+/*
+ * Tries the sources from ctx->next_source on.  Returns NGX_OK when a model
+ * was found and resolved, NGX_HTTP_INFER_ROUTE_READING when the body must
+ * be read first, or an error status (ctx->error set).
+ */
+
+static ngx_int_t
+ngx_http_infer_route_next(ngx_http_request_t *r,
+    ngx_http_infer_route_ctx_t *ctx)
+{
+    ngx_int_t                         rc;
+    ngx_http_infer_route_source_t    *src;
+    ngx_http_infer_route_loc_conf_t  *rlcf;
+
+    rlcf = ngx_http_get_module_loc_conf(r, ngx_http_infer_route_module);
+    src = rlcf->sources->elts;
+
+    while (ctx->next_source < rlcf->sources->nelts) {
+
+        switch (src[ctx->next_source++].type) {
+
+        case NGX_HTTP_INFER_SOURCE_BODY:
+
+            if (ctx->body != NULL
+                || (r->headers_in.content_length_n <= 0
+                    && !r->headers_in.chunked))
+            {
+                continue;
+            }
+
+            return NGX_HTTP_INFER_ROUTE_READING;
+
+        case NGX_HTTP_INFER_SOURCE_PATH:
+            rc = ngx_http_infer_route_from_path(r, &ctx->model);
+            break;
+
+        default: /* NGX_HTTP_INFER_SOURCE_HEADER */
+            rc = ngx_http_infer_route_from_header(r,
+                                                  &src[ctx->next_source - 1],
+                                                  &ctx->model);
+            break;
+        }
+
+        if (rc == NGX_OK) {
+            return ngx_http_infer_route_resolve(r, ctx);
+        }
+    }
+
+    return ngx_http_infer_route_fail(r, ctx, NGX_HTTP_BAD_REQUEST,
+                                     "missing_model",
+                                     "you must provide a model parameter");
+}
+
+
+static ngx_int_t
+ngx_http_infer_route_scan_body(ngx_http_request_t *r,
+    ngx_http_infer_route_ctx_t *ctx)
+{
+    ngx_int_t                         rc;
+    ngx_str_t                         body;
+    ngx_http_infer_route_body_t      *b;
+    ngx_http_infer_route_loc_conf_t  *rlcf;
+
+    if (ngx_http_infer_route_body_bytes(r, &body) != NGX_OK) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    b = ngx_palloc(r->pool, sizeof(ngx_http_infer_route_body_t));
+    if (b == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    rlcf = ngx_http_get_module_loc_conf(r, ngx_http_infer_route_module);
+
+    b->prefix_max = rlcf->prefix_max;
+    ctx->body = b;
+
+    rc = ngx_http_infer_route_json_scan(body.data, body.len, b);
+
+    ngx_log_debug3(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
+                   "infer route scanned %uz body bytes: %i, model:%d",
+                   body.len, rc, b->has_model);
+
+    if (rc == NGX_ERROR) {
+        return ngx_http_infer_route_fail(r, ctx, NGX_HTTP_BAD_REQUEST,
+                   "invalid_json",
+                   "could not parse the JSON body of your request: "
+                   "%s at byte %uz", b->error, b->error_offset);
+    }
+
+    if (rc == NGX_DECLINED) {
+        return ngx_http_infer_route_fail(r, ctx, NGX_HTTP_BAD_REQUEST,
+                   "invalid_json",
+                   "the body of your request must be a JSON object");
+    }
+
+    if (!b->has_model) {
+        return NGX_DECLINED;
+    }
+
+    ctx->model.data = b->model;
+    ctx->model.len = b->model_len;
+
+    return ngx_http_infer_route_resolve(r, ctx);
+}
+
+
+/*
+ * The body as one run of bytes: the buffer itself when it is a single one
+ * in memory (the common case, bodies under client_body_buffer_size), else
+ * a copy, reading nginx's own temp file for the part that spilled there.
+ */
+
+static ngx_int_t
+ngx_http_infer_route_body_bytes(ngx_http_request_t *r, ngx_str_t *body)
+{
+    u_char       *p;
+    size_t        len, size;
+    ssize_t       n;
+    ngx_buf_t    *buf;
+    ngx_chain_t  *cl;
+
+    ngx_str_null(body);
+
+    if (r->request_body == NULL || r->request_body->bufs == NULL) {
+        return NGX_OK;
+    }
+
+    cl = r->request_body->bufs;
+
+    if (cl->next == NULL && !cl->buf->in_file) {
+        body->data = cl->buf->pos;
+        body->len = cl->buf->last - cl->buf->pos;
+        return NGX_OK;
+    }
+
+    len = 0;
+
+    for ( /* void */ ; cl; cl = cl->next) {
+        len += ngx_buf_size(cl->buf);
+    }
+
+    p = ngx_pnalloc(r->pool, len ? len : 1);
+    if (p == NULL) {
+        return NGX_ERROR;
+    }
+
+    body->data = p;
+    body->len = len;
+
+    for (cl = r->request_body->bufs; cl; cl = cl->next) {
+        buf = cl->buf;
+        size = ngx_buf_size(buf);
+
+        if (!buf->in_file) {
+            p = ngx_cpymem(p, buf->pos, size);
+            continue;
+        }
+
+        n = ngx_read_file(buf->file, p, size, buf->file_pos);
+
+        if (n != (ssize_t) size) {
+            ngx_log_error(NGX_LOG_ALERT, r->connection->log, 0,
+                          "infer route: read %z of %uz bytes of the body "
+                          "from \"%V\"", n, size, &buf->file->name);
+            return NGX_ERROR;
+        }
+
+        p += size;
+    }
+
+    return NGX_OK;
+}
+
+
+/*
+ * KServe v2: /v2/models/{name}[/versions/{v}]/infer, and the model's other
+ * endpoints under /v2/models/{name}/.
+ */
+
+static ngx_int_t
+ngx_http_infer_route_from_path(ngx_http_request_t *r, ngx_str_t *model)
+{
+    u_char  *p, *last, *name;
+
+    static u_char  prefix[] = "/v2/models/";
+
+    if (r->uri.len <= sizeof(prefix) - 1
+        || ngx_strncmp(r->uri.data, prefix, sizeof(prefix) - 1) != 0)
+    {
+        return NGX_DECLINED;
+    }
+
+    name = r->uri.data + sizeof(prefix) - 1;
+    last = r->uri.data + r->uri.len;
+
+    for (p = name; p < last && *p != '/'; p++) { /* void */ }
+
+    if (p == name || p - name > NGX_HTTP_INFER_MODEL_MAX) {
+        return NGX_DECLINED;
+    }
+
+    model->data = name;
+    model->len = p - name;
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_infer_route_from_header(ngx_http_request_t *r,
+    ngx_http_infer_route_source_t *src, ngx_str_t *model)
+{
+    ngx_uint_t        i;
+    ngx_list_part_t  *part;
+    ngx_table_elt_t  *h;
+
+    part = &r->headers_in.headers.part;
+    h = part->elts;
+
+    for (i = 0; /* void */ ; i++) {
+
+        if (i >= part->nelts) {
+            if (part->next == NULL) {
+                return NGX_DECLINED;
+            }
+
+            part = part->next;
+            h = part->elts;
+            i = 0;
+        }
+
+        if (h[i].key.len == src->header.len
+            && ngx_strncasecmp(h[i].key.data, src->header.data,
+                               src->header.len)
+               == 0)
+        {
+            if (h[i].value.len == 0
+                || h[i].value.len > NGX_HTTP_INFER_MODEL_MAX)
+            {
+                return NGX_DECLINED;
+            }
+
+            *model = h[i].value;
+            return NGX_OK;
+        }
+    }
+}
+
+
+static ngx_int_t
+ngx_http_infer_route_resolve(ngx_http_request_t *r,
+    ngx_http_infer_route_ctx_t *ctx)
+{
+    u_char                            *p, *last;
+    ngx_http_infer_route_main_conf_t  *rmcf;
+
+    /*
+     * A decoded JSON string may hold CR, LF or NUL: a name that ends up in
+     * a header (add_header, proxy_set_header) must not carry them.
+     */
+
+    last = ctx->model.data + ctx->model.len;
+
+    for (p = ctx->model.data; p < last; p++) {
+        if (*p < 0x20 || *p == 0x7f) {
+            return ngx_http_infer_route_fail(r, ctx, NGX_HTTP_BAD_REQUEST,
+                       "invalid_model",
+                       "the model name must not contain control characters");
+        }
+    }
+
+    rmcf = ngx_http_get_module_main_conf(r, ngx_http_infer_route_module);
+
+    if (rmcf->models.nelts == 0) {
+        /* no registry: the model is only reported, in $infer_model */
+        return NGX_OK;
+    }
+
+    ctx->entry = ngx_hash_find(&rmcf->names,
+                               ngx_hash_key(ctx->model.data, ctx->model.len),
+                               ctx->model.data, ctx->model.len);
+
+    if (ctx->entry == NULL) {
+        return ngx_http_infer_route_fail(r, ctx, NGX_HTTP_NOT_FOUND,
+                   "model_not_found",
+                   "The model `%V` does not exist or you do not have "
+                   "access to it.", &ctx->model);
+    }
+
+    ngx_log_debug2(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
+                   "infer route: model \"%V\" -> upstream \"%V\"",
+                   &ctx->model, &ctx->entry->upstream);
+
+    return NGX_OK;
+}
+
+
+/*
+ * What the phase handler returns once the model is known: the next phase,
+ * or the error, sent in the OpenAI envelope.
+ */
+
+static ngx_int_t
+ngx_http_infer_route_done(ngx_http_request_t *r,
+    ngx_http_infer_route_ctx_t *ctx)
+{
+    ngx_int_t  rc;
+
+    if (ctx->status == NGX_OK) {
+        return NGX_DECLINED;
+    }
+
+    if (ctx->error_code == NULL) {
+        return ctx->status;
+    }
+
+    rc = ngx_http_infer_send_error(r, ctx->status, "invalid_request_error",
+                                   ctx->error_code, &ctx->error);
+
+    ngx_http_finalize_request(r, rc);
+
+    return NGX_DONE;
+}
+
+
+static ngx_int_t
+ngx_http_infer_route_fail(ngx_http_request_t *r,
+    ngx_http_infer_route_ctx_t *ctx, ngx_uint_t status, const char *code,
+    const char *fmt, ...)
+{
+    u_char   *p;
+    va_list   args;
+
+    p = ngx_pnalloc(r->pool, NGX_HTTP_INFER_ROUTE_ERROR_MAX);
+    if (p == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    va_start(args, fmt);
+    ctx->error.data = p;
+    ctx->error.len = ngx_vslprintf(p, p + NGX_HTTP_INFER_ROUTE_ERROR_MAX,
+                                   fmt, args) - p;
+    va_end(args);
+
+    ctx->error_code = code;
+
+    ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
+                  "infer route: %uD %s: %V", (uint32_t) status, code,
+                  &ctx->error);
+
+    return status;
+}
+
+
+static ngx_int_t
+ngx_http_infer_route_variable(ngx_http_request_t *r,
+    ngx_http_variable_value_t *v, uintptr_t data)
+{
+    u_char                       *p;
+    ngx_int_t                     n;
+    ngx_str_t                     s;
+    ngx_http_infer_route_ctx_t   *ctx;
+    ngx_http_infer_route_body_t  *b;
+
+    ctx = ngx_http_get_module_ctx(r->main, ngx_http_infer_route_module);
+
+    if (ctx == NULL || ctx->status != NGX_OK) {
+        v->not_found = 1;
+        return NGX_OK;
+    }
+
+    b = ctx->body;
+    n = -1;
+    ngx_str_null(&s);
+
+    switch (data) {
+
+    case ngx_http_infer_route_var_model:
+        s = ctx->model;
+        break;
+
+    case ngx_http_infer_route_var_model_target:
+        s = ctx->entry ? ctx->entry->name : ctx->model;
+        break;
+
+    case ngx_http_infer_route_var_upstream:
+        if (ctx->entry) {
+            s = ctx->entry->upstream;
+        }
+        break;
+
+    case ngx_http_infer_route_var_stream:
+        n = (b && b->stream == 1) ? 1 : 0;
+        break;
+
+    case ngx_http_infer_route_var_max_tokens:
+        n = b ? b->max_tokens : -1;
+        break;
+
+    case ngx_http_infer_route_var_prompt_tokens:
+        /* one token per 4 bytes of prompt text, 4 per chat message */
+        n = b ? (ngx_int_t) ((b->prompt_bytes + 3) / 4 + 4 * b->messages)
+              : 0;
+        break;
+
+    default: /* ngx_http_infer_route_var_prefix_hash */
+        if (b == NULL || b->prefix_len == 0) {
+            break;
+        }
+
+        p = ngx_pnalloc(r->pool, 16);
+        if (p == NULL) {
+            return NGX_ERROR;
+        }
+
+        s.data = p;
+        s.len = ngx_sprintf(p, "%016uxL", b->prefix_hash) - p;
+        break;
+    }
+
+    if (n >= 0) {
+        p = ngx_pnalloc(r->pool, NGX_INT_T_LEN);
+        if (p == NULL) {
+            return NGX_ERROR;
+        }
+
+        s.data = p;
+        s.len = ngx_sprintf(p, "%i", n) - p;
+    }
+
+    if (s.len == 0) {
+        v->not_found = 1;
+        return NGX_OK;
+    }
+
+    v->data = s.data;
+    v->len = s.len;
+    v->valid = 1;
+    v->no_cacheable = 0;
+    v->not_found = 0;
+
+    return NGX_OK;
+}
+
+
+/*
+ * infer_model NAME upstream=POOL [alias=NAME[,NAME...]] ...;
+ */
+
+static char *
+ngx_http_infer_route_model(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_infer_route_main_conf_t *rmcf = conf;
+
+    u_char                         *p, *last;
+    ngx_str_t                      *value, *alias, name;
+    ngx_int_t                       rc;
+    ngx_uint_t                      i;
+    ngx_http_infer_route_model_t   *m, **mp;
+
+    value = cf->args->elts;
+
+    if (value[1].len == 0 || value[1].len > NGX_HTTP_INFER_MODEL_MAX) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid model name \"%V\": it must have 1 to %d "
+                           "bytes", &value[1], NGX_HTTP_INFER_MODEL_MAX);
+        return NGX_CONF_ERROR;
+    }
+
+    m = ngx_pcalloc(cf->pool, sizeof(ngx_http_infer_route_model_t));
+    if (m == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    m->name = value[1];
+
+    if (ngx_array_init(&m->aliases, cf->pool, 2, sizeof(ngx_str_t))
+        != NGX_OK)
+    {
+        return NGX_CONF_ERROR;
+    }
+
+    for (i = 2; i < cf->args->nelts; i++) {
+
+        if (ngx_strncmp(value[i].data, "upstream=", 9) == 0) {
+
+            if (m->upstream.len) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "model \"%V\" has two upstreams",
+                                   &m->name);
+                return NGX_CONF_ERROR;
+            }
+
+            m->upstream.data = value[i].data + 9;
+            m->upstream.len = value[i].len - 9;
+
+            if (m->upstream.len == 0) {
+                goto invalid;
+            }
+
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "alias=", 6) == 0) {
+
+            p = value[i].data + 6;
+            last = value[i].data + value[i].len;
+
+            while (p < last) {
+                name.data = p;
+
+                while (p < last && *p != ',') {
+                    p++;
+                }
+
+                name.len = p - name.data;
+                p++;
+
+                if (name.len == 0 || name.len > NGX_HTTP_INFER_MODEL_MAX) {
+                    goto invalid;
+                }
+
+                alias = ngx_array_push(&m->aliases);
+                if (alias == NULL) {
+                    return NGX_CONF_ERROR;
+                }
+
+                *alias = name;
+            }
+
+            if (m->aliases.nelts == 0) {
+                goto invalid;
+            }
+
+            continue;
+        }
+
+        goto invalid;
+    }
+
+    if (m->upstream.len == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "model \"%V\" needs upstream=", &m->name);
+        return NGX_CONF_ERROR;
+    }
+
+    if (rmcf->keys == NULL) {
+        rmcf->keys = ngx_pcalloc(cf->temp_pool,
+                                 sizeof(ngx_hash_keys_arrays_t));
+        if (rmcf->keys == NULL) {
+            return NGX_CONF_ERROR;
+        }
+
+        rmcf->keys->pool = cf->pool;
+        rmcf->keys->temp_pool = cf->temp_pool;
+
+        if (ngx_hash_keys_array_init(rmcf->keys, NGX_HASH_SMALL) != NGX_OK) {
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    alias = m->aliases.elts;
+
+    for (i = 0; i <= m->aliases.nelts; i++) {
+        name = (i == 0) ? m->name : alias[i - 1];
+
+        /* model names are case-sensitive, as OpenAI's are */
+        rc = ngx_hash_add_key(rmcf->keys, &name, m, NGX_HASH_READONLY_KEY);
+
+        if (rc == NGX_BUSY) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "model name or alias \"%V\" is declared "
+                               "twice", &name);
+            return NGX_CONF_ERROR;
+        }
+
+        if (rc != NGX_OK) {
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    mp = ngx_array_push(&rmcf->models);
+    if (mp == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    *mp = m;
+
+    return NGX_CONF_OK;
+
+invalid:
+
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                       "invalid parameter \"%V\" for model \"%V\"",
+                       &value[i], &m->name);
+
+    return NGX_CONF_ERROR;
+}
+
+
+/*
+ * infer_model_source body | path | header=NAME ...;
+ */
+
+static char *
+ngx_http_infer_route_sources(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_infer_route_loc_conf_t *rlcf = conf;
+
+    ngx_str_t                      *value;
+    ngx_uint_t                      i, j;
+    ngx_http_infer_route_source_t  *src, *s;
+
+    if (rlcf->sources != NGX_CONF_UNSET_PTR) {
+        return "is duplicate";
+    }
+
+    rlcf->sources = ngx_array_create(cf->pool, cf->args->nelts - 1,
+                                     sizeof(ngx_http_infer_route_source_t));
+    if (rlcf->sources == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    value = cf->args->elts;
+
+    for (i = 1; i < cf->args->nelts; i++) {
+
+        src = ngx_array_push(rlcf->sources);
+        if (src == NULL) {
+            return NGX_CONF_ERROR;
+        }
+
+        ngx_memzero(src, sizeof(ngx_http_infer_route_source_t));
+
+        if (ngx_strcmp(value[i].data, "body") == 0) {
+            src->type = NGX_HTTP_INFER_SOURCE_BODY;
+
+        } else if (ngx_strcmp(value[i].data, "path") == 0) {
+            src->type = NGX_HTTP_INFER_SOURCE_PATH;
+
+        } else if (value[i].len > 7
+                   && ngx_strncmp(value[i].data, "header=", 7) == 0)
+        {
+            src->type = NGX_HTTP_INFER_SOURCE_HEADER;
+            src->header.len = value[i].len - 7;
+            src->header.data = ngx_pnalloc(cf->pool, src->header.len);
+            if (src->header.data == NULL) {
+                return NGX_CONF_ERROR;
+            }
+
+            ngx_strlow(src->header.data, value[i].data + 7,
+                       src->header.len);
+
+        } else {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "invalid model source \"%V\": use body, path "
+                               "or header=NAME", &value[i]);
+            return NGX_CONF_ERROR;
+        }
+
+        s = rlcf->sources->elts;
+
+        for (j = 0; j < rlcf->sources->nelts - 1; j++) {
+            if (s[j].type == src->type
+                && s[j].header.len == src->header.len
+                && ngx_strncmp(s[j].header.data, src->header.data,
+                               src->header.len) == 0)
+            {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "model source \"%V\" is listed twice",
+                                   &value[i]);
+                return NGX_CONF_ERROR;
+            }
+        }
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+static ngx_int_t
+ngx_http_infer_route_add_variables(ngx_conf_t *cf)
+{
+    ngx_http_variable_t  *var, *v;
+
+    for (v = ngx_http_infer_route_vars; v->name.len; v++) {
+        var = ngx_http_add_variable(cf, &v->name, v->flags);
+        if (var == NULL) {
+            return NGX_ERROR;
+        }
+
+        var->get_handler = v->get_handler;
+        var->data = v->data;
+    }
+
+    return NGX_OK;
+}
+
+
+static void *
+ngx_http_infer_route_create_main_conf(ngx_conf_t *cf)
+{
+    ngx_http_infer_route_main_conf_t  *rmcf;
+
+    rmcf = ngx_pcalloc(cf->pool, sizeof(ngx_http_infer_route_main_conf_t));
+    if (rmcf == NULL) {
+        return NULL;
+    }
+
+    if (ngx_array_init(&rmcf->models, cf->pool, 8,
+                       sizeof(ngx_http_infer_route_model_t *))
+        != NGX_OK)
+    {
+        return NULL;
+    }
+
+    return rmcf;
+}
+
+
+/*
+ * Runs once the whole http{} block is read, so every upstream{} block is
+ * known: a model naming a pool that does not exist is a config error, not
+ * a 502 at request time.
+ */
+
+static char *
+ngx_http_infer_route_init_main_conf(ngx_conf_t *cf, void *conf)
+{
+    ngx_http_infer_route_main_conf_t *rmcf = conf;
+
+    ngx_uint_t                       i, j;
+    ngx_hash_init_t                  hash;
+    ngx_http_upstream_srv_conf_t   **uscf;
+    ngx_http_upstream_main_conf_t   *umcf;
+    ngx_http_infer_route_model_t   **m;
+
+    if (rmcf->models.nelts == 0) {
+        return NGX_CONF_OK;
+    }
+
+    umcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_upstream_module);
+    uscf = umcf->upstreams.elts;
+    m = rmcf->models.elts;
+
+    for (i = 0; i < rmcf->models.nelts; i++) {
+
+        for (j = 0; j < umcf->upstreams.nelts; j++) {
+            if ((uscf[j]->flags & NGX_HTTP_UPSTREAM_CREATE)
+                && uscf[j]->host.len == m[i]->upstream.len
+                && ngx_strncmp(uscf[j]->host.data, m[i]->upstream.data,
+                               m[i]->upstream.len) == 0)
+            {
+                break;
+            }
+        }
+
+        if (j == umcf->upstreams.nelts) {
+            ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                          "model \"%V\": no upstream \"%V\" is defined "
+                          "(infer_model ... upstream=)",
+                          &m[i]->name, &m[i]->upstream);
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    hash.hash = &rmcf->names;
+    hash.key = ngx_hash_key;
+    hash.max_size = 4096;
+    hash.bucket_size = ngx_align(NGX_HTTP_INFER_MODEL_MAX + 64,
+                                 ngx_cacheline_size);
+    hash.name = "infer_model_names_hash";
+    hash.pool = cf->pool;
+    hash.temp_pool = NULL;
+
+    if (ngx_hash_init(&hash, rmcf->keys->keys.elts, rmcf->keys->keys.nelts)
+        != NGX_OK)
+    {
+        return NGX_CONF_ERROR;
+    }
+
+    rmcf->keys = NULL;
+
+    return NGX_CONF_OK;
 }
 
 
@@ -102,6 +1101,8 @@ ngx_http_infer_route_create_conf(ngx_conf_t *cf)
     }
 
     conf->enable = NGX_CONF_UNSET;
+    conf->sources = NGX_CONF_UNSET_PTR;
+    conf->prefix_max = NGX_CONF_UNSET_SIZE;
 
     return conf;
 }
@@ -113,7 +1114,34 @@ ngx_http_infer_route_merge_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_http_infer_route_loc_conf_t  *prev = parent;
     ngx_http_infer_route_loc_conf_t  *conf = child;
 
+    ngx_http_infer_route_source_t  *src;
+
     ngx_conf_merge_value(conf->enable, prev->enable, 0);
+    ngx_conf_merge_size_value(conf->prefix_max, prev->prefix_max, 1024);
+
+    ngx_conf_merge_ptr_value(conf->sources, prev->sources, NULL);
+
+    if (conf->sources == NULL) {
+        /* the default: body, then path */
+        conf->sources = ngx_array_create(cf->pool, 2,
+                                       sizeof(ngx_http_infer_route_source_t));
+        if (conf->sources == NULL) {
+            return NGX_CONF_ERROR;
+        }
+
+        src = ngx_array_push_n(conf->sources, 2);
+        if (src == NULL) {
+            return NGX_CONF_ERROR;
+        }
+
+        ngx_memzero(src, 2 * sizeof(ngx_http_infer_route_source_t));
+        src[0].type = NGX_HTTP_INFER_SOURCE_BODY;
+        src[1].type = NGX_HTTP_INFER_SOURCE_PATH;
+
+        if (prev->sources == NULL) {
+            prev->sources = conf->sources;
+        }
+    }
 
     return NGX_CONF_OK;
 }

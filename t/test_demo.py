@@ -43,12 +43,20 @@ def test_demo_answers_and_stops_cleanly(tmp_path):
         assert r.json()["model"] == "llama-3-8b"
         assert r.headers["x-sim-replica"].startswith("llama-3-8b-")
 
-        r = requests.post(base + "/v1/chat/completions", timeout=10,
-                          headers={"x-model": "mistral-7b"}, json={
-                              "model": "mistral-7b",
-                              "messages": [{"role": "user", "content": "Hi"}]})
+        r = requests.post(base + "/v1/chat/completions", timeout=10, json={
+            "model": "mistral-7b",
+            "messages": [{"role": "user", "content": "Hi"}]})
         assert r.status_code == 200
         assert r.headers["x-sim-replica"] == "mistral-7b-a"
+
+        r = requests.post(base + "/v1/chat/completions", timeout=10, json={
+            "model": "llama3", "messages": []})
+        assert r.headers["x-sim-replica"].startswith("llama-3-8b-")
+
+        r = requests.post(base + "/v1/chat/completions", timeout=10, json={
+            "model": "gpt-nope", "messages": []})
+        assert r.status_code == 404
+        assert r.json()["error"]["code"] == "model_not_found"
 
         master = int((tmp_path / "nginx.pid").read_text())
     finally:

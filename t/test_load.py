@@ -12,6 +12,13 @@ from harness.nginx import MODULES
 
 DIRECTIVE = {m: f"infer_{m}" for m in MODULES}
 
+# What turns each module on.  The route module answers 400 to a request
+# that names no model, so these requests name one in a header.
+ENABLE = {m: f"infer_{m} on;" for m in MODULES}
+ENABLE["route"] += " infer_model_source header=X-Model;"
+ENABLE_ALL = " ".join(ENABLE.values())
+MODEL = {"x-model": "some-model"}
+
 
 STATIC = "root html; try_files /ok.txt =404;"
 
@@ -27,10 +34,10 @@ def server(body=STATIC, extra=""):
 
 @pytest.mark.parametrize("module", MODULES)
 def test_each_module_loads_alone_and_serves(nginx_factory, module):
-    n = nginx_factory(f"{DIRECTIVE[module]} on;" + server(), modules=[module])
+    n = nginx_factory(ENABLE[module] + server(), modules=[module])
     ok, out = n.check_config()
     assert ok, out
-    r = requests.get(n.url + "/", timeout=5)
+    r = requests.get(n.url + "/", headers=MODEL, timeout=5)
     assert r.status_code == 200 and r.text == "ok"
 
 
@@ -38,12 +45,11 @@ def test_each_module_loads_alone_and_serves(nginx_factory, module):
                                    ["auth", "metrics", "route", "ratelimit"]],
                          ids=["forward", "reverse", "mixed"])
 def test_all_four_load_in_any_order(nginx_factory, order):
-    enable = " ".join(f"{DIRECTIVE[m]} on;" for m in MODULES)
-    n = nginx_factory(enable + server(), modules=order)
+    n = nginx_factory(ENABLE_ALL + server(), modules=order)
     ok, out = n.check_config()
     assert ok, out
     for _ in range(4):
-        r = requests.get(n.url + "/", timeout=5)
+        r = requests.get(n.url + "/", headers=MODEL, timeout=5)
         assert r.status_code == 200 and r.text == "ok"
 
 
@@ -92,7 +98,7 @@ EXPECTED_PHASES = [("route", "preaccess"), ("auth", "access"),
 
 def handler_runs(n, path):
     """(module, phase) in the order they ran for the one request to path."""
-    requests.get(n.url + path, timeout=5)
+    requests.get(n.url + path, headers=MODEL, timeout=5)
     n.stop()  # flushes and closes the log
     text = n.log_text()
     conn = None
@@ -109,14 +115,13 @@ def handler_runs(n, path):
 @pytest.mark.parametrize("order", list(itertools.permutations(MODULES))[::5])
 def test_each_module_runs_in_its_own_phase_whatever_the_load_order(
         nginx_factory, order):
-    enable = " ".join(f"{DIRECTIVE[m]} on;" for m in MODULES)
-    n = nginx_factory(enable + server(), modules=order, error_level="debug")
+    n = nginx_factory(ENABLE_ALL + server(), modules=order,
+                      error_level="debug")
     assert handler_runs(n, "/phase") == EXPECTED_PHASES
 
 
 def test_off_in_a_location_turns_a_module_off_there(nginx_factory):
-    enable = " ".join(f"{DIRECTIVE[m]} on;" for m in MODULES)
-    http = enable + f"""
+    http = ENABLE_ALL + f"""
     server {{
         listen 127.0.0.1:{{port}};
         location / {{ {STATIC} }}
@@ -133,9 +138,8 @@ def test_modules_are_off_unless_enabled(nginx_factory):
 
 
 def test_reload_keeps_serving(nginx_factory):
-    enable = " ".join(f"{DIRECTIVE[m]} on;" for m in MODULES)
-    n = nginx_factory(enable + server())
+    n = nginx_factory(ENABLE_ALL + server())
     for _ in range(3):
         n.reload()
-        r = requests.get(n.url + "/", timeout=5)
+        r = requests.get(n.url + "/", headers=MODEL, timeout=5)
         assert r.status_code == 200 and r.text == "ok"

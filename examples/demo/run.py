@@ -101,9 +101,15 @@ ngx_infer demo gateway: {base}  (nginx, Redis {redis.addr}, 3 simulated GPU repl
       -d '{{"model": "llama-3-8b", "stream": true, "stream_options": {{"include_usage": true}},
            "messages": [{{"role": "user", "content": "Hello"}}]}}'
 
-  The mistral-7b pool (picked by header until model routing lands):
-    curl {base}/v1/chat/completions -H 'x-model: mistral-7b' -H 'content-type: application/json' \\
+  The mistral-7b pool, and the alias llama3 for llama-3-8b:
+    curl -i {base}/v1/chat/completions -H 'content-type: application/json' \\
       -d '{{"model": "mistral-7b", "messages": [{{"role": "user", "content": "Hi"}}]}}'
+    curl -i {base}/v1/chat/completions -H 'content-type: application/json' \\
+      -d '{{"model": "llama3", "messages": [{{"role": "user", "content": "Hi"}}]}}'
+
+  An unknown model (404, in the OpenAI error envelope):
+    curl -i {base}/v1/chat/completions -H 'content-type: application/json' \\
+      -d '{{"model": "gpt-nope", "messages": []}}'
 
   Config: {RUN}/nginx.conf   Logs: {RUN}/error.log, {RUN}/access.log
   Ctrl-C stops everything.

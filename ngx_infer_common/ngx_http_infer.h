@@ -1,0 +1,99 @@
+/*
+ * Copyright (C) ngx_infer authors
+ *
+ * What every ngx_infer module shares.  Everything here is static inline:
+ * nginx loads modules RTLD_GLOBAL, so a function defined in a .c file
+ * linked into two modules would silently bind to the first copy loaded.
+ */
+
+
+#ifndef _NGX_HTTP_INFER_H_INCLUDED_
+#define _NGX_HTTP_INFER_H_INCLUDED_
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+
+
+/*
+ * Sends an error in the OpenAI envelope, so that the official SDKs raise
+ * the matching exception:
+ *
+ *   {"error": {"message": "...", "type": "...", "param": null,
+ *              "code": "..."}}
+ *
+ * type and code are literals of ours; message may carry client input
+ * (a model name) and is JSON-escaped.  Returns what the output filter
+ * returns, for ngx_http_finalize_request().
+ */
+
+static ngx_inline ngx_int_t
+ngx_http_infer_send_error(ngx_http_request_t *r, ngx_uint_t status,
+    const char *type, const char *code, ngx_str_t *message)
+{
+    u_char       *p;
+    size_t        len, tlen, clen;
+    uintptr_t     esc;
+    ngx_int_t     rc;
+    ngx_buf_t    *b;
+    ngx_chain_t   out;
+
+    static u_char  ct[] = "application/json";
+
+    if (ngx_http_discard_request_body(r) != NGX_OK) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    tlen = ngx_strlen(type);
+    clen = ngx_strlen(code);
+    esc = ngx_escape_json(NULL, message->data, message->len);
+
+    len = sizeof("{\"error\": {\"message\": \"") - 1
+          + message->len + esc
+          + sizeof("\", \"type\": \"") - 1 + tlen
+          + sizeof("\", \"param\": null, \"code\": \"") - 1 + clen
+          + sizeof("\"}}\n") - 1;
+
+    b = ngx_create_temp_buf(r->pool, len);
+    if (b == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    p = ngx_cpymem(b->last, "{\"error\": {\"message\": \"",
+                   sizeof("{\"error\": {\"message\": \"") - 1);
+    p = (u_char *) ngx_escape_json(p, message->data, message->len);
+    p = ngx_cpymem(p, "\", \"type\": \"", sizeof("\", \"type\": \"") - 1);
+    p = ngx_cpymem(p, type, tlen);
+    p = ngx_cpymem(p, "\", \"param\": null, \"code\": \"",
+                   sizeof("\", \"param\": null, \"code\": \"") - 1);
+    p = ngx_cpymem(p, code, clen);
+    b->last = ngx_cpymem(p, "\"}}\n", sizeof("\"}}\n") - 1);
+
+    b->last_buf = (r == r->main) ? 1 : 0;
+    b->last_in_chain = 1;
+
+    r->headers_out.status = status;
+    r->headers_out.content_type.len = sizeof(ct) - 1;
+    r->headers_out.content_type.data = ct;
+    r->headers_out.content_type_len = sizeof(ct) - 1;
+    r->headers_out.content_length_n = b->last - b->pos;
+
+    ngx_http_clear_accept_ranges(r);
+    ngx_http_clear_last_modified(r);
+    ngx_http_clear_etag(r);
+
+    rc = ngx_http_send_header(r);
+
+    if (rc == NGX_ERROR || rc > NGX_OK || r->header_only) {
+        return rc;
+    }
+
+    out.buf = b;
+    out.next = NULL;
+
+    return ngx_http_output_filter(r, &out);
+}
+
+
+#endif /* _NGX_HTTP_INFER_H_INCLUDED_ */

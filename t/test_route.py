@@ -1,0 +1,374 @@
+"""ngx_infer_route: the model a request names picks the backend pool.
+
+The model comes from the JSON body (in memory, in a temp file, chunked, or
+arriving slowly), from a KServe v2 path, or from a header; aliases resolve
+to their model; the body reaches the backend intact; mistakes get the
+OpenAI error envelope, which the official SDK maps to its exceptions."""
+
+import hashlib
+import json
+import socket
+import time
+
+import pytest
+import requests
+
+CHAT = {"messages": [{"role": "user", "content": "Hello there"}]}
+
+PROXY = """proxy_pass http://$infer_upstream;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            add_header X-Model $infer_model always;
+            add_header X-Model-Target $infer_model_target always;
+            add_header X-Upstream $infer_upstream always;
+            add_header X-Stream $infer_stream always;
+            add_header X-Max-Tokens $infer_max_tokens always;
+            add_header X-Prompt-Tokens $infer_prompt_tokens_estimate always;
+            add_header X-Prefix-Hash $infer_prefix_hash always;"""
+
+
+def route_conf(llama, mistral, modules_on="infer_route on;", models=None):
+    models = models if models is not None else """
+    infer_model llama-3-8b upstream=llama alias=llama3,llama-3;
+    infer_model mistral-7b upstream=mistral;"""
+    return f"""
+    upstream llama {{ server {llama.addr}; keepalive 8; }}
+    upstream mistral {{ server {mistral.addr}; keepalive 8; }}
+    {models}
+    server {{
+        listen 127.0.0.1:{{port}};
+        client_max_body_size 16m;
+        {modules_on}
+        location / {{ {PROXY} }}
+        location /h/ {{
+            infer_model_source header=X-Model body path;
+            rewrite ^/h(/.*)$ $1 break;
+            {PROXY}
+        }}
+    }}"""
+
+
+@pytest.fixture
+def pools(sim_factory):
+    return (sim_factory("llama-3-8b", "llama-a", ttft_ms=1, tpot_ms=1),
+            sim_factory("mistral-7b", "mistral-a", ttft_ms=1, tpot_ms=1))
+
+
+@pytest.fixture
+def gw(nginx_factory, pools):
+    return nginx_factory(route_conf(*pools), modules=["route"])
+
+
+def chat(gw, model, path="/v1/chat/completions", **extra):
+    body = dict(CHAT, **extra)
+    if model is not None:
+        body["model"] = model
+    return requests.post(gw.url + path, json=body, timeout=10)
+
+
+def error_of(r):
+    assert r.headers["content-type"] == "application/json"
+    e = r.json()["error"]
+    assert set(e) == {"message", "type", "param", "code"}
+    return e
+
+
+def recorded(*sims):
+    return [q for s in sims for q in s.requests()
+            if q["path"].startswith(("/v1/", "/v2/", "/api/"))]
+
+
+# ----------------------------------------------------------------- routing
+
+def test_the_model_in_the_body_picks_the_pool(gw, pools):
+    r = chat(gw, "llama-3-8b")
+    assert r.status_code == 200
+    assert r.headers["x-sim-replica"] == "llama-a"
+    assert r.headers["x-model"] == "llama-3-8b"
+    assert r.headers["x-upstream"] == "llama"
+
+    r = chat(gw, "mistral-7b")
+    assert r.status_code == 200
+    assert r.headers["x-sim-replica"] == "mistral-a"
+    assert r.headers["x-upstream"] == "mistral"
+
+
+def test_an_alias_resolves_to_its_model(gw):
+    r = chat(gw, "llama3")
+    assert r.status_code == 200
+    assert r.headers["x-sim-replica"] == "llama-a"
+    assert r.headers["x-model"] == "llama3"
+    assert r.headers["x-model-target"] == "llama-3-8b"
+
+
+def test_model_names_are_case_sensitive(gw):
+    r = chat(gw, "LLAMA3")
+    assert r.status_code == 404
+    assert error_of(r)["code"] == "model_not_found"
+
+
+def test_completions_embeddings_and_api_infer_route_too(gw):
+    r = requests.post(gw.url + "/v1/completions", timeout=10,
+                      json={"model": "mistral-7b", "prompt": "Hi"})
+    assert r.headers["x-sim-replica"] == "mistral-a"
+    r = requests.post(gw.url + "/v1/embeddings", timeout=10,
+                      json={"model": "llama3", "input": ["a", "b"]})
+    assert r.headers["x-sim-replica"] == "llama-a"
+    r = requests.post(gw.url + "/api/infer", timeout=10,
+                      json={"model": "mistral-7b", "payload": {"q": "hi"}})
+    assert r.status_code == 200
+    assert r.headers["x-sim-replica"] == "mistral-a"
+
+
+def test_kserve_v2_takes_the_model_from_the_path(gw, pools):
+    req = {"inputs": [{"name": "x", "shape": [2], "datatype": "FP32",
+                       "data": [1.0, 2.0]}]}
+    for path in ("/v2/models/mistral-7b/infer",
+                 "/v2/models/mistral-7b/versions/3/infer"):
+        r = requests.post(gw.url + path, json=req, timeout=10)
+        assert r.status_code == 200, r.text
+        assert r.headers["x-sim-replica"] == "mistral-a"
+        assert r.headers["x-model"] == "mistral-7b"
+
+    r = requests.post(gw.url + "/v2/models/nope/infer", json=req, timeout=10)
+    assert r.status_code == 404
+    assert error_of(r)["code"] == "model_not_found"
+
+
+def test_a_header_source_comes_first_when_configured_so(gw):
+    r = requests.post(gw.url + "/h/v1/chat/completions", timeout=10,
+                      headers={"x-model": "mistral-7b"},
+                      json=dict(CHAT, model="llama-3-8b"))
+    assert r.headers["x-sim-replica"] == "mistral-a"
+    # no header: the body, the next source
+    r = requests.post(gw.url + "/h/v1/chat/completions", timeout=10,
+                      json=dict(CHAT, model="llama-3-8b"))
+    assert r.headers["x-sim-replica"] == "llama-a"
+
+
+# ------------------------------------------------------ bodies of every kind
+
+def test_a_body_in_a_temp_file_is_routed_and_reaches_the_backend_intact(
+        gw, pools):
+    body = json.dumps(dict(model="mistral-7b", messages=[
+        {"role": "user", "content": "y" * (2 * 1024 * 1024)}])).encode()
+    r = requests.post(gw.url + "/v1/chat/completions", data=body, timeout=20,
+                      headers={"content-type": "application/json"})
+    assert r.status_code == 200
+    assert r.headers["x-sim-replica"] == "mistral-a"
+    assert "buffered to a temporary file" in gw.log_text()
+    got = recorded(*pools)
+    assert len(got) == 1
+    assert got[0]["body_sha256"] == hashlib.sha256(body).hexdigest()
+    # the model sits near the end, after 2 MiB of prompt
+    body = body.replace(b'{"model": "mistral-7b", ', b"{")[:-1] + \
+        b', "model": "llama3"}'
+    r = requests.post(gw.url + "/v1/chat/completions", data=body, timeout=20,
+                      headers={"content-type": "application/json"})
+    assert r.headers["x-sim-replica"] == "llama-a"
+
+
+def test_a_chunked_body_is_routed_and_reaches_the_backend_intact(gw, pools):
+    body = json.dumps(dict(CHAT, model="mistral-7b")).encode()
+    parts = [body[i:i + 5] for i in range(0, len(body), 5)]
+    r = requests.post(gw.url + "/v1/chat/completions", data=iter(parts),
+                      headers={"content-type": "application/json"},
+                      timeout=10)
+    assert r.status_code == 200
+    assert r.headers["x-sim-replica"] == "mistral-a"
+    got = recorded(*pools)
+    assert got[0]["body_sha256"] == hashlib.sha256(body).hexdigest()
+
+
+def test_a_body_that_arrives_slowly_is_waited_for(gw, pools):
+    """The body comes in three pieces, 150 ms apart: the handler must wait
+    for it without blocking, then go on."""
+    body = json.dumps(dict(CHAT, model="mistral-7b")).encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}"
+            f"\r\nConnection: close\r\n\r\n").encode()
+    with socket.create_connection((gw.host, gw.port), timeout=10) as s:
+        s.sendall(head)
+        third = len(body) // 3
+        for piece in (body[:third], body[third:2 * third], body[2 * third:]):
+            time.sleep(0.15)
+            s.sendall(piece)
+        answer = b""
+        while True:
+            data = s.recv(65536)
+            if not data:
+                break
+            answer += data
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    assert b"x-sim-replica: mistral-a" in answer
+    got = recorded(*pools)
+    assert got[0]["body_sha256"] == hashlib.sha256(body).hexdigest()
+
+
+# ------------------------------------------------------------------ errors
+
+@pytest.mark.parametrize("body,code", [
+    (b'{"model": "llama-3-8b", "messages": [}', "invalid_json"),
+    (b'{"model": "llama-3-8b"', "invalid_json"),
+    (b'not json at all', "invalid_json"),
+    (b'["model", "llama-3-8b"]', "invalid_json"),
+    (b'{"model": 42}', "invalid_json"),
+    (b'{"model": "llama-3-8b", "model": "mistral-7b"}', "invalid_json"),
+    (b'{"messages": []}', "missing_model"),
+    (b'{}', "missing_model"),
+], ids=["broken", "truncated", "not-json", "array", "model-not-string",
+        "duplicate-model", "no-model", "empty-object"])
+def test_bad_bodies_get_400_in_the_openai_envelope(gw, pools, body, code):
+    r = requests.post(gw.url + "/v1/chat/completions", data=body, timeout=10,
+                      headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    e = error_of(r)
+    assert e["code"] == code
+    assert e["type"] == "invalid_request_error"
+    assert recorded(*pools) == []
+
+
+def test_an_unknown_model_is_404_and_reaches_no_backend(gw, pools):
+    r = chat(gw, "gpt-nope")
+    assert r.status_code == 404
+    e = error_of(r)
+    assert e["code"] == "model_not_found"
+    assert "gpt-nope" in e["message"]
+    assert recorded(*pools) == []
+
+
+def test_a_hostile_model_name_is_escaped_in_the_error(gw):
+    name = 'x"}\\<script>\u00e9'
+    r = chat(gw, name)
+    assert r.status_code == 404
+    assert name in error_of(r)["message"]
+
+
+@pytest.mark.parametrize("name", ["llama3\r\nX-Evil: 1", "llama3\u0000",
+                                  "\u007f"])
+def test_control_characters_in_a_model_name_are_refused(gw, pools, name):
+    r = chat(gw, name)
+    assert r.status_code == 400
+    assert error_of(r)["code"] == "invalid_model"
+    assert "x-evil" not in r.headers
+    assert recorded(*pools) == []
+
+
+def test_the_openai_sdk_sees_the_right_exceptions(gw, openai_sdk):
+    base = gw.url + "/v1"
+    out = openai_sdk(base, "chat", dict(CHAT, model="llama3", max_tokens=3))
+    assert out["ok"], out
+    assert out["result"]["model"] == "llama-3-8b"
+
+    out = openai_sdk(base, "chat", dict(CHAT, model="gpt-nope"))
+    assert not out["ok"] and out["error_class"] == "NotFoundError"
+    assert out["status"] == 404
+
+    out = openai_sdk(base, "chat_stream",
+                     dict(CHAT, model="mistral-7b", max_tokens=4,
+                          stream_options={"include_usage": True}))
+    assert out["ok"], out
+    assert out["result"]["usage"]["completion_tokens"] == 4
+
+
+def test_no_body_and_no_other_source_is_400(gw):
+    r = requests.get(gw.url + "/v1/chat/completions", timeout=10)
+    assert r.status_code == 400
+    assert error_of(r)["code"] == "missing_model"
+
+
+# --------------------------------------------------------------- variables
+
+def test_request_variables(gw):
+    r = chat(gw, "llama3", stream=False, max_tokens=7)
+    assert r.headers["x-stream"] == "0"
+    assert r.headers["x-max-tokens"] == "7"
+    # "Hello there": 11 bytes -> 3 tokens, plus 4 for the one message
+    assert r.headers["x-prompt-tokens"] == "7"
+
+    r = chat(gw, "llama3", stream=True, max_completion_tokens=9,
+             max_tokens=5)
+    assert r.headers["x-stream"] == "1"
+    assert r.headers["x-max-tokens"] == "9"
+
+    r = chat(gw, "llama3")
+    assert "x-max-tokens" not in r.headers
+
+
+def test_the_prefix_hash_follows_the_prompt_prefix(nginx_factory, pools):
+    conf = route_conf(*pools).replace("infer_route on;",
+                                      "infer_route on; "
+                                      "infer_prefix_hash_length 64;")
+    gw = nginx_factory(conf, modules=["route"])
+    system = {"role": "system", "content": "You are a helpful assistant. " * 4}
+
+    def h(*msgs):
+        r = requests.post(gw.url + "/v1/chat/completions", timeout=10,
+                          json={"model": "llama3", "messages": list(msgs)})
+        return r.headers["x-prefix-hash"]
+
+    a = h(system, {"role": "user", "content": "first question"})
+    b = h(system, {"role": "user", "content": "another question"})
+    c = h({"role": "system", "content": "You are a pirate."},
+          {"role": "user", "content": "first question"})
+    assert a == b != c
+    assert len(a) == 16 and int(a, 16) >= 0
+
+
+# ------------------------------------------------- without a model registry
+
+def test_without_a_registry_the_model_is_only_reported(nginx_factory, pools):
+    llama, _ = pools
+    gw = nginx_factory(f"""
+    upstream llama {{ server {llama.addr}; }}
+    server {{
+        listen 127.0.0.1:{{port}};
+        infer_route on;
+        location / {{
+            proxy_pass http://llama;
+            add_header X-Model $infer_model always;
+            add_header X-Upstream $infer_upstream always;
+        }}
+    }}""", modules=["route"])
+    r = chat(gw, "anything-at-all")
+    assert r.status_code == 200
+    assert r.headers["x-model"] == "anything-at-all"
+    assert "x-upstream" not in r.headers
+
+
+def test_all_four_modules_route_the_same(nginx_factory, pools):
+    gw = nginx_factory(route_conf(*pools, modules_on="infer_route on; "
+                                  "infer_auth on; infer_ratelimit on; "
+                                  "infer_metrics on;"))
+    assert chat(gw, "mistral-7b").headers["x-sim-replica"] == "mistral-a"
+
+
+# ----------------------------------------------------- configuration errors
+
+@pytest.mark.parametrize("models,message", [
+    ("infer_model llama-3-8b upstream=nowhere;",
+     'model "llama-3-8b": no upstream "nowhere" is defined'),
+    ("infer_model llama-3-8b alias=l3;",
+     'model "llama-3-8b" needs upstream='),
+    ("infer_model llama-3-8b upstream=llama weight=3;",
+     'invalid parameter "weight=3" for model "llama-3-8b"'),
+    ("infer_model a upstream=llama alias=b; infer_model b upstream=llama;",
+     'model name or alias "b" is declared twice'),
+    ("infer_model a upstream=llama alias=,x;",
+     'invalid parameter "alias=,x" for model "a"'),
+    ("infer_model a upstream=llama upstream=mistral;",
+     'model "a" has two upstreams'),
+    ("infer_model a;", 'invalid number of arguments in "infer_model"'),
+    ("infer_model_source body cookie;",
+     'invalid model source "cookie": use body, path or header=NAME'),
+    ("infer_model_source body body;", 'model source "body" is listed twice'),
+], ids=["no-such-upstream", "no-upstream", "unknown-param", "dup-name",
+        "empty-alias", "two-upstreams", "no-args", "bad-source", "dup-source"])
+def test_config_mistakes_are_caught_by_nginx_t(nginx_factory, pools, models,
+                                              message):
+    n = nginx_factory(route_conf(*pools, models=models), modules=["route"],
+                      start=False)
+    ok, out = n.check_config()
+    assert not ok
+    assert message in out, out
