@@ -1,0 +1,85 @@
+/*
+ * Copyright (C) ngx_infer authors
+ *
+ * Token usage from inference answers, fed the body as it passes, buffer
+ * by buffer, with a boundary anywhere (mid-line, mid-key, mid-number).
+ * JSON answers: the top-level "usage" object.  SSE streams: the "usage"
+ * object of any "data:" event (the final usage chunk), and a count of the
+ * events that carry content, as an estimate when no usage comes.  Pure:
+ * no nginx calls, no allocation (bounded state inside the struct).
+ */
+
+
+#ifndef _NGX_HTTP_INFER_ROUTE_USAGE_H_INCLUDED_
+#define _NGX_HTTP_INFER_ROUTE_USAGE_H_INCLUDED_
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+
+
+#define NGX_HTTP_INFER_USAGE_JSON  0
+#define NGX_HTTP_INFER_USAGE_SSE   1
+
+/* longest SSE line kept whole for parsing; longer lines are skipped */
+#define NGX_HTTP_INFER_USAGE_LINE_MAX  8192
+
+
+typedef struct {
+    /* results: -1 when not reported */
+    ngx_int_t     prompt_tokens;
+    ngx_int_t     completion_tokens;
+    ngx_int_t     total_tokens;
+    ngx_int_t     cached_tokens;        /* prompt_tokens_details.
+                                           cached_tokens */
+    ngx_int_t     reasoning_tokens;     /* completion_tokens_details.
+                                           reasoning_tokens */
+    ngx_uint_t    content_events;       /* SSE events with non-empty
+                                           content or text */
+    unsigned      found:1;              /* a usage object was seen */
+    unsigned      done:1;               /* SSE: "data: [DONE]" seen */
+
+    /*
+     * SSE only: when strip is set, an event whose only payload is usage
+     * ("choices": [] or absent, with a usage object) is reported through
+     * usage_event_start/usage_event_end so the caller can drop it: byte
+     * offsets in the whole stream, from the start of its "data:" line to
+     * the end of the blank line after it.
+     */
+    unsigned      strip:1;
+    off_t         usage_event_start;
+    off_t         usage_event_end;
+
+    /*
+     * SSE: stream offset where the event not yet complete begins (equal
+     * to the bytes fed when none is pending).  A caller that strips holds
+     * back the bytes from here on until the event completes, and nothing
+     * else.
+     */
+    off_t         event_start;
+
+    /* private state, whatever the parser needs (bounded) */
+    ngx_uint_t    mode;
+    off_t         offset;               /* bytes fed so far */
+    ngx_uint_t    state;
+    ngx_uint_t    depth;
+    size_t        line_len;
+    u_char        line[NGX_HTTP_INFER_USAGE_LINE_MAX];
+    u_char        scratch[64];
+    ngx_uint_t    scratch_len;
+    ngx_uint_t    flags;
+} ngx_http_infer_usage_t;
+
+
+void ngx_http_infer_usage_init(ngx_http_infer_usage_t *u, ngx_uint_t mode,
+    ngx_uint_t strip);
+
+/* NGX_OK; NGX_ERROR only for a JSON answer that is not valid JSON */
+ngx_int_t ngx_http_infer_usage_feed(ngx_http_infer_usage_t *u, u_char *p,
+    size_t len);
+
+/* end of body: completes a last SSE event not followed by a blank line */
+void ngx_http_infer_usage_finish(ngx_http_infer_usage_t *u);
+
+
+#endif /* _NGX_HTTP_INFER_ROUTE_USAGE_H_INCLUDED_ */
