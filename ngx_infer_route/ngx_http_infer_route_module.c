@@ -12,6 +12,7 @@
 #include <ngx_http.h>
 
 #include "ngx_http_infer.h"
+#include "ngx_http_infer_route.h"
 #include "ngx_http_infer_route_json.h"
 
 
@@ -33,23 +34,10 @@ typedef struct {
 
 
 typedef struct {
-    ngx_str_t                      name;
-    ngx_str_t                      upstream;
-    ngx_array_t                    aliases;     /* of ngx_str_t */
-} ngx_http_infer_route_model_t;
-
-
-typedef struct {
-    ngx_array_t                    models;      /* of *_model_t */
-    ngx_hash_t                     names;       /* names, aliases -> model */
-    ngx_hash_keys_arrays_t        *keys;        /* only while configuring */
-} ngx_http_infer_route_main_conf_t;
-
-
-typedef struct {
     ngx_flag_t                     enable;
     ngx_array_t                   *sources;     /* of *_source_t */
     size_t                         prefix_max;
+    ngx_http_complex_value_t      *list_filter; /* infer_model_list */
 } ngx_http_infer_route_loc_conf_t;
 
 
@@ -62,8 +50,12 @@ typedef struct {
     ngx_uint_t                     next_source;
     ngx_str_t                      model;       /* as the request names it */
     ngx_http_infer_route_model_t  *entry;       /* NULL: not in registry */
+    ngx_http_infer_route_target_t *target;      /* NULL: not picked yet */
+    ngx_str_t                      forward;     /* model id sent upstream */
     ngx_http_infer_route_body_t   *body;        /* NULL: body not scanned */
+    ngx_str_t                      raw;         /* the body's bytes */
     unsigned                       waiting:1;   /* body read asynchronously */
+    unsigned                       by_pattern:1;
 } ngx_http_infer_route_ctx_t;
 
 
@@ -92,6 +84,12 @@ static ngx_int_t ngx_http_infer_route_from_header(ngx_http_request_t *r,
     ngx_http_infer_route_source_t *src, ngx_str_t *model);
 static ngx_int_t ngx_http_infer_route_resolve(ngx_http_request_t *r,
     ngx_http_infer_route_ctx_t *ctx);
+static ngx_int_t ngx_http_infer_route_pick(ngx_http_request_t *r,
+    ngx_http_infer_route_ctx_t *ctx);
+static ngx_int_t ngx_http_infer_route_rewrite_body(ngx_http_request_t *r,
+    ngx_http_infer_route_ctx_t *ctx);
+static ngx_int_t ngx_http_infer_route_deprecated(ngx_http_request_t *r,
+    ngx_http_infer_route_ctx_t *ctx);
 static ngx_int_t ngx_http_infer_route_done(ngx_http_request_t *r,
     ngx_http_infer_route_ctx_t *ctx);
 static ngx_int_t ngx_http_infer_route_fail(ngx_http_request_t *r,
@@ -101,7 +99,11 @@ static ngx_int_t ngx_http_infer_route_fail(ngx_http_request_t *r,
 static ngx_int_t ngx_http_infer_route_variable(ngx_http_request_t *r,
     ngx_http_variable_value_t *v, uintptr_t data);
 
-static char *ngx_http_infer_route_model(ngx_conf_t *cf, ngx_command_t *cmd,
+static ngx_int_t ngx_http_infer_route_list_handler(ngx_http_request_t *r);
+static ngx_int_t ngx_http_infer_route_list_allows(ngx_str_t *filter,
+    ngx_http_infer_route_model_t *m);
+
+static char *ngx_http_infer_route_list(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static char *ngx_http_infer_route_sources(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
@@ -124,9 +126,23 @@ static ngx_command_t  ngx_http_infer_route_commands[] = {
       NULL },
 
     { ngx_string("infer_model"),
-      NGX_HTTP_MAIN_CONF|NGX_CONF_2MORE,
-      ngx_http_infer_route_model,
+      NGX_HTTP_MAIN_CONF|NGX_CONF_1MORE,
+      ngx_http_infer_route_registry_model,
       NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("infer_model_target"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_2MORE,
+      ngx_http_infer_route_registry_target,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("infer_model_list"),
+      NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS|NGX_CONF_TAKE1,
+      ngx_http_infer_route_list,
+      NGX_HTTP_LOC_CONF_OFFSET,
       0,
       NULL },
 
@@ -378,6 +394,7 @@ ngx_http_infer_route_scan_body(ngx_http_request_t *r,
 
     b->prefix_max = rlcf->prefix_max;
     ctx->body = b;
+    ctx->raw = body;
 
     rc = ngx_http_infer_route_json_scan(body.data, body.len, b);
 
@@ -557,6 +574,7 @@ ngx_http_infer_route_resolve(ngx_http_request_t *r,
     ngx_http_infer_route_ctx_t *ctx)
 {
     u_char                            *p, *last;
+    ngx_uint_t                         by_pattern;
     ngx_http_infer_route_main_conf_t  *rmcf;
 
     /*
@@ -581,9 +599,9 @@ ngx_http_infer_route_resolve(ngx_http_request_t *r,
         return NGX_OK;
     }
 
-    ctx->entry = ngx_hash_find(&rmcf->names,
-                               ngx_hash_key(ctx->model.data, ctx->model.len),
-                               ctx->model.data, ctx->model.len);
+    ctx->entry = ngx_http_infer_route_registry_find(rmcf, &ctx->model,
+                                                    &by_pattern);
+    ctx->by_pattern = by_pattern;
 
     if (ctx->entry == NULL) {
         return ngx_http_infer_route_fail(r, ctx, NGX_HTTP_NOT_FOUND,
@@ -592,9 +610,176 @@ ngx_http_infer_route_resolve(ngx_http_request_t *r,
                    "access to it.", &ctx->model);
     }
 
+    if (ctx->entry->state == NGX_HTTP_INFER_MODEL_DISABLED) {
+        return ngx_http_infer_route_fail(r, ctx, NGX_HTTP_NOT_FOUND,
+                   "model_disabled",
+                   "The model `%V` has been disabled.", &ctx->model);
+    }
+
+    if (ctx->entry->max_body_size >= 0
+        && r->headers_in.content_length_n > ctx->entry->max_body_size)
+    {
+        return ngx_http_infer_route_fail(r, ctx,
+                   NGX_HTTP_REQUEST_ENTITY_TOO_LARGE, "request_too_large",
+                   "The request body (%O bytes) is larger than the %O bytes "
+                   "allowed for the model `%V`.",
+                   r->headers_in.content_length_n,
+                   ctx->entry->max_body_size, &ctx->model);
+    }
+
+    if (ctx->entry->state == NGX_HTTP_INFER_MODEL_DEPRECATED
+        && ngx_http_infer_route_deprecated(r, ctx) != NGX_OK)
+    {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
     ngx_log_debug2(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
-                   "infer route: model \"%V\" -> upstream \"%V\"",
-                   &ctx->model, &ctx->entry->upstream);
+                   "infer route: model \"%V\" -> \"%V\"",
+                   &ctx->model, &ctx->entry->name);
+
+    return NGX_OK;
+}
+
+
+/*
+ * The target of a split is picked when $infer_upstream (or
+ * $infer_model_target) is first used, usually by proxy_pass in the
+ * content phase: a sticky key may then use variables that later phases
+ * set, such as the tenant from the auth module's access phase.
+ */
+
+static ngx_int_t
+ngx_http_infer_route_pick(ngx_http_request_t *r,
+    ngx_http_infer_route_ctx_t *ctx)
+{
+    if (ctx->target) {
+        return NGX_OK;
+    }
+
+    ctx->target = ngx_http_infer_route_registry_pick(r, ctx->entry);
+    if (ctx->target == NULL) {
+        return NGX_ERROR;
+    }
+
+    if (ctx->target->model.len) {
+        ctx->forward = ctx->target->model;
+
+    } else if (ctx->by_pattern) {
+        ctx->forward = ctx->model;
+
+    } else {
+        ctx->forward = ctx->entry->name;
+    }
+
+    ngx_log_debug3(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
+                   "infer route: model \"%V\" -> upstream \"%V\", "
+                   "model id \"%V\"",
+                   &ctx->model, &ctx->target->upstream, &ctx->forward);
+
+    if (ctx->body && ctx->body->has_model
+        && (ctx->forward.len != ctx->model.len
+            || ngx_strncmp(ctx->forward.data, ctx->model.data,
+                           ctx->model.len) != 0))
+    {
+        return ngx_http_infer_route_rewrite_body(r, ctx);
+    }
+
+    return NGX_OK;
+}
+
+
+/*
+ * The forwarded body names the model id the backend serves (the model for
+ * an alias, a target's model=): the "model" value is replaced and the
+ * rest of the body kept byte for byte; proxy_pass sends the new length.
+ */
+
+static ngx_int_t
+ngx_http_infer_route_rewrite_body(ngx_http_request_t *r,
+    ngx_http_infer_route_ctx_t *ctx)
+{
+    u_char       *p;
+    size_t        len, tail;
+    uintptr_t     esc;
+    ngx_buf_t    *b;
+    ngx_chain_t  *cl, *last;
+
+    esc = ngx_escape_json(NULL, ctx->forward.data, ctx->forward.len);
+    tail = ctx->raw.len - ctx->body->model_end;
+    len = ctx->body->model_start + 2 + ctx->forward.len + esc + tail;
+
+    b = ngx_create_temp_buf(r->pool, len);
+    if (b == NULL) {
+        return NGX_ERROR;
+    }
+
+    p = ngx_cpymem(b->last, ctx->raw.data, ctx->body->model_start);
+    *p++ = '"';
+    p = (u_char *) ngx_escape_json(p, ctx->forward.data, ctx->forward.len);
+    *p++ = '"';
+    b->last = ngx_cpymem(p, ctx->raw.data + ctx->body->model_end, tail);
+
+    for (last = r->request_body->bufs; last->next; last = last->next) {
+        /* void */
+    }
+
+    b->last_buf = last->buf->last_buf;
+    b->last_in_chain = last->buf->last_in_chain;
+
+    cl = ngx_alloc_chain_link(r->pool);
+    if (cl == NULL) {
+        return NGX_ERROR;
+    }
+
+    cl->buf = b;
+    cl->next = NULL;
+
+    r->request_body->bufs = cl;
+    r->headers_in.content_length_n = b->last - b->pos;
+
+    ngx_log_debug2(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
+                   "infer route: body rewritten, %uz -> %O bytes",
+                   ctx->raw.len, r->headers_in.content_length_n);
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_infer_route_deprecated(ngx_http_request_t *r,
+    ngx_http_infer_route_ctx_t *ctx)
+{
+    u_char           *p;
+    size_t            len;
+    ngx_table_elt_t  *h;
+
+    h = ngx_list_push(&r->headers_out.headers);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    h->hash = 1;
+    ngx_str_set(&h->key, "Deprecation");
+    ngx_str_set(&h->value, "true");
+
+    h = ngx_list_push(&r->headers_out.headers);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    len = sizeof("299 - \"The model `` is deprecated.\"") - 1
+          + ctx->entry->name.len;
+
+    p = ngx_pnalloc(r->pool, len);
+    if (p == NULL) {
+        return NGX_ERROR;
+    }
+
+    h->hash = 1;
+    ngx_str_set(&h->key, "Warning");
+    h->value.data = p;
+    h->value.len = ngx_sprintf(p, "299 - \"The model `%V` is deprecated.\"",
+                               &ctx->entry->name) - p;
 
     return NGX_OK;
 }
@@ -685,13 +870,18 @@ ngx_http_infer_route_variable(ngx_http_request_t *r,
         break;
 
     case ngx_http_infer_route_var_model_target:
-        s = ctx->entry ? ctx->entry->name : ctx->model;
-        break;
-
     case ngx_http_infer_route_var_upstream:
-        if (ctx->entry) {
-            s = ctx->entry->upstream;
+        if (ctx->entry == NULL) {
+            s = (data == ngx_http_infer_route_var_upstream) ? s : ctx->model;
+            break;
         }
+
+        if (ngx_http_infer_route_pick(r->main, ctx) != NGX_OK) {
+            return NGX_ERROR;
+        }
+
+        s = (data == ngx_http_infer_route_var_upstream)
+            ? ctx->target->upstream : ctx->forward;
         break;
 
     case ngx_http_infer_route_var_stream:
@@ -749,157 +939,264 @@ ngx_http_infer_route_variable(ngx_http_request_t *r,
 
 
 /*
- * infer_model NAME upstream=POOL [alias=NAME[,NAME...]] ...;
+ * GET /v1/models and /v1/models/{id}: the registry in OpenAI's shapes.
+ * Disabled models are not listed; with a filter, only the models it names
+ * (or all, for "*") are.
+ */
+
+static ngx_int_t
+ngx_http_infer_route_list_handler(ngx_http_request_t *r)
+{
+    u_char                             *p, *end;
+    size_t                              len;
+    ngx_int_t                           rc;
+    ngx_str_t                           filter, want, msg;
+    ngx_buf_t                          *b;
+    ngx_uint_t                          i, n, one, single;
+    ngx_chain_t                         out;
+    ngx_http_infer_route_model_t      **m;
+    ngx_http_infer_route_loc_conf_t    *rlcf;
+    ngx_http_infer_route_main_conf_t   *rmcf;
+
+    static u_char  ct[] = "application/json";
+
+    if (!(r->method & (NGX_HTTP_GET|NGX_HTTP_HEAD))) {
+        return NGX_HTTP_NOT_ALLOWED;
+    }
+
+    rc = ngx_http_discard_request_body(r);
+    if (rc != NGX_OK) {
+        return rc;
+    }
+
+    rlcf = ngx_http_get_module_loc_conf(r, ngx_http_infer_route_module);
+    rmcf = ngx_http_get_module_main_conf(r, ngx_http_infer_route_module);
+
+    ngx_str_set(&filter, "*");
+
+    if (rlcf->list_filter
+        && ngx_http_complex_value(r, rlcf->list_filter, &filter) != NGX_OK)
+    {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    /* /.../models/{id} asks for one model */
+
+    single = 0;
+    ngx_str_null(&want);
+    end = r->uri.data + r->uri.len;
+
+    for (p = end; p > r->uri.data && p[-1] != '/'; p--) { /* void */ }
+
+    if (p - r->uri.data >= 8 && ngx_strncmp(p - 8, "/models/", 8) == 0) {
+        single = 1;
+        want.data = p;
+        want.len = end - p;
+    }
+
+    m = rmcf->models.elts;
+    len = 0;
+    n = 0;
+
+    for (i = 0; i < rmcf->models.nelts; i++) {
+
+        if (m[i]->state == NGX_HTTP_INFER_MODEL_DISABLED
+            || !ngx_http_infer_route_list_allows(&filter, m[i])
+            || (single && (want.len != m[i]->name.len
+                           || ngx_strncmp(want.data, m[i]->name.data,
+                                          want.len) != 0)))
+        {
+            continue;
+        }
+
+        len += sizeof("{\"id\": \"\", \"object\": \"model\", "
+                      "\"created\": , \"owned_by\": \"ngx_infer\"}, ") - 1
+               + m[i]->name.len
+               + ngx_escape_json(NULL, m[i]->name.data, m[i]->name.len)
+               + NGX_TIME_T_LEN;
+        n++;
+    }
+
+    if (single && n == 0) {
+        ngx_str_set(&msg, "The model does not exist or you do not have "
+                          "access to it.");
+        return ngx_http_infer_send_error(r, NGX_HTTP_NOT_FOUND,
+                                         "invalid_request_error",
+                                         "model_not_found", &msg);
+    }
+
+    len += sizeof("{\"object\": \"list\", \"data\": []}\n") - 1;
+
+    b = ngx_create_temp_buf(r->pool, len);
+    if (b == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    if (!single) {
+        b->last = ngx_cpymem(b->last, "{\"object\": \"list\", \"data\": [",
+                             sizeof("{\"object\": \"list\", \"data\": [")
+                             - 1);
+    }
+
+    one = 0;
+
+    for (i = 0; i < rmcf->models.nelts; i++) {
+
+        if (m[i]->state == NGX_HTTP_INFER_MODEL_DISABLED
+            || !ngx_http_infer_route_list_allows(&filter, m[i])
+            || (single && (want.len != m[i]->name.len
+                           || ngx_strncmp(want.data, m[i]->name.data,
+                                          want.len) != 0)))
+        {
+            continue;
+        }
+
+        if (one++) {
+            *b->last++ = ',';
+            *b->last++ = ' ';
+        }
+
+        b->last = ngx_cpymem(b->last, "{\"id\": \"", sizeof("{\"id\": \"") - 1);
+        b->last = (u_char *) ngx_escape_json(b->last, m[i]->name.data,
+                                             m[i]->name.len);
+        b->last = ngx_sprintf(b->last, "\", \"object\": \"model\", "
+                              "\"created\": %T, \"owned_by\": \"ngx_infer\"}",
+                              rmcf->created);
+    }
+
+    if (!single) {
+        *b->last++ = ']';
+        *b->last++ = '}';
+    }
+
+    *b->last++ = LF;
+
+    b->last_buf = (r == r->main) ? 1 : 0;
+    b->last_in_chain = 1;
+
+    r->headers_out.status = NGX_HTTP_OK;
+    r->headers_out.content_type.len = sizeof(ct) - 1;
+    r->headers_out.content_type.data = ct;
+    r->headers_out.content_type_len = sizeof(ct) - 1;
+    r->headers_out.content_length_n = b->last - b->pos;
+
+    rc = ngx_http_send_header(r);
+
+    if (rc == NGX_ERROR || rc > NGX_OK || r->header_only) {
+        return rc;
+    }
+
+    out.buf = b;
+    out.next = NULL;
+
+    return ngx_http_output_filter(r, &out);
+}
+
+
+/*
+ * The filter lists model names separated by spaces or commas; "*" allows
+ * every model.  A model is allowed when its name or one of its aliases is
+ * listed.
+ */
+
+static ngx_int_t
+ngx_http_infer_route_list_allows(ngx_str_t *filter,
+    ngx_http_infer_route_model_t *m)
+{
+    u_char      *p, *last, *start;
+    size_t       len;
+    ngx_str_t   *alias;
+    ngx_uint_t   i;
+
+    p = filter->data;
+    last = filter->data + filter->len;
+
+    while (p < last) {
+
+        while (p < last && (*p == ' ' || *p == ',')) {
+            p++;
+        }
+
+        start = p;
+
+        while (p < last && *p != ' ' && *p != ',') {
+            p++;
+        }
+
+        len = p - start;
+
+        if (len == 0) {
+            break;
+        }
+
+        if (len == 1 && *start == '*') {
+            return 1;
+        }
+
+        if (len == m->name.len && ngx_strncmp(start, m->name.data, len) == 0)
+        {
+            return 1;
+        }
+
+        alias = m->aliases.elts;
+
+        for (i = 0; i < m->aliases.nelts; i++) {
+            if (len == alias[i].len
+                && ngx_strncmp(start, alias[i].data, len) == 0)
+            {
+                return 1;
+            }
+        }
+    }
+
+    return 0;
+}
+
+
+/*
+ * infer_model_list [filter];
  */
 
 static char *
-ngx_http_infer_route_model(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+ngx_http_infer_route_list(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 {
-    ngx_http_infer_route_main_conf_t *rmcf = conf;
+    ngx_http_infer_route_loc_conf_t *rlcf = conf;
 
-    u_char                         *p, *last;
-    ngx_str_t                      *value, *alias, name;
-    ngx_int_t                       rc;
-    ngx_uint_t                      i;
-    ngx_http_infer_route_model_t   *m, **mp;
+    ngx_str_t                         *value;
+    ngx_http_core_loc_conf_t          *clcf;
+    ngx_http_compile_complex_value_t   ccv;
+
+    clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
+
+    if (clcf->handler == ngx_http_infer_route_list_handler) {
+        return "is duplicate";
+    }
+
+    clcf->handler = ngx_http_infer_route_list_handler;
+
+    if (cf->args->nelts == 1) {
+        return NGX_CONF_OK;
+    }
 
     value = cf->args->elts;
 
-    if (value[1].len == 0 || value[1].len > NGX_HTTP_INFER_MODEL_MAX) {
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "invalid model name \"%V\": it must have 1 to %d "
-                           "bytes", &value[1], NGX_HTTP_INFER_MODEL_MAX);
+    rlcf->list_filter = ngx_palloc(cf->pool,
+                                   sizeof(ngx_http_complex_value_t));
+    if (rlcf->list_filter == NULL) {
         return NGX_CONF_ERROR;
     }
 
-    m = ngx_pcalloc(cf->pool, sizeof(ngx_http_infer_route_model_t));
-    if (m == NULL) {
+    ngx_memzero(&ccv, sizeof(ngx_http_compile_complex_value_t));
+
+    ccv.cf = cf;
+    ccv.value = &value[1];
+    ccv.complex_value = rlcf->list_filter;
+
+    if (ngx_http_compile_complex_value(&ccv) != NGX_OK) {
         return NGX_CONF_ERROR;
     }
-
-    m->name = value[1];
-
-    if (ngx_array_init(&m->aliases, cf->pool, 2, sizeof(ngx_str_t))
-        != NGX_OK)
-    {
-        return NGX_CONF_ERROR;
-    }
-
-    for (i = 2; i < cf->args->nelts; i++) {
-
-        if (ngx_strncmp(value[i].data, "upstream=", 9) == 0) {
-
-            if (m->upstream.len) {
-                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                                   "model \"%V\" has two upstreams",
-                                   &m->name);
-                return NGX_CONF_ERROR;
-            }
-
-            m->upstream.data = value[i].data + 9;
-            m->upstream.len = value[i].len - 9;
-
-            if (m->upstream.len == 0) {
-                goto invalid;
-            }
-
-            continue;
-        }
-
-        if (ngx_strncmp(value[i].data, "alias=", 6) == 0) {
-
-            p = value[i].data + 6;
-            last = value[i].data + value[i].len;
-
-            while (p < last) {
-                name.data = p;
-
-                while (p < last && *p != ',') {
-                    p++;
-                }
-
-                name.len = p - name.data;
-                p++;
-
-                if (name.len == 0 || name.len > NGX_HTTP_INFER_MODEL_MAX) {
-                    goto invalid;
-                }
-
-                alias = ngx_array_push(&m->aliases);
-                if (alias == NULL) {
-                    return NGX_CONF_ERROR;
-                }
-
-                *alias = name;
-            }
-
-            if (m->aliases.nelts == 0) {
-                goto invalid;
-            }
-
-            continue;
-        }
-
-        goto invalid;
-    }
-
-    if (m->upstream.len == 0) {
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "model \"%V\" needs upstream=", &m->name);
-        return NGX_CONF_ERROR;
-    }
-
-    if (rmcf->keys == NULL) {
-        rmcf->keys = ngx_pcalloc(cf->temp_pool,
-                                 sizeof(ngx_hash_keys_arrays_t));
-        if (rmcf->keys == NULL) {
-            return NGX_CONF_ERROR;
-        }
-
-        rmcf->keys->pool = cf->pool;
-        rmcf->keys->temp_pool = cf->temp_pool;
-
-        if (ngx_hash_keys_array_init(rmcf->keys, NGX_HASH_SMALL) != NGX_OK) {
-            return NGX_CONF_ERROR;
-        }
-    }
-
-    alias = m->aliases.elts;
-
-    for (i = 0; i <= m->aliases.nelts; i++) {
-        name = (i == 0) ? m->name : alias[i - 1];
-
-        /* model names are case-sensitive, as OpenAI's are */
-        rc = ngx_hash_add_key(rmcf->keys, &name, m, NGX_HASH_READONLY_KEY);
-
-        if (rc == NGX_BUSY) {
-            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                               "model name or alias \"%V\" is declared "
-                               "twice", &name);
-            return NGX_CONF_ERROR;
-        }
-
-        if (rc != NGX_OK) {
-            return NGX_CONF_ERROR;
-        }
-    }
-
-    mp = ngx_array_push(&rmcf->models);
-    if (mp == NULL) {
-        return NGX_CONF_ERROR;
-    }
-
-    *mp = m;
 
     return NGX_CONF_OK;
-
-invalid:
-
-    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                       "invalid parameter \"%V\" for model \"%V\"",
-                       &value[i], &m->name);
-
-    return NGX_CONF_ERROR;
 }
 
 
@@ -1014,7 +1311,10 @@ ngx_http_infer_route_create_main_conf(ngx_conf_t *cf)
 
     if (ngx_array_init(&rmcf->models, cf->pool, 8,
                        sizeof(ngx_http_infer_route_model_t *))
-        != NGX_OK)
+        != NGX_OK
+        || ngx_array_init(&rmcf->patterns, cf->pool, 2,
+                          sizeof(ngx_http_infer_route_model_t *))
+           != NGX_OK)
     {
         return NULL;
     }
@@ -1023,70 +1323,10 @@ ngx_http_infer_route_create_main_conf(ngx_conf_t *cf)
 }
 
 
-/*
- * Runs once the whole http{} block is read, so every upstream{} block is
- * known: a model naming a pool that does not exist is a config error, not
- * a 502 at request time.
- */
-
 static char *
 ngx_http_infer_route_init_main_conf(ngx_conf_t *cf, void *conf)
 {
-    ngx_http_infer_route_main_conf_t *rmcf = conf;
-
-    ngx_uint_t                       i, j;
-    ngx_hash_init_t                  hash;
-    ngx_http_upstream_srv_conf_t   **uscf;
-    ngx_http_upstream_main_conf_t   *umcf;
-    ngx_http_infer_route_model_t   **m;
-
-    if (rmcf->models.nelts == 0) {
-        return NGX_CONF_OK;
-    }
-
-    umcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_upstream_module);
-    uscf = umcf->upstreams.elts;
-    m = rmcf->models.elts;
-
-    for (i = 0; i < rmcf->models.nelts; i++) {
-
-        for (j = 0; j < umcf->upstreams.nelts; j++) {
-            if ((uscf[j]->flags & NGX_HTTP_UPSTREAM_CREATE)
-                && uscf[j]->host.len == m[i]->upstream.len
-                && ngx_strncmp(uscf[j]->host.data, m[i]->upstream.data,
-                               m[i]->upstream.len) == 0)
-            {
-                break;
-            }
-        }
-
-        if (j == umcf->upstreams.nelts) {
-            ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
-                          "model \"%V\": no upstream \"%V\" is defined "
-                          "(infer_model ... upstream=)",
-                          &m[i]->name, &m[i]->upstream);
-            return NGX_CONF_ERROR;
-        }
-    }
-
-    hash.hash = &rmcf->names;
-    hash.key = ngx_hash_key;
-    hash.max_size = 4096;
-    hash.bucket_size = ngx_align(NGX_HTTP_INFER_MODEL_MAX + 64,
-                                 ngx_cacheline_size);
-    hash.name = "infer_model_names_hash";
-    hash.pool = cf->pool;
-    hash.temp_pool = NULL;
-
-    if (ngx_hash_init(&hash, rmcf->keys->keys.elts, rmcf->keys->keys.nelts)
-        != NGX_OK)
-    {
-        return NGX_CONF_ERROR;
-    }
-
-    rmcf->keys = NULL;
-
-    return NGX_CONF_OK;
+    return ngx_http_infer_route_registry_init(cf, conf);
 }
 
 
@@ -1103,6 +1343,8 @@ ngx_http_infer_route_create_conf(ngx_conf_t *cf)
     conf->enable = NGX_CONF_UNSET;
     conf->sources = NGX_CONF_UNSET_PTR;
     conf->prefix_max = NGX_CONF_UNSET_SIZE;
+
+    /* set by ngx_pcalloc(): conf->list_filter = NULL; */
 
     return conf;
 }

@@ -94,12 +94,23 @@ def test_the_model_in_the_body_picks_the_pool(gw, pools):
     assert r.headers["x-upstream"] == "mistral"
 
 
-def test_an_alias_resolves_to_its_model(gw):
-    r = chat(gw, "llama3")
+def test_an_alias_resolves_to_its_model_and_the_backend_sees_the_model(
+        gw, pools):
+    body = json.dumps(dict(CHAT, model="llama3", max_tokens=2),
+                      separators=(",", ":")).encode()
+    r = requests.post(gw.url + "/v1/chat/completions", data=body,
+                      headers={"content-type": "application/json"},
+                      timeout=10)
     assert r.status_code == 200
     assert r.headers["x-sim-replica"] == "llama-a"
     assert r.headers["x-model"] == "llama3"
     assert r.headers["x-model-target"] == "llama-3-8b"
+    # the backend serves "llama-3-8b": the forwarded body says so, and
+    # nothing else in it changed
+    got = recorded(*pools)[0]
+    sent = body.replace(b'"model":"llama3"', b'"model":"llama-3-8b"')
+    assert got["body"] == sent.decode()
+    assert got["body_len"] == len(sent)
 
 
 def test_model_names_are_case_sensitive(gw):
@@ -350,7 +361,8 @@ def test_all_four_modules_route_the_same(nginx_factory, pools):
     ("infer_model llama-3-8b upstream=nowhere;",
      'model "llama-3-8b": no upstream "nowhere" is defined'),
     ("infer_model llama-3-8b alias=l3;",
-     'model "llama-3-8b" needs upstream='),
+     'model "llama-3-8b" has no upstream: give it upstream= or an '
+     'infer_model_target'),
     ("infer_model llama-3-8b upstream=llama weight=3;",
      'invalid parameter "weight=3" for model "llama-3-8b"'),
     ("infer_model a upstream=llama alias=b; infer_model b upstream=llama;",
@@ -358,13 +370,29 @@ def test_all_four_modules_route_the_same(nginx_factory, pools):
     ("infer_model a upstream=llama alias=,x;",
      'invalid parameter "alias=,x" for model "a"'),
     ("infer_model a upstream=llama upstream=mistral;",
-     'model "a" has two upstreams'),
-    ("infer_model a;", 'invalid number of arguments in "infer_model"'),
+     'model "a" has "upstream" twice'),
+    ("infer_model;", 'invalid number of arguments in "infer_model"'),
+    ("infer_model_target a llama;",
+     'unknown model "a": declare it with infer_model first'),
+    ("infer_model a upstream=llama; infer_model_target a mistral;",
+     'model "a" has upstream= already'),
+    ("infer_model a; infer_model_target a llama weight=0;",
+     'invalid parameter "weight=0" for a target of model "a"'),
+    ("infer_model a; infer_model_target a nowhere;",
+     'model "a": no upstream "nowhere" is defined'),
+    ("infer_model a upstream=llama state=retired;",
+     'invalid parameter "state=retired" for model "a"'),
+    ("infer_model a upstream=llama pattern=(;",
+     'model "a": invalid pattern'),
+    ("infer_model a upstream=llama max_body_size=lots;",
+     'invalid parameter "max_body_size=lots" for model "a"'),
     ("infer_model_source body cookie;",
      'invalid model source "cookie": use body, path or header=NAME'),
     ("infer_model_source body body;", 'model source "body" is listed twice'),
 ], ids=["no-such-upstream", "no-upstream", "unknown-param", "dup-name",
-        "empty-alias", "two-upstreams", "no-args", "bad-source", "dup-source"])
+        "empty-alias", "two-upstreams", "no-args", "target-unknown-model",
+        "upstream-and-target", "zero-weight", "target-no-upstream",
+        "bad-state", "bad-pattern", "bad-size", "bad-source", "dup-source"])
 def test_config_mistakes_are_caught_by_nginx_t(nginx_factory, pools, models,
                                               message):
     n = nginx_factory(route_conf(*pools, models=models), modules=["route"],
@@ -372,3 +400,178 @@ def test_config_mistakes_are_caught_by_nginx_t(nginx_factory, pools, models,
     ok, out = n.check_config()
     assert not ok
     assert message in out, out
+
+
+# ------------------------------------------------ splits, states, patterns
+
+def split_conf(a, b, extra_model="", extra=""):
+    return f"""
+    upstream stable {{ server {a.addr}; keepalive 8; }}
+    upstream canary {{ server {b.addr}; keepalive 8; }}
+    infer_model llama-3-8b alias=llama3 {extra_model};
+    infer_model_target llama-3-8b stable weight=90;
+    infer_model_target llama-3-8b canary weight=10 model=llama-3.1-8b;
+    {extra}
+    server {{
+        listen 127.0.0.1:{{port}};
+        infer_route on;
+        location / {{ {PROXY} }}
+    }}"""
+
+
+@pytest.fixture
+def split_pools(sim_factory):
+    return (sim_factory("llama-3-8b", "stable-a", ttft_ms=0, tpot_ms=0),
+            sim_factory("llama-3.1-8b", "canary-a", ttft_ms=0, tpot_ms=0))
+
+
+def test_a_weighted_split_holds_its_weights_over_1000_requests(
+        nginx_factory, split_pools):
+    gw = nginx_factory(split_conf(*split_pools), modules=["route"])
+    counts = {"stable-a": 0, "canary-a": 0}
+    s = requests.Session()
+    for _ in range(1000):
+        r = s.post(gw.url + "/v1/chat/completions", timeout=10,
+                   json=dict(CHAT, model="llama-3-8b", max_tokens=1))
+        assert r.status_code == 200
+        counts[r.headers["x-sim-replica"]] += 1
+    assert abs(counts["canary-a"] - 100) <= 30, counts
+
+
+def test_the_canary_gets_its_own_model_id_in_the_body(nginx_factory,
+                                                      split_pools):
+    gw = nginx_factory(split_conf(*split_pools), modules=["route"])
+    seen = {}
+    for _ in range(20):
+        r = chat(gw, "llama3", max_tokens=1)
+        seen[r.headers["x-sim-replica"]] = r.headers["x-model-target"]
+    assert seen == {"stable-a": "llama-3-8b", "canary-a": "llama-3.1-8b"}
+    canary = split_pools[1]
+    for q in recorded(canary):
+        assert json.loads(q["body"])["model"] == "llama-3.1-8b"
+        assert q["body_len"] == len(q["body"].encode())
+
+
+def test_a_sticky_key_keeps_a_user_on_one_variant(nginx_factory,
+                                                  split_pools):
+    gw = nginx_factory(split_conf(*split_pools,
+                                  extra_model="sticky=$http_x_user"),
+                       modules=["route"])
+    s = requests.Session()
+
+    def variant(user):
+        return s.post(gw.url + "/v1/chat/completions", timeout=10,
+                      headers={"x-user": user},
+                      json=dict(CHAT, model="llama3", max_tokens=1)
+                      ).headers["x-sim-replica"]
+
+    users = [f"user-{i}" for i in range(300)]
+    first = {u: variant(u) for u in users}
+    for u in users[:50]:
+        assert variant(u) == first[u]
+    canary = sum(v == "canary-a" for v in first.values())
+    assert 10 <= canary <= 60, canary      # ~10% of 300 users
+
+
+def test_a_deprecated_model_still_answers_with_a_warning(nginx_factory,
+                                                         pools):
+    gw = nginx_factory(route_conf(*pools, models="""
+    infer_model llama-3-8b upstream=llama state=deprecated;
+    infer_model mistral-7b upstream=mistral;"""), modules=["route"])
+    r = chat(gw, "llama-3-8b")
+    assert r.status_code == 200
+    assert r.headers["deprecation"] == "true"
+    assert "llama-3-8b" in r.headers["warning"]
+    assert "deprecation" not in chat(gw, "mistral-7b").headers
+
+
+def test_a_disabled_model_is_refused_clearly(nginx_factory, pools):
+    gw = nginx_factory(route_conf(*pools, models="""
+    infer_model llama-3-8b upstream=llama state=disabled alias=llama3;
+    infer_model mistral-7b upstream=mistral;"""), modules=["route"])
+    r = chat(gw, "llama3")
+    assert r.status_code == 404
+    e = error_of(r)
+    assert e["code"] == "model_disabled"
+    assert "disabled" in e["message"]
+    assert recorded(*pools) == []
+
+
+def test_a_per_model_body_limit(nginx_factory, pools):
+    gw = nginx_factory(route_conf(*pools, models="""
+    infer_model llama-3-8b upstream=llama max_body_size=1k;
+    infer_model mistral-7b upstream=mistral;"""), modules=["route"])
+    big = [{"role": "user", "content": "z" * 2000}]
+    r = requests.post(gw.url + "/v1/chat/completions", timeout=10,
+                      json={"model": "llama-3-8b", "messages": big})
+    assert r.status_code == 413
+    assert error_of(r)["code"] == "request_too_large"
+    r = requests.post(gw.url + "/v1/chat/completions", timeout=10,
+                      json={"model": "mistral-7b", "messages": big})
+    assert r.status_code == 200
+    assert chat(gw, "llama-3-8b").status_code == 200
+
+
+def test_patterns_route_families_of_names(nginx_factory, pools):
+    gw = nginx_factory(route_conf(*pools, models=r"""
+    infer_model llama-3-8b upstream=llama "pattern=^llama-3(\.1)?-8b";
+    infer_model mistral-7b upstream=mistral;"""), modules=["route"])
+    for name in ("llama-3-8b-instruct", "llama-3.1-8b"):
+        r = chat(gw, name)
+        assert r.status_code == 200
+        assert r.headers["x-sim-replica"] == "llama-a"
+        # a pattern match forwards the name as the client sent it
+        assert r.headers["x-model-target"] == name
+    assert chat(gw, "llama-3.2-8b").status_code == 404
+
+
+# ---------------------------------------------------------------- /v1/models
+
+def models_conf(llama, mistral, listing="infer_model_list;"):
+    return f"""
+    upstream llama {{ server {llama.addr}; }}
+    upstream mistral {{ server {mistral.addr}; }}
+    infer_model llama-3-8b upstream=llama alias=llama3;
+    infer_model mistral-7b upstream=mistral;
+    infer_model old-model upstream=mistral state=disabled;
+    server {{
+        listen 127.0.0.1:{{port}};
+        location /v1/models {{ {listing} }}
+    }}"""
+
+
+def test_v1_models_lists_the_registry_for_the_sdk(nginx_factory, pools,
+                                                  openai_sdk):
+    gw = nginx_factory(models_conf(*pools), modules=["route"])
+    r = requests.get(gw.url + "/v1/models", timeout=10)
+    assert r.status_code == 200
+    body = r.json()
+    assert body["object"] == "list"
+    assert [m["id"] for m in body["data"]] == ["llama-3-8b", "mistral-7b"]
+    assert all(m["object"] == "model" for m in body["data"])
+
+    one = requests.get(gw.url + "/v1/models/mistral-7b", timeout=10).json()
+    assert one["id"] == "mistral-7b"
+    r = requests.get(gw.url + "/v1/models/old-model", timeout=10)
+    assert r.status_code == 404 and error_of(r)["code"] == "model_not_found"
+
+    out = openai_sdk(gw.url + "/v1", "models")
+    assert out["ok"], out
+    assert recorded(*pools) == []
+
+
+def test_v1_models_is_filtered_by_a_variable(nginx_factory, pools):
+    gw = nginx_factory(models_conf(*pools,
+                                   listing="infer_model_list $http_x_allowed;"),
+                       modules=["route"])
+
+    def ids(allowed):
+        r = requests.get(gw.url + "/v1/models", timeout=10,
+                         headers={"x-allowed": allowed})
+        return [m["id"] for m in r.json()["data"]]
+
+    assert ids("mistral-7b") == ["mistral-7b"]
+    assert ids("llama3, mistral-7b") == ["llama-3-8b", "mistral-7b"]
+    assert ids("*") == ["llama-3-8b", "mistral-7b"]
+    assert ids("nothing") == []
+    assert ids("old-model") == []

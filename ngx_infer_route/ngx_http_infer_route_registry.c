@@ -1,0 +1,637 @@
+/*
+ * Copyright (C) ngx_infer authors
+ *
+ * The model registry of ngx_http_infer_route_module: models declared with
+ * infer_model / infer_model_target, looked up by name, alias or pattern,
+ * and the pick of a target for weighted (canary, A/B) splits.
+ */
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+
+#include "ngx_http_infer_route.h"
+#include "ngx_http_infer_route_json.h"
+
+
+static ngx_int_t ngx_http_infer_route_registry_add_name(ngx_conf_t *cf,
+    ngx_http_infer_route_main_conf_t *rmcf, ngx_str_t *name,
+    ngx_http_infer_route_model_t *m);
+static ngx_int_t ngx_http_infer_route_registry_upstream(ngx_conf_t *cf,
+    ngx_http_infer_route_model_t *m, ngx_str_t *name);
+static ngx_int_t ngx_http_infer_route_registry_name_ok(ngx_str_t *name);
+
+
+/*
+ * infer_model NAME [upstream=POOL] [model=ID] [alias=NAME[,NAME...]]
+ *     [pattern=REGEX] [sticky=VALUE] [state=active|deprecated|disabled]
+ *     [max_body_size=SIZE];
+ */
+
+char *
+ngx_http_infer_route_registry_model(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf)
+{
+    ngx_http_infer_route_main_conf_t *rmcf = conf;
+
+    u_char                             *p, *last;
+    ngx_str_t                          *value, *alias, name, v;
+    ngx_uint_t                          i, j;
+    ngx_http_infer_route_model_t       *m, **mp;
+    ngx_http_compile_complex_value_t    ccv;
+#if (NGX_PCRE)
+    u_char                              errstr[NGX_MAX_CONF_ERRSTR];
+    ngx_regex_compile_t                 rc;
+#endif
+
+    value = cf->args->elts;
+
+    if (ngx_http_infer_route_registry_name_ok(&value[1]) != NGX_OK) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid model name \"%V\": it must have 1 to %d "
+                           "bytes and no control characters",
+                           &value[1], NGX_HTTP_INFER_MODEL_MAX);
+        return NGX_CONF_ERROR;
+    }
+
+    m = ngx_pcalloc(cf->pool, sizeof(ngx_http_infer_route_model_t));
+    if (m == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    m->name = value[1];
+    m->max_body_size = -1;
+
+    if (ngx_array_init(&m->aliases, cf->pool, 2, sizeof(ngx_str_t))
+        != NGX_OK
+        || ngx_array_init(&m->targets, cf->pool, 2,
+                          sizeof(ngx_http_infer_route_target_t))
+           != NGX_OK)
+    {
+        return NGX_CONF_ERROR;
+    }
+
+    for (i = 2; i < cf->args->nelts; i++) {
+
+        p = (u_char *) ngx_strlchr(value[i].data,
+                                   value[i].data + value[i].len, '=');
+        if (p == NULL || p == value[i].data) {
+            goto invalid;
+        }
+
+        name.data = value[i].data;
+        name.len = p - value[i].data;
+        v.data = p + 1;
+        v.len = value[i].data + value[i].len - v.data;
+
+        if (v.len == 0) {
+            goto invalid;
+        }
+
+#define ngx_infer_param(s)                                                    \
+        (name.len == sizeof(s) - 1 && ngx_strncmp(name.data, s, name.len) == 0)
+
+        if (ngx_infer_param("upstream")) {
+            if (m->upstream.len) {
+                goto twice;
+            }
+
+            m->upstream = v;
+            continue;
+        }
+
+        if (ngx_infer_param("model")) {
+            if (m->model.len) {
+                goto twice;
+            }
+
+            if (ngx_http_infer_route_registry_name_ok(&v) != NGX_OK) {
+                goto invalid;
+            }
+
+            m->model = v;
+            continue;
+        }
+
+        if (ngx_infer_param("alias")) {
+            p = v.data;
+            last = v.data + v.len;
+
+            while (p < last) {
+                name.data = p;
+
+                while (p < last && *p != ',') {
+                    p++;
+                }
+
+                name.len = p++ - name.data;
+
+                if (ngx_http_infer_route_registry_name_ok(&name) != NGX_OK) {
+                    goto invalid;
+                }
+
+                alias = ngx_array_push(&m->aliases);
+                if (alias == NULL) {
+                    return NGX_CONF_ERROR;
+                }
+
+                *alias = name;
+            }
+
+            continue;
+        }
+
+        if (ngx_infer_param("pattern")) {
+#if (NGX_PCRE)
+            if (m->pattern.len) {
+                goto twice;
+            }
+
+            ngx_memzero(&rc, sizeof(ngx_regex_compile_t));
+
+            rc.pattern = v;
+            rc.pool = cf->pool;
+            rc.err.len = NGX_MAX_CONF_ERRSTR;
+            rc.err.data = errstr;
+
+            if (ngx_regex_compile(&rc) != NGX_OK) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "model \"%V\": invalid pattern: %V",
+                                   &m->name, &rc.err);
+                return NGX_CONF_ERROR;
+            }
+
+            m->regex = rc.regex;
+            m->pattern = v;
+            continue;
+#else
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "model \"%V\": pattern= needs nginx built "
+                               "with PCRE", &m->name);
+            return NGX_CONF_ERROR;
+#endif
+        }
+
+        if (ngx_infer_param("sticky")) {
+            if (m->sticky) {
+                goto twice;
+            }
+
+            m->sticky = ngx_palloc(cf->pool,
+                                   sizeof(ngx_http_complex_value_t));
+            if (m->sticky == NULL) {
+                return NGX_CONF_ERROR;
+            }
+
+            ngx_memzero(&ccv, sizeof(ngx_http_compile_complex_value_t));
+
+            ccv.cf = cf;
+            ccv.value = &v;
+            ccv.complex_value = m->sticky;
+
+            if (ngx_http_compile_complex_value(&ccv) != NGX_OK) {
+                return NGX_CONF_ERROR;
+            }
+
+            continue;
+        }
+
+        if (ngx_infer_param("state")) {
+            if (v.len == 6 && ngx_strncmp(v.data, "active", 6) == 0) {
+                m->state = NGX_HTTP_INFER_MODEL_ACTIVE;
+
+            } else if (v.len == 10
+                       && ngx_strncmp(v.data, "deprecated", 10) == 0)
+            {
+                m->state = NGX_HTTP_INFER_MODEL_DEPRECATED;
+
+            } else if (v.len == 8 && ngx_strncmp(v.data, "disabled", 8) == 0)
+            {
+                m->state = NGX_HTTP_INFER_MODEL_DISABLED;
+
+            } else {
+                goto invalid;
+            }
+
+            continue;
+        }
+
+        if (ngx_infer_param("max_body_size")) {
+            m->max_body_size = ngx_parse_offset(&v);
+
+            if (m->max_body_size == NGX_ERROR) {
+                goto invalid;
+            }
+
+            continue;
+        }
+
+#undef ngx_infer_param
+
+        goto invalid;
+    }
+
+    if (rmcf->keys == NULL) {
+        rmcf->keys = ngx_pcalloc(cf->temp_pool,
+                                 sizeof(ngx_hash_keys_arrays_t));
+        if (rmcf->keys == NULL) {
+            return NGX_CONF_ERROR;
+        }
+
+        rmcf->keys->pool = cf->pool;
+        rmcf->keys->temp_pool = cf->temp_pool;
+
+        if (ngx_hash_keys_array_init(rmcf->keys, NGX_HASH_SMALL) != NGX_OK) {
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    if (ngx_http_infer_route_registry_add_name(cf, rmcf, &m->name, m)
+        != NGX_OK)
+    {
+        return NGX_CONF_ERROR;
+    }
+
+    alias = m->aliases.elts;
+
+    for (j = 0; j < m->aliases.nelts; j++) {
+        if (ngx_http_infer_route_registry_add_name(cf, rmcf, &alias[j], m)
+            != NGX_OK)
+        {
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    mp = ngx_array_push(&rmcf->models);
+    if (mp == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    *mp = m;
+
+    if (m->pattern.len) {
+        mp = ngx_array_push(&rmcf->patterns);
+        if (mp == NULL) {
+            return NGX_CONF_ERROR;
+        }
+
+        *mp = m;
+    }
+
+    return NGX_CONF_OK;
+
+twice:
+
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                       "model \"%V\" has \"%V\" twice", &m->name, &name);
+    return NGX_CONF_ERROR;
+
+invalid:
+
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                       "invalid parameter \"%V\" for model \"%V\"",
+                       &value[i], &m->name);
+    return NGX_CONF_ERROR;
+}
+
+
+/*
+ * infer_model_target NAME POOL [weight=N] [model=ID];
+ */
+
+char *
+ngx_http_infer_route_registry_target(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf)
+{
+    ngx_http_infer_route_main_conf_t *rmcf = conf;
+
+    ngx_str_t                       *value;
+    ngx_int_t                        weight;
+    ngx_uint_t                       i;
+    ngx_http_infer_route_model_t   **mp, *m;
+    ngx_http_infer_route_target_t   *t;
+
+    value = cf->args->elts;
+
+    mp = rmcf->models.elts;
+    m = NULL;
+
+    for (i = 0; i < rmcf->models.nelts; i++) {
+        if (mp[i]->name.len == value[1].len
+            && ngx_strncmp(mp[i]->name.data, value[1].data, value[1].len)
+               == 0)
+        {
+            m = mp[i];
+            break;
+        }
+    }
+
+    if (m == NULL) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "unknown model \"%V\": declare it with "
+                           "infer_model first", &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    if (m->upstream.len) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "model \"%V\" has upstream= already: use either "
+                           "upstream= or infer_model_target", &m->name);
+        return NGX_CONF_ERROR;
+    }
+
+    t = ngx_array_push(&m->targets);
+    if (t == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    ngx_memzero(t, sizeof(ngx_http_infer_route_target_t));
+
+    t->upstream = value[2];
+    t->weight = 1;
+
+    for (i = 3; i < cf->args->nelts; i++) {
+
+        if (ngx_strncmp(value[i].data, "weight=", 7) == 0) {
+            weight = ngx_atoi(value[i].data + 7, value[i].len - 7);
+
+            if (weight == NGX_ERROR || weight == 0 || weight > 1000000) {
+                goto invalid;
+            }
+
+            t->weight = weight;
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "model=", 6) == 0) {
+            t->model.data = value[i].data + 6;
+            t->model.len = value[i].len - 6;
+
+            if (ngx_http_infer_route_registry_name_ok(&t->model) != NGX_OK) {
+                goto invalid;
+            }
+
+            continue;
+        }
+
+        goto invalid;
+    }
+
+    return NGX_CONF_OK;
+
+invalid:
+
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                       "invalid parameter \"%V\" for a target of model "
+                       "\"%V\"", &value[i], &m->name);
+    return NGX_CONF_ERROR;
+}
+
+
+/*
+ * Once the whole http{} block is read, every upstream{} block is known: a
+ * model naming a pool that does not exist is a config error, not a 502
+ * at request time.
+ */
+
+char *
+ngx_http_infer_route_registry_init(ngx_conf_t *cf,
+    ngx_http_infer_route_main_conf_t *rmcf)
+{
+    ngx_uint_t                       i, j;
+    ngx_hash_init_t                  hash;
+    ngx_http_infer_route_model_t   **m;
+    ngx_http_infer_route_target_t   *t;
+
+    rmcf->created = ngx_time();
+
+    if (rmcf->models.nelts == 0) {
+        return NGX_CONF_OK;
+    }
+
+    m = rmcf->models.elts;
+
+    for (i = 0; i < rmcf->models.nelts; i++) {
+
+        if (m[i]->upstream.len) {
+            t = ngx_array_push(&m[i]->targets);
+            if (t == NULL) {
+                return NGX_CONF_ERROR;
+            }
+
+            ngx_memzero(t, sizeof(ngx_http_infer_route_target_t));
+            t->upstream = m[i]->upstream;
+            t->weight = 1;
+        }
+
+        if (m[i]->targets.nelts == 0) {
+            ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                          "model \"%V\" has no upstream: give it "
+                          "upstream= or an infer_model_target",
+                          &m[i]->name);
+            return NGX_CONF_ERROR;
+        }
+
+        t = m[i]->targets.elts;
+        m[i]->total_weight = 0;
+
+        for (j = 0; j < m[i]->targets.nelts; j++) {
+
+            if (ngx_http_infer_route_registry_upstream(cf, m[i],
+                                                       &t[j].upstream)
+                != NGX_OK)
+            {
+                return NGX_CONF_ERROR;
+            }
+
+            if (t[j].model.len == 0) {
+                t[j].model = m[i]->model;
+            }
+
+            m[i]->total_weight += t[j].weight;
+        }
+    }
+
+    hash.hash = &rmcf->names;
+    hash.key = ngx_hash_key;
+    hash.max_size = 4096;
+    hash.bucket_size = ngx_align(NGX_HTTP_INFER_MODEL_MAX + 64,
+                                 ngx_cacheline_size);
+    hash.name = "infer_model_names_hash";
+    hash.pool = cf->pool;
+    hash.temp_pool = NULL;
+
+    if (ngx_hash_init(&hash, rmcf->keys->keys.elts, rmcf->keys->keys.nelts)
+        != NGX_OK)
+    {
+        return NGX_CONF_ERROR;
+    }
+
+    rmcf->keys = NULL;
+
+    return NGX_CONF_OK;
+}
+
+
+/*
+ * A declared name or alias first, then the patterns in the order they
+ * were declared.
+ */
+
+ngx_http_infer_route_model_t *
+ngx_http_infer_route_registry_find(ngx_http_infer_route_main_conf_t *rmcf,
+    ngx_str_t *name, ngx_uint_t *by_pattern)
+{
+    ngx_http_infer_route_model_t  *m;
+#if (NGX_PCRE)
+    ngx_uint_t                     i;
+    ngx_http_infer_route_model_t **p;
+#endif
+
+    *by_pattern = 0;
+
+    m = ngx_hash_find(&rmcf->names, ngx_hash_key(name->data, name->len),
+                      name->data, name->len);
+    if (m) {
+        return m;
+    }
+
+#if (NGX_PCRE)
+    p = rmcf->patterns.elts;
+
+    for (i = 0; i < rmcf->patterns.nelts; i++) {
+        if (ngx_regex_exec(p[i]->regex, name, NULL, 0) >= 0) {
+            *by_pattern = 1;
+            return p[i];
+        }
+    }
+#endif
+
+    return NULL;
+}
+
+
+/*
+ * With a sticky key, a hash of its value picks the target, so one user
+ * stays on one variant; otherwise smooth weighted round robin, as nginx's
+ * upstream does, which keeps each worker's split exact.
+ */
+
+ngx_http_infer_route_target_t *
+ngx_http_infer_route_registry_pick(ngx_http_request_t *r,
+    ngx_http_infer_route_model_t *m)
+{
+    uint64_t                        point;
+    ngx_str_t                       key;
+    ngx_uint_t                      i;
+    ngx_http_infer_route_target_t  *t, *best;
+
+    t = m->targets.elts;
+
+    if (m->targets.nelts == 1) {
+        return t;
+    }
+
+    if (m->sticky) {
+        if (ngx_http_complex_value(r, m->sticky, &key) != NGX_OK) {
+            return NULL;
+        }
+
+        if (key.len) {
+            point = ((uint64_t) ngx_murmur_hash2(key.data, key.len)
+                     * m->total_weight) >> 32;
+
+            for (i = 0; i < m->targets.nelts; i++) {
+                if (point < (uint64_t) t[i].weight) {
+                    return &t[i];
+                }
+
+                point -= t[i].weight;
+            }
+        }
+    }
+
+    best = NULL;
+
+    for (i = 0; i < m->targets.nelts; i++) {
+        t[i].current += t[i].weight;
+
+        if (best == NULL || t[i].current > best->current) {
+            best = &t[i];
+        }
+    }
+
+    best->current -= m->total_weight;
+
+    return best;
+}
+
+
+static ngx_int_t
+ngx_http_infer_route_registry_add_name(ngx_conf_t *cf,
+    ngx_http_infer_route_main_conf_t *rmcf, ngx_str_t *name,
+    ngx_http_infer_route_model_t *m)
+{
+    ngx_int_t  rc;
+
+    /* model names are case-sensitive, as OpenAI's are */
+    rc = ngx_hash_add_key(rmcf->keys, name, m, NGX_HASH_READONLY_KEY);
+
+    if (rc == NGX_BUSY) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "model name or alias \"%V\" is declared twice",
+                           name);
+    }
+
+    return rc;
+}
+
+
+static ngx_int_t
+ngx_http_infer_route_registry_upstream(ngx_conf_t *cf,
+    ngx_http_infer_route_model_t *m, ngx_str_t *name)
+{
+    ngx_uint_t                       i;
+    ngx_http_upstream_srv_conf_t   **uscf;
+    ngx_http_upstream_main_conf_t   *umcf;
+
+    umcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_upstream_module);
+    uscf = umcf->upstreams.elts;
+
+    for (i = 0; i < umcf->upstreams.nelts; i++) {
+        if ((uscf[i]->flags & NGX_HTTP_UPSTREAM_CREATE)
+            && uscf[i]->host.len == name->len
+            && ngx_strncmp(uscf[i]->host.data, name->data, name->len) == 0)
+        {
+            return NGX_OK;
+        }
+    }
+
+    ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                  "model \"%V\": no upstream \"%V\" is defined",
+                  &m->name, name);
+
+    return NGX_ERROR;
+}
+
+
+static ngx_int_t
+ngx_http_infer_route_registry_name_ok(ngx_str_t *name)
+{
+    u_char  *p, *last;
+
+    if (name->len == 0 || name->len > NGX_HTTP_INFER_MODEL_MAX) {
+        return NGX_ERROR;
+    }
+
+    last = name->data + name->len;
+
+    for (p = name->data; p < last; p++) {
+        if (*p < 0x20 || *p == 0x7f) {
+            return NGX_ERROR;
+        }
+    }
+
+    return NGX_OK;
+}
