@@ -45,6 +45,8 @@ typedef struct {
     ngx_regex_t                   *regex;
 #endif
     ngx_str_t                      pattern;
+    ngx_str_t                      fallback_name;
+    void                          *fallback;    /* *_model_t */
 } ngx_http_infer_route_model_t;
 
 

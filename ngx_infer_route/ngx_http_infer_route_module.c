@@ -23,6 +23,9 @@
 /* a request still waiting for its body */
 #define NGX_HTTP_INFER_ROUTE_READING  NGX_AGAIN
 
+/* a bound on fallbacks, whatever the configuration */
+#define NGX_HTTP_INFER_ROUTE_FALLBACKS_MAX  8
+
 /* room for an error message with a model name in it */
 #define NGX_HTTP_INFER_ROUTE_ERROR_MAX  (160 + NGX_HTTP_INFER_MODEL_MAX)
 
@@ -54,8 +57,11 @@ typedef struct {
     ngx_str_t                      forward;     /* model id sent upstream */
     ngx_http_infer_route_body_t   *body;        /* NULL: body not scanned */
     ngx_str_t                      raw;         /* the body's bytes */
+    ngx_chain_t                   *bufs;        /* the body as received */
+    ngx_uint_t                     fallbacks;   /* fallbacks taken */
     unsigned                       waiting:1;   /* body read asynchronously */
     unsigned                       by_pattern:1;
+    unsigned                       rewritten:1;
 } ngx_http_infer_route_ctx_t;
 
 
@@ -71,6 +77,11 @@ typedef enum {
 
 
 static ngx_int_t ngx_http_infer_route_handler(ngx_http_request_t *r);
+static ngx_int_t ngx_http_infer_route_fallback(ngx_http_request_t *r,
+    ngx_http_infer_route_ctx_t *ctx);
+static ngx_http_infer_route_ctx_t *ngx_http_infer_route_recover_ctx(
+    ngx_http_request_t *r);
+static void ngx_http_infer_route_cleanup(void *data);
 static void ngx_http_infer_route_body_handler(ngx_http_request_t *r);
 static ngx_int_t ngx_http_infer_route_next(ngx_http_request_t *r,
     ngx_http_infer_route_ctx_t *ctx);
@@ -234,6 +245,7 @@ static ngx_int_t
 ngx_http_infer_route_handler(ngx_http_request_t *r)
 {
     ngx_int_t                         rc;
+    ngx_pool_cleanup_t               *cln;
     ngx_http_infer_route_ctx_t       *ctx;
     ngx_http_infer_route_loc_conf_t  *rlcf;
 
@@ -254,6 +266,14 @@ ngx_http_infer_route_handler(ngx_http_request_t *r)
         return ngx_http_infer_route_done(r, ctx);
     }
 
+    ctx = ngx_http_infer_route_recover_ctx(r);
+
+    if (ctx) {
+        /* an internal redirect reset the module contexts */
+        ngx_http_set_ctx(r, ctx, ngx_http_infer_route_module);
+        return ngx_http_infer_route_fallback(r, ctx);
+    }
+
     ngx_log_debug0(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
                    "infer route preaccess handler");
 
@@ -261,6 +281,16 @@ ngx_http_infer_route_handler(ngx_http_request_t *r)
     if (ctx == NULL) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
+
+    /* the cleanup keeps the context findable after an internal redirect */
+
+    cln = ngx_pool_cleanup_add(r->pool, 0);
+    if (cln == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    cln->handler = ngx_http_infer_route_cleanup;
+    cln->data = ctx;
 
     ngx_http_set_ctx(r, ctx, ngx_http_infer_route_module);
 
@@ -288,6 +318,90 @@ ngx_http_infer_route_handler(ngx_http_request_t *r)
     }
 
     return ngx_http_infer_route_done(r, ctx);
+}
+
+
+/*
+ * Back in this phase after an internal redirect.  When the request was
+ * proxied and failed, and error_page sent it to a location with
+ * infer_route on (see README: failover), it goes on with the model's
+ * fallback; nothing has reached the client yet, or error_page would not
+ * have run.
+ */
+
+static ngx_int_t
+ngx_http_infer_route_fallback(ngx_http_request_t *r,
+    ngx_http_infer_route_ctx_t *ctx)
+{
+    ngx_uint_t                  status;
+    ngx_http_upstream_state_t  *state;
+
+    if (ctx->status != NGX_OK || ctx->target == NULL) {
+        /* redirected before anything was proxied */
+        return ngx_http_infer_route_done(r, ctx);
+    }
+
+    status = NGX_HTTP_BAD_GATEWAY;
+
+    if (r->upstream_states && r->upstream_states->nelts) {
+        state = r->upstream_states->elts;
+        state = &state[r->upstream_states->nelts - 1];
+
+        if (state->status >= NGX_HTTP_BAD_REQUEST) {
+            status = state->status;
+        }
+    }
+
+    if (ctx->entry->fallback == NULL
+        || ctx->fallbacks == NGX_HTTP_INFER_ROUTE_FALLBACKS_MAX)
+    {
+        ctx->status = ngx_http_infer_route_fail(r, ctx, status,
+                          "model_unavailable",
+                          "The model `%V` is unavailable: its backends "
+                          "failed (last status %ui) and no fallback is left.",
+                          &ctx->model, status);
+        return ngx_http_infer_route_done(r, ctx);
+    }
+
+    ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
+                  "infer route: model \"%V\" on upstream \"%V\" failed "
+                  "with %ui, falling back to model \"%V\"",
+                  &ctx->entry->name, &ctx->target->upstream, status,
+                  &((ngx_http_infer_route_model_t *)
+                    ctx->entry->fallback)->name);
+
+    ctx->entry = ctx->entry->fallback;
+    ctx->target = NULL;
+    ctx->by_pattern = 0;
+    ctx->fallbacks++;
+
+    return NGX_DECLINED;
+}
+
+
+static ngx_http_infer_route_ctx_t *
+ngx_http_infer_route_recover_ctx(ngx_http_request_t *r)
+{
+    ngx_pool_cleanup_t  *cln;
+
+    if (!r->internal) {
+        return NULL;
+    }
+
+    for (cln = r->pool->cleanup; cln; cln = cln->next) {
+        if (cln->handler == ngx_http_infer_route_cleanup) {
+            return cln->data;
+        }
+    }
+
+    return NULL;
+}
+
+
+static void
+ngx_http_infer_route_cleanup(void *data)
+{
+    /* nothing to free: the handler only marks where the context is */
 }
 
 
@@ -656,6 +770,13 @@ ngx_http_infer_route_pick(ngx_http_request_t *r,
         return NGX_OK;
     }
 
+    if (ctx->rewritten) {
+        /* a fallback: start again from the body as the client sent it */
+        r->request_body->bufs = ctx->bufs;
+        r->headers_in.content_length_n = ctx->raw.len;
+        ctx->rewritten = 0;
+    }
+
     ctx->target = ngx_http_infer_route_registry_pick(r, ctx->entry);
     if (ctx->target == NULL) {
         return NGX_ERROR;
@@ -733,6 +854,9 @@ ngx_http_infer_route_rewrite_body(ngx_http_request_t *r,
 
     cl->buf = b;
     cl->next = NULL;
+
+    ctx->bufs = r->request_body->bufs;
+    ctx->rewritten = 1;
 
     r->request_body->bufs = cl;
     r->headers_in.content_length_n = b->last - b->pos;
@@ -853,6 +977,10 @@ ngx_http_infer_route_variable(ngx_http_request_t *r,
     ngx_http_infer_route_body_t  *b;
 
     ctx = ngx_http_get_module_ctx(r->main, ngx_http_infer_route_module);
+
+    if (ctx == NULL) {
+        ctx = ngx_http_infer_route_recover_ctx(r->main);
+    }
 
     if (ctx == NULL || ctx->status != NGX_OK) {
         v->not_found = 1;

@@ -21,12 +21,14 @@ static ngx_int_t ngx_http_infer_route_registry_add_name(ngx_conf_t *cf,
 static ngx_int_t ngx_http_infer_route_registry_upstream(ngx_conf_t *cf,
     ngx_http_infer_route_model_t *m, ngx_str_t *name);
 static ngx_int_t ngx_http_infer_route_registry_name_ok(ngx_str_t *name);
+static char *ngx_http_infer_route_registry_fallbacks(ngx_conf_t *cf,
+    ngx_http_infer_route_main_conf_t *rmcf);
 
 
 /*
  * infer_model NAME [upstream=POOL] [model=ID] [alias=NAME[,NAME...]]
  *     [pattern=REGEX] [sticky=VALUE] [state=active|deprecated|disabled]
- *     [max_body_size=SIZE];
+ *     [max_body_size=SIZE] [fallback=NAME];
  */
 
 char *
@@ -214,6 +216,15 @@ ngx_http_infer_route_registry_model(ngx_conf_t *cf, ngx_command_t *cmd,
                 goto invalid;
             }
 
+            continue;
+        }
+
+        if (ngx_infer_param("fallback")) {
+            if (m->fallback_name.len) {
+                goto twice;
+            }
+
+            m->fallback_name = v;
             continue;
         }
 
@@ -469,6 +480,66 @@ ngx_http_infer_route_registry_init(ngx_conf_t *cf,
     }
 
     rmcf->keys = NULL;
+
+    return ngx_http_infer_route_registry_fallbacks(cf, rmcf);
+}
+
+
+/*
+ * fallback= names a declared model (not an alias); a chain that comes
+ * back to a model already in it would send a failing request round in
+ * circles, so it is refused here.
+ */
+
+static char *
+ngx_http_infer_route_registry_fallbacks(ngx_conf_t *cf,
+    ngx_http_infer_route_main_conf_t *rmcf)
+{
+    ngx_uint_t                      i, n;
+    ngx_http_infer_route_model_t  **m, *f, *step;
+
+    m = rmcf->models.elts;
+
+    for (i = 0; i < rmcf->models.nelts; i++) {
+
+        if (m[i]->fallback_name.len == 0) {
+            continue;
+        }
+
+        f = ngx_hash_find(&rmcf->names,
+                          ngx_hash_key(m[i]->fallback_name.data,
+                                       m[i]->fallback_name.len),
+                          m[i]->fallback_name.data, m[i]->fallback_name.len);
+
+        if (f == NULL
+            || f->name.len != m[i]->fallback_name.len
+            || ngx_strncmp(f->name.data, m[i]->fallback_name.data,
+                           f->name.len) != 0)
+        {
+            ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                          "model \"%V\": fallback \"%V\" is not a declared "
+                          "model", &m[i]->name, &m[i]->fallback_name);
+            return NGX_CONF_ERROR;
+        }
+
+        m[i]->fallback = f;
+    }
+
+    for (i = 0; i < rmcf->models.nelts; i++) {
+
+        step = m[i]->fallback;
+
+        for (n = 0; step && n <= rmcf->models.nelts; n++) {
+            if (step == m[i]) {
+                ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                              "model \"%V\": its fallback chain comes back "
+                              "to it", &m[i]->name);
+                return NGX_CONF_ERROR;
+            }
+
+            step = step->fallback;
+        }
+    }
 
     return NGX_CONF_OK;
 }

@@ -61,11 +61,17 @@ typedef struct {
     /* private state, whatever the parser needs (bounded) */
     ngx_uint_t    mode;
     off_t         offset;               /* bytes fed so far */
-    ngx_uint_t    state;
-    ngx_uint_t    depth;
+    ngx_uint_t    state;                /* of the JSON machine */
+    ngx_uint_t    depth;                /* containers open */
+    uint64_t      stack;                /* a bit per container: array */
+    uint64_t      number;               /* being read, or a \u escape */
+    ngx_uint_t    ctx;                  /* the innermost container of
+                                           interest */
+    ngx_uint_t    role;                 /* what the next value is */
+    ngx_int_t     tokens[5];            /* the usage being read */
     size_t        line_len;
     u_char        line[NGX_HTTP_INFER_USAGE_LINE_MAX];
-    u_char        scratch[64];
+    u_char        scratch[64];          /* a key, decoded */
     ngx_uint_t    scratch_len;
     ngx_uint_t    flags;
 } ngx_http_infer_usage_t;

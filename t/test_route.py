@@ -575,3 +575,141 @@ def test_v1_models_is_filtered_by_a_variable(nginx_factory, pools):
     assert ids("*") == ["llama-3-8b", "mistral-7b"]
     assert ids("nothing") == []
     assert ids("old-model") == []
+
+
+# ---------------------------------------------------------------- failover
+
+FAILOVER_PROXY = PROXY + """
+            proxy_intercept_errors on;
+            error_page 429 500 502 503 504 = @fallback;"""
+
+
+def failover_conf(llama, mistral, models=None):
+    models = models or """
+    infer_model llama-3-8b upstream=llama alias=llama3 fallback=mistral-7b;
+    infer_model mistral-7b upstream=mistral;"""
+    return f"""
+    upstream llama {{ server {llama}; }}
+    upstream mistral {{ server {mistral}; }}
+    {models}
+    server {{
+        listen 127.0.0.1:{{port}};
+        infer_route on;
+        recursive_error_pages on;
+        location / {{ {FAILOVER_PROXY} }}
+        location @fallback {{ {FAILOVER_PROXY} }}
+    }}"""
+
+
+def test_a_failing_pool_falls_back_to_the_next_model(nginx_factory, pools):
+    llama, mistral = pools
+    gw = nginx_factory(failover_conf(llama.addr, mistral.addr),
+                       modules=["route"])
+    llama.configure(fail_status=503, fail_ratio=1.0)
+    r = chat(gw, "llama3", max_tokens=2)
+    assert r.status_code == 200
+    assert r.headers["x-sim-replica"] == "mistral-a"
+    assert r.headers["x-model-target"] == "mistral-7b"
+    # the fallback's backend is asked for its own model, by the body
+    got = recorded(mistral)
+    assert len(got) == 1
+    assert json.loads(got[0]["body"])["model"] == "mistral-7b"
+    assert len(recorded(llama)) == 1
+    assert "falling back to model \"mistral-7b\"" in gw.log_text()
+
+    # a 429 from the pool too
+    llama.configure(fail_status=429)
+    assert chat(gw, "llama-3-8b").headers["x-sim-replica"] == "mistral-a"
+
+    # and when the pool answers, no fallback
+    llama.configure(fail_ratio=0.0)
+    assert chat(gw, "llama-3-8b").headers["x-sim-replica"] == "llama-a"
+
+
+def test_a_pool_that_refuses_connections_falls_back(nginx_factory, pools):
+    from harness.ports import free_port
+    _, mistral = pools
+    gw = nginx_factory(failover_conf(f"127.0.0.1:{free_port()}",
+                                     mistral.addr), modules=["route"])
+    r = chat(gw, "llama-3-8b")
+    assert r.status_code == 200
+    assert r.headers["x-sim-replica"] == "mistral-a"
+
+
+def test_when_every_fallback_fails_the_client_gets_the_last_status(
+        nginx_factory, pools, openai_sdk):
+    llama, mistral = pools
+    gw = nginx_factory(failover_conf(llama.addr, mistral.addr),
+                       modules=["route"])
+    llama.configure(fail_status=503, fail_ratio=1.0)
+    mistral.configure(fail_status=500, fail_ratio=1.0)
+    r = chat(gw, "llama-3-8b")
+    assert r.status_code == 500
+    e = error_of(r)
+    assert e["code"] == "model_unavailable"
+    assert "no fallback is left" in e["message"]
+    assert len(recorded(llama)) == 1 and len(recorded(mistral)) == 1
+
+    out = openai_sdk(gw.url + "/v1", "chat", dict(CHAT, model="llama-3-8b"))
+    assert out["error_class"] == "InternalServerError"
+
+
+def test_a_chain_of_fallbacks(nginx_factory, sim_factory):
+    a = sim_factory("a", "a-1", ttft_ms=0, fail_status=503, fail_ratio=1.0)
+    b = sim_factory("b", "b-1", ttft_ms=0, fail_status=502, fail_ratio=1.0)
+    c = sim_factory("c", "c-1", ttft_ms=0)
+    gw = nginx_factory(f"""
+    upstream pa {{ server {a.addr}; }}
+    upstream pb {{ server {b.addr}; }}
+    upstream pc {{ server {c.addr}; }}
+    infer_model a upstream=pa fallback=b;
+    infer_model b upstream=pb fallback=c;
+    infer_model c upstream=pc;
+    server {{
+        listen 127.0.0.1:{{port}};
+        infer_route on;
+        recursive_error_pages on;
+        location / {{ {FAILOVER_PROXY} }}
+        location @fallback {{ {FAILOVER_PROXY} }}
+    }}""", modules=["route"])
+    r = chat(gw, "a")
+    assert r.status_code == 200
+    assert r.headers["x-sim-replica"] == "c-1"
+    assert [len(recorded(s)) for s in (a, b, c)] == [1, 1, 1]
+
+
+def test_no_fallback_once_the_stream_has_started(nginx_factory, pools):
+    llama, mistral = pools
+    gw = nginx_factory(failover_conf(llama.addr, mistral.addr),
+                       modules=["route"])
+    import http.client
+    c = http.client.HTTPConnection(gw.host, gw.port, timeout=10)
+    c.request("POST", "/v1/chat/completions",
+              json.dumps(dict(CHAT, model="llama-3-8b", stream=True,
+                              max_tokens=30)),
+              {"content-type": "application/json",
+               "x-sim-reset-after-chunks": "3"})
+    r = c.getresponse()
+    assert r.status == 200
+    assert r.getheader("x-sim-replica") == "llama-a"
+    with pytest.raises(http.client.IncompleteRead):
+        r.read()
+    assert recorded(mistral) == []
+
+
+@pytest.mark.parametrize("models,message", [
+    ("infer_model llama-3-8b upstream=llama fallback=nope;",
+     'model "llama-3-8b": fallback "nope" is not a declared model'),
+    ("infer_model a upstream=llama fallback=b; "
+     "infer_model b upstream=llama fallback=a;",
+     "its fallback chain comes back to it"),
+    ("infer_model a upstream=llama alias=x fallback=x;",
+     'fallback "x" is not a declared model'),
+], ids=["unknown", "loop", "alias"])
+def test_fallback_mistakes_are_caught_by_nginx_t(nginx_factory, pools,
+                                                 models, message):
+    n = nginx_factory(route_conf(*pools, models=models), modules=["route"],
+                      start=False)
+    ok, out = n.check_config()
+    assert not ok
+    assert message in out, out
