@@ -128,6 +128,11 @@
 
 #define ngx_usage_digit(c)  ((c) >= '0' && (c) <= '9')
 
+/* c may begin a value: what an earlier one set is reset only then */
+#define ngx_usage_value(c)                                                   \
+    (ngx_usage_digit(c) || (c) == '"' || (c) == '{' || (c) == '['           \
+     || (c) == '-' || (c) == 't' || (c) == 'f' || (c) == 'n')
+
 /* 8 bytes at a time, as in ngx_http_infer_route_json.c */
 #define NGX_USAGE_ONES              0x0101010101010101ULL
 #define NGX_USAGE_HIGHS             0x8080808080808080ULL
@@ -362,7 +367,7 @@ ngx_http_infer_usage_json(ngx_http_infer_usage_t *u, u_char *p, u_char *last)
                 continue;
             }
 
-            if (role != NGX_USAGE_NONE) {
+            if (role != NGX_USAGE_NONE && ngx_usage_value(c)) {
                 ngx_http_infer_usage_begin(u, role, c);
             }
 
