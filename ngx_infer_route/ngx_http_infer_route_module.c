@@ -14,6 +14,7 @@
 #include "ngx_http_infer.h"
 #include "ngx_http_infer_route.h"
 #include "ngx_http_infer_route_json.h"
+#include "ngx_http_infer_route_usage.h"
 
 
 #define NGX_HTTP_INFER_SOURCE_BODY    0
@@ -59,9 +60,13 @@ typedef struct {
     ngx_str_t                      raw;         /* the body's bytes */
     ngx_chain_t                   *bufs;        /* the body as received */
     ngx_uint_t                     fallbacks;   /* fallbacks taken */
+    ngx_http_infer_usage_t        *usage;       /* NULL: answer not parsed */
+    ngx_msec_int_t                 ttft;        /* ms to the first answer
+                                                   byte; -1: none yet */
     unsigned                       waiting:1;   /* body read asynchronously */
     unsigned                       by_pattern:1;
     unsigned                       rewritten:1;
+    unsigned                       usage_partial:1;
 } ngx_http_infer_route_ctx_t;
 
 
@@ -72,7 +77,14 @@ typedef enum {
     ngx_http_infer_route_var_stream,
     ngx_http_infer_route_var_max_tokens,
     ngx_http_infer_route_var_prompt_tokens,
-    ngx_http_infer_route_var_prefix_hash
+    ngx_http_infer_route_var_prefix_hash,
+    ngx_http_infer_route_var_usage_prompt,
+    ngx_http_infer_route_var_usage_completion,
+    ngx_http_infer_route_var_usage_total,
+    ngx_http_infer_route_var_usage_cached,
+    ngx_http_infer_route_var_usage_reasoning,
+    ngx_http_infer_route_var_usage_estimated,
+    ngx_http_infer_route_var_ttft
 } ngx_http_infer_route_var_e;
 
 
@@ -106,6 +118,12 @@ static ngx_int_t ngx_http_infer_route_done(ngx_http_request_t *r,
 static ngx_int_t ngx_http_infer_route_fail(ngx_http_request_t *r,
     ngx_http_infer_route_ctx_t *ctx, ngx_uint_t status, const char *code,
     const char *fmt, ...);
+
+static ngx_int_t ngx_http_infer_route_header_filter(ngx_http_request_t *r);
+static ngx_int_t ngx_http_infer_route_body_filter(ngx_http_request_t *r,
+    ngx_chain_t *in);
+static ngx_int_t ngx_http_infer_route_usage(ngx_http_infer_route_ctx_t *ctx,
+    ngx_uint_t which);
 
 static ngx_int_t ngx_http_infer_route_variable(ngx_http_request_t *r,
     ngx_http_variable_value_t *v, uintptr_t data);
@@ -206,6 +224,10 @@ ngx_module_t  ngx_http_infer_route_module = {
 };
 
 
+static ngx_http_output_header_filter_pt  ngx_http_next_header_filter;
+static ngx_http_output_body_filter_pt    ngx_http_next_body_filter;
+
+
 static ngx_http_variable_t  ngx_http_infer_route_vars[] = {
 
     { ngx_string("infer_model"), NULL, ngx_http_infer_route_variable,
@@ -229,6 +251,34 @@ static ngx_http_variable_t  ngx_http_infer_route_vars[] = {
 
     { ngx_string("infer_prefix_hash"), NULL, ngx_http_infer_route_variable,
       ngx_http_infer_route_var_prefix_hash, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("infer_usage_prompt_tokens"), NULL,
+      ngx_http_infer_route_variable,
+      ngx_http_infer_route_var_usage_prompt, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("infer_usage_completion_tokens"), NULL,
+      ngx_http_infer_route_variable,
+      ngx_http_infer_route_var_usage_completion, NGX_HTTP_VAR_NOCACHEABLE,
+      0 },
+
+    { ngx_string("infer_usage_total_tokens"), NULL,
+      ngx_http_infer_route_variable,
+      ngx_http_infer_route_var_usage_total, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("infer_usage_cached_tokens"), NULL,
+      ngx_http_infer_route_variable,
+      ngx_http_infer_route_var_usage_cached, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("infer_usage_reasoning_tokens"), NULL,
+      ngx_http_infer_route_variable,
+      ngx_http_infer_route_var_usage_reasoning, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("infer_usage_estimated"), NULL,
+      ngx_http_infer_route_variable,
+      ngx_http_infer_route_var_usage_estimated, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("infer_ttft"), NULL, ngx_http_infer_route_variable,
+      ngx_http_infer_route_var_ttft, NGX_HTTP_VAR_NOCACHEABLE, 0 },
 
       ngx_http_null_variable
 };
@@ -281,6 +331,8 @@ ngx_http_infer_route_handler(ngx_http_request_t *r)
     if (ctx == NULL) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
+
+    ctx->ttft = -1;
 
     /* the cleanup keeps the context findable after an internal redirect */
 
@@ -966,6 +1018,172 @@ ngx_http_infer_route_fail(ngx_http_request_t *r,
 }
 
 
+/*
+ * Token usage is read from the backend's answer as it passes: a JSON
+ * answer or an SSE stream, by its content type.  Buffers are fed to the
+ * parser and passed on at once, never held.
+ */
+
+static ngx_int_t
+ngx_http_infer_route_header_filter(ngx_http_request_t *r)
+{
+    ngx_str_t                   *type;
+    ngx_uint_t                   mode;
+    ngx_http_infer_route_ctx_t  *ctx;
+
+    if (r != r->main || r->upstream == NULL || r->header_only
+        || r->headers_out.status < NGX_HTTP_OK
+        || r->headers_out.status >= NGX_HTTP_SPECIAL_RESPONSE)
+    {
+        return ngx_http_next_header_filter(r);
+    }
+
+    ctx = ngx_http_get_module_ctx(r, ngx_http_infer_route_module);
+
+    if (ctx == NULL || ctx->status != NGX_OK) {
+        return ngx_http_next_header_filter(r);
+    }
+
+    type = &r->headers_out.content_type;
+
+    if (type->len >= sizeof("text/event-stream") - 1
+        && ngx_strncasecmp(type->data, (u_char *) "text/event-stream",
+                           sizeof("text/event-stream") - 1) == 0)
+    {
+        mode = NGX_HTTP_INFER_USAGE_SSE;
+
+    } else if (ngx_strlcasestrn(type->data, type->data + type->len,
+                                (u_char *) "json", sizeof("json") - 2)
+               != NULL)
+    {
+        mode = NGX_HTTP_INFER_USAGE_JSON;
+
+    } else {
+        return ngx_http_next_header_filter(r);
+    }
+
+    ctx->usage = ngx_palloc(r->pool, sizeof(ngx_http_infer_usage_t));
+    if (ctx->usage == NULL) {
+        return NGX_ERROR;
+    }
+
+    ngx_http_infer_usage_init(ctx->usage, mode, 0);
+
+    return ngx_http_next_header_filter(r);
+}
+
+
+static ngx_int_t
+ngx_http_infer_route_body_filter(ngx_http_request_t *r, ngx_chain_t *in)
+{
+    ngx_buf_t                   *b;
+    ngx_time_t                  *tp;
+    ngx_chain_t                 *cl;
+    ngx_http_infer_route_ctx_t  *ctx;
+
+    if (r != r->main || in == NULL) {
+        return ngx_http_next_body_filter(r, in);
+    }
+
+    ctx = ngx_http_get_module_ctx(r, ngx_http_infer_route_module);
+
+    if (ctx == NULL || ctx->usage == NULL) {
+        return ngx_http_next_body_filter(r, in);
+    }
+
+    for (cl = in; cl; cl = cl->next) {
+        b = cl->buf;
+
+        if (ctx->ttft < 0 && ngx_buf_size(b) > 0) {
+            tp = ngx_timeofday();
+            ctx->ttft = (ngx_msec_int_t) ((tp->sec - r->start_sec) * 1000
+                                          + (tp->msec - r->start_msec));
+            if (ctx->ttft < 0) {
+                ctx->ttft = 0;
+            }
+        }
+
+        if (ngx_buf_in_memory(b)) {
+            if (b->last > b->pos
+                && ngx_http_infer_usage_feed(ctx->usage, b->pos,
+                                             b->last - b->pos)
+                   != NGX_OK)
+            {
+                ctx->usage_partial = 1;
+            }
+
+        } else if (ngx_buf_size(b) > 0) {
+            /* an answer buffered to a proxy temp file is not read back */
+            ctx->usage_partial = 1;
+        }
+
+        if (b->last_buf) {
+            ngx_http_infer_usage_finish(ctx->usage);
+        }
+    }
+
+    return ngx_http_next_body_filter(r, in);
+}
+
+
+/*
+ * What the answer reported; a stream without usage gets estimates: one
+ * completion token per content event, the prompt estimate from the body.
+ */
+
+static ngx_int_t
+ngx_http_infer_route_usage(ngx_http_infer_route_ctx_t *ctx, ngx_uint_t which)
+{
+    ngx_int_t                prompt, completion;
+    ngx_http_infer_usage_t  *u;
+
+    u = ctx->usage;
+
+    if (u == NULL) {
+        return -1;
+    }
+
+    if (u->found) {
+        prompt = u->prompt_tokens;
+        completion = u->completion_tokens;
+
+    } else if (u->mode == NGX_HTTP_INFER_USAGE_SSE && u->content_events) {
+        prompt = ctx->body ? (ngx_int_t) ((ctx->body->prompt_bytes + 3) / 4
+                                          + 4 * ctx->body->messages)
+                           : -1;
+        completion = u->content_events;
+
+    } else {
+        return -1;
+    }
+
+    switch (which) {
+
+    case ngx_http_infer_route_var_usage_prompt:
+        return prompt;
+
+    case ngx_http_infer_route_var_usage_completion:
+        return completion;
+
+    case ngx_http_infer_route_var_usage_total:
+        if (u->found && u->total_tokens >= 0) {
+            return u->total_tokens;
+        }
+
+        return (prompt >= 0 && completion >= 0) ? prompt + completion : -1;
+
+    case ngx_http_infer_route_var_usage_cached:
+        return u->found ? u->cached_tokens : -1;
+
+    case ngx_http_infer_route_var_usage_reasoning:
+        return u->found ? u->reasoning_tokens : -1;
+
+    default: /* ngx_http_infer_route_var_usage_estimated */
+        return u->found ? 0 : 1;
+    }
+}
+
+
 static ngx_int_t
 ngx_http_infer_route_variable(ngx_http_request_t *r,
     ngx_http_variable_value_t *v, uintptr_t data)
@@ -1024,6 +1242,30 @@ ngx_http_infer_route_variable(ngx_http_request_t *r,
         /* one token per 4 bytes of prompt text, 4 per chat message */
         n = b ? (ngx_int_t) ((b->prompt_bytes + 3) / 4 + 4 * b->messages)
               : 0;
+        break;
+
+    case ngx_http_infer_route_var_usage_prompt:
+    case ngx_http_infer_route_var_usage_completion:
+    case ngx_http_infer_route_var_usage_total:
+    case ngx_http_infer_route_var_usage_cached:
+    case ngx_http_infer_route_var_usage_reasoning:
+    case ngx_http_infer_route_var_usage_estimated:
+        n = ngx_http_infer_route_usage(ctx, data);
+        break;
+
+    case ngx_http_infer_route_var_ttft:
+        if (ctx->ttft < 0) {
+            break;
+        }
+
+        p = ngx_pnalloc(r->pool, NGX_TIME_T_LEN + 4);
+        if (p == NULL) {
+            return NGX_ERROR;
+        }
+
+        s.data = p;
+        s.len = ngx_sprintf(p, "%T.%03M", (time_t) ctx->ttft / 1000,
+                            (ngx_msec_t) (ctx->ttft % 1000)) - p;
         break;
 
     default: /* ngx_http_infer_route_var_prefix_hash */
@@ -1536,6 +1778,12 @@ ngx_http_infer_route_init(ngx_conf_t *cf)
     }
 
     *h = ngx_http_infer_route_handler;
+
+    ngx_http_next_header_filter = ngx_http_top_header_filter;
+    ngx_http_top_header_filter = ngx_http_infer_route_header_filter;
+
+    ngx_http_next_body_filter = ngx_http_top_body_filter;
+    ngx_http_top_body_filter = ngx_http_infer_route_body_filter;
 
     return NGX_OK;
 }

@@ -713,3 +713,138 @@ def test_fallback_mistakes_are_caught_by_nginx_t(nginx_factory, pools,
     ok, out = n.check_config()
     assert not ok
     assert message in out, out
+
+
+# ------------------------------------------------------ usage from answers
+
+USAGE_LOG = ("$infer_model|$infer_usage_prompt_tokens|"
+             "$infer_usage_completion_tokens|$infer_usage_total_tokens|"
+             "$infer_usage_cached_tokens|$infer_usage_estimated|$infer_ttft|"
+             "$request_time")
+
+
+@pytest.fixture
+def ugw(nginx_factory, pools):
+    conf = route_conf(*pools).replace(
+        "infer_route on;",
+        f"infer_route on; access_log {{usage_log}} usage;")
+    conf = f"log_format usage '{USAGE_LOG}';\n" + conf
+    n = nginx_factory("", start=False, modules=["route"])
+    n.http = conf.replace("{usage_log}", str(n.workdir / "usage.log"))
+    return n.start()
+
+
+def usage_lines(gw, count):
+    """The usage log's lines, once count of them are there (the log line
+    is written when the request ends, just after the answer)."""
+    path = gw.workdir / "usage.log"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        lines = path.read_text().splitlines() if path.exists() else []
+        if len(lines) >= count:
+            return [dict(zip(["model", "prompt", "completion", "total",
+                              "cached", "estimated", "ttft", "time"],
+                             line.split("|"))) for line in lines]
+        time.sleep(0.02)
+    raise AssertionError(f"{count} usage lines expected")
+
+
+def sse_chunks(raw):
+    out = []
+    for block in raw.decode().split("\n\n"):
+        for line in block.splitlines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                out.append(json.loads(line[6:]))
+    return out
+
+
+def stream_raw(gw, body, headers=None):
+    import http.client
+    c = http.client.HTTPConnection(gw.host, gw.port, timeout=10)
+    c.request("POST", "/v1/chat/completions", json.dumps(body),
+              {"content-type": "application/json", **(headers or {})})
+    r = c.getresponse()
+    return r, r.read()
+
+
+def test_usage_of_a_json_answer_is_what_the_client_received(ugw):
+    r = chat(ugw, "llama3", max_tokens=11)
+    u = r.json()["usage"]
+    got = usage_lines(ugw, 1)[0]
+    assert got["model"] == "llama3"
+    assert int(got["prompt"]) == u["prompt_tokens"]
+    assert int(got["completion"]) == u["completion_tokens"] == 11
+    assert int(got["total"]) == u["total_tokens"]
+    assert got["cached"] == "0"
+    assert got["estimated"] == "0"
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "split"])
+def test_usage_of_a_stream_is_its_usage_chunk(ugw, split):
+    body = dict(CHAT, model="mistral-7b", stream=True, max_tokens=13,
+                stream_options={"include_usage": True})
+    _, raw = stream_raw(ugw, body, {"x-sim-split-writes": "1"} if split
+                        else None)
+    usage = [c["usage"] for c in sse_chunks(raw) if c.get("usage")][-1]
+    got = usage_lines(ugw, 1)[0]
+    assert int(got["prompt"]) == usage["prompt_tokens"]
+    assert int(got["completion"]) == usage["completion_tokens"] == 13
+    assert int(got["total"]) == usage["total_tokens"]
+    assert got["estimated"] == "0"
+
+
+def test_a_stream_without_usage_is_estimated_from_its_content(ugw):
+    body = dict(CHAT, model="mistral-7b", stream=True, max_tokens=9)
+    _, raw = stream_raw(ugw, body)
+    chunks = sse_chunks(raw)
+    assert not any(c.get("usage") for c in chunks)
+    content = [c for c in chunks
+               if c["choices"] and c["choices"][0]["delta"].get("content")]
+    got = usage_lines(ugw, 1)[0]
+    assert got["estimated"] == "1"
+    assert int(got["completion"]) == len(content) == 9
+    # the prompt estimate from the request body: "Hello there" + 1 message
+    assert got["prompt"] == "7"
+    assert int(got["total"]) == 16
+
+
+def test_embeddings_usage(ugw):
+    r = requests.post(ugw.url + "/v1/embeddings", timeout=10,
+                      json={"model": "llama3", "input": ["abc", "defgh"]})
+    u = r.json()["usage"]
+    got = usage_lines(ugw, 1)[0]
+    assert int(got["prompt"]) == u["prompt_tokens"]
+    assert int(got["total"]) == u["total_tokens"]
+    assert got["completion"] == "-"
+
+
+def test_time_to_first_token_reflects_the_backend(ugw):
+    body = dict(CHAT, model="mistral-7b", stream=True, max_tokens=3)
+    stream_raw(ugw, body, {"x-sim-ttft-ms": "300", "x-sim-tpot-ms": "100"})
+    got = usage_lines(ugw, 1)[0]
+    ttft, total = float(got["ttft"]), float(got["time"])
+    # the first byte (the role chunk) leaves the backend after its ttft;
+    # the request ends about 3 tokens later
+    assert 0.29 <= ttft <= total
+    assert total >= ttft + 0.15
+
+
+def test_a_stream_cut_midway_keeps_what_it_saw(ugw):
+    import http.client
+    body = dict(CHAT, model="mistral-7b", stream=True, max_tokens=40)
+    c = http.client.HTTPConnection(ugw.host, ugw.port, timeout=10)
+    c.request("POST", "/v1/chat/completions", json.dumps(body),
+              {"content-type": "application/json",
+               "x-sim-reset-after-chunks": "6"})
+    r = c.getresponse()
+    with pytest.raises(http.client.IncompleteRead):
+        r.read()
+    got = usage_lines(ugw, 1)[0]
+    assert got["estimated"] == "1"
+    assert 1 <= int(got["completion"]) <= 6
+
+
+def test_no_usage_for_errors_of_our_own(ugw):
+    chat(ugw, "gpt-nope")
+    got = usage_lines(ugw, 1)[0]
+    assert got["prompt"] == got["completion"] == got["ttft"] == "-"
