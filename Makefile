@@ -56,7 +56,12 @@ $(BUILD)/configured: $(BUILD)/configure.args config
 $(MODDIR)/.built: $(BUILD)/configured $(SOURCES)
 	$(MAKE) -C $(TREE) -f objs/Makefile modules
 	@mkdir -p $(MODDIR)
-	@cp $(TREE)/objs/ngx_http_infer_*_module.so $(MODDIR)/
+	@# a new file, then a rename: a running nginx keeps the old one mapped
+	@for so in $(TREE)/objs/ngx_http_infer_*_module.so; do \
+	    name=$$(basename $$so); \
+	    cp $$so $(MODDIR)/.tmp.$$name \
+	    && mv -f $(MODDIR)/.tmp.$$name $(MODDIR)/$$name || exit 1; \
+	done
 	@touch $@
 	@echo "built: $$(cd $(MODDIR) && ls *.so | tr '\n' ' ')"
 

@@ -355,6 +355,12 @@ ngx_http_infer_route_handler(ngx_http_request_t *r)
 
     ctx->status = NGX_HTTP_INFER_ROUTE_READING;
 
+    /*
+     * one buffer (what came with the headers included) when the body fits
+     * in client_body_buffer_size, so the scan needs no copy
+     */
+    r->request_body_in_single_buf = 1;
+
     rc = ngx_http_read_client_request_body(r,
                                          ngx_http_infer_route_body_handler);
     if (rc >= NGX_HTTP_SPECIAL_RESPONSE) {
