@@ -100,7 +100,7 @@ static ngx_int_t ngx_http_infer_route_next(ngx_http_request_t *r,
 static ngx_int_t ngx_http_infer_route_scan_body(ngx_http_request_t *r,
     ngx_http_infer_route_ctx_t *ctx);
 static ngx_int_t ngx_http_infer_route_body_bytes(ngx_http_request_t *r,
-    ngx_str_t *body);
+    ngx_str_t *body, ngx_uint_t scratch);
 static ngx_int_t ngx_http_infer_route_from_path(ngx_http_request_t *r,
     ngx_str_t *model);
 static ngx_int_t ngx_http_infer_route_from_header(ngx_http_request_t *r,
@@ -222,6 +222,15 @@ ngx_module_t  ngx_http_infer_route_module = {
     NULL,                                  /* exit master */
     NGX_MODULE_V1_PADDING
 };
+
+
+/*
+ * A body in several buffers is copied into one to be scanned: here, a
+ * buffer each worker keeps and grows, so that large bodies do not cost a
+ * fresh allocation (an mmap, and its page faults) per request.
+ */
+static u_char  *ngx_http_infer_route_scratch;
+static size_t   ngx_http_infer_route_scratch_size;
 
 
 static ngx_http_output_header_filter_pt  ngx_http_next_header_filter;
@@ -553,7 +562,7 @@ ngx_http_infer_route_scan_body(ngx_http_request_t *r,
     ngx_http_infer_route_body_t      *b;
     ngx_http_infer_route_loc_conf_t  *rlcf;
 
-    if (ngx_http_infer_route_body_bytes(r, &body) != NGX_OK) {
+    if (ngx_http_infer_route_body_bytes(r, &body, 1) != NGX_OK) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
@@ -566,7 +575,6 @@ ngx_http_infer_route_scan_body(ngx_http_request_t *r,
 
     b->prefix_max = rlcf->prefix_max;
     ctx->body = b;
-    ctx->raw = body;
 
     rc = ngx_http_infer_route_json_scan(body.data, body.len, b);
 
@@ -600,12 +608,14 @@ ngx_http_infer_route_scan_body(ngx_http_request_t *r,
 
 /*
  * The body as one run of bytes: the buffer itself when it is a single one
- * in memory (the common case, bodies under client_body_buffer_size), else
- * a copy, reading nginx's own temp file for the part that spilled there.
+ * in memory, else a copy, reading nginx's own temp file for the part that
+ * spilled there; in the worker's scratch buffer (valid until the next
+ * request's scan) or in the request's pool.
  */
 
 static ngx_int_t
-ngx_http_infer_route_body_bytes(ngx_http_request_t *r, ngx_str_t *body)
+ngx_http_infer_route_body_bytes(ngx_http_request_t *r, ngx_str_t *body,
+    ngx_uint_t scratch)
 {
     u_char       *p;
     size_t        len, size;
@@ -633,9 +643,39 @@ ngx_http_infer_route_body_bytes(ngx_http_request_t *r, ngx_str_t *body)
         len += ngx_buf_size(cl->buf);
     }
 
-    p = ngx_pnalloc(r->pool, len ? len : 1);
-    if (p == NULL) {
-        return NGX_ERROR;
+    if (len == 0) {
+        return NGX_OK;
+    }
+
+    ngx_log_debug2(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
+                   "infer route: body of %uz bytes copied into one buffer%s",
+                   len, r->request_body->temp_file ? " from a temp file" : "");
+
+    if (!scratch) {
+        p = ngx_pnalloc(r->pool, len);
+        if (p == NULL) {
+            return NGX_ERROR;
+        }
+
+    } else {
+        if (len > ngx_http_infer_route_scratch_size) {
+            size = ngx_max(ngx_align(len, 65536),
+                           2 * ngx_http_infer_route_scratch_size);
+
+            p = ngx_alloc(size, r->connection->log);
+            if (p == NULL) {
+                return NGX_ERROR;
+            }
+
+            if (ngx_http_infer_route_scratch) {
+                ngx_free(ngx_http_infer_route_scratch);
+            }
+
+            ngx_http_infer_route_scratch = p;
+            ngx_http_infer_route_scratch_size = size;
+        }
+
+        p = ngx_http_infer_route_scratch;
     }
 
     body->data = p;
@@ -882,6 +922,13 @@ ngx_http_infer_route_rewrite_body(ngx_http_request_t *r,
     uintptr_t     esc;
     ngx_buf_t    *b;
     ngx_chain_t  *cl, *last;
+
+    /* the scan's copy is gone: the body as the client sent it, again */
+    if (ctx->raw.data == NULL
+        && ngx_http_infer_route_body_bytes(r, &ctx->raw, 0) != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
 
     esc = ngx_escape_json(NULL, ctx->forward.data, ctx->forward.len);
     tail = ctx->raw.len - ctx->body->model_end;
