@@ -219,6 +219,7 @@ ngx_http_infer_route_json_scan(u_char *p, size_t len,
     b->model_end = 0;
     b->stream_options_start = 0;
     b->stream_options_end = 0;
+    b->has_stream_options = 0;
     b->object_end = 0;
     b->error = NULL;
     b->error_offset = 0;
@@ -329,6 +330,10 @@ ngx_http_infer_route_json_scan(u_char *p, size_t len,
                 }
 
                 seen |= 1 << role;
+
+                if (role == NGX_JSON_OPTIONS) {
+                    b->has_stream_options = 1;
+                }
             }
 
             pos++;

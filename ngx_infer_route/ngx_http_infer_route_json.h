@@ -49,6 +49,7 @@ typedef struct {
     size_t        model_end;
     size_t        stream_options_start;
     size_t        stream_options_end;
+    unsigned      has_stream_options:1; /* the key, whatever its value */
     size_t        object_end;           /* offset of the closing '}' */
 
     /* on error: a static message and the offset where it was found */

@@ -41,6 +41,7 @@ typedef struct {
     ngx_flag_t                     enable;
     ngx_array_t                   *sources;     /* of *_source_t */
     size_t                         prefix_max;
+    ngx_flag_t                     include_usage;
     ngx_http_complex_value_t      *list_filter; /* infer_model_list */
 } ngx_http_infer_route_loc_conf_t;
 
@@ -67,6 +68,13 @@ typedef struct {
     unsigned                       by_pattern:1;
     unsigned                       rewritten:1;
     unsigned                       usage_partial:1;
+    unsigned                       inject:1;    /* include_usage added */
+
+    /* the stream as it is held back while the usage chunk is stripped */
+    u_char                        *held;
+    size_t                         held_len;
+    size_t                         held_size;
+    off_t                          held_off;    /* stream offset of held[0] */
 } ngx_http_infer_route_ctx_t;
 
 
@@ -122,6 +130,10 @@ static ngx_int_t ngx_http_infer_route_fail(ngx_http_request_t *r,
 static ngx_int_t ngx_http_infer_route_header_filter(ngx_http_request_t *r);
 static ngx_int_t ngx_http_infer_route_body_filter(ngx_http_request_t *r,
     ngx_chain_t *in);
+static ngx_int_t ngx_http_infer_route_strip(ngx_http_request_t *r,
+    ngx_http_infer_route_ctx_t *ctx, ngx_chain_t *in);
+static ngx_chain_t *ngx_http_infer_route_strip_out(ngx_http_request_t *r,
+    u_char *p, size_t len);
 static ngx_int_t ngx_http_infer_route_usage(ngx_http_infer_route_ctx_t *ctx,
     ngx_uint_t which);
 
@@ -180,6 +192,13 @@ static ngx_command_t  ngx_http_infer_route_commands[] = {
       ngx_http_infer_route_sources,
       NGX_HTTP_LOC_CONF_OFFSET,
       0,
+      NULL },
+
+    { ngx_string("infer_stream_include_usage"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_FLAG,
+      ngx_conf_set_flag_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_infer_route_loc_conf_t, include_usage),
       NULL },
 
     { ngx_string("infer_prefix_hash_length"),
@@ -595,6 +614,17 @@ ngx_http_infer_route_scan_body(ngx_http_request_t *r,
                    "the body of your request must be a JSON object");
     }
 
+    /*
+     * A stream whose client did not ask for usage: the backend is asked to
+     * send it (the usage chunk is then removed from the client's stream).
+     * An explicit "include_usage": false, or "stream_options": null, is
+     * left alone.
+     */
+
+    ctx->inject = rlcf->include_usage && b->stream == 1
+                  && b->include_usage == -1
+                  && (!b->has_stream_options || b->stream_options_end);
+
     if (!b->has_model) {
         return NGX_DECLINED;
     }
@@ -808,6 +838,13 @@ ngx_http_infer_route_resolve(ngx_http_request_t *r,
 
     if (rmcf->models.nelts == 0) {
         /* no registry: the model is only reported, in $infer_model */
+
+        if (ctx->inject
+            && ngx_http_infer_route_rewrite_body(r, ctx) != NGX_OK)
+        {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
         return NGX_OK;
     }
 
@@ -895,11 +932,7 @@ ngx_http_infer_route_pick(ngx_http_request_t *r,
                    "model id \"%V\"",
                    &ctx->model, &ctx->target->upstream, &ctx->forward);
 
-    if (ctx->body && ctx->body->has_model
-        && (ctx->forward.len != ctx->model.len
-            || ngx_strncmp(ctx->forward.data, ctx->model.data,
-                           ctx->model.len) != 0))
-    {
+    if (ctx->body) {
         return ngx_http_infer_route_rewrite_body(r, ctx);
     }
 
@@ -909,41 +942,137 @@ ngx_http_infer_route_pick(ngx_http_request_t *r,
 
 /*
  * The forwarded body names the model id the backend serves (the model for
- * an alias, a target's model=): the "model" value is replaced and the
- * rest of the body kept byte for byte; proxy_pass sends the new length.
+ * an alias, a target's model=), and asks for usage when injection is on:
+ * at most two edits, everything else kept byte for byte; proxy_pass sends
+ * the new length.
  */
+
+typedef struct {
+    size_t       start;
+    size_t       end;
+    ngx_str_t    text;
+    ngx_uint_t   quote;         /* text is a JSON string to quote, escape */
+} ngx_http_infer_route_edit_t;
+
 
 static ngx_int_t
 ngx_http_infer_route_rewrite_body(ngx_http_request_t *r,
     ngx_http_infer_route_ctx_t *ctx)
 {
-    u_char       *p;
-    size_t        len, tail;
-    uintptr_t     esc;
-    ngx_buf_t    *b;
-    ngx_chain_t  *cl, *last;
+    u_char                       *p, *q;
+    size_t                        len, from;
+    ngx_buf_t                    *b;
+    ngx_uint_t                    i, n;
+    ngx_chain_t                  *cl, *last;
+    ngx_http_infer_route_body_t  *body;
+    ngx_http_infer_route_edit_t   edit[2], tmp;
+
+    body = ctx->body;
+    n = 0;
+
+    if (body->has_model && ctx->forward.len
+        && (ctx->forward.len != ctx->model.len
+            || ngx_strncmp(ctx->forward.data, ctx->model.data,
+                           ctx->model.len) != 0))
+    {
+        edit[n].start = body->model_start;
+        edit[n].end = body->model_end;
+        edit[n].text = ctx->forward;
+        edit[n].quote = 1;
+        n++;
+    }
+
+    if (ctx->inject) {
+        edit[n].quote = 0;
+
+        if (body->stream_options_end == 0) {
+            edit[n].start = body->object_end;
+            ngx_str_set(&edit[n].text,
+                        ", \"stream_options\": {\"include_usage\": true}");
+
+        } else {
+            edit[n].start = body->stream_options_start + 1;
+            ngx_str_set(&edit[n].text, "\"include_usage\": true, ");
+        }
+
+        edit[n].end = edit[n].start;
+        n++;
+    }
+
+    if (n == 0) {
+        return NGX_OK;
+    }
 
     /* the scan's copy is gone: the body as the client sent it, again */
+
     if (ctx->raw.data == NULL
         && ngx_http_infer_route_body_bytes(r, &ctx->raw, 0) != NGX_OK)
     {
         return NGX_ERROR;
     }
 
-    esc = ngx_escape_json(NULL, ctx->forward.data, ctx->forward.len);
-    tail = ctx->raw.len - ctx->body->model_end;
-    len = ctx->body->model_start + 2 + ctx->forward.len + esc + tail;
+    if (n == 2 && edit[1].start < edit[0].start) {
+        tmp = edit[0];
+        edit[0] = edit[1];
+        edit[1] = tmp;
+    }
+
+    len = ctx->raw.len;
+
+    for (i = 0; i < n; i++) {
+
+        if (!edit[i].quote && body->stream_options_end
+            && edit[i].start == body->stream_options_start + 1)
+        {
+            /* an empty stream_options object takes no comma */
+
+            for (q = ctx->raw.data + edit[i].start;
+                 q < ctx->raw.data + body->stream_options_end - 1;
+                 q++)
+            {
+                if (*q != ' ' && *q != '\t' && *q != '\r' && *q != '\n') {
+                    break;
+                }
+            }
+
+            if (q == ctx->raw.data + body->stream_options_end - 1) {
+                edit[i].text.len -= 2;
+            }
+        }
+
+        len += edit[i].text.len - (edit[i].end - edit[i].start);
+
+        if (edit[i].quote) {
+            len += 2 + ngx_escape_json(NULL, edit[i].text.data,
+                                       edit[i].text.len);
+        }
+    }
 
     b = ngx_create_temp_buf(r->pool, len);
     if (b == NULL) {
         return NGX_ERROR;
     }
 
-    p = ngx_cpymem(b->last, ctx->raw.data, ctx->body->model_start);
-    *p++ = '"';
-    p = (u_char *) ngx_escape_json(p, ctx->forward.data, ctx->forward.len);
-    *p++ = '"';
-    b->last = ngx_cpymem(p, ctx->raw.data + ctx->body->model_end, tail);
+    p = b->last;
+    from = 0;
+
+    for (i = 0; i < n; i++) {
+        p = ngx_cpymem(p, ctx->raw.data + from, edit[i].start - from);
+
+        if (edit[i].quote) {
+            *p++ = '"';
+            p = (u_char *) ngx_escape_json(p, edit[i].text.data,
+                                           edit[i].text.len);
+            *p++ = '"';
+
+        } else {
+            p = ngx_cpymem(p, edit[i].text.data, edit[i].text.len);
+        }
+
+        from = edit[i].end;
+    }
+
+    b->last = ngx_cpymem(p, ctx->raw.data + from, ctx->raw.len - from);
 
     for (last = r->request_body->bufs; last->next; last = last->next) {
         /* void */
@@ -1120,7 +1249,13 @@ ngx_http_infer_route_header_filter(ngx_http_request_t *r)
         return NGX_ERROR;
     }
 
-    ngx_http_infer_usage_init(ctx->usage, mode, 0);
+    /* usage the client did not ask for is removed from its stream */
+    ngx_http_infer_usage_init(ctx->usage, mode,
+                              ctx->inject && mode == NGX_HTTP_INFER_USAGE_SSE);
+
+    if (ctx->usage->strip) {
+        ngx_http_clear_content_length(r);
+    }
 
     return ngx_http_next_header_filter(r);
 }
@@ -1142,6 +1277,10 @@ ngx_http_infer_route_body_filter(ngx_http_request_t *r, ngx_chain_t *in)
 
     if (ctx == NULL || ctx->usage == NULL) {
         return ngx_http_next_body_filter(r, in);
+    }
+
+    if (ctx->usage->strip) {
+        return ngx_http_infer_route_strip(r, ctx, in);
     }
 
     for (cl = in; cl; cl = cl->next) {
@@ -1176,6 +1315,183 @@ ngx_http_infer_route_body_filter(ngx_http_request_t *r, ngx_chain_t *in)
     }
 
     return ngx_http_next_body_filter(r, in);
+}
+
+
+/*
+ * Removing the usage chunk: the stream's bytes are copied aside as they
+ * come and passed on as soon as the parser has seen their event whole,
+ * less the usage-only event.  Only the current, unfinished event is ever
+ * held back.
+ */
+
+static ngx_int_t
+ngx_http_infer_route_strip(ngx_http_request_t *r,
+    ngx_http_infer_route_ctx_t *ctx, ngx_chain_t *in)
+{
+    u_char                  *p;
+    off_t                    upto, cut_start, cut_end;
+    size_t                   size, need;
+    ngx_buf_t               *b;
+    ngx_uint_t               flush, last;
+    ngx_time_t              *tp;
+    ngx_chain_t             *cl, *out, **ll;
+    ngx_http_infer_usage_t  *u;
+
+    u = ctx->usage;
+    flush = 0;
+    last = 0;
+
+    for (cl = in; cl; cl = cl->next) {
+        b = cl->buf;
+
+        flush |= b->flush;
+        last |= b->last_buf;
+
+        if (!ngx_buf_in_memory(b)) {
+            if (ngx_buf_size(b) > 0) {
+                /* a proxy temp file: too late to strip; should not be */
+                ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                              "infer route: a stream buffered to a file "
+                              "cannot have its usage chunk removed");
+                return NGX_ERROR;
+            }
+
+            continue;
+        }
+
+        size = b->last - b->pos;
+
+        if (size) {
+            if (ctx->ttft < 0) {
+                tp = ngx_timeofday();
+                ctx->ttft = (ngx_msec_int_t)
+                                ((tp->sec - r->start_sec) * 1000
+                                 + (tp->msec - r->start_msec));
+            }
+
+            need = ctx->held_len + size;
+
+            if (need > ctx->held_size) {
+                need = ngx_max(need, 2 * ctx->held_size);
+                need = ngx_max(need, 4096);
+
+                p = ngx_pnalloc(r->pool, need);
+                if (p == NULL) {
+                    return NGX_ERROR;
+                }
+
+                ngx_memcpy(p, ctx->held, ctx->held_len);
+                ctx->held = p;
+                ctx->held_size = need;
+            }
+
+            ngx_memcpy(ctx->held + ctx->held_len, b->pos, size);
+            ctx->held_len += size;
+
+            (void) ngx_http_infer_usage_feed(u, b->pos, size);
+
+            b->pos = b->last;
+        }
+
+        if (b->last_buf) {
+            ngx_http_infer_usage_finish(u);
+        }
+    }
+
+    upto = last ? ctx->held_off + (off_t) ctx->held_len : u->event_start;
+
+    cut_start = upto;
+    cut_end = upto;
+
+    if (u->usage_event_end > ctx->held_off && u->usage_event_end <= upto) {
+        cut_start = ngx_max(u->usage_event_start, ctx->held_off);
+        cut_end = u->usage_event_end;
+    }
+
+    out = NULL;
+    ll = &out;
+
+    /* what comes before the usage event, then what comes after it */
+
+    if (cut_start > ctx->held_off) {
+        *ll = ngx_http_infer_route_strip_out(r, ctx->held,
+                                             cut_start - ctx->held_off);
+        if (*ll == NULL) {
+            return NGX_ERROR;
+        }
+
+        ll = &(*ll)->next;
+    }
+
+    if (upto > cut_end) {
+        *ll = ngx_http_infer_route_strip_out(r,
+                                             ctx->held + (cut_end
+                                                          - ctx->held_off),
+                                             upto - cut_end);
+        if (*ll == NULL) {
+            return NGX_ERROR;
+        }
+
+        ll = &(*ll)->next;
+    }
+
+    size = upto - ctx->held_off;
+    ngx_memmove(ctx->held, ctx->held + size, ctx->held_len - size);
+    ctx->held_len -= size;
+    ctx->held_off = upto;
+
+    if (last || (flush && out == NULL)) {
+        *ll = ngx_http_infer_route_strip_out(r, NULL, 0);
+        if (*ll == NULL) {
+            return NGX_ERROR;
+        }
+    }
+
+    if (out == NULL) {
+        return NGX_OK;
+    }
+
+    for (cl = out; cl->next; cl = cl->next) { /* void */ }
+
+    cl->buf->flush = flush;
+    cl->buf->last_buf = last;
+    cl->buf->last_in_chain = 1;
+
+    return ngx_http_next_body_filter(r, out);
+}
+
+
+static ngx_chain_t *
+ngx_http_infer_route_strip_out(ngx_http_request_t *r, u_char *p, size_t len)
+{
+    ngx_buf_t    *b;
+    ngx_chain_t  *cl;
+
+    cl = ngx_alloc_chain_link(r->pool);
+    if (cl == NULL) {
+        return NULL;
+    }
+
+    if (len) {
+        b = ngx_create_temp_buf(r->pool, len);
+        if (b == NULL) {
+            return NULL;
+        }
+
+        b->last = ngx_cpymem(b->pos, p, len);
+
+    } else {
+        b = ngx_calloc_buf(r->pool);
+        if (b == NULL) {
+            return NULL;
+        }
+    }
+
+    cl->buf = b;
+    cl->next = NULL;
+
+    return cl;
 }
 
 
@@ -1766,6 +2082,7 @@ ngx_http_infer_route_create_conf(ngx_conf_t *cf)
     conf->enable = NGX_CONF_UNSET;
     conf->sources = NGX_CONF_UNSET_PTR;
     conf->prefix_max = NGX_CONF_UNSET_SIZE;
+    conf->include_usage = NGX_CONF_UNSET;
 
     /* set by ngx_pcalloc(): conf->list_filter = NULL; */
 
@@ -1783,6 +2100,7 @@ ngx_http_infer_route_merge_conf(ngx_conf_t *cf, void *parent, void *child)
 
     ngx_conf_merge_value(conf->enable, prev->enable, 0);
     ngx_conf_merge_size_value(conf->prefix_max, prev->prefix_max, 1024);
+    ngx_conf_merge_value(conf->include_usage, prev->include_usage, 0);
 
     ngx_conf_merge_ptr_value(conf->sources, prev->sources, NULL);
 

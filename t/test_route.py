@@ -848,3 +848,113 @@ def test_no_usage_for_errors_of_our_own(ugw):
     chat(ugw, "gpt-nope")
     got = usage_lines(ugw, 1)[0]
     assert got["prompt"] == got["completion"] == got["ttft"] == "-"
+
+
+# ------------------------------------------ include_usage: inject and strip
+
+@pytest.fixture
+def igw(nginx_factory, pools):
+    conf = route_conf(*pools).replace(
+        "infer_route on;",
+        "infer_route on; infer_stream_include_usage on; "
+        "access_log {usage_log} usage;")
+    conf = f"log_format usage '{USAGE_LOG}';\n" + conf
+    n = nginx_factory("", start=False, modules=["route"])
+    n.http = conf.replace("{usage_log}", str(n.workdir / "usage.log"))
+    return n.start()
+
+
+def sent_body(*sims):
+    got = recorded(*sims)
+    assert len(got) == 1
+    return json.loads(got[0]["body"])
+
+
+def raw_events(raw):
+    return [e for e in raw.decode().split("\n\n") if e.strip()]
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "split"])
+def test_usage_is_asked_for_and_removed_from_the_clients_stream(
+        igw, pools, split):
+    _, mistral = pools
+    body = dict(CHAT, model="mistral-7b", stream=True, max_tokens=12)
+    r, raw = stream_raw(igw, body, {"x-sim-split-writes": "1"} if split
+                        else None)
+    assert r.status == 200
+    # the backend was asked for usage
+    assert sent_body(mistral)["stream_options"] == {"include_usage": True}
+    # the client gets every content event and [DONE], and no usage chunk
+    events = raw_events(raw)
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    assert all(c["choices"] for c in chunks)
+    text = "".join(c["choices"][0]["delta"].get("content") or ""
+                   for c in chunks)
+    assert len(text.split()) == 12
+    # and the gateway knows the real usage
+    got = usage_lines(igw, 1)[0]
+    assert got["estimated"] == "0"
+    assert got["completion"] == "12"
+
+
+def test_the_sdk_streams_normally_through_injection(igw, openai_sdk):
+    out = openai_sdk(igw.url + "/v1", "chat_stream",
+                     dict(CHAT, model="llama3", max_tokens=6))
+    assert out["ok"], out
+    assert len(out["result"]["text"].split()) == 6
+    assert out["result"]["usage"] is None
+    got = usage_lines(igw, 1)[0]
+    assert got["completion"] == "6" and got["estimated"] == "0"
+
+
+def test_a_client_that_asks_for_usage_gets_it_untouched(igw, pools):
+    _, mistral = pools
+    body = dict(CHAT, model="mistral-7b", stream=True, max_tokens=3,
+                stream_options={"include_usage": True})
+    _, raw = stream_raw(igw, body)
+    assert any(c.get("usage") for c in sse_chunks(raw))
+    got = recorded(mistral)[0]
+    assert json.loads(got["body"]) == body
+
+
+@pytest.mark.parametrize("options,expected", [
+    ({}, {"include_usage": True}),
+    ({"continuous_usage_stats": False},
+     {"include_usage": True, "continuous_usage_stats": False}),
+], ids=["empty", "other-option"])
+def test_injection_into_existing_stream_options(igw, pools, options,
+                                                expected):
+    _, mistral = pools
+    body = dict(CHAT, model="mistral-7b", stream=True, max_tokens=2,
+                stream_options=options)
+    _, raw = stream_raw(igw, body)
+    assert sent_body(mistral)["stream_options"] == expected
+    assert not any(c.get("usage") for c in sse_chunks(raw))
+
+
+@pytest.mark.parametrize("options", [{"include_usage": False}, None],
+                         ids=["explicit-false", "null"])
+def test_an_explicit_choice_is_left_alone(igw, pools, options):
+    _, mistral = pools
+    body = dict(CHAT, model="mistral-7b", stream=True, max_tokens=4,
+                stream_options=options)
+    stream_raw(igw, body)
+    assert sent_body(mistral) == body
+    assert usage_lines(igw, 1)[0]["estimated"] == "1"
+
+
+def test_no_injection_without_streaming(igw, pools):
+    _, mistral = pools
+    chat(igw, "mistral-7b", max_tokens=2)
+    assert "stream_options" not in sent_body(mistral)
+
+
+def test_an_alias_and_injection_together(igw, pools):
+    llama, _ = pools
+    body = dict(CHAT, model="llama3", stream=True, max_tokens=2)
+    stream_raw(igw, body)
+    sent = sent_body(llama)
+    assert sent["model"] == "llama-3-8b"
+    assert sent["stream_options"] == {"include_usage": True}
+    assert sent["messages"] == CHAT["messages"]
