@@ -58,6 +58,23 @@ def test_demo_answers_and_stops_cleanly(tmp_path):
         assert r.status_code == 404
         assert r.json()["error"]["code"] == "model_not_found"
 
+        r = requests.get(base + "/v1/models", timeout=10)
+        assert [m["id"] for m in r.json()["data"]] == ["llama-3-8b",
+                                                       "mistral-7b"]
+
+        # a stream: usage is read (asked for) and the log says so
+        r = requests.post(base + "/v1/chat/completions", timeout=10, json={
+            "model": "llama-3-8b", "stream": True, "max_tokens": 3,
+            "messages": [{"role": "user", "content": "Hi"}]})
+        assert r.text.rstrip().endswith("data: [DONE]")
+        deadline = time.monotonic() + 5
+        log = ""
+        while "completion=3 estimated=0" not in log \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+            log = (tmp_path / "access.log").read_text()
+        assert "completion=3 estimated=0" in log, log
+
         master = int((tmp_path / "nginx.pid").read_text())
     finally:
         p.send_signal(signal.SIGTERM)

@@ -107,11 +107,15 @@ ngx_infer demo gateway: {base}  (nginx, Redis {redis.addr}, 3 simulated GPU repl
     curl -i {base}/v1/chat/completions -H 'content-type: application/json' \\
       -d '{{"model": "llama3", "messages": [{{"role": "user", "content": "Hi"}}]}}'
 
+  The models the gateway serves:
+    curl {base}/v1/models
+
   An unknown model (404, in the OpenAI error envelope):
     curl -i {base}/v1/chat/completions -H 'content-type: application/json' \\
       -d '{{"model": "gpt-nope", "messages": []}}'
 
   Config: {RUN}/nginx.conf   Logs: {RUN}/error.log, {RUN}/access.log
+  (the access log shows each request's model, pool, tokens and time to first token)
   Ctrl-C stops everything.
 """, flush=True)
     print("demo ready", flush=True)
