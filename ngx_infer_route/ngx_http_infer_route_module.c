@@ -43,6 +43,8 @@ typedef struct {
     size_t                         prefix_max;
     ngx_flag_t                     include_usage;
     ngx_http_complex_value_t      *list_filter; /* infer_model_list */
+    unsigned                       list:1;      /* this location lists the
+                                                   models: not inherited */
 } ngx_http_infer_route_loc_conf_t;
 
 
@@ -333,7 +335,9 @@ ngx_http_infer_route_handler(ngx_http_request_t *r)
 
     rlcf = ngx_http_get_module_loc_conf(r, ngx_http_infer_route_module);
 
-    if (!rlcf->enable) {
+    /* a location that lists the models names none */
+
+    if (!rlcf->enable || rlcf->list) {
         return NGX_DECLINED;
     }
 
@@ -1912,6 +1916,7 @@ ngx_http_infer_route_list(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     }
 
     clcf->handler = ngx_http_infer_route_list_handler;
+    rlcf->list = 1;
 
     if (cf->args->nelts == 1) {
         return NGX_CONF_OK;
@@ -2084,7 +2089,12 @@ ngx_http_infer_route_create_conf(ngx_conf_t *cf)
     conf->prefix_max = NGX_CONF_UNSET_SIZE;
     conf->include_usage = NGX_CONF_UNSET;
 
-    /* set by ngx_pcalloc(): conf->list_filter = NULL; */
+    /*
+     * set by ngx_pcalloc():
+     *
+     *     conf->list_filter = NULL;
+     *     conf->list = 0;
+     */
 
     return conf;
 }

@@ -536,6 +536,7 @@ def models_conf(llama, mistral, listing="infer_model_list;"):
     infer_model old-model upstream=mistral state=disabled;
     server {{
         listen 127.0.0.1:{{port}};
+        infer_route on;
         location /v1/models {{ {listing} }}
     }}"""
 
