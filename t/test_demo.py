@@ -58,6 +58,13 @@ def test_demo_answers_and_stops_cleanly(tmp_path):
         assert r.status_code == 404
         assert r.json()["error"]["code"] == "model_not_found"
 
+        # over client_max_body_size: nginx's own 413, in the envelope
+        r = requests.post(base + "/v1/chat/completions", timeout=10,
+                          data=b"x" * (17 * 1024 * 1024),
+                          headers={"content-type": "application/json"})
+        assert r.status_code == 413
+        assert r.json()["error"]["code"] == "request_too_large"
+
         r = requests.get(base + "/v1/models", timeout=10)
         assert [m["id"] for m in r.json()["data"]] == ["llama-3-8b",
                                                        "mistral-7b"]
