@@ -18,6 +18,9 @@
 #define NGX_HTTP_INFER_MODEL_DEPRECATED  1
 #define NGX_HTTP_INFER_MODEL_DISABLED    2
 
+/* room for a registry error: two model names, a key, jansson's text */
+#define NGX_HTTP_INFER_ROUTE_ERRSTR      1024
+
 
 typedef struct {
     ngx_str_t                      upstream;
@@ -46,19 +49,53 @@ typedef struct {
 #endif
     ngx_str_t                      pattern;
     ngx_str_t                      fallback_name;
-    void                          *fallback;    /* *_model_t */
+    void                          *fallback;    /* *_model_t, in the same
+                                                   registry */
+    ngx_uint_t                     number;      /* n: the n-th model of the
+                                                   registry file; 0: an
+                                                   infer_model */
 } ngx_http_infer_route_model_t;
 
 
+/*
+ * The registry a request resolves its model in.  A request keeps pointers
+ * into it (its model, the model's targets, their names in variables) for
+ * its whole life, so a registry replaced by a newer registry file lives
+ * on until the last request that acquired it is freed.
+ */
+
 typedef struct {
-    ngx_array_t                    models;      /* of *_model_t, in the
-                                                   order declared */
+    ngx_pool_t                    *pool;        /* NULL: in the cycle's pool,
+                                                   never freed */
+    ngx_array_t                    models;      /* of *_model_t: those of
+                                                   infer_model, then those
+                                                   of the file */
     ngx_array_t                    patterns;    /* of *_model_t */
     ngx_hash_t                     names;       /* names, aliases -> model */
-    ngx_hash_keys_arrays_t        *keys;        /* only while configuring */
-    time_t                         created;     /* for /v1/models */
+    ngx_uint_t                     refs;        /* requests, and 1 while
+                                                   current */
+    time_t                         loaded;
+} ngx_http_infer_route_registry_t;
+
+
+typedef struct ngx_http_infer_route_file_s  ngx_http_infer_route_file_t;
+
+
+typedef struct {
+    ngx_array_t                       models;   /* of *_model_t, as declared
+                                                   by infer_model */
+    ngx_hash_keys_arrays_t           *keys;     /* only while configuring */
+    ngx_http_infer_route_file_t      *file;     /* infer_model_registry */
+    ngx_http_infer_route_registry_t  *current;  /* NULL: no registry at all,
+                                                   the model is only
+                                                   reported */
 } ngx_http_infer_route_main_conf_t;
 
+
+extern ngx_module_t  ngx_http_infer_route_module;
+
+
+/* ngx_http_infer_route_registry.c */
 
 char *ngx_http_infer_route_registry_model(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
@@ -67,11 +104,32 @@ char *ngx_http_infer_route_registry_target(ngx_conf_t *cf,
 char *ngx_http_infer_route_registry_init(ngx_conf_t *cf,
     ngx_http_infer_route_main_conf_t *rmcf);
 
+ngx_http_infer_route_registry_t *ngx_http_infer_route_registry_acquire(
+    ngx_http_request_t *r);
 ngx_http_infer_route_model_t *ngx_http_infer_route_registry_find(
-    ngx_http_infer_route_main_conf_t *rmcf, ngx_str_t *name,
+    ngx_http_infer_route_registry_t *reg, ngx_str_t *name,
     ngx_uint_t *by_pattern);
 ngx_http_infer_route_target_t *ngx_http_infer_route_registry_pick(
     ngx_http_request_t *r, ngx_http_infer_route_model_t *m);
+
+ngx_http_infer_route_registry_t *ngx_http_infer_route_registry_build(
+    ngx_http_infer_route_main_conf_t *rmcf, ngx_array_t *more,
+    ngx_pool_t *pool, ngx_log_t *log, u_char *err);
+void ngx_http_infer_route_registry_replace(
+    ngx_http_infer_route_main_conf_t *rmcf,
+    ngx_http_infer_route_registry_t *reg);
+ngx_int_t ngx_http_infer_route_registry_name_ok(ngx_str_t *name);
+void ngx_http_infer_route_registry_error(u_char *err,
+    ngx_http_infer_route_model_t *m, const char *fmt, ...);
+
+/* ngx_http_infer_route_file.c */
+
+char *ngx_http_infer_route_file_conf(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+char *ngx_http_infer_route_file_init_conf(ngx_conf_t *cf,
+    ngx_http_infer_route_main_conf_t *rmcf);
+ngx_int_t ngx_http_infer_route_file_init_process(ngx_cycle_t *cycle);
+void ngx_http_infer_route_file_exit_process(ngx_cycle_t *cycle);
 
 
 #endif /* _NGX_HTTP_INFER_ROUTE_H_INCLUDED_ */

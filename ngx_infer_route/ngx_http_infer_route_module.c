@@ -182,6 +182,13 @@ static ngx_command_t  ngx_http_infer_route_commands[] = {
       0,
       NULL },
 
+    { ngx_string("infer_model_registry"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE12,
+      ngx_http_infer_route_file_conf,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
     { ngx_string("infer_model_list"),
       NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS|NGX_CONF_TAKE1,
       ngx_http_infer_route_list,
@@ -236,10 +243,10 @@ ngx_module_t  ngx_http_infer_route_module = {
     NGX_HTTP_MODULE,                       /* module type */
     NULL,                                  /* init master */
     NULL,                                  /* init module */
-    NULL,                                  /* init process */
+    ngx_http_infer_route_file_init_process, /* init process */
     NULL,                                  /* init thread */
     NULL,                                  /* exit thread */
-    NULL,                                  /* exit process */
+    ngx_http_infer_route_file_exit_process, /* exit process */
     NULL,                                  /* exit master */
     NGX_MODULE_V1_PADDING
 };
@@ -821,6 +828,7 @@ ngx_http_infer_route_resolve(ngx_http_request_t *r,
 {
     u_char                            *p, *last;
     ngx_uint_t                         by_pattern;
+    ngx_http_infer_route_registry_t   *reg;
     ngx_http_infer_route_main_conf_t  *rmcf;
 
     /*
@@ -840,7 +848,7 @@ ngx_http_infer_route_resolve(ngx_http_request_t *r,
 
     rmcf = ngx_http_get_module_main_conf(r, ngx_http_infer_route_module);
 
-    if (rmcf->models.nelts == 0) {
+    if (rmcf->current == NULL) {
         /* no registry: the model is only reported, in $infer_model */
 
         if (ctx->inject
@@ -852,7 +860,17 @@ ngx_http_infer_route_resolve(ngx_http_request_t *r,
         return NGX_OK;
     }
 
-    ctx->entry = ngx_http_infer_route_registry_find(rmcf, &ctx->model,
+    /*
+     * The registry may be replaced (infer_model_registry) while the
+     * request lasts: the one it resolved in is held until it is freed.
+     */
+
+    reg = ngx_http_infer_route_registry_acquire(r);
+    if (reg == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    ctx->entry = ngx_http_infer_route_registry_find(reg, &ctx->model,
                                                     &by_pattern);
     ctx->by_pattern = by_pattern;
 
@@ -1692,10 +1710,11 @@ ngx_http_infer_route_list_handler(ngx_http_request_t *r)
 {
     u_char                             *p, *end;
     size_t                              len;
+    time_t                              created;
     ngx_int_t                           rc;
     ngx_str_t                           filter, want, msg;
     ngx_buf_t                          *b;
-    ngx_uint_t                          i, n, one, single;
+    ngx_uint_t                          i, n, nm, one, single;
     ngx_chain_t                         out;
     ngx_http_infer_route_model_t      **m;
     ngx_http_infer_route_loc_conf_t    *rlcf;
@@ -1737,11 +1756,23 @@ ngx_http_infer_route_list_handler(ngx_http_request_t *r)
         want.len = end - p;
     }
 
-    m = rmcf->models.elts;
+    /* the list is written at once: no need to hold the registry */
+
+    if (rmcf->current) {
+        m = rmcf->current->models.elts;
+        nm = rmcf->current->models.nelts;
+        created = rmcf->current->loaded;
+
+    } else {
+        m = NULL;
+        nm = 0;
+        created = 0;
+    }
+
     len = 0;
     n = 0;
 
-    for (i = 0; i < rmcf->models.nelts; i++) {
+    for (i = 0; i < nm; i++) {
 
         if (m[i]->state == NGX_HTTP_INFER_MODEL_DISABLED
             || !ngx_http_infer_route_list_allows(&filter, m[i])
@@ -1783,7 +1814,7 @@ ngx_http_infer_route_list_handler(ngx_http_request_t *r)
 
     one = 0;
 
-    for (i = 0; i < rmcf->models.nelts; i++) {
+    for (i = 0; i < nm; i++) {
 
         if (m[i]->state == NGX_HTTP_INFER_MODEL_DISABLED
             || !ngx_http_infer_route_list_allows(&filter, m[i])
@@ -1804,7 +1835,7 @@ ngx_http_infer_route_list_handler(ngx_http_request_t *r)
                                              m[i]->name.len);
         b->last = ngx_sprintf(b->last, "\", \"object\": \"model\", "
                               "\"created\": %T, \"owned_by\": \"ngx_infer\"}",
-                              rmcf->created);
+                              created);
     }
 
     if (!single) {
@@ -2055,13 +2086,18 @@ ngx_http_infer_route_create_main_conf(ngx_conf_t *cf)
 
     if (ngx_array_init(&rmcf->models, cf->pool, 8,
                        sizeof(ngx_http_infer_route_model_t *))
-        != NGX_OK
-        || ngx_array_init(&rmcf->patterns, cf->pool, 2,
-                          sizeof(ngx_http_infer_route_model_t *))
-           != NGX_OK)
+        != NGX_OK)
     {
         return NULL;
     }
+
+    /*
+     * set by ngx_pcalloc():
+     *
+     *     rmcf->keys = NULL;
+     *     rmcf->file = NULL;
+     *     rmcf->current = NULL;
+     */
 
     return rmcf;
 }

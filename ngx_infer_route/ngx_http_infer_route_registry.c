@@ -2,8 +2,9 @@
  * Copyright (C) ngx_infer authors
  *
  * The model registry of ngx_http_infer_route_module: models declared with
- * infer_model / infer_model_target, looked up by name, alias or pattern,
- * and the pick of a target for weighted (canary, A/B) splits.
+ * infer_model / infer_model_target (and read from infer_model_registry's
+ * file, see ngx_http_infer_route_file.c), looked up by name, alias or
+ * pattern, and the pick of a target for weighted (canary, A/B) splits.
  */
 
 
@@ -20,9 +21,9 @@ static ngx_int_t ngx_http_infer_route_registry_add_name(ngx_conf_t *cf,
     ngx_http_infer_route_model_t *m);
 static ngx_int_t ngx_http_infer_route_registry_upstream(ngx_conf_t *cf,
     ngx_http_infer_route_model_t *m, ngx_str_t *name);
-static ngx_int_t ngx_http_infer_route_registry_name_ok(ngx_str_t *name);
-static char *ngx_http_infer_route_registry_fallbacks(ngx_conf_t *cf,
-    ngx_http_infer_route_main_conf_t *rmcf);
+static ngx_int_t ngx_http_infer_route_registry_fallbacks(
+    ngx_http_infer_route_registry_t *reg, u_char *err);
+static void ngx_http_infer_route_registry_release(void *data);
 
 
 /*
@@ -281,15 +282,6 @@ ngx_http_infer_route_registry_model(ngx_conf_t *cf, ngx_command_t *cmd,
 
     *mp = m;
 
-    if (m->pattern.len) {
-        mp = ngx_array_push(&rmcf->patterns);
-        if (mp == NULL) {
-            return NGX_CONF_ERROR;
-        }
-
-        *mp = m;
-    }
-
     return NGX_CONF_OK;
 
 twice:
@@ -410,16 +402,11 @@ char *
 ngx_http_infer_route_registry_init(ngx_conf_t *cf,
     ngx_http_infer_route_main_conf_t *rmcf)
 {
-    ngx_uint_t                       i, j;
-    ngx_hash_init_t                  hash;
-    ngx_http_infer_route_model_t   **m;
-    ngx_http_infer_route_target_t   *t;
-
-    rmcf->created = ngx_time();
-
-    if (rmcf->models.nelts == 0) {
-        return NGX_CONF_OK;
-    }
+    u_char                            err[NGX_HTTP_INFER_ROUTE_ERRSTR];
+    ngx_uint_t                        i, j;
+    ngx_http_infer_route_model_t    **m;
+    ngx_http_infer_route_target_t    *t;
+    ngx_http_infer_route_registry_t  *reg;
 
     m = rmcf->models.elts;
 
@@ -464,24 +451,198 @@ ngx_http_infer_route_registry_init(ngx_conf_t *cf,
         }
     }
 
-    hash.hash = &rmcf->names;
+    rmcf->keys = NULL;
+
+    if (rmcf->file) {
+        return ngx_http_infer_route_file_init_conf(cf, rmcf);
+    }
+
+    if (rmcf->models.nelts == 0) {
+        return NGX_CONF_OK;
+    }
+
+    err[0] = '\0';
+
+    reg = ngx_http_infer_route_registry_build(rmcf, NULL, cf->pool, cf->log,
+                                              err);
+    if (reg == NULL) {
+        if (err[0]) {
+            ngx_log_error(NGX_LOG_EMERG, cf->log, 0, "%s", err);
+        }
+
+        return NGX_CONF_ERROR;
+    }
+
+    /* the cycle's pool: it lasts as long as the configuration */
+    reg->pool = NULL;
+
+    ngx_http_infer_route_registry_replace(rmcf, reg);
+
+    return NGX_CONF_OK;
+}
+
+
+/*
+ * A registry of its own for the models of infer_model and those in
+ * "more" (from the registry file, already in the pool).  Each model of
+ * infer_model is copied: its targets (with their round robin state) and
+ * its fallback, which may name a model of the file, belong to one
+ * registry.  What the copies share with the configuration (names,
+ * aliases, regexes, sticky keys) lasts as long as the cycle does.
+ *
+ * On an error, NULL and err says why.
+ */
+
+ngx_http_infer_route_registry_t *
+ngx_http_infer_route_registry_build(ngx_http_infer_route_main_conf_t *rmcf,
+    ngx_array_t *more, ngx_pool_t *pool, ngx_log_t *log, u_char *err)
+{
+    ngx_int_t                         rc;
+    ngx_str_t                        *alias;
+    ngx_uint_t                        i, j, n;
+    ngx_pool_t                       *temp;
+    ngx_hash_init_t                   hash;
+    ngx_hash_keys_arrays_t            keys;
+    ngx_http_infer_route_model_t    **dm, **mp, **pp, *m;
+    ngx_http_infer_route_registry_t  *reg;
+
+    n = rmcf->models.nelts + (more ? more->nelts : 0);
+
+    reg = ngx_pcalloc(pool, sizeof(ngx_http_infer_route_registry_t));
+    if (reg == NULL) {
+        return NULL;
+    }
+
+    reg->pool = pool;
+    reg->loaded = ngx_time();
+
+    if (ngx_array_init(&reg->models, pool, ngx_max(n, 1),
+                       sizeof(ngx_http_infer_route_model_t *))
+        != NGX_OK
+        || ngx_array_init(&reg->patterns, pool, 2,
+                          sizeof(ngx_http_infer_route_model_t *))
+           != NGX_OK)
+    {
+        return NULL;
+    }
+
+    dm = rmcf->models.elts;
+
+    for (i = 0; i < rmcf->models.nelts; i++) {
+
+        m = ngx_palloc(pool, sizeof(ngx_http_infer_route_model_t));
+        if (m == NULL) {
+            return NULL;
+        }
+
+        *m = *dm[i];
+        m->fallback = NULL;
+
+        if (ngx_array_init(&m->targets, pool, dm[i]->targets.nelts,
+                           sizeof(ngx_http_infer_route_target_t))
+            != NGX_OK)
+        {
+            return NULL;
+        }
+
+        ngx_memcpy(m->targets.elts, dm[i]->targets.elts,
+                   dm[i]->targets.nelts
+                   * sizeof(ngx_http_infer_route_target_t));
+        m->targets.nelts = dm[i]->targets.nelts;
+
+        mp = ngx_array_push(&reg->models);
+        if (mp == NULL) {
+            return NULL;
+        }
+
+        *mp = m;
+    }
+
+    if (more && more->nelts) {
+        mp = ngx_array_push_n(&reg->models, more->nelts);
+        if (mp == NULL) {
+            return NULL;
+        }
+
+        ngx_memcpy(mp, more->elts,
+                   more->nelts * sizeof(ngx_http_infer_route_model_t *));
+    }
+
+    temp = ngx_create_pool(NGX_DEFAULT_POOL_SIZE, log);
+    if (temp == NULL) {
+        return NULL;
+    }
+
+    ngx_memzero(&keys, sizeof(ngx_hash_keys_arrays_t));
+
+    keys.pool = temp;
+    keys.temp_pool = temp;
+
+    if (ngx_hash_keys_array_init(&keys, NGX_HASH_SMALL) != NGX_OK) {
+        goto failed;
+    }
+
+    mp = reg->models.elts;
+
+    for (i = 0; i < reg->models.nelts; i++) {
+
+        if (mp[i]->pattern.len) {
+            pp = ngx_array_push(&reg->patterns);
+            if (pp == NULL) {
+                goto failed;
+            }
+
+            *pp = mp[i];
+        }
+
+        alias = mp[i]->aliases.elts;
+
+        for (j = 0; j <= mp[i]->aliases.nelts; j++) {
+
+            /* model names are case-sensitive, as OpenAI's are */
+            rc = ngx_hash_add_key(&keys,
+                                  j ? &alias[j - 1] : &mp[i]->name,
+                                  mp[i], NGX_HASH_READONLY_KEY);
+
+            if (rc == NGX_BUSY) {
+                /* infer_model checked its own: one side is the file */
+                ngx_http_infer_route_registry_error(err, mp[i],
+                    "name or alias \"%V\" is declared twice",
+                    j ? &alias[j - 1] : &mp[i]->name);
+                goto failed;
+            }
+
+            if (rc != NGX_OK) {
+                goto failed;
+            }
+        }
+    }
+
+    hash.hash = &reg->names;
     hash.key = ngx_hash_key;
     hash.max_size = 4096;
     hash.bucket_size = ngx_align(NGX_HTTP_INFER_MODEL_MAX + 64,
                                  ngx_cacheline_size);
     hash.name = "infer_model_names_hash";
-    hash.pool = cf->pool;
+    hash.pool = pool;
     hash.temp_pool = NULL;
 
-    if (ngx_hash_init(&hash, rmcf->keys->keys.elts, rmcf->keys->keys.nelts)
-        != NGX_OK)
-    {
-        return NGX_CONF_ERROR;
+    if (ngx_hash_init(&hash, keys.keys.elts, keys.keys.nelts) != NGX_OK) {
+        goto failed;
     }
 
-    rmcf->keys = NULL;
+    ngx_destroy_pool(temp);
 
-    return ngx_http_infer_route_registry_fallbacks(cf, rmcf);
+    if (ngx_http_infer_route_registry_fallbacks(reg, err) != NGX_OK) {
+        return NULL;
+    }
+
+    return reg;
+
+failed:
+
+    ngx_destroy_pool(temp);
+    return NULL;
 }
 
 
@@ -491,22 +652,22 @@ ngx_http_infer_route_registry_init(ngx_conf_t *cf,
  * circles, so it is refused here.
  */
 
-static char *
-ngx_http_infer_route_registry_fallbacks(ngx_conf_t *cf,
-    ngx_http_infer_route_main_conf_t *rmcf)
+static ngx_int_t
+ngx_http_infer_route_registry_fallbacks(ngx_http_infer_route_registry_t *reg,
+    u_char *err)
 {
     ngx_uint_t                      i, n;
     ngx_http_infer_route_model_t  **m, *f, *step;
 
-    m = rmcf->models.elts;
+    m = reg->models.elts;
 
-    for (i = 0; i < rmcf->models.nelts; i++) {
+    for (i = 0; i < reg->models.nelts; i++) {
 
         if (m[i]->fallback_name.len == 0) {
             continue;
         }
 
-        f = ngx_hash_find(&rmcf->names,
+        f = ngx_hash_find(&reg->names,
                           ngx_hash_key(m[i]->fallback_name.data,
                                        m[i]->fallback_name.len),
                           m[i]->fallback_name.data, m[i]->fallback_name.len);
@@ -516,32 +677,104 @@ ngx_http_infer_route_registry_fallbacks(ngx_conf_t *cf,
             || ngx_strncmp(f->name.data, m[i]->fallback_name.data,
                            f->name.len) != 0)
         {
-            ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
-                          "model \"%V\": fallback \"%V\" is not a declared "
-                          "model", &m[i]->name, &m[i]->fallback_name);
-            return NGX_CONF_ERROR;
+            ngx_http_infer_route_registry_error(err, m[i],
+                "fallback \"%V\" is not a declared model",
+                &m[i]->fallback_name);
+            return NGX_ERROR;
         }
 
         m[i]->fallback = f;
     }
 
-    for (i = 0; i < rmcf->models.nelts; i++) {
+    for (i = 0; i < reg->models.nelts; i++) {
 
         step = m[i]->fallback;
 
-        for (n = 0; step && n <= rmcf->models.nelts; n++) {
+        for (n = 0; step && n <= reg->models.nelts; n++) {
             if (step == m[i]) {
-                ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
-                              "model \"%V\": its fallback chain comes back "
-                              "to it", &m[i]->name);
-                return NGX_CONF_ERROR;
+                ngx_http_infer_route_registry_error(err, m[i],
+                    "its fallback chain comes back to it");
+                return NGX_ERROR;
             }
 
             step = step->fallback;
         }
     }
 
-    return NGX_CONF_OK;
+    return NGX_OK;
+}
+
+
+/*
+ * reg becomes the registry new requests acquire; the one it replaces is
+ * freed once the last request that holds it is.
+ */
+
+void
+ngx_http_infer_route_registry_replace(ngx_http_infer_route_main_conf_t *rmcf,
+    ngx_http_infer_route_registry_t *reg)
+{
+    ngx_http_infer_route_registry_t  *old;
+
+    old = rmcf->current;
+
+    reg->refs = 1;
+    rmcf->current = reg;
+
+    if (old) {
+        ngx_http_infer_route_registry_release(old);
+    }
+}
+
+
+/*
+ * The current registry, held until the request is freed.  Call it only
+ * when rmcf->current is set; NULL means no memory.
+ */
+
+ngx_http_infer_route_registry_t *
+ngx_http_infer_route_registry_acquire(ngx_http_request_t *r)
+{
+    ngx_pool_cleanup_t                *cln;
+    ngx_http_infer_route_registry_t   *reg;
+    ngx_http_infer_route_main_conf_t  *rmcf;
+
+    rmcf = ngx_http_get_module_main_conf(r, ngx_http_infer_route_module);
+    reg = rmcf->current;
+
+    if (reg->pool == NULL) {
+        /* the configuration's own: never freed, nothing to count */
+        return reg;
+    }
+
+    cln = ngx_pool_cleanup_add(r->pool, 0);
+    if (cln == NULL) {
+        return NULL;
+    }
+
+    cln->handler = ngx_http_infer_route_registry_release;
+    cln->data = reg;
+
+    reg->refs++;
+
+    return reg;
+}
+
+
+static void
+ngx_http_infer_route_registry_release(void *data)
+{
+    ngx_http_infer_route_registry_t  *reg = data;
+
+    if (reg->pool == NULL || --reg->refs) {
+        return;
+    }
+
+    ngx_log_debug1(NGX_LOG_DEBUG_HTTP, reg->pool->log, 0,
+                   "infer route: registry of %ui models freed",
+                   reg->models.nelts);
+
+    ngx_destroy_pool(reg->pool);
 }
 
 
@@ -551,7 +784,7 @@ ngx_http_infer_route_registry_fallbacks(ngx_conf_t *cf,
  */
 
 ngx_http_infer_route_model_t *
-ngx_http_infer_route_registry_find(ngx_http_infer_route_main_conf_t *rmcf,
+ngx_http_infer_route_registry_find(ngx_http_infer_route_registry_t *reg,
     ngx_str_t *name, ngx_uint_t *by_pattern)
 {
     ngx_http_infer_route_model_t  *m;
@@ -562,16 +795,16 @@ ngx_http_infer_route_registry_find(ngx_http_infer_route_main_conf_t *rmcf,
 
     *by_pattern = 0;
 
-    m = ngx_hash_find(&rmcf->names, ngx_hash_key(name->data, name->len),
+    m = ngx_hash_find(&reg->names, ngx_hash_key(name->data, name->len),
                       name->data, name->len);
     if (m) {
         return m;
     }
 
 #if (NGX_PCRE)
-    p = rmcf->patterns.elts;
+    p = reg->patterns.elts;
 
-    for (i = 0; i < rmcf->patterns.nelts; i++) {
+    for (i = 0; i < reg->patterns.nelts; i++) {
         if (ngx_regex_exec(p[i]->regex, name, NULL, 0) >= 0) {
             *by_pattern = 1;
             return p[i];
@@ -639,6 +872,40 @@ ngx_http_infer_route_registry_pick(ngx_http_request_t *r,
 }
 
 
+/*
+ * A registry error, into err: "model "x": ..." for a model of infer_model,
+ * "model #n ("x"): ..." for the n-th model of the registry file.
+ */
+
+void
+ngx_http_infer_route_registry_error(u_char *err,
+    ngx_http_infer_route_model_t *m, const char *fmt, ...)
+{
+    u_char   *p, *last;
+    va_list   args;
+
+    p = err;
+    last = err + NGX_HTTP_INFER_ROUTE_ERRSTR - 1;
+
+    if (m && m->number == 0) {
+        p = ngx_slprintf(p, last, "model \"%V\": ", &m->name);
+
+    } else if (m && m->name.len) {
+        p = ngx_slprintf(p, last, "model #%ui (\"%V\"): ", m->number,
+                         &m->name);
+
+    } else if (m) {
+        p = ngx_slprintf(p, last, "model #%ui: ", m->number);
+    }
+
+    va_start(args, fmt);
+    p = ngx_vslprintf(p, last, fmt, args);
+    va_end(args);
+
+    *p = '\0';
+}
+
+
 static ngx_int_t
 ngx_http_infer_route_registry_add_name(ngx_conf_t *cf,
     ngx_http_infer_route_main_conf_t *rmcf, ngx_str_t *name,
@@ -687,7 +954,7 @@ ngx_http_infer_route_registry_upstream(ngx_conf_t *cf,
 }
 
 
-static ngx_int_t
+ngx_int_t
 ngx_http_infer_route_registry_name_ok(ngx_str_t *name)
 {
     u_char  *p, *last;

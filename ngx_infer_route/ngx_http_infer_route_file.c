@@ -1,0 +1,1086 @@
+/*
+ * Copyright (C) ngx_infer authors
+ *
+ * infer_model_registry: models read from a JSON file, in the shape a
+ * Kubernetes ConfigMap carries, and read again by each worker when the
+ * file changes, without a reload of nginx.  A file that does not make a
+ * valid registry fails "nginx -t"; at run time it is refused, once, and
+ * the registry in use stays.
+ */
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+
+#include <jansson.h>
+
+#include "ngx_http_infer_route.h"
+#include "ngx_http_infer_route_json.h"
+
+
+/* a registry file is a few kilobytes: a bound against a wrong path */
+#define NGX_HTTP_INFER_ROUTE_FILE_MAX  (16 * 1024 * 1024)
+
+
+struct ngx_http_infer_route_file_s {
+    ngx_str_t                          name;        /* null-terminated */
+    ngx_msec_t                         interval;
+    ngx_http_infer_route_main_conf_t  *rmcf;
+    ngx_http_upstream_main_conf_t     *umcf;
+    ngx_event_t                        event;       /* per worker */
+
+    /*
+     * The file as it was last read, good or not: it is read again only
+     * once it changed, so that a broken file is reported once.
+     */
+    ngx_file_uniq_t                    uniq;
+    off_t                              size;
+    struct timespec                    mtim;
+    struct timespec                    ctim;
+    ngx_err_t                          stat_err;    /* reported already */
+};
+
+
+static void ngx_http_infer_route_file_timer(ngx_event_t *ev);
+static void ngx_http_infer_route_file_check(ngx_http_infer_route_file_t *f,
+    ngx_log_t *log);
+static ngx_http_infer_route_registry_t *ngx_http_infer_route_file_load(
+    ngx_http_infer_route_file_t *f, ngx_pool_t *pool, ngx_log_t *log,
+    u_char *err);
+static ngx_int_t ngx_http_infer_route_file_parse(
+    ngx_http_infer_route_file_t *f, json_t *root, ngx_pool_t *pool,
+    ngx_array_t *models, u_char *err);
+static ngx_http_infer_route_model_t *ngx_http_infer_route_file_model(
+    ngx_http_infer_route_file_t *f, json_t *obj, ngx_uint_t number,
+    ngx_pool_t *pool, u_char *err);
+static ngx_int_t ngx_http_infer_route_file_param(
+    ngx_http_infer_route_model_t *m, const char *key, json_t *v,
+    ngx_pool_t *pool, u_char *err);
+static ngx_int_t ngx_http_infer_route_file_targets(
+    ngx_http_infer_route_model_t *m, json_t *list, ngx_pool_t *pool,
+    u_char *err);
+static ngx_int_t ngx_http_infer_route_file_string(json_t *v,
+    ngx_pool_t *pool, ngx_str_t *s);
+static ngx_int_t ngx_http_infer_route_file_name(json_t *v, ngx_pool_t *pool,
+    ngx_str_t *s);
+static ngx_int_t ngx_http_infer_route_file_upstream(
+    ngx_http_infer_route_file_t *f, ngx_str_t *name);
+static ngx_uint_t ngx_http_infer_route_file_changed(
+    ngx_http_infer_route_file_t *f, ngx_file_info_t *fi);
+static void ngx_http_infer_route_file_seen(ngx_http_infer_route_file_t *f,
+    ngx_file_info_t *fi);
+static void ngx_http_infer_route_file_times(ngx_file_info_t *fi,
+    struct timespec *mtim, struct timespec *ctim);
+static void ngx_http_infer_route_file_syserr(u_char *err, ngx_err_t e,
+    const char *what);
+
+
+/*
+ * infer_model_registry FILE [interval=TIME];
+ */
+
+char *
+ngx_http_infer_route_file_conf(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf)
+{
+    ngx_http_infer_route_main_conf_t *rmcf = conf;
+
+    ngx_str_t                    *value, s;
+    ngx_uint_t                    i;
+    ngx_http_infer_route_file_t  *f;
+
+    if (rmcf->file) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+
+    f = ngx_pcalloc(cf->pool, sizeof(ngx_http_infer_route_file_t));
+    if (f == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    f->name = value[1];
+
+    if (ngx_conf_full_name(cf->cycle, &f->name, 1) != NGX_OK) {
+        return NGX_CONF_ERROR;
+    }
+
+    f->interval = 5000;
+
+    for (i = 2; i < cf->args->nelts; i++) {
+
+        if (ngx_strncmp(value[i].data, "interval=", 9) == 0) {
+            s.data = value[i].data + 9;
+            s.len = value[i].len - 9;
+
+            f->interval = ngx_parse_time(&s, 0);
+
+            if (f->interval == (ngx_msec_t) NGX_ERROR || f->interval == 0) {
+                goto invalid;
+            }
+
+            continue;
+        }
+
+        goto invalid;
+    }
+
+    f->rmcf = rmcf;
+    f->umcf = ngx_http_conf_get_module_main_conf(cf,
+                                                 ngx_http_upstream_module);
+    rmcf->file = f;
+
+    return NGX_CONF_OK;
+
+invalid:
+
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                       "invalid parameter \"%V\"", &value[i]);
+    return NGX_CONF_ERROR;
+}
+
+
+/*
+ * At configuration time, after the models of infer_model: the file must
+ * make a valid registry with them, or nginx does not start.
+ */
+
+char *
+ngx_http_infer_route_file_init_conf(ngx_conf_t *cf,
+    ngx_http_infer_route_main_conf_t *rmcf)
+{
+    u_char                            err[NGX_HTTP_INFER_ROUTE_ERRSTR];
+    ngx_http_infer_route_file_t      *f;
+    ngx_http_infer_route_registry_t  *reg;
+
+    f = rmcf->file;
+
+    reg = ngx_http_infer_route_file_load(f, cf->pool, cf->log, err);
+
+    if (reg == NULL) {
+        ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                      "infer_model_registry \"%V\": %s", &f->name, err);
+        return NGX_CONF_ERROR;
+    }
+
+    /* the cycle's pool: it lasts as long as the configuration */
+    reg->pool = NULL;
+
+    ngx_http_infer_route_registry_replace(rmcf, reg);
+
+    return NGX_CONF_OK;
+}
+
+
+ngx_int_t
+ngx_http_infer_route_file_init_process(ngx_cycle_t *cycle)
+{
+    ngx_http_infer_route_file_t       *f;
+    ngx_http_infer_route_main_conf_t  *rmcf;
+
+    if (ngx_process != NGX_PROCESS_WORKER
+        && ngx_process != NGX_PROCESS_SINGLE)
+    {
+        /* the cache manager and loader route nothing */
+        return NGX_OK;
+    }
+
+    rmcf = ngx_http_cycle_get_module_main_conf(cycle,
+                                               ngx_http_infer_route_module);
+
+    if (rmcf == NULL || rmcf->file == NULL) {
+        return NGX_OK;
+    }
+
+    f = rmcf->file;
+
+    f->event.handler = ngx_http_infer_route_file_timer;
+    f->event.data = f;
+    f->event.log = cycle->log;
+
+    /* a graceful shutdown does not wait for it */
+    f->event.cancelable = 1;
+
+    ngx_add_timer(&f->event, f->interval);
+
+    return NGX_OK;
+}
+
+
+void
+ngx_http_infer_route_file_exit_process(ngx_cycle_t *cycle)
+{
+    ngx_http_infer_route_main_conf_t  *rmcf;
+
+    rmcf = ngx_http_cycle_get_module_main_conf(cycle,
+                                               ngx_http_infer_route_module);
+
+    if (rmcf && rmcf->file && rmcf->file->event.timer_set) {
+        ngx_del_timer(&rmcf->file->event);
+    }
+}
+
+
+static void
+ngx_http_infer_route_file_timer(ngx_event_t *ev)
+{
+    ngx_http_infer_route_file_t  *f = ev->data;
+
+    if (ngx_exiting) {
+        return;
+    }
+
+    ngx_http_infer_route_file_check(f, ev->log);
+
+    ngx_add_timer(ev, f->interval);
+}
+
+
+/*
+ * Every worker reads the file and builds its own registry; worker 0
+ * speaks for them all in the error log, so that one failure is one line
+ * (the others say it at the debug level).
+ */
+
+static void
+ngx_http_infer_route_file_check(ngx_http_infer_route_file_t *f,
+    ngx_log_t *log)
+{
+    u_char                            err[NGX_HTTP_INFER_ROUTE_ERRSTR];
+    ngx_err_t                         e;
+    ngx_tm_t                          tm;
+    ngx_uint_t                        ok, failed;
+    ngx_pool_t                       *pool;
+    ngx_file_info_t                   fi;
+    ngx_http_infer_route_registry_t  *reg;
+
+    ok = (ngx_worker == 0) ? NGX_LOG_NOTICE : NGX_LOG_DEBUG;
+    failed = (ngx_worker == 0) ? NGX_LOG_ERR : NGX_LOG_DEBUG;
+
+    if (ngx_file_info(f->name.data, &fi) == NGX_FILE_ERROR) {
+        e = ngx_errno;
+
+        if (e == f->stat_err) {
+            return;
+        }
+
+        f->stat_err = e;
+        ngx_http_infer_route_file_syserr(err, e, ngx_file_info_n);
+        goto fail;
+    }
+
+    f->stat_err = 0;
+
+    if (!ngx_http_infer_route_file_changed(f, &fi)) {
+        return;
+    }
+
+    ngx_log_debug1(NGX_LOG_DEBUG_HTTP, log, 0,
+                   "infer route: registry file \"%V\" changed", &f->name);
+
+    pool = ngx_create_pool(NGX_DEFAULT_POOL_SIZE, log);
+    if (pool == NULL) {
+        return;
+    }
+
+    /* a file that cannot be opened is reported once too */
+    ngx_http_infer_route_file_seen(f, &fi);
+
+    reg = ngx_http_infer_route_file_load(f, pool, log, err);
+
+    if (reg == NULL) {
+        ngx_destroy_pool(pool);
+        goto fail;
+    }
+
+    ngx_http_infer_route_registry_replace(f->rmcf, reg);
+
+    ngx_log_error(ok, log, 0,
+                  "infer_model_registry \"%V\": %ui models loaded",
+                  &f->name, reg->models.nelts);
+
+    return;
+
+fail:
+
+    ngx_localtime(f->rmcf->current->loaded, &tm);
+
+    ngx_log_error(failed, log, 0,
+                  "infer_model_registry \"%V\": %s, keeping the registry "
+                  "loaded at %4d/%02d/%02d %02d:%02d:%02d",
+                  &f->name, err, tm.ngx_tm_year, tm.ngx_tm_mon,
+                  tm.ngx_tm_mday, tm.ngx_tm_hour, tm.ngx_tm_min,
+                  tm.ngx_tm_sec);
+}
+
+
+/*
+ * The file, read and checked, with the models of infer_model, as a new
+ * registry in pool; NULL and err on an error.
+ */
+
+static ngx_http_infer_route_registry_t *
+ngx_http_infer_route_file_load(ngx_http_infer_route_file_t *f,
+    ngx_pool_t *pool, ngx_log_t *log, u_char *err)
+{
+    u_char                           *buf;
+    off_t                             size;
+    json_t                           *root;
+    ssize_t                           n;
+    ngx_int_t                         rc;
+    ngx_file_t                        file;
+    ngx_array_t                       models;
+    json_error_t                      jerr;
+    ngx_file_info_t                   fi;
+    ngx_http_infer_route_registry_t  *reg;
+
+    err[0] = '\0';
+    buf = NULL;
+
+    ngx_memzero(&file, sizeof(ngx_file_t));
+
+    file.name = f->name;
+    file.log = log;
+
+    file.fd = ngx_open_file(f->name.data, NGX_FILE_RDONLY, NGX_FILE_OPEN, 0);
+
+    if (file.fd == NGX_INVALID_FILE) {
+        ngx_http_infer_route_file_syserr(err, ngx_errno, ngx_open_file_n);
+        return NULL;
+    }
+
+    if (ngx_fd_info(file.fd, &fi) == NGX_FILE_ERROR) {
+        ngx_http_infer_route_file_syserr(err, ngx_errno, ngx_fd_info_n);
+        goto failed;
+    }
+
+    /* what is read now is what the next check compares with */
+    ngx_http_infer_route_file_seen(f, &fi);
+
+    if (!ngx_is_file(&fi)) {
+        ngx_http_infer_route_registry_error(err, NULL,
+                                            "not a regular file");
+        goto failed;
+    }
+
+    size = ngx_file_size(&fi);
+
+    if (size > NGX_HTTP_INFER_ROUTE_FILE_MAX) {
+        ngx_http_infer_route_registry_error(err, NULL,
+            "the file has %O bytes, more than the %d allowed",
+            size, NGX_HTTP_INFER_ROUTE_FILE_MAX);
+        goto failed;
+    }
+
+    /* one more byte: an empty file is no malloc(0) */
+    buf = ngx_alloc((size_t) size + 1, log);
+    if (buf == NULL) {
+        goto failed;
+    }
+
+    n = ngx_read_file(&file, buf, (size_t) size, 0);
+
+    if (n != (ssize_t) size) {
+        if (n == NGX_ERROR) {
+            ngx_http_infer_route_file_syserr(err, ngx_errno, "read()");
+
+        } else {
+            ngx_http_infer_route_registry_error(err, NULL,
+                "read %z of %O bytes", n, size);
+        }
+
+        goto failed;
+    }
+
+    if (ngx_close_file(file.fd) == NGX_FILE_ERROR) {
+        ngx_log_error(NGX_LOG_ALERT, log, ngx_errno,
+                      ngx_close_file_n " \"%V\" failed", &f->name);
+    }
+
+    file.fd = NGX_INVALID_FILE;
+
+    root = json_loadb((char *) buf, (size_t) size, JSON_REJECT_DUPLICATES,
+                      &jerr);
+
+    ngx_free(buf);
+
+    if (root == NULL) {
+        ngx_http_infer_route_registry_error(err, NULL,
+            "invalid JSON at line %d, column %d: %s",
+            jerr.line, jerr.column, jerr.text);
+        return NULL;
+    }
+
+    rc = ngx_http_infer_route_file_parse(f, root, pool, &models, err);
+
+    json_decref(root);
+
+    if (rc != NGX_OK) {
+        goto invalid;
+    }
+
+    reg = ngx_http_infer_route_registry_build(f->rmcf, &models, pool, log,
+                                              err);
+    if (reg == NULL) {
+        goto invalid;
+    }
+
+    return reg;
+
+failed:
+
+    if (buf) {
+        ngx_free(buf);
+    }
+
+    if (file.fd != NGX_INVALID_FILE
+        && ngx_close_file(file.fd) == NGX_FILE_ERROR)
+    {
+        ngx_log_error(NGX_LOG_ALERT, log, ngx_errno,
+                      ngx_close_file_n " \"%V\" failed", &f->name);
+    }
+
+invalid:
+
+    if (err[0] == '\0') {
+        ngx_http_infer_route_registry_error(err, NULL, "not enough memory");
+    }
+
+    return NULL;
+}
+
+
+/*
+ * A JSON array of models, or an object {"models": [...]}.
+ */
+
+static ngx_int_t
+ngx_http_infer_route_file_parse(ngx_http_infer_route_file_t *f,
+    json_t *root, ngx_pool_t *pool, ngx_array_t *models, u_char *err)
+{
+    size_t                          i;
+    json_t                         *list, *item, *v;
+    const char                     *key;
+    ngx_http_infer_route_model_t  **mp;
+
+    list = root;
+
+    if (json_is_object(root)) {
+        json_object_foreach(root, key, v) {
+            if (ngx_strcmp(key, "models") != 0) {
+                ngx_http_infer_route_registry_error(err, NULL,
+                    "unknown key \"%s\": the file holds a JSON array of "
+                    "models, or an object with a \"models\" array only",
+                    key);
+                return NGX_ERROR;
+            }
+        }
+
+        list = json_object_get(root, "models");
+    }
+
+    if (!json_is_array(list)) {
+        ngx_http_infer_route_registry_error(err, NULL,
+            "the file must hold a JSON array of models, or an object "
+            "with a \"models\" array");
+        return NGX_ERROR;
+    }
+
+    if (ngx_array_init(models, pool, ngx_max(json_array_size(list), 1),
+                       sizeof(ngx_http_infer_route_model_t *))
+        != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    json_array_foreach(list, i, item) {
+
+        mp = ngx_array_push(models);
+        if (mp == NULL) {
+            return NGX_ERROR;
+        }
+
+        *mp = ngx_http_infer_route_file_model(f, item, i + 1, pool, err);
+        if (*mp == NULL) {
+            return NGX_ERROR;
+        }
+    }
+
+    return NGX_OK;
+}
+
+
+/*
+ * One model: what infer_model and infer_model_target say, checked as
+ * they are.  An unknown key is an error, so that a typo does not pass as
+ * a default.
+ */
+
+static ngx_http_infer_route_model_t *
+ngx_http_infer_route_file_model(ngx_http_infer_route_file_t *f, json_t *obj,
+    ngx_uint_t number, ngx_pool_t *pool, u_char *err)
+{
+    json_t                         *v;
+    ngx_int_t                       rc;
+    ngx_str_t                       name;
+    ngx_uint_t                      i;
+    const char                     *key;
+    ngx_http_infer_route_model_t   *m;
+    ngx_http_infer_route_target_t  *t;
+
+    m = ngx_pcalloc(pool, sizeof(ngx_http_infer_route_model_t));
+    if (m == NULL) {
+        return NULL;
+    }
+
+    m->number = number;
+    m->max_body_size = -1;
+
+    if (ngx_array_init(&m->aliases, pool, 2, sizeof(ngx_str_t)) != NGX_OK
+        || ngx_array_init(&m->targets, pool, 2,
+                          sizeof(ngx_http_infer_route_target_t))
+           != NGX_OK)
+    {
+        return NULL;
+    }
+
+    if (!json_is_object(obj)) {
+        ngx_http_infer_route_registry_error(err, m, "not a JSON object");
+        return NULL;
+    }
+
+    v = json_object_get(obj, "name");
+
+    if (v == NULL) {
+        ngx_http_infer_route_registry_error(err, m, "no \"name\"");
+        return NULL;
+    }
+
+    rc = ngx_http_infer_route_file_name(v, pool, &name);
+
+    if (rc == NGX_ERROR) {
+        return NULL;
+    }
+
+    if (rc == NGX_DECLINED) {
+        ngx_http_infer_route_registry_error(err, m,
+            "\"name\" must be a string of 1 to %d bytes and no control "
+            "characters", NGX_HTTP_INFER_MODEL_MAX);
+        return NULL;
+    }
+
+    m->name = name;
+
+    json_object_foreach(obj, key, v) {
+
+        if (ngx_strcmp(key, "name") == 0) {
+            continue;
+        }
+
+        if (ngx_strcmp(key, "targets") == 0) {
+            rc = ngx_http_infer_route_file_targets(m, v, pool, err);
+
+            if (rc != NGX_OK) {
+                return NULL;
+            }
+
+            continue;
+        }
+
+        if (ngx_http_infer_route_file_param(m, key, v, pool, err)
+            != NGX_OK)
+        {
+            return NULL;
+        }
+    }
+
+    if (m->upstream.len) {
+        if (m->targets.nelts) {
+            ngx_http_infer_route_registry_error(err, m,
+                "has both \"upstream\" and \"targets\": use either");
+            return NULL;
+        }
+
+        t = ngx_array_push(&m->targets);
+        if (t == NULL) {
+            return NULL;
+        }
+
+        ngx_memzero(t, sizeof(ngx_http_infer_route_target_t));
+        t->upstream = m->upstream;
+        t->weight = 1;
+    }
+
+    if (m->targets.nelts == 0) {
+        ngx_http_infer_route_registry_error(err, m,
+            "has no upstream: give it \"upstream\" or \"targets\"");
+        return NULL;
+    }
+
+    t = m->targets.elts;
+
+    for (i = 0; i < m->targets.nelts; i++) {
+
+        if (ngx_http_infer_route_file_upstream(f, &t[i].upstream)
+            != NGX_OK)
+        {
+            ngx_http_infer_route_registry_error(err, m,
+                "no upstream \"%V\" is defined", &t[i].upstream);
+            return NULL;
+        }
+
+        if (t[i].model.len == 0) {
+            t[i].model = m->model;
+        }
+
+        m->total_weight += t[i].weight;
+    }
+
+    return m;
+}
+
+
+static ngx_int_t
+ngx_http_infer_route_file_param(ngx_http_infer_route_model_t *m,
+    const char *key, json_t *v, ngx_pool_t *pool, u_char *err)
+{
+    size_t                index;
+    json_t               *item;
+    ngx_int_t             rc;
+    ngx_str_t             s, *alias;
+#if (NGX_PCRE)
+    u_char                errstr[NGX_MAX_CONF_ERRSTR];
+    ngx_regex_compile_t   rxc;
+#endif
+
+#define ngx_infer_key(k)  (ngx_strcmp(key, k) == 0)
+
+    if (ngx_infer_key("upstream")) {
+        rc = ngx_http_infer_route_file_string(v, pool, &m->upstream);
+
+        if (rc == NGX_OK && m->upstream.len) {
+            return NGX_OK;
+        }
+
+        goto string;
+    }
+
+    if (ngx_infer_key("model") || ngx_infer_key("fallback")) {
+        rc = ngx_http_infer_route_file_name(v, pool, &s);
+
+        if (rc != NGX_OK) {
+            goto name;
+        }
+
+        if (ngx_infer_key("model")) {
+            m->model = s;
+
+        } else {
+            m->fallback_name = s;
+        }
+
+        return NGX_OK;
+    }
+
+    if (ngx_infer_key("aliases")) {
+        if (!json_is_array(v)) {
+            ngx_http_infer_route_registry_error(err, m,
+                "\"aliases\" must be an array of names");
+            return NGX_ERROR;
+        }
+
+        json_array_foreach(v, index, item) {
+            alias = ngx_array_push(&m->aliases);
+            if (alias == NULL) {
+                return NGX_ERROR;
+            }
+
+            rc = ngx_http_infer_route_file_name(item, pool, alias);
+
+            if (rc != NGX_OK) {
+                goto name;
+            }
+        }
+
+        return NGX_OK;
+    }
+
+    if (ngx_infer_key("pattern")) {
+        rc = ngx_http_infer_route_file_string(v, pool, &s);
+
+        if (rc != NGX_OK || s.len == 0) {
+            goto string;
+        }
+
+#if (NGX_PCRE)
+        ngx_memzero(&rxc, sizeof(ngx_regex_compile_t));
+
+        rxc.pattern = s;
+        rxc.pool = pool;
+        rxc.err.len = NGX_MAX_CONF_ERRSTR;
+        rxc.err.data = errstr;
+
+        if (ngx_regex_compile(&rxc) != NGX_OK) {
+            ngx_http_infer_route_registry_error(err, m,
+                                                "invalid pattern: %V",
+                                                &rxc.err);
+            return NGX_ERROR;
+        }
+
+        m->regex = rxc.regex;
+        m->pattern = s;
+
+        return NGX_OK;
+#else
+        ngx_http_infer_route_registry_error(err, m,
+            "\"pattern\" needs nginx built with PCRE");
+        return NGX_ERROR;
+#endif
+    }
+
+    if (ngx_infer_key("state")) {
+        rc = ngx_http_infer_route_file_string(v, pool, &s);
+
+        if (rc == NGX_ERROR) {
+            return NGX_ERROR;
+        }
+
+        if (rc == NGX_OK && s.len == 6
+            && ngx_strncmp(s.data, "active", 6) == 0)
+        {
+            m->state = NGX_HTTP_INFER_MODEL_ACTIVE;
+
+        } else if (rc == NGX_OK && s.len == 10
+                   && ngx_strncmp(s.data, "deprecated", 10) == 0)
+        {
+            m->state = NGX_HTTP_INFER_MODEL_DEPRECATED;
+
+        } else if (rc == NGX_OK && s.len == 8
+                   && ngx_strncmp(s.data, "disabled", 8) == 0)
+        {
+            m->state = NGX_HTTP_INFER_MODEL_DISABLED;
+
+        } else {
+            ngx_http_infer_route_registry_error(err, m,
+                "\"state\" must be \"active\", \"deprecated\" or "
+                "\"disabled\"");
+            return NGX_ERROR;
+        }
+
+        return NGX_OK;
+    }
+
+    if (ngx_infer_key("max_body_size")) {
+        if (json_is_integer(v)) {
+            if (json_integer_value(v) < 0
+                || json_integer_value(v) > NGX_MAX_OFF_T_VALUE)
+            {
+                goto size;
+            }
+
+            m->max_body_size = (off_t) json_integer_value(v);
+            return NGX_OK;
+        }
+
+        rc = ngx_http_infer_route_file_string(v, pool, &s);
+
+        if (rc == NGX_ERROR) {
+            return NGX_ERROR;
+        }
+
+        if (rc == NGX_DECLINED || s.len == 0) {
+            goto size;
+        }
+
+        m->max_body_size = ngx_parse_offset(&s);
+
+        if (m->max_body_size == NGX_ERROR) {
+            goto size;
+        }
+
+        return NGX_OK;
+    }
+
+    if (ngx_infer_key("sticky")) {
+        ngx_http_infer_route_registry_error(err, m,
+            "\"sticky\" is not supported in a registry file (its value is "
+            "compiled with nginx variables): declare the model with "
+            "infer_model");
+        return NGX_ERROR;
+    }
+
+#undef ngx_infer_key
+
+    ngx_http_infer_route_registry_error(err, m, "unknown key \"%s\"", key);
+    return NGX_ERROR;
+
+string:
+
+    if (rc == NGX_ERROR) {
+        return NGX_ERROR;
+    }
+
+    ngx_http_infer_route_registry_error(err, m,
+                                        "\"%s\" must be a non-empty string",
+                                        key);
+    return NGX_ERROR;
+
+name:
+
+    if (rc == NGX_ERROR) {
+        return NGX_ERROR;
+    }
+
+    ngx_http_infer_route_registry_error(err, m,
+        "\"%s\": a name must be a string of 1 to %d bytes and no "
+        "control characters", key, NGX_HTTP_INFER_MODEL_MAX);
+    return NGX_ERROR;
+
+size:
+
+    ngx_http_infer_route_registry_error(err, m,
+        "\"max_body_size\" must be a number of bytes, or a size such as "
+        "\"64k\" or \"1m\"");
+    return NGX_ERROR;
+}
+
+
+/*
+ * "targets": [{"upstream": POOL, "weight": N, "model": ID}, ...], as
+ * infer_model_target declares them.
+ */
+
+static ngx_int_t
+ngx_http_infer_route_file_targets(ngx_http_infer_route_model_t *m,
+    json_t *list, ngx_pool_t *pool, u_char *err)
+{
+    size_t                          i;
+    json_t                         *item, *v;
+    json_int_t                      weight;
+    ngx_int_t                       rc;
+    const char                     *key;
+    ngx_http_infer_route_target_t  *t;
+
+    if (!json_is_array(list)) {
+        ngx_http_infer_route_registry_error(err, m,
+            "\"targets\" must be an array of objects");
+        return NGX_ERROR;
+    }
+
+    json_array_foreach(list, i, item) {
+
+        if (!json_is_object(item)) {
+            ngx_http_infer_route_registry_error(err, m,
+                                                "target #%uz: not a JSON "
+                                                "object", i + 1);
+            return NGX_ERROR;
+        }
+
+        t = ngx_array_push(&m->targets);
+        if (t == NULL) {
+            return NGX_ERROR;
+        }
+
+        ngx_memzero(t, sizeof(ngx_http_infer_route_target_t));
+        t->weight = 1;
+
+        json_object_foreach(item, key, v) {
+
+            if (ngx_strcmp(key, "upstream") == 0) {
+                rc = ngx_http_infer_route_file_string(v, pool, &t->upstream);
+
+                if (rc == NGX_ERROR) {
+                    return NGX_ERROR;
+                }
+
+                if (rc == NGX_DECLINED || t->upstream.len == 0) {
+                    ngx_http_infer_route_registry_error(err, m,
+                        "target #%uz: \"upstream\" must be a non-empty "
+                        "string", i + 1);
+                    return NGX_ERROR;
+                }
+
+                continue;
+            }
+
+            if (ngx_strcmp(key, "weight") == 0) {
+                weight = json_is_integer(v) ? json_integer_value(v) : 0;
+
+                if (weight < 1 || weight > 1000000) {
+                    ngx_http_infer_route_registry_error(err, m,
+                        "target #%uz: \"weight\" must be a whole number "
+                        "from 1 to 1000000", i + 1);
+                    return NGX_ERROR;
+                }
+
+                t->weight = (ngx_int_t) weight;
+                continue;
+            }
+
+            if (ngx_strcmp(key, "model") == 0) {
+                rc = ngx_http_infer_route_file_name(v, pool, &t->model);
+
+                if (rc == NGX_ERROR) {
+                    return NGX_ERROR;
+                }
+
+                if (rc == NGX_DECLINED) {
+                    ngx_http_infer_route_registry_error(err, m,
+                        "target #%uz: \"model\" must be a string of 1 to "
+                        "%d bytes and no control characters", i + 1,
+                        NGX_HTTP_INFER_MODEL_MAX);
+                    return NGX_ERROR;
+                }
+
+                continue;
+            }
+
+            ngx_http_infer_route_registry_error(err, m,
+                "target #%uz: unknown key \"%s\"", i + 1, key);
+            return NGX_ERROR;
+        }
+
+        if (t->upstream.len == 0) {
+            ngx_http_infer_route_registry_error(err, m,
+                                                "target #%uz: no "
+                                                "\"upstream\"", i + 1);
+            return NGX_ERROR;
+        }
+    }
+
+    return NGX_OK;
+}
+
+
+/*
+ * A JSON string, copied into pool: NGX_DECLINED when v is not a string.
+ */
+
+static ngx_int_t
+ngx_http_infer_route_file_string(json_t *v, ngx_pool_t *pool, ngx_str_t *s)
+{
+    if (!json_is_string(v)) {
+        return NGX_DECLINED;
+    }
+
+    s->len = json_string_length(v);
+
+    s->data = ngx_pnalloc(pool, s->len + 1);
+    if (s->data == NULL) {
+        return NGX_ERROR;
+    }
+
+    ngx_memcpy(s->data, json_string_value(v), s->len + 1);
+
+    return NGX_OK;
+}
+
+
+/*
+ * A model name, alias or id, held to the rules infer_model holds them to.
+ */
+
+static ngx_int_t
+ngx_http_infer_route_file_name(json_t *v, ngx_pool_t *pool, ngx_str_t *s)
+{
+    ngx_int_t  rc;
+
+    rc = ngx_http_infer_route_file_string(v, pool, s);
+
+    if (rc != NGX_OK) {
+        return rc;
+    }
+
+    return (ngx_http_infer_route_registry_name_ok(s) == NGX_OK)
+           ? NGX_OK : NGX_DECLINED;
+}
+
+
+static ngx_int_t
+ngx_http_infer_route_file_upstream(ngx_http_infer_route_file_t *f,
+    ngx_str_t *name)
+{
+    ngx_uint_t                       i;
+    ngx_http_upstream_srv_conf_t   **uscf;
+
+    uscf = f->umcf->upstreams.elts;
+
+    for (i = 0; i < f->umcf->upstreams.nelts; i++) {
+        if ((uscf[i]->flags & NGX_HTTP_UPSTREAM_CREATE)
+            && uscf[i]->host.len == name->len
+            && ngx_strncmp(uscf[i]->host.data, name->data, name->len) == 0)
+        {
+            return NGX_OK;
+        }
+    }
+
+    return NGX_DECLINED;
+}
+
+
+/*
+ * A new file (a ConfigMap's update swaps a symlink: a new inode), one
+ * written again in place (a new mtime, to the nanosecond where the system
+ * keeps it, or a new size), or one whose owner or mode changed (a new
+ * ctime), which may make a file that could not be read readable.
+ */
+
+static ngx_uint_t
+ngx_http_infer_route_file_changed(ngx_http_infer_route_file_t *f,
+    ngx_file_info_t *fi)
+{
+    struct timespec  mtim, ctim;
+
+    ngx_http_infer_route_file_times(fi, &mtim, &ctim);
+
+    return f->uniq != ngx_file_uniq(fi)
+           || f->size != ngx_file_size(fi)
+           || f->mtim.tv_sec != mtim.tv_sec
+           || f->mtim.tv_nsec != mtim.tv_nsec
+           || f->ctim.tv_sec != ctim.tv_sec
+           || f->ctim.tv_nsec != ctim.tv_nsec;
+}
+
+
+static void
+ngx_http_infer_route_file_seen(ngx_http_infer_route_file_t *f,
+    ngx_file_info_t *fi)
+{
+    f->uniq = ngx_file_uniq(fi);
+    f->size = ngx_file_size(fi);
+
+    ngx_http_infer_route_file_times(fi, &f->mtim, &f->ctim);
+}
+
+
+static void
+ngx_http_infer_route_file_times(ngx_file_info_t *fi, struct timespec *mtim,
+    struct timespec *ctim)
+{
+#if (NGX_LINUX)
+    *mtim = fi->st_mtim;
+    *ctim = fi->st_ctim;
+#else
+    mtim->tv_sec = fi->st_mtime;
+    mtim->tv_nsec = 0;
+    ctim->tv_sec = fi->st_ctime;
+    ctim->tv_nsec = 0;
+#endif
+}
+
+
+static void
+ngx_http_infer_route_file_syserr(u_char *err, ngx_err_t e, const char *what)
+{
+    u_char  *p, *last;
+
+    last = err + NGX_HTTP_INFER_ROUTE_ERRSTR - 1;
+
+    p = ngx_slprintf(err, last, "%s failed (%d: ", what, e);
+    p = ngx_strerror(e, p, last - p);
+    p = ngx_slprintf(p, last, ")");
+
+    *p = '\0';
+}
