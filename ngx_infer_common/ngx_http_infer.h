@@ -17,6 +17,46 @@
 
 
 /*
+ * Sends b, a whole JSON answer in memory, with status.  Returns what the
+ * output filter returns, for ngx_http_finalize_request().
+ */
+
+static ngx_inline ngx_int_t
+ngx_http_infer_send_json(ngx_http_request_t *r, ngx_uint_t status,
+    ngx_buf_t *b)
+{
+    ngx_int_t     rc;
+    ngx_chain_t   out;
+
+    static u_char  ct[] = "application/json";
+
+    b->last_buf = (r == r->main) ? 1 : 0;
+    b->last_in_chain = 1;
+
+    r->headers_out.status = status;
+    r->headers_out.content_type.len = sizeof(ct) - 1;
+    r->headers_out.content_type.data = ct;
+    r->headers_out.content_type_len = sizeof(ct) - 1;
+    r->headers_out.content_length_n = b->last - b->pos;
+
+    ngx_http_clear_accept_ranges(r);
+    ngx_http_clear_last_modified(r);
+    ngx_http_clear_etag(r);
+
+    rc = ngx_http_send_header(r);
+
+    if (rc == NGX_ERROR || rc > NGX_OK || r->header_only) {
+        return rc;
+    }
+
+    out.buf = b;
+    out.next = NULL;
+
+    return ngx_http_output_filter(r, &out);
+}
+
+
+/*
  * Sends an error in the OpenAI envelope, so that the official SDKs raise
  * the matching exception:
  *
@@ -32,14 +72,10 @@ static ngx_inline ngx_int_t
 ngx_http_infer_send_error(ngx_http_request_t *r, ngx_uint_t status,
     const char *type, const char *code, ngx_str_t *message)
 {
-    u_char       *p;
-    size_t        len, tlen, clen;
-    uintptr_t     esc;
-    ngx_int_t     rc;
-    ngx_buf_t    *b;
-    ngx_chain_t   out;
-
-    static u_char  ct[] = "application/json";
+    u_char     *p;
+    size_t      len, tlen, clen;
+    uintptr_t   esc;
+    ngx_buf_t  *b;
 
     if (ngx_http_discard_request_body(r) != NGX_OK) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
@@ -70,29 +106,7 @@ ngx_http_infer_send_error(ngx_http_request_t *r, ngx_uint_t status,
     p = ngx_cpymem(p, code, clen);
     b->last = ngx_cpymem(p, "\"}}\n", sizeof("\"}}\n") - 1);
 
-    b->last_buf = (r == r->main) ? 1 : 0;
-    b->last_in_chain = 1;
-
-    r->headers_out.status = status;
-    r->headers_out.content_type.len = sizeof(ct) - 1;
-    r->headers_out.content_type.data = ct;
-    r->headers_out.content_type_len = sizeof(ct) - 1;
-    r->headers_out.content_length_n = b->last - b->pos;
-
-    ngx_http_clear_accept_ranges(r);
-    ngx_http_clear_last_modified(r);
-    ngx_http_clear_etag(r);
-
-    rc = ngx_http_send_header(r);
-
-    if (rc == NGX_ERROR || rc > NGX_OK || r->header_only) {
-        return rc;
-    }
-
-    out.buf = b;
-    out.next = NULL;
-
-    return ngx_http_output_filter(r, &out);
+    return ngx_http_infer_send_json(r, status, b);
 }
 
 

@@ -143,6 +143,8 @@ static ngx_int_t ngx_http_infer_route_variable(ngx_http_request_t *r,
     ngx_http_variable_value_t *v, uintptr_t data);
 
 static ngx_int_t ngx_http_infer_route_list_handler(ngx_http_request_t *r);
+static ngx_uint_t ngx_http_infer_route_listed(
+    ngx_http_infer_route_model_t *m, ngx_str_t *filter, ngx_str_t *want);
 static ngx_int_t ngx_http_infer_route_list_allows(ngx_str_t *filter,
     ngx_http_infer_route_model_t *m);
 
@@ -1715,12 +1717,9 @@ ngx_http_infer_route_list_handler(ngx_http_request_t *r)
     ngx_str_t                           filter, want, msg;
     ngx_buf_t                          *b;
     ngx_uint_t                          i, n, nm, one, single;
-    ngx_chain_t                         out;
     ngx_http_infer_route_model_t      **m;
     ngx_http_infer_route_loc_conf_t    *rlcf;
     ngx_http_infer_route_main_conf_t   *rmcf;
-
-    static u_char  ct[] = "application/json";
 
     if (!(r->method & (NGX_HTTP_GET|NGX_HTTP_HEAD))) {
         return NGX_HTTP_NOT_ALLOWED;
@@ -1774,11 +1773,8 @@ ngx_http_infer_route_list_handler(ngx_http_request_t *r)
 
     for (i = 0; i < nm; i++) {
 
-        if (m[i]->state == NGX_HTTP_INFER_MODEL_DISABLED
-            || !ngx_http_infer_route_list_allows(&filter, m[i])
-            || (single && (want.len != m[i]->name.len
-                           || ngx_strncmp(want.data, m[i]->name.data,
-                                          want.len) != 0)))
+        if (!ngx_http_infer_route_listed(m[i], &filter, single ? &want
+                                                                : NULL))
         {
             continue;
         }
@@ -1816,11 +1812,8 @@ ngx_http_infer_route_list_handler(ngx_http_request_t *r)
 
     for (i = 0; i < nm; i++) {
 
-        if (m[i]->state == NGX_HTTP_INFER_MODEL_DISABLED
-            || !ngx_http_infer_route_list_allows(&filter, m[i])
-            || (single && (want.len != m[i]->name.len
-                           || ngx_strncmp(want.data, m[i]->name.data,
-                                          want.len) != 0)))
+        if (!ngx_http_infer_route_listed(m[i], &filter, single ? &want
+                                                                : NULL))
         {
             continue;
         }
@@ -1845,25 +1838,28 @@ ngx_http_infer_route_list_handler(ngx_http_request_t *r)
 
     *b->last++ = LF;
 
-    b->last_buf = (r == r->main) ? 1 : 0;
-    b->last_in_chain = 1;
+    return ngx_http_infer_send_json(r, NGX_HTTP_OK, b);
+}
 
-    r->headers_out.status = NGX_HTTP_OK;
-    r->headers_out.content_type.len = sizeof(ct) - 1;
-    r->headers_out.content_type.data = ct;
-    r->headers_out.content_type_len = sizeof(ct) - 1;
-    r->headers_out.content_length_n = b->last - b->pos;
 
-    rc = ngx_http_send_header(r);
+/*
+ * Whether the list shows m: not disabled, allowed by the filter, and the
+ * one asked for by /models/{id} (want, when not NULL).
+ */
 
-    if (rc == NGX_ERROR || rc > NGX_OK || r->header_only) {
-        return rc;
+static ngx_uint_t
+ngx_http_infer_route_listed(ngx_http_infer_route_model_t *m,
+    ngx_str_t *filter, ngx_str_t *want)
+{
+    if (m->state == NGX_HTTP_INFER_MODEL_DISABLED
+        || !ngx_http_infer_route_list_allows(filter, m))
+    {
+        return 0;
     }
 
-    out.buf = b;
-    out.next = NULL;
-
-    return ngx_http_output_filter(r, &out);
+    return want == NULL
+           || (want->len == m->name.len
+               && ngx_strncmp(want->data, m->name.data, want->len) == 0);
 }
 
 
