@@ -15,13 +15,7 @@
 #include <ngx_config.h>
 #include <ngx_core.h>
 #include "ngx_http_infer_route_json.h"
-
-#if (defined __SSE2__ && defined __GNUC__)
-#include <emmintrin.h>
-#define NGX_JSON_SSE2  1
-#else
-#define NGX_JSON_SSE2  0
-#endif
+#include "ngx_http_infer_route_lex.h"
 
 
 #define NGX_JSON_DEPTH              64
@@ -61,21 +55,6 @@
 #define NGX_JSON_TEXT               12
 #define NGX_JSON_ALL                13
 
-/* 8 bytes at a time: does any byte need a look (a quote, a backslash or
- * a control character)?  Exact, whatever the byte order */
-#define NGX_JSON_ONES               0x0101010101010101ULL
-#define NGX_JSON_HIGHS              0x8080808080808080ULL
-
-#define ngx_json_special(v, q, s)                                            \
-    (((((q) - NGX_JSON_ONES) & ~(q))                                         \
-      | (((s) - NGX_JSON_ONES) & ~(s))                                       \
-      | (((v) - NGX_JSON_ONES * 0x20) & ~(v)))                               \
-     & NGX_JSON_HIGHS)
-
-#define ngx_json_plain(c)                                                    \
-    (ngx_http_infer_route_json_plain[(c) >> 5] & (1U << ((c) & 0x1f)))
-
-
 static ngx_inline const char *ngx_http_infer_route_json_string(u_char **pos,
     u_char *end, ngx_uint_t *escaped);
 static ngx_int_t ngx_http_infer_route_json_number(u_char **pos, u_char *end,
@@ -91,25 +70,6 @@ static ngx_int_t ngx_http_infer_route_json_error(
     ngx_http_infer_route_body_t *b, const char *error, size_t offset);
 
 
-/* string bytes that need no look: not '"', not '\\', not below 0x20 */
-
-static uint32_t  ngx_http_infer_route_json_plain[] = {
-    0x00000000, /* 0000 0000 0000 0000  0000 0000 0000 0000 */
-
-                /* ?>=< ;:98 7654 3210  /.-, +*)( '&%$ #"!  */
-    0xfffffffb, /* 1111 1111 1111 1111  1111 1111 1111 1011 */
-
-                /* _^]\ [ZYX WVUT SRQP  ONML KJIH GFED CBA@ */
-    0xefffffff, /* 1110 1111 1111 1111  1111 1111 1111 1111 */
-
-                /*  ~}| {zyx wvut srqp  onml kjih gfed cba` */
-    0xffffffff, /* 1111 1111 1111 1111  1111 1111 1111 1111 */
-
-    0xffffffff, /* 1111 1111 1111 1111  1111 1111 1111 1111 */
-    0xffffffff, /* 1111 1111 1111 1111  1111 1111 1111 1111 */
-    0xffffffff, /* 1111 1111 1111 1111  1111 1111 1111 1111 */
-    0xffffffff  /* 1111 1111 1111 1111  1111 1111 1111 1111 */
-};
 
 
 /* the context of an object or an array that is a value of a given role */
@@ -608,83 +568,19 @@ static ngx_inline const char *
 ngx_http_infer_route_json_string(u_char **pos, u_char *end,
     ngx_uint_t *escaped)
 {
-    u_char    *s;
-    uint64_t   v, q, b;
-#if (NGX_JSON_SSE2)
-    int        m;
-    __m128i    x, y, quote, bslash, ctl;
-
-    quote = _mm_set1_epi8('"');
-    bslash = _mm_set1_epi8('\\');
-    ctl = _mm_set1_epi8(0x1f);
-#endif
+    u_char  *s;
 
     s = *pos;
     *escaped = 0;
 
     for ( ;; ) {
 
-        /*
-         * skip ordinary bytes: 16 at a time with SSE2, else 8 at a time
-         * in a 64-bit word, then one at a time
-         */
-
-#if (NGX_JSON_SSE2)
-        while (end - s >= 16) {
-            x = _mm_loadu_si128((const __m128i *) s);
-
-            /* '"', '\\', or (unsigned) <= 0x1f */
-            y = _mm_or_si128(_mm_cmpeq_epi8(x, quote),
-                             _mm_cmpeq_epi8(x, bslash));
-            y = _mm_or_si128(y, _mm_cmpeq_epi8(_mm_min_epu8(x, ctl), x));
-
-            m = _mm_movemask_epi8(y);
-
-            if (m) {
-                s += __builtin_ctz(m);
-                goto special;
-            }
-
-            s += 16;
-        }
-#endif
-
-        while (end - s >= 8) {
-            ngx_memcpy(&v, s, 8);
-
-            q = v ^ (NGX_JSON_ONES * '"');
-            b = v ^ (NGX_JSON_ONES * '\\');
-
-            v = ngx_json_special(v, q, b);
-
-            if (v) {
-                /*
-                 * the lowest flag is the first byte to look at: a borrow
-                 * only ever flags bytes above a flagged one
-                 */
-#if (NGX_HAVE_LITTLE_ENDIAN && defined __GNUC__)
-                s += __builtin_ctzll(v) >> 3;
-                goto special;
-#else
-                break;
-#endif
-            }
-
-            s += 8;
-        }
-
-        while (s < end && ngx_json_plain(*s)) {
-            s++;
-        }
+        s = ngx_http_infer_route_special(s, end);
 
         if (s == end) {
             *pos = s;
             return "unterminated string";
         }
-
-#if (NGX_JSON_SSE2 || (NGX_HAVE_LITTLE_ENDIAN && defined __GNUC__))
-    special:
-#endif
 
         if (*s == '"') {
             *pos = s;

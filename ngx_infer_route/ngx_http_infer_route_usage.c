@@ -26,13 +26,7 @@
 #include <ngx_config.h>
 #include <ngx_core.h>
 #include "ngx_http_infer_route_usage.h"
-
-#if (defined __SSE2__ && defined __GNUC__)
-#include <emmintrin.h>
-#define NGX_USAGE_SSE2  1
-#else
-#define NGX_USAGE_SSE2  0
-#endif
+#include "ngx_http_infer_route_lex.h"
 
 
 #define NGX_USAGE_DEPTH             64      /* bits in u->stack */
@@ -133,16 +127,6 @@
     (ngx_usage_digit(c) || (c) == '"' || (c) == '{' || (c) == '['           \
      || (c) == '-' || (c) == 't' || (c) == 'f' || (c) == 'n')
 
-/* 8 bytes at a time, as in ngx_http_infer_route_json.c */
-#define NGX_USAGE_ONES              0x0101010101010101ULL
-#define NGX_USAGE_HIGHS             0x8080808080808080ULL
-
-#define ngx_usage_zero(v)                                                    \
-    (((v) - NGX_USAGE_ONES) & ~(v) & NGX_USAGE_HIGHS)
-
-#define ngx_usage_below(v, n)                                                \
-    (((v) - NGX_USAGE_ONES * (n)) & ~(v) & NGX_USAGE_HIGHS)
-
 
 static ngx_int_t ngx_http_infer_usage_json(ngx_http_infer_usage_t *u,
     u_char *p, u_char *last);
@@ -162,8 +146,6 @@ static void ngx_http_infer_usage_dispatch(ngx_http_infer_usage_t *u,
     off_t end);
 static ngx_inline void ngx_http_infer_usage_keep(ngx_http_infer_usage_t *u,
     u_char *p, size_t n);
-static ngx_inline u_char *ngx_http_infer_usage_special(u_char *p,
-    u_char *last);
 static ngx_inline u_char *ngx_http_infer_usage_eol(u_char *p, u_char *last);
 static ngx_inline ngx_int_t ngx_http_infer_usage_hex(u_char c);
 
@@ -552,7 +534,7 @@ ngx_http_infer_usage_json(ngx_http_infer_usage_t *u, u_char *p, u_char *last)
 
         case sw_string:
 
-            s = ngx_http_infer_usage_special(p, last);
+            s = ngx_http_infer_route_special(p, last);
 
             if (s == last) {
                 p = last;
@@ -614,7 +596,7 @@ ngx_http_infer_usage_json(ngx_http_infer_usage_t *u, u_char *p, u_char *last)
 
         case sw_key_string:
 
-            s = ngx_http_infer_usage_special(p, last);
+            s = ngx_http_infer_route_special(p, last);
 
             ngx_http_infer_usage_key_add(u, p, s - p);
 
@@ -1354,72 +1336,13 @@ ngx_http_infer_usage_keep(ngx_http_infer_usage_t *u, u_char *p, size_t n)
 }
 
 
-/* the first '"', '\\' or control character in a string, or last */
-
-static ngx_inline u_char *
-ngx_http_infer_usage_special(u_char *p, u_char *last)
-{
-    uint64_t   v, q, b;
-#if (NGX_USAGE_SSE2)
-    int        m;
-    __m128i    x, y, quote, bslash, ctl;
-
-    quote = _mm_set1_epi8('"');
-    bslash = _mm_set1_epi8('\\');
-    ctl = _mm_set1_epi8(0x1f);
-
-    while (last - p >= 16) {
-        x = _mm_loadu_si128((const __m128i *) p);
-
-        y = _mm_or_si128(_mm_cmpeq_epi8(x, quote), _mm_cmpeq_epi8(x, bslash));
-        y = _mm_or_si128(y, _mm_cmpeq_epi8(_mm_min_epu8(x, ctl), x));
-
-        m = _mm_movemask_epi8(y);
-
-        if (m) {
-            return p + __builtin_ctz(m);
-        }
-
-        p += 16;
-    }
-#endif
-
-    while (last - p >= 8) {
-        ngx_memcpy(&v, p, 8);
-
-        q = v ^ (NGX_USAGE_ONES * '"');
-        b = v ^ (NGX_USAGE_ONES * '\\');
-
-        /* a borrow only ever flags bytes above a flagged one */
-
-        v = ngx_usage_zero(q) | ngx_usage_zero(b) | ngx_usage_below(v, 0x20);
-
-        if (v) {
-#if (NGX_HAVE_LITTLE_ENDIAN && defined __GNUC__)
-            return p + (__builtin_ctzll(v) >> 3);
-#else
-            break;
-#endif
-        }
-
-        p += 8;
-    }
-
-    while (p < last && *p != '"' && *p != '\\' && *p >= 0x20) {
-        p++;
-    }
-
-    return p;
-}
-
-
 /* the first CR or LF, or last */
 
 static ngx_inline u_char *
 ngx_http_infer_usage_eol(u_char *p, u_char *last)
 {
     uint64_t   v, r, l;
-#if (NGX_USAGE_SSE2)
+#if (NGX_HTTP_INFER_LEX_SSE2)
     int        m;
     __m128i    x, cr, lf;
 
@@ -1442,13 +1365,13 @@ ngx_http_infer_usage_eol(u_char *p, u_char *last)
     while (last - p >= 8) {
         ngx_memcpy(&v, p, 8);
 
-        r = v ^ (NGX_USAGE_ONES * '\r');
-        l = v ^ (NGX_USAGE_ONES * '\n');
+        r = v ^ (NGX_HTTP_INFER_LEX_ONES * '\r');
+        l = v ^ (NGX_HTTP_INFER_LEX_ONES * '\n');
 
-        v = ngx_usage_zero(r) | ngx_usage_zero(l);
+        v = ngx_http_infer_lex_zero(r) | ngx_http_infer_lex_zero(l);
 
         if (v) {
-#if (NGX_HAVE_LITTLE_ENDIAN && defined __GNUC__)
+#if (NGX_HTTP_INFER_LEX_CTZ)
             return p + (__builtin_ctzll(v) >> 3);
 #else
             break;
