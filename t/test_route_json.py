@@ -8,21 +8,14 @@ on a 2 KB and a 1 MB chat body (printed, not asserted)."""
 
 import json
 import random
-import re
-import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-TREE = REPO / "build" / "nginx-src"
-UNIT = REPO / "t" / "unit"
-SCANNER = REPO / "ngx_infer_route" / "ngx_http_infer_route_json.c"
+from harness.cunit import (REPO, UNIT, VARIANTS, build_sanitized, compile_c,
+                           fuzz)
 
-INCLUDES = [f"-I{TREE / d}" for d in
-            ("src/core", "src/event", "src/event/modules", "src/os/unix",
-             "objs")] + [f"-I{REPO / 'ngx_infer_route'}"]
+SCANNER = REPO / "ngx_infer_route" / "ngx_http_infer_route_json.c"
 
 MODEL_MAX = 256         # NGX_HTTP_INFER_MODEL_MAX
 DEPTH_MAX = 64
@@ -39,29 +32,11 @@ def fnv1a(data):
     return h
 
 
-def compile_c(out, sources, flags, cc="gcc"):
-    if not (TREE / "objs" / "ngx_auto_config.h").exists():
-        pytest.fail(f"no configured nginx tree at {TREE}: run 'make' first",
-                    pytrace=False)
-    cmd = [cc, *flags, *INCLUDES, *map(str, sources), "-o", str(out)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, " ".join(cmd) + "\n" + r.stderr
-    return out
-
-
-# the string scanner's three ways of skipping ordinary bytes: SSE2 (on
-# x86-64), 64-bit words, 64-bit words without the little-endian shortcut
-VARIANTS = {"sse2": [], "swar": ["-U__SSE2__"],
-            "portable": ["-U__SSE2__", "-DNGX_HAVE_LITTLE_ENDIAN=0"]}
-
-
 @pytest.fixture(scope="session", params=list(VARIANTS))
 def cli(request, tmp_path_factory):
     out = tmp_path_factory.mktemp("route_json") / "route_json_cli"
-    return compile_c(out, [UNIT / "route_json_cli.c", SCANNER],
-                     ["-O1", "-g", "-fsanitize=address,undefined",
-                      "-fno-sanitize-recover=all", "-fno-omit-frame-pointer",
-                      "-Wall", "-Werror", *VARIANTS[request.param]])
+    return build_sanitized(out, [UNIT / "route_json_cli.c", SCANNER],
+                           request.param)
 
 
 def scan_many(cli, docs):
@@ -861,47 +836,15 @@ def test_depth(cli):
 
 def test_fuzz(tmp_path):
     """libFuzzer, ASan and UBSan over the scanner for 15 s."""
-    clang = shutil.which("clang") or shutil.which("clang-14")
-    if clang is None:
-        pytest.skip("clang is not installed")
-    probe = tmp_path / "probe.c"
-    probe.write_text("int LLVMFuzzerTestOneInput(const unsigned char *d, "
-                     "unsigned long n) { return 0; }\n")
-    r = subprocess.run([clang, "-fsanitize=fuzzer", str(probe), "-o",
-                        str(tmp_path / "probe")], capture_output=True,
-                       text=True, timeout=60)
-    if r.returncode != 0:
-        pytest.skip("clang's libFuzzer runtime is missing: "
-                    + r.stderr[-500:])
-
-    fuzz = compile_c(tmp_path / "route_json_fuzz",
-                     [UNIT / "route_json_fuzz.c", SCANNER],
-                     ["-g", "-O1", "-fsanitize=fuzzer,address,undefined",
-                      "-fno-sanitize-recover=all", "-Wall", "-Werror"],
-                     cc=clang)
-    corpus = tmp_path / "corpus"
-    shutil.copytree(UNIT / "corpus", corpus)
     tokens = ["{", "}", "[", "]", ",", ":", '"', "\\u", "\\ud83d",
               "\\ude00", "\\\\", "true", "false", "null", "-0", "1e5",
               '"model"', '"stream"', '"max_tokens"',
               '"max_completion_tokens"', '"stream_options"',
               '"include_usage"', '"messages"', '"content"', '"text"',
               '"prompt"', '"input"', '"payload"', "mod\\u0065l"]
-    dictionary = tmp_path / "json.dict"
-    dictionary.write_text("".join(
-        "t%d=%s\n" % (i, json.dumps(t)) for i, t in enumerate(tokens)))
-
-    r = subprocess.run([str(fuzz), str(corpus), "-max_total_time=15",
-                        "-print_final_stats=1", "-timeout=10",
-                        f"-dict={dictionary}",
-                        f"-artifact_prefix={tmp_path}/"],
-                       cwd=tmp_path, capture_output=True, text=True,
-                       timeout=120)
-    runs = re.search(r"stat::number_of_executed_units:\s*(\d+)", r.stderr)
-    print(f"\nfuzz: {runs.group(1) if runs else '?'} executions"
-          f" (-max_total_time=15), corpus {len(list(corpus.iterdir()))}"
-          " inputs")
-    assert r.returncode == 0, r.stderr[-6000:]
+    fuzz(tmp_path, [UNIT / "route_json_fuzz.c", SCANNER], UNIT / "corpus",
+         "".join("t%d=%s\n" % (i, json.dumps(t))
+                 for i, t in enumerate(tokens)))
 
 
 def chat_body(size, rng):

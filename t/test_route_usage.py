@@ -10,20 +10,14 @@ bounded libFuzzer run (t/unit/route_usage_fuzz.c) and the parser's speed
 import json
 import random
 import re
-import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-TREE = REPO / "build" / "nginx-src"
-UNIT = REPO / "t" / "unit"
-PARSER = REPO / "ngx_infer_route" / "ngx_http_infer_route_usage.c"
+from harness.cunit import (REPO, UNIT, VARIANTS, build_sanitized, compile_c,
+                           fuzz)
 
-INCLUDES = [f"-I{TREE / d}" for d in
-            ("src/core", "src/event", "src/event/modules", "src/os/unix",
-             "objs")] + [f"-I{REPO / 'ngx_infer_route'}"]
+PARSER = REPO / "ngx_infer_route" / "ngx_http_infer_route_usage.c"
 
 LINE_MAX = 8192         # NGX_HTTP_INFER_USAGE_LINE_MAX
 DEPTH_MAX = 64
@@ -35,28 +29,10 @@ RESULTS = ("found", "done", "content_events", "usage_event_start",
 BOM = b"\xef\xbb\xbf"
 
 
-def compile_c(out, sources, flags, cc="gcc"):
-    if not (TREE / "objs" / "ngx_auto_config.h").exists():
-        pytest.fail(f"no configured nginx tree at {TREE}: run 'make' first",
-                    pytrace=False)
-    cmd = [cc, *flags, *INCLUDES, *map(str, sources), "-o", str(out)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, " ".join(cmd) + "\n" + r.stderr
-    return out
-
-
-# the two scanners' three ways of skipping bytes: SSE2 (on x86-64), 64-bit
-# words, 64-bit words without the little-endian shortcut
-VARIANTS = {"sse2": [], "swar": ["-U__SSE2__"],
-            "portable": ["-U__SSE2__", "-DNGX_HAVE_LITTLE_ENDIAN=0"]}
-
-
 def build_cli(tmp_path_factory, variant):
     out = tmp_path_factory.mktemp("route_usage") / "route_usage_cli"
-    return compile_c(out, [UNIT / "route_usage_cli.c", PARSER],
-                     ["-O1", "-g", "-fsanitize=address,undefined",
-                      "-fno-sanitize-recover=all", "-fno-omit-frame-pointer",
-                      "-Wall", "-Werror", *VARIANTS[variant]])
+    return build_sanitized(out, [UNIT / "route_usage_cli.c", PARSER],
+                           variant)
 
 
 @pytest.fixture(scope="session")
@@ -1065,26 +1041,6 @@ def test_sse_strip_hold(cli):
 
 def test_fuzz(tmp_path):
     """libFuzzer, ASan and UBSan over the parser for 15 s."""
-    clang = shutil.which("clang") or shutil.which("clang-14")
-    if clang is None:
-        pytest.skip("clang is not installed")
-    probe = tmp_path / "probe.c"
-    probe.write_text("int LLVMFuzzerTestOneInput(const unsigned char *d, "
-                     "unsigned long n) { return 0; }\n")
-    r = subprocess.run([clang, "-fsanitize=fuzzer", str(probe), "-o",
-                        str(tmp_path / "probe")], capture_output=True,
-                       text=True, timeout=60)
-    if r.returncode != 0:
-        pytest.skip("clang's libFuzzer runtime is missing: "
-                    + r.stderr[-500:])
-
-    fuzz = compile_c(tmp_path / "route_usage_fuzz",
-                     [UNIT / "route_usage_fuzz.c", PARSER],
-                     ["-g", "-O1", "-fsanitize=fuzzer,address,undefined",
-                      "-fno-sanitize-recover=all", "-Wall", "-Werror"],
-                     cc=clang)
-    corpus = tmp_path / "corpus"
-    shutil.copytree(UNIT / "usage_corpus", corpus)
     tokens = ["{", "}", "[", "]", ",", ":", '"', "\\u", "\\u0075", "\\\\",
               "true", "false", "null", "-0", "1e5", "9007199254740993",
               '"usage"', '"prompt_tokens"', '"completion_tokens"',
@@ -1093,24 +1049,12 @@ def test_fuzz(tmp_path):
               '"reasoning_tokens"', '"choices"', '"delta"', '"content"',
               '"text"', "data: ", "data:", "\n\n", "\r\n", "\r\n\r\n", "\r",
               "[DONE]", ": ping\n", "event: x\n", "\ufeff"]
-    dictionary = tmp_path / "usage.dict"
-    dictionary.write_text("".join(
-        't%d="%s"\n' % (i, "".join(chr(c) if 0x20 <= c < 0x7f
-                                    and c not in b'"\\' else "\\x%02x" % c
-                                    for c in t.encode("utf-8")))
-        for i, t in enumerate(tokens)))
-
-    r = subprocess.run([str(fuzz), str(corpus), "-max_total_time=15",
-                        "-print_final_stats=1", "-timeout=10",
-                        "-max_len=20000", f"-dict={dictionary}",
-                        f"-artifact_prefix={tmp_path}/"],
-                       cwd=tmp_path, capture_output=True, text=True,
-                       timeout=120)
-    runs = re.search(r"stat::number_of_executed_units:\s*(\d+)", r.stderr)
-    print(f"\nfuzz: {runs.group(1) if runs else '?'} executions"
-          f" (-max_total_time=15), corpus {len(list(corpus.iterdir()))}"
-          " inputs")
-    assert r.returncode == 0, r.stderr[-6000:]
+    fuzz(tmp_path, [UNIT / "route_usage_fuzz.c", PARSER],
+         UNIT / "usage_corpus",
+         "".join('t%d="%s"\n' % (i, "".join(
+             chr(c) if 0x20 <= c < 0x7f and c not in b'"\\' else "\\x%02x" % c
+             for c in t.encode("utf-8"))) for i, t in enumerate(tokens)),
+         args=["-max_len=20000"])
 
 
 def bench_stream(rng, events):
