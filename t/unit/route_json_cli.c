@@ -27,9 +27,9 @@
 #include <ngx_config.h>
 #include <ngx_core.h>
 #include "ngx_http_infer_route_json.h"
+#include "unit.h"
 
 
-static u_char *read_all(FILE *f, size_t *len);
 static ngx_int_t scan(u_char *data, size_t len, size_t prefix_max,
     ngx_http_infer_route_body_t *b);
 static void print_result(ngx_int_t rc, ngx_http_infer_route_body_t *b);
@@ -93,51 +93,6 @@ main(int argc, char **argv)
     free(data);
 
     return 0;
-}
-
-
-static u_char *
-read_all(FILE *f, size_t *len)
-{
-    u_char  *buf, *nbuf;
-    size_t   size, n;
-
-    size = 65536;
-    *len = 0;
-
-    buf = malloc(size);
-    if (buf == NULL) {
-        perror("malloc");
-        return NULL;
-    }
-
-    for ( ;; ) {
-        n = fread(buf + *len, 1, size - *len, f);
-        *len += n;
-
-        if (*len < size) {
-            break;
-        }
-
-        size *= 2;
-
-        nbuf = realloc(buf, size);
-        if (nbuf == NULL) {
-            perror("realloc");
-            free(buf);
-            return NULL;
-        }
-
-        buf = nbuf;
-    }
-
-    if (ferror(f)) {
-        perror("fread");
-        free(buf);
-        return NULL;
-    }
-
-    return buf;
 }
 
 

@@ -20,16 +20,7 @@
 #include <ngx_config.h>
 #include <ngx_core.h>
 #include "ngx_http_infer_route_json.h"
-
-
-#define check(e)                                                             \
-    do {                                                                     \
-        if (!(e)) {                                                          \
-            fprintf(stderr, "invariant failed: %s (line %d)\n", #e,          \
-                    __LINE__);                                               \
-            abort();                                                         \
-        }                                                                    \
-    } while (0)
+#include "unit.h"
 
 
 static ngx_int_t run(u_char *p, size_t len, size_t prefix_max,

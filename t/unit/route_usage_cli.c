@@ -37,6 +37,7 @@
 #include <ngx_config.h>
 #include <ngx_core.h>
 #include "ngx_http_infer_route_usage.h"
+#include "unit.h"
 
 
 typedef struct {
@@ -47,7 +48,6 @@ typedef struct {
 } run_t;
 
 
-static u_char *read_all(FILE *f, size_t *len);
 static int parse_cuts(const char *spec, size_t len, size_t **cuts,
     size_t *ncuts);
 static void run(u_char *data, size_t len, ngx_uint_t mode, ngx_uint_t strip,
@@ -128,51 +128,6 @@ main(int argc, char **argv)
     free(data);
 
     return 0;
-}
-
-
-static u_char *
-read_all(FILE *f, size_t *len)
-{
-    u_char  *buf, *nbuf;
-    size_t   size, n;
-
-    size = 65536;
-    *len = 0;
-
-    buf = malloc(size);
-    if (buf == NULL) {
-        perror("malloc");
-        return NULL;
-    }
-
-    for ( ;; ) {
-        n = fread(buf + *len, 1, size - *len, f);
-        *len += n;
-
-        if (*len < size) {
-            break;
-        }
-
-        size *= 2;
-
-        nbuf = realloc(buf, size);
-        if (nbuf == NULL) {
-            perror("realloc");
-            free(buf);
-            return NULL;
-        }
-
-        buf = nbuf;
-    }
-
-    if (ferror(f)) {
-        perror("fread");
-        free(buf);
-        return NULL;
-    }
-
-    return buf;
 }
 
 

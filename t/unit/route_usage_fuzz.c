@@ -24,16 +24,7 @@
 #include <ngx_config.h>
 #include <ngx_core.h>
 #include "ngx_http_infer_route_usage.h"
-
-
-#define check(e)                                                             \
-    do {                                                                     \
-        if (!(e)) {                                                          \
-            fprintf(stderr, "invariant failed: %s (line %d)\n", #e,          \
-                    __LINE__);                                               \
-            abort();                                                         \
-        }                                                                    \
-    } while (0)
+#include "unit.h"
 
 
 typedef struct {
