@@ -1268,7 +1268,8 @@ ngx_http_infer_route_header_filter(ngx_http_request_t *r)
         return ngx_http_next_header_filter(r);
     }
 
-    ctx->usage = ngx_palloc(r->pool, sizeof(ngx_http_infer_usage_t));
+    /* ~200 bytes for a JSON answer: the 8 KB line buffer is SSE's only */
+    ctx->usage = ngx_palloc(r->pool, NGX_HTTP_INFER_USAGE_SIZE(mode));
     if (ctx->usage == NULL) {
         return NGX_ERROR;
     }

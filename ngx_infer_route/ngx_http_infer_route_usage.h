@@ -69,12 +69,21 @@ typedef struct {
                                            interest */
     ngx_uint_t    role;                 /* what the next value is */
     ngx_int_t     tokens[5];            /* the usage being read */
-    size_t        line_len;
-    u_char        line[NGX_HTTP_INFER_USAGE_LINE_MAX];
     u_char        scratch[64];          /* a key, decoded */
     ngx_uint_t    scratch_len;
     ngx_uint_t    flags;
+
+    /* SSE only, and last: a JSON parser is allocated without it */
+    size_t        line_len;
+    u_char        line[NGX_HTTP_INFER_USAGE_LINE_MAX];
 } ngx_http_infer_usage_t;
+
+
+/* the bytes a parser of this mode needs: JSON answers need no line */
+#define NGX_HTTP_INFER_USAGE_SIZE(mode)                                      \
+    ((mode) == NGX_HTTP_INFER_USAGE_JSON                                     \
+     ? offsetof(ngx_http_infer_usage_t, line)                                \
+     : sizeof(ngx_http_infer_usage_t))
 
 
 void ngx_http_infer_usage_init(ngx_http_infer_usage_t *u, ngx_uint_t mode,

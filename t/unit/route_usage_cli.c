@@ -212,16 +212,26 @@ parse_cuts(const char *spec, size_t len, size_t **cuts, size_t *ncuts)
 
 static void
 run(u_char *data, size_t len, ngx_uint_t mode, ngx_uint_t strip,
-    ngx_uint_t trace, size_t *cuts, size_t ncuts, ngx_http_infer_usage_t *u,
-    run_t *r)
+    ngx_uint_t trace, size_t *cuts, size_t ncuts,
+    ngx_http_infer_usage_t *out, run_t *r)
 {
-    off_t       last[3];
-    u_char     *copy;
-    size_t      from, to, i;
-    ngx_int_t   rc;
-    ngx_uint_t  first;
+    off_t                    last[3];
+    u_char                  *copy;
+    size_t                   from, to, i, size;
+    ngx_int_t                rc;
+    ngx_uint_t               first;
+    ngx_http_infer_usage_t  *u;
 
-    memset(u, 0xa5, sizeof(ngx_http_infer_usage_t));
+    /* exactly as large as the module allocates it, for ASan to watch */
+    size = NGX_HTTP_INFER_USAGE_SIZE(mode);
+
+    u = malloc(size);
+    if (u == NULL) {
+        perror("malloc");
+        exit(2);
+    }
+
+    memset(u, 0xa5, size);
     ngx_http_infer_usage_init(u, mode, strip);
 
     r->rc = NGX_OK;
@@ -286,6 +296,9 @@ run(u_char *data, size_t len, ngx_uint_t mode, ngx_uint_t strip,
     }
 
     r->final = ngx_http_infer_usage_feed(u, (u_char *) "", 0);
+
+    memcpy(out, u, size);
+    free(u);
 }
 
 

@@ -97,13 +97,21 @@ run(const u_char *body, size_t len, ngx_uint_t mode, ngx_uint_t strip,
     ngx_uint_t seed, ngx_uint_t bytewise, ngx_http_infer_usage_t *u,
     result_t *r)
 {
-    off_t       event_start;
-    u_char     *copy;
-    size_t      at, n;
-    uint32_t    x;
-    ngx_int_t   rc;
+    off_t                    event_start;
+    u_char                  *copy;
+    size_t                   at, n, size;
+    uint32_t                 x;
+    ngx_int_t                rc;
+    ngx_http_infer_usage_t  *out;
 
-    memset(u, 0xa5, sizeof(ngx_http_infer_usage_t));
+    /* exactly as large as the module allocates it, for ASan to watch */
+    size = NGX_HTTP_INFER_USAGE_SIZE(mode);
+    out = u;
+
+    u = malloc(size);
+    check(u != NULL);
+
+    memset(u, 0xa5, size);
     ngx_http_infer_usage_init(u, mode, strip);
 
     check(u->offset == 0 && u->event_start == 0);
@@ -169,6 +177,9 @@ run(const u_char *body, size_t len, ngx_uint_t mode, ngx_uint_t strip,
     check(r->final == NGX_OK || r->final == NGX_ERROR);
     check(!r->error || r->final == NGX_ERROR);
     check(u->event_start == (off_t) len);
+
+    memcpy(out, u, size);
+    free(u);
 }
 
 
