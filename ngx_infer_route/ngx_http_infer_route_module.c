@@ -448,6 +448,13 @@ ngx_http_infer_route_fallback(ngx_http_request_t *r,
 
         if (state->status >= NGX_HTTP_BAD_REQUEST) {
             status = state->status;
+
+        } else if (state->status) {
+            /*
+             * the pool answered (X-Accel-Redirect, say): this redirect is
+             * not a failure, and no reason to change models
+             */
+            return ngx_http_infer_route_done(r, ctx);
         }
     }
 

@@ -482,6 +482,10 @@ class Sim:
         out = ["HTTP/1.1 %d %s" % (status, REASONS.get(status, "Status")),
                "x-sim-replica: " + self.cfg["replica"]]
         out.extend(headers)
+        # x-sim-add-header: "Name: value", one header added to the answer
+        add = req.h.get("x-sim-add-header") if req is not None else None
+        if add and ":" in add and "\r" not in add and "\n" not in add:
+            out.append(add)
         if close:
             out.append("connection: close")
         elif req is not None and req.version == "HTTP/1.0":

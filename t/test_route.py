@@ -679,6 +679,27 @@ def test_a_chain_of_fallbacks(nginx_factory, sim_factory):
     assert [len(recorded(s)) for s in (a, b, c)] == [1, 1, 1]
 
 
+def test_a_redirect_the_pool_asked_for_is_no_failover(nginx_factory, pools):
+    """An X-Accel-Redirect from the pool (a 200) also lands in a location
+    with infer_route on: it must not be taken for a failure."""
+    llama, mistral = pools
+    conf = failover_conf(llama.addr, mistral.addr).replace(
+        "location @fallback {",
+        "location /internal/ { internal; root html; try_files /ok.txt =404; "
+        "add_header X-Model-Target $infer_model_target always; }\n"
+        "        location @fallback {")
+    gw = nginx_factory(conf, modules=["route"])
+    r = requests.post(gw.url + "/v1/chat/completions", timeout=10,
+                      headers={"x-sim-add-header":
+                               "X-Accel-Redirect: /internal/done"},
+                      json=dict(CHAT, model="llama-3-8b"))
+    assert r.status_code == 200
+    assert r.text == "ok"                   # html/ok.txt, after the redirect
+    assert r.headers["x-model-target"] == "llama-3-8b"
+    assert recorded(mistral) == []
+    assert "falling back" not in gw.log_text()
+
+
 def test_no_fallback_once_the_stream_has_started(nginx_factory, pools):
     llama, mistral = pools
     gw = nginx_factory(failover_conf(llama.addr, mistral.addr),
