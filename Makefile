@@ -74,5 +74,9 @@ test: deps build
 bench: deps build
 	$(PYTHON) bench/run.py
 
+# a JWT for the running demo: make token TENANT=globex
+token:
+	@$(PYTHON) examples/demo/mint_token.py $(TENANT)
+
 clean:
 	rm -rf $(BUILD)

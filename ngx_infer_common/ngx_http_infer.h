@@ -57,29 +57,24 @@ ngx_http_infer_send_json(ngx_http_request_t *r, ngx_uint_t status,
 
 
 /*
- * Sends an error in the OpenAI envelope, so that the official SDKs raise
- * the matching exception:
+ * An error in the OpenAI envelope, so that the official SDKs raise the
+ * matching exception:
  *
  *   {"error": {"message": "...", "type": "...", "param": null,
  *              "code": "..."}}
  *
  * type and code are literals of ours; message may carry client input
- * (a model name) and is JSON-escaped.  Returns what the output filter
- * returns, for ngx_http_finalize_request().
+ * (a model name) and is JSON-escaped.
  */
 
-static ngx_inline ngx_int_t
-ngx_http_infer_send_error(ngx_http_request_t *r, ngx_uint_t status,
-    const char *type, const char *code, ngx_str_t *message)
+static ngx_inline ngx_buf_t *
+ngx_http_infer_error_buf(ngx_pool_t *pool, const char *type,
+    const char *code, ngx_str_t *message)
 {
     u_char     *p;
     size_t      len, tlen, clen;
     uintptr_t   esc;
     ngx_buf_t  *b;
-
-    if (ngx_http_discard_request_body(r) != NGX_OK) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
-    }
 
     tlen = ngx_strlen(type);
     clen = ngx_strlen(code);
@@ -91,9 +86,9 @@ ngx_http_infer_send_error(ngx_http_request_t *r, ngx_uint_t status,
           + sizeof("\", \"param\": null, \"code\": \"") - 1 + clen
           + sizeof("\"}}\n") - 1;
 
-    b = ngx_create_temp_buf(r->pool, len);
+    b = ngx_create_temp_buf(pool, len);
     if (b == NULL) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        return NULL;
     }
 
     p = ngx_cpymem(b->last, "{\"error\": {\"message\": \"",
@@ -106,7 +101,111 @@ ngx_http_infer_send_error(ngx_http_request_t *r, ngx_uint_t status,
     p = ngx_cpymem(p, code, clen);
     b->last = ngx_cpymem(p, "\"}}\n", sizeof("\"}}\n") - 1);
 
+    return b;
+}
+
+
+/*
+ * Sends an error in the OpenAI envelope.  Returns what the output filter
+ * returns, for ngx_http_finalize_request().
+ */
+
+static ngx_inline ngx_int_t
+ngx_http_infer_send_error(ngx_http_request_t *r, ngx_uint_t status,
+    const char *type, const char *code, ngx_str_t *message)
+{
+    ngx_buf_t  *b;
+
+    if (ngx_http_discard_request_body(r) != NGX_OK) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    b = ngx_http_infer_error_buf(r->pool, type, code, message);
+    if (b == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
     return ngx_http_infer_send_json(r, status, b);
+}
+
+
+/*
+ * Whether name matches pattern, where "*" stands for any run of bytes
+ * (and nothing else is special): "llama-*", "*-instruct", "*".
+ */
+
+static ngx_inline ngx_uint_t
+ngx_http_infer_pattern_match(u_char *pat, size_t plen, u_char *name,
+    size_t nlen)
+{
+    size_t  p, n, star, mark;
+
+    p = 0;
+    n = 0;
+    star = (size_t) -1;
+    mark = 0;
+
+    while (n < nlen) {
+
+        if (p < plen && pat[p] == '*') {
+            star = p++;
+            mark = n;
+
+        } else if (p < plen && pat[p] == name[n]) {
+            p++;
+            n++;
+
+        } else if (star != (size_t) -1) {
+            /* let the last star take one byte more */
+            p = star + 1;
+            n = ++mark;
+
+        } else {
+            return 0;
+        }
+    }
+
+    while (p < plen && pat[p] == '*') {
+        p++;
+    }
+
+    return p == plen;
+}
+
+
+/*
+ * Whether one of the patterns in list, separated by spaces or commas,
+ * matches name.
+ */
+
+static ngx_inline ngx_uint_t
+ngx_http_infer_list_match(ngx_str_t *list, u_char *name, size_t nlen)
+{
+    u_char  *p, *last, *start;
+
+    p = list->data;
+    last = list->data + list->len;
+
+    for ( ;; ) {
+
+        while (p < last && (*p == ' ' || *p == ',')) {
+            p++;
+        }
+
+        if (p == last) {
+            return 0;
+        }
+
+        start = p;
+
+        while (p < last && *p != ' ' && *p != ',') {
+            p++;
+        }
+
+        if (ngx_http_infer_pattern_match(start, p - start, name, nlen)) {
+            return 1;
+        }
+    }
 }
 
 

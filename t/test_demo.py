@@ -14,6 +14,10 @@ from harness.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
+# the demo's keys, as it prints them
+ACME = {"authorization": "Bearer sk-demo-acme-0123456789abcdef"}
+GLOBEX = {"x-api-key": "sk-demo-globex-0123456789abcdef"}
+
 
 def test_demo_answers_and_stops_cleanly(tmp_path):
     port = free_port()
@@ -36,24 +40,28 @@ def test_demo_answers_and_stops_cleanly(tmp_path):
         assert f"http://127.0.0.1:{port}" in text and "curl" in text
 
         base = f"http://127.0.0.1:{port}"
-        r = requests.post(base + "/v1/chat/completions", timeout=10, json={
+        r = requests.post(base + "/v1/chat/completions", timeout=10,
+                          headers=ACME, json={
             "model": "llama-3-8b",
             "messages": [{"role": "user", "content": "Hello"}]})
         assert r.status_code == 200
         assert r.json()["model"] == "llama-3-8b"
         assert r.headers["x-sim-replica"].startswith("llama-3-8b-")
 
-        r = requests.post(base + "/v1/chat/completions", timeout=10, json={
+        r = requests.post(base + "/v1/chat/completions", timeout=10,
+                          headers=ACME, json={
             "model": "mistral-7b",
             "messages": [{"role": "user", "content": "Hi"}]})
         assert r.status_code == 200
         assert r.headers["x-sim-replica"] == "mistral-7b-a"
 
-        r = requests.post(base + "/v1/chat/completions", timeout=10, json={
+        r = requests.post(base + "/v1/chat/completions", timeout=10,
+                          headers=ACME, json={
             "model": "llama3", "messages": []})
         assert r.headers["x-sim-replica"].startswith("llama-3-8b-")
 
-        r = requests.post(base + "/v1/chat/completions", timeout=10, json={
+        r = requests.post(base + "/v1/chat/completions", timeout=10,
+                          headers=ACME, json={
             "model": "gpt-nope", "messages": []})
         assert r.status_code == 404
         assert r.json()["error"]["code"] == "model_not_found"
@@ -65,12 +73,37 @@ def test_demo_answers_and_stops_cleanly(tmp_path):
         assert r.status_code == 413
         assert r.json()["error"]["code"] == "request_too_large"
 
-        r = requests.get(base + "/v1/models", timeout=10)
+        r = requests.get(base + "/v1/models", timeout=10, headers=ACME)
         assert [m["id"] for m in r.json()["data"]] == ["llama-3-8b",
                                                        "mistral-7b"]
 
+        # globex may use mistral-7b only, and sees only it
+        r = requests.get(base + "/v1/models", timeout=10, headers=GLOBEX)
+        assert [m["id"] for m in r.json()["data"]] == ["mistral-7b"]
+        r = requests.post(base + "/v1/chat/completions", timeout=10,
+                          headers=GLOBEX, json={"model": "llama-3-8b",
+                                                "messages": []})
+        assert r.status_code == 404
+        assert r.json()["error"]["code"] == "model_not_found"
+
+        # no key: 401 with WWW-Authenticate; a token from `make token`
+        r = requests.post(base + "/v1/chat/completions", timeout=10,
+                          json={"model": "mistral-7b", "messages": []})
+        assert r.status_code == 401
+        assert r.headers["www-authenticate"].startswith("Bearer realm=")
+        tok = subprocess.run(
+            [sys.executable, str(REPO / "examples/demo/mint_token.py"), "globex"],
+            env=env, capture_output=True, text=True, check=True).stdout
+        r = requests.post(base + "/v1/chat/completions", timeout=10,
+                          headers={"authorization": "Bearer " + tok.strip()},
+                          json={"model": "mistral-7b", "messages": [
+                              {"role": "user", "content": "Hi"}]})
+        assert r.status_code == 200
+        assert r.headers["x-sim-replica"] == "mistral-7b-a"
+
         # a stream: usage is read (asked for) and the log says so
-        r = requests.post(base + "/v1/chat/completions", timeout=10, json={
+        r = requests.post(base + "/v1/chat/completions", timeout=10,
+                          headers=ACME, json={
             "model": "llama-3-8b", "stream": True, "max_tokens": 3,
             "messages": [{"role": "user", "content": "Hi"}]})
         assert r.text.rstrip().endswith("data: [DONE]")

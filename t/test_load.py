@@ -8,16 +8,20 @@ import re
 import pytest
 import requests
 
-from harness.nginx import MODULES
+from harness.nginx import MODULES, REPO
 
 DIRECTIVE = {m: f"infer_{m}" for m in MODULES}
 
 # What turns each module on.  The route module answers 400 to a request
-# that names no model, so these requests name one in a header.
+# that names no model, so these requests name one in a header; the auth
+# module answers 401 to one without credentials, so they carry an API key
+# (t/data/api-keys.json holds its hash).
 ENABLE = {m: f"infer_{m} on;" for m in MODULES}
 ENABLE["route"] += " infer_model_source header=X-Model;"
+ENABLE["auth"] += f" infer_auth_api_keys {REPO}/t/data/api-keys.json;"
 ENABLE_ALL = " ".join(ENABLE.values())
-MODEL = {"x-model": "some-model"}
+MODEL = {"x-model": "some-model",
+         "authorization": "Bearer sk-ngx-infer-test-key-0001"}
 
 
 STATIC = "root html; try_files /ok.txt =404;"

@@ -10,6 +10,8 @@ import json
 import pytest
 import requests
 
+from harness.nginx import REPO
+
 CHAT = {"model": "llama-3-8b",
         "messages": [{"role": "user", "content": "Say hello to the gateway"}]}
 
@@ -19,6 +21,9 @@ def gateway_conf(*sims, extra=""):
     return f"""
     upstream pool {{ {servers} keepalive 8; }}
     infer_route on; infer_auth on; infer_ratelimit on; infer_metrics on;
+    infer_auth_api_keys {REPO}/t/data/api-keys.json;
+    # the auth module runs, and allow lets these key-less requests in
+    satisfy any; allow 127.0.0.1; deny all;
     server {{
         listen 127.0.0.1:{{port}};
         client_max_body_size 16m;

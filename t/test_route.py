@@ -13,6 +13,8 @@ import time
 import pytest
 import requests
 
+from harness.nginx import REPO
+
 CHAT = {"messages": [{"role": "user", "content": "Hello there"}]}
 
 PROXY = """proxy_pass http://$infer_upstream;
@@ -351,7 +353,9 @@ def test_without_a_registry_the_model_is_only_reported(nginx_factory, pools):
 def test_all_four_modules_route_the_same(nginx_factory, pools):
     gw = nginx_factory(route_conf(*pools, modules_on="infer_route on; "
                                   "infer_auth on; infer_ratelimit on; "
-                                  "infer_metrics on;"))
+                                  "infer_metrics on; infer_auth_api_keys "
+                                  f"{REPO}/t/data/api-keys.json; "
+                                  "satisfy any; allow 127.0.0.1;"))
     assert chat(gw, "mistral-7b").headers["x-sim-replica"] == "mistral-a"
 
 

@@ -36,6 +36,29 @@ def render(template, values):
     return text
 
 
+# the demo's API keys (examples/demo/api-keys.json holds their hashes)
+KEYS = {"acme": "sk-demo-acme-0123456789abcdef",
+        "globex": "sk-demo-globex-0123456789abcdef"}
+
+
+def demo_jwt_keys(run):
+    """The RS256 key pair the demo's tokens are signed with, made once."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    private = run / "jwt-rs256.pem"
+    if private.exists():
+        return
+    k = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    (run / "jwt-rs256.pub.pem").write_bytes(k.public_key().public_bytes(
+        serialization.Encoding.PEM,
+        serialization.PublicFormat.SubjectPublicKeyInfo))
+    private.write_bytes(k.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    private.chmod(0o600)
+
+
 def main():
     RUN.mkdir(parents=True, exist_ok=True)
     started = []
@@ -67,7 +90,10 @@ def main():
             started.append(s)
             sims[replica] = s
 
+        demo_jwt_keys(RUN)
+
         conf = render((HERE / "nginx.conf").read_text(), {
+            "here": HERE,
             "modules": MODULES_DIR,
             "run": RUN,
             "port": PORT,
@@ -89,33 +115,43 @@ def main():
         sys.exit(1)
 
     base = f"http://127.0.0.1:{PORT}"
+    acme, globex = KEYS["acme"], KEYS["globex"]
     print(f"""
 ngx_infer demo gateway: {base}  (nginx, Redis {redis.addr}, 3 simulated GPU replicas)
 
-  A chat completion (served by a llama-3-8b replica; see x-sim-replica):
-    curl -i {base}/v1/chat/completions -H 'content-type: application/json' \\
+  Tenants: acme may use every model (API key {acme}),
+           globex only mistral-7b (API key {globex}).
+
+  A chat completion for acme (served by a llama-3-8b replica; see x-sim-replica):
+    curl -i {base}/v1/chat/completions -H 'authorization: Bearer {acme}' \\
+      -H 'content-type: application/json' \\
       -d '{{"model": "llama-3-8b", "messages": [{{"role": "user", "content": "Hello"}}]}}'
 
   Streamed, with usage at the end:
-    curl -N {base}/v1/chat/completions -H 'content-type: application/json' \\
+    curl -N {base}/v1/chat/completions -H 'authorization: Bearer {acme}' \\
+      -H 'content-type: application/json' \\
       -d '{{"model": "llama-3-8b", "stream": true, "stream_options": {{"include_usage": true}},
            "messages": [{{"role": "user", "content": "Hello"}}]}}'
 
-  The mistral-7b pool, and the alias llama3 for llama-3-8b:
-    curl -i {base}/v1/chat/completions -H 'content-type: application/json' \\
-      -d '{{"model": "mistral-7b", "messages": [{{"role": "user", "content": "Hi"}}]}}'
-    curl -i {base}/v1/chat/completions -H 'content-type: application/json' \\
+  The alias llama3, and the mistral-7b pool with a JWT instead of a key:
+    curl -i {base}/v1/chat/completions -H 'x-api-key: {acme}' \\
       -d '{{"model": "llama3", "messages": [{{"role": "user", "content": "Hi"}}]}}'
+    curl -i {base}/v1/chat/completions -H "authorization: Bearer $(make -s token TENANT=globex)" \\
+      -d '{{"model": "mistral-7b", "messages": [{{"role": "user", "content": "Hi"}}]}}'
 
-  The models the gateway serves:
-    curl {base}/v1/models
+  What each tenant sees, and what globex may not use (404, as OpenAI answers):
+    curl {base}/v1/models -H 'authorization: Bearer {acme}'
+    curl {base}/v1/models -H 'authorization: Bearer {globex}'
+    curl -i {base}/v1/chat/completions -H 'authorization: Bearer {globex}' \\
+      -d '{{"model": "llama-3-8b", "messages": []}}'
 
-  An unknown model (404, in the OpenAI error envelope):
-    curl -i {base}/v1/chat/completions -H 'content-type: application/json' \\
+  No key (401, WWW-Authenticate), an unknown model (404), both in the OpenAI error envelope:
+    curl -i {base}/v1/chat/completions -d '{{"model": "llama-3-8b", "messages": []}}'
+    curl -i {base}/v1/chat/completions -H 'authorization: Bearer {acme}' \\
       -d '{{"model": "gpt-nope", "messages": []}}'
 
   Config: {RUN}/nginx.conf   Logs: {RUN}/error.log, {RUN}/access.log
-  (the access log shows each request's model, pool, tokens and time to first token)
+  (the access log shows each request's tenant, model, pool, tokens and time to first token)
   Ctrl-C stops everything.
 """, flush=True)
     print("demo ready", flush=True)
