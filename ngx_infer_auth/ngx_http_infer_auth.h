@@ -13,9 +13,13 @@
 
 #include <ngx_config.h>
 #include <ngx_core.h>
+#include <ngx_http.h>
 
 #include <jansson.h>
 #include <openssl/evp.h>
+#include <openssl/sha.h>
+
+#include "ngx_http_infer_file.h"
 
 
 /* a token longer than this is refused before it is decoded */
@@ -94,6 +98,173 @@ ngx_int_t ngx_http_infer_auth_keyset_pem(ngx_http_infer_auth_keyset_t *ks,
     u_char *data, size_t len, ngx_str_t *alg, ngx_str_t *kid, u_char *err);
 ngx_int_t ngx_http_infer_auth_keyset_jwks(ngx_http_infer_auth_keyset_t *ks,
     u_char *data, size_t len, u_char *err);
+
+
+/* an API key file or JWKS file: a bound against a wrong path */
+#define NGX_HTTP_INFER_AUTH_FILE_MAX  (16 * 1024 * 1024)
+
+/* how often a request waiting for another worker's JWKS fetch looks */
+#define NGX_HTTP_INFER_AUTH_POLL      20
+
+
+typedef enum {
+    NGX_HTTP_INFER_AUTH_NONE = 0,
+    NGX_HTTP_INFER_AUTH_OK,
+    NGX_HTTP_INFER_AUTH_MISSING,
+    NGX_HTTP_INFER_AUTH_INVALID,
+    NGX_HTTP_INFER_AUTH_EXPIRED,
+    NGX_HTTP_INFER_AUTH_DISABLED,
+    NGX_HTTP_INFER_AUTH_FORBIDDEN,
+    NGX_HTTP_INFER_AUTH_UNAVAILABLE
+} ngx_http_infer_auth_status_e;
+
+
+typedef struct {
+    u_char                            hash[SHA256_DIGEST_LENGTH];
+    ngx_str_t                         id;
+    ngx_str_t                         tenant;
+    ngx_str_t                         plan;
+    ngx_str_t                         models;    /* empty: not set */
+    ngx_uint_t                        disabled;
+} ngx_http_infer_auth_apikey_t;
+
+
+typedef struct {
+    ngx_array_t                       keys;      /* sorted by hash */
+    ngx_pool_t                       *pool;
+} ngx_http_infer_auth_apikeys_t;
+
+
+/* an API key file or a JWKS file, followed by every worker */
+
+typedef struct {
+    ngx_http_infer_file_t             file;
+    ngx_msec_t                        interval;
+    ngx_uint_t                        jwks;
+    void                             *data;      /* keyset or apikeys */
+    ngx_event_t                       event;
+} ngx_http_infer_auth_watch_t;
+
+
+/* a JWKS as the workers share it */
+
+typedef struct {
+    ngx_queue_t                       queue;
+    ngx_str_t                         uri;
+    ngx_uint_t                        generation; /* 0: never fetched */
+    time_t                            fetched;
+    ngx_msec_t                        attempted;
+    ngx_msec_t                        fetching;   /* until then */
+    size_t                            len;
+    u_char                           *data;
+} ngx_http_infer_auth_jwks_node_t;
+
+
+typedef struct {
+    ngx_queue_t                       nodes;
+} ngx_http_infer_auth_shctx_t;
+
+
+typedef struct {
+    ngx_str_t                         uri;
+    time_t                            ttl;
+    ngx_msec_t                        refresh;
+    ngx_msec_t                        timeout;
+    ngx_shm_zone_t                   *zone;
+
+    /* per worker */
+    ngx_http_infer_auth_jwks_node_t  *node;
+    ngx_uint_t                        generation;
+    ngx_http_infer_auth_keyset_t     *keys;
+} ngx_http_infer_auth_jwks_uri_t;
+
+
+typedef struct {
+    ngx_str_t                         tenant;
+    ngx_str_t                         models;
+} ngx_http_infer_auth_tenant_t;
+
+
+typedef struct {
+    ngx_array_t                       watches;   /* watch * */
+    ngx_shm_zone_t                   *zone;
+    ngx_int_t                         model_index;
+    ngx_int_t                         target_index;
+} ngx_http_infer_auth_main_conf_t;
+
+
+typedef struct {
+    ngx_flag_t                        enable;
+    ngx_http_infer_auth_keyset_t     *keys;      /* infer_auth_jwt_key */
+    ngx_http_infer_auth_watch_t      *jwks_file;
+    ngx_http_infer_auth_jwks_uri_t   *jwks_uri;
+    ngx_http_infer_auth_watch_t      *api_keys;
+    ngx_array_t                      *issuers;   /* ngx_str_t */
+    ngx_array_t                      *audiences;
+    ngx_array_t                      *required;
+    ngx_array_t                      *tenants;   /* tenant_t */
+    ngx_str_t                         tenant_claim;
+    ngx_str_t                         models_claim;
+    ngx_str_t                         plan_claim;
+    ngx_str_t                         header;    /* lowercase */
+    ngx_str_t                         key_header;
+    ngx_str_t                         realm;
+    ngx_uint_t                        denied;
+    time_t                            leeway;
+    ngx_flag_t                        strip;
+} ngx_http_infer_auth_loc_conf_t;
+
+
+typedef struct {
+    ngx_http_infer_auth_status_e      status;
+    ngx_int_t                         rc;        /* the decision */
+    ngx_uint_t                        http_status;
+    const char                       *code;
+    ngx_str_t                         message;
+    ngx_str_t                         www_authenticate;
+
+    ngx_str_t                         credential;
+    ngx_str_t                         method;
+    ngx_str_t                         tenant;
+    ngx_str_t                         subject;
+    ngx_str_t                         key_id;
+    ngx_str_t                         plan;
+    ngx_str_t                         models;    /* "*": all */
+
+    ngx_http_infer_auth_jwt_t         jwt;
+    ngx_msec_t                        wait_until;
+    ngx_uint_t                        wait_generation;
+
+    unsigned                          decided:1;
+    unsigned                          api_key:1;
+    unsigned                          decoded:1;
+    unsigned                          unknown_kid:1;
+    unsigned                          fetched:1;   /* or waited */
+    unsigned                          waiting:1;
+    unsigned                          replaced:1;
+    unsigned                          sent:1;
+} ngx_http_infer_auth_ctx_t;
+
+
+ngx_int_t ngx_http_infer_auth_api_key(ngx_http_request_t *r,
+    ngx_http_infer_auth_ctx_t *ctx, ngx_http_infer_auth_loc_conf_t *lcf);
+ngx_int_t ngx_http_infer_auth_reject(ngx_http_request_t *r,
+    ngx_http_infer_auth_ctx_t *ctx, ngx_http_infer_auth_loc_conf_t *lcf,
+    ngx_http_infer_auth_status_e status, const char *code,
+    const char *fmt, ...);
+ngx_int_t ngx_http_infer_auth_jwks_prepare(ngx_http_request_t *r,
+    ngx_http_infer_auth_ctx_t *ctx, ngx_http_infer_auth_jwks_uri_t *u);
+void ngx_http_infer_auth_watch_timer(ngx_event_t *ev);
+ngx_int_t ngx_http_infer_auth_join(ngx_pool_t *pool, json_t *v,
+    ngx_str_t *out);
+char *ngx_http_infer_auth_jwt_key_conf(ngx_conf_t *cf,
+    ngx_command_t *cmd, void *conf);
+char *ngx_http_infer_auth_file_conf(ngx_conf_t *cf,
+    ngx_command_t *cmd, void *conf);
+char *ngx_http_infer_auth_jwks_uri_conf(ngx_conf_t *cf,
+    ngx_command_t *cmd, void *conf);
+
+extern ngx_module_t  ngx_http_infer_auth_module;
 
 
 #endif /* _NGX_HTTP_INFER_AUTH_H_INCLUDED_ */

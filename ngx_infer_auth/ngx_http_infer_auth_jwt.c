@@ -621,8 +621,8 @@ ngx_http_infer_auth_keyset_jwks(ngx_http_infer_auth_keyset_t *ks,
             alg = ngx_http_infer_auth_alg(&name);
 
             if (alg == NULL) {
-                ngx_http_infer_auth_error(err, "key %uz (\"%V\"): unsupported \"alg\"",
-                            i, &kid);
+                ngx_http_infer_auth_error(err, "key %uz (\"%V\"): "
+                                          "unsupported \"alg\"", i, &kid);
                 rc = NGX_ERROR;
                 break;
             }
@@ -646,8 +646,8 @@ ngx_http_infer_auth_keyset_jwks(ngx_http_infer_auth_keyset_t *ks,
                                         &secret)
                 != NGX_OK)
             {
-                ngx_http_infer_auth_error(err, "key %uz (\"%V\"): malformed \"k\"",
-                            i, &kid);
+                ngx_http_infer_auth_error(err, "key %uz (\"%V\"): "
+                                          "malformed \"k\"", i, &kid);
                 rc = NGX_ERROR;
                 break;
             }
@@ -658,15 +658,15 @@ ngx_http_infer_auth_keyset_jwks(ngx_http_infer_auth_keyset_t *ks,
             }
 
         } else {
-            ngx_http_infer_auth_error(err, "key %uz (\"%V\"): unsupported \"kty\"",
-                        i, &kid);
+            ngx_http_infer_auth_error(err, "key %uz (\"%V\"): "
+                                      "unsupported \"kty\"", i, &kid);
             rc = NGX_ERROR;
             break;
         }
 
         if (pkey == NULL && secret.data == NULL) {
-            ngx_http_infer_auth_error(err, "key %uz (\"%V\"): malformed %V key",
-                        i, &kid, &kty);
+            ngx_http_infer_auth_error(err, "key %uz (\"%V\"): "
+                                      "malformed %V key", i, &kid, &kty);
             rc = NGX_ERROR;
             break;
         }
@@ -703,27 +703,30 @@ ngx_http_infer_auth_key_add(ngx_http_infer_auth_keyset_t *ks, EVP_PKEY *pkey,
     ngx_http_infer_auth_key_t  *k;
 
     if (alg == NULL) {
-        ngx_http_infer_auth_error(err, "key \"%V\": no algorithm fits it", kid);
+        ngx_http_infer_auth_error(err, "key \"%V\": no algorithm fits it",
+                                  kid);
         EVP_PKEY_free(pkey);
         return NGX_ERROR;
     }
 
     if (ngx_http_infer_auth_fits(alg, pkey, secret) != NGX_OK) {
         if (alg->family == NGX_HTTP_INFER_AUTH_HMAC && secret) {
-            ngx_http_infer_auth_error(err, "key \"%V\": an %V secret must have at least "
-                        "%uz bytes, it has %uz",
-                        kid, &alg->name, alg->size, secret->len);
+            ngx_http_infer_auth_error(err, "key \"%V\": an %V secret must "
+                                      "have at least %uz bytes, it has %uz",
+                                      kid, &alg->name, alg->size,
+                                      secret->len);
 
         } else if (alg->family == NGX_HTTP_INFER_AUTH_RSA
                    || alg->family == NGX_HTTP_INFER_AUTH_PSS)
         {
-            ngx_http_infer_auth_error(err, "key \"%V\": %V needs an RSA key of at least "
-                        "%d bits", kid, &alg->name,
-                        NGX_HTTP_INFER_AUTH_RSA_MIN);
+            ngx_http_infer_auth_error(err, "key \"%V\": %V needs an RSA "
+                                      "key of at least %d bits", kid,
+                                      &alg->name,
+                                      NGX_HTTP_INFER_AUTH_RSA_MIN);
 
         } else {
-            ngx_http_infer_auth_error(err, "key \"%V\": the key does not fit %V",
-                        kid, &alg->name);
+            ngx_http_infer_auth_error(err, "key \"%V\": the key does not "
+                                      "fit %V", kid, &alg->name);
         }
 
         EVP_PKEY_free(pkey);

@@ -18,154 +18,7 @@
 #include <openssl/sha.h>
 
 #include "ngx_http_infer.h"
-#include "ngx_http_infer_file.h"
 #include "ngx_http_infer_auth.h"
-
-
-/* an API key file or JWKS file: a bound against a wrong path */
-#define NGX_HTTP_INFER_AUTH_FILE_MAX  (16 * 1024 * 1024)
-
-/* how often a request waiting for another worker's JWKS fetch looks */
-#define NGX_HTTP_INFER_AUTH_POLL      20
-
-
-typedef enum {
-    NGX_HTTP_INFER_AUTH_NONE = 0,
-    NGX_HTTP_INFER_AUTH_OK,
-    NGX_HTTP_INFER_AUTH_MISSING,
-    NGX_HTTP_INFER_AUTH_INVALID,
-    NGX_HTTP_INFER_AUTH_EXPIRED,
-    NGX_HTTP_INFER_AUTH_DISABLED,
-    NGX_HTTP_INFER_AUTH_FORBIDDEN,
-    NGX_HTTP_INFER_AUTH_UNAVAILABLE
-} ngx_http_infer_auth_status_e;
-
-
-typedef struct {
-    u_char                            hash[SHA256_DIGEST_LENGTH];
-    ngx_str_t                         id;
-    ngx_str_t                         tenant;
-    ngx_str_t                         plan;
-    ngx_str_t                         models;    /* empty: not set */
-    ngx_uint_t                        disabled;
-} ngx_http_infer_auth_apikey_t;
-
-
-typedef struct {
-    ngx_array_t                       keys;      /* sorted by hash */
-    ngx_pool_t                       *pool;
-} ngx_http_infer_auth_apikeys_t;
-
-
-/* an API key file or a JWKS file, followed by every worker */
-
-typedef struct {
-    ngx_http_infer_file_t             file;
-    ngx_msec_t                        interval;
-    ngx_uint_t                        jwks;
-    void                             *data;      /* keyset or apikeys */
-    ngx_event_t                       event;
-} ngx_http_infer_auth_watch_t;
-
-
-/* a JWKS as the workers share it */
-
-typedef struct {
-    ngx_queue_t                       queue;
-    ngx_str_t                         uri;
-    ngx_uint_t                        generation; /* 0: never fetched */
-    time_t                            fetched;
-    ngx_msec_t                        attempted;
-    ngx_msec_t                        fetching;   /* until then */
-    size_t                            len;
-    u_char                           *data;
-} ngx_http_infer_auth_jwks_node_t;
-
-
-typedef struct {
-    ngx_queue_t                       nodes;
-} ngx_http_infer_auth_shctx_t;
-
-
-typedef struct {
-    ngx_str_t                         uri;
-    time_t                            ttl;
-    ngx_msec_t                        refresh;
-    ngx_msec_t                        timeout;
-    ngx_shm_zone_t                   *zone;
-
-    /* per worker */
-    ngx_http_infer_auth_jwks_node_t  *node;
-    ngx_uint_t                        generation;
-    ngx_http_infer_auth_keyset_t     *keys;
-} ngx_http_infer_auth_jwks_uri_t;
-
-
-typedef struct {
-    ngx_str_t                         tenant;
-    ngx_str_t                         models;
-} ngx_http_infer_auth_tenant_t;
-
-
-typedef struct {
-    ngx_array_t                       watches;   /* watch * */
-    ngx_shm_zone_t                   *zone;
-    ngx_int_t                         model_index;
-    ngx_int_t                         target_index;
-} ngx_http_infer_auth_main_conf_t;
-
-
-typedef struct {
-    ngx_flag_t                        enable;
-    ngx_http_infer_auth_keyset_t     *keys;      /* infer_auth_jwt_key */
-    ngx_http_infer_auth_watch_t      *jwks_file;
-    ngx_http_infer_auth_jwks_uri_t   *jwks_uri;
-    ngx_http_infer_auth_watch_t      *api_keys;
-    ngx_array_t                      *issuers;   /* ngx_str_t */
-    ngx_array_t                      *audiences;
-    ngx_array_t                      *required;
-    ngx_array_t                      *tenants;   /* tenant_t */
-    ngx_str_t                         tenant_claim;
-    ngx_str_t                         models_claim;
-    ngx_str_t                         plan_claim;
-    ngx_str_t                         header;    /* lowercase */
-    ngx_str_t                         key_header;
-    ngx_str_t                         realm;
-    ngx_uint_t                        denied;
-    time_t                            leeway;
-    ngx_flag_t                        strip;
-} ngx_http_infer_auth_loc_conf_t;
-
-
-typedef struct {
-    ngx_http_infer_auth_status_e      status;
-    ngx_int_t                         rc;        /* the decision */
-    ngx_uint_t                        http_status;
-    const char                       *code;
-    ngx_str_t                         message;
-    ngx_str_t                         www_authenticate;
-
-    ngx_str_t                         credential;
-    ngx_str_t                         method;
-    ngx_str_t                         tenant;
-    ngx_str_t                         subject;
-    ngx_str_t                         key_id;
-    ngx_str_t                         plan;
-    ngx_str_t                         models;    /* "*": all */
-
-    ngx_http_infer_auth_jwt_t         jwt;
-    ngx_msec_t                        wait_until;
-    ngx_uint_t                        wait_generation;
-
-    unsigned                          decided:1;
-    unsigned                          api_key:1;
-    unsigned                          decoded:1;
-    unsigned                          unknown_kid:1;
-    unsigned                          fetched:1;   /* or waited */
-    unsigned                          waiting:1;
-    unsigned                          replaced:1;
-    unsigned                          sent:1;
-} ngx_http_infer_auth_ctx_t;
 
 
 static ngx_int_t ngx_http_infer_auth_handler(ngx_http_request_t *r);
@@ -173,10 +26,6 @@ static ngx_int_t ngx_http_infer_auth_decide(ngx_http_request_t *r,
     ngx_http_infer_auth_ctx_t *ctx, ngx_http_infer_auth_loc_conf_t *lcf);
 static ngx_int_t ngx_http_infer_auth_credential(ngx_http_request_t *r,
     ngx_http_infer_auth_ctx_t *ctx, ngx_http_infer_auth_loc_conf_t *lcf);
-static ngx_int_t ngx_http_infer_auth_api_key(ngx_http_request_t *r,
-    ngx_http_infer_auth_ctx_t *ctx, ngx_http_infer_auth_loc_conf_t *lcf);
-static ngx_int_t ngx_http_infer_auth_copy(ngx_pool_t *pool, ngx_str_t *dst,
-    ngx_str_t *src);
 static ngx_int_t ngx_http_infer_auth_jwt(ngx_http_request_t *r,
     ngx_http_infer_auth_ctx_t *ctx, ngx_http_infer_auth_loc_conf_t *lcf);
 static ngx_int_t ngx_http_infer_auth_jwt_key(ngx_http_infer_auth_ctx_t *ctx,
@@ -188,69 +37,24 @@ static ngx_int_t ngx_http_infer_auth_model(ngx_http_request_t *r,
     ngx_http_infer_auth_ctx_t *ctx, ngx_http_infer_auth_loc_conf_t *lcf);
 static ngx_int_t ngx_http_infer_auth_strip(ngx_http_request_t *r,
     ngx_http_infer_auth_loc_conf_t *lcf);
-static ngx_int_t ngx_http_infer_auth_reject(ngx_http_request_t *r,
-    ngx_http_infer_auth_ctx_t *ctx, ngx_http_infer_auth_loc_conf_t *lcf,
-    ngx_http_infer_auth_status_e status, const char *code,
-    const char *fmt, ...);
 static ngx_http_infer_auth_ctx_t *ngx_http_infer_auth_get_ctx(
     ngx_http_request_t *r);
 static void ngx_http_infer_auth_cleanup(void *data);
-
-static ngx_int_t ngx_http_infer_auth_jwks_prepare(ngx_http_request_t *r,
-    ngx_http_infer_auth_ctx_t *ctx, ngx_http_infer_auth_jwks_uri_t *u);
-static void ngx_http_infer_auth_jwks_sync(ngx_http_infer_auth_jwks_uri_t *u,
-    ngx_log_t *log);
-static ngx_int_t ngx_http_infer_auth_jwks_fetch(ngx_http_request_t *r,
-    ngx_http_infer_auth_ctx_t *ctx, ngx_http_infer_auth_jwks_uri_t *u);
-static ngx_int_t ngx_http_infer_auth_jwks_done(ngx_http_request_t *r,
-    void *data, ngx_int_t rc);
-static void ngx_http_infer_auth_jwks_store(ngx_http_infer_auth_jwks_uri_t *u,
-    u_char *data, size_t len, ngx_log_t *log);
-static ngx_int_t ngx_http_infer_auth_wait(ngx_http_request_t *r,
-    ngx_http_infer_auth_ctx_t *ctx);
-static void ngx_http_infer_auth_wait_handler(ngx_http_request_t *r);
-static ngx_http_infer_auth_jwks_node_t *ngx_http_infer_auth_jwks_node(
-    ngx_http_infer_auth_jwks_uri_t *u);
-static ngx_int_t ngx_http_infer_auth_init_zone(ngx_shm_zone_t *shm_zone,
-    void *data);
-
-static ngx_int_t ngx_http_infer_auth_watch_load(
-    ngx_http_infer_auth_watch_t *w, ngx_log_t *log, u_char *err);
-static void ngx_http_infer_auth_watch_timer(ngx_event_t *ev);
-static ngx_http_infer_auth_apikeys_t *ngx_http_infer_auth_apikeys_parse(
-    u_char *data, size_t len, ngx_log_t *log, u_char *err);
-static ngx_int_t ngx_http_infer_auth_apikey_parse(json_t *obj, size_t n,
-    ngx_pool_t *pool, ngx_http_infer_auth_apikey_t *k, u_char *err);
-static ngx_int_t ngx_http_infer_auth_join(ngx_pool_t *pool, json_t *v,
-    ngx_str_t *out);
-static ngx_int_t ngx_http_infer_auth_apikey_cmp(const void *one,
-    const void *two);
-static void ngx_http_infer_auth_data_free(ngx_http_infer_auth_watch_t *w,
-    void *data);
-
 static ngx_int_t ngx_http_infer_auth_header_filter(ngx_http_request_t *r);
 static ngx_int_t ngx_http_infer_auth_body_filter(ngx_http_request_t *r,
     ngx_chain_t *in);
-
 static ngx_int_t ngx_http_infer_auth_variable(ngx_http_request_t *r,
     ngx_http_variable_value_t *v, uintptr_t data);
 static ngx_int_t ngx_http_infer_auth_variable_status(ngx_http_request_t *r,
     ngx_http_variable_value_t *v, uintptr_t data);
 static ngx_int_t ngx_http_infer_auth_variable_claim(ngx_http_request_t *r,
     ngx_http_variable_value_t *v, uintptr_t data);
-
-static char *ngx_http_infer_auth_jwt_key_conf(ngx_conf_t *cf,
-    ngx_command_t *cmd, void *conf);
-static char *ngx_http_infer_auth_file_conf(ngx_conf_t *cf,
-    ngx_command_t *cmd, void *conf);
-static char *ngx_http_infer_auth_jwks_uri_conf(ngx_conf_t *cf,
+static char *ngx_http_infer_auth_strings_conf(ngx_conf_t *cf,
     ngx_command_t *cmd, void *conf);
 static char *ngx_http_infer_auth_tenant_models_conf(ngx_conf_t *cf,
     ngx_command_t *cmd, void *conf);
 static char *ngx_http_infer_auth_header_conf(ngx_conf_t *cf,
     ngx_command_t *cmd, void *conf);
-static void ngx_http_infer_auth_conf_cleanup(void *data);
-static void ngx_http_infer_auth_watch_cleanup(void *data);
 static ngx_int_t ngx_http_infer_auth_add_variables(ngx_conf_t *cf);
 static void *ngx_http_infer_auth_create_main_conf(ngx_conf_t *cf);
 static void *ngx_http_infer_auth_create_conf(ngx_conf_t *cf);
@@ -307,21 +111,21 @@ static ngx_command_t  ngx_http_infer_auth_commands[] = {
 
     { ngx_string("infer_auth_issuer"),
       NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_1MORE,
-      ngx_conf_set_str_array_slot,
+      ngx_http_infer_auth_strings_conf,
       NGX_HTTP_LOC_CONF_OFFSET,
       offsetof(ngx_http_infer_auth_loc_conf_t, issuers),
       NULL },
 
     { ngx_string("infer_auth_audience"),
       NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_1MORE,
-      ngx_conf_set_str_array_slot,
+      ngx_http_infer_auth_strings_conf,
       NGX_HTTP_LOC_CONF_OFFSET,
       offsetof(ngx_http_infer_auth_loc_conf_t, audiences),
       NULL },
 
     { ngx_string("infer_auth_require_claim"),
       NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_1MORE,
-      ngx_conf_set_str_array_slot,
+      ngx_http_infer_auth_strings_conf,
       NGX_HTTP_LOC_CONF_OFFSET,
       offsetof(ngx_http_infer_auth_loc_conf_t, required),
       NULL },
@@ -538,6 +342,14 @@ ngx_http_infer_auth_handler(ngx_http_request_t *r)
         return NGX_AGAIN;
     }
 
+    /* refused or not, the credentials go: not to a backend, not to a log */
+
+    if (lcf->strip && ctx->credential.data
+        && ngx_http_infer_auth_strip(r, lcf) != NGX_OK)
+    {
+        rc = NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
     ctx->decided = 1;
     ctx->rc = rc;
 
@@ -570,10 +382,6 @@ ngx_http_infer_auth_decide(ngx_http_request_t *r,
 
     if (rc != NGX_OK) {
         return rc;
-    }
-
-    if (lcf->strip && ngx_http_infer_auth_strip(r, lcf) != NGX_OK) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
     ctx->status = NGX_HTTP_INFER_AUTH_OK;
@@ -670,110 +478,6 @@ ngx_http_infer_auth_credential(ngx_http_request_t *r,
     }
 
     return NGX_OK;
-}
-
-
-static ngx_int_t
-ngx_http_infer_auth_api_key(ngx_http_request_t *r,
-    ngx_http_infer_auth_ctx_t *ctx, ngx_http_infer_auth_loc_conf_t *lcf)
-{
-    u_char                          hash[SHA256_DIGEST_LENGTH];
-    ngx_int_t                       lo, hi, mid, c;
-    ngx_http_infer_auth_apikey_t   *k, *found;
-    ngx_http_infer_auth_apikeys_t  *keys;
-
-    keys = lcf->api_keys ? lcf->api_keys->data : NULL;
-
-    if (keys == NULL) {
-        return ngx_http_infer_auth_reject(r, ctx, lcf,
-                   NGX_HTTP_INFER_AUTH_INVALID, "invalid_api_key",
-                   "API keys are not accepted here.");
-    }
-
-    SHA256(ctx->credential.data, ctx->credential.len, hash);
-
-    /*
-     * The search compares hashes, not keys: its timing says nothing of a
-     * key.  The final comparison is in constant time all the same.
-     */
-
-    k = keys->keys.elts;
-    found = NULL;
-    lo = 0;
-    hi = (ngx_int_t) keys->keys.nelts - 1;
-
-    while (lo <= hi) {
-        mid = lo + (hi - lo) / 2;
-        c = ngx_memcmp(hash, k[mid].hash, SHA256_DIGEST_LENGTH);
-
-        if (c == 0) {
-            found = &k[mid];
-            break;
-        }
-
-        if (c < 0) {
-            hi = mid - 1;
-
-        } else {
-            lo = mid + 1;
-        }
-    }
-
-    if (found == NULL
-        || CRYPTO_memcmp(hash, found->hash, SHA256_DIGEST_LENGTH) != 0)
-    {
-        ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
-                      "infer auth: unknown API key (sha256 %*xs...)",
-                      (size_t) 4, hash);
-
-        return ngx_http_infer_auth_reject(r, ctx, lcf,
-                   NGX_HTTP_INFER_AUTH_INVALID, "invalid_api_key",
-                   "Incorrect API key provided.");
-    }
-
-    /* the file may be read again while the request lives: copies */
-
-    if (ngx_http_infer_auth_copy(r->pool, &ctx->key_id, &found->id)
-           != NGX_OK
-        || ngx_http_infer_auth_copy(r->pool, &ctx->tenant, &found->tenant)
-           != NGX_OK
-        || ngx_http_infer_auth_copy(r->pool, &ctx->plan, &found->plan)
-           != NGX_OK
-        || ngx_http_infer_auth_copy(r->pool, &ctx->models, &found->models)
-           != NGX_OK)
-    {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
-    }
-
-    ctx->subject = ctx->key_id;
-
-    if (found->disabled) {
-        ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
-                      "infer auth: disabled API key \"%V\"", &ctx->key_id);
-
-        return ngx_http_infer_auth_reject(r, ctx, lcf,
-                   NGX_HTTP_INFER_AUTH_DISABLED, "invalid_api_key",
-                   "This API key has been disabled.");
-    }
-
-    return NGX_OK;
-}
-
-
-/* a copy of src, or none (data NULL) when src is unset */
-
-static ngx_int_t
-ngx_http_infer_auth_copy(ngx_pool_t *pool, ngx_str_t *dst, ngx_str_t *src)
-{
-    if (src->data == NULL) {
-        ngx_str_null(dst);
-        return NGX_OK;
-    }
-
-    dst->len = src->len;
-    dst->data = ngx_pstrdup(pool, src);
-
-    return dst->data ? NGX_OK : NGX_ERROR;
 }
 
 
@@ -1259,7 +963,7 @@ ngx_http_infer_auth_strip(ngx_http_request_t *r,
  * and so holds no double quote.
  */
 
-static ngx_int_t
+ngx_int_t
 ngx_http_infer_auth_reject(ngx_http_request_t *r,
     ngx_http_infer_auth_ctx_t *ctx, ngx_http_infer_auth_loc_conf_t *lcf,
     ngx_http_infer_auth_status_e status, const char *code,
@@ -1269,6 +973,7 @@ ngx_http_infer_auth_reject(ngx_http_request_t *r,
     u_char      buf[NGX_HTTP_INFER_AUTH_ERRSTR * 2];
     va_list     args;
     ngx_str_t   desc, *www;
+    ngx_uint_t  i;
 
     va_start(args, fmt);
     p = ngx_vslprintf(buf, buf + sizeof(buf), fmt, args);
@@ -1302,9 +1007,9 @@ ngx_http_infer_auth_reject(ngx_http_request_t *r,
         www = &ctx->www_authenticate;
 
         www->data = ngx_pnalloc(r->pool,
-                                sizeof("Bearer realm=\"\", error=\"invalid_token\""
-                                       ", error_description=\"\"") - 1
-                                + lcf->realm.len + desc.len);
+                        sizeof("Bearer realm=\"\", error=\"invalid_token\", "
+                               "error_description=\"\"") - 1
+                        + lcf->realm.len + desc.len);
         if (www->data == NULL) {
             return NGX_HTTP_INTERNAL_SERVER_ERROR;
         }
@@ -1312,8 +1017,18 @@ ngx_http_infer_auth_reject(ngx_http_request_t *r,
         p = ngx_sprintf(www->data, "Bearer realm=\"%V\"", &lcf->realm);
 
         if (status != NGX_HTTP_INFER_AUTH_MISSING) {
-            p = ngx_sprintf(p, ", error=\"invalid_token\", "
-                            "error_description=\"%V\"", &desc);
+            p = ngx_cpymem(p, ", error=\"invalid_token\", error_description=\"",
+                           sizeof(", error=\"invalid_token\", "
+                                  "error_description=\"") - 1);
+
+            /* a quoted-string of RFC 7230: its quotes become apostrophes */
+
+            for (i = 0; i < desc.len; i++) {
+                *p++ = (desc.data[i] == '"' || desc.data[i] == '\\')
+                       ? '\'' : desc.data[i];
+            }
+
+            *p++ = '"';
         }
 
         www->len = p - www->data;
@@ -1381,827 +1096,6 @@ ngx_http_infer_auth_cleanup(void *data)
     ngx_http_infer_auth_ctx_t  *ctx = data;
 
     ngx_http_infer_auth_jwt_free(&ctx->jwt);
-}
-
-
-/*
- * Makes sure the JWKS URL's keys are there and fresh before the token is
- * checked.  One request at a time, across workers, fetches (the node's
- * "fetching" deadline is the lock); the others go on with the keys they
- * have, or, when they have none or the token names an unknown kid, wait
- * for that fetch.  A request fetches or waits once at most.
- */
-
-static ngx_int_t
-ngx_http_infer_auth_jwks_prepare(ngx_http_request_t *r,
-    ngx_http_infer_auth_ctx_t *ctx, ngx_http_infer_auth_jwks_uri_t *u)
-{
-    ngx_uint_t                        cold, stale, unknown, busy, fetch;
-    ngx_msec_t                        now;
-    ngx_slab_pool_t                  *shpool;
-    ngx_http_infer_auth_jwks_node_t  *node;
-
-    ngx_http_infer_auth_jwks_sync(u, r->connection->log);
-
-    node = u->node;
-
-    if (node == NULL || ctx->fetched) {
-        return NGX_OK;
-    }
-
-    shpool = (ngx_slab_pool_t *) u->zone->shm.addr;
-    now = ngx_current_msec;
-
-    ngx_shmtx_lock(&shpool->mutex);
-
-    if (ctx->waiting) {
-        busy = (ngx_msec_int_t) (node->fetching - now) > 0;
-
-        if (!busy || node->generation != ctx->wait_generation
-            || (ngx_msec_int_t) (now - ctx->wait_until) >= 0)
-        {
-            ngx_shmtx_unlock(&shpool->mutex);
-
-            ctx->waiting = 0;
-            ctx->fetched = 1;
-
-            ngx_http_infer_auth_jwks_sync(u, r->connection->log);
-            return NGX_OK;
-        }
-
-        ngx_shmtx_unlock(&shpool->mutex);
-
-        return ngx_http_infer_auth_wait(r, ctx);
-    }
-
-    cold = (node->generation == 0);
-    stale = !cold && ngx_time() - node->fetched >= u->ttl;
-    unknown = ctx->unknown_kid
-              && (ngx_msec_int_t) (now - node->attempted)
-                 >= (ngx_msec_int_t) u->refresh;
-    busy = (ngx_msec_int_t) (node->fetching - now) > 0;
-
-    fetch = 0;
-
-    if ((cold || stale || unknown) && !busy) {
-        node->fetching = now + u->timeout;
-        node->attempted = now;
-        fetch = 1;
-
-    } else if ((cold || ctx->unknown_kid) && busy) {
-        ctx->waiting = 1;
-        ctx->wait_generation = node->generation;
-        ctx->wait_until = now + u->timeout;
-    }
-
-    ngx_shmtx_unlock(&shpool->mutex);
-
-    if (fetch) {
-        return ngx_http_infer_auth_jwks_fetch(r, ctx, u);
-    }
-
-    if (ctx->waiting) {
-        return ngx_http_infer_auth_wait(r, ctx);
-    }
-
-    return NGX_OK;
-}
-
-
-/*
- * Brings the worker's keys up to the shared JWKS: parsed again only when
- * another generation was stored.
- */
-
-static void
-ngx_http_infer_auth_jwks_sync(ngx_http_infer_auth_jwks_uri_t *u,
-    ngx_log_t *log)
-{
-    u_char                        err[NGX_HTTP_INFER_AUTH_ERRSTR];
-    u_char                       *copy;
-    size_t                        len;
-    ngx_uint_t                    generation;
-    ngx_slab_pool_t              *shpool;
-    ngx_http_infer_auth_keyset_t *ks;
-
-    if (u->node == NULL) {
-        u->node = ngx_http_infer_auth_jwks_node(u);
-
-        if (u->node == NULL) {
-            return;
-        }
-    }
-
-    shpool = (ngx_slab_pool_t *) u->zone->shm.addr;
-    copy = NULL;
-    len = 0;
-
-    ngx_shmtx_lock(&shpool->mutex);
-
-    generation = u->node->generation;
-
-    if (generation != u->generation && u->node->len) {
-        len = u->node->len;
-        copy = ngx_alloc(len, log);
-
-        if (copy) {
-            ngx_memcpy(copy, u->node->data, len);
-        }
-    }
-
-    ngx_shmtx_unlock(&shpool->mutex);
-
-    if (copy == NULL) {
-        return;
-    }
-
-    ks = ngx_http_infer_auth_keyset_create(log);
-
-    if (ks == NULL) {
-        ngx_free(copy);
-        return;
-    }
-
-    if (ngx_http_infer_auth_keyset_jwks(ks, copy, len, err) != NGX_OK) {
-        /* it was checked before it was stored: not expected */
-        ngx_log_error(NGX_LOG_ERR, log, 0,
-                      "infer_auth_jwks_uri \"%V\": %s", &u->uri, err);
-        ngx_http_infer_auth_keyset_free(ks);
-        ngx_free(copy);
-        return;
-    }
-
-    ngx_free(copy);
-
-    ngx_http_infer_auth_keyset_free(u->keys);
-
-    u->keys = ks;
-    u->generation = generation;
-}
-
-
-static ngx_int_t
-ngx_http_infer_auth_jwks_fetch(ngx_http_request_t *r,
-    ngx_http_infer_auth_ctx_t *ctx, ngx_http_infer_auth_jwks_uri_t *u)
-{
-    ngx_http_request_t          *sr;
-    ngx_http_post_subrequest_t  *ps;
-
-    static ngx_str_t  get = ngx_string("GET");
-
-    ngx_log_debug1(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
-                   "infer auth: fetching JWKS from \"%V\"", &u->uri);
-
-    ps = ngx_palloc(r->pool, sizeof(ngx_http_post_subrequest_t));
-    if (ps == NULL) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
-    }
-
-    ps->handler = ngx_http_infer_auth_jwks_done;
-    ps->data = u;
-
-    ctx->fetched = 1;
-
-    /* the phases run again once the subrequest is done */
-    r->write_event_handler = ngx_http_core_run_phases;
-
-    if (ngx_http_subrequest(r, &u->uri, NULL, &sr, ps,
-                            NGX_HTTP_SUBREQUEST_WAITED
-                            |NGX_HTTP_SUBREQUEST_IN_MEMORY)
-        != NGX_OK)
-    {
-        ngx_http_infer_auth_jwks_store(u, NULL, 0, r->connection->log);
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
-    }
-
-    /* a GET without the client's body */
-
-    sr->method = NGX_HTTP_GET;
-    sr->method_name = get;
-    sr->header_only = 0;
-
-    sr->request_body = ngx_pcalloc(r->pool, sizeof(ngx_http_request_body_t));
-    if (sr->request_body == NULL) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
-    }
-
-    return NGX_AGAIN;
-}
-
-
-static ngx_int_t
-ngx_http_infer_auth_jwks_done(ngx_http_request_t *r, void *data,
-    ngx_int_t rc)
-{
-    ngx_http_infer_auth_jwks_uri_t *u = data;
-
-    u_char                        err[NGX_HTTP_INFER_AUTH_ERRSTR];
-    ngx_buf_t                    *b;
-    ngx_http_infer_auth_keyset_t *ks;
-
-    b = r->out ? r->out->buf : NULL;
-
-    if (rc != NGX_OK || r->headers_out.status != NGX_HTTP_OK
-        || b == NULL || b->last == b->pos)
-    {
-        ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
-                      "infer_auth_jwks_uri \"%V\": the fetch failed "
-                      "(status %ui), keeping the keys cached",
-                      &u->uri, r->headers_out.status);
-
-        ngx_http_infer_auth_jwks_store(u, NULL, 0, r->connection->log);
-        return rc;
-    }
-
-    /* checked before the other workers see it */
-
-    ks = ngx_http_infer_auth_keyset_create(r->connection->log);
-
-    if (ks == NULL
-        || ngx_http_infer_auth_keyset_jwks(ks, b->pos, b->last - b->pos, err)
-           != NGX_OK)
-    {
-        if (ks) {
-            ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
-                          "infer_auth_jwks_uri \"%V\": %s, keeping the keys "
-                          "cached", &u->uri, err);
-        }
-
-        ngx_http_infer_auth_keyset_free(ks);
-        ngx_http_infer_auth_jwks_store(u, NULL, 0, r->connection->log);
-
-        return rc;
-    }
-
-    ngx_http_infer_auth_keyset_free(ks);
-    ngx_http_infer_auth_jwks_store(u, b->pos, b->last - b->pos,
-                                   r->connection->log);
-
-    return rc;
-}
-
-
-/*
- * Ends a fetch: with data, a new generation for every worker; without,
- * only the lock goes, and the cached keys stay.
- */
-
-static void
-ngx_http_infer_auth_jwks_store(ngx_http_infer_auth_jwks_uri_t *u,
-    u_char *data, size_t len, ngx_log_t *log)
-{
-    u_char                           *copy;
-    ngx_slab_pool_t                  *shpool;
-    ngx_http_infer_auth_jwks_node_t  *node;
-
-    node = u->node;
-    shpool = (ngx_slab_pool_t *) u->zone->shm.addr;
-
-    ngx_shmtx_lock(&shpool->mutex);
-
-    node->fetching = ngx_current_msec;
-
-    if (data) {
-        copy = ngx_slab_alloc_locked(shpool, len);
-
-        if (copy == NULL) {
-            ngx_shmtx_unlock(&shpool->mutex);
-            ngx_log_error(NGX_LOG_ERR, log, 0,
-                          "infer_auth_jwks_uri \"%V\": a JWKS of %uz bytes "
-                          "does not fit in the shared zone", &u->uri, len);
-            return;
-        }
-
-        ngx_memcpy(copy, data, len);
-
-        if (node->data) {
-            ngx_slab_free_locked(shpool, node->data);
-        }
-
-        node->data = copy;
-        node->len = len;
-        node->generation++;
-        node->fetched = ngx_time();
-    }
-
-    ngx_shmtx_unlock(&shpool->mutex);
-
-    if (data) {
-        ngx_log_error(NGX_LOG_INFO, log, 0,
-                      "infer_auth_jwks_uri \"%V\": keys fetched", &u->uri);
-    }
-}
-
-
-/* limit_req's way of delaying a request in its phase */
-
-static ngx_int_t
-ngx_http_infer_auth_wait(ngx_http_request_t *r,
-    ngx_http_infer_auth_ctx_t *ctx)
-{
-    r->read_event_handler = ngx_http_test_reading;
-    r->write_event_handler = ngx_http_infer_auth_wait_handler;
-
-    r->connection->write->delayed = 1;
-    ngx_add_timer(r->connection->write, NGX_HTTP_INFER_AUTH_POLL);
-
-    return NGX_AGAIN;
-}
-
-
-static void
-ngx_http_infer_auth_wait_handler(ngx_http_request_t *r)
-{
-    ngx_event_t  *wev;
-
-    wev = r->connection->write;
-
-    if (wev->delayed) {
-        if (ngx_handle_write_event(wev, 0) != NGX_OK) {
-            ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
-        }
-
-        return;
-    }
-
-    if (ngx_handle_read_event(r->connection->read, 0) != NGX_OK) {
-        ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
-        return;
-    }
-
-    r->read_event_handler = ngx_http_block_reading;
-    r->write_event_handler = ngx_http_core_run_phases;
-
-    ngx_http_core_run_phases(r);
-}
-
-
-/* the URL's node in the shared zone, made on first use */
-
-static ngx_http_infer_auth_jwks_node_t *
-ngx_http_infer_auth_jwks_node(ngx_http_infer_auth_jwks_uri_t *u)
-{
-    ngx_queue_t                      *q;
-    ngx_slab_pool_t                  *shpool;
-    ngx_http_infer_auth_shctx_t      *sh;
-    ngx_http_infer_auth_jwks_node_t  *node;
-
-    shpool = (ngx_slab_pool_t *) u->zone->shm.addr;
-    sh = u->zone->data;
-
-    ngx_shmtx_lock(&shpool->mutex);
-
-    for (q = ngx_queue_head(&sh->nodes);
-         q != ngx_queue_sentinel(&sh->nodes);
-         q = ngx_queue_next(q))
-    {
-        node = ngx_queue_data(q, ngx_http_infer_auth_jwks_node_t, queue);
-
-        if (node->uri.len == u->uri.len
-            && ngx_strncmp(node->uri.data, u->uri.data, u->uri.len) == 0)
-        {
-            goto done;
-        }
-    }
-
-    node = ngx_slab_calloc_locked(shpool,
-                         sizeof(ngx_http_infer_auth_jwks_node_t) + u->uri.len);
-    if (node == NULL) {
-        goto done;
-    }
-
-    node->uri.data = (u_char *) node
-                     + sizeof(ngx_http_infer_auth_jwks_node_t);
-    node->uri.len = u->uri.len;
-    ngx_memcpy(node->uri.data, u->uri.data, u->uri.len);
-
-    ngx_queue_insert_tail(&sh->nodes, &node->queue);
-
-done:
-
-    ngx_shmtx_unlock(&shpool->mutex);
-
-    return node;
-}
-
-
-static ngx_int_t
-ngx_http_infer_auth_init_zone(ngx_shm_zone_t *shm_zone, void *data)
-{
-    ngx_slab_pool_t              *shpool;
-    ngx_http_infer_auth_shctx_t  *sh;
-
-    if (data) {
-        /* a reload keeps the fetched keys */
-        shm_zone->data = data;
-        return NGX_OK;
-    }
-
-    shpool = (ngx_slab_pool_t *) shm_zone->shm.addr;
-
-    if (shm_zone->shm.exists) {
-        shm_zone->data = shpool->data;
-        return NGX_OK;
-    }
-
-    sh = ngx_slab_alloc(shpool, sizeof(ngx_http_infer_auth_shctx_t));
-    if (sh == NULL) {
-        return NGX_ERROR;
-    }
-
-    ngx_queue_init(&sh->nodes);
-
-    shpool->data = sh;
-    shm_zone->data = sh;
-
-    shpool->log_ctx = (u_char *) " in infer_auth_jwks_uri zone";
-    shpool->log_nomem = 0;
-
-    return NGX_OK;
-}
-
-
-/*
- * Reads a watched file into a new key set or API key table; on success
- * the new one replaces the old, and otherwise the old stays.
- */
-
-static ngx_int_t
-ngx_http_infer_auth_watch_load(ngx_http_infer_auth_watch_t *w,
-    ngx_log_t *log, u_char *err)
-{
-    u_char                        *buf;
-    void                          *data;
-    size_t                         len;
-    ngx_http_infer_auth_keyset_t  *ks;
-
-    buf = ngx_http_infer_file_read(&w->file, NGX_HTTP_INFER_AUTH_FILE_MAX,
-                                   &len, log, err,
-                                   NGX_HTTP_INFER_AUTH_ERRSTR);
-    if (buf == NULL) {
-        return NGX_ERROR;
-    }
-
-    if (w->jwks) {
-        ks = ngx_http_infer_auth_keyset_create(log);
-
-        if (ks && ngx_http_infer_auth_keyset_jwks(ks, buf, len, err)
-                  != NGX_OK)
-        {
-            ngx_http_infer_auth_keyset_free(ks);
-            ks = NULL;
-        }
-
-        data = ks;
-
-    } else {
-        data = ngx_http_infer_auth_apikeys_parse(buf, len, log, err);
-    }
-
-    ngx_free(buf);
-
-    if (data == NULL) {
-        return NGX_ERROR;
-    }
-
-    ngx_http_infer_auth_data_free(w, w->data);
-    w->data = data;
-
-    return NGX_OK;
-}
-
-
-static void
-ngx_http_infer_auth_data_free(ngx_http_infer_auth_watch_t *w, void *data)
-{
-    if (data == NULL) {
-        return;
-    }
-
-    if (w->jwks) {
-        ngx_http_infer_auth_keyset_free(data);
-
-    } else {
-        ngx_destroy_pool(((ngx_http_infer_auth_apikeys_t *) data)->pool);
-    }
-}
-
-
-/*
- * Every worker follows the file; worker 0 speaks for them all in the error
- * log, so that one failure is one line.
- */
-
-static void
-ngx_http_infer_auth_watch_timer(ngx_event_t *ev)
-{
-    ngx_http_infer_auth_watch_t *w = ev->data;
-
-    u_char      err[NGX_HTTP_INFER_AUTH_ERRSTR];
-    ngx_int_t   rc;
-    ngx_uint_t  level;
-
-    if (ngx_exiting) {
-        return;
-    }
-
-    rc = ngx_http_infer_file_check(&w->file, err, sizeof(err));
-
-    if (rc == NGX_OK) {
-        rc = ngx_http_infer_auth_watch_load(w, ev->log, err);
-
-        level = (ngx_worker == 0) ? NGX_LOG_NOTICE : NGX_LOG_DEBUG;
-
-        if (rc == NGX_OK) {
-            ngx_log_error(level, ev->log, 0, "%s \"%V\": loaded",
-                          w->jwks ? "infer_auth_jwks" : "infer_auth_api_keys",
-                          &w->file.name);
-        }
-    }
-
-    if (rc == NGX_ERROR) {
-        level = (ngx_worker == 0) ? NGX_LOG_ERR : NGX_LOG_DEBUG;
-
-        ngx_log_error(level, ev->log, 0, "%s \"%V\": %s, keeping the keys "
-                      "loaded before",
-                      w->jwks ? "infer_auth_jwks" : "infer_auth_api_keys",
-                      &w->file.name, err);
-    }
-
-    ngx_add_timer(ev, w->interval);
-}
-
-
-/*
- * {"keys": [{"id", "hash": "sha256:<hex>", "tenant", "plan", "models",
- * "disabled"}]}
- */
-
-static ngx_http_infer_auth_apikeys_t *
-ngx_http_infer_auth_apikeys_parse(u_char *data, size_t len, ngx_log_t *log,
-    u_char *err)
-{
-    size_t                          i;
-    json_t                         *root, *list, *obj;
-    ngx_pool_t                     *pool;
-    ngx_uint_t                      n;
-    json_error_t                    jerr;
-    ngx_http_infer_auth_apikey_t   *k;
-    ngx_http_infer_auth_apikeys_t  *keys;
-
-    root = json_loadb((char *) data, len, JSON_REJECT_DUPLICATES, &jerr);
-
-    if (root == NULL) {
-        ngx_http_infer_auth_error(err, "invalid JSON at line %d, column %d: "
-                                  "%s", jerr.line, jerr.column, jerr.text);
-        return NULL;
-    }
-
-    list = json_object_get(root, "keys");
-
-    if (!json_is_array(list)) {
-        ngx_http_infer_auth_error(err, "no \"keys\" array");
-        json_decref(root);
-        return NULL;
-    }
-
-    pool = ngx_create_pool(NGX_DEFAULT_POOL_SIZE, log);
-    if (pool == NULL) {
-        json_decref(root);
-        return NULL;
-    }
-
-    keys = ngx_pcalloc(pool, sizeof(ngx_http_infer_auth_apikeys_t));
-    if (keys == NULL
-        || ngx_array_init(&keys->keys, pool, json_array_size(list) + 1,
-                          sizeof(ngx_http_infer_auth_apikey_t))
-           != NGX_OK)
-    {
-        goto failed;
-    }
-
-    keys->pool = pool;
-
-    json_array_foreach(list, i, obj) {
-        k = ngx_array_push(&keys->keys);
-        if (k == NULL) {
-            goto failed;
-        }
-
-        if (ngx_http_infer_auth_apikey_parse(obj, i, pool, k, err) != NGX_OK)
-        {
-            goto failed;
-        }
-    }
-
-    json_decref(root);
-    root = NULL;
-
-    ngx_sort(keys->keys.elts, keys->keys.nelts,
-             sizeof(ngx_http_infer_auth_apikey_t),
-             ngx_http_infer_auth_apikey_cmp);
-
-    k = keys->keys.elts;
-
-    for (n = 1; n < keys->keys.nelts; n++) {
-        if (ngx_memcmp(k[n - 1].hash, k[n].hash, SHA256_DIGEST_LENGTH) == 0) {
-            ngx_http_infer_auth_error(err, "keys \"%V\" and \"%V\" have the "
-                                      "same hash", &k[n - 1].id, &k[n].id);
-            goto failed;
-        }
-    }
-
-    return keys;
-
-failed:
-
-    if (root) {
-        json_decref(root);
-    }
-
-    ngx_destroy_pool(pool);
-
-    return NULL;
-}
-
-
-static ngx_int_t
-ngx_http_infer_auth_apikey_parse(json_t *obj, size_t n, ngx_pool_t *pool,
-    ngx_http_infer_auth_apikey_t *k, u_char *err)
-{
-    u_char      *h;
-    json_t      *v;
-    ngx_int_t    hi, lo;
-    ngx_uint_t   i;
-    ngx_str_t    s;
-
-    ngx_memzero(k, sizeof(ngx_http_infer_auth_apikey_t));
-
-    if (!json_is_object(obj)) {
-        ngx_http_infer_auth_error(err, "key %uz: not an object", n);
-        return NGX_ERROR;
-    }
-
-    v = json_object_get(obj, "id");
-
-    if (!json_is_string(v) || json_string_length(v) == 0) {
-        ngx_http_infer_auth_error(err, "key %uz: no \"id\"", n);
-        return NGX_ERROR;
-    }
-
-    s.data = (u_char *) json_string_value(v);
-    s.len = json_string_length(v);
-
-    k->id.data = ngx_pstrdup(pool, &s);
-    k->id.len = s.len;
-
-    v = json_object_get(obj, "tenant");
-
-    if (!json_is_string(v) || json_string_length(v) == 0) {
-        ngx_http_infer_auth_error(err, "key \"%V\": no \"tenant\"", &k->id);
-        return NGX_ERROR;
-    }
-
-    s.data = (u_char *) json_string_value(v);
-    s.len = json_string_length(v);
-
-    k->tenant.data = ngx_pstrdup(pool, &s);
-    k->tenant.len = s.len;
-
-    v = json_object_get(obj, "hash");
-
-    if (!json_is_string(v)
-        || json_string_length(v) != sizeof("sha256:") - 1
-                                    + 2 * SHA256_DIGEST_LENGTH
-        || ngx_strncmp(json_string_value(v), "sha256:",
-                       sizeof("sha256:") - 1) != 0)
-    {
-        ngx_http_infer_auth_error(err, "key \"%V\": \"hash\" must be "
-                                  "\"sha256:\" and 64 hex digits", &k->id);
-        return NGX_ERROR;
-    }
-
-    h = (u_char *) json_string_value(v) + sizeof("sha256:") - 1;
-
-    for (i = 0; i < SHA256_DIGEST_LENGTH; i++) {
-        hi = ngx_hextoi(&h[2 * i], 1);
-        lo = ngx_hextoi(&h[2 * i + 1], 1);
-
-        if (hi == NGX_ERROR || lo == NGX_ERROR) {
-            ngx_http_infer_auth_error(err, "key \"%V\": \"hash\" must be "
-                                      "\"sha256:\" and 64 hex digits",
-                                      &k->id);
-            return NGX_ERROR;
-        }
-
-        k->hash[i] = (u_char) (hi << 4 | lo);
-    }
-
-    v = json_object_get(obj, "plan");
-
-    if (v && !json_is_null(v)) {
-        if (!json_is_string(v)) {
-            ngx_http_infer_auth_error(err, "key \"%V\": \"plan\" must be a "
-                                      "string", &k->id);
-            return NGX_ERROR;
-        }
-
-        s.data = (u_char *) json_string_value(v);
-        s.len = json_string_length(v);
-
-        k->plan.data = ngx_pstrdup(pool, &s);
-        k->plan.len = s.len;
-    }
-
-    v = json_object_get(obj, "models");
-
-    if (v && !json_is_null(v)
-        && ngx_http_infer_auth_join(pool, v, &k->models) != NGX_OK)
-    {
-        ngx_http_infer_auth_error(err, "key \"%V\": \"models\" must be an "
-                                  "array of strings", &k->id);
-        return NGX_ERROR;
-    }
-
-    v = json_object_get(obj, "disabled");
-
-    if (v && !json_is_boolean(v)) {
-        ngx_http_infer_auth_error(err, "key \"%V\": \"disabled\" must be "
-                                  "true or false", &k->id);
-        return NGX_ERROR;
-    }
-
-    k->disabled = json_is_true(v);
-
-    return NGX_OK;
-}
-
-
-/*
- * A list of models, a JSON array of strings or one string, as one string
- * of names separated by spaces: the form $infer_allowed_models shows and
- * infer_model_list reads.
- */
-
-static ngx_int_t
-ngx_http_infer_auth_join(ngx_pool_t *pool, json_t *v, ngx_str_t *out)
-{
-    u_char  *p;
-    size_t   i, len;
-    json_t  *e;
-
-    if (json_is_string(v)) {
-        out->len = json_string_length(v);
-        out->data = ngx_pnalloc(pool, out->len + 1);
-        if (out->data == NULL) {
-            return NGX_ERROR;
-        }
-
-        ngx_memcpy(out->data, json_string_value(v), out->len);
-        return NGX_OK;
-    }
-
-    if (!json_is_array(v)) {
-        return NGX_ERROR;
-    }
-
-    len = 0;
-
-    json_array_foreach(v, i, e) {
-        if (!json_is_string(e)) {
-            return NGX_ERROR;
-        }
-
-        len += json_string_length(e) + 1;
-    }
-
-    out->data = ngx_pnalloc(pool, len + 1);
-    if (out->data == NULL) {
-        return NGX_ERROR;
-    }
-
-    p = out->data;
-
-    json_array_foreach(v, i, e) {
-        if (i) {
-            *p++ = ' ';
-        }
-
-        p = ngx_cpymem(p, json_string_value(e), json_string_length(e));
-    }
-
-    out->len = p - out->data;
-
-    return NGX_OK;
-}
-
-
-static ngx_int_t
-ngx_http_infer_auth_apikey_cmp(const void *one, const void *two)
-{
-    const ngx_http_infer_auth_apikey_t  *a = one, *b = two;
-
-    return ngx_memcmp(a->hash, b->hash, SHA256_DIGEST_LENGTH);
 }
 
 
@@ -2453,311 +1347,41 @@ found:
 }
 
 
-/*
- * infer_auth_jwt_key file [alg=] [kid=]: read now, so that "nginx -t"
- * names a wrong key.
- */
+/* every argument, where ngx_conf_set_str_array_slot takes the first */
 
 static char *
-ngx_http_infer_auth_jwt_key_conf(ngx_conf_t *cf, ngx_command_t *cmd,
-    void *conf)
-{
-    ngx_http_infer_auth_loc_conf_t *lcf = conf;
-
-    u_char                  err[NGX_HTTP_INFER_AUTH_ERRSTR];
-    u_char                 *buf;
-    size_t                  len;
-    ngx_str_t              *value, alg, kid;
-    ngx_uint_t              i;
-    ngx_pool_cleanup_t     *cln;
-    ngx_http_infer_file_t   file;
-
-    value = cf->args->elts;
-
-    ngx_str_null(&alg);
-    ngx_str_null(&kid);
-
-    for (i = 2; i < cf->args->nelts; i++) {
-
-        if (ngx_strncmp(value[i].data, "alg=", 4) == 0) {
-            alg.data = value[i].data + 4;
-            alg.len = value[i].len - 4;
-            continue;
-        }
-
-        if (ngx_strncmp(value[i].data, "kid=", 4) == 0) {
-            kid.data = value[i].data + 4;
-            kid.len = value[i].len - 4;
-            continue;
-        }
-
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "invalid parameter \"%V\"", &value[i]);
-        return NGX_CONF_ERROR;
-    }
-
-    if (lcf->keys == NULL) {
-        lcf->keys = ngx_http_infer_auth_keyset_create(cf->log);
-        if (lcf->keys == NULL) {
-            return NGX_CONF_ERROR;
-        }
-
-        cln = ngx_pool_cleanup_add(cf->pool, 0);
-        if (cln == NULL) {
-            ngx_http_infer_auth_keyset_free(lcf->keys);
-            return NGX_CONF_ERROR;
-        }
-
-        cln->handler = ngx_http_infer_auth_conf_cleanup;
-        cln->data = lcf->keys;
-    }
-
-    ngx_memzero(&file, sizeof(ngx_http_infer_file_t));
-    file.name = value[1];
-
-    if (ngx_conf_full_name(cf->cycle, &file.name, 1) != NGX_OK) {
-        return NGX_CONF_ERROR;
-    }
-
-    buf = ngx_http_infer_file_read(&file, NGX_HTTP_INFER_AUTH_FILE_MAX, &len,
-                                   cf->log, err, sizeof(err));
-    if (buf == NULL) {
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "infer_auth_jwt_key \"%V\": %s", &value[1], err);
-        return NGX_CONF_ERROR;
-    }
-
-    if (ngx_http_infer_auth_keyset_pem(lcf->keys, buf, len, &alg, &kid, err)
-        != NGX_OK)
-    {
-        ngx_explicit_memzero(buf, len);
-        ngx_free(buf);
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "infer_auth_jwt_key \"%V\": %s", &value[1], err);
-        return NGX_CONF_ERROR;
-    }
-
-    ngx_explicit_memzero(buf, len);
-    ngx_free(buf);
-
-    return NGX_CONF_OK;
-}
-
-
-static void
-ngx_http_infer_auth_conf_cleanup(void *data)
-{
-    ngx_http_infer_auth_keyset_free(data);
-}
-
-
-/* the free of a watched file's data when its cycle goes */
-
-static void
-ngx_http_infer_auth_watch_cleanup(void *data)
-{
-    ngx_http_infer_auth_watch_t *w = data;
-
-    ngx_http_infer_auth_data_free(w, w->data);
-    w->data = NULL;
-}
-
-
-/*
- * infer_auth_api_keys file [interval=] and infer_auth_jwks file
- * [interval=]: read now, so that "nginx -t" names a broken file.
- */
-
-static char *
-ngx_http_infer_auth_file_conf(ngx_conf_t *cf, ngx_command_t *cmd,
+ngx_http_infer_auth_strings_conf(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf)
 {
     char  *p = conf;
 
-    u_char                            err[NGX_HTTP_INFER_AUTH_ERRSTR];
-    ngx_str_t                        *value, s;
-    ngx_msec_t                        interval;
-    ngx_pool_cleanup_t               *cln;
-    ngx_http_infer_auth_watch_t     **wp, *w;
-    ngx_http_infer_auth_main_conf_t  *amcf;
+    ngx_str_t     *s, *value;
+    ngx_uint_t     i;
+    ngx_array_t  **a;
 
-    wp = (ngx_http_infer_auth_watch_t **) (p + cmd->offset);
+    a = (ngx_array_t **) (p + cmd->offset);
 
-    if (*wp != NGX_CONF_UNSET_PTR) {
+    if (*a != NGX_CONF_UNSET_PTR) {
         return "is duplicate";
     }
 
-    value = cf->args->elts;
-    interval = 5000;
-
-    if (cf->args->nelts == 3) {
-        if (ngx_strncmp(value[2].data, "interval=", 9) != 0) {
-            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                               "invalid parameter \"%V\"", &value[2]);
-            return NGX_CONF_ERROR;
-        }
-
-        s.data = value[2].data + 9;
-        s.len = value[2].len - 9;
-
-        interval = ngx_parse_time(&s, 0);
-
-        if (interval == (ngx_msec_t) NGX_ERROR || interval == 0) {
-            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                               "invalid interval \"%V\"", &value[2]);
-            return NGX_CONF_ERROR;
-        }
-    }
-
-    w = ngx_pcalloc(cf->pool, sizeof(ngx_http_infer_auth_watch_t));
-    if (w == NULL) {
+    *a = ngx_array_create(cf->pool, cf->args->nelts - 1, sizeof(ngx_str_t));
+    if (*a == NULL) {
         return NGX_CONF_ERROR;
-    }
-
-    w->file.name = value[1];
-    w->interval = interval;
-    w->jwks = (cmd->offset
-               == offsetof(ngx_http_infer_auth_loc_conf_t, jwks_file));
-
-    if (ngx_conf_full_name(cf->cycle, &w->file.name, 1) != NGX_OK) {
-        return NGX_CONF_ERROR;
-    }
-
-    cln = ngx_pool_cleanup_add(cf->pool, 0);
-    if (cln == NULL) {
-        return NGX_CONF_ERROR;
-    }
-
-    cln->handler = ngx_http_infer_auth_watch_cleanup;
-    cln->data = w;
-
-    if (ngx_http_infer_auth_watch_load(w, cf->log, err) != NGX_OK) {
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "%V \"%V\": %s",
-                           &cmd->name, &value[1], err);
-        return NGX_CONF_ERROR;
-    }
-
-    amcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_infer_auth_module);
-
-    wp = ngx_array_push(&amcf->watches);
-    if (wp == NULL) {
-        return NGX_CONF_ERROR;
-    }
-
-    *wp = w;
-    *(ngx_http_infer_auth_watch_t **) (p + cmd->offset) = w;
-
-    return NGX_CONF_OK;
-}
-
-
-static char *
-ngx_http_infer_auth_jwks_uri_conf(ngx_conf_t *cf, ngx_command_t *cmd,
-    void *conf)
-{
-    ngx_http_infer_auth_loc_conf_t *lcf = conf;
-
-    ngx_str_t                        *value, s, name;
-    ngx_uint_t                        i;
-    ngx_msec_t                        t;
-    ngx_http_infer_auth_jwks_uri_t   *u;
-    ngx_http_infer_auth_main_conf_t  *amcf;
-
-    if (lcf->jwks_uri != NGX_CONF_UNSET_PTR) {
-        return "is duplicate";
     }
 
     value = cf->args->elts;
 
-    if (value[1].len == 0 || value[1].data[0] != '/') {
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "infer_auth_jwks_uri \"%V\" must be a URI of "
-                           "this server, such as \"/_jwks\", whose location "
-                           "proxies to the identity provider", &value[1]);
-        return NGX_CONF_ERROR;
-    }
-
-    u = ngx_pcalloc(cf->pool, sizeof(ngx_http_infer_auth_jwks_uri_t));
-    if (u == NULL) {
-        return NGX_CONF_ERROR;
-    }
-
-    u->uri = value[1];
-    u->ttl = 600;
-    u->refresh = 30000;
-    u->timeout = 5000;
-
-    for (i = 2; i < cf->args->nelts; i++) {
-
-        s = value[i];
-
-        if (ngx_strncmp(s.data, "ttl=", 4) == 0) {
-            s.data += 4;
-            s.len -= 4;
-            t = ngx_parse_time(&s, 1);
-
-            if (t == (ngx_msec_t) NGX_ERROR || t == 0) {
-                goto invalid;
-            }
-
-            u->ttl = (time_t) t;
-            continue;
-        }
-
-        if (ngx_strncmp(s.data, "refresh=", 8) == 0) {
-            s.data += 8;
-            s.len -= 8;
-            t = ngx_parse_time(&s, 0);
-
-            if (t == (ngx_msec_t) NGX_ERROR) {
-                goto invalid;
-            }
-
-            u->refresh = t;
-            continue;
-        }
-
-        if (ngx_strncmp(s.data, "timeout=", 8) == 0) {
-            s.data += 8;
-            s.len -= 8;
-            t = ngx_parse_time(&s, 0);
-
-            if (t == (ngx_msec_t) NGX_ERROR || t == 0) {
-                goto invalid;
-            }
-
-            u->timeout = t;
-            continue;
-        }
-
-        goto invalid;
-    }
-
-    amcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_infer_auth_module);
-
-    if (amcf->zone == NULL) {
-        ngx_str_set(&name, "infer_auth_jwks");
-
-        amcf->zone = ngx_shared_memory_add(cf, &name, 1024 * 1024,
-                                           &ngx_http_infer_auth_module);
-        if (amcf->zone == NULL) {
+    for (i = 1; i < cf->args->nelts; i++) {
+        s = ngx_array_push(*a);
+        if (s == NULL) {
             return NGX_CONF_ERROR;
         }
 
-        amcf->zone->init = ngx_http_infer_auth_init_zone;
+        *s = value[i];
     }
 
-    u->zone = amcf->zone;
-    lcf->jwks_uri = u;
-
     return NGX_CONF_OK;
-
-invalid:
-
-    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                       "invalid parameter \"%V\"", &value[i]);
-
-    return NGX_CONF_ERROR;
 }
 
 

@@ -1872,58 +1872,27 @@ ngx_http_infer_route_listed(ngx_http_infer_route_model_t *m,
 
 
 /*
- * The filter lists model names separated by spaces or commas; "*" allows
- * every model.  A model is allowed when its name or one of its aliases is
- * listed.
+ * The filter lists model names or patterns ("llama-*"; "*" allows every
+ * model) separated by spaces or commas: $infer_allowed_models, say.  A
+ * model is allowed when its name or one of its aliases matches.
  */
 
 static ngx_int_t
 ngx_http_infer_route_list_allows(ngx_str_t *filter,
     ngx_http_infer_route_model_t *m)
 {
-    u_char      *p, *last, *start;
-    size_t       len;
     ngx_str_t   *alias;
     ngx_uint_t   i;
 
-    p = filter->data;
-    last = filter->data + filter->len;
+    if (ngx_http_infer_list_match(filter, m->name.data, m->name.len)) {
+        return 1;
+    }
 
-    while (p < last) {
+    alias = m->aliases.elts;
 
-        while (p < last && (*p == ' ' || *p == ',')) {
-            p++;
-        }
-
-        start = p;
-
-        while (p < last && *p != ' ' && *p != ',') {
-            p++;
-        }
-
-        len = p - start;
-
-        if (len == 0) {
-            break;
-        }
-
-        if (len == 1 && *start == '*') {
+    for (i = 0; i < m->aliases.nelts; i++) {
+        if (ngx_http_infer_list_match(filter, alias[i].data, alias[i].len)) {
             return 1;
-        }
-
-        if (len == m->name.len && ngx_strncmp(start, m->name.data, len) == 0)
-        {
-            return 1;
-        }
-
-        alias = m->aliases.elts;
-
-        for (i = 0; i < m->aliases.nelts; i++) {
-            if (len == alias[i].len
-                && ngx_strncmp(start, alias[i].data, len) == 0)
-            {
-                return 1;
-            }
         }
     }
 

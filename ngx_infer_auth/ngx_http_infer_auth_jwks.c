@@ -1,0 +1,580 @@
+
+/*
+ * Copyright (C) ngx_infer authors
+ *
+ * infer_auth_jwks_uri: a JWKS fetched through a subrequest to an internal
+ * location, never blocking a worker, kept in shared memory for all the
+ * workers, fetched again on a TTL and on an unknown kid, and used as it
+ * was while the identity provider is down.
+ */
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+
+#include "ngx_http_infer_auth.h"
+
+
+static void ngx_http_infer_auth_jwks_sync(ngx_http_infer_auth_jwks_uri_t *u,
+    ngx_log_t *log);
+static ngx_int_t ngx_http_infer_auth_jwks_fetch(ngx_http_request_t *r,
+    ngx_http_infer_auth_ctx_t *ctx, ngx_http_infer_auth_jwks_uri_t *u);
+static ngx_int_t ngx_http_infer_auth_jwks_done(ngx_http_request_t *r,
+    void *data, ngx_int_t rc);
+static void ngx_http_infer_auth_jwks_store(ngx_http_infer_auth_jwks_uri_t *u,
+    u_char *data, size_t len, ngx_log_t *log);
+static ngx_int_t ngx_http_infer_auth_wait(ngx_http_request_t *r,
+    ngx_http_infer_auth_ctx_t *ctx);
+static void ngx_http_infer_auth_wait_handler(ngx_http_request_t *r);
+static ngx_http_infer_auth_jwks_node_t *ngx_http_infer_auth_jwks_node(
+    ngx_http_infer_auth_jwks_uri_t *u);
+static ngx_int_t ngx_http_infer_auth_init_zone(ngx_shm_zone_t *shm_zone,
+    void *data);
+
+
+/*
+ * Makes sure the JWKS URL's keys are there and fresh before the token is
+ * checked.  One request at a time, across workers, fetches (the node's
+ * "fetching" deadline is the lock); the others go on with the keys they
+ * have, or, when they have none or the token names an unknown kid, wait
+ * for that fetch.  A request fetches or waits once at most.
+ */
+
+ngx_int_t
+ngx_http_infer_auth_jwks_prepare(ngx_http_request_t *r,
+    ngx_http_infer_auth_ctx_t *ctx, ngx_http_infer_auth_jwks_uri_t *u)
+{
+    ngx_uint_t                        cold, stale, unknown, busy, fetch;
+    ngx_msec_t                        now;
+    ngx_slab_pool_t                  *shpool;
+    ngx_http_infer_auth_jwks_node_t  *node;
+
+    ngx_http_infer_auth_jwks_sync(u, r->connection->log);
+
+    node = u->node;
+
+    if (node == NULL || ctx->fetched) {
+        return NGX_OK;
+    }
+
+    shpool = (ngx_slab_pool_t *) u->zone->shm.addr;
+    now = ngx_current_msec;
+
+    ngx_shmtx_lock(&shpool->mutex);
+
+    if (ctx->waiting) {
+        busy = (ngx_msec_int_t) (node->fetching - now) > 0;
+
+        if (!busy || node->generation != ctx->wait_generation
+            || (ngx_msec_int_t) (now - ctx->wait_until) >= 0)
+        {
+            ngx_shmtx_unlock(&shpool->mutex);
+
+            ctx->waiting = 0;
+            ctx->fetched = 1;
+
+            ngx_http_infer_auth_jwks_sync(u, r->connection->log);
+            return NGX_OK;
+        }
+
+        ngx_shmtx_unlock(&shpool->mutex);
+
+        return ngx_http_infer_auth_wait(r, ctx);
+    }
+
+    cold = (node->generation == 0);
+    stale = !cold && ngx_time() - node->fetched >= u->ttl;
+    unknown = ctx->unknown_kid
+              && (ngx_msec_int_t) (now - node->attempted)
+                 >= (ngx_msec_int_t) u->refresh;
+    busy = (ngx_msec_int_t) (node->fetching - now) > 0;
+
+    fetch = 0;
+
+    if ((cold || stale || unknown) && !busy) {
+        node->fetching = now + u->timeout;
+        node->attempted = now;
+        fetch = 1;
+
+    } else if ((cold || ctx->unknown_kid) && busy) {
+        ctx->waiting = 1;
+        ctx->wait_generation = node->generation;
+        ctx->wait_until = now + u->timeout;
+    }
+
+    ngx_shmtx_unlock(&shpool->mutex);
+
+    if (fetch) {
+        return ngx_http_infer_auth_jwks_fetch(r, ctx, u);
+    }
+
+    if (ctx->waiting) {
+        return ngx_http_infer_auth_wait(r, ctx);
+    }
+
+    return NGX_OK;
+}
+
+
+/*
+ * Brings the worker's keys up to the shared JWKS: parsed again only when
+ * another generation was stored.
+ */
+
+static void
+ngx_http_infer_auth_jwks_sync(ngx_http_infer_auth_jwks_uri_t *u,
+    ngx_log_t *log)
+{
+    u_char                        err[NGX_HTTP_INFER_AUTH_ERRSTR];
+    u_char                       *copy;
+    size_t                        len;
+    ngx_uint_t                    generation;
+    ngx_slab_pool_t              *shpool;
+    ngx_http_infer_auth_keyset_t *ks;
+
+    if (u->node == NULL) {
+        u->node = ngx_http_infer_auth_jwks_node(u);
+
+        if (u->node == NULL) {
+            return;
+        }
+    }
+
+    shpool = (ngx_slab_pool_t *) u->zone->shm.addr;
+    copy = NULL;
+    len = 0;
+
+    ngx_shmtx_lock(&shpool->mutex);
+
+    generation = u->node->generation;
+
+    if (generation != u->generation && u->node->len) {
+        len = u->node->len;
+        copy = ngx_alloc(len, log);
+
+        if (copy) {
+            ngx_memcpy(copy, u->node->data, len);
+        }
+    }
+
+    ngx_shmtx_unlock(&shpool->mutex);
+
+    if (copy == NULL) {
+        return;
+    }
+
+    ks = ngx_http_infer_auth_keyset_create(log);
+
+    if (ks == NULL) {
+        ngx_free(copy);
+        return;
+    }
+
+    if (ngx_http_infer_auth_keyset_jwks(ks, copy, len, err) != NGX_OK) {
+        /* it was checked before it was stored: not expected */
+        ngx_log_error(NGX_LOG_ERR, log, 0,
+                      "infer_auth_jwks_uri \"%V\": %s", &u->uri, err);
+        ngx_http_infer_auth_keyset_free(ks);
+        ngx_free(copy);
+        return;
+    }
+
+    ngx_free(copy);
+
+    ngx_http_infer_auth_keyset_free(u->keys);
+
+    u->keys = ks;
+    u->generation = generation;
+}
+
+
+static ngx_int_t
+ngx_http_infer_auth_jwks_fetch(ngx_http_request_t *r,
+    ngx_http_infer_auth_ctx_t *ctx, ngx_http_infer_auth_jwks_uri_t *u)
+{
+    ngx_http_request_t          *sr;
+    ngx_http_post_subrequest_t  *ps;
+
+    static ngx_str_t  get = ngx_string("GET");
+
+    ngx_log_debug1(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
+                   "infer auth: fetching JWKS from \"%V\"", &u->uri);
+
+    ps = ngx_palloc(r->pool, sizeof(ngx_http_post_subrequest_t));
+    if (ps == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    ps->handler = ngx_http_infer_auth_jwks_done;
+    ps->data = u;
+
+    ctx->fetched = 1;
+
+    /* the phases run again once the subrequest is done */
+    r->write_event_handler = ngx_http_core_run_phases;
+
+    if (ngx_http_subrequest(r, &u->uri, NULL, &sr, ps,
+                            NGX_HTTP_SUBREQUEST_WAITED
+                            |NGX_HTTP_SUBREQUEST_IN_MEMORY)
+        != NGX_OK)
+    {
+        ngx_http_infer_auth_jwks_store(u, NULL, 0, r->connection->log);
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    /* a GET without the client's body */
+
+    sr->method = NGX_HTTP_GET;
+    sr->method_name = get;
+    sr->header_only = 0;
+
+    sr->request_body = ngx_pcalloc(r->pool, sizeof(ngx_http_request_body_t));
+    if (sr->request_body == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    return NGX_AGAIN;
+}
+
+
+static ngx_int_t
+ngx_http_infer_auth_jwks_done(ngx_http_request_t *r, void *data,
+    ngx_int_t rc)
+{
+    ngx_http_infer_auth_jwks_uri_t *u = data;
+
+    u_char                        err[NGX_HTTP_INFER_AUTH_ERRSTR];
+    ngx_buf_t                    *b;
+    ngx_http_infer_auth_keyset_t *ks;
+
+    b = r->out ? r->out->buf : NULL;
+
+    if (rc != NGX_OK || r->headers_out.status != NGX_HTTP_OK
+        || b == NULL || b->last == b->pos)
+    {
+        ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                      "infer_auth_jwks_uri \"%V\": the fetch failed "
+                      "(status %ui), keeping the keys cached",
+                      &u->uri, r->headers_out.status);
+
+        ngx_http_infer_auth_jwks_store(u, NULL, 0, r->connection->log);
+        return rc;
+    }
+
+    /* checked before the other workers see it */
+
+    ks = ngx_http_infer_auth_keyset_create(r->connection->log);
+
+    if (ks == NULL
+        || ngx_http_infer_auth_keyset_jwks(ks, b->pos, b->last - b->pos, err)
+           != NGX_OK)
+    {
+        if (ks) {
+            ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                          "infer_auth_jwks_uri \"%V\": %s, keeping the keys "
+                          "cached", &u->uri, err);
+        }
+
+        ngx_http_infer_auth_keyset_free(ks);
+        ngx_http_infer_auth_jwks_store(u, NULL, 0, r->connection->log);
+
+        return rc;
+    }
+
+    ngx_http_infer_auth_keyset_free(ks);
+    ngx_http_infer_auth_jwks_store(u, b->pos, b->last - b->pos,
+                                   r->connection->log);
+
+    return rc;
+}
+
+
+/*
+ * Ends a fetch: with data, a new generation for every worker; without,
+ * only the lock goes, and the cached keys stay.
+ */
+
+static void
+ngx_http_infer_auth_jwks_store(ngx_http_infer_auth_jwks_uri_t *u,
+    u_char *data, size_t len, ngx_log_t *log)
+{
+    u_char                           *copy;
+    ngx_slab_pool_t                  *shpool;
+    ngx_http_infer_auth_jwks_node_t  *node;
+
+    node = u->node;
+    shpool = (ngx_slab_pool_t *) u->zone->shm.addr;
+
+    ngx_shmtx_lock(&shpool->mutex);
+
+    node->fetching = ngx_current_msec;
+
+    if (data) {
+        copy = ngx_slab_alloc_locked(shpool, len);
+
+        if (copy == NULL) {
+            ngx_shmtx_unlock(&shpool->mutex);
+            ngx_log_error(NGX_LOG_ERR, log, 0,
+                          "infer_auth_jwks_uri \"%V\": a JWKS of %uz bytes "
+                          "does not fit in the shared zone", &u->uri, len);
+            return;
+        }
+
+        ngx_memcpy(copy, data, len);
+
+        if (node->data) {
+            ngx_slab_free_locked(shpool, node->data);
+        }
+
+        node->data = copy;
+        node->len = len;
+        node->generation++;
+        node->fetched = ngx_time();
+    }
+
+    ngx_shmtx_unlock(&shpool->mutex);
+
+    if (data) {
+        ngx_log_error(NGX_LOG_INFO, log, 0,
+                      "infer_auth_jwks_uri \"%V\": keys fetched", &u->uri);
+    }
+}
+
+
+/* limit_req's way of delaying a request in its phase */
+
+static ngx_int_t
+ngx_http_infer_auth_wait(ngx_http_request_t *r,
+    ngx_http_infer_auth_ctx_t *ctx)
+{
+    r->read_event_handler = ngx_http_test_reading;
+    r->write_event_handler = ngx_http_infer_auth_wait_handler;
+
+    r->connection->write->delayed = 1;
+    ngx_add_timer(r->connection->write, NGX_HTTP_INFER_AUTH_POLL);
+
+    return NGX_AGAIN;
+}
+
+
+static void
+ngx_http_infer_auth_wait_handler(ngx_http_request_t *r)
+{
+    ngx_event_t  *wev;
+
+    wev = r->connection->write;
+
+    if (wev->delayed) {
+        if (ngx_handle_write_event(wev, 0) != NGX_OK) {
+            ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
+        }
+
+        return;
+    }
+
+    if (ngx_handle_read_event(r->connection->read, 0) != NGX_OK) {
+        ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
+        return;
+    }
+
+    r->read_event_handler = ngx_http_block_reading;
+    r->write_event_handler = ngx_http_core_run_phases;
+
+    ngx_http_core_run_phases(r);
+}
+
+
+/* the URL's node in the shared zone, made on first use */
+
+static ngx_http_infer_auth_jwks_node_t *
+ngx_http_infer_auth_jwks_node(ngx_http_infer_auth_jwks_uri_t *u)
+{
+    ngx_queue_t                      *q;
+    ngx_slab_pool_t                  *shpool;
+    ngx_http_infer_auth_shctx_t      *sh;
+    ngx_http_infer_auth_jwks_node_t  *node;
+
+    shpool = (ngx_slab_pool_t *) u->zone->shm.addr;
+    sh = u->zone->data;
+
+    ngx_shmtx_lock(&shpool->mutex);
+
+    for (q = ngx_queue_head(&sh->nodes);
+         q != ngx_queue_sentinel(&sh->nodes);
+         q = ngx_queue_next(q))
+    {
+        node = ngx_queue_data(q, ngx_http_infer_auth_jwks_node_t, queue);
+
+        if (node->uri.len == u->uri.len
+            && ngx_strncmp(node->uri.data, u->uri.data, u->uri.len) == 0)
+        {
+            goto done;
+        }
+    }
+
+    node = ngx_slab_calloc_locked(shpool,
+                         sizeof(ngx_http_infer_auth_jwks_node_t) + u->uri.len);
+    if (node == NULL) {
+        goto done;
+    }
+
+    node->uri.data = (u_char *) node
+                     + sizeof(ngx_http_infer_auth_jwks_node_t);
+    node->uri.len = u->uri.len;
+    ngx_memcpy(node->uri.data, u->uri.data, u->uri.len);
+
+    ngx_queue_insert_tail(&sh->nodes, &node->queue);
+
+done:
+
+    ngx_shmtx_unlock(&shpool->mutex);
+
+    return node;
+}
+
+
+static ngx_int_t
+ngx_http_infer_auth_init_zone(ngx_shm_zone_t *shm_zone, void *data)
+{
+    ngx_slab_pool_t              *shpool;
+    ngx_http_infer_auth_shctx_t  *sh;
+
+    if (data) {
+        /* a reload keeps the fetched keys */
+        shm_zone->data = data;
+        return NGX_OK;
+    }
+
+    shpool = (ngx_slab_pool_t *) shm_zone->shm.addr;
+
+    if (shm_zone->shm.exists) {
+        shm_zone->data = shpool->data;
+        return NGX_OK;
+    }
+
+    sh = ngx_slab_alloc(shpool, sizeof(ngx_http_infer_auth_shctx_t));
+    if (sh == NULL) {
+        return NGX_ERROR;
+    }
+
+    ngx_queue_init(&sh->nodes);
+
+    shpool->data = sh;
+    shm_zone->data = sh;
+
+    shpool->log_ctx = (u_char *) " in infer_auth_jwks_uri zone";
+    shpool->log_nomem = 0;
+
+    return NGX_OK;
+}
+
+
+char *
+ngx_http_infer_auth_jwks_uri_conf(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf)
+{
+    ngx_http_infer_auth_loc_conf_t *lcf = conf;
+
+    ngx_str_t                        *value, s, name;
+    ngx_uint_t                        i;
+    ngx_msec_t                        t;
+    ngx_http_infer_auth_jwks_uri_t   *u;
+    ngx_http_infer_auth_main_conf_t  *amcf;
+
+    if (lcf->jwks_uri != NGX_CONF_UNSET_PTR) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+
+    if (value[1].len == 0 || value[1].data[0] != '/') {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "infer_auth_jwks_uri \"%V\" must be a URI of "
+                           "this server, such as \"/_jwks\", whose location "
+                           "proxies to the identity provider", &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    u = ngx_pcalloc(cf->pool, sizeof(ngx_http_infer_auth_jwks_uri_t));
+    if (u == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    u->uri = value[1];
+    u->ttl = 600;
+    u->refresh = 30000;
+    u->timeout = 5000;
+
+    for (i = 2; i < cf->args->nelts; i++) {
+
+        s = value[i];
+
+        if (ngx_strncmp(s.data, "ttl=", 4) == 0) {
+            s.data += 4;
+            s.len -= 4;
+            t = ngx_parse_time(&s, 1);
+
+            if (t == (ngx_msec_t) NGX_ERROR || t == 0) {
+                goto invalid;
+            }
+
+            u->ttl = (time_t) t;
+            continue;
+        }
+
+        if (ngx_strncmp(s.data, "refresh=", 8) == 0) {
+            s.data += 8;
+            s.len -= 8;
+            t = ngx_parse_time(&s, 0);
+
+            if (t == (ngx_msec_t) NGX_ERROR) {
+                goto invalid;
+            }
+
+            u->refresh = t;
+            continue;
+        }
+
+        if (ngx_strncmp(s.data, "timeout=", 8) == 0) {
+            s.data += 8;
+            s.len -= 8;
+            t = ngx_parse_time(&s, 0);
+
+            if (t == (ngx_msec_t) NGX_ERROR || t == 0) {
+                goto invalid;
+            }
+
+            u->timeout = t;
+            continue;
+        }
+
+        goto invalid;
+    }
+
+    amcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_infer_auth_module);
+
+    if (amcf->zone == NULL) {
+        ngx_str_set(&name, "infer_auth_jwks");
+
+        amcf->zone = ngx_shared_memory_add(cf, &name, 1024 * 1024,
+                                           &ngx_http_infer_auth_module);
+        if (amcf->zone == NULL) {
+            return NGX_CONF_ERROR;
+        }
+
+        amcf->zone->init = ngx_http_infer_auth_init_zone;
+    }
+
+    u->zone = amcf->zone;
+    lcf->jwks_uri = u;
+
+    return NGX_CONF_OK;
+
+invalid:
+
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                       "invalid parameter \"%V\"", &value[i]);
+
+    return NGX_CONF_ERROR;
+}
