@@ -93,8 +93,8 @@ ngx_http_infer_file_syserr(u_char *err, size_t size, ngx_err_t e,
 
 
 /*
- * NGX_OK when the file changed since it was last read (or was never
- * read); NGX_DECLINED when not, or when it still cannot be stat()ed;
+ * NGX_OK when the file changed since it was last looked at (or never
+ * was); NGX_DECLINED when not, or when it still cannot be stat()ed;
  * NGX_ERROR with err when it newly cannot be.
  */
 
@@ -120,7 +120,14 @@ ngx_http_infer_file_check(ngx_http_infer_file_t *f, u_char *err,
 
     f->stat_err = 0;
 
-    return ngx_http_infer_file_changed(f, &fi) ? NGX_OK : NGX_DECLINED;
+    if (!ngx_http_infer_file_changed(f, &fi)) {
+        return NGX_DECLINED;
+    }
+
+    /* a file that cannot be opened or read is reported once too */
+    ngx_http_infer_file_seen(f, &fi);
+
+    return NGX_OK;
 }
 
 

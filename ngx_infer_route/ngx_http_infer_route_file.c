@@ -15,6 +15,7 @@
 
 #include <jansson.h>
 
+#include "ngx_http_infer_file.h"
 #include "ngx_http_infer_route.h"
 #include "ngx_http_infer_route_json.h"
 
@@ -24,21 +25,12 @@
 
 
 struct ngx_http_infer_route_file_s {
-    ngx_str_t                          name;        /* null-terminated */
+    /* the file as it was last read, good or not */
+    ngx_http_infer_file_t              file;
     ngx_msec_t                         interval;
     ngx_http_infer_route_main_conf_t  *rmcf;
     ngx_http_upstream_main_conf_t     *umcf;
     ngx_event_t                        event;       /* per worker */
-
-    /*
-     * The file as it was last read, good or not: it is read again only
-     * once it changed, so that a broken file is reported once.
-     */
-    ngx_file_uniq_t                    uniq;
-    off_t                              size;
-    struct timespec                    mtim;
-    struct timespec                    ctim;
-    ngx_err_t                          stat_err;    /* reported already */
 };
 
 
@@ -66,14 +58,6 @@ static ngx_int_t ngx_http_infer_route_file_name(json_t *v, ngx_pool_t *pool,
     ngx_str_t *s);
 static ngx_int_t ngx_http_infer_route_file_upstream(
     ngx_http_infer_route_file_t *f, ngx_str_t *name);
-static ngx_uint_t ngx_http_infer_route_file_changed(
-    ngx_http_infer_route_file_t *f, ngx_file_info_t *fi);
-static void ngx_http_infer_route_file_seen(ngx_http_infer_route_file_t *f,
-    ngx_file_info_t *fi);
-static void ngx_http_infer_route_file_times(ngx_file_info_t *fi,
-    struct timespec *mtim, struct timespec *ctim);
-static void ngx_http_infer_route_file_syserr(u_char *err, ngx_err_t e,
-    const char *what);
 
 
 /*
@@ -101,9 +85,9 @@ ngx_http_infer_route_file_conf(ngx_conf_t *cf, ngx_command_t *cmd,
         return NGX_CONF_ERROR;
     }
 
-    f->name = value[1];
+    f->file.name = value[1];
 
-    if (ngx_conf_full_name(cf->cycle, &f->name, 1) != NGX_OK) {
+    if (ngx_conf_full_name(cf->cycle, &f->file.name, 1) != NGX_OK) {
         return NGX_CONF_ERROR;
     }
 
@@ -161,7 +145,7 @@ ngx_http_infer_route_file_init_conf(ngx_conf_t *cf,
 
     if (reg == NULL) {
         ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
-                      "infer_model_registry \"%V\": %s", &f->name, err);
+                      "infer_model_registry \"%V\": %s", &f->file.name, err);
         return NGX_CONF_ERROR;
     }
 
@@ -249,44 +233,33 @@ ngx_http_infer_route_file_check(ngx_http_infer_route_file_t *f,
     ngx_log_t *log)
 {
     u_char                            err[NGX_HTTP_INFER_ROUTE_ERRSTR];
-    ngx_err_t                         e;
     ngx_tm_t                          tm;
+    ngx_int_t                         rc;
     ngx_uint_t                        ok, failed;
     ngx_pool_t                       *pool;
-    ngx_file_info_t                   fi;
     ngx_http_infer_route_registry_t  *reg;
 
     ok = (ngx_worker == 0) ? NGX_LOG_NOTICE : NGX_LOG_DEBUG;
     failed = (ngx_worker == 0) ? NGX_LOG_ERR : NGX_LOG_DEBUG;
 
-    if (ngx_file_info(f->name.data, &fi) == NGX_FILE_ERROR) {
-        e = ngx_errno;
+    rc = ngx_http_infer_file_check(&f->file, err, sizeof(err));
 
-        if (e == f->stat_err) {
-            return;
-        }
-
-        f->stat_err = e;
-        ngx_http_infer_route_file_syserr(err, e, ngx_file_info_n);
-        goto fail;
-    }
-
-    f->stat_err = 0;
-
-    if (!ngx_http_infer_route_file_changed(f, &fi)) {
+    if (rc == NGX_DECLINED) {
         return;
     }
 
+    if (rc == NGX_ERROR) {
+        goto fail;
+    }
+
     ngx_log_debug1(NGX_LOG_DEBUG_HTTP, log, 0,
-                   "infer route: registry file \"%V\" changed", &f->name);
+                   "infer route: registry file \"%V\" changed",
+                   &f->file.name);
 
     pool = ngx_create_pool(NGX_DEFAULT_POOL_SIZE, log);
     if (pool == NULL) {
         return;
     }
-
-    /* a file that cannot be opened is reported once too */
-    ngx_http_infer_route_file_seen(f, &fi);
 
     reg = ngx_http_infer_route_file_load(f, pool, log, err);
 
@@ -299,7 +272,7 @@ ngx_http_infer_route_file_check(ngx_http_infer_route_file_t *f,
 
     ngx_log_error(ok, log, 0,
                   "infer_model_registry \"%V\": %ui models loaded",
-                  &f->name, reg->models.nelts);
+                  &f->file.name, reg->models.nelts);
 
     return;
 
@@ -310,7 +283,7 @@ fail:
     ngx_log_error(failed, log, 0,
                   "infer_model_registry \"%V\": %s, keeping the registry "
                   "loaded at %4d/%02d/%02d %02d:%02d:%02d",
-                  &f->name, err, tm.ngx_tm_year, tm.ngx_tm_mon,
+                  &f->file.name, err, tm.ngx_tm_year, tm.ngx_tm_mon,
                   tm.ngx_tm_mday, tm.ngx_tm_hour, tm.ngx_tm_min,
                   tm.ngx_tm_sec);
 }
@@ -326,82 +299,23 @@ ngx_http_infer_route_file_load(ngx_http_infer_route_file_t *f,
     ngx_pool_t *pool, ngx_log_t *log, u_char *err)
 {
     u_char                           *buf;
-    off_t                             size;
+    size_t                            size;
     json_t                           *root;
-    ssize_t                           n;
     ngx_int_t                         rc;
-    ngx_file_t                        file;
     ngx_array_t                       models;
     json_error_t                      jerr;
-    ngx_file_info_t                   fi;
     ngx_http_infer_route_registry_t  *reg;
 
     err[0] = '\0';
-    buf = NULL;
 
-    ngx_memzero(&file, sizeof(ngx_file_t));
-
-    file.name = f->name;
-    file.log = log;
-
-    file.fd = ngx_open_file(f->name.data, NGX_FILE_RDONLY, NGX_FILE_OPEN, 0);
-
-    if (file.fd == NGX_INVALID_FILE) {
-        ngx_http_infer_route_file_syserr(err, ngx_errno, ngx_open_file_n);
+    buf = ngx_http_infer_file_read(&f->file, NGX_HTTP_INFER_ROUTE_FILE_MAX,
+                                   &size, log, err,
+                                   NGX_HTTP_INFER_ROUTE_ERRSTR);
+    if (buf == NULL) {
         return NULL;
     }
 
-    if (ngx_fd_info(file.fd, &fi) == NGX_FILE_ERROR) {
-        ngx_http_infer_route_file_syserr(err, ngx_errno, ngx_fd_info_n);
-        goto failed;
-    }
-
-    /* what is read now is what the next check compares with */
-    ngx_http_infer_route_file_seen(f, &fi);
-
-    if (!ngx_is_file(&fi)) {
-        ngx_http_infer_route_registry_error(err, NULL,
-                                            "not a regular file");
-        goto failed;
-    }
-
-    size = ngx_file_size(&fi);
-
-    if (size > NGX_HTTP_INFER_ROUTE_FILE_MAX) {
-        ngx_http_infer_route_registry_error(err, NULL,
-            "the file has %O bytes, more than the %d allowed",
-            size, NGX_HTTP_INFER_ROUTE_FILE_MAX);
-        goto failed;
-    }
-
-    /* one more byte: an empty file is no malloc(0) */
-    buf = ngx_alloc((size_t) size + 1, log);
-    if (buf == NULL) {
-        goto failed;
-    }
-
-    n = ngx_read_file(&file, buf, (size_t) size, 0);
-
-    if (n != (ssize_t) size) {
-        if (n == NGX_ERROR) {
-            ngx_http_infer_route_file_syserr(err, ngx_errno, "read()");
-
-        } else {
-            ngx_http_infer_route_registry_error(err, NULL,
-                "read %z of %O bytes", n, size);
-        }
-
-        goto failed;
-    }
-
-    if (ngx_close_file(file.fd) == NGX_FILE_ERROR) {
-        ngx_log_error(NGX_LOG_ALERT, log, ngx_errno,
-                      ngx_close_file_n " \"%V\" failed", &f->name);
-    }
-
-    file.fd = NGX_INVALID_FILE;
-
-    root = json_loadb((char *) buf, (size_t) size, JSON_REJECT_DUPLICATES,
+    root = json_loadb((char *) buf, size, JSON_REJECT_DUPLICATES,
                       &jerr);
 
     ngx_free(buf);
@@ -428,19 +342,6 @@ ngx_http_infer_route_file_load(ngx_http_infer_route_file_t *f,
     }
 
     return reg;
-
-failed:
-
-    if (buf) {
-        ngx_free(buf);
-    }
-
-    if (file.fd != NGX_INVALID_FILE
-        && ngx_close_file(file.fd) == NGX_FILE_ERROR)
-    {
-        ngx_log_error(NGX_LOG_ALERT, log, ngx_errno,
-                      ngx_close_file_n " \"%V\" failed", &f->name);
-    }
 
 invalid:
 
@@ -1017,70 +918,4 @@ ngx_http_infer_route_file_upstream(ngx_http_infer_route_file_t *f,
     }
 
     return NGX_DECLINED;
-}
-
-
-/*
- * A new file (a ConfigMap's update swaps a symlink: a new inode), one
- * written again in place (a new mtime, to the nanosecond where the system
- * keeps it, or a new size), or one whose owner or mode changed (a new
- * ctime), which may make a file that could not be read readable.
- */
-
-static ngx_uint_t
-ngx_http_infer_route_file_changed(ngx_http_infer_route_file_t *f,
-    ngx_file_info_t *fi)
-{
-    struct timespec  mtim, ctim;
-
-    ngx_http_infer_route_file_times(fi, &mtim, &ctim);
-
-    return f->uniq != ngx_file_uniq(fi)
-           || f->size != ngx_file_size(fi)
-           || f->mtim.tv_sec != mtim.tv_sec
-           || f->mtim.tv_nsec != mtim.tv_nsec
-           || f->ctim.tv_sec != ctim.tv_sec
-           || f->ctim.tv_nsec != ctim.tv_nsec;
-}
-
-
-static void
-ngx_http_infer_route_file_seen(ngx_http_infer_route_file_t *f,
-    ngx_file_info_t *fi)
-{
-    f->uniq = ngx_file_uniq(fi);
-    f->size = ngx_file_size(fi);
-
-    ngx_http_infer_route_file_times(fi, &f->mtim, &f->ctim);
-}
-
-
-static void
-ngx_http_infer_route_file_times(ngx_file_info_t *fi, struct timespec *mtim,
-    struct timespec *ctim)
-{
-#if (NGX_LINUX)
-    *mtim = fi->st_mtim;
-    *ctim = fi->st_ctim;
-#else
-    mtim->tv_sec = fi->st_mtime;
-    mtim->tv_nsec = 0;
-    ctim->tv_sec = fi->st_ctime;
-    ctim->tv_nsec = 0;
-#endif
-}
-
-
-static void
-ngx_http_infer_route_file_syserr(u_char *err, ngx_err_t e, const char *what)
-{
-    u_char  *p, *last;
-
-    last = err + NGX_HTTP_INFER_ROUTE_ERRSTR - 1;
-
-    p = ngx_slprintf(err, last, "%s failed (%d: ", what, e);
-    p = ngx_strerror(e, p, last - p);
-    p = ngx_slprintf(p, last, ")");
-
-    *p = '\0';
 }
