@@ -234,6 +234,15 @@ ngx_http_infer_auth_jwks_fetch(ngx_http_request_t *r,
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
+    /*
+     * the subrequest's copy of the headers, not the client's: a GET with
+     * no body announces none
+     */
+    sr->headers_in.content_length = NULL;
+    sr->headers_in.content_length_n = -1;
+    sr->headers_in.transfer_encoding = NULL;
+    sr->headers_in.chunked = 0;
+
     return NGX_AGAIN;
 }
 
