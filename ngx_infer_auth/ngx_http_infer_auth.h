@@ -188,6 +188,7 @@ typedef struct {
 typedef struct {
     ngx_array_t                       watches;   /* watch * */
     ngx_shm_zone_t                   *zone;
+    ngx_uint_t                        token_cache; /* 0: off */
     ngx_int_t                         model_index;
     ngx_int_t                         target_index;
 } ngx_http_infer_auth_main_conf_t;
@@ -264,6 +265,13 @@ char *ngx_http_infer_auth_file_conf(ngx_conf_t *cf,
 char *ngx_http_infer_auth_jwks_uri_conf(ngx_conf_t *cf,
     ngx_command_t *cmd, void *conf);
 
+ngx_int_t ngx_http_infer_auth_cache_find(ngx_str_t *token,
+    ngx_http_infer_auth_keyset_t **sets, ngx_uint_t nsets, u_char *hash);
+void ngx_http_infer_auth_cache_add(u_char *hash,
+    ngx_http_infer_auth_keyset_t *keys, time_t expires, ngx_uint_t max,
+    ngx_log_t *log);
+
+extern ngx_uint_t    ngx_http_infer_auth_key_epoch;
 extern ngx_module_t  ngx_http_infer_auth_module;
 
 

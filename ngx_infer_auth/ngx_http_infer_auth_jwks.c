@@ -186,6 +186,9 @@ ngx_http_infer_auth_jwks_sync(ngx_http_infer_auth_jwks_uri_t *u,
 
     u->keys = ks;
     u->generation = generation;
+
+    /* no token is trusted from the cache on a key set that went */
+    ngx_http_infer_auth_key_epoch++;
 }
 
 

@@ -184,6 +184,11 @@ ngx_http_infer_auth_watch_load(ngx_http_infer_auth_watch_t *w,
     ngx_http_infer_auth_data_free(w, w->data);
     w->data = data;
 
+    if (w->jwks) {
+        /* no token is trusted from the cache on a key set that went */
+        ngx_http_infer_auth_key_epoch++;
+    }
+
     return NGX_OK;
 }
 

@@ -51,6 +51,8 @@ static ngx_int_t ngx_http_infer_auth_variable_claim(ngx_http_request_t *r,
     ngx_http_variable_value_t *v, uintptr_t data);
 static char *ngx_http_infer_auth_strings_conf(ngx_conf_t *cf,
     ngx_command_t *cmd, void *conf);
+static char *ngx_http_infer_auth_token_cache_conf(ngx_conf_t *cf,
+    ngx_command_t *cmd, void *conf);
 static char *ngx_http_infer_auth_tenant_models_conf(ngx_conf_t *cf,
     ngx_command_t *cmd, void *conf);
 static char *ngx_http_infer_auth_header_conf(ngx_conf_t *cf,
@@ -191,6 +193,13 @@ static ngx_command_t  ngx_http_infer_auth_commands[] = {
       ngx_conf_set_flag_slot,
       NGX_HTTP_LOC_CONF_OFFSET,
       offsetof(ngx_http_infer_auth_loc_conf_t, strip),
+      NULL },
+
+    { ngx_string("infer_auth_token_cache"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_http_infer_auth_token_cache_conf,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
       NULL },
 
     { ngx_string("infer_auth_realm"),
@@ -491,10 +500,14 @@ static ngx_int_t
 ngx_http_infer_auth_jwt(ngx_http_request_t *r, ngx_http_infer_auth_ctx_t *ctx,
     ngx_http_infer_auth_loc_conf_t *lcf)
 {
-    u_char                          err[NGX_HTTP_INFER_AUTH_ERRSTR];
-    ngx_int_t                       rc;
-    ngx_uint_t                      candidates;
-    ngx_http_infer_auth_jwks_uri_t *u;
+    u_char                            err[NGX_HTTP_INFER_AUTH_ERRSTR];
+    u_char                            hash[SHA256_DIGEST_LENGTH];
+    json_t                           *exp;
+    ngx_int_t                         rc;
+    ngx_uint_t                        i, candidates;
+    ngx_http_infer_auth_keyset_t     *sets[3];
+    ngx_http_infer_auth_jwks_uri_t   *u;
+    ngx_http_infer_auth_main_conf_t  *amcf;
 
     if (!ctx->decoded) {
         if (ngx_http_infer_auth_jwt_decode(ctx->credential.data,
@@ -521,16 +534,37 @@ ngx_http_infer_auth_jwt(ngx_http_request_t *r, ngx_http_infer_auth_ctx_t *ctx,
         }
     }
 
+    /* the location's key sets, in the order they are tried */
+
+    sets[0] = lcf->keys;
+    sets[1] = lcf->jwks_file ? lcf->jwks_file->data : NULL;
+    sets[2] = u ? u->keys : NULL;
+
+    amcf = ngx_http_get_module_main_conf(r, ngx_http_infer_auth_module);
+
+    if (amcf->token_cache
+        && ngx_http_infer_auth_cache_find(&ctx->credential, sets, 3, hash)
+           == NGX_OK)
+    {
+        ngx_log_debug0(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
+                       "infer auth: signature known from the token cache");
+
+        return ngx_http_infer_auth_claims(r, ctx, lcf);
+    }
+
     candidates = 0;
+    rc = NGX_DECLINED;
 
-    rc = ngx_http_infer_auth_jwt_key(ctx, lcf->keys, &candidates);
+    for (i = 0; i < 2; i++) {
+        rc = ngx_http_infer_auth_jwt_key(ctx, sets[i], &candidates);
 
-    if (rc == NGX_DECLINED && lcf->jwks_file) {
-        rc = ngx_http_infer_auth_jwt_key(ctx, lcf->jwks_file->data,
-                                         &candidates);
+        if (rc != NGX_DECLINED) {
+            break;
+        }
     }
 
     if (rc == NGX_DECLINED && u) {
+        i = 2;
         rc = ngx_http_infer_auth_jwt_key(ctx, u->keys, &candidates);
 
         if (candidates == 0 && !ctx->fetched) {
@@ -544,6 +578,7 @@ ngx_http_infer_auth_jwt(ngx_http_request_t *r, ngx_http_infer_auth_ctx_t *ctx,
             }
 
             rc = ngx_http_infer_auth_jwt_key(ctx, u->keys, &candidates);
+            sets[2] = u->keys;
         }
 
         if (u->keys == NULL && candidates == 0) {
@@ -563,6 +598,19 @@ ngx_http_infer_auth_jwt(ngx_http_request_t *r, ngx_http_infer_auth_ctx_t *ctx,
                    NGX_HTTP_INFER_AUTH_INVALID, "invalid_token",
                    candidates ? "signature verification failed"
                               : "no key for the token's kid and alg");
+    }
+
+    if (amcf->token_cache) {
+        /* sets[i] verified it; remembered until exp, 5 min at most */
+        exp = json_object_get(ctx->jwt.payload, "exp");
+
+        ngx_http_infer_auth_cache_add(hash, sets[i],
+                                      json_is_integer(exp)
+                                      ? ngx_min((time_t)
+                                                json_integer_value(exp),
+                                                ngx_time() + 300)
+                                      : ngx_time() + 300,
+                                      amcf->token_cache, r->connection->log);
     }
 
     return ngx_http_infer_auth_claims(r, ctx, lcf);
@@ -1347,6 +1395,43 @@ found:
 }
 
 
+/* infer_auth_token_cache number | off; */
+
+static char *
+ngx_http_infer_auth_token_cache_conf(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf)
+{
+    ngx_http_infer_auth_main_conf_t *amcf = conf;
+
+    ngx_int_t   n;
+    ngx_str_t  *value;
+
+    if (amcf->token_cache != NGX_CONF_UNSET_UINT) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+
+    if (ngx_strcmp(value[1].data, "off") == 0) {
+        amcf->token_cache = 0;
+        return NGX_CONF_OK;
+    }
+
+    n = ngx_atoi(value[1].data, value[1].len);
+
+    if (n == NGX_ERROR || n == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid number of tokens \"%V\": a positive "
+                           "number or \"off\"", &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    amcf->token_cache = (ngx_uint_t) n;
+
+    return NGX_CONF_OK;
+}
+
+
 /* every argument, where ngx_conf_set_str_array_slot takes the first */
 
 static char *
@@ -1539,6 +1624,7 @@ ngx_http_infer_auth_create_main_conf(ngx_conf_t *cf)
         return NULL;
     }
 
+    amcf->token_cache = NGX_CONF_UNSET_UINT;
     amcf->model_index = NGX_ERROR;
     amcf->target_index = NGX_ERROR;
 
@@ -1666,6 +1752,10 @@ ngx_http_infer_auth_init(ngx_conf_t *cf)
     }
 
     *h = ngx_http_infer_auth_handler;
+
+    if (amcf->token_cache == NGX_CONF_UNSET_UINT) {
+        amcf->token_cache = 1024;
+    }
 
     ngx_str_set(&model, "infer_model");
     ngx_str_set(&target, "infer_model_target");

@@ -1,0 +1,209 @@
+
+/*
+ * Copyright (C) ngx_infer authors
+ *
+ * infer_auth_token_cache: the tokens whose signature a worker checked,
+ * by the SHA-256 of the whole token, so that a client sending the same
+ * token again costs a hash instead of an RSA or EC verification (14 to
+ * 70 microseconds).  Only the signature is remembered: the claims are
+ * checked on every request.  An entry counts only while the key set that
+ * verified it is still one of the location's and no key set of this
+ * worker was replaced since (the epoch): a rotated key is never trusted
+ * from the cache.
+ */
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+
+#include "ngx_http_infer_auth.h"
+
+
+typedef struct {
+    ngx_rbtree_node_t               node;        /* key: hash's first bytes */
+    ngx_queue_t                     queue;       /* most recent first */
+    u_char                          hash[SHA256_DIGEST_LENGTH];
+    ngx_http_infer_auth_keyset_t   *keys;
+    ngx_uint_t                      epoch;
+    time_t                          expires;
+} ngx_http_infer_auth_cache_node_t;
+
+
+static ngx_http_infer_auth_cache_node_t *ngx_http_infer_auth_cache_lookup(
+    u_char *hash);
+static void ngx_http_infer_auth_cache_insert(ngx_rbtree_node_t *temp,
+    ngx_rbtree_node_t *node, ngx_rbtree_node_t *sentinel);
+
+
+/* bumped whenever a key set of this worker is replaced */
+ngx_uint_t                          ngx_http_infer_auth_key_epoch;
+
+static ngx_rbtree_t                 ngx_http_infer_auth_cache_tree;
+static ngx_rbtree_node_t            ngx_http_infer_auth_cache_sentinel;
+static ngx_queue_t                  ngx_http_infer_auth_cache_queue;
+static ngx_uint_t                   ngx_http_infer_auth_cache_n;
+
+
+/*
+ * NGX_OK when token was verified before by one of the key sets in sets
+ * and nothing changed since; hash is the token's SHA-256 either way, for
+ * ngx_http_infer_auth_cache_add().
+ */
+
+ngx_int_t
+ngx_http_infer_auth_cache_find(ngx_str_t *token,
+    ngx_http_infer_auth_keyset_t **sets, ngx_uint_t nsets, u_char *hash)
+{
+    ngx_uint_t                         i;
+    ngx_http_infer_auth_cache_node_t  *cn;
+
+    SHA256(token->data, token->len, hash);
+
+    if (ngx_http_infer_auth_cache_tree.root == NULL) {
+        ngx_rbtree_init(&ngx_http_infer_auth_cache_tree,
+                        &ngx_http_infer_auth_cache_sentinel,
+                        ngx_http_infer_auth_cache_insert);
+        ngx_queue_init(&ngx_http_infer_auth_cache_queue);
+        return NGX_DECLINED;
+    }
+
+    cn = ngx_http_infer_auth_cache_lookup(hash);
+
+    if (cn == NULL
+        || cn->epoch != ngx_http_infer_auth_key_epoch
+        || cn->expires < ngx_time())
+    {
+        return NGX_DECLINED;
+    }
+
+    for (i = 0; i < nsets; i++) {
+        if (sets[i] && sets[i] == cn->keys) {
+            ngx_queue_remove(&cn->queue);
+            ngx_queue_insert_head(&ngx_http_infer_auth_cache_queue,
+                                  &cn->queue);
+            return NGX_OK;
+        }
+    }
+
+    return NGX_DECLINED;
+}
+
+
+/*
+ * Remembers that keys verified the token with this hash, until expires;
+ * at most max tokens, the least recently used going first.
+ */
+
+void
+ngx_http_infer_auth_cache_add(u_char *hash,
+    ngx_http_infer_auth_keyset_t *keys, time_t expires, ngx_uint_t max,
+    ngx_log_t *log)
+{
+    ngx_queue_t                       *q;
+    ngx_http_infer_auth_cache_node_t  *cn;
+
+    cn = ngx_http_infer_auth_cache_lookup(hash);
+
+    if (cn) {
+        ngx_queue_remove(&cn->queue);
+        ngx_rbtree_delete(&ngx_http_infer_auth_cache_tree, &cn->node);
+
+    } else if (ngx_http_infer_auth_cache_n >= max) {
+        q = ngx_queue_last(&ngx_http_infer_auth_cache_queue);
+        cn = ngx_queue_data(q, ngx_http_infer_auth_cache_node_t, queue);
+
+        ngx_queue_remove(q);
+        ngx_rbtree_delete(&ngx_http_infer_auth_cache_tree, &cn->node);
+
+    } else {
+        cn = ngx_alloc(sizeof(ngx_http_infer_auth_cache_node_t), log);
+        if (cn == NULL) {
+            return;
+        }
+
+        ngx_http_infer_auth_cache_n++;
+    }
+
+    ngx_memcpy(cn->hash, hash, SHA256_DIGEST_LENGTH);
+    ngx_memcpy(&cn->node.key, hash, sizeof(ngx_rbtree_key_t));
+
+    cn->keys = keys;
+    cn->epoch = ngx_http_infer_auth_key_epoch;
+    cn->expires = expires;
+
+    ngx_rbtree_insert(&ngx_http_infer_auth_cache_tree, &cn->node);
+    ngx_queue_insert_head(&ngx_http_infer_auth_cache_queue, &cn->queue);
+}
+
+
+static ngx_http_infer_auth_cache_node_t *
+ngx_http_infer_auth_cache_lookup(u_char *hash)
+{
+    ngx_int_t                          rc;
+    ngx_rbtree_key_t                   key;
+    ngx_rbtree_node_t                 *node, *sentinel;
+    ngx_http_infer_auth_cache_node_t  *cn;
+
+    ngx_memcpy(&key, hash, sizeof(ngx_rbtree_key_t));
+
+    node = ngx_http_infer_auth_cache_tree.root;
+    sentinel = ngx_http_infer_auth_cache_tree.sentinel;
+
+    while (node != sentinel) {
+
+        if (key != node->key) {
+            node = (key < node->key) ? node->left : node->right;
+            continue;
+        }
+
+        cn = (ngx_http_infer_auth_cache_node_t *) node;
+
+        rc = ngx_memcmp(hash, cn->hash, SHA256_DIGEST_LENGTH);
+
+        if (rc == 0) {
+            return cn;
+        }
+
+        node = (rc < 0) ? node->left : node->right;
+    }
+
+    return NULL;
+}
+
+
+/* ordered by the key, then by the whole hash, as limit_req does */
+
+static void
+ngx_http_infer_auth_cache_insert(ngx_rbtree_node_t *temp,
+    ngx_rbtree_node_t *node, ngx_rbtree_node_t *sentinel)
+{
+    ngx_rbtree_node_t                 **p;
+    ngx_http_infer_auth_cache_node_t   *cn, *cnt;
+
+    for ( ;; ) {
+
+        if (node->key != temp->key) {
+            p = (node->key < temp->key) ? &temp->left : &temp->right;
+
+        } else {
+            cn = (ngx_http_infer_auth_cache_node_t *) node;
+            cnt = (ngx_http_infer_auth_cache_node_t *) temp;
+
+            p = (ngx_memcmp(cn->hash, cnt->hash, SHA256_DIGEST_LENGTH) < 0)
+                ? &temp->left : &temp->right;
+        }
+
+        if (*p == sentinel) {
+            break;
+        }
+
+        temp = *p;
+    }
+
+    *p = node;
+    node->parent = temp;
+    node->left = sentinel;
+    node->right = sentinel;
+    ngx_rbt_red(node);
+}

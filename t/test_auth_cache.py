@@ -1,0 +1,186 @@
+"""infer_auth_token_cache (docs/auth.md): a worker remembers the tokens
+whose signature it checked, so that the same token again skips the RSA or
+EC verification; but never past a key rotation, never for a location with
+other keys, and never instead of the claims, which are checked each time.
+
+Cache hits are seen in the debug log ("signature known from the token
+cache"); tokens are minted with PyJWT."""
+
+import json
+import time
+
+import jwt
+import pytest
+import requests
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from jwcrypto import jwk
+
+HIT = "signature known from the token cache"
+STATIC = "root html; try_files /ok.txt =404;"
+
+
+def pem(key):
+    return key.public_key().public_bytes(
+        serialization.Encoding.PEM,
+        serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def jwks(*pairs):
+    """A JWKS document of (kid, private key) pairs' public keys."""
+    keys = []
+    for kid, k in pairs:
+        j = json.loads(jwk.JWK.from_pem(pem(k)).export_public())
+        j["kid"] = kid
+        keys.append(j)
+    return json.dumps({"keys": keys})
+
+
+def token(key, kid, alg="RS256", ttl=600, **claims):
+    now = int(time.time())
+    body = {"sub": "u", "tenant": "acme", "iat": now, "exp": now + ttl}
+    body.update(claims)
+    return jwt.encode(body, key, algorithm=alg, headers={"kid": kid})
+
+
+def get(gw, tok, path="/"):
+    return requests.get(gw.url + path, timeout=10,
+                        headers={"Authorization": "Bearer " + tok})
+
+
+def hits(gw):
+    return gw.log_text().count(HIT)
+
+
+@pytest.fixture(scope="module")
+def rsa_keys():
+    return [rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            for _ in range(2)]
+
+
+def gateway(nginx_factory, auth, http="", locations=""):
+    return nginx_factory(f"""
+    {http}
+    server {{
+        listen 127.0.0.1:{{port}};
+        location / {{ infer_auth on; {auth} {STATIC} }}
+        {locations}
+    }}""", modules=["auth"], error_level="debug", workers=1)
+
+
+def test_the_same_token_again_skips_the_signature(nginx_factory, tmp_path,
+                                                  rsa_keys):
+    (tmp_path / "k.pem").write_bytes(pem(rsa_keys[0]))
+    gw = gateway(nginx_factory, f"infer_auth_jwt_key {tmp_path}/k.pem kid=a;")
+    tok = token(rsa_keys[0], "a")
+    for _ in range(3):
+        assert get(gw, tok).status_code == 200
+    assert hits(gw) == 2
+
+    # one byte else: another token, not a hit; a forged one still fails
+    other = token(rsa_keys[0], "a", sub="v")
+    assert get(gw, other).status_code == 200
+    head, body, sig = tok.split(".")
+    forged = ".".join([head, body, sig[:-2] + ("AA" if sig[-2:] != "AA"
+                                                 else "BB")])
+    assert get(gw, forged).status_code == 401
+    assert hits(gw) == 2
+
+
+def test_off_turns_it_off(nginx_factory, tmp_path, rsa_keys):
+    (tmp_path / "k.pem").write_bytes(pem(rsa_keys[0]))
+    gw = gateway(nginx_factory, f"infer_auth_jwt_key {tmp_path}/k.pem kid=a;",
+                 http="infer_auth_token_cache off;")
+    tok = token(rsa_keys[0], "a")
+    for _ in range(3):
+        assert get(gw, tok).status_code == 200
+    assert hits(gw) == 0
+
+
+def test_claims_are_checked_on_every_hit(nginx_factory, tmp_path,
+                                         rsa_keys):
+    (tmp_path / "k.pem").write_bytes(pem(rsa_keys[0]))
+    gw = gateway(nginx_factory, f"infer_auth_jwt_key {tmp_path}/k.pem kid=a;")
+    tok = token(rsa_keys[0], "a", ttl=2)
+    assert get(gw, tok).status_code == 200
+    assert get(gw, tok).status_code == 200
+    deadline = time.monotonic() + 5
+    r = get(gw, tok)
+    while r.status_code == 200 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        r = get(gw, tok)
+    assert r.status_code == 401
+    assert r.headers["www-authenticate"].endswith(
+        'error_description="the token has expired"')
+
+
+def test_a_rotated_key_is_not_trusted_from_the_cache(nginx_factory,
+                                                      tmp_path, rsa_keys):
+    """The JWKS file drops kid a for kid b: a token of a, accepted (and
+    cached) before, is refused after the file is read again."""
+    f = tmp_path / "jwks.json"
+    f.write_text(jwks(("a", rsa_keys[0])))
+    gw = gateway(nginx_factory, f"infer_auth_jwks {f} interval=100ms;")
+    old = token(rsa_keys[0], "a")
+    assert get(gw, old).status_code == 200
+    assert get(gw, old).status_code == 200
+    assert hits(gw) == 1
+
+    f.write_text(jwks(("b", rsa_keys[1])))
+    new = token(rsa_keys[1], "b")
+    deadline = time.monotonic() + 5
+    while get(gw, new).status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert get(gw, new).status_code == 200
+    r = get(gw, old)
+    assert r.status_code == 401
+    assert "no key for the token" in r.headers["www-authenticate"]
+
+
+def test_a_location_with_other_keys_does_not_trust_it(nginx_factory,
+                                                      tmp_path, rsa_keys):
+    """Verified in / against key a; /other knows key b only (same kid): the
+    cache entry of / counts for nothing there."""
+    (tmp_path / "a.pem").write_bytes(pem(rsa_keys[0]))
+    (tmp_path / "b.pem").write_bytes(pem(rsa_keys[1]))
+    gw = gateway(nginx_factory, f"infer_auth_jwt_key {tmp_path}/a.pem kid=k;",
+                 locations=f"""
+        location /other {{
+            infer_auth on; infer_auth_jwt_key {tmp_path}/b.pem kid=k;
+            {STATIC}
+        }}""")
+    tok = token(rsa_keys[0], "k")
+    assert get(gw, tok).status_code == 200
+    assert get(gw, tok).status_code == 200
+    assert get(gw, tok, "/other").status_code == 401
+
+
+def test_the_cache_is_bounded(nginx_factory, tmp_path):
+    """With room for 2 tokens, a third pushes out the least recent."""
+    k = ec.generate_private_key(ec.SECP256R1())
+    (tmp_path / "k.pem").write_bytes(pem(k))
+    gw = gateway(nginx_factory, f"infer_auth_jwt_key {tmp_path}/k.pem kid=e;",
+                 http="infer_auth_token_cache 2;")
+    t1, t2, t3 = (token(k, "e", alg="ES256", sub=s) for s in "123")
+    for t in (t1, t2, t3):
+        assert get(gw, t).status_code == 200
+    assert hits(gw) == 0
+    assert get(gw, t3).status_code == 200      # kept: a hit
+    assert get(gw, t1).status_code == 200      # pushed out: verified again
+    assert hits(gw) == 1
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "lots"])
+def test_nginx_t_refuses_a_bad_size(nginx_factory, tmp_path, rsa_keys,
+                                    value):
+    (tmp_path / "k.pem").write_bytes(pem(rsa_keys[0]))
+    n = nginx_factory(f"""
+    infer_auth_token_cache {value};
+    server {{
+        listen 127.0.0.1:{{port}};
+        location / {{ infer_auth on;
+                     infer_auth_jwt_key {tmp_path}/k.pem; {STATIC} }}
+    }}""", modules=["auth"], start=False)
+    ok, out = n.check_config()
+    assert not ok
+    assert f'invalid number of tokens "{value}"' in out
