@@ -37,6 +37,8 @@ static ngx_int_t ngx_http_infer_auth_model(ngx_http_request_t *r,
     ngx_http_infer_auth_ctx_t *ctx, ngx_http_infer_auth_loc_conf_t *lcf);
 static ngx_int_t ngx_http_infer_auth_strip(ngx_http_request_t *r,
     ngx_http_infer_auth_loc_conf_t *lcf);
+static ngx_uint_t ngx_http_infer_auth_credential_header(
+    ngx_http_infer_auth_loc_conf_t *lcf, ngx_table_elt_t *h);
 static ngx_http_infer_auth_ctx_t *ngx_http_infer_auth_get_ctx(
     ngx_http_request_t *r);
 static void ngx_http_infer_auth_cleanup(void *data);
@@ -941,13 +943,7 @@ ngx_http_infer_auth_strip(ngx_http_request_t *r,
 
         n++;
 
-        if ((h[i].key.len == lcf->header.len
-             && ngx_strncmp(h[i].lowcase_key, lcf->header.data,
-                            h[i].key.len) == 0)
-            || (h[i].key.len == lcf->key_header.len
-                && ngx_strncmp(h[i].lowcase_key, lcf->key_header.data,
-                               h[i].key.len) == 0))
-        {
+        if (ngx_http_infer_auth_credential_header(lcf, &h[i])) {
             drop++;
         }
     }
@@ -980,13 +976,7 @@ ngx_http_infer_auth_strip(ngx_http_request_t *r,
             i = 0;
         }
 
-        if ((h[i].key.len == lcf->header.len
-             && ngx_strncmp(h[i].lowcase_key, lcf->header.data,
-                            h[i].key.len) == 0)
-            || (h[i].key.len == lcf->key_header.len
-                && ngx_strncmp(h[i].lowcase_key, lcf->key_header.data,
-                               h[i].key.len) == 0))
-        {
+        if (ngx_http_infer_auth_credential_header(lcf, &h[i])) {
             continue;
         }
 
@@ -1001,6 +991,18 @@ ngx_http_infer_auth_strip(ngx_http_request_t *r,
     r->headers_in.authorization = NULL;
 
     return NGX_OK;
+}
+
+
+static ngx_uint_t
+ngx_http_infer_auth_credential_header(ngx_http_infer_auth_loc_conf_t *lcf,
+    ngx_table_elt_t *h)
+{
+    return (h->key.len == lcf->header.len
+            && ngx_strncmp(h->lowcase_key, lcf->header.data, h->key.len) == 0)
+           || (h->key.len == lcf->key_header.len
+               && ngx_strncmp(h->lowcase_key, lcf->key_header.data,
+                              h->key.len) == 0);
 }
 
 
@@ -1591,19 +1593,7 @@ ngx_http_infer_auth_header_conf(ngx_conf_t *cf, ngx_command_t *cmd,
 static ngx_int_t
 ngx_http_infer_auth_add_variables(ngx_conf_t *cf)
 {
-    ngx_http_variable_t  *var, *v;
-
-    for (v = ngx_http_infer_auth_vars; v->name.len; v++) {
-        var = ngx_http_add_variable(cf, &v->name, v->flags);
-        if (var == NULL) {
-            return NGX_ERROR;
-        }
-
-        var->get_handler = v->get_handler;
-        var->data = v->data;
-    }
-
-    return NGX_OK;
+    return ngx_http_infer_add_variables(cf, ngx_http_infer_auth_vars);
 }
 
 

@@ -130,6 +130,30 @@ ngx_http_infer_send_error(ngx_http_request_t *r, ngx_uint_t status,
 
 
 /*
+ * Registers a module's variables, from a table ended by
+ * ngx_http_null_variable; for the preconfiguration.
+ */
+
+static ngx_inline ngx_int_t
+ngx_http_infer_add_variables(ngx_conf_t *cf, ngx_http_variable_t *vars)
+{
+    ngx_http_variable_t  *var, *v;
+
+    for (v = vars; v->name.len; v++) {
+        var = ngx_http_add_variable(cf, &v->name, v->flags);
+        if (var == NULL) {
+            return NGX_ERROR;
+        }
+
+        var->get_handler = v->get_handler;
+        var->data = v->data;
+    }
+
+    return NGX_OK;
+}
+
+
+/*
  * Whether name matches pattern, where "*" stands for any run of bytes
  * (and nothing else is special): "llama-*", "*-instruct", "*".
  */
