@@ -152,6 +152,25 @@ extern ngx_http_infer_metrics_family_t
     ngx_http_infer_metrics_families[NGX_HTTP_INFER_METRICS_NFAMILIES];
 
 
+/* ngx_http_infer_metrics_store.c */
+
+ngx_int_t ngx_http_infer_metrics_init_zone(ngx_shm_zone_t *shm_zone,
+    void *data);
+size_t ngx_http_infer_metrics_labels(ngx_http_request_t *r,
+    ngx_array_t *labels, u_char *buf);
+u_char *ngx_http_infer_metrics_label(u_char *p, u_char *labels, size_t len,
+    char *name, u_char *value, size_t vlen);
+void ngx_http_infer_metrics_class(u_char *code, ngx_uint_t status);
+void ngx_http_infer_metrics_count(ngx_http_infer_metrics_main_conf_t *mcf,
+    ngx_uint_t family, u_char *labels, size_t len, uint64_t n);
+void ngx_http_infer_metrics_observe(ngx_http_infer_metrics_main_conf_t *mcf,
+    ngx_uint_t family, u_char *labels, size_t len, uint64_t usec);
+ngx_http_infer_metrics_node_t *ngx_http_infer_metrics_series(
+    ngx_http_infer_metrics_main_conf_t *mcf, ngx_uint_t family,
+    u_char *labels, size_t len);
+
+/* ngx_http_infer_metrics_export.c */
+
 ngx_int_t ngx_http_infer_metrics_export_handler(ngx_http_request_t *r);
 ngx_int_t ngx_http_infer_metrics_health_handler(ngx_http_request_t *r);
 ngx_int_t ngx_http_infer_metrics_ready_handler(ngx_http_request_t *r);
