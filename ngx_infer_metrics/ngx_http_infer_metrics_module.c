@@ -762,7 +762,7 @@ ngx_http_infer_metrics_add_label(ngx_conf_t *cf, ngx_command_t *cmd,
     ngx_str_t                        *value;
     ngx_uint_t                        i;
     ngx_array_t                     **a;
-    ngx_http_infer_metrics_label_t   *lb;
+    ngx_http_infer_metrics_label_t   *lb, tmp;
 
     static char  *reserved[] = {
         "code", "type", "outcome", "decision", "endpoint", "le",
@@ -840,6 +840,30 @@ ngx_http_infer_metrics_add_label(ngx_conf_t *cf, ngx_command_t *cmd,
 
     if (ngx_http_infer_metrics_compile(cf, &lb->value, &value[2]) != NGX_OK) {
         return NGX_CONF_ERROR;
+    }
+
+    /*
+     * Labels are kept sorted by name: two locations that declare the same
+     * labels in another order then make the same series, not two series
+     * Prometheus would see as one.
+     */
+
+    if (cmd->offset != offsetof(ngx_http_infer_metrics_loc_conf_t, labels)) {
+        return NGX_CONF_OK;
+    }
+
+    lb = (*a)->elts;
+
+    for (i = (*a)->nelts - 1; i > 0; i--) {
+        if (ngx_memn2cmp(lb[i - 1].name.data, lb[i].name.data,
+                         lb[i - 1].name.len, lb[i].name.len) <= 0)
+        {
+            break;
+        }
+
+        tmp = lb[i - 1];
+        lb[i - 1] = lb[i];
+        lb[i] = tmp;
     }
 
     return NGX_CONF_OK;

@@ -535,3 +535,20 @@ scrape_configs:
             proc.kill()
             proc.wait(5)
         log.close()
+
+
+def test_labels_in_another_order_make_the_same_series(nginx_factory):
+    n = nginx_factory(static(location="""
+            infer_metrics_label zone "z";
+            infer_metrics_label app "a";""").replace(
+        "location / {", """location /other {
+            infer_metrics on;
+            infer_metrics_label app "a";
+            infer_metrics_label zone "z";
+            root html; try_files /ok.txt =404;
+        }
+        location / {"""))
+    for path in ("/", "/other", "/"):
+        assert requests.get(n.url + path, timeout=5).status_code == 200
+    text = page(n).text
+    assert 'infer_requests_total{app="a",zone="z",code="2xx"} 3' in text
