@@ -93,8 +93,9 @@ def log_phase_cost(args, workdir):
     print()
     print(table(case.configs, summary, ratios))
     r = ratios["metrics/plain"]
-    print(f"\nmetrics/plain CPU per request: {r['paired_median']['cpu_us_per_req']:.3f}"
-          f" (paired median), +{r['cpu_us_per_req_added']:.2f} µs/req")
+    print(f"\nmetrics/plain CPU per request: "
+          f"{r['paired_median']['cpu_us_per_req']:.3f} (paired median), "
+          f"{r['cpu_us_per_req_added']:+.2f} µs/req")
 
 
 def fill(conn, start, count):

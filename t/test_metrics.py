@@ -552,3 +552,50 @@ def test_labels_in_another_order_make_the_same_series(nginx_factory):
         assert requests.get(n.url + path, timeout=5).status_code == 200
     text = page(n).text
     assert 'infer_requests_total{app="a",zone="z",code="2xx"} 3' in text
+
+
+# ------------------------------------------------------ examples and docs
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OBS = os.path.join(REPO, "examples", "observability")
+DOC = os.path.join(REPO, "docs", "metrics.md")
+
+
+def test_the_examples_pass_promtool():
+    for args in (["check", "config", os.path.join(OBS, "prometheus.yml")],
+                 ["check", "rules", os.path.join(OBS, "alerts.yml")]):
+        r = subprocess.run([PROMTOOL, *args], capture_output=True, text=True,
+                           timeout=30)
+        assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_the_examples_query_only_documented_families():
+    doc = open(DOC).read()
+    families = set(re.findall(r"^\| `(infer_\w+)` \|", doc, re.M))
+    assert "infer_requests_total" in families
+    dash = json.load(open(os.path.join(OBS, "grafana-dashboard.json")))
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    assert len(dash["panels"]) >= 8
+    alerts = open(os.path.join(OBS, "alerts.yml")).read()
+    rules = re.findall(r"^\s+expr: >?\n?((?:.*\n)+?)(?=\s+(?:for|labels|-)"
+                       r"[ :])", alerts, re.M)
+    assert len(rules) == alerts.count("expr:") == 6
+    text = " ".join(exprs + rules)
+    used = {re.sub(r"_(bucket|sum|count)$", "", m)
+            for m in re.findall(r"\b(infer_\w+)", text)}
+    used = {u for u in used if not u.startswith("infer_overflow")}
+    assert used and used <= families, used - families
+
+
+def test_every_directive_and_name_is_documented():
+    doc = open(DOC).read()
+    src = ""
+    for name in os.listdir(os.path.join(REPO, "ngx_infer_metrics")):
+        src += open(os.path.join(REPO, "ngx_infer_metrics", name)).read()
+    names = set(re.findall(r'ngx_string\("(infer_\w+)"\)', src))
+    assert "infer_metrics_zone" in names
+    missing = sorted(n for n in names if n not in doc)
+    assert not missing, missing
+    directive = r'\{ ngx_string\("(infer_\w+)"\),\n\s+NGX_HTTP_(?:MAIN|LOC)_'
+    for d in re.findall(directive, src):
+        assert f"### {d}\n\n    Syntax:  {d}" in doc, d
