@@ -106,6 +106,8 @@ typedef struct {
     ngx_http_infer_metrics_node_t  *head[NGX_HTTP_INFER_METRICS_NFAMILIES];
     ngx_atomic_t                    folded[NGX_HTTP_INFER_METRICS_NFAMILIES];
     time_t                          created;
+    uint64_t                        seed;      /* of the hash: label values
+                                                  come from clients */
 } ngx_http_infer_metrics_shctx_t;
 
 

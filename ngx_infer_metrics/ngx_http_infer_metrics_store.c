@@ -16,6 +16,8 @@
 
 static u_char *ngx_http_infer_metrics_escape(u_char *dst, u_char *src,
     size_t len);
+static uint32_t ngx_http_infer_metrics_hash(u_char *p, size_t len,
+    uint64_t seed);
 static ngx_http_infer_metrics_node_t *ngx_http_infer_metrics_find(
     ngx_http_infer_metrics_zone_t *zone, ngx_uint_t family, uint32_t layout,
     ngx_uint_t nvalues, u_char *labels, size_t len, ngx_uint_t overflow);
@@ -268,8 +270,9 @@ ngx_http_infer_metrics_find(ngx_http_infer_metrics_zone_t *zone,
 
     sh = zone->sh;
 
-    hash = ngx_crc32_short(labels, len);
-    hash ^= (uint32_t) (family + 1) * 0x9e3779b1 ^ layout;
+    hash = ngx_http_infer_metrics_hash(labels, len,
+                                       sh->seed ^ ((uint64_t) family << 32)
+                                       ^ layout);
 
     slot = &sh->hash[hash & sh->mask];
 
@@ -339,6 +342,42 @@ ngx_http_infer_metrics_find(ngx_http_infer_metrics_zone_t *zone,
 
 
 /*
+ * A word at a time (ngx_crc32_short() goes a nibble at a time, and was the
+ * LOG phase's largest cost), seeded per zone so that clients choosing label
+ * values cannot aim at one hash chain.
+ */
+
+static uint32_t
+ngx_http_infer_metrics_hash(u_char *p, size_t len, uint64_t seed)
+{
+    uint64_t  h, w;
+
+    h = seed ^ (len * 0x9e3779b97f4a7c15ULL);
+
+    while (len >= 8) {
+        ngx_memcpy(&w, p, 8);
+        h = (h ^ w) * 0xff51afd7ed558ccdULL;
+        h ^= h >> 32;
+        p += 8;
+        len -= 8;
+    }
+
+    w = 0;
+
+    while (len) {
+        w = w << 8 | p[--len];
+    }
+
+    h = (h ^ w) * 0xc4ceb9fe1a85ec53ULL;
+    h ^= h >> 29;
+    h *= 0xff51afd7ed558ccdULL;
+    h ^= h >> 32;
+
+    return (uint32_t) h;
+}
+
+
+/*
  * Reused on reload, as limit_req does, so that counters survive it: the
  * new configuration's series are found by the same label text.  A
  * histogram whose buckets changed starts new series (the layout is part
@@ -391,6 +430,8 @@ ngx_http_infer_metrics_init_zone(ngx_shm_zone_t *shm_zone, void *data)
 
     zone->sh->mask = n - 1;
     zone->sh->created = ngx_time();
+    zone->sh->seed = (uint64_t) ngx_random() << 32 ^ ngx_random()
+                     ^ (uint64_t) ngx_time();
 
     len = sizeof(" in infer_metrics_zone \"\"") + shm_zone->shm.name.len;
 
