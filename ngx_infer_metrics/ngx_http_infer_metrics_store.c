@@ -418,13 +418,17 @@ ngx_http_infer_metrics_init_zone(ngx_shm_zone_t *shm_zone, void *data)
 
     for (n = 64; n < zone->max_series; n <<= 1) { /* void */ }
 
+    /* a full zone folds series into the overflow ones: not worth a crit */
+    zone->shpool->log_nomem = 0;
+
     zone->sh->hash = ngx_slab_calloc(zone->shpool,
                                n * sizeof(ngx_http_infer_metrics_node_t *));
     if (zone->sh->hash == NULL) {
         ngx_log_error(NGX_LOG_EMERG, shm_zone->shm.log, 0,
                       "infer_metrics_zone \"%V\" is too small for "
-                      "max_series=%ui", &shm_zone->shm.name,
-                      zone->max_series);
+                      "max_series=%ui: its hash table alone takes %uz bytes",
+                      &shm_zone->shm.name, zone->max_series,
+                      n * sizeof(ngx_http_infer_metrics_node_t *));
         return NGX_ERROR;
     }
 
@@ -442,9 +446,6 @@ ngx_http_infer_metrics_init_zone(ngx_shm_zone_t *shm_zone, void *data)
 
     ngx_sprintf(zone->shpool->log_ctx, " in infer_metrics_zone \"%V\"%Z",
                 &shm_zone->shm.name);
-
-    /* a full zone folds series into the overflow ones: not worth a crit */
-    zone->shpool->log_nomem = 0;
 
     return NGX_OK;
 }

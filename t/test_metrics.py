@@ -461,6 +461,8 @@ def test_healthz_and_readyz(nginx_factory):
     ("infer_metrics_zone m 4m max_series=0;", 'invalid max_series "0"'),
     ("infer_metrics_zone m 4m foo=1;", 'invalid parameter "foo=1"'),
     ("infer_metrics_zone m 1k;", 'invalid zone size "1k"'),
+    ("infer_metrics_zone m 32k max_series=100000;",
+     'infer_metrics_zone "m" is too small for max_series=100000'),
     ("infer_metrics_zone m 4m; infer_metrics_zone n 4m;", "is duplicate"),
     ("infer_metrics_buckets ttft 1 2;", 'unknown histogram "ttft"'),
     ("infer_metrics_buckets time_to_first_token 1 0.5;",
@@ -481,6 +483,7 @@ def test_config_mistakes_are_caught_by_nginx_t(nginx_factory, directive,
     ok, out = n.check_config()
     assert not ok
     assert message in out, out
+    assert "[crit]" not in out and "[alert]" not in out, out
 
 
 # ------------------------------------------------------ a real Prometheus
