@@ -605,3 +605,28 @@ def test_every_directive_and_name_is_documented():
     directive = r'\{ ngx_string\("(infer_\w+)"\),\n\s+NGX_HTTP_(?:MAIN|LOC)_'
     for d in re.findall(directive, src):
         assert f"### {d}\n\n    Syntax:  {d}" in doc, d
+
+
+def test_series_created_at_once_by_both_workers_are_one(nginx_factory):
+    """Many new label values at once from both workers: each series is
+    created once (the lookup is repeated under the lock), and counts are
+    exact."""
+    n = nginx_factory(static(location="infer_metrics_label model "
+                                      "$http_x_model;"))
+    per, values = 12, 25
+
+    def one(i):
+        with requests.Session() as s:
+            return s.get(n.url + "/", headers={"x-model": f"m{i % values}"},
+                         timeout=10).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(32) as ex:
+        assert set(ex.map(one, range(per * values))) == {200}
+    s = scrape(n)
+    got = series(s, "infer_requests_total")
+    assert len(got) == values
+    assert len({l["model"] for l, _ in got}) == values
+    assert all(v == per for _, v in got)
+    assert len(series(s, "infer_request_duration_seconds_count")) == values
+    assert total(s, "infer_metrics_series") == values * 5
+    check_histograms(s)
