@@ -30,6 +30,9 @@
 
 #define NGX_HTTP_INFER_METRICS_OVERFLOW     "infer_overflow=\"true\""
 
+/* the built-in families, then those of infer_metrics_counter */
+#define NGX_HTTP_INFER_METRICS_MAX_FAMILIES 64
+
 
 typedef enum {
     NGX_HTTP_INFER_METRICS_REQUESTS = 0,
@@ -103,8 +106,8 @@ typedef struct {
     ngx_uint_t                      nseries;   /* under the mutex */
     ngx_uint_t                      mask;      /* of hash[] */
     ngx_http_infer_metrics_node_t **hash;
-    ngx_http_infer_metrics_node_t  *head[NGX_HTTP_INFER_METRICS_NFAMILIES];
-    ngx_atomic_t                    folded[NGX_HTTP_INFER_METRICS_NFAMILIES];
+    ngx_http_infer_metrics_node_t  *head[NGX_HTTP_INFER_METRICS_MAX_FAMILIES];
+    ngx_atomic_t                    folded[NGX_HTTP_INFER_METRICS_MAX_FAMILIES];
     time_t                          created;
     uint64_t                        seed;      /* of the hash: label values
                                                   come from clients */
@@ -118,6 +121,20 @@ typedef struct {
 } ngx_http_infer_metrics_zone_t;
 
 
+/*
+ * A counter of infer_metrics_counter.  Its series are told from those of
+ * a counter declared before in its place by the hash of its name, kept as
+ * their layout.
+ */
+
+typedef struct {
+    ngx_str_t                       name;      /* without _total */
+    ngx_str_t                       help;
+    ngx_http_complex_value_t        value;
+    uint32_t                        layout;
+} ngx_http_infer_metrics_counter_t;
+
+
 typedef struct {
     ngx_shm_zone_t                 *shm_zone;
     ngx_uint_t                      max_series;
@@ -125,6 +142,7 @@ typedef struct {
                                                    exports */
     ngx_http_infer_metrics_buckets_t
                                    *buckets[NGX_HTTP_INFER_METRICS_NFAMILIES];
+    ngx_array_t                     counters;   /* of *_counter_t */
 
     /* the indexes of route's variables; NGX_ERROR: not defined */
     ngx_int_t                       var_stream;

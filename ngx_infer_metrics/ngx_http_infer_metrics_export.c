@@ -38,7 +38,7 @@ static ngx_int_t ngx_http_infer_metrics_render_family(
     ngx_http_infer_metrics_page_t *pg, ngx_http_infer_metrics_main_conf_t *mcf,
     ngx_uint_t f);
 static u_char *ngx_http_infer_metrics_meta(u_char *p, ngx_str_t *name,
-    ngx_uint_t type, char *help, ngx_uint_t om);
+    ngx_uint_t type, ngx_str_t *help, ngx_uint_t om);
 static u_char *ngx_http_infer_metrics_sample(u_char *p, ngx_str_t *name,
     char *suffix, u_char *labels, size_t len, char *le, size_t lelen);
 static u_char *ngx_http_infer_metrics_reserve(
@@ -178,11 +178,12 @@ static ngx_int_t
 ngx_http_infer_metrics_render(ngx_http_infer_metrics_page_t *pg,
     ngx_http_infer_metrics_main_conf_t *mcf)
 {
-    u_char                          *p;
-    ngx_str_t                        name;
-    ngx_uint_t                       f;
-    ngx_http_infer_metrics_zone_t   *zone;
-    ngx_http_infer_metrics_shctx_t  *sh;
+    u_char                            *p;
+    ngx_str_t                          name, help, *fname;
+    ngx_uint_t                         f, nfamilies;
+    ngx_http_infer_metrics_zone_t     *zone;
+    ngx_http_infer_metrics_shctx_t    *sh;
+    ngx_http_infer_metrics_counter_t  *counter;
 
     p = ngx_http_infer_metrics_reserve(pg, 1024);
     if (p == NULL) {
@@ -190,9 +191,9 @@ ngx_http_infer_metrics_render(ngx_http_infer_metrics_page_t *pg,
     }
 
     ngx_str_set(&name, "infer_build_info");
+    ngx_str_set(&help, "ngx_infer's version and nginx's.");
     p = ngx_http_infer_metrics_meta(p, &name, NGX_HTTP_INFER_METRICS_GAUGE,
-                                    "ngx_infer's version and nginx's.",
-                                    pg->om);
+                                    &help, pg->om);
     p = ngx_sprintf(p, "infer_build_info{version=\""
                     NGX_HTTP_INFER_METRICS_VERSION "\",nginx_version=\""
                     NGINX_VERSION "\"} 1\n");
@@ -204,41 +205,49 @@ ngx_http_infer_metrics_render(ngx_http_infer_metrics_page_t *pg,
     if (zone && zone->sh) {
         sh = zone->sh;
 
-        p = ngx_http_infer_metrics_reserve(pg,
-                                NGX_HTTP_INFER_METRICS_NFAMILIES * 128 + 1024);
+        nfamilies = NGX_HTTP_INFER_METRICS_NFAMILIES + mcf->counters.nelts;
+
+        p = ngx_http_infer_metrics_reserve(pg, nfamilies * 160 + 1024);
         if (p == NULL) {
             return NGX_ERROR;
         }
 
         ngx_str_set(&name, "infer_metrics_series");
+        ngx_str_set(&help, "Series in the zone, overflow series left out.");
         p = ngx_http_infer_metrics_meta(p, &name,
                                         NGX_HTTP_INFER_METRICS_GAUGE,
-                                        "Series in the zone, overflow "
-                                        "series left out.", pg->om);
+                                        &help, pg->om);
         p = ngx_sprintf(p, "infer_metrics_series %ui\n", sh->nseries);
 
         ngx_str_set(&name, "infer_metrics_series_max");
+        ngx_str_set(&help, "The zone's max_series.");
         p = ngx_http_infer_metrics_meta(p, &name,
                                         NGX_HTTP_INFER_METRICS_GAUGE,
-                                        "The zone's max_series.", pg->om);
+                                        &help, pg->om);
         p = ngx_sprintf(p, "infer_metrics_series_max %ui\n",
                         zone->max_series);
 
         ngx_str_set(&name, "infer_metrics_overflow");
+        ngx_str_set(&help, "Observations folded into a family's overflow "
+                           "series.");
         p = ngx_http_infer_metrics_meta(p, &name,
                                         NGX_HTTP_INFER_METRICS_COUNTER,
-                                        "Observations folded into a "
-                                        "family's overflow series.", pg->om);
+                                        &help, pg->om);
 
-        for (f = 0; f < NGX_HTTP_INFER_METRICS_NFAMILIES; f++) {
+        counter = mcf->counters.elts;
+
+        for (f = 0; f < nfamilies; f++) {
+            fname = (f < NGX_HTTP_INFER_METRICS_NFAMILIES)
+                    ? &ngx_http_infer_metrics_families[f].name
+                    : &counter[f - NGX_HTTP_INFER_METRICS_NFAMILIES].name;
+
             p = ngx_sprintf(p, "infer_metrics_overflow_total{family=\"%V\"} "
-                            "%uA\n", &ngx_http_infer_metrics_families[f].name,
-                            sh->folded[f]);
+                            "%uA\n", fname, sh->folded[f]);
         }
 
         pg->b->last = p;
 
-        for (f = 0; f < NGX_HTTP_INFER_METRICS_NFAMILIES; f++) {
+        for (f = 0; f < nfamilies; f++) {
             if (ngx_http_infer_metrics_render_family(pg, mcf, f) != NGX_OK) {
                 return NGX_ERROR;
             }
@@ -266,29 +275,54 @@ ngx_http_infer_metrics_render_family(ngx_http_infer_metrics_page_t *pg,
 {
     u_char                            *p, *labels;
     size_t                             len;
+    uint32_t                           layout;
     uint64_t                           cum, sum;
-    ngx_str_t                         *name;
+    ngx_str_t                         *name, help;
     ngx_uint_t                         i, type;
     ngx_http_infer_metrics_node_t     *node;
     ngx_http_infer_metrics_zone_t     *zone;
     ngx_http_infer_metrics_family_t   *fam;
+    ngx_http_infer_metrics_counter_t  *c;
     ngx_http_infer_metrics_buckets_t  *b;
 
     zone = mcf->shm_zone->data;
-    fam = &ngx_http_infer_metrics_families[f];
-    name = &fam->name;
-    type = fam->type;
-    b = mcf->buckets[f];
+    b = NULL;
 
-    p = ngx_http_infer_metrics_reserve(pg, 512);
+    if (f < NGX_HTTP_INFER_METRICS_NFAMILIES) {
+        fam = &ngx_http_infer_metrics_families[f];
+        name = &fam->name;
+        type = fam->type;
+        help.data = (u_char *) fam->help;
+        help.len = ngx_strlen(fam->help);
+        b = mcf->buckets[f];
+        layout = b ? b->layout : 0;
+
+    } else {
+        c = mcf->counters.elts;
+        c = &c[f - NGX_HTTP_INFER_METRICS_NFAMILIES];
+        name = &c->name;
+        type = NGX_HTTP_INFER_METRICS_COUNTER;
+        help = c->help;
+        layout = c->layout;
+    }
+
+    p = ngx_http_infer_metrics_reserve(pg, 2 * name->len + help.len + 128);
     if (p == NULL) {
         return NGX_ERROR;
     }
 
-    pg->b->last = ngx_http_infer_metrics_meta(p, name, type, fam->help,
-                                              pg->om);
+    pg->b->last = ngx_http_infer_metrics_meta(p, name, type, &help, pg->om);
 
     for (node = zone->sh->head[f]; node; node = node->fnext) {
+
+        /*
+         * a series of an older configuration (other buckets, or another
+         * counter in this place): kept, not shown
+         */
+
+        if (node->layout != layout) {
+            continue;
+        }
 
         labels = (u_char *) &node->values[node->nvalues];
         len = node->len;
@@ -318,11 +352,6 @@ ngx_http_infer_metrics_render_family(ngx_http_infer_metrics_page_t *pg,
             break;
 
         default: /* NGX_HTTP_INFER_METRICS_HISTOGRAM */
-
-            /* a series of buckets of an older configuration: kept, unseen */
-            if (node->layout != b->layout) {
-                continue;
-            }
 
             p = ngx_http_infer_metrics_reserve(pg,
                                                (b->n + 3) * (len + 128));
@@ -364,13 +393,13 @@ ngx_http_infer_metrics_render_family(ngx_http_infer_metrics_page_t *pg,
 
 static u_char *
 ngx_http_infer_metrics_meta(u_char *p, ngx_str_t *name, ngx_uint_t type,
-    char *help, ngx_uint_t om)
+    ngx_str_t *help, ngx_uint_t om)
 {
     char  *suffix;
 
     suffix = (type == NGX_HTTP_INFER_METRICS_COUNTER && !om) ? "_total" : "";
 
-    return ngx_sprintf(p, "# HELP %V%s %s\n# TYPE %V%s %s\n",
+    return ngx_sprintf(p, "# HELP %V%s %V\n# TYPE %V%s %s\n",
                        name, suffix, help, name, suffix,
                        ngx_http_infer_metrics_types[type]);
 }

@@ -39,6 +39,8 @@ static char *ngx_http_infer_metrics_add_label(ngx_conf_t *cf,
     ngx_command_t *cmd, void *conf);
 static char *ngx_http_infer_metrics_set_buckets(ngx_conf_t *cf,
     ngx_command_t *cmd, void *conf);
+static char *ngx_http_infer_metrics_add_counter(ngx_conf_t *cf,
+    ngx_command_t *cmd, void *conf);
 static char *ngx_http_infer_metrics_set_status(ngx_conf_t *cf,
     ngx_command_t *cmd, void *conf);
 static char *ngx_http_infer_metrics_set_handler(ngx_conf_t *cf,
@@ -80,6 +82,13 @@ static ngx_command_t  ngx_http_infer_metrics_commands[] = {
     { ngx_string("infer_metrics_buckets"),
       NGX_HTTP_MAIN_CONF|NGX_CONF_2MORE,
       ngx_http_infer_metrics_set_buckets,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("infer_metrics_counter"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE2,
+      ngx_http_infer_metrics_add_counter,
       NGX_HTTP_MAIN_CONF_OFFSET,
       0,
       NULL },
@@ -196,6 +205,8 @@ ngx_http_infer_metrics_log_handler(ngx_http_request_t *r)
     ngx_time_t                          *tp;
     ngx_http_variable_value_t           *vv;
     ngx_http_upstream_state_t           *state;
+    off_t                                n;
+    ngx_http_infer_metrics_counter_t    *counter;
     ngx_http_infer_metrics_loc_conf_t   *lcf;
     ngx_http_infer_metrics_main_conf_t  *mcf;
 
@@ -339,6 +350,24 @@ ngx_http_infer_metrics_log_handler(ngx_http_request_t *r)
                                            ((uint64_t) ms * 1000 - ttft)
                                            / (tokens[1] - 1));
         }
+    }
+
+    counter = mcf->counters.elts;
+
+    for (i = 0; i < mcf->counters.nelts; i++) {
+        if (ngx_http_complex_value(r, &counter[i].value, &s) != NGX_OK
+            || s.len == 0)
+        {
+            continue;
+        }
+
+        n = ngx_atoof(s.data, s.len);
+        if (n <= 0) {
+            continue;
+        }
+
+        ngx_http_infer_metrics_count(mcf, NGX_HTTP_INFER_METRICS_NFAMILIES + i,
+                                     labels, len, (uint64_t) n);
     }
 
     if (lcf->auth_status) {
@@ -529,6 +558,13 @@ ngx_http_infer_metrics_create_main_conf(ngx_conf_t *cf)
      *     mcf->shm_zone = NULL;
      *     mcf->buckets[] = NULL;
      */
+
+    if (ngx_array_init(&mcf->counters, cf->pool, 2,
+                       sizeof(ngx_http_infer_metrics_counter_t))
+        != NGX_OK)
+    {
+        return NULL;
+    }
 
     mcf->max_series = NGX_CONF_UNSET_UINT;
     mcf->used = NGX_CONF_UNSET;
@@ -937,6 +973,127 @@ ngx_http_infer_metrics_set_buckets(ngx_conf_t *cf, ngx_command_t *cmd,
     mcf->buckets[f] = b;
 
     return NGX_CONF_OK;
+}
+
+
+/*
+ * infer_metrics_counter name value: a counter of the per-request labels,
+ * name_total, that each request recorded adds value to (a whole number;
+ * empty, zero or anything else adds nothing).
+ */
+
+static char *
+ngx_http_infer_metrics_add_counter(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf)
+{
+    ngx_http_infer_metrics_main_conf_t  *mcf = conf;
+
+    u_char                            *p, c;
+    ngx_str_t                         *value;
+    ngx_uint_t                         i;
+    ngx_http_infer_metrics_counter_t  *counter;
+
+    value = cf->args->elts;
+
+    if (value[1].len == 0 || value[1].len > 64
+        || (value[1].data[0] >= '0' && value[1].data[0] <= '9'))
+    {
+        goto invalid;
+    }
+
+    for (i = 0; i < value[1].len; i++) {
+        c = value[1].data[i];
+
+        if ((c < 'a' || c > 'z') && (c < 'A' || c > 'Z')
+            && (c < '0' || c > '9') && c != '_' && c != ':')
+        {
+            goto invalid;
+        }
+    }
+
+    if ((value[1].len >= 6
+         && ngx_strncmp(value[1].data + value[1].len - 6, "_total", 6) == 0)
+        || ngx_strncmp(value[1].data, "infer_", ngx_min(value[1].len, 6))
+           == 0)
+    {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid counter name \"%V\": \"_total\" is "
+                           "added, and \"infer_\" is the module's own",
+                           &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    counter = mcf->counters.elts;
+
+    for (i = 0; i < mcf->counters.nelts; i++) {
+        if (counter[i].name.len == value[1].len
+            && ngx_strncmp(counter[i].name.data, value[1].data,
+                           value[1].len) == 0)
+        {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "duplicate counter \"%V\"", &value[1]);
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    if (NGX_HTTP_INFER_METRICS_NFAMILIES + mcf->counters.nelts
+        == NGX_HTTP_INFER_METRICS_MAX_FAMILIES)
+    {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "too many counters: at most "
+                           "%d", NGX_HTTP_INFER_METRICS_MAX_FAMILIES
+                                 - NGX_HTTP_INFER_METRICS_NFAMILIES);
+        return NGX_CONF_ERROR;
+    }
+
+    counter = ngx_array_push(&mcf->counters);
+    if (counter == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    counter->name = value[1];
+    counter->layout = ngx_crc32_long(value[1].data, value[1].len);
+
+    /* the value as written, for HELP: the format escapes "\\" and "\n" */
+
+    p = ngx_pnalloc(cf->pool, sizeof("Sum of ") - 1 + value[2].len * 2);
+    if (p == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    counter->help.data = p;
+    p = ngx_cpymem(p, "Sum of ", sizeof("Sum of ") - 1);
+
+    for (i = 0; i < value[2].len; i++) {
+        if (value[2].data[i] == '\\') {
+            *p++ = '\\';
+            *p++ = '\\';
+
+        } else if (value[2].data[i] == '\n') {
+            *p++ = '\\';
+            *p++ = 'n';
+
+        } else {
+            *p++ = value[2].data[i];
+        }
+    }
+
+    counter->help.len = p - counter->help.data;
+
+    if (ngx_http_infer_metrics_compile(cf, &counter->value, &value[2])
+        != NGX_OK)
+    {
+        return NGX_CONF_ERROR;
+    }
+
+    return NGX_CONF_OK;
+
+invalid:
+
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                       "invalid counter name \"%V\": letters, digits, \"_\" "
+                       "and \":\", not a digit first, up to 64 characters",
+                       &value[1]);
+    return NGX_CONF_ERROR;
 }
 
 

@@ -228,13 +228,21 @@ ngx_http_infer_metrics_series(ngx_http_infer_metrics_main_conf_t *mcf,
     ngx_uint_t                         nvalues;
     ngx_http_infer_metrics_zone_t     *zone;
     ngx_http_infer_metrics_node_t     *node;
+    ngx_http_infer_metrics_counter_t  *c;
     ngx_http_infer_metrics_buckets_t  *b;
 
     zone = mcf->shm_zone->data;
-    b = mcf->buckets[family];
 
-    layout = b ? b->layout : 0;
-    nvalues = b ? b->n + 2 : 1;
+    if (family < NGX_HTTP_INFER_METRICS_NFAMILIES) {
+        b = mcf->buckets[family];
+        layout = b ? b->layout : 0;
+        nvalues = b ? b->n + 2 : 1;
+
+    } else {
+        c = mcf->counters.elts;
+        layout = c[family - NGX_HTTP_INFER_METRICS_NFAMILIES].layout;
+        nvalues = 1;
+    }
 
     node = ngx_http_infer_metrics_find(zone, family, layout, nvalues, labels,
                                        len, 0);

@@ -479,6 +479,13 @@ def test_healthz_and_readyz(nginx_factory):
      'duplicate name "a"'),
     ("infer_metrics_label a $no_such_variable;",
      'unknown "no_such_variable" variable'),
+    ("infer_metrics_counter hits_total $uri;",
+     'invalid counter name "hits_total"'),
+    ("infer_metrics_counter infer_hits $uri;",
+     'invalid counter name "infer_hits"'),
+    ("infer_metrics_counter 9hits $uri;", 'invalid counter name "9hits"'),
+    ("infer_metrics_counter hits $uri; infer_metrics_counter hits $uri;",
+     'duplicate counter "hits"'),
 ])
 def test_config_mistakes_are_caught_by_nginx_t(nginx_factory, directive,
                                                message):
@@ -630,3 +637,43 @@ def test_series_created_at_once_by_both_workers_are_one(nginx_factory):
     assert len(series(s, "infer_request_duration_seconds_count")) == values
     assert total(s, "infer_metrics_series") == values * 5
     check_histograms(s)
+
+
+def test_user_defined_counters_over_any_variable(nginx_factory):
+    n = nginx_factory(static(
+        http="""
+        map $http_x_cache $cache_hit { HIT 1; default 0; }
+        infer_metrics_counter gateway_prompt_estimate $http_x_n;
+        infer_metrics_counter cache_hits $cache_hit;""",
+        location="infer_metrics_label model $http_x_model;"))
+    for model, x_n, cache in (("a", "5", "HIT"), ("a", "7", "MISS"),
+                              ("a", "", "HIT"), ("b", "abc", ""),
+                              ("b", "0", "HIT"), ("b", "30", "")):
+        requests.get(n.url + "/", headers={"x-model": model, "x-n": x_n,
+                                           "x-cache": cache}, timeout=5)
+    s = scrape(n)
+    def by_model(name):
+        return {l["model"]: v for l, v in series(s, name)}
+
+    assert by_model("gateway_prompt_estimate_total") == {"a": 12, "b": 30}
+    assert by_model("cache_hits_total") == {"a": 2, "b": 1}
+    assert total(s, "infer_metrics_overflow_total",
+                 family="cache_hits") == 0
+    assert "# HELP gateway_prompt_estimate_total Sum of $http_x_n" in \
+        page(n).text
+
+    # a reload keeps them; a counter added at the end keeps the others
+    n.http = n.http.replace(
+        "infer_metrics_counter cache_hits $cache_hit;",
+        "infer_metrics_counter cache_hits $cache_hit; "
+        "infer_metrics_counter more $http_x_n;")
+    n.reload()
+    requests.get(n.url + "/", headers={"x-model": "a", "x-n": "1",
+                                       "x-cache": "HIT"}, timeout=5)
+    s = scrape(n)
+    assert total(s, "gateway_prompt_estimate_total", model="a") == 13
+    assert total(s, "cache_hits_total", model="a") == 3
+    assert total(s, "more_total") == 1
+    om = page(n, Accept="application/openmetrics-text").text
+    assert {f.name for f in openmetrics_families(om)} >= {
+        "gateway_prompt_estimate", "cache_hits", "more"}
