@@ -1013,8 +1013,8 @@ ngx_http_infer_metrics_add_counter(ngx_conf_t *cf, ngx_command_t *cmd,
 
     if ((value[1].len >= 6
          && ngx_strncmp(value[1].data + value[1].len - 6, "_total", 6) == 0)
-        || ngx_strncmp(value[1].data, "infer_", ngx_min(value[1].len, 6))
-           == 0)
+        || (value[1].len >= 6
+            && ngx_strncmp(value[1].data, "infer_", 6) == 0))
     {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                            "invalid counter name \"%V\": \"_total\" is "

@@ -644,6 +644,7 @@ def test_user_defined_counters_over_any_variable(nginx_factory):
         http="""
         map $http_x_cache $cache_hit { HIT 1; default 0; }
         infer_metrics_counter gateway_prompt_estimate $http_x_n;
+        infer_metrics_counter inf $http_x_n;
         infer_metrics_counter cache_hits $cache_hit;""",
         location="infer_metrics_label model $http_x_model;"))
     for model, x_n, cache in (("a", "5", "HIT"), ("a", "7", "MISS"),
@@ -674,6 +675,7 @@ def test_user_defined_counters_over_any_variable(nginx_factory):
     assert total(s, "gateway_prompt_estimate_total", model="a") == 13
     assert total(s, "cache_hits_total", model="a") == 3
     assert total(s, "more_total") == 1
+    assert total(s, "inf_total") == 43
     om = page(n, Accept="application/openmetrics-text").text
     assert {f.name for f in openmetrics_families(om)} >= {
         "gateway_prompt_estimate", "cache_hits", "more"}
