@@ -197,15 +197,15 @@ static ngx_int_t
 ngx_http_infer_metrics_log_handler(ngx_http_request_t *r)
 {
     u_char                              *p;
+    off_t                                n;
     size_t                               len, klen;
-    uint64_t                             tokens[4], ttft, up;
+    uint64_t                             tokens[4], ttft, up, dur;
     ngx_str_t                            s;
     ngx_int_t                            found[4], ms, stream, has_ttft;
     ngx_uint_t                           i, status;
     ngx_time_t                          *tp;
     ngx_http_variable_value_t           *vv;
     ngx_http_upstream_state_t           *state;
-    off_t                                n;
     ngx_http_infer_metrics_counter_t    *counter;
     ngx_http_infer_metrics_loc_conf_t   *lcf;
     ngx_http_infer_metrics_main_conf_t  *mcf;
@@ -241,13 +241,15 @@ ngx_http_infer_metrics_log_handler(ngx_http_request_t *r)
     ngx_http_infer_metrics_count(mcf, NGX_HTTP_INFER_METRICS_REQUESTS, key,
                                  klen, 1);
 
+    /* as $request_time counts, in microseconds */
+
     tp = ngx_timeofday();
     ms = (ngx_msec_int_t) ((tp->sec - r->start_sec) * 1000
                            + (tp->msec - r->start_msec));
-    ms = ngx_max(ms, 0);
+    dur = (uint64_t) ngx_max(ms, 0) * 1000;
 
     ngx_http_infer_metrics_observe(mcf, NGX_HTTP_INFER_METRICS_DURATION,
-                                   labels, len, (uint64_t) ms * 1000);
+                                   labels, len, dur);
 
     ngx_http_infer_metrics_count(mcf, NGX_HTTP_INFER_METRICS_REQUEST_BYTES,
                                  labels, len, (uint64_t) r->request_length);
@@ -271,7 +273,7 @@ ngx_http_infer_metrics_log_handler(ngx_http_request_t *r)
             ms = ngx_max(ms, 0);
             up += (uint64_t) ms * 1000;
 
-            p = ngx_http_infer_metrics_label(key, NULL, 0, "endpoint",
+            p = ngx_http_infer_metrics_label(key, key, 0, "endpoint",
                                              state[i].peer->data,
                                              state[i].peer->len);
             ngx_http_infer_metrics_observe(mcf,
@@ -291,14 +293,8 @@ ngx_http_infer_metrics_log_handler(ngx_http_request_t *r)
                                        NGX_HTTP_INFER_METRICS_UPSTREAM_TIME,
                                        labels, len, up);
 
-        ms = (ngx_msec_int_t) ((tp->sec - r->start_sec) * 1000
-                               + (tp->msec - r->start_msec));
-        ms = ngx_max(ms, 0);
-
         ngx_http_infer_metrics_observe(mcf, NGX_HTTP_INFER_METRICS_OVERHEAD,
-                                       labels, len,
-                                       (uint64_t) ms * 1000 > up
-                                       ? (uint64_t) ms * 1000 - up : 0);
+                                       labels, len, dur > up ? dur - up : 0);
     }
 
     for (i = 0; i < 4; i++) {
@@ -339,17 +335,10 @@ ngx_http_infer_metrics_log_handler(ngx_http_request_t *r)
         }
     }
 
-    if (has_ttft && found[1] == NGX_OK && tokens[1] >= 2) {
-        ms = (ngx_msec_int_t) ((tp->sec - r->start_sec) * 1000
-                               + (tp->msec - r->start_msec));
-        ms = ngx_max(ms, 0);
-
-        if ((uint64_t) ms * 1000 >= ttft) {
-            ngx_http_infer_metrics_observe(mcf, NGX_HTTP_INFER_METRICS_TPOT,
-                                           labels, len,
-                                           ((uint64_t) ms * 1000 - ttft)
-                                           / (tokens[1] - 1));
-        }
+    if (has_ttft && found[1] == NGX_OK && tokens[1] >= 2 && dur >= ttft) {
+        ngx_http_infer_metrics_observe(mcf, NGX_HTTP_INFER_METRICS_TPOT,
+                                       labels, len,
+                                       (dur - ttft) / (tokens[1] - 1));
     }
 
     counter = mcf->counters.elts;
