@@ -679,3 +679,32 @@ def test_user_defined_counters_over_any_variable(nginx_factory):
     om = page(n, Accept="application/openmetrics-text").text
     assert {f.name for f in openmetrics_families(om)} >= {
         "gateway_prompt_estimate", "cache_hits", "more"}
+
+
+def test_an_internal_redirect_is_one_request_in_flight_and_in_log(
+        nginx_factory, sim_factory):
+    sim = sim_factory("llama-3-8b", "a", ttft_ms=1, tpot_ms=1)
+    n = nginx_factory(gateway(sim, location="""
+            proxy_intercept_errors on;
+            error_page 503 = @again;""", server="""
+        location @again {
+            infer_metrics on;
+            proxy_pass http://$infer_upstream;
+        }"""))
+    with concurrent.futures.ThreadPoolExecutor(1) as ex:
+        slow = ex.submit(chat, n, headers={"x-sim-status": "503",
+                                           "x-sim-stall-ms": "700"})
+        seen = []
+        deadline = time.monotonic() + 10
+        while not slow.done() and time.monotonic() < deadline:
+            seen.append(total(scrape(n), "infer_requests_in_flight"))
+            time.sleep(0.05)
+        assert slow.result().status_code == 503
+    # both tries (about 1.4 s) counted the request once
+    assert max(seen) == 1 and seen.count(1) > 10, seen
+    s = scrape(n)
+    assert total(s, "infer_requests_total") == 1
+    assert total(s, "infer_endpoint_requests_total", code="5xx") == 2
+    assert total(s, "infer_upstream_response_time_seconds_count") == 1
+    assert series(s, "infer_requests_in_flight") == [
+        ({"model": "llama-3-8b"}, 0.0)]
