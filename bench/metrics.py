@@ -10,14 +10,22 @@ how long /metrics takes to render.
    series are filled by requests with distinct label values, then scraped
    over one keep-alive connection; the median wall time per scrape, and
    the worker's CPU time per scrape.
+3. With --perf (and perf installed): the share of the metrics gateway
+   worker's CPU samples spent in the module's own code under wrk, a
+   figure that does not drown in the noise of a shared machine as a
+   difference of two CPU times does.
 
     /usr/bin/python3 bench/metrics.py            # ~1 min
     /usr/bin/python3 bench/metrics.py --quick    # 2 rounds of 2 s
+    /usr/bin/python3 bench/metrics.py --only perf
 """
 
 import argparse
 import http.client
+import re
 import shutil
+import signal
+import subprocess
 import statistics
 import sys
 import tempfile
@@ -174,6 +182,51 @@ def render_time(args, workdir):
         n.stop()
 
 
+def perf_share(args, workdir):
+    """perf record the metrics gateway's worker under wrk; the share of its
+    samples in ngx_http_infer_metrics_module.so."""
+    if shutil.which("perf") is None:
+        raise BenchError("perf not found (apt-get install linux-perf)")
+    w = Path(workdir) / "perf"
+    backend = Nginx(w / "backend", http=bench_run.BACKEND, modules=[],
+                    workers=1, error_level="warn").start()
+    gw = Nginx(w / "gateway",
+               http=bench_run.gateway_http(METRICS_ON, backend.addr,
+                                           DEFAULT_BUFFER),
+               modules=["metrics"], workers=1, error_level="warn").start()
+    data = w / "perf.data"
+    try:
+        perf = subprocess.Popen(["perf", "record", "-q", "-o", str(data), "-p",
+                                 str(gw.worker_pids()[0])],
+                                stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+        subprocess.run(["wrk", "-t1", f"-c{args.connections}",
+                        f"-d{args.duration}s", "-s",
+                        str(bench_run.BENCH / "chat.lua"),
+                        gw.url + "/v1/chat/completions"],
+                       capture_output=True, timeout=args.duration + 30,
+                       check=True)
+        perf.send_signal(signal.SIGINT)
+        perf.wait(30)
+        r = subprocess.run(["perf", "report", "-i", str(data), "--stdio",
+                            "--no-children", "--sort", "dso", "-g", "none"],
+                           capture_output=True, text=True, timeout=120)
+    finally:
+        gw.stop()
+        backend.stop()
+    shares = {m.group(2): float(m.group(1)) for m in re.finditer(
+        r"^\s+([\d.]+)%\s+(\S+)\s*$", r.stdout, re.M)}
+    if not shares:
+        raise BenchError("perf report gave nothing:\n" + r.stderr[-2000:])
+    for dso, share in sorted(shares.items(), key=lambda x: -x[1])[:5]:
+        print(f"  {share:6.2f}%  {dso}")
+    mod = shares.get("ngx_http_infer_metrics_module.so", 0.0)
+    print(f"  the module's own code: {mod:.2f}% of the worker's CPU samples "
+          f"({args.duration} s of wrk -c{args.connections}; nginx and libc "
+          "functions it calls are counted under theirs)")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
@@ -186,7 +239,10 @@ def main():
                          "took a benchmark CPU (default 3, 0 with --quick)")
     ap.add_argument("--quick", action="store_true",
                     help="2 rounds of 2 s, 5 scrapes")
-    ap.add_argument("--only", choices=("log", "render"), default=None)
+    ap.add_argument("--only", choices=("log", "render", "perf"),
+                    default=None)
+    ap.add_argument("--perf", action="store_true",
+                    help="also profile the module's share with perf")
     args = ap.parse_args()
     if args.quick:
         args.rounds, args.duration, args.scrapes = 2, 2, 5
@@ -203,6 +259,9 @@ def main():
         if args.only in (None, "render"):
             print("\n/metrics render time (1 worker, keep-alive client):")
             render_time(args, workdir)
+        if args.only == "perf" or (args.only is None and args.perf):
+            print("\nperf: where the metrics gateway's worker spends its CPU:")
+            perf_share(args, workdir)
     except BenchError as e:
         print(f"\nBENCH FAILED: {e}", file=sys.stderr)
         sys.exit(1)
