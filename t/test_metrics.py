@@ -10,9 +10,7 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 import time
-import urllib.parse
 
 import pytest
 import requests
