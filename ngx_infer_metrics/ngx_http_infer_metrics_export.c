@@ -149,16 +149,20 @@ ngx_http_infer_metrics_export_handler(ngx_http_request_t *r)
     r->headers_out.status = NGX_HTTP_OK;
     r->headers_out.content_length_n = pg.size;
 
+    /* the type's length without its parameters, for gzip_types */
+
     if (pg.om) {
         ngx_str_set(&r->headers_out.content_type,
                     NGX_HTTP_INFER_METRICS_OPENMETRICS);
+        r->headers_out.content_type_len =
+                                 sizeof("application/openmetrics-text") - 1;
 
     } else {
         ngx_str_set(&r->headers_out.content_type,
                     NGX_HTTP_INFER_METRICS_TEXT);
+        r->headers_out.content_type_len = sizeof("text/plain") - 1;
     }
 
-    r->headers_out.content_type_len = r->headers_out.content_type.len;
     r->headers_out.content_type_lowcase = NULL;
 
     rc = ngx_http_send_header(r);

@@ -706,3 +706,21 @@ def test_an_internal_redirect_is_one_request_in_flight_and_in_log(
     assert total(s, "infer_upstream_response_time_seconds_count") == 1
     assert series(s, "infer_requests_in_flight") == [
         ({"model": "llama-3-8b"}, 0.0)]
+
+
+def test_the_page_can_be_gzipped(nginx_factory):
+    n = nginx_factory(static().replace(
+        "location = /metrics { infer_metrics_export; }",
+        "location = /metrics { gzip on; gzip_types text/plain "
+        "application/openmetrics-text; charset utf-8; "
+        "infer_metrics_export; }"))
+    requests.get(n.url + "/", timeout=5)
+    for accept, ctype in (
+            ("text/plain", "text/plain; version=0.0.4; charset=utf-8"),
+            ("application/openmetrics-text",
+             "application/openmetrics-text; version=1.0.0; charset=utf-8")):
+        r = requests.get(n.url + "/metrics", timeout=5, headers={
+            "Accept": accept, "Accept-Encoding": "gzip"})
+        assert r.headers["content-encoding"] == "gzip"
+        assert r.headers["content-type"] == ctype
+        assert 'infer_requests_total{code="2xx"} 1' in r.text
