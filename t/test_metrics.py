@@ -713,7 +713,7 @@ def test_the_page_can_be_gzipped(nginx_factory):
         "location = /metrics { infer_metrics_export; }",
         "location = /metrics { gzip on; gzip_types text/plain "
         "application/openmetrics-text; charset utf-8; "
-        "infer_metrics_export; }"))
+        "infer_metrics_export; }"), modules=["metrics"])
     requests.get(n.url + "/", timeout=5)
     for accept, ctype in (
             ("text/plain", "text/plain; version=0.0.4; charset=utf-8"),
