@@ -73,6 +73,7 @@ test: deps build
 
 bench: deps build
 	$(PYTHON) bench/run.py
+	$(PYTHON) bench/metrics.py
 
 # a JWT for the running demo: make token TENANT=globex
 token:
