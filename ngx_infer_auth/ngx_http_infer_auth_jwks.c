@@ -47,6 +47,7 @@ ngx_http_infer_auth_jwks_prepare(ngx_http_request_t *r,
 {
     ngx_uint_t                        cold, stale, unknown, busy, fetch;
     ngx_msec_t                        now;
+    ngx_msec_int_t                    since;
     ngx_slab_pool_t                  *shpool;
     ngx_http_infer_auth_jwks_node_t  *node;
 
@@ -83,11 +84,21 @@ ngx_http_infer_auth_jwks_prepare(ngx_http_request_t *r,
         return ngx_http_infer_auth_wait(r, ctx);
     }
 
-    cold = (node->generation == 0);
-    stale = !cold && ngx_time() - node->fetched >= u->ttl;
-    unknown = ctx->unknown_kid
-              && (ngx_msec_int_t) (now - node->attempted)
-                 >= (ngx_msec_int_t) u->refresh;
+    /*
+     * A provider that fails is asked again once per refresh interval, not
+     * for every request (with no keys yet, once a second at most): stale
+     * keys go on serving meanwhile.
+     */
+
+    since = (ngx_msec_int_t) (now - node->attempted);
+
+    cold = (node->generation == 0)
+           && (node->attempted == 0
+               || since >= (ngx_msec_int_t) ngx_min(u->refresh, 1000));
+    stale = node->generation
+            && ngx_time() - node->fetched >= u->ttl
+            && since >= (ngx_msec_int_t) u->refresh;
+    unknown = ctx->unknown_kid && since >= (ngx_msec_int_t) u->refresh;
     busy = (ngx_msec_int_t) (node->fetching - now) > 0;
 
     fetch = 0;
@@ -97,7 +108,7 @@ ngx_http_infer_auth_jwks_prepare(ngx_http_request_t *r,
         node->attempted = now;
         fetch = 1;
 
-    } else if ((cold || ctx->unknown_kid) && busy) {
+    } else if ((node->generation == 0 || ctx->unknown_kid) && busy) {
         ctx->waiting = 1;
         ctx->wait_generation = node->generation;
         ctx->wait_until = now + u->timeout;

@@ -495,6 +495,20 @@ ngx_http_infer_auth_keyset_pem(ngx_http_infer_auth_keyset_t *ks,
     }
 
     if (a && a->family == NGX_HTTP_INFER_AUTH_HMAC) {
+
+        /*
+         * A PEM file given as an HMAC secret would let anyone holding the
+         * public key sign tokens: the HS/RS confusion, by configuration.
+         */
+
+        if (ngx_strlcasestrn(data, data + len, (u_char *) "-----BEGIN", 9)
+            != NULL)
+        {
+            ngx_http_infer_auth_error(err, "a PEM file cannot be an %V "
+                                      "secret", &a->name);
+            return NGX_ERROR;
+        }
+
         secret.len = len;
 
         if (secret.len && data[secret.len - 1] == '\n') {

@@ -688,7 +688,7 @@ def test_an_internal_redirect_is_one_request_in_flight_and_in_log(
         location @again {
             infer_metrics on;
             proxy_pass http://$infer_upstream;
-        }"""))
+        }"""), modules=["route", "metrics"])
     with concurrent.futures.ThreadPoolExecutor(1) as ex:
         slow = ex.submit(chat, n, headers={"x-sim-status": "503",
                                            "x-sim-stall-ms": "700"})
