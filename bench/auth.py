@@ -60,7 +60,8 @@ import run  # noqa: E402  (bench/run.py)
 ISSUER = "https://idp.bench.invalid"
 AUDIENCE = "inference"
 KEYS_IN_FILE = 100          # the API key file holds this many keys
-CONFIG_NAMES = ["plain", "auth-rs256", "auth-es256", "auth-apikey"]
+CONFIG_NAMES = ["plain", "auth-rs256", "auth-es256", "auth-rs256-nocache",
+                "auth-es256-nocache", "auth-apikey"]
 
 # chat.lua's header line, replaced in each request's copy of the script
 LUA_AUTH = 'wrk.headers["Authorization"] = "Bearer bench-token"'
@@ -129,6 +130,8 @@ def make_configs(workdir):
         "plain": "Bearer " + rs,
         "auth-rs256": "Bearer " + rs,
         "auth-es256": "Bearer " + es,
+        "auth-rs256-nocache": "Bearer " + rs,
+        "auth-es256-nocache": "Bearer " + es,
         "auth-apikey": "Bearer " + api_key,
     }
     size = max(len(a) for a in auth.values())
@@ -154,6 +157,24 @@ def make_configs(workdir):
             modules=["auth"],
             http=f"infer_auth_jwt_key {d / 'p256.pem'} kid=bench-ec; "
                  + claims,
+            location="infer_auth on;",
+            script=scripts["es"], default=False),
+        run.GatewayConfig(
+            name="auth-rs256-nocache",
+            description="auth-rs256 with infer_auth_token_cache off: every "
+                        "request checks the signature",
+            modules=["auth"],
+            http=f"infer_auth_jwt_key {d / 'rsa2048.pem'} kid=bench-rsa; "
+                 + claims + " infer_auth_token_cache off;",
+            location="infer_auth on;",
+            script=scripts["rs"], default=False),
+        run.GatewayConfig(
+            name="auth-es256-nocache",
+            description="auth-es256 with infer_auth_token_cache off: every "
+                        "request checks the signature",
+            modules=["auth"],
+            http=f"infer_auth_jwt_key {d / 'p256.pem'} kid=bench-ec; "
+                 + claims + " infer_auth_token_cache off;",
             location="infer_auth on;",
             script=scripts["es"], default=False),
         run.GatewayConfig(

@@ -115,6 +115,19 @@ def test_demo_answers_and_stops_cleanly(tmp_path):
             log = (tmp_path / "access.log").read_text()
         assert "completion=3 estimated=0" in log, log
 
+        # what was sent shows in /metrics, per model and tenant
+        from prometheus_client.parser import text_string_to_metric_families
+        r = requests.get(base + "/metrics", timeout=10)
+        assert r.status_code == 200
+        served = {(s.labels.get("model"), s.labels.get("tenant")): s.value
+                  for f in text_string_to_metric_families(r.text)
+                  for s in f.samples if s.name == "infer_requests_total"
+                  and s.labels.get("code") == "2xx"}
+        assert served[("llama-3-8b", "acme")] >= 2
+        assert served[("mistral-7b", "globex")] >= 1
+        assert requests.get(base + "/healthz", timeout=10).status_code == 200
+        assert requests.get(base + "/readyz", timeout=10).status_code == 200
+
         master = int((tmp_path / "nginx.pid").read_text())
     finally:
         p.send_signal(signal.SIGTERM)

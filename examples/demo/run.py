@@ -150,6 +150,10 @@ ngx_infer demo gateway: {base}  (nginx, Redis {redis.addr}, 3 simulated GPU repl
     curl -i {base}/v1/chat/completions -H 'authorization: Bearer {acme}' \\
       -d '{{"model": "gpt-nope", "messages": []}}'
 
+  Metrics per model and tenant (Prometheus text), and the probes:
+    curl {base}/metrics
+    curl {base}/healthz; curl {base}/readyz
+
   Config: {RUN}/nginx.conf   Logs: {RUN}/error.log, {RUN}/access.log
   (the access log shows each request's tenant, model, pool, tokens and time to first token)
   Ctrl-C stops everything.
