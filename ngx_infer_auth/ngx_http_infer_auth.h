@@ -74,6 +74,20 @@ typedef struct {
 } ngx_http_infer_auth_keyset_t;
 
 
+/* a token verified before: infer_auth_token_cache */
+
+typedef struct {
+    ngx_rbtree_node_t              node;        /* key: hash's first bytes */
+    ngx_queue_t                    queue;       /* most recent first */
+    u_char                         hash[SHA256_DIGEST_LENGTH];
+    ngx_http_infer_auth_keyset_t  *keys;        /* that verified it */
+    ngx_uint_t                     epoch;
+    time_t                         expires;
+    json_t                        *payload;     /* decoded, referenced */
+    ngx_str_t                      kid;         /* follows the node */
+} ngx_http_infer_auth_cache_node_t;
+
+
 typedef struct {
     ngx_str_t                      input;       /* header.payload */
     ngx_str_t                      signature;   /* decoded */
@@ -236,6 +250,8 @@ typedef struct {
     ngx_msec_t                        wait_until;
     ngx_uint_t                        wait_generation;
 
+    u_char                            hash[SHA256_DIGEST_LENGTH];
+
     unsigned                          decided:1;
     unsigned                          api_key:1;
     unsigned                          decoded:1;
@@ -256,6 +272,8 @@ ngx_int_t ngx_http_infer_auth_reject(ngx_http_request_t *r,
 ngx_int_t ngx_http_infer_auth_jwks_prepare(ngx_http_request_t *r,
     ngx_http_infer_auth_ctx_t *ctx, ngx_http_infer_auth_jwks_uri_t *u);
 void ngx_http_infer_auth_watch_timer(ngx_event_t *ev);
+ngx_int_t ngx_http_infer_auth_copy(ngx_pool_t *pool, ngx_str_t *dst,
+    ngx_str_t *src);
 ngx_int_t ngx_http_infer_auth_join(ngx_pool_t *pool, json_t *v,
     ngx_str_t *out);
 char *ngx_http_infer_auth_jwt_key_conf(ngx_conf_t *cf,
@@ -265,11 +283,12 @@ char *ngx_http_infer_auth_file_conf(ngx_conf_t *cf,
 char *ngx_http_infer_auth_jwks_uri_conf(ngx_conf_t *cf,
     ngx_command_t *cmd, void *conf);
 
-ngx_int_t ngx_http_infer_auth_cache_find(ngx_str_t *token,
-    ngx_http_infer_auth_keyset_t **sets, ngx_uint_t nsets, u_char *hash);
+ngx_http_infer_auth_cache_node_t *ngx_http_infer_auth_cache_find(
+    ngx_str_t *token, ngx_http_infer_auth_keyset_t **sets, ngx_uint_t nsets,
+    u_char *hash);
 void ngx_http_infer_auth_cache_add(u_char *hash,
-    ngx_http_infer_auth_keyset_t *keys, time_t expires, ngx_uint_t max,
-    ngx_log_t *log);
+    ngx_http_infer_auth_keyset_t *keys, json_t *payload, ngx_str_t *kid,
+    time_t expires, ngx_uint_t max, ngx_log_t *log);
 
 extern ngx_uint_t    ngx_http_infer_auth_key_epoch;
 extern ngx_module_t  ngx_http_infer_auth_module;

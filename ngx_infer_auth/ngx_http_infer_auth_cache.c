@@ -3,13 +3,13 @@
  * Copyright (C) ngx_infer authors
  *
  * infer_auth_token_cache: the tokens whose signature a worker checked,
- * by the SHA-256 of the whole token, so that a client sending the same
- * token again costs a hash instead of an RSA or EC verification (14 to
- * 70 microseconds).  Only the signature is remembered: the claims are
- * checked on every request.  An entry counts only while the key set that
- * verified it is still one of the location's and no key set of this
- * worker was replaced since (the epoch): a rotated key is never trusted
- * from the cache.
+ * by the SHA-256 of the whole token, with their decoded payload, so that
+ * a client sending the same token again costs a hash instead of decoding
+ * and an RSA or EC verification (14 to 70 microseconds).  Only the
+ * signature is remembered: the claims are checked on every request.  An
+ * entry counts only while the key set that verified it is still one of
+ * the location's and no key set of this worker was replaced since (the
+ * epoch): a rotated key is never trusted from the cache.
  */
 
 
@@ -20,18 +20,10 @@
 #include "ngx_http_infer_auth.h"
 
 
-typedef struct {
-    ngx_rbtree_node_t               node;        /* key: hash's first bytes */
-    ngx_queue_t                     queue;       /* most recent first */
-    u_char                          hash[SHA256_DIGEST_LENGTH];
-    ngx_http_infer_auth_keyset_t   *keys;
-    ngx_uint_t                      epoch;
-    time_t                          expires;
-} ngx_http_infer_auth_cache_node_t;
-
-
 static ngx_http_infer_auth_cache_node_t *ngx_http_infer_auth_cache_lookup(
     u_char *hash);
+static void ngx_http_infer_auth_cache_drop(
+    ngx_http_infer_auth_cache_node_t *cn);
 static void ngx_http_infer_auth_cache_insert(ngx_rbtree_node_t *temp,
     ngx_rbtree_node_t *node, ngx_rbtree_node_t *sentinel);
 
@@ -46,12 +38,12 @@ static ngx_uint_t                   ngx_http_infer_auth_cache_n;
 
 
 /*
- * NGX_OK when token was verified before by one of the key sets in sets
+ * The entry of token when one of the key sets in sets verified it before
  * and nothing changed since; hash is the token's SHA-256 either way, for
  * ngx_http_infer_auth_cache_add().
  */
 
-ngx_int_t
+ngx_http_infer_auth_cache_node_t *
 ngx_http_infer_auth_cache_find(ngx_str_t *token,
     ngx_http_infer_auth_keyset_t **sets, ngx_uint_t nsets, u_char *hash)
 {
@@ -65,7 +57,7 @@ ngx_http_infer_auth_cache_find(ngx_str_t *token,
                         &ngx_http_infer_auth_cache_sentinel,
                         ngx_http_infer_auth_cache_insert);
         ngx_queue_init(&ngx_http_infer_auth_cache_queue);
-        return NGX_DECLINED;
+        return NULL;
     }
 
     cn = ngx_http_infer_auth_cache_lookup(hash);
@@ -74,7 +66,7 @@ ngx_http_infer_auth_cache_find(ngx_str_t *token,
         || cn->epoch != ngx_http_infer_auth_key_epoch
         || cn->expires < ngx_time())
     {
-        return NGX_DECLINED;
+        return NULL;
     }
 
     for (i = 0; i < nsets; i++) {
@@ -82,23 +74,24 @@ ngx_http_infer_auth_cache_find(ngx_str_t *token,
             ngx_queue_remove(&cn->queue);
             ngx_queue_insert_head(&ngx_http_infer_auth_cache_queue,
                                   &cn->queue);
-            return NGX_OK;
+            return cn;
         }
     }
 
-    return NGX_DECLINED;
+    return NULL;
 }
 
 
 /*
- * Remembers that keys verified the token with this hash, until expires;
- * at most max tokens, the least recently used going first.
+ * Remembers that keys verified the token with this hash, payload and
+ * kid, until expires; at most max tokens, the least recently used going
+ * first.
  */
 
 void
 ngx_http_infer_auth_cache_add(u_char *hash,
-    ngx_http_infer_auth_keyset_t *keys, time_t expires, ngx_uint_t max,
-    ngx_log_t *log)
+    ngx_http_infer_auth_keyset_t *keys, json_t *payload, ngx_str_t *kid,
+    time_t expires, ngx_uint_t max, ngx_log_t *log)
 {
     ngx_queue_t                       *q;
     ngx_http_infer_auth_cache_node_t  *cn;
@@ -106,24 +99,20 @@ ngx_http_infer_auth_cache_add(u_char *hash,
     cn = ngx_http_infer_auth_cache_lookup(hash);
 
     if (cn) {
-        ngx_queue_remove(&cn->queue);
-        ngx_rbtree_delete(&ngx_http_infer_auth_cache_tree, &cn->node);
+        ngx_http_infer_auth_cache_drop(cn);
 
     } else if (ngx_http_infer_auth_cache_n >= max) {
         q = ngx_queue_last(&ngx_http_infer_auth_cache_queue);
-        cn = ngx_queue_data(q, ngx_http_infer_auth_cache_node_t, queue);
-
-        ngx_queue_remove(q);
-        ngx_rbtree_delete(&ngx_http_infer_auth_cache_tree, &cn->node);
-
-    } else {
-        cn = ngx_alloc(sizeof(ngx_http_infer_auth_cache_node_t), log);
-        if (cn == NULL) {
-            return;
-        }
-
-        ngx_http_infer_auth_cache_n++;
+        ngx_http_infer_auth_cache_drop(
+            ngx_queue_data(q, ngx_http_infer_auth_cache_node_t, queue));
     }
+
+    cn = ngx_alloc(sizeof(ngx_http_infer_auth_cache_node_t) + kid->len, log);
+    if (cn == NULL) {
+        return;
+    }
+
+    ngx_http_infer_auth_cache_n++;
 
     ngx_memcpy(cn->hash, hash, SHA256_DIGEST_LENGTH);
     ngx_memcpy(&cn->node.key, hash, sizeof(ngx_rbtree_key_t));
@@ -131,9 +120,30 @@ ngx_http_infer_auth_cache_add(u_char *hash,
     cn->keys = keys;
     cn->epoch = ngx_http_infer_auth_key_epoch;
     cn->expires = expires;
+    cn->payload = json_incref(payload);
+
+    cn->kid.len = kid->len;
+    cn->kid.data = kid->len ? (u_char *) (cn + 1) : NULL;
+
+    if (kid->len) {
+        ngx_memcpy(cn->kid.data, kid->data, kid->len);
+    }
 
     ngx_rbtree_insert(&ngx_http_infer_auth_cache_tree, &cn->node);
     ngx_queue_insert_head(&ngx_http_infer_auth_cache_queue, &cn->queue);
+}
+
+
+static void
+ngx_http_infer_auth_cache_drop(ngx_http_infer_auth_cache_node_t *cn)
+{
+    ngx_queue_remove(&cn->queue);
+    ngx_rbtree_delete(&ngx_http_infer_auth_cache_tree, &cn->node);
+
+    json_decref(cn->payload);
+    ngx_free(cn);
+
+    ngx_http_infer_auth_cache_n--;
 }
 
 

@@ -18,8 +18,6 @@
 #include "ngx_http_infer_auth.h"
 
 
-static ngx_int_t ngx_http_infer_auth_copy(ngx_pool_t *pool, ngx_str_t *dst,
-    ngx_str_t *src);
 static ngx_int_t ngx_http_infer_auth_watch_load(
     ngx_http_infer_auth_watch_t *w, ngx_log_t *log, u_char *err);
 static ngx_http_infer_auth_apikeys_t *ngx_http_infer_auth_apikeys_parse(
@@ -123,7 +121,7 @@ ngx_http_infer_auth_api_key(ngx_http_request_t *r,
 
 /* a copy of src, or none (data NULL) when src is unset */
 
-static ngx_int_t
+ngx_int_t
 ngx_http_infer_auth_copy(ngx_pool_t *pool, ngx_str_t *dst, ngx_str_t *src)
 {
     if (src->data == NULL) {

@@ -502,33 +502,19 @@ static ngx_int_t
 ngx_http_infer_auth_jwt(ngx_http_request_t *r, ngx_http_infer_auth_ctx_t *ctx,
     ngx_http_infer_auth_loc_conf_t *lcf)
 {
-    u_char                            err[NGX_HTTP_INFER_AUTH_ERRSTR];
-    u_char                            hash[SHA256_DIGEST_LENGTH];
-    json_t                           *exp;
-    ngx_int_t                         rc;
-    ngx_uint_t                        i, candidates;
-    ngx_http_infer_auth_keyset_t     *sets[3];
-    ngx_http_infer_auth_jwks_uri_t   *u;
-    ngx_http_infer_auth_main_conf_t  *amcf;
-
-    if (!ctx->decoded) {
-        if (ngx_http_infer_auth_jwt_decode(ctx->credential.data,
-                                           ctx->credential.len, &ctx->jwt,
-                                           err)
-            != NGX_OK)
-        {
-            return ngx_http_infer_auth_reject(r, ctx, lcf,
-                       NGX_HTTP_INFER_AUTH_INVALID, "invalid_token",
-                       "%s", err);
-        }
-
-        ctx->decoded = 1;
-        ctx->key_id = ctx->jwt.kid;
-    }
+    u_char                             err[NGX_HTTP_INFER_AUTH_ERRSTR];
+    json_t                            *exp;
+    ngx_int_t                          rc;
+    ngx_uint_t                         i, candidates;
+    ngx_http_infer_auth_keyset_t      *sets[3];
+    ngx_http_infer_auth_jwks_uri_t    *u;
+    ngx_http_infer_auth_main_conf_t   *amcf;
+    ngx_http_infer_auth_cache_node_t  *cn;
 
     u = lcf->jwks_uri;
 
     if (u) {
+        /* keys are fetched again on their TTL, cached tokens or not */
         rc = ngx_http_infer_auth_jwks_prepare(r, ctx, u);
 
         if (rc != NGX_OK) {
@@ -544,14 +530,41 @@ ngx_http_infer_auth_jwt(ngx_http_request_t *r, ngx_http_infer_auth_ctx_t *ctx,
 
     amcf = ngx_http_get_module_main_conf(r, ngx_http_infer_auth_module);
 
-    if (amcf->token_cache
-        && ngx_http_infer_auth_cache_find(&ctx->credential, sets, 3, hash)
-           == NGX_OK)
-    {
-        ngx_log_debug0(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
-                       "infer auth: signature known from the token cache");
+    if (amcf->token_cache && !ctx->decoded) {
+        cn = ngx_http_infer_auth_cache_find(&ctx->credential, sets, 3,
+                                            ctx->hash);
+        if (cn) {
+            ngx_log_debug0(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
+                           "infer auth: token known from the token cache");
 
-        return ngx_http_infer_auth_claims(r, ctx, lcf);
+            /* the entry may go before the request: its own references */
+
+            ctx->jwt.payload = json_incref(cn->payload);
+            ctx->decoded = 1;
+
+            if (ngx_http_infer_auth_copy(r->pool, &ctx->key_id, &cn->kid)
+                != NGX_OK)
+            {
+                return NGX_HTTP_INTERNAL_SERVER_ERROR;
+            }
+
+            return ngx_http_infer_auth_claims(r, ctx, lcf);
+        }
+    }
+
+    if (!ctx->decoded) {
+        if (ngx_http_infer_auth_jwt_decode(ctx->credential.data,
+                                           ctx->credential.len, &ctx->jwt,
+                                           err)
+            != NGX_OK)
+        {
+            return ngx_http_infer_auth_reject(r, ctx, lcf,
+                       NGX_HTTP_INFER_AUTH_INVALID, "invalid_token",
+                       "%s", err);
+        }
+
+        ctx->decoded = 1;
+        ctx->key_id = ctx->jwt.kid;
     }
 
     candidates = 0;
@@ -606,7 +619,10 @@ ngx_http_infer_auth_jwt(ngx_http_request_t *r, ngx_http_infer_auth_ctx_t *ctx,
         /* sets[i] verified it; remembered until exp, 5 min at most */
         exp = json_object_get(ctx->jwt.payload, "exp");
 
-        ngx_http_infer_auth_cache_add(hash, sets[i],
+        /* ctx->hash: the cache was asked before the token was decoded */
+
+        ngx_http_infer_auth_cache_add(ctx->hash, sets[i], ctx->jwt.payload,
+                                      &ctx->jwt.kid,
                                       json_is_integer(exp)
                                       ? ngx_min((time_t)
                                                 json_integer_value(exp),

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwcrypto import jwk
 
-HIT = "signature known from the token cache"
+HIT = "token known from the token cache"
 STATIC = "root html; try_files /ok.txt =404;"
 
 
@@ -58,12 +58,17 @@ def rsa_keys():
             for _ in range(2)]
 
 
+SHOW = """add_header X-Tenant $infer_tenant always;
+           add_header X-Key-Id $infer_key_id always;
+           add_header X-Sub $infer_claim_sub always;"""
+
+
 def gateway(nginx_factory, auth, http="", locations=""):
     return nginx_factory(f"""
     {http}
     server {{
         listen 127.0.0.1:{{port}};
-        location / {{ infer_auth on; {auth} {STATIC} }}
+        location / {{ infer_auth on; {auth} {SHOW} {STATIC} }}
         {locations}
     }}""", modules=["auth"], error_level="debug", workers=1)
 
@@ -72,9 +77,13 @@ def test_the_same_token_again_skips_the_signature(nginx_factory, tmp_path,
                                                   rsa_keys):
     (tmp_path / "k.pem").write_bytes(pem(rsa_keys[0]))
     gw = gateway(nginx_factory, f"infer_auth_jwt_key {tmp_path}/k.pem kid=a;")
-    tok = token(rsa_keys[0], "a")
+    tok = token(rsa_keys[0], "a", sub="alice", tenant="acme")
     for _ in range(3):
-        assert get(gw, tok).status_code == 200
+        r = get(gw, tok)
+        assert r.status_code == 200
+        # a hit shows the same tenant, kid and claims as a verification
+        assert (r.headers["x-tenant"], r.headers["x-key-id"],
+                r.headers["x-sub"]) == ("acme", "a", "alice")
     assert hits(gw) == 2
 
     # one byte else: another token, not a hit; a forged one still fails
