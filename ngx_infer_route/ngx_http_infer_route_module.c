@@ -125,6 +125,7 @@ static ngx_int_t ngx_http_infer_route_deprecated(ngx_http_request_t *r,
     ngx_http_infer_route_ctx_t *ctx);
 static ngx_int_t ngx_http_infer_route_done(ngx_http_request_t *r,
     ngx_http_infer_route_ctx_t *ctx);
+static ngx_int_t ngx_http_infer_route_error_handler(ngx_http_request_t *r);
 static ngx_int_t ngx_http_infer_route_fail(ngx_http_request_t *r,
     ngx_http_infer_route_ctx_t *ctx, ngx_uint_t status, const char *code,
     const char *fmt, ...);
@@ -1175,16 +1176,17 @@ ngx_http_infer_route_deprecated(ngx_http_request_t *r,
 
 
 /*
- * What the phase handler returns once the model is known: the next phase,
- * or the error, sent in the OpenAI envelope.
+ * What the phase handler returns once the model is known: the next phase.
+ * An error in the request (a broken body, an unknown model) is sent in the
+ * content phase instead of the location's handler, after the access
+ * checks: a client without credentials gets its 401 first, and learns
+ * nothing of the registry.
  */
 
 static ngx_int_t
 ngx_http_infer_route_done(ngx_http_request_t *r,
     ngx_http_infer_route_ctx_t *ctx)
 {
-    ngx_int_t  rc;
-
     if (ctx->status == NGX_OK) {
         return NGX_DECLINED;
     }
@@ -1193,12 +1195,25 @@ ngx_http_infer_route_done(ngx_http_request_t *r,
         return ctx->status;
     }
 
-    rc = ngx_http_infer_send_error(r, ctx->status, "invalid_request_error",
-                                   ctx->error_code, &ctx->error);
+    r->content_handler = ngx_http_infer_route_error_handler;
 
-    ngx_http_finalize_request(r, rc);
+    return NGX_DECLINED;
+}
 
-    return NGX_DONE;
+
+static ngx_int_t
+ngx_http_infer_route_error_handler(ngx_http_request_t *r)
+{
+    ngx_http_infer_route_ctx_t  *ctx;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_http_infer_route_module);
+
+    if (ctx == NULL || ctx->error_code == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    return ngx_http_infer_send_error(r, ctx->status, "invalid_request_error",
+                                     ctx->error_code, &ctx->error);
 }
 
 

@@ -1270,6 +1270,29 @@ def test_a_models_claim_of_another_name(nginx_factory, pools, keys):
     assert_denied(chat(gw, "llama-3-8b", token=tok))
 
 
+def test_without_credentials_the_registry_stays_hidden(nginx_factory,
+                                                       pools, keyfile):
+    """The route module finds the model before authentication, but sends
+    its errors after it: a client without credentials gets 401 whether the
+    model exists, does not, or the body is broken; with a key, the route
+    module's own 404 and 400."""
+    key = create_key(keyfile)
+    gw = model_gw(nginx_factory, pools, f"infer_auth_api_keys {keyfile};")
+    for model in ("llama-3-8b", "no-such-model"):
+        assert_missing(chat(gw, model))
+    r = requests.post(gw.url + "/v1/chat/completions", timeout=10,
+                      data=b'{"model": ', headers={"x-api-key": "sk-nope"})
+    assert_invalid(r, code="invalid_api_key")
+
+    r = chat(gw, "no-such-model", key)
+    assert r.status_code == 404 and error_of(r)["code"] == "model_not_found"
+    assert r.headers["x-auth-status"] == "ok"
+    r = requests.post(gw.url + "/v1/chat/completions", timeout=10,
+                      data=b'{"model": ', headers={"x-api-key": key})
+    assert r.status_code == 400 and error_of(r)["code"] == "invalid_json"
+    assert all(sim_recorded(p) == [] for p in pools)
+
+
 def test_tenant_models(nginx_factory, pools, keyfile):
     globex = create_key(keyfile, tenant="globex", kid="globex-1")
     acme = create_key(keyfile, tenant="acme", kid="acme-1")
