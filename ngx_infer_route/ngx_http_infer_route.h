@@ -1,7 +1,8 @@
 /*
  * Copyright (C) ngx_infer authors
  *
- * What the files of ngx_http_infer_route_module share: the model registry.
+ * What the files of ngx_http_infer_route_module share: the model registry,
+ * the location's configuration and the request's context.
  */
 
 
@@ -12,6 +13,9 @@
 #include <ngx_config.h>
 #include <ngx_core.h>
 #include <ngx_http.h>
+
+#include "ngx_http_infer_route_json.h"
+#include "ngx_http_infer_route_usage.h"
 
 
 #define NGX_HTTP_INFER_MODEL_ACTIVE      0
@@ -92,6 +96,49 @@ typedef struct {
 } ngx_http_infer_route_main_conf_t;
 
 
+typedef struct {
+    ngx_flag_t                     enable;
+    ngx_array_t                   *sources;     /* of *_source_t */
+    size_t                         prefix_max;
+    ngx_flag_t                     include_usage;
+    ngx_http_complex_value_t      *list_filter; /* infer_model_list */
+    unsigned                       list:1;      /* this location lists the
+                                                   models: not inherited */
+} ngx_http_infer_route_loc_conf_t;
+
+
+typedef struct {
+    ngx_int_t                      status;      /* what the phase handler
+                                                   returns once it knows */
+    ngx_str_t                      error;       /* message, when status is
+                                                   an error */
+    const char                    *error_code;
+    ngx_uint_t                     next_source;
+    ngx_str_t                      model;       /* as the request names it */
+    ngx_http_infer_route_model_t  *entry;       /* NULL: not in registry */
+    ngx_http_infer_route_target_t *target;      /* NULL: not picked yet */
+    ngx_str_t                      forward;     /* model id sent upstream */
+    ngx_http_infer_route_body_t   *body;        /* NULL: body not scanned */
+    ngx_str_t                      raw;         /* the body's bytes */
+    ngx_chain_t                   *bufs;        /* the body as received */
+    ngx_uint_t                     fallbacks;   /* fallbacks taken */
+    ngx_http_infer_usage_t        *usage;       /* NULL: answer not parsed */
+    ngx_msec_int_t                 ttft;        /* ms to the first answer
+                                                   byte; -1: none yet */
+    unsigned                       waiting:1;   /* body read asynchronously */
+    unsigned                       by_pattern:1;
+    unsigned                       rewritten:1;
+    unsigned                       usage_partial:1;
+    unsigned                       inject:1;    /* include_usage added */
+
+    /* the stream as it is held back while the usage chunk is stripped */
+    u_char                        *held;
+    size_t                         held_len;
+    size_t                         held_size;
+    off_t                          held_off;    /* stream offset of held[0] */
+} ngx_http_infer_route_ctx_t;
+
+
 extern ngx_module_t  ngx_http_infer_route_module;
 
 
@@ -121,6 +168,16 @@ void ngx_http_infer_route_registry_replace(
 ngx_int_t ngx_http_infer_route_registry_name_ok(ngx_str_t *name);
 void ngx_http_infer_route_registry_error(u_char *err,
     ngx_http_infer_route_model_t *m, const char *fmt, ...);
+
+/* ngx_http_infer_route_filter.c */
+
+void ngx_http_infer_route_filter_init(ngx_conf_t *cf);
+
+/* ngx_http_infer_route_list.c */
+
+char *ngx_http_infer_route_list(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+ngx_int_t ngx_http_infer_route_list_handler(ngx_http_request_t *r);
 
 /* ngx_http_infer_route_file.c */
 
