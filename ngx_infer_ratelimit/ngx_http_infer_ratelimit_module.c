@@ -52,6 +52,7 @@ typedef struct {
     ngx_http_infer_ratelimit_item_t  *refused;
 
     unsigned                    decided:1;
+    unsigned                    limited:1;
     unsigned                    sent:1;
     unsigned                    waiting:1;
     unsigned                    reconciled:1;
@@ -555,8 +556,12 @@ ngx_http_infer_ratelimit_decide(ngx_http_request_t *r,
         return;
     }
 
+    /* a degraded decision stays "degraded", refused or not */
+
     if (lcf->shadow) {
-        ctx->status = NGX_HTTP_INFER_RL_SHADOW;
+        if (ctx->status != NGX_HTTP_INFER_RL_DEGRADED) {
+            ctx->status = NGX_HTTP_INFER_RL_SHADOW;
+        }
 
         ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
                       "infer ratelimit: shadow: limit \"%V\" would refuse "
@@ -565,7 +570,11 @@ ngx_http_infer_ratelimit_decide(ngx_http_request_t *r,
         return;
     }
 
-    ctx->status = NGX_HTTP_INFER_RL_LIMITED;
+    ctx->limited = 1;
+
+    if (ctx->status != NGX_HTTP_INFER_RL_DEGRADED) {
+        ctx->status = NGX_HTTP_INFER_RL_LIMITED;
+    }
 
     ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
                   "infer ratelimit: limit \"%V\" refused key \"%V\"",
@@ -579,7 +588,7 @@ static ngx_int_t
 ngx_http_infer_ratelimit_result(ngx_http_request_t *r,
     ngx_http_infer_ratelimit_ctx_t *ctx)
 {
-    if (ctx->status != NGX_HTTP_INFER_RL_LIMITED) {
+    if (!ctx->limited) {
         return NGX_DECLINED;
     }
 
