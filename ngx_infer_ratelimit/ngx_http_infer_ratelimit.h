@@ -16,6 +16,9 @@
 #include <ngx_http.h>
 
 
+extern ngx_module_t  ngx_http_infer_ratelimit_module;
+
+
 #define NGX_HTTP_INFER_RL_REQUESTS     0
 #define NGX_HTTP_INFER_RL_TOKENS       1
 
@@ -97,6 +100,14 @@ ngx_int_t ngx_http_infer_ratelimit_redis_eval(ngx_http_request_t *r,
 ngx_int_t ngx_http_infer_ratelimit_redis_init_process(ngx_cycle_t *cycle,
     ngx_http_infer_ratelimit_redis_conf_t *rcf);
 void ngx_http_infer_ratelimit_redis_exit_process(ngx_cycle_t *cycle);
+ngx_shm_zone_t *ngx_http_infer_ratelimit_zone_add(ngx_conf_t *cf,
+    ngx_str_t *name, size_t size);
+ngx_int_t ngx_http_infer_ratelimit_zone_eval(ngx_shm_zone_t *zone,
+    ngx_http_infer_ratelimit_item_t *items, ngx_uint_t n, ngx_uint_t local,
+    ngx_uint_t divisor);
+void ngx_http_infer_ratelimit_zone_reconcile(ngx_shm_zone_t *zone,
+    ngx_http_infer_ratelimit_item_t *items, ngx_uint_t n);
+
 char *ngx_http_infer_ratelimit_redis(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 

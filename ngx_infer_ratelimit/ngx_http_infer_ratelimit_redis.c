@@ -386,9 +386,10 @@ ngx_http_infer_ratelimit_redis_connect(ngx_http_infer_ratelimit_redis_t *rd)
     ac->ev.delWrite = ngx_http_infer_ratelimit_redis_del_write;
     ac->ev.cleanup = ngx_http_infer_ratelimit_redis_cleanup;
 
-    redisAsyncSetConnectCallback(ac, ngx_http_infer_ratelimit_redis_connected);
+    redisAsyncSetConnectCallback(ac,
+                                 ngx_http_infer_ratelimit_redis_connected);
     redisAsyncSetDisconnectCallback(ac,
-                                    ngx_http_infer_ratelimit_redis_disconnected);
+                                 ngx_http_infer_ratelimit_redis_disconnected);
 
     ngx_add_timer(&rd->connect_timer, rcf->connect_timeout);
 
