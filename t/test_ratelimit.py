@@ -388,3 +388,28 @@ def test_the_openai_sdk_raises_its_rate_limit_error(nginx_factory, sim,
     assert out["status"] == 429
     assert out["error"]["code"] == "rate_limit_exceeded"
     assert out["headers"]["retry-after"]
+
+
+def test_our_headers_replace_the_backends(nginx_factory, sim):
+    n = nginx_factory(proxy_conf(
+        sim, "infer_ratelimit_limit rpm global requests=60/m;"))
+    body = dict(CHAT, model="llama-3-8b", max_tokens=3)
+    r = requests.post(n.url + "/v1/chat/completions", json=body, timeout=10,
+                      headers={"x-sim-add-header":
+                               "x-ratelimit-limit-requests: 999"})
+    assert r.status_code == 200
+    assert r.headers["x-ratelimit-limit-requests"] == "60"   # one, ours
+
+
+def test_tokens_alone_reserve_the_default(nginx_factory):
+    n = nginx_factory(static_conf(
+        "infer_ratelimit_limit tpd global tokens=1000/d;",
+        extra="infer_ratelimit_default_max_tokens 300;"),
+        modules=["ratelimit"])
+    r = get(n)
+    assert r.headers["x-ratelimit-remaining-tokens"] == "700"
+    # a static answer carries no usage: a success keeps its reservation
+    assert get(n).headers["x-ratelimit-remaining-tokens"] == "400"
+    assert get(n).headers["x-ratelimit-remaining-tokens"] == "100"
+    r = get(n)
+    assert r.status_code == 429 and error_of(r)["type"] == "tokens"
