@@ -70,6 +70,7 @@ typedef struct {
 
 
 typedef struct {
+    ngx_str_t                   address;    /* as configured, for logs */
     ngx_str_t                   host;       /* NUL-terminated */
     ngx_int_t                   port;
     ngx_str_t                   path;       /* unix socket, NUL-terminated */

@@ -908,10 +908,10 @@ ngx_http_infer_ratelimit_redis_error(ngx_http_infer_ratelimit_redis_t *rd,
     va_end(args);
 
     ngx_log_error(NGX_LOG_ERR, rd->log, 0,
-                  "infer ratelimit: redis %s: %*s (%ui similar errors not "
+                  "infer ratelimit: redis %V: %*s (%ui similar errors not "
                   "logged)",
-                  rd->rcf->path.len ? rd->rcf->path.data : rd->rcf->host.data,
-                  (size_t) (p - buf), buf, rd->suppressed);
+                  &rd->rcf->address, (size_t) (p - buf), buf,
+                  rd->suppressed);
 
     rd->logged = ngx_time();
     rd->suppressed = 0;
@@ -1000,6 +1000,8 @@ ngx_http_infer_ratelimit_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     ngx_str_set(&rcf->prefix, "infer:rl:");
 
     value = cf->args->elts;
+
+    rcf->address = value[1];
 
     if (ngx_strncmp(value[1].data, "unix:", 5) == 0) {
         if (value[1].len == 5 || value[1].len > 100) {

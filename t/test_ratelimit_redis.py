@@ -439,3 +439,37 @@ def test_nginx_t_names_redis_mistakes(nginx_factory, opts, message):
     ok, out = n.check_config()
     if message:
         assert not ok and message in out, out
+
+
+def test_a_connect_that_never_completes_times_out(nginx_factory):
+    # a listener that never accepts, its accept queue filled: the kernel
+    # drops further SYNs, so a connect hangs until our connect_timeout
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(0)
+    port = lsock.getsockname()[1]
+    fillers = []
+    for _ in range(4):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port))
+        fillers.append(s)
+    try:
+        n = nginx_factory(conf(
+            f"127.0.0.1:{port}", "infer_ratelimit_limit l global "
+            "requests=100/h on_error=local;",
+            redis_opts="timeout=5s connect_timeout=150ms backoff=300ms"))
+        t0 = time.monotonic()
+        r = get(n)
+        elapsed = time.monotonic() - t0
+        assert r.status_code == 200
+        assert r.headers["X-RL-Status"] == "degraded"
+        # bounded by connect_timeout (plus a margin), not by timeout=5s
+        assert elapsed < 2.5
+        assert r.headers["x-ratelimit-remaining-requests"] == "99"
+        n.stop()
+        assert "connect timed out" in n.log_text()
+    finally:
+        for s in fillers:
+            s.close()
+        lsock.close()
