@@ -21,6 +21,10 @@ extern ngx_module_t  ngx_http_infer_ratelimit_module;
 
 #define NGX_HTTP_INFER_RL_REQUESTS     0
 #define NGX_HTTP_INFER_RL_TOKENS       1
+#define NGX_HTTP_INFER_RL_CONCURRENCY  2    /* in flight; no window */
+
+/* how long Redis keeps an in-flight count nobody touches */
+#define NGX_HTTP_INFER_RL_CONCURRENCY_TTL  3600000
 
 #define NGX_HTTP_INFER_RL_FAIL_OPEN    0
 #define NGX_HTTP_INFER_RL_FAIL_CLOSED  1
@@ -40,7 +44,7 @@ typedef struct {
     ngx_http_complex_value_t    key;
     ngx_uint_t                  kind;
     uint64_t                    limit;      /* per window */
-    ngx_msec_t                  window;
+    ngx_msec_t                  window;     /* 0: concurrency */
     ngx_str_t                   window_text;
     ngx_uint_t                  on_error;
 } ngx_http_infer_ratelimit_limit_t;

@@ -631,7 +631,15 @@ ngx_http_infer_ratelimit_refuse(ngx_http_request_t *r,
 
     /* the key is not said: it may be an address or a key id */
 
-    if (item->known) {
+    if (item->known
+        && item->limit->kind == NGX_HTTP_INFER_RL_CONCURRENCY)
+    {
+        p = ngx_snprintf(buf, sizeof(buf),
+                         "Too many requests in flight (limit \"%V\"): "
+                         "limit %uL. Please try again in %Ts.",
+                         &item->limit->name, item->limit_n, sec);
+
+    } else if (item->known) {
         p = ngx_snprintf(buf, sizeof(buf),
                          "Rate limit reached for %s per %V (limit \"%V\"): "
                          "limit %uL, remaining %uL, requested %uL. "
@@ -720,7 +728,8 @@ ngx_http_infer_ratelimit_number(ngx_http_request_t *r, ngx_str_t *name,
 
 
 /*
- * LOG: a token reservation becomes the real usage.  Without a usage (an
+ * LOG: a request leaves the in-flight counts, and a token reservation
+ * becomes the real usage.  Without a usage (an
  * answer that carried none), a successful answer keeps its reservation
  * and a failed one gives it back.
  */
@@ -771,13 +780,17 @@ ngx_http_infer_ratelimit_log_handler(ngx_http_request_t *r)
         item = &ctx->items[i];
         item->delta = 0;
 
-        if (item->limit->kind != NGX_HTTP_INFER_RL_TOKENS
-            || item->where == NGX_HTTP_INFER_RL_NOWHERE)
+        if (item->where == NGX_HTTP_INFER_RL_NOWHERE
+            || item->limit->kind == NGX_HTTP_INFER_RL_REQUESTS)
         {
             continue;
         }
 
-        if (found) {
+        if (item->limit->kind == NGX_HTTP_INFER_RL_CONCURRENCY) {
+            /* no longer in flight */
+            item->delta = -1;
+
+        } else if (found) {
             /* a runaway figure may not push a key into years of debt */
             if ((uint64_t) real > 4 * item->limit_n) {
                 real = (int64_t) (4 * item->limit_n);
@@ -874,6 +887,10 @@ ngx_http_infer_ratelimit_header_filter(ngx_http_request_t *r)
         }
 
         k = item->limit->kind;
+
+        if (k == NGX_HTTP_INFER_RL_CONCURRENCY) {
+            continue;
+        }
 
         if (best[k] == NULL || item->remaining < best[k]->remaining) {
             best[k] = item;
@@ -1294,6 +1311,34 @@ ngx_http_infer_ratelimit_limit(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
             continue;
         }
 
+        if (ngx_strncmp(value[i].data, "concurrency=", 12) == 0) {
+            if (have_rate) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "limit \"%V\" has two rates: one limit "
+                                   "counts requests or tokens",
+                                   &value[1]);
+                return NGX_CONF_ERROR;
+            }
+
+            have_rate = 1;
+
+            n = ngx_atoi(value[i].data + 12, value[i].len - 12);
+            if (n == NGX_ERROR || n == 0) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid concurrency \"%V\": a number "
+                                   "of requests in flight expected",
+                                   &value[i]);
+                return NGX_CONF_ERROR;
+            }
+
+            limit->kind = NGX_HTTP_INFER_RL_CONCURRENCY;
+            limit->limit = (uint64_t) n;
+            limit->window = 0;
+            ngx_str_null(&limit->window_text);
+
+            continue;
+        }
+
         if (ngx_strncmp(value[i].data, "on_error=", 9) == 0) {
             s.data = value[i].data + 9;
             s.len = value[i].len - 9;
@@ -1326,8 +1371,8 @@ ngx_http_infer_ratelimit_limit(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
     if (!have_rate) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "limit \"%V\" has no rate: requests=N/period or "
-                           "tokens=N/period", &value[1]);
+                           "limit \"%V\" has no rate: requests=N/period, "
+                           "tokens=N/period or concurrency=N", &value[1]);
         return NGX_CONF_ERROR;
     }
 

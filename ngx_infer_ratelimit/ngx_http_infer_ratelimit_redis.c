@@ -94,6 +94,9 @@ static void ngx_http_infer_ratelimit_redis_handshake(redisAsyncContext *ac,
     void *reply, void *privdata);
 static void ngx_http_infer_ratelimit_redis_reply(redisAsyncContext *ac,
     void *reply, void *privdata);
+static ngx_uint_t ngx_http_infer_ratelimit_redis_admitted(redisReply *rr);
+static void ngx_http_infer_ratelimit_redis_undo(
+    ngx_http_infer_ratelimit_waiter_t *w);
 static ngx_int_t ngx_http_infer_ratelimit_redis_parse(
     ngx_http_infer_ratelimit_waiter_t *w, redisReply *reply);
 static void ngx_http_infer_ratelimit_redis_waiter_event(ngx_event_t *ev);
@@ -107,9 +110,11 @@ static void ngx_http_infer_ratelimit_redis_error(
 /*
  * KEYS: one per limit.  ARGV[1]: "a" (admit: check all, charge all or
  * none) or "r" (reconcile: move each key by a signed number of units);
- * then per key: units, limit, window in ms.  The time is Redis's own, so
- * that replicas' clocks do not matter.  Keys expire when their bucket is
- * full again: an idle key costs no memory.
+ * then per key: units, limit, window in ms (0: a count of requests in
+ * flight, not a GCRA).  The time is Redis's own, so that replicas' clocks
+ * do not matter.  A GCRA key expires when its bucket is full again, so an
+ * idle key costs no memory; a count expires an hour after it last moved,
+ * in case its gateway died before it could release it.
  *
  * Admission returns {admitted, then per key: remaining, reset ms, retry
  * ms (0 when this key would pass)}.
@@ -121,47 +126,73 @@ static ngx_str_t  ngx_http_infer_ratelimit_script = ngx_string(
 "local admit = ARGV[1] == 'a'\n"
 "local res = {1}\n"
 "local new = {}\n"
+"local ttl = {}\n"
 "for i = 1, #KEYS do\n"
 "  local a = 3 * i - 1\n"
 "  local cost = tonumber(ARGV[a])\n"
 "  local limit = tonumber(ARGV[a + 1])\n"
 "  local win = tonumber(ARGV[a + 2]) * 1000\n"
-"  local em = win / limit\n"
-"  local tat = tonumber(redis.call('GET', KEYS[i]))\n"
-"  if not admit then\n"
-"    if tat then\n"
-"      tat = tat + cost * em\n"
-"      if tat > now then\n"
-"        redis.call('SET', KEYS[i], string.format('%.0f', tat), 'PX',\n"
-"                   math.max(1, math.ceil((tat - now) / 1000)))\n"
+"  local v = tonumber(redis.call('GET', KEYS[i]))\n"
+"  if win == 0 then\n"
+"    local c = v or 0\n"
+"    if not admit then\n"
+"      c = c + cost\n"
+"      if c > 0 then\n"
+"        redis.call('SET', KEYS[i], string.format('%.0f', c), 'PX', "
+    ngx_value(NGX_HTTP_INFER_RL_CONCURRENCY_TTL) ")\n"
 "      else\n"
 "        redis.call('DEL', KEYS[i])\n"
 "      end\n"
+"    elseif c + cost > limit then\n"
+"      res[1] = 0\n"
+"      res[a] = math.max(0, limit - c)\n"
+"      res[a + 1] = 0\n"
+"      res[a + 2] = 1000\n"
+"    else\n"
+"      res[a] = limit - c - cost\n"
+"      res[a + 1] = 0\n"
+"      res[a + 2] = 0\n"
+"      new[i] = c + cost\n"
+"      ttl[i] = " ngx_value(NGX_HTTP_INFER_RL_CONCURRENCY_TTL) "\n"
 "    end\n"
 "  else\n"
-"    if not tat or tat < now then tat = now end\n"
-"    local nt = tat + cost * em\n"
-"    if cost > limit or nt - now > win then\n"
-"      res[1] = 0\n"
-"      res[a] = math.floor((now + win - tat) / em + 1e-6)\n"
-"      res[a + 1] = math.ceil((tat - now) / 1000)\n"
-"      if cost > limit then\n"
-"        res[a + 2] = math.ceil(win / 1000)\n"
-"      else\n"
-"        res[a + 2] = math.max(1, math.ceil((nt - now - win) / 1000))\n"
+"    local em = win / limit\n"
+"    local tat = v\n"
+"    if not admit then\n"
+"      if tat then\n"
+"        tat = tat + cost * em\n"
+"        if tat > now then\n"
+"          redis.call('SET', KEYS[i], string.format('%.0f', tat), 'PX',\n"
+"                     math.max(1, math.ceil((tat - now) / 1000)))\n"
+"        else\n"
+"          redis.call('DEL', KEYS[i])\n"
+"        end\n"
 "      end\n"
 "    else\n"
-"      res[a] = math.floor((now + win - nt) / em + 1e-6)\n"
-"      res[a + 1] = math.ceil((nt - now) / 1000)\n"
-"      res[a + 2] = 0\n"
-"      new[i] = nt\n"
+"      if not tat or tat < now then tat = now end\n"
+"      local nt = tat + cost * em\n"
+"      if cost > limit or nt - now > win then\n"
+"        res[1] = 0\n"
+"        res[a] = math.floor((now + win - tat) / em + 1e-6)\n"
+"        res[a + 1] = math.ceil((tat - now) / 1000)\n"
+"        if cost > limit then\n"
+"          res[a + 2] = math.ceil(win / 1000)\n"
+"        else\n"
+"          res[a + 2] = math.max(1, math.ceil((nt - now - win) / 1000))\n"
+"        end\n"
+"      else\n"
+"        res[a] = math.floor((now + win - nt) / em + 1e-6)\n"
+"        res[a + 1] = math.ceil((nt - now) / 1000)\n"
+"        res[a + 2] = 0\n"
+"        new[i] = nt\n"
+"        ttl[i] = math.max(1, math.ceil((nt - now) / 1000))\n"
+"      end\n"
 "    end\n"
 "  end\n"
 "end\n"
 "if admit and res[1] == 1 then\n"
 "  for i = 1, #KEYS do\n"
-"    redis.call('SET', KEYS[i], string.format('%.0f', new[i]), 'PX',\n"
-"               math.max(1, math.ceil((new[i] - now) / 1000)))\n"
+"    redis.call('SET', KEYS[i], string.format('%.0f', new[i]), 'PX', ttl[i])\n"
 "  end\n"
 "end\n"
 "return res\n");
@@ -268,6 +299,12 @@ ngx_http_infer_ratelimit_redis_eval(ngx_http_request_t *r,
         } else {
             units = (item->where == NGX_HTTP_INFER_RL_IN_REDIS)
                     ? item->delta : 0;
+        }
+
+        /* a "-" ahead of an admission's units, to undo it (see reply) */
+
+        if (units >= 0) {
+            *p++ = '-';
         }
 
         w->argv[k] = (char *) p;
@@ -712,6 +749,28 @@ ngx_http_infer_ratelimit_redis_reply(redisAsyncContext *ac, void *reply,
         }
     }
 
+    if (w->r == NULL && w->done && !w->answered
+        && ngx_http_infer_ratelimit_redis_admitted(rr))
+    {
+        /*
+         * The request went away (its client closed) before Redis admitted
+         * it: nothing was served, so the charge is undone, in-flight
+         * counts included, by the same keys moved back by the same units.
+         */
+
+        ngx_http_infer_ratelimit_redis_undo(w);
+
+        if (redisAsyncCommandArgv(ac, ngx_http_infer_ratelimit_redis_reply,
+                                  w, w->argc, w->argv, w->argvlen)
+            == REDIS_OK)
+        {
+            w->pending = 1;
+            ngx_add_timer(&w->ev,
+                          ngx_http_infer_ratelimit_redis_worker.rcf->timeout);
+            return;
+        }
+    }
+
     if (w->r == NULL) {
         /* a reconciliation, or a request that is gone */
 
@@ -742,6 +801,34 @@ ngx_http_infer_ratelimit_redis_reply(redisAsyncContext *ac, void *reply,
     /* the request goes on from the event loop, not from inside hiredis */
 
     ngx_post_event(&w->ev, &ngx_posted_events);
+}
+
+
+static ngx_uint_t
+ngx_http_infer_ratelimit_redis_admitted(redisReply *rr)
+{
+    return rr && rr->type == REDIS_REPLY_ARRAY && rr->elements > 0
+           && rr->element[0]->type == REDIS_REPLY_INTEGER
+           && rr->element[0]->integer == 1;
+}
+
+
+/* the admission's argv becomes its reconciliation by minus its units */
+
+static void
+ngx_http_infer_ratelimit_redis_undo(ngx_http_infer_ratelimit_waiter_t *w)
+{
+    ngx_uint_t  i, k;
+
+    w->done = NULL;
+
+    k = 3 + w->nitems;
+    w->argv[k++] = "r";
+
+    for (i = 0; i < w->nitems; i++, k += 3) {
+        w->argv[k]--;
+        w->argvlen[k]++;
+    }
 }
 
 

@@ -23,7 +23,7 @@
 
 typedef struct {
     u_char                      color;
-    u_char                      dummy;
+    u_char                      counter;    /* tat counts in-flight */
     u_short                     len;
     ngx_queue_t                 queue;
     uint64_t                    tat;        /* ns, ngx_current_msec's */
@@ -127,9 +127,10 @@ ngx_http_infer_ratelimit_lookup(ngx_http_infer_ratelimit_zone_t *z,
 
 
 /*
- * Frees up to n least recently used nodes whose bucket is full again
- * (they carry no state), or with n == 0 the oldest one whatever it holds,
- * when memory ran out.
+ * Frees up to n least recently used nodes whose bucket is full again, or
+ * whose count of requests in flight is 0 (they carry no state), or with
+ * n == 0 the oldest one whatever it holds, when memory ran out.  A count
+ * still in use is not stale however old: it goes back to the head.
  */
 
 static void
@@ -156,7 +157,13 @@ ngx_http_infer_ratelimit_expire(ngx_http_infer_ratelimit_zone_t *z,
 
         lrn = ngx_queue_data(q, ngx_http_infer_ratelimit_node_t, queue);
 
-        if (!force && lrn->tat > now) {
+        if (!force && lrn->counter && lrn->tat > 0) {
+            ngx_queue_remove(q);
+            ngx_queue_insert_head(&z->sh->queue, q);
+            continue;
+        }
+
+        if (!force && !lrn->counter && lrn->tat > now) {
             return;
         }
 
@@ -218,6 +225,7 @@ ngx_http_infer_ratelimit_node(ngx_http_infer_ratelimit_zone_t *z,
     lrn = (ngx_http_infer_ratelimit_node_t *) &node->color;
 
     lrn->len = (u_short) item->id.len;
+    lrn->counter = (item->limit->kind == NGX_HTTP_INFER_RL_CONCURRENCY);
     lrn->tat = 0;
     ngx_memcpy(lrn->data, item->id.data, item->id.len);
 
@@ -229,8 +237,9 @@ ngx_http_infer_ratelimit_node(ngx_http_infer_ratelimit_zone_t *z,
 
 
 /*
- * GCRA for all of a request's limits at once, under the zone's lock, so
- * that either every limit is charged or none is.  With local set, only
+ * GCRA for all of a request's limits at once (and a plain count for the
+ * in-flight ones), under the zone's lock, so that either every limit is
+ * charged or none is.  With local set, only
  * the items whose outage policy is "local" are counted, each limit
  * divided by divisor.
  */
@@ -310,11 +319,28 @@ ngx_http_infer_ratelimit_zone_eval(ngx_shm_zone_t *zone,
         nodes[i] = lrn;
         held++;
 
+        item->known = 1;
+
+        if (item->limit->kind == NGX_HTTP_INFER_RL_CONCURRENCY) {
+            item->reset = 0;
+
+            if (lrn->tat + item->cost > item->limit_n) {
+                item->refused = 1;
+                item->remaining = 0;
+                item->retry = 1000;
+                refused = 1;
+                continue;
+            }
+
+            item->refused = 0;
+            item->remaining = item->limit_n - lrn->tat - item->cost;
+            item->retry = 0;
+            continue;
+        }
+
         win = (uint64_t) item->limit->window * 1000000;
         em = win / item->limit_n;
         tat = ngx_max(lrn->tat, now);
-
-        item->known = 1;
 
         if (item->cost > item->limit_n) {
             /* can never fit: as long a wait as a whole window */
@@ -350,11 +376,17 @@ ngx_http_infer_ratelimit_zone_eval(ngx_shm_zone_t *zone,
             }
 
             item = &items[i];
+            item->where = NGX_HTTP_INFER_RL_IN_ZONE;
+
+            if (item->limit->kind == NGX_HTTP_INFER_RL_CONCURRENCY) {
+                nodes[i]->tat += item->cost;
+                continue;
+            }
+
             win = (uint64_t) item->limit->window * 1000000;
             em = win / item->limit_n;
 
             nodes[i]->tat = ngx_max(nodes[i]->tat, now) + item->cost * em;
-            item->where = NGX_HTTP_INFER_RL_IN_ZONE;
         }
     }
 
@@ -394,7 +426,10 @@ ngx_http_infer_ratelimit_zone_reconcile(ngx_shm_zone_t *zone,
             continue;
         }
 
-        em = (uint64_t) item->limit->window * 1000000 / item->limit_n;
+        /* a count moves by units, a TAT by units of emission interval */
+
+        em = lrn->counter
+             ? 1 : (uint64_t) item->limit->window * 1000000 / item->limit_n;
 
         if (item->delta > 0) {
             lrn->tat += (uint64_t) item->delta * em;

@@ -413,3 +413,27 @@ def test_tokens_alone_reserve_the_default(nginx_factory):
     assert get(n).headers["x-ratelimit-remaining-tokens"] == "100"
     r = get(n)
     assert r.status_code == 429 and error_of(r)["type"] == "tokens"
+
+
+def slow_chats(n, k, ttft_ms=600):
+    body = dict(CHAT, model="llama-3-8b", max_tokens=2)
+
+    def one():
+        return requests.post(n.url + "/v1/chat/completions", json=body,
+                             headers={"x-sim-ttft-ms": str(ttft_ms)},
+                             timeout=10).status_code
+
+    return parallel(one, k, threads=k)
+
+
+def test_a_concurrency_limit(nginx_factory, sim):
+    n = nginx_factory(proxy_conf(
+        sim, "infer_ratelimit_limit inflight global concurrency=2;"))
+    assert sorted(slow_chats(n, 5)) == [200, 200, 429, 429, 429]
+    # every request left the count when it ended
+    assert sorted(slow_chats(n, 2, ttft_ms=50)) == [200, 200]
+    s = requests.Session()
+    for _ in range(3):
+        r = chat(n, s, 2, 1)
+        assert r.status_code == 200
+        assert "x-ratelimit-limit-requests" not in r.headers
