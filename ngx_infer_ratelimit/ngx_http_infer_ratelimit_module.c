@@ -557,9 +557,8 @@ ngx_http_infer_ratelimit_decide(ngx_http_request_t *r,
         }
 
         ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
-                      "infer ratelimit: shadow: limit \"%V\" would refuse "
-                      "key \"%V\"", &ctx->refused->limit->name,
-                      &ctx->refused->key);
+                      "infer ratelimit: shadow: limit \"%V\" would refuse",
+                      &ctx->refused->limit->name);
         return;
     }
 
@@ -569,9 +568,11 @@ ngx_http_infer_ratelimit_decide(ngx_http_request_t *r,
         ctx->status = NGX_HTTP_INFER_RL_LIMITED;
     }
 
+    /* not the key: it may be an address, or whatever a map made of it */
+
     ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
-                  "infer ratelimit: limit \"%V\" refused key \"%V\"",
-                  &ctx->refused->limit->name, &ctx->refused->key);
+                  "infer ratelimit: limit \"%V\" refused",
+                  &ctx->refused->limit->name);
 }
 
 
@@ -810,7 +811,7 @@ ngx_http_infer_ratelimit_log_handler(ngx_http_request_t *r)
 
         ngx_log_debug3(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
                        "infer ratelimit reconcile \"%V\" %uL %L",
-                       &item->id, item->cost, item->delta);
+                       &item->limit->name, item->cost, item->delta);
 
         if (item->where == NGX_HTTP_INFER_RL_IN_ZONE) {
             zone = 1;

@@ -437,3 +437,20 @@ def test_a_concurrency_limit(nginx_factory, sim):
         r = chat(n, s, 2, 1)
         assert r.status_code == 200
         assert "x-ratelimit-limit-requests" not in r.headers
+
+
+def test_keys_are_never_logged(nginx_factory):
+    n = nginx_factory(static_conf(
+        "infer_ratelimit_limit per_key $http_x_api_key requests=1/h;"),
+        error_level="debug")
+    h = {"X-Api-Key": "sk-very-secret-42"}
+    assert get(n, headers=h).status_code == 200
+    r = get(n, headers=h)
+    assert r.status_code == 429
+    assert "sk-very-secret-42" not in r.text
+    n.stop()
+    log = n.log_text()
+    assert 'limit "per_key" refused' in log
+    # the request's own header line is nginx's debug output, not ours
+    ours = [l for l in log.splitlines() if "infer ratelimit" in l]
+    assert ours and not any("sk-very-secret-42" in l for l in ours)
