@@ -40,6 +40,7 @@ typedef struct {
 
 typedef struct {
     ngx_shm_zone_t             *shm_zone;
+    ngx_shm_zone_t             *stats_zone; /* degraded decisions, shared */
     ngx_array_t                 names;      /* limit_t *, one per name */
     ngx_http_infer_ratelimit_redis_conf_t  *redis;
 } ngx_http_infer_ratelimit_main_conf_t;
@@ -86,6 +87,8 @@ static u_char *ngx_http_infer_ratelimit_format_reset(u_char *p,
     ngx_msec_t ms);
 
 
+static ngx_int_t ngx_http_infer_ratelimit_init_stats(
+    ngx_shm_zone_t *shm_zone, void *data);
 static ngx_int_t ngx_http_infer_ratelimit_variable(ngx_http_request_t *r,
     ngx_http_variable_value_t *v, uintptr_t data);
 static char *ngx_http_infer_ratelimit_zone(ngx_conf_t *cf,
@@ -204,6 +207,7 @@ ngx_module_t  ngx_http_infer_ratelimit_module = {
 #define NGX_HTTP_INFER_RL_VAR_REQUESTS    1
 #define NGX_HTTP_INFER_RL_VAR_TOKENS      2
 #define NGX_HTTP_INFER_RL_VAR_LIMITED_BY  3
+#define NGX_HTTP_INFER_RL_VAR_DEGRADED    4
 
 static ngx_http_variable_t  ngx_http_infer_ratelimit_vars[] = {
 
@@ -221,6 +225,10 @@ static ngx_http_variable_t  ngx_http_infer_ratelimit_vars[] = {
 
     { ngx_string("infer_ratelimit_limited_by"), NULL,
       ngx_http_infer_ratelimit_variable, NGX_HTTP_INFER_RL_VAR_LIMITED_BY,
+      NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("infer_ratelimit_degraded_total"), NULL,
+      ngx_http_infer_ratelimit_variable, NGX_HTTP_INFER_RL_VAR_DEGRADED,
       NGX_HTTP_VAR_NOCACHEABLE, 0 },
 
       ngx_http_null_variable
@@ -494,6 +502,11 @@ ngx_http_infer_ratelimit_degrade(ngx_http_request_t *r,
     rmcf = ngx_http_get_module_main_conf(r, ngx_http_infer_ratelimit_module);
 
     ctx->status = NGX_HTTP_INFER_RL_DEGRADED;
+
+    if (rmcf->stats_zone && rmcf->stats_zone->data) {
+        (void) ngx_atomic_fetch_add((ngx_atomic_t *) rmcf->stats_zone->data,
+                                    1);
+    }
 
     for (i = 0; i < ctx->nitems; i++) {
         item = &ctx->items[i];
@@ -1035,13 +1048,42 @@ ngx_http_infer_ratelimit_format_reset(u_char *p, ngx_msec_t ms)
 
 
 static ngx_int_t
+ngx_http_infer_ratelimit_init_stats(ngx_shm_zone_t *shm_zone, void *data)
+{
+    ngx_slab_pool_t  *shpool;
+
+    if (data) {
+        shm_zone->data = data;
+        return NGX_OK;
+    }
+
+    shpool = (ngx_slab_pool_t *) shm_zone->shm.addr;
+
+    if (shm_zone->shm.exists) {
+        shm_zone->data = shpool->data;
+        return NGX_OK;
+    }
+
+    shpool->data = ngx_slab_calloc(shpool, sizeof(ngx_atomic_t));
+    if (shpool->data == NULL) {
+        return NGX_ERROR;
+    }
+
+    shm_zone->data = shpool->data;
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
 ngx_http_infer_ratelimit_variable(ngx_http_request_t *r,
     ngx_http_variable_value_t *v, uintptr_t data)
 {
-    u_char                           *p;
-    ngx_uint_t                        i, kind;
-    ngx_http_infer_ratelimit_ctx_t   *ctx;
-    ngx_http_infer_ratelimit_item_t  *item, *best;
+    u_char                                *p;
+    ngx_uint_t                             i, kind;
+    ngx_http_infer_ratelimit_ctx_t        *ctx;
+    ngx_http_infer_ratelimit_item_t       *item, *best;
+    ngx_http_infer_ratelimit_main_conf_t  *rmcf;
 
     static ngx_str_t  status[] = {
         ngx_null_string,
@@ -1050,6 +1092,29 @@ ngx_http_infer_ratelimit_variable(ngx_http_request_t *r,
         ngx_string("degraded"),
         ngx_string("shadow")
     };
+
+    if (data == NGX_HTTP_INFER_RL_VAR_DEGRADED) {
+        rmcf = ngx_http_get_module_main_conf(r,
+                                             ngx_http_infer_ratelimit_module);
+
+        if (rmcf->stats_zone == NULL || rmcf->stats_zone->data == NULL) {
+            v->not_found = 1;
+            return NGX_OK;
+        }
+
+        p = ngx_pnalloc(r->pool, NGX_ATOMIC_T_LEN);
+        if (p == NULL) {
+            return NGX_ERROR;
+        }
+
+        v->valid = 1;
+        v->no_cacheable = 1;
+        v->not_found = 0;
+        v->data = p;
+        v->len = ngx_sprintf(p, "%uA",
+                             *(ngx_atomic_t *) rmcf->stats_zone->data) - p;
+        return NGX_OK;
+    }
 
     ctx = ngx_http_infer_ratelimit_get_ctx(r);
 
@@ -1563,8 +1628,27 @@ ngx_http_infer_ratelimit_merge_conf(ngx_conf_t *cf, void *parent, void *child)
 static ngx_int_t
 ngx_http_infer_ratelimit_init(ngx_conf_t *cf)
 {
-    ngx_http_handler_pt        *h;
-    ngx_http_core_main_conf_t  *cmcf;
+    ngx_http_handler_pt                   *h;
+    ngx_http_core_main_conf_t             *cmcf;
+    ngx_http_infer_ratelimit_main_conf_t  *rmcf;
+
+    static ngx_str_t  stats = ngx_string("infer_ratelimit_redis_stats");
+
+    rmcf = ngx_http_conf_get_module_main_conf(cf,
+                                              ngx_http_infer_ratelimit_module);
+
+    if (rmcf->redis) {
+        /* the count of degraded decisions, for all workers, across reloads */
+
+        rmcf->stats_zone = ngx_shared_memory_add(cf, &stats,
+                                                 8 * ngx_pagesize,
+                                         &ngx_http_infer_ratelimit_module);
+        if (rmcf->stats_zone == NULL) {
+            return NGX_ERROR;
+        }
+
+        rmcf->stats_zone->init = ngx_http_infer_ratelimit_init_stats;
+    }
 
     cmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_core_module);
 

@@ -31,7 +31,11 @@ def conf(redis_addr, limits, redis_opts="timeout=2s", extra="",
         {limits}
         {extra}
         location / {{ {STATUS_HEADERS} }}
-        location /free {{ infer_ratelimit off; rewrite ^ /ok.txt break; }}
+        location /free {{
+            infer_ratelimit off;
+            rewrite ^ /ok.txt break;
+            add_header X-RL-Degraded $infer_ratelimit_degraded_total;
+        }}
     }}"""
 
 
@@ -198,6 +202,8 @@ def test_outage_policy_with_redis_killed(nginx_factory, own_redis, policy,
         e = error_of(r)
         assert e["code"] == "rate_limit_exceeded"
         assert r.headers["Retry-After"] == "1"
+    # counted, for both workers: the six degraded decisions so far
+    assert get(n, "/free").headers["X-RL-Degraded"] == "6"
     # throttled: a handful of lines for the outage, not one per request
     lines = [l for l in n.log_text().splitlines()
              if "infer ratelimit: redis" in l]
@@ -335,6 +341,8 @@ def test_redis_restarted_reconnects_and_reloads_the_script(nginx_factory,
     port = rs.port
     rs.stop()
     assert get(n).headers["X-RL-Status"] == "degraded"
+    n.reload()                     # the count of degraded decisions stays
+    assert get(n, "/free").headers["X-RL-Degraded"] == "1"
     rs2 = own_redis(port=port)     # empty: no script, no keys
     deadline = time.monotonic() + 8
     statuses = []
