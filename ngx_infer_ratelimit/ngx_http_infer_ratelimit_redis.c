@@ -111,7 +111,9 @@ static void ngx_http_infer_ratelimit_redis_error(
  * KEYS: one per limit.  ARGV[1]: "a" (admit: check all, charge all or
  * none) or "r" (reconcile: move each key by a signed number of units);
  * then per key: units, limit, window in ms (0: a count of requests in
- * flight, not a GCRA).  The time is Redis's own, so that replicas' clocks
+ * flight, not a GCRA).  A debt is charged from now if the bucket refilled
+ * meanwhile (its key may even have expired during a long stream), as an
+ * admission would be.  The time is Redis's own, so that replicas' clocks
  * do not matter.  A GCRA key expires when its bucket is full again, so an
  * idle key costs no memory; a count expires an hour after it last moved,
  * in case its gateway died before it could release it.
@@ -159,8 +161,12 @@ static ngx_str_t  ngx_http_infer_ratelimit_script = ngx_string(
 "    local em = win / limit\n"
 "    local tat = v\n"
 "    if not admit then\n"
-"      if tat then\n"
+"      if cost > 0 then\n"
+"        tat = math.max(tat or now, now) + cost * em\n"
+"      elseif tat then\n"
 "        tat = tat + cost * em\n"
+"      end\n"
+"      if tat then\n"
 "        if tat > now then\n"
 "          redis.call('SET', KEYS[i], string.format('%.0f', tat), 'PX',\n"
 "                     math.max(1, math.ceil((tat - now) / 1000)))\n"

@@ -400,11 +400,17 @@ ngx_http_infer_ratelimit_zone_eval(ngx_shm_zone_t *zone,
 }
 
 
+/*
+ * Moves each item's node by its delta: a refund back, a debt forward from
+ * now if the bucket refilled meanwhile (its node may even have been
+ * reused during a long stream), as an admission would charge it.
+ */
+
 void
 ngx_http_infer_ratelimit_zone_reconcile(ngx_shm_zone_t *zone,
     ngx_http_infer_ratelimit_item_t *items, ngx_uint_t n)
 {
-    uint64_t                           em, d;
+    uint64_t                           em, d, now;
     ngx_uint_t                         i;
     ngx_http_infer_ratelimit_item_t   *item;
     ngx_http_infer_ratelimit_node_t   *lrn;
@@ -412,7 +418,11 @@ ngx_http_infer_ratelimit_zone_reconcile(ngx_shm_zone_t *zone,
 
     z = zone->data;
 
+    now = (uint64_t) ngx_current_msec * 1000000;
+
     ngx_shmtx_lock(&z->shpool->mutex);
+
+    now = ngx_max(now, z->sh->now);
 
     for (i = 0; i < n; i++) {
         item = &items[i];
@@ -422,6 +432,11 @@ ngx_http_infer_ratelimit_zone_reconcile(ngx_shm_zone_t *zone,
         }
 
         lrn = ngx_http_infer_ratelimit_lookup(z, item);
+
+        if (lrn == NULL && item->delta > 0) {
+            lrn = ngx_http_infer_ratelimit_node(z, item, now, 1);
+        }
+
         if (lrn == NULL) {
             continue;
         }
@@ -432,7 +447,8 @@ ngx_http_infer_ratelimit_zone_reconcile(ngx_shm_zone_t *zone,
              ? 1 : (uint64_t) item->limit->window * 1000000 / item->limit_n;
 
         if (item->delta > 0) {
-            lrn->tat += (uint64_t) item->delta * em;
+            lrn->tat = (lrn->counter ? lrn->tat : ngx_max(lrn->tat, now))
+                       + (uint64_t) item->delta * em;
 
         } else {
             d = (uint64_t) (- item->delta) * em;

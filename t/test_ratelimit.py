@@ -8,6 +8,7 @@ alone, keyed by the client address."""
 
 import re
 import threading
+import time
 
 import pytest
 import requests
@@ -454,3 +455,29 @@ def test_keys_are_never_logged(nginx_factory):
     # the request's own header line is nginx's debug output, not ours
     ours = [l for l in log.splitlines() if "infer ratelimit" in l]
     assert ours and not any("sk-very-secret-42" in l for l in ours)
+
+
+def debt_after_a_long_answer(n):
+    """A reservation of a few tokens whose bucket is full again before
+    the answer ends (1,000 tokens a second; the answer takes 300 ms and
+    uses 500): the debt is charged from the reconciliation on."""
+    s = requests.Session()
+    body = dict(CHAT, model="llama-3-8b", max_tokens=1)   # the sim goes on
+    r = s.post(n.url + "/v1/chat/completions", json=body, timeout=10,
+               headers={"x-sim-completion-tokens": "500",
+                        "x-sim-ttft-ms": "300"})
+    assert r.status_code == 200
+    assert r.json()["usage"]["completion_tokens"] == 500
+    time.sleep(0.05)   # the reconciliation runs as the answer ends
+    r = chat(n, s, 1, 1)
+    assert r.status_code == 200
+    return int(r.headers["x-ratelimit-remaining-tokens"])
+
+
+def test_a_debt_outlives_a_refilled_bucket(nginx_factory, sim):
+    n = nginx_factory(proxy_conf(
+        sim, "infer_ratelimit_limit tps global tokens=1000/s;",
+        extra="infer_ratelimit_default_max_tokens 1;"))
+    # without the debt about 990 would be left; with it about 500, less
+    # what refilled (1 token a millisecond) between the two requests
+    assert debt_after_a_long_answer(n) < 750

@@ -496,3 +496,10 @@ def test_a_concurrency_limit_in_redis(nginx_factory, redis, sim):
         time.sleep(0.01)
     assert not c.exists("infer:rl:{global}:inflight")   # released: 0
     assert sorted(slow_chats(n, 2, ttft_ms=50)) == [200, 200]
+
+
+def test_a_debt_outlives_an_expired_key(nginx_factory, redis, sim):
+    from test_ratelimit import debt_after_a_long_answer
+    n = nginx_factory(proxy_conf(
+        redis.addr, sim, "infer_ratelimit_limit tps global tokens=1000/s;"))
+    assert debt_after_a_long_answer(n) < 750
