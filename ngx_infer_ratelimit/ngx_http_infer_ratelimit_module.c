@@ -752,7 +752,7 @@ static ngx_int_t
 ngx_http_infer_ratelimit_log_handler(ngx_http_request_t *r)
 {
     int64_t                                real;
-    uint64_t                               prompt, completion;
+    uint64_t                               prompt, completion, used;
     ngx_uint_t                             i, found, found2, zone, redis;
     ngx_http_infer_ratelimit_ctx_t        *ctx;
     ngx_http_infer_ratelimit_item_t       *item;
@@ -806,11 +806,9 @@ ngx_http_infer_ratelimit_log_handler(ngx_http_request_t *r)
 
         } else if (found) {
             /* a runaway figure may not push a key into years of debt */
-            if ((uint64_t) real > 4 * item->limit_n) {
-                real = (int64_t) (4 * item->limit_n);
-            }
+            used = ngx_min((uint64_t) real, 4 * item->limit_n);
 
-            item->delta = real - (int64_t) item->cost;
+            item->delta = (int64_t) used - (int64_t) item->cost;
 
         } else if (r->headers_out.status >= NGX_HTTP_BAD_REQUEST
                    || r->headers_out.status == 0)
