@@ -481,3 +481,15 @@ def test_a_debt_outlives_a_refilled_bucket(nginx_factory, sim):
     # without the debt about 990 would be left; with it about 500, less
     # what refilled (1 token a millisecond) between the two requests
     assert debt_after_a_long_answer(n) < 750
+
+
+def test_limits_are_inherited_unless_a_context_declares_its_own(
+        nginx_factory):
+    n = nginx_factory(static_conf(
+        "infer_ratelimit_limit outer global requests=1/h;", extra="""
+        location /own { rewrite ^ /ok.txt break;
+                        infer_ratelimit_limit inner global requests=2/h; }
+        location /same { rewrite ^ /ok.txt break; }"""))
+    assert [get(n, "/own").status_code for _ in range(3)] == [200, 200, 429]
+    assert [get(n, "/same").status_code for _ in range(2)] == [200, 429]
+    assert get(n).status_code == 429     # /same counted in "outer"
