@@ -503,3 +503,23 @@ def test_a_debt_outlives_an_expired_key(nginx_factory, redis, sim):
     n = nginx_factory(proxy_conf(
         redis.addr, sim, "infer_ratelimit_limit tps global tokens=1000/s;"))
     assert debt_after_a_long_answer(n) < 750
+
+
+def test_workers_serve_others_while_calls_wait(nginx_factory, blackhole):
+    n = nginx_factory(conf(
+        f"127.0.0.1:{blackhole.port}",
+        "infer_ratelimit_limit l global requests=100/h;",
+        redis_opts="timeout=1500ms"))
+    results = []
+    t = threading.Thread(target=lambda: results.extend(
+        parallel(lambda: get(n).headers["X-RL-Status"], 8, threads=8)))
+    t.start()
+    time.sleep(0.3)             # 8 requests now wait for the silent Redis
+    t0 = time.monotonic()
+    for _ in range(4):          # both workers answer meanwhile
+        assert get(n, "/free").status_code == 200
+    served = time.monotonic() - t0
+    t.join(10)
+    assert results == ["degraded"] * 8
+    # well under the 1.5 s the waiting requests are held: nothing stalled
+    assert served < 1.0, served
