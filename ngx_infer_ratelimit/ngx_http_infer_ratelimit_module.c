@@ -1,8 +1,16 @@
+
 /*
  * Copyright (C) ngx_infer authors
  *
- * ngx_http_infer_ratelimit_module: request and token limits shared
- * through Redis, with a local shared-memory mode.
+ * ngx_http_infer_ratelimit_module: request and token limits, counted in
+ * Redis so that every gateway replica enforces one budget, or in a
+ * shared-memory zone (the local mode, and the fallback when Redis is
+ * gone).  Admits in PRECONTENT, reconciles reserved tokens in LOG.
+ *
+ * Every limit is a GCRA (generic cell rate algorithm): a bucket of
+ * "limit" units that refills continuously at limit/window, kept as one
+ * "theoretical arrival time" per key.  A request costs 1 unit of a
+ * requests limit and its token estimate of a tokens limit.
  */
 
 
@@ -10,17 +18,96 @@
 #include <ngx_core.h>
 #include <ngx_http.h>
 
+#include "ngx_http_infer.h"
+#include "ngx_http_infer_ratelimit.h"
+
+
+#define NGX_HTTP_INFER_RL_PASSED     1
+#define NGX_HTTP_INFER_RL_LIMITED    2
+#define NGX_HTTP_INFER_RL_DEGRADED   3
+#define NGX_HTTP_INFER_RL_SHADOW     4
+
 
 typedef struct {
-    ngx_flag_t  enable;
+    ngx_flag_t                  enable;
+    ngx_array_t                *limits;     /* limit_t */
+    ngx_flag_t                  shadow;
+    ngx_flag_t                  headers;
+    ngx_uint_t                  status_code;
+    ngx_uint_t                  default_max_tokens;
 } ngx_http_infer_ratelimit_loc_conf_t;
 
 
+typedef struct {
+    ngx_shm_zone_t             *shm_zone;
+    ngx_shm_zone_t             *stats_zone; /* degraded decisions, shared */
+    ngx_array_t                 names;      /* limit_t *, one per name */
+    ngx_http_infer_ratelimit_redis_conf_t  *redis;
+} ngx_http_infer_ratelimit_main_conf_t;
+
+
+typedef struct {
+    ngx_http_infer_ratelimit_item_t  *items;
+    ngx_uint_t                  nitems;
+    ngx_uint_t                  status;     /* PASSED ... SHADOW */
+    ngx_http_infer_ratelimit_item_t  *refused;
+
+    unsigned                    decided:1;
+    unsigned                    limited:1;
+    unsigned                    sent:1;
+    unsigned                    waiting:1;
+    unsigned                    reconciled:1;
+} ngx_http_infer_ratelimit_ctx_t;
+
+
 static ngx_int_t ngx_http_infer_ratelimit_handler(ngx_http_request_t *r);
+static ngx_int_t ngx_http_infer_ratelimit_items(ngx_http_request_t *r,
+    ngx_http_infer_ratelimit_ctx_t *ctx,
+    ngx_http_infer_ratelimit_loc_conf_t *lcf);
+static void ngx_http_infer_ratelimit_redis_done(ngx_http_request_t *r,
+    ngx_int_t rc);
+static void ngx_http_infer_ratelimit_degrade(ngx_http_request_t *r,
+    ngx_http_infer_ratelimit_ctx_t *ctx);
+static void ngx_http_infer_ratelimit_decide(ngx_http_request_t *r,
+    ngx_http_infer_ratelimit_ctx_t *ctx);
+static ngx_int_t ngx_http_infer_ratelimit_result(ngx_http_request_t *r,
+    ngx_http_infer_ratelimit_ctx_t *ctx);
+static ngx_int_t ngx_http_infer_ratelimit_refuse(ngx_http_request_t *r,
+    ngx_http_infer_ratelimit_ctx_t *ctx);
+static ngx_http_infer_ratelimit_ctx_t *ngx_http_infer_ratelimit_get_ctx(
+    ngx_http_request_t *r);
+static void ngx_http_infer_ratelimit_cleanup(void *data);
+static uint64_t ngx_http_infer_ratelimit_number(ngx_http_request_t *r,
+    ngx_str_t *name, ngx_uint_t key, ngx_uint_t *found);
+static ngx_int_t ngx_http_infer_ratelimit_log_handler(ngx_http_request_t *r);
+static ngx_int_t ngx_http_infer_ratelimit_header_filter(ngx_http_request_t *r);
+static ngx_int_t ngx_http_infer_ratelimit_set_header(ngx_http_request_t *r,
+    char *name, u_char *value, size_t len);
+static u_char *ngx_http_infer_ratelimit_format_reset(u_char *p,
+    ngx_msec_t ms);
+
+
+static ngx_int_t ngx_http_infer_ratelimit_init_stats(
+    ngx_shm_zone_t *shm_zone, void *data);
+static ngx_int_t ngx_http_infer_ratelimit_variable(ngx_http_request_t *r,
+    ngx_http_variable_value_t *v, uintptr_t data);
+static char *ngx_http_infer_ratelimit_zone(ngx_conf_t *cf,
+    ngx_command_t *cmd, void *conf);
+static char *ngx_http_infer_ratelimit_limit(ngx_conf_t *cf,
+    ngx_command_t *cmd, void *conf);
+static ngx_int_t ngx_http_infer_ratelimit_add_variables(ngx_conf_t *cf);
+static void *ngx_http_infer_ratelimit_create_main_conf(ngx_conf_t *cf);
 static void *ngx_http_infer_ratelimit_create_conf(ngx_conf_t *cf);
 static char *ngx_http_infer_ratelimit_merge_conf(ngx_conf_t *cf, void *parent,
     void *child);
 static ngx_int_t ngx_http_infer_ratelimit_init(ngx_conf_t *cf);
+static ngx_int_t ngx_http_infer_ratelimit_init_process(ngx_cycle_t *cycle);
+static void ngx_http_infer_ratelimit_exit_process(ngx_cycle_t *cycle);
+
+
+static ngx_conf_num_bounds_t  ngx_http_infer_ratelimit_status_bounds = {
+    ngx_conf_check_num_bounds, 400, 599
+};
 
 
 static ngx_command_t  ngx_http_infer_ratelimit_commands[] = {
@@ -32,15 +119,64 @@ static ngx_command_t  ngx_http_infer_ratelimit_commands[] = {
       offsetof(ngx_http_infer_ratelimit_loc_conf_t, enable),
       NULL },
 
+    { ngx_string("infer_ratelimit_zone"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_http_infer_ratelimit_zone,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("infer_ratelimit_limit"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_2MORE,
+      ngx_http_infer_ratelimit_limit,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("infer_ratelimit_redis"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_1MORE,
+      ngx_http_infer_ratelimit_redis,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_infer_ratelimit_main_conf_t, redis),
+      NULL },
+
+    { ngx_string("infer_ratelimit_shadow"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_FLAG,
+      ngx_conf_set_flag_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_infer_ratelimit_loc_conf_t, shadow),
+      NULL },
+
+    { ngx_string("infer_ratelimit_headers"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_FLAG,
+      ngx_conf_set_flag_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_infer_ratelimit_loc_conf_t, headers),
+      NULL },
+
+    { ngx_string("infer_ratelimit_status"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_infer_ratelimit_loc_conf_t, status_code),
+      &ngx_http_infer_ratelimit_status_bounds },
+
+    { ngx_string("infer_ratelimit_default_max_tokens"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_infer_ratelimit_loc_conf_t, default_max_tokens),
+      NULL },
+
       ngx_null_command
 };
 
 
 static ngx_http_module_t  ngx_http_infer_ratelimit_module_ctx = {
-    NULL,                                  /* preconfiguration */
+    ngx_http_infer_ratelimit_add_variables, /* preconfiguration */
     ngx_http_infer_ratelimit_init,         /* postconfiguration */
 
-    NULL,                                  /* create main configuration */
+    ngx_http_infer_ratelimit_create_main_conf, /* create main configuration */
     NULL,                                  /* init main configuration */
 
     NULL,                                  /* create server configuration */
@@ -58,35 +194,1353 @@ ngx_module_t  ngx_http_infer_ratelimit_module = {
     NGX_HTTP_MODULE,                       /* module type */
     NULL,                                  /* init master */
     NULL,                                  /* init module */
-    NULL,                                  /* init process */
+    ngx_http_infer_ratelimit_init_process, /* init process */
     NULL,                                  /* init thread */
     NULL,                                  /* exit thread */
-    NULL,                                  /* exit process */
+    ngx_http_infer_ratelimit_exit_process, /* exit process */
     NULL,                                  /* exit master */
     NGX_MODULE_V1_PADDING
 };
 
 
+#define NGX_HTTP_INFER_RL_VAR_STATUS      0
+#define NGX_HTTP_INFER_RL_VAR_REQUESTS    1
+#define NGX_HTTP_INFER_RL_VAR_TOKENS      2
+#define NGX_HTTP_INFER_RL_VAR_LIMITED_BY  3
+#define NGX_HTTP_INFER_RL_VAR_DEGRADED    4
+
+static ngx_http_variable_t  ngx_http_infer_ratelimit_vars[] = {
+
+    { ngx_string("infer_ratelimit_status"), NULL,
+      ngx_http_infer_ratelimit_variable, NGX_HTTP_INFER_RL_VAR_STATUS,
+      NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("infer_ratelimit_remaining_requests"), NULL,
+      ngx_http_infer_ratelimit_variable, NGX_HTTP_INFER_RL_VAR_REQUESTS,
+      NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("infer_ratelimit_remaining_tokens"), NULL,
+      ngx_http_infer_ratelimit_variable, NGX_HTTP_INFER_RL_VAR_TOKENS,
+      NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("infer_ratelimit_limited_by"), NULL,
+      ngx_http_infer_ratelimit_variable, NGX_HTTP_INFER_RL_VAR_LIMITED_BY,
+      NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("infer_ratelimit_degraded_total"), NULL,
+      ngx_http_infer_ratelimit_variable, NGX_HTTP_INFER_RL_VAR_DEGRADED,
+      NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+      ngx_http_null_variable
+};
+
+
+/* the other modules' variables, read by name: they may not be loaded */
+
+static ngx_str_t  ngx_http_infer_ratelimit_var_prompt =
+    ngx_string("infer_prompt_tokens_estimate");
+static ngx_str_t  ngx_http_infer_ratelimit_var_max =
+    ngx_string("infer_max_tokens");
+static ngx_str_t  ngx_http_infer_ratelimit_var_total =
+    ngx_string("infer_usage_total_tokens");
+static ngx_str_t  ngx_http_infer_ratelimit_var_usage_prompt =
+    ngx_string("infer_usage_prompt_tokens");
+static ngx_str_t  ngx_http_infer_ratelimit_var_usage_completion =
+    ngx_string("infer_usage_completion_tokens");
+
+static ngx_uint_t  ngx_http_infer_ratelimit_key_prompt;
+static ngx_uint_t  ngx_http_infer_ratelimit_key_max;
+static ngx_uint_t  ngx_http_infer_ratelimit_key_total;
+static ngx_uint_t  ngx_http_infer_ratelimit_key_usage_prompt;
+static ngx_uint_t  ngx_http_infer_ratelimit_key_usage_completion;
+
+
+static ngx_http_output_header_filter_pt  ngx_http_next_header_filter;
+
+
 /*
- * Runs in PRECONTENT, which "satisfy any" does not skip, so a request let in
- * by an allow rule is still counted.  Admission comes next.
+ * The PRECONTENT handler, which "satisfy any" does not skip, so a request
+ * let in by an allow rule is still counted.  A decision is made once per
+ * request and kept: the phase runs again after an internal redirect (a
+ * route failover, an error_page) and when a Redis reply this request
+ * waited for comes.
  */
 
 static ngx_int_t
 ngx_http_infer_ratelimit_handler(ngx_http_request_t *r)
 {
-    ngx_http_infer_ratelimit_loc_conf_t  *lcf;
+    ngx_int_t                               rc;
+    ngx_pool_cleanup_t                     *cln;
+    ngx_http_infer_ratelimit_ctx_t         *ctx;
+    ngx_http_infer_ratelimit_loc_conf_t    *lcf;
+    ngx_http_infer_ratelimit_main_conf_t   *rmcf;
 
     lcf = ngx_http_get_module_loc_conf(r, ngx_http_infer_ratelimit_module);
 
-    if (!lcf->enable) {
+    if (!lcf->enable || r != r->main) {
         return NGX_DECLINED;
     }
 
     ngx_log_debug0(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
                    "infer ratelimit precontent handler");
 
+    ctx = ngx_http_infer_ratelimit_get_ctx(r);
+
+    if (ctx) {
+        if (ctx->waiting) {
+            return NGX_AGAIN;
+        }
+
+        if (ctx->decided) {
+            return ngx_http_infer_ratelimit_result(r, ctx);
+        }
+    }
+
+    if (lcf->limits == NULL) {
+        return NGX_DECLINED;
+    }
+
+    ctx = ngx_pcalloc(r->pool, sizeof(ngx_http_infer_ratelimit_ctx_t));
+    if (ctx == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    /* finds ctx after a redirect, which clears the module contexts */
+
+    cln = ngx_pool_cleanup_add(r->pool, 0);
+    if (cln == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    cln->handler = ngx_http_infer_ratelimit_cleanup;
+    cln->data = ctx;
+
+    ngx_http_set_ctx(r, ctx, ngx_http_infer_ratelimit_module);
+
+    if (ngx_http_infer_ratelimit_items(r, ctx, lcf) != NGX_OK) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    if (ctx->nitems == 0) {
+        ctx->decided = 1;
+        ctx->status = NGX_HTTP_INFER_RL_PASSED;
+        return NGX_DECLINED;
+    }
+
+    rmcf = ngx_http_get_module_main_conf(r, ngx_http_infer_ratelimit_module);
+
+    if (rmcf->redis) {
+        rc = ngx_http_infer_ratelimit_redis_eval(r, rmcf->redis,
+                                         NGX_HTTP_INFER_RL_ADMIT,
+                                         ctx->items, ctx->nitems,
+                                         ngx_http_infer_ratelimit_redis_done);
+        if (rc == NGX_AGAIN) {
+            ctx->waiting = 1;
+
+            /* a client that goes away ends the request; no more phases */
+            r->read_event_handler = ngx_http_test_reading;
+            r->write_event_handler = ngx_http_request_empty_handler;
+
+            return NGX_AGAIN;
+        }
+
+        ngx_http_infer_ratelimit_degrade(r, ctx);
+
+    } else {
+        (void) ngx_http_infer_ratelimit_zone_eval(rmcf->shm_zone, ctx->items,
+                                                  ctx->nitems, 0, 1);
+        ctx->status = NGX_HTTP_INFER_RL_PASSED;
+    }
+
+    ngx_http_infer_ratelimit_decide(r, ctx);
+
+    return ngx_http_infer_ratelimit_result(r, ctx);
+}
+
+
+/*
+ * The limits in force here, with their keys and costs.  A limit whose key
+ * is empty does not apply (as with limit_req), which is how "map" chooses
+ * limits per plan.
+ */
+
+static ngx_int_t
+ngx_http_infer_ratelimit_items(ngx_http_request_t *r,
+    ngx_http_infer_ratelimit_ctx_t *ctx,
+    ngx_http_infer_ratelimit_loc_conf_t *lcf)
+{
+    u_char                            *p;
+    uint64_t                           estimate, max;
+    ngx_str_t                          key;
+    ngx_uint_t                         i, n, found;
+    ngx_http_infer_ratelimit_item_t   *item;
+    ngx_http_infer_ratelimit_limit_t  *limit;
+
+    limit = lcf->limits->elts;
+    n = lcf->limits->nelts;
+
+    ctx->items = ngx_pcalloc(r->pool,
+                             n * sizeof(ngx_http_infer_ratelimit_item_t));
+    if (ctx->items == NULL) {
+        return NGX_ERROR;
+    }
+
+    estimate = 0;
+
+    for (i = 0; i < n; i++) {
+        if (limit[i].kind != NGX_HTTP_INFER_RL_TOKENS) {
+            continue;
+        }
+
+        /* the estimate: prompt tokens as the route module counts them,
+         * plus the answer's max_tokens or our default */
+
+        estimate = ngx_http_infer_ratelimit_number(r,
+                              &ngx_http_infer_ratelimit_var_prompt,
+                              ngx_http_infer_ratelimit_key_prompt, &found);
+        max = ngx_http_infer_ratelimit_number(r,
+                              &ngx_http_infer_ratelimit_var_max,
+                              ngx_http_infer_ratelimit_key_max, &found);
+        estimate += found ? max : lcf->default_max_tokens;
+        break;
+    }
+
+    for (i = 0; i < n; i++) {
+
+        if (ngx_http_complex_value(r, &limit[i].key, &key) != NGX_OK) {
+            return NGX_ERROR;
+        }
+
+        if (key.len == 0) {
+            continue;
+        }
+
+        if (key.len > 256) {
+            ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                          "infer ratelimit: the key of \"%V\" is %uz bytes "
+                          "long, more than 256: the limit is not applied",
+                          &limit[i].name, key.len);
+            continue;
+        }
+
+        item = &ctx->items[ctx->nitems++];
+
+        item->limit = &limit[i];
+        item->key = key;
+        item->limit_n = limit[i].limit;
+        item->cost = (limit[i].kind == NGX_HTTP_INFER_RL_TOKENS) ? estimate
+                                                                 : 1;
+
+        item->id.len = limit[i].name.len + 1 + key.len;
+        item->id.data = ngx_pnalloc(r->pool, item->id.len);
+        if (item->id.data == NULL) {
+            return NGX_ERROR;
+        }
+
+        p = ngx_cpymem(item->id.data, limit[i].name.data, limit[i].name.len);
+        *p++ = ':';
+        ngx_memcpy(p, key.data, key.len);
+
+        item->hash = ngx_crc32_short(item->id.data, item->id.len);
+    }
+
+    return NGX_OK;
+}
+
+
+/* the Redis reply came, or will not */
+
+static void
+ngx_http_infer_ratelimit_redis_done(ngx_http_request_t *r, ngx_int_t rc)
+{
+    ngx_connection_t                *c;
+    ngx_http_infer_ratelimit_ctx_t  *ctx;
+
+    c = r->connection;
+
+    ctx = ngx_http_infer_ratelimit_get_ctx(r);
+
+    if (ctx == NULL || !ctx->waiting) {
+        return;
+    }
+
+    ctx->waiting = 0;
+
+    if (rc == NGX_OK) {
+        ctx->status = NGX_HTTP_INFER_RL_PASSED;
+
+    } else {
+        ngx_http_infer_ratelimit_degrade(r, ctx);
+    }
+
+    /* the handler acts on the decision when the phases run again */
+
+    ngx_http_infer_ratelimit_decide(r, ctx);
+
+    r->read_event_handler = ngx_http_block_reading;
+    r->write_event_handler = ngx_http_core_run_phases;
+
+    ngx_http_core_run_phases(r);
+    ngx_http_run_posted_requests(c);
+}
+
+
+/*
+ * Redis could not decide: each limit's outage policy does.  fail_closed
+ * refuses; local counts in the zone, the limit divided by the number of
+ * replicas; fail_open lets the request through uncounted.
+ */
+
+static void
+ngx_http_infer_ratelimit_degrade(ngx_http_request_t *r,
+    ngx_http_infer_ratelimit_ctx_t *ctx)
+{
+    ngx_uint_t                             i, replicas;
+    ngx_http_infer_ratelimit_item_t       *item;
+    ngx_http_infer_ratelimit_main_conf_t  *rmcf;
+
+    rmcf = ngx_http_get_module_main_conf(r, ngx_http_infer_ratelimit_module);
+
+    ctx->status = NGX_HTTP_INFER_RL_DEGRADED;
+
+    if (rmcf->stats_zone && rmcf->stats_zone->data) {
+        (void) ngx_atomic_fetch_add((ngx_atomic_t *) rmcf->stats_zone->data,
+                                    1);
+    }
+
+    for (i = 0; i < ctx->nitems; i++) {
+        item = &ctx->items[i];
+
+        item->known = 0;
+        item->refused = 0;
+        item->where = NGX_HTTP_INFER_RL_NOWHERE;
+
+        if (item->limit->on_error == NGX_HTTP_INFER_RL_FAIL_CLOSED) {
+            item->refused = 1;
+            item->retry = 1000;
+            return;
+        }
+    }
+
+    replicas = rmcf->redis ? rmcf->redis->replicas : 1;
+
+    (void) ngx_http_infer_ratelimit_zone_eval(rmcf->shm_zone, ctx->items,
+                                              ctx->nitems, 1, replicas);
+}
+
+
+/*
+ * Turns the items' results into the request's fate: through, or the
+ * refusal in the OpenAI envelope.  Shadow mode reports and lets through.
+ */
+
+static void
+ngx_http_infer_ratelimit_decide(ngx_http_request_t *r,
+    ngx_http_infer_ratelimit_ctx_t *ctx)
+{
+    ngx_uint_t                            i;
+    ngx_http_infer_ratelimit_item_t      *item;
+    ngx_http_infer_ratelimit_loc_conf_t  *lcf;
+
+    lcf = ngx_http_get_module_loc_conf(r, ngx_http_infer_ratelimit_module);
+
+    ctx->decided = 1;
+
+    for (i = 0; i < ctx->nitems; i++) {
+        item = &ctx->items[i];
+
+        if (!item->refused) {
+            continue;
+        }
+
+        if (ctx->refused == NULL || item->retry > ctx->refused->retry) {
+            ctx->refused = item;
+        }
+    }
+
+    if (ctx->refused == NULL) {
+        return;
+    }
+
+    /* a degraded decision stays "degraded", refused or not */
+
+    if (lcf->shadow) {
+        if (ctx->status != NGX_HTTP_INFER_RL_DEGRADED) {
+            ctx->status = NGX_HTTP_INFER_RL_SHADOW;
+        }
+
+        ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
+                      "infer ratelimit: shadow: limit \"%V\" would refuse",
+                      &ctx->refused->limit->name);
+        return;
+    }
+
+    ctx->limited = 1;
+
+    if (ctx->status != NGX_HTTP_INFER_RL_DEGRADED) {
+        ctx->status = NGX_HTTP_INFER_RL_LIMITED;
+    }
+
+    /* not the key: it may be an address, or whatever a map made of it */
+
+    ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
+                  "infer ratelimit: limit \"%V\" refused",
+                  &ctx->refused->limit->name);
+}
+
+
+/* what the phase handler returns for a decision made */
+
+static ngx_int_t
+ngx_http_infer_ratelimit_result(ngx_http_request_t *r,
+    ngx_http_infer_ratelimit_ctx_t *ctx)
+{
+    if (!ctx->limited) {
+        return NGX_DECLINED;
+    }
+
+    if (!ctx->sent) {
+        ctx->sent = 1;
+        ngx_http_finalize_request(r, ngx_http_infer_ratelimit_refuse(r, ctx));
+    }
+
+    return NGX_DONE;
+}
+
+
+static ngx_int_t
+ngx_http_infer_ratelimit_refuse(ngx_http_request_t *r,
+    ngx_http_infer_ratelimit_ctx_t *ctx)
+{
+    u_char                                *p;
+    time_t                                 sec;
+    ngx_str_t                              msg;
+    ngx_table_elt_t                       *h;
+    ngx_http_infer_ratelimit_item_t       *item;
+    ngx_http_infer_ratelimit_loc_conf_t   *lcf;
+    u_char                                 buf[512];
+
+    lcf = ngx_http_get_module_loc_conf(r, ngx_http_infer_ratelimit_module);
+
+    item = ctx->refused;
+
+    sec = (item->retry + 999) / 1000;
+    if (sec < 1) {
+        sec = 1;
+    }
+
+    h = ngx_list_push(&r->headers_out.headers);
+    if (h == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    h->hash = 1;
+    ngx_str_set(&h->key, "Retry-After");
+    h->value.data = ngx_pnalloc(r->pool, NGX_TIME_T_LEN);
+    if (h->value.data == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    h->value.len = ngx_sprintf(h->value.data, "%T", sec) - h->value.data;
+
+    /* the key is not said: it may be an address or a key id */
+
+    if (item->known
+        && item->limit->kind == NGX_HTTP_INFER_RL_CONCURRENCY)
+    {
+        p = ngx_snprintf(buf, sizeof(buf),
+                         "Too many requests in flight (limit \"%V\"): "
+                         "limit %uL. Please try again in %Ts.",
+                         &item->limit->name, item->limit_n, sec);
+
+    } else if (item->known) {
+        p = ngx_snprintf(buf, sizeof(buf),
+                         "Rate limit reached for %s per %V (limit \"%V\"): "
+                         "limit %uL, remaining %uL, requested %uL. "
+                         "Please try again in %Ts.",
+                         item->limit->kind == NGX_HTTP_INFER_RL_TOKENS
+                         ? "tokens" : "requests",
+                         &item->limit->window_text, &item->limit->name,
+                         item->limit_n, item->remaining, item->cost, sec);
+    } else {
+        p = ngx_snprintf(buf, sizeof(buf),
+                         "The rate limiter is unavailable (limit \"%V\"). "
+                         "Please try again in %Ts.",
+                         &item->limit->name, sec);
+    }
+
+    msg.data = buf;
+    msg.len = p - buf;
+
+    return ngx_http_infer_send_error(r, lcf->status_code,
+                   item->limit->kind == NGX_HTTP_INFER_RL_TOKENS
+                   ? "tokens" : "requests",
+                   "rate_limit_exceeded", &msg);
+}
+
+
+/*
+ * The request's context; after an internal redirect, which clears the
+ * module contexts, it is found again through its pool cleanup.
+ */
+
+static ngx_http_infer_ratelimit_ctx_t *
+ngx_http_infer_ratelimit_get_ctx(ngx_http_request_t *r)
+{
+    ngx_pool_cleanup_t              *cln;
+    ngx_http_infer_ratelimit_ctx_t  *ctx;
+
+    ctx = ngx_http_get_module_ctx(r->main, ngx_http_infer_ratelimit_module);
+
+    if (ctx || !r->main->internal) {
+        return ctx;
+    }
+
+    for (cln = r->main->pool->cleanup; cln; cln = cln->next) {
+        if (cln->handler == ngx_http_infer_ratelimit_cleanup) {
+            ctx = cln->data;
+            ngx_http_set_ctx(r->main, ctx, ngx_http_infer_ratelimit_module);
+            return ctx;
+        }
+    }
+
+    return NULL;
+}
+
+
+static void
+ngx_http_infer_ratelimit_cleanup(void *data)
+{
+    /* a marker: the Redis waiter has a cleanup of its own */
+}
+
+
+static uint64_t
+ngx_http_infer_ratelimit_number(ngx_http_request_t *r, ngx_str_t *name,
+    ngx_uint_t key, ngx_uint_t *found)
+{
+    ngx_int_t                   n;
+    ngx_http_variable_value_t  *vv;
+
+    *found = 0;
+
+    vv = ngx_http_get_variable(r, name, key);
+
+    if (vv == NULL || vv->not_found || vv->len == 0) {
+        return 0;
+    }
+
+    n = ngx_atoi(vv->data, vv->len);
+    if (n == NGX_ERROR) {
+        return 0;
+    }
+
+    *found = 1;
+
+    return (uint64_t) n;
+}
+
+
+/*
+ * LOG: a request leaves the in-flight counts, and a token reservation
+ * becomes the real usage.  Without a usage (an
+ * answer that carried none), a successful answer keeps its reservation
+ * and a failed one gives it back.
+ */
+
+static ngx_int_t
+ngx_http_infer_ratelimit_log_handler(ngx_http_request_t *r)
+{
+    int64_t                                real;
+    uint64_t                               prompt, completion, used;
+    ngx_uint_t                             i, found, found2, zone, redis;
+    ngx_http_infer_ratelimit_ctx_t        *ctx;
+    ngx_http_infer_ratelimit_item_t       *item;
+    ngx_http_infer_ratelimit_main_conf_t  *rmcf;
+
+    if (r != r->main) {
+        return NGX_DECLINED;
+    }
+
+    ctx = ngx_http_infer_ratelimit_get_ctx(r);
+
+    if (ctx == NULL || ctx->reconciled || !ctx->decided) {
+        return NGX_DECLINED;
+    }
+
+    ctx->reconciled = 1;
+
+    real = (int64_t) ngx_http_infer_ratelimit_number(r,
+                              &ngx_http_infer_ratelimit_var_total,
+                              ngx_http_infer_ratelimit_key_total, &found);
+
+    if (!found) {
+        prompt = ngx_http_infer_ratelimit_number(r,
+                              &ngx_http_infer_ratelimit_var_usage_prompt,
+                              ngx_http_infer_ratelimit_key_usage_prompt,
+                              &found);
+        completion = ngx_http_infer_ratelimit_number(r,
+                              &ngx_http_infer_ratelimit_var_usage_completion,
+                              ngx_http_infer_ratelimit_key_usage_completion,
+                              &found2);
+        found = found || found2;
+        real = (int64_t) (prompt + completion);
+    }
+
+    zone = 0;
+    redis = 0;
+
+    for (i = 0; i < ctx->nitems; i++) {
+        item = &ctx->items[i];
+        item->delta = 0;
+
+        if (item->where == NGX_HTTP_INFER_RL_NOWHERE
+            || item->limit->kind == NGX_HTTP_INFER_RL_REQUESTS)
+        {
+            continue;
+        }
+
+        if (item->limit->kind == NGX_HTTP_INFER_RL_CONCURRENCY) {
+            /* no longer in flight */
+            item->delta = -1;
+
+        } else if (found) {
+            /* a runaway figure may not push a key into years of debt */
+            used = ngx_min((uint64_t) real, 4 * item->limit_n);
+
+            item->delta = (int64_t) used - (int64_t) item->cost;
+
+        } else if (r->headers_out.status >= NGX_HTTP_BAD_REQUEST
+                   || r->headers_out.status == 0)
+        {
+            item->delta = - (int64_t) item->cost;
+        }
+
+        if (item->delta == 0) {
+            continue;
+        }
+
+        ngx_log_debug3(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
+                       "infer ratelimit reconcile \"%V\" %uL %L",
+                       &item->limit->name, item->cost, item->delta);
+
+        if (item->where == NGX_HTTP_INFER_RL_IN_ZONE) {
+            zone = 1;
+
+        } else {
+            redis = 1;
+        }
+    }
+
+    rmcf = ngx_http_get_module_main_conf(r, ngx_http_infer_ratelimit_module);
+
+    if (zone && rmcf->shm_zone) {
+        ngx_http_infer_ratelimit_zone_reconcile(rmcf->shm_zone, ctx->items,
+                                                ctx->nitems);
+    }
+
+    if (redis && rmcf->redis) {
+        (void) ngx_http_infer_ratelimit_redis_eval(r, rmcf->redis,
+                                                   NGX_HTTP_INFER_RL_RECONCILE,
+                                                   ctx->items, ctx->nitems,
+                                                   NULL);
+    }
+
     return NGX_DECLINED;
+}
+
+
+/*
+ * x-ratelimit-{limit,remaining,reset}-{requests,tokens}, as OpenAI sends
+ * them, for the most constrained limit of each kind.
+ */
+
+static ngx_int_t
+ngx_http_infer_ratelimit_header_filter(ngx_http_request_t *r)
+{
+    u_char                                *p;
+    ngx_uint_t                             i, k;
+    ngx_http_infer_ratelimit_ctx_t        *ctx;
+    ngx_http_infer_ratelimit_item_t       *item, *best[2];
+    ngx_http_infer_ratelimit_loc_conf_t   *lcf;
+    u_char                                 buf[NGX_INT64_LEN + 32];
+
+    static char  *names[2][3] = {
+        { "x-ratelimit-limit-requests", "x-ratelimit-remaining-requests",
+          "x-ratelimit-reset-requests" },
+        { "x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens",
+          "x-ratelimit-reset-tokens" }
+    };
+
+    if (r != r->main) {
+        return ngx_http_next_header_filter(r);
+    }
+
+    lcf = ngx_http_get_module_loc_conf(r, ngx_http_infer_ratelimit_module);
+
+    if (!lcf->headers) {
+        return ngx_http_next_header_filter(r);
+    }
+
+    ctx = ngx_http_infer_ratelimit_get_ctx(r);
+
+    if (ctx == NULL || !ctx->decided) {
+        return ngx_http_next_header_filter(r);
+    }
+
+    best[0] = NULL;
+    best[1] = NULL;
+
+    for (i = 0; i < ctx->nitems; i++) {
+        item = &ctx->items[i];
+
+        if (!item->known) {
+            continue;
+        }
+
+        k = item->limit->kind;
+
+        if (k == NGX_HTTP_INFER_RL_CONCURRENCY) {
+            continue;
+        }
+
+        if (best[k] == NULL || item->remaining < best[k]->remaining) {
+            best[k] = item;
+        }
+    }
+
+    for (k = 0; k < 2; k++) {
+        item = best[k];
+
+        if (item == NULL) {
+            continue;
+        }
+
+        p = ngx_sprintf(buf, "%uL", item->limit_n);
+        if (ngx_http_infer_ratelimit_set_header(r, names[k][0], buf, p - buf)
+            != NGX_OK)
+        {
+            return NGX_ERROR;
+        }
+
+        p = ngx_sprintf(buf, "%uL", item->remaining);
+        if (ngx_http_infer_ratelimit_set_header(r, names[k][1], buf, p - buf)
+            != NGX_OK)
+        {
+            return NGX_ERROR;
+        }
+
+        p = ngx_http_infer_ratelimit_format_reset(buf, item->reset);
+        if (ngx_http_infer_ratelimit_set_header(r, names[k][2], buf, p - buf)
+            != NGX_OK)
+        {
+            return NGX_ERROR;
+        }
+    }
+
+    return ngx_http_next_header_filter(r);
+}
+
+
+/* sets a header of ours, in place of one the backend sent */
+
+static ngx_int_t
+ngx_http_infer_ratelimit_set_header(ngx_http_request_t *r, char *name,
+    u_char *value, size_t len)
+{
+    size_t            nlen;
+    ngx_uint_t        i;
+    ngx_list_part_t  *part;
+    ngx_table_elt_t  *h;
+
+    nlen = ngx_strlen(name);
+
+    part = &r->headers_out.headers.part;
+    h = part->elts;
+
+    for (i = 0; /* void */; i++) {
+
+        if (i >= part->nelts) {
+            if (part->next == NULL) {
+                break;
+            }
+
+            part = part->next;
+            h = part->elts;
+            i = 0;
+        }
+
+        if (h[i].hash && h[i].key.len == nlen
+            && ngx_strncasecmp(h[i].key.data, (u_char *) name, nlen) == 0)
+        {
+            h[i].hash = 0;
+        }
+    }
+
+    h = ngx_list_push(&r->headers_out.headers);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    h->hash = 1;
+    h->key.len = nlen;
+    h->key.data = (u_char *) name;
+
+    h->value.data = ngx_pnalloc(r->pool, len);
+    if (h->value.data == NULL) {
+        return NGX_ERROR;
+    }
+
+    ngx_memcpy(h->value.data, value, len);
+    h->value.len = len;
+
+    return NGX_OK;
+}
+
+
+/*
+ * A duration as OpenAI (and Go's time.Duration) writes it: "20ms", "1s",
+ * "1.5s", "6m0s", "1h0m0s".  p has room for 32 bytes.
+ */
+
+static u_char *
+ngx_http_infer_ratelimit_format_reset(u_char *p, ngx_msec_t ms)
+{
+    ngx_msec_t  h, m, s, frac;
+
+    if (ms == 0) {
+        return ngx_cpymem(p, "0s", 2);
+    }
+
+    if (ms < 1000) {
+        return ngx_sprintf(p, "%Mms", ms);
+    }
+
+    h = ms / 3600000;
+    m = ms / 60000 % 60;
+    s = ms / 1000 % 60;
+    frac = ms % 1000;
+
+    if (h) {
+        p = ngx_sprintf(p, "%Mh", h);
+    }
+
+    if (h || m) {
+        p = ngx_sprintf(p, "%Mm", m);
+    }
+
+    p = ngx_sprintf(p, "%M", s);
+
+    if (frac) {
+        p = ngx_sprintf(p, ".%03M", frac);
+
+        while (p[-1] == '0') {
+            p--;
+        }
+    }
+
+    *p++ = 's';
+
+    return p;
+}
+
+
+static ngx_int_t
+ngx_http_infer_ratelimit_init_stats(ngx_shm_zone_t *shm_zone, void *data)
+{
+    ngx_slab_pool_t  *shpool;
+
+    if (data) {
+        shm_zone->data = data;
+        return NGX_OK;
+    }
+
+    shpool = (ngx_slab_pool_t *) shm_zone->shm.addr;
+
+    if (shm_zone->shm.exists) {
+        shm_zone->data = shpool->data;
+        return NGX_OK;
+    }
+
+    shpool->data = ngx_slab_calloc(shpool, sizeof(ngx_atomic_t));
+    if (shpool->data == NULL) {
+        return NGX_ERROR;
+    }
+
+    shm_zone->data = shpool->data;
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_infer_ratelimit_variable(ngx_http_request_t *r,
+    ngx_http_variable_value_t *v, uintptr_t data)
+{
+    u_char                                *p;
+    ngx_uint_t                             i, kind;
+    ngx_http_infer_ratelimit_ctx_t        *ctx;
+    ngx_http_infer_ratelimit_item_t       *item, *best;
+    ngx_http_infer_ratelimit_main_conf_t  *rmcf;
+
+    static ngx_str_t  status[] = {
+        ngx_null_string,
+        ngx_string("passed"),
+        ngx_string("limited"),
+        ngx_string("degraded"),
+        ngx_string("shadow")
+    };
+
+    if (data == NGX_HTTP_INFER_RL_VAR_DEGRADED) {
+        rmcf = ngx_http_get_module_main_conf(r,
+                                             ngx_http_infer_ratelimit_module);
+
+        if (rmcf->stats_zone == NULL || rmcf->stats_zone->data == NULL) {
+            v->not_found = 1;
+            return NGX_OK;
+        }
+
+        p = ngx_pnalloc(r->pool, NGX_ATOMIC_T_LEN);
+        if (p == NULL) {
+            return NGX_ERROR;
+        }
+
+        v->valid = 1;
+        v->no_cacheable = 1;
+        v->not_found = 0;
+        v->data = p;
+        v->len = ngx_sprintf(p, "%uA",
+                             *(ngx_atomic_t *) rmcf->stats_zone->data) - p;
+        return NGX_OK;
+    }
+
+    ctx = ngx_http_infer_ratelimit_get_ctx(r);
+
+    if (ctx == NULL || !ctx->decided) {
+        v->not_found = 1;
+        return NGX_OK;
+    }
+
+    v->valid = 1;
+    v->no_cacheable = 1;
+    v->not_found = 0;
+
+    switch (data) {
+
+    case NGX_HTTP_INFER_RL_VAR_STATUS:
+        v->len = status[ctx->status].len;
+        v->data = status[ctx->status].data;
+        return NGX_OK;
+
+    case NGX_HTTP_INFER_RL_VAR_LIMITED_BY:
+        if (ctx->refused == NULL) {
+            v->not_found = 1;
+            return NGX_OK;
+        }
+
+        v->len = ctx->refused->limit->name.len;
+        v->data = ctx->refused->limit->name.data;
+        return NGX_OK;
+    }
+
+    kind = (data == NGX_HTTP_INFER_RL_VAR_TOKENS) ? NGX_HTTP_INFER_RL_TOKENS
+                                                  : NGX_HTTP_INFER_RL_REQUESTS;
+    best = NULL;
+
+    for (i = 0; i < ctx->nitems; i++) {
+        item = &ctx->items[i];
+
+        if (item->known && item->limit->kind == kind
+            && (best == NULL || item->remaining < best->remaining))
+        {
+            best = item;
+        }
+    }
+
+    if (best == NULL) {
+        v->not_found = 1;
+        return NGX_OK;
+    }
+
+    p = ngx_pnalloc(r->pool, NGX_INT64_LEN);
+    if (p == NULL) {
+        return NGX_ERROR;
+    }
+
+    v->data = p;
+    v->len = ngx_sprintf(p, "%uL", best->remaining) - p;
+
+    return NGX_OK;
+}
+
+
+/* infer_ratelimit_zone name:size */
+
+static char *
+ngx_http_infer_ratelimit_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_infer_ratelimit_main_conf_t  *rmcf = conf;
+
+    u_char     *p;
+    ssize_t     size;
+    ngx_str_t  *value, name, s;
+
+    if (rmcf->shm_zone) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+
+    p = (u_char *) ngx_strchr(value[1].data, ':');
+
+    if (p == NULL || p == value[1].data) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid zone \"%V\": name:size expected",
+                           &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    name.data = value[1].data;
+    name.len = p - value[1].data;
+
+    s.data = p + 1;
+    s.len = value[1].data + value[1].len - s.data;
+
+    size = ngx_parse_size(&s);
+
+    if (size == NGX_ERROR) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid zone size \"%V\"", &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    if (size < (ssize_t) (8 * ngx_pagesize)) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "zone \"%V\" is too small", &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    rmcf->shm_zone = ngx_http_infer_ratelimit_zone_add(cf, &name,
+                                                       (size_t) size);
+    if (rmcf->shm_zone == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+/*
+ * infer_ratelimit_limit name key requests=N/period | tokens=N/period
+ *                       [on_error=fail_open|fail_closed|local];
+ */
+
+static char *
+ngx_http_infer_ratelimit_limit(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_infer_ratelimit_loc_conf_t  *lcf = conf;
+
+    u_char                                *p, *last;
+    ngx_int_t                              n;
+    ngx_str_t                             *value, s, period;
+    ngx_uint_t                             i, j, have_rate;
+    ngx_http_infer_ratelimit_limit_t      *limit, **named;
+    ngx_http_infer_ratelimit_main_conf_t  *rmcf;
+    ngx_http_compile_complex_value_t       ccv;
+
+    value = cf->args->elts;
+
+    if (lcf->limits == NULL || lcf->limits == NGX_CONF_UNSET_PTR) {
+        lcf->limits = ngx_array_create(cf->pool, 4,
+                                     sizeof(ngx_http_infer_ratelimit_limit_t));
+        if (lcf->limits == NULL) {
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    limit = ngx_array_push(lcf->limits);
+    if (limit == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    ngx_memzero(limit, sizeof(ngx_http_infer_ratelimit_limit_t));
+
+    for (p = value[1].data; p < value[1].data + value[1].len; p++) {
+        if (!(*p >= 'a' && *p <= 'z') && !(*p >= 'A' && *p <= 'Z')
+            && !(*p >= '0' && *p <= '9') && *p != '_' && *p != '-'
+            && *p != '.')
+        {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "invalid limit name \"%V\": letters, digits, "
+                               "\"_\", \"-\" and \".\" only", &value[1]);
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    if (value[1].len == 0 || value[1].len > 64) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid limit name \"%V\"", &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    limit->name = value[1];
+
+    ngx_memzero(&ccv, sizeof(ngx_http_compile_complex_value_t));
+
+    ccv.cf = cf;
+    ccv.value = &value[2];
+    ccv.complex_value = &limit->key;
+
+    if (ngx_http_compile_complex_value(&ccv) != NGX_OK) {
+        return NGX_CONF_ERROR;
+    }
+
+    limit->on_error = NGX_HTTP_INFER_RL_FAIL_OPEN;
+    have_rate = 0;
+
+    for (i = 3; i < cf->args->nelts; i++) {
+
+        if (ngx_strncmp(value[i].data, "requests=", 9) == 0
+            || ngx_strncmp(value[i].data, "tokens=", 7) == 0)
+        {
+            if (have_rate) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "limit \"%V\" has two rates: one limit "
+                                   "counts requests or tokens",
+                                   &value[1]);
+                return NGX_CONF_ERROR;
+            }
+
+            have_rate = 1;
+
+            if (value[i].data[0] == 'r') {
+                limit->kind = NGX_HTTP_INFER_RL_REQUESTS;
+                s.data = value[i].data + 9;
+                s.len = value[i].len - 9;
+
+            } else {
+                limit->kind = NGX_HTTP_INFER_RL_TOKENS;
+                s.data = value[i].data + 7;
+                s.len = value[i].len - 7;
+            }
+
+            last = s.data + s.len;
+            p = ngx_strlchr(s.data, last, '/');
+
+            if (p == NULL || p == s.data || p + 1 == last) {
+                goto invalid_rate;
+            }
+
+            n = ngx_atoi(s.data, p - s.data);
+            if (n == NGX_ERROR || n == 0) {
+                goto invalid_rate;
+            }
+
+            limit->limit = (uint64_t) n;
+
+            period.data = p + 1;
+            period.len = last - period.data;
+            limit->window_text = period;
+
+            if (period.data[0] >= '0' && period.data[0] <= '9') {
+                limit->window = ngx_parse_time(&period, 0);
+
+            } else {
+                /* "m" is "1m" */
+                s.len = period.len + 1;
+                s.data = ngx_pnalloc(cf->pool, s.len);
+                if (s.data == NULL) {
+                    return NGX_CONF_ERROR;
+                }
+
+                s.data[0] = '1';
+                ngx_memcpy(s.data + 1, period.data, period.len);
+                limit->window = ngx_parse_time(&s, 0);
+            }
+
+            if (limit->window == (ngx_msec_t) NGX_ERROR
+                || limit->window == 0
+                || limit->window > (ngx_msec_t) 31 * 86400 * 1000)
+            {
+                goto invalid_rate;
+            }
+
+            if (limit->limit > (uint64_t) limit->window * 1000000) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "rate \"%V\" is more than one per "
+                                   "nanosecond", &value[i]);
+                return NGX_CONF_ERROR;
+            }
+
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "concurrency=", 12) == 0) {
+            if (have_rate) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "limit \"%V\" has two rates: one limit "
+                                   "counts requests or tokens",
+                                   &value[1]);
+                return NGX_CONF_ERROR;
+            }
+
+            have_rate = 1;
+
+            n = ngx_atoi(value[i].data + 12, value[i].len - 12);
+            if (n == NGX_ERROR || n == 0) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid concurrency \"%V\": a number "
+                                   "of requests in flight expected",
+                                   &value[i]);
+                return NGX_CONF_ERROR;
+            }
+
+            limit->kind = NGX_HTTP_INFER_RL_CONCURRENCY;
+            limit->limit = (uint64_t) n;
+            limit->window = 0;
+            ngx_str_null(&limit->window_text);
+
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "on_error=", 9) == 0) {
+            s.data = value[i].data + 9;
+            s.len = value[i].len - 9;
+
+            if (s.len == 9 && ngx_strncmp(s.data, "fail_open", 9) == 0) {
+                limit->on_error = NGX_HTTP_INFER_RL_FAIL_OPEN;
+
+            } else if (s.len == 11
+                       && ngx_strncmp(s.data, "fail_closed", 11) == 0)
+            {
+                limit->on_error = NGX_HTTP_INFER_RL_FAIL_CLOSED;
+
+            } else if (s.len == 5 && ngx_strncmp(s.data, "local", 5) == 0) {
+                limit->on_error = NGX_HTTP_INFER_RL_LOCAL;
+
+            } else {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid on_error \"%V\": fail_open, "
+                                   "fail_closed or local", &value[i]);
+                return NGX_CONF_ERROR;
+            }
+
+            continue;
+        }
+
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid parameter \"%V\"", &value[i]);
+        return NGX_CONF_ERROR;
+    }
+
+    if (!have_rate) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "limit \"%V\" has no rate: requests=N/period, "
+                           "tokens=N/period or concurrency=N", &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    /* one name, one bucket: limits that share a name share counters */
+
+    rmcf = ngx_http_conf_get_module_main_conf(cf,
+                                              ngx_http_infer_ratelimit_module);
+
+    named = rmcf->names.elts;
+
+    for (j = 0; j < rmcf->names.nelts; j++) {
+        if (named[j]->name.len != limit->name.len
+            || ngx_strncmp(named[j]->name.data, limit->name.data,
+                           limit->name.len) != 0)
+        {
+            continue;
+        }
+
+        if (named[j]->kind != limit->kind
+            || named[j]->limit != limit->limit
+            || named[j]->window != limit->window)
+        {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "limit \"%V\" is declared with another rate "
+                               "before: limits of one name share counters "
+                               "and must have one rate", &value[1]);
+            return NGX_CONF_ERROR;
+        }
+
+        return NGX_CONF_OK;
+    }
+
+    named = ngx_array_push(&rmcf->names);
+    if (named == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    *named = limit;
+
+    return NGX_CONF_OK;
+
+invalid_rate:
+
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                       "invalid rate \"%V\": N/period expected, e.g. "
+                       "requests=60/m, tokens=100000/1m, requests=10/s",
+                       &value[i]);
+    return NGX_CONF_ERROR;
+}
+
+
+static ngx_int_t
+ngx_http_infer_ratelimit_add_variables(ngx_conf_t *cf)
+{
+    ngx_http_variable_t  *var, *v;
+
+    for (v = ngx_http_infer_ratelimit_vars; v->name.len; v++) {
+        var = ngx_http_add_variable(cf, &v->name, v->flags);
+        if (var == NULL) {
+            return NGX_ERROR;
+        }
+
+        var->get_handler = v->get_handler;
+        var->data = v->data;
+    }
+
+    ngx_http_infer_ratelimit_key_prompt =
+        ngx_hash_key(ngx_http_infer_ratelimit_var_prompt.data,
+                     ngx_http_infer_ratelimit_var_prompt.len);
+    ngx_http_infer_ratelimit_key_max =
+        ngx_hash_key(ngx_http_infer_ratelimit_var_max.data,
+                     ngx_http_infer_ratelimit_var_max.len);
+    ngx_http_infer_ratelimit_key_total =
+        ngx_hash_key(ngx_http_infer_ratelimit_var_total.data,
+                     ngx_http_infer_ratelimit_var_total.len);
+    ngx_http_infer_ratelimit_key_usage_prompt =
+        ngx_hash_key(ngx_http_infer_ratelimit_var_usage_prompt.data,
+                     ngx_http_infer_ratelimit_var_usage_prompt.len);
+    ngx_http_infer_ratelimit_key_usage_completion =
+        ngx_hash_key(ngx_http_infer_ratelimit_var_usage_completion.data,
+                     ngx_http_infer_ratelimit_var_usage_completion.len);
+
+    return NGX_OK;
+}
+
+
+static void *
+ngx_http_infer_ratelimit_create_main_conf(ngx_conf_t *cf)
+{
+    ngx_http_infer_ratelimit_main_conf_t  *rmcf;
+
+    rmcf = ngx_pcalloc(cf->pool, sizeof(ngx_http_infer_ratelimit_main_conf_t));
+    if (rmcf == NULL) {
+        return NULL;
+    }
+
+    if (ngx_array_init(&rmcf->names, cf->pool, 4,
+                       sizeof(ngx_http_infer_ratelimit_limit_t *))
+        != NGX_OK)
+    {
+        return NULL;
+    }
+
+    return rmcf;
 }
 
 
@@ -101,6 +1555,11 @@ ngx_http_infer_ratelimit_create_conf(ngx_conf_t *cf)
     }
 
     conf->enable = NGX_CONF_UNSET;
+    conf->limits = NGX_CONF_UNSET_PTR;
+    conf->shadow = NGX_CONF_UNSET;
+    conf->headers = NGX_CONF_UNSET;
+    conf->status_code = NGX_CONF_UNSET_UINT;
+    conf->default_max_tokens = NGX_CONF_UNSET_UINT;
 
     return conf;
 }
@@ -112,7 +1571,47 @@ ngx_http_infer_ratelimit_merge_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_http_infer_ratelimit_loc_conf_t  *prev = parent;
     ngx_http_infer_ratelimit_loc_conf_t  *conf = child;
 
+    ngx_uint_t                             i, local;
+    ngx_http_infer_ratelimit_limit_t      *limit;
+    ngx_http_infer_ratelimit_main_conf_t  *rmcf;
+
     ngx_conf_merge_value(conf->enable, prev->enable, 0);
+    ngx_conf_merge_ptr_value(conf->limits, prev->limits, NULL);
+    ngx_conf_merge_value(conf->shadow, prev->shadow, 0);
+    ngx_conf_merge_value(conf->headers, prev->headers, 1);
+    ngx_conf_merge_uint_value(conf->status_code, prev->status_code,
+                              NGX_HTTP_TOO_MANY_REQUESTS);
+    ngx_conf_merge_uint_value(conf->default_max_tokens,
+                              prev->default_max_tokens, 1024);
+
+    if (conf->limits == NULL) {
+        return NGX_CONF_OK;
+    }
+
+    rmcf = ngx_http_conf_get_module_main_conf(cf,
+                                              ngx_http_infer_ratelimit_module);
+
+    if (rmcf->shm_zone) {
+        return NGX_CONF_OK;
+    }
+
+    local = (rmcf->redis == NULL);
+    limit = conf->limits->elts;
+
+    for (i = 0; i < conf->limits->nelts; i++) {
+        if (limit[i].on_error == NGX_HTTP_INFER_RL_LOCAL) {
+            local = 1;
+        }
+    }
+
+    if (local) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "infer_ratelimit_limit \"%V\" needs an "
+                           "infer_ratelimit_zone to count in (or "
+                           "infer_ratelimit_redis without on_error=local)",
+                           &limit[0].name);
+        return NGX_CONF_ERROR;
+    }
 
     return NGX_CONF_OK;
 }
@@ -120,14 +1619,34 @@ ngx_http_infer_ratelimit_merge_conf(ngx_conf_t *cf, void *parent, void *child)
 
 /*
  * The pipeline gives each ngx_infer module a phase of its own, so the
- * order of load_module lines never changes what runs first.
+ * order of load_module lines never changes what runs first.  The LOG
+ * handler only reconciles: metrics, also in LOG, does not depend on it.
  */
 
 static ngx_int_t
 ngx_http_infer_ratelimit_init(ngx_conf_t *cf)
 {
-    ngx_http_handler_pt        *h;
-    ngx_http_core_main_conf_t  *cmcf;
+    ngx_http_handler_pt                   *h;
+    ngx_http_core_main_conf_t             *cmcf;
+    ngx_http_infer_ratelimit_main_conf_t  *rmcf;
+
+    static ngx_str_t  stats = ngx_string("infer_ratelimit_redis_stats");
+
+    rmcf = ngx_http_conf_get_module_main_conf(cf,
+                                              ngx_http_infer_ratelimit_module);
+
+    if (rmcf->redis) {
+        /* the count of degraded decisions, for all workers, across reloads */
+
+        rmcf->stats_zone = ngx_shared_memory_add(cf, &stats,
+                                                 8 * ngx_pagesize,
+                                         &ngx_http_infer_ratelimit_module);
+        if (rmcf->stats_zone == NULL) {
+            return NGX_ERROR;
+        }
+
+        rmcf->stats_zone->init = ngx_http_infer_ratelimit_init_stats;
+    }
 
     cmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_core_module);
 
@@ -138,5 +1657,38 @@ ngx_http_infer_ratelimit_init(ngx_conf_t *cf)
 
     *h = ngx_http_infer_ratelimit_handler;
 
+    h = ngx_array_push(&cmcf->phases[NGX_HTTP_LOG_PHASE].handlers);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    *h = ngx_http_infer_ratelimit_log_handler;
+
+    ngx_http_next_header_filter = ngx_http_top_header_filter;
+    ngx_http_top_header_filter = ngx_http_infer_ratelimit_header_filter;
+
     return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_infer_ratelimit_init_process(ngx_cycle_t *cycle)
+{
+    ngx_http_infer_ratelimit_main_conf_t  *rmcf;
+
+    rmcf = ngx_http_cycle_get_module_main_conf(cycle,
+                                               ngx_http_infer_ratelimit_module);
+
+    if (rmcf == NULL || rmcf->redis == NULL) {
+        return NGX_OK;
+    }
+
+    return ngx_http_infer_ratelimit_redis_init_process(cycle, rmcf->redis);
+}
+
+
+static void
+ngx_http_infer_ratelimit_exit_process(ngx_cycle_t *cycle)
+{
+    ngx_http_infer_ratelimit_redis_exit_process(cycle);
 }

@@ -11,10 +11,11 @@ REDIS_BIN = shutil.which("redis-server") or "/usr/bin/redis-server"
 
 
 class RedisServer(Served):
-    def __init__(self, workdir, port=None):
+    def __init__(self, workdir, port=None, extra_args=()):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
+        self.extra_args = list(extra_args)   # e.g. ["--unixsocket", path]
         self.proc = None
 
     def start(self, timeout=10):
@@ -22,7 +23,8 @@ class RedisServer(Served):
             [REDIS_BIN, "--bind", self.host, "--port", str(self.port),
              "--save", "", "--appendonly", "no", "--daemonize", "no",
              "--dir", str(self.workdir),
-             "--logfile", str(self.workdir / "redis.log")],
+             "--logfile", str(self.workdir / "redis.log"),
+             *self.extra_args],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         if not wait_port(self.host, self.port, timeout,
                          alive=lambda: self.proc.poll() is None):

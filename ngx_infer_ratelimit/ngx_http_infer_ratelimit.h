@@ -1,0 +1,120 @@
+
+/*
+ * Copyright (C) ngx_infer authors
+ *
+ * What the rate-limit module's files share: a limit as declared, a limit
+ * as evaluated for one request, and the Redis client's interface.
+ */
+
+
+#ifndef _NGX_HTTP_INFER_RATELIMIT_H_INCLUDED_
+#define _NGX_HTTP_INFER_RATELIMIT_H_INCLUDED_
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+
+
+extern ngx_module_t  ngx_http_infer_ratelimit_module;
+
+
+#define NGX_HTTP_INFER_RL_REQUESTS     0
+#define NGX_HTTP_INFER_RL_TOKENS       1
+#define NGX_HTTP_INFER_RL_CONCURRENCY  2    /* in flight; no window */
+
+/* how long Redis keeps an in-flight count nobody touches */
+#define NGX_HTTP_INFER_RL_CONCURRENCY_TTL  3600000
+
+#define NGX_HTTP_INFER_RL_FAIL_OPEN    0
+#define NGX_HTTP_INFER_RL_FAIL_CLOSED  1
+#define NGX_HTTP_INFER_RL_LOCAL        2
+
+/* where an item's charge was made, so that LOG reconciles it there */
+#define NGX_HTTP_INFER_RL_NOWHERE      0
+#define NGX_HTTP_INFER_RL_IN_ZONE      1
+#define NGX_HTTP_INFER_RL_IN_REDIS     2
+
+#define NGX_HTTP_INFER_RL_ADMIT        'a'
+#define NGX_HTTP_INFER_RL_RECONCILE    'r'
+
+
+typedef struct {
+    ngx_str_t                   name;
+    ngx_http_complex_value_t    key;
+    ngx_uint_t                  kind;
+    uint64_t                    limit;      /* per window */
+    ngx_msec_t                  window;     /* 0: concurrency */
+    ngx_str_t                   window_text;
+    ngx_uint_t                  on_error;
+} ngx_http_infer_ratelimit_limit_t;
+
+
+/* a limit as evaluated for one request */
+
+typedef struct {
+    ngx_http_infer_ratelimit_limit_t  *limit;
+
+    ngx_str_t                   key;        /* the key's value */
+    ngx_str_t                   id;         /* "name:value", the zone's */
+    uint32_t                    hash;
+
+    uint64_t                    limit_n;    /* the limit in force */
+    uint64_t                    cost;       /* reserved at admission */
+    int64_t                     delta;      /* reconcile: real - cost */
+
+    uint64_t                    remaining;
+    ngx_msec_t                  reset;      /* until the budget is full */
+    ngx_msec_t                  retry;      /* until it would pass */
+
+    unsigned                    refused:1;
+    unsigned                    known:1;    /* remaining and reset set */
+    unsigned                    where:2;
+} ngx_http_infer_ratelimit_item_t;
+
+
+typedef struct {
+    ngx_str_t                   address;    /* as configured, for logs */
+    ngx_str_t                   host;       /* NUL-terminated */
+    ngx_int_t                   port;
+    ngx_str_t                   path;       /* unix socket, NUL-terminated */
+    ngx_str_t                   user;
+    ngx_str_t                   password;
+    ngx_int_t                   db;
+    ngx_msec_t                  timeout;
+    ngx_msec_t                  connect_timeout;
+    ngx_msec_t                  backoff;    /* the longest wait */
+    ngx_uint_t                  replicas;
+    ngx_str_t                   prefix;
+} ngx_http_infer_ratelimit_redis_conf_t;
+
+
+/*
+ * Called when an admission's reply came (NGX_OK, items filled) or could
+ * not come (NGX_DECLINED: Redis down, slow or wrong, the outage policy
+ * decides).
+ */
+typedef void (*ngx_http_infer_ratelimit_done_pt)(ngx_http_request_t *r,
+    ngx_int_t rc);
+
+
+ngx_int_t ngx_http_infer_ratelimit_redis_eval(ngx_http_request_t *r,
+    ngx_http_infer_ratelimit_redis_conf_t *rcf, u_char mode,
+    ngx_http_infer_ratelimit_item_t *items, ngx_uint_t n,
+    ngx_http_infer_ratelimit_done_pt done);
+ngx_int_t ngx_http_infer_ratelimit_redis_init_process(ngx_cycle_t *cycle,
+    ngx_http_infer_ratelimit_redis_conf_t *rcf);
+void ngx_http_infer_ratelimit_redis_exit_process(ngx_cycle_t *cycle);
+ngx_shm_zone_t *ngx_http_infer_ratelimit_zone_add(ngx_conf_t *cf,
+    ngx_str_t *name, size_t size);
+ngx_int_t ngx_http_infer_ratelimit_zone_eval(ngx_shm_zone_t *zone,
+    ngx_http_infer_ratelimit_item_t *items, ngx_uint_t n, ngx_uint_t local,
+    ngx_uint_t divisor);
+void ngx_http_infer_ratelimit_zone_reconcile(ngx_shm_zone_t *zone,
+    ngx_http_infer_ratelimit_item_t *items, ngx_uint_t n);
+
+char *ngx_http_infer_ratelimit_redis(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+
+
+#endif /* _NGX_HTTP_INFER_RATELIMIT_H_INCLUDED_ */

@@ -1,0 +1,1248 @@
+
+/*
+ * Copyright (C) ngx_infer authors
+ *
+ * The rate-limit module's Redis client: hiredis's async API on nginx's
+ * event loop, one pipelined connection per worker, made when first
+ * needed.  All of a request's limits are checked and charged by one Lua
+ * script (EVALSHA) in one round trip.
+ *
+ * Who owns what:
+ *
+ *   - hiredis owns the socket.  Our ngx_connection_t only lends it to
+ *     epoll; the adapter's cleanup takes it out of epoll and frees the
+ *     ngx_connection_t without closing the fd, which hiredis then closes:
+ *     the fd is closed once, by hiredis.
+ *   - A call is a waiter, allocated from the heap: the reply may come
+ *     after the request is gone.  The request's pool cleanup and the
+ *     reply each drop their hold; the last one frees it.
+ *   - Every call has a timeout on nginx's timers.  A call that times out
+ *     drops the connection (a Redis that does not answer one call will
+ *     not answer the next either), which fails every pending call at
+ *     once; the next connection is tried after a backoff.
+ */
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+#include <ngx_sha1.h>
+
+#include <hiredis/hiredis.h>
+#include <hiredis/async.h>
+
+#include "ngx_http_infer_ratelimit.h"
+
+
+#define NGX_HTTP_INFER_RL_DOWN        0
+#define NGX_HTTP_INFER_RL_CONNECTING  1
+#define NGX_HTTP_INFER_RL_READY       2
+
+#define NGX_HTTP_INFER_RL_BACKOFF_MIN 100
+
+
+typedef struct {
+    ngx_event_t                         ev;      /* timeout; resumption */
+    ngx_http_request_t                 *r;
+    ngx_http_infer_ratelimit_done_pt    done;
+    ngx_http_infer_ratelimit_item_t    *items;
+    ngx_uint_t                          nitems;
+    ngx_int_t                           rc;
+
+    int                                 argc;
+    const char                        **argv;
+    size_t                             *argvlen;
+
+    unsigned                            pending:1;  /* hiredis holds it */
+    unsigned                            answered:1;
+    unsigned                            retried:1;
+} ngx_http_infer_ratelimit_waiter_t;
+
+
+typedef struct {
+    redisAsyncContext                  *ac;
+    ngx_connection_t                   *c;
+    ngx_event_t                         connect_timer;
+    ngx_uint_t                          state;
+    ngx_msec_t                          next_try;
+    ngx_msec_t                          backoff;
+    ngx_http_infer_ratelimit_redis_conf_t  *rcf;
+    ngx_log_t                          *log;
+    u_char                              sha[40];
+    time_t                              logged;
+    ngx_uint_t                          suppressed;
+} ngx_http_infer_ratelimit_redis_t;
+
+
+static ngx_int_t ngx_http_infer_ratelimit_redis_connect(
+    ngx_http_infer_ratelimit_redis_t *rd);
+static void ngx_http_infer_ratelimit_redis_drop(
+    ngx_http_infer_ratelimit_redis_t *rd);
+static void ngx_http_infer_ratelimit_redis_add_read(void *data);
+static void ngx_http_infer_ratelimit_redis_del_read(void *data);
+static void ngx_http_infer_ratelimit_redis_add_write(void *data);
+static void ngx_http_infer_ratelimit_redis_del_write(void *data);
+static void ngx_http_infer_ratelimit_redis_cleanup(void *data);
+static void ngx_http_infer_ratelimit_redis_read(ngx_event_t *ev);
+static void ngx_http_infer_ratelimit_redis_write(ngx_event_t *ev);
+static void ngx_http_infer_ratelimit_redis_connected(
+    const redisAsyncContext *ac, int status);
+static void ngx_http_infer_ratelimit_redis_disconnected(
+    const redisAsyncContext *ac, int status);
+static void ngx_http_infer_ratelimit_redis_connect_timeout(ngx_event_t *ev);
+static void ngx_http_infer_ratelimit_redis_handshake(redisAsyncContext *ac,
+    void *reply, void *privdata);
+static void ngx_http_infer_ratelimit_redis_reply(redisAsyncContext *ac,
+    void *reply, void *privdata);
+static ngx_uint_t ngx_http_infer_ratelimit_redis_admitted(redisReply *rr);
+static void ngx_http_infer_ratelimit_redis_undo(
+    ngx_http_infer_ratelimit_waiter_t *w);
+static ngx_int_t ngx_http_infer_ratelimit_redis_parse(
+    ngx_http_infer_ratelimit_waiter_t *w, redisReply *reply);
+static void ngx_http_infer_ratelimit_redis_waiter_event(ngx_event_t *ev);
+static void ngx_http_infer_ratelimit_redis_waiter_cleanup(void *data);
+static void ngx_http_infer_ratelimit_redis_waiter_free(
+    ngx_http_infer_ratelimit_waiter_t *w);
+static void ngx_http_infer_ratelimit_redis_error(
+    ngx_http_infer_ratelimit_redis_t *rd, const char *fmt, ...);
+
+
+/*
+ * KEYS: one per limit.  ARGV[1]: "a" (admit: check all, charge all or
+ * none) or "r" (reconcile: move each key by a signed number of units);
+ * then per key: units, limit, window in ms (0: a count of requests in
+ * flight, not a GCRA).  A debt is charged from now if the bucket refilled
+ * meanwhile (its key may even have expired during a long stream), as an
+ * admission would be.  The time is Redis's own, so that replicas' clocks
+ * do not matter.  A GCRA key expires when its bucket is full again, so an
+ * idle key costs no memory; a count expires an hour after it last moved,
+ * in case its gateway died before it could release it.
+ *
+ * Admission returns {admitted, then per key: remaining, reset ms, retry
+ * ms (0 when this key would pass)}.
+ */
+
+static ngx_str_t  ngx_http_infer_ratelimit_script = ngx_string(
+"local t = redis.call('TIME')\n"
+"local now = tonumber(t[1]) * 1000000 + tonumber(t[2])\n"
+"local admit = ARGV[1] == 'a'\n"
+"local res = {1}\n"
+"local new = {}\n"
+"local ttl = {}\n"
+"for i = 1, #KEYS do\n"
+"  local a = 3 * i - 1\n"
+"  local cost = tonumber(ARGV[a])\n"
+"  local limit = tonumber(ARGV[a + 1])\n"
+"  local win = tonumber(ARGV[a + 2]) * 1000\n"
+"  local v = tonumber(redis.call('GET', KEYS[i]))\n"
+"  if win == 0 then\n"
+"    local c = v or 0\n"
+"    if not admit then\n"
+"      c = c + cost\n"
+"      if c > 0 then\n"
+"        redis.call('SET', KEYS[i], string.format('%.0f', c), 'PX', "
+    ngx_value(NGX_HTTP_INFER_RL_CONCURRENCY_TTL) ")\n"
+"      else\n"
+"        redis.call('DEL', KEYS[i])\n"
+"      end\n"
+"    elseif c + cost > limit then\n"
+"      res[1] = 0\n"
+"      res[a] = math.max(0, limit - c)\n"
+"      res[a + 1] = 0\n"
+"      res[a + 2] = 1000\n"
+"    else\n"
+"      res[a] = limit - c - cost\n"
+"      res[a + 1] = 0\n"
+"      res[a + 2] = 0\n"
+"      new[i] = c + cost\n"
+"      ttl[i] = " ngx_value(NGX_HTTP_INFER_RL_CONCURRENCY_TTL) "\n"
+"    end\n"
+"  else\n"
+"    local em = win / limit\n"
+"    local tat = v\n"
+"    if not admit then\n"
+"      if cost > 0 then\n"
+"        tat = math.max(tat or now, now) + cost * em\n"
+"      elseif tat then\n"
+"        tat = tat + cost * em\n"
+"      end\n"
+"      if tat then\n"
+"        if tat > now then\n"
+"          redis.call('SET', KEYS[i], string.format('%.0f', tat), 'PX',\n"
+"                     math.max(1, math.ceil((tat - now) / 1000)))\n"
+"        else\n"
+"          redis.call('DEL', KEYS[i])\n"
+"        end\n"
+"      end\n"
+"    else\n"
+"      if not tat or tat < now then tat = now end\n"
+"      local nt = tat + cost * em\n"
+"      if cost > limit or nt - now > win then\n"
+"        res[1] = 0\n"
+"        res[a] = math.floor((now + win - tat) / em + 1e-6)\n"
+"        res[a + 1] = math.ceil((tat - now) / 1000)\n"
+"        if cost > limit then\n"
+"          res[a + 2] = math.ceil(win / 1000)\n"
+"        else\n"
+"          res[a + 2] = math.max(1, math.ceil((nt - now - win) / 1000))\n"
+"        end\n"
+"      else\n"
+"        res[a] = math.floor((now + win - nt) / em + 1e-6)\n"
+"        res[a + 1] = math.ceil((nt - now) / 1000)\n"
+"        res[a + 2] = 0\n"
+"        new[i] = nt\n"
+"        ttl[i] = math.max(1, math.ceil((nt - now) / 1000))\n"
+"      end\n"
+"    end\n"
+"  end\n"
+"end\n"
+"if admit and res[1] == 1 then\n"
+"  for i = 1, #KEYS do\n"
+"    redis.call('SET', KEYS[i], string.format('%.0f', new[i]), 'PX', ttl[i])\n"
+"  end\n"
+"end\n"
+"return res\n");
+
+
+static ngx_http_infer_ratelimit_redis_t  ngx_http_infer_ratelimit_redis_worker;
+
+
+/*
+ * Sends one call: the admission of a request's limits (done is called
+ * with the outcome, NGX_AGAIN returned) or a reconciliation (r only for
+ * its log; fire and forget, NGX_OK returned).  NGX_DECLINED: Redis is
+ * unavailable now, decide without it.
+ */
+
+ngx_int_t
+ngx_http_infer_ratelimit_redis_eval(ngx_http_request_t *r,
+    ngx_http_infer_ratelimit_redis_conf_t *rcf, u_char mode,
+    ngx_http_infer_ratelimit_item_t *items, ngx_uint_t n,
+    ngx_http_infer_ratelimit_done_pt done)
+{
+    u_char                             *p, *data;
+    size_t                              size;
+    int64_t                             units;
+    ngx_uint_t                          i, argc, k;
+    ngx_pool_cleanup_t                 *cln;
+    ngx_http_infer_ratelimit_item_t    *item;
+    ngx_http_infer_ratelimit_waiter_t  *w;
+    ngx_http_infer_ratelimit_redis_t   *rd;
+
+    rd = &ngx_http_infer_ratelimit_redis_worker;
+
+    if (rd->rcf == NULL) {
+        return NGX_DECLINED;
+    }
+
+    if (rd->ac == NULL) {
+        if ((ngx_msec_int_t) (rd->next_try - ngx_current_msec) > 0) {
+            return NGX_DECLINED;
+        }
+
+        if (ngx_http_infer_ratelimit_redis_connect(rd) != NGX_OK) {
+            return NGX_DECLINED;
+        }
+    }
+
+    /* the waiter, its argv and the arguments' bytes in one block */
+
+    argc = 4 + 4 * n;
+    size = sizeof(ngx_http_infer_ratelimit_waiter_t)
+           + argc * (sizeof(char *) + sizeof(size_t)) + 64;
+
+    for (i = 0; i < n; i++) {
+        size += rcf->prefix.len + items[i].key.len + 3
+                + items[i].limit->name.len + 3 * (NGX_INT64_LEN + 1);
+    }
+
+    w = ngx_alloc(size, ngx_cycle->log);
+    if (w == NULL) {
+        return NGX_DECLINED;
+    }
+
+    ngx_memzero(w, sizeof(ngx_http_infer_ratelimit_waiter_t));
+
+    w->argv = (const char **) (w + 1);
+    w->argvlen = (size_t *) (w->argv + argc);
+    data = (u_char *) (w->argvlen + argc);
+    w->argc = (int) argc;
+
+    w->argv[0] = "EVALSHA";
+    w->argvlen[0] = sizeof("EVALSHA") - 1;
+    w->argv[1] = (char *) rd->sha;
+    w->argvlen[1] = 40;
+
+    p = data;
+    w->argv[2] = (char *) p;
+    p = ngx_sprintf(p, "%ui", n);
+    w->argvlen[2] = p - (u_char *) w->argv[2];
+
+    /* {the key} is the hash tag: one entity's keys share a cluster slot */
+
+    for (i = 0; i < n; i++) {
+        item = &items[i];
+        w->argv[3 + i] = (char *) p;
+        p = ngx_cpymem(p, rcf->prefix.data, rcf->prefix.len);
+        *p++ = '{';
+        p = ngx_cpymem(p, item->key.data, item->key.len);
+        *p++ = '}';
+        *p++ = ':';
+        p = ngx_cpymem(p, item->limit->name.data, item->limit->name.len);
+        w->argvlen[3 + i] = p - (u_char *) w->argv[3 + i];
+    }
+
+    k = 3 + n;
+    w->argv[k] = (mode == NGX_HTTP_INFER_RL_ADMIT) ? "a" : "r";
+    w->argvlen[k++] = 1;
+
+    for (i = 0; i < n; i++) {
+        item = &items[i];
+
+        if (mode == NGX_HTTP_INFER_RL_ADMIT) {
+            units = (int64_t) item->cost;
+
+        } else {
+            units = (item->where == NGX_HTTP_INFER_RL_IN_REDIS)
+                    ? item->delta : 0;
+        }
+
+        /* a "-" ahead of an admission's units, to undo it (see reply) */
+
+        if (units >= 0) {
+            *p++ = '-';
+        }
+
+        w->argv[k] = (char *) p;
+        p = ngx_sprintf(p, "%L", units);
+        w->argvlen[k] = p - (u_char *) w->argv[k];
+        k++;
+
+        w->argv[k] = (char *) p;
+        p = ngx_sprintf(p, "%uL", item->limit->limit);
+        w->argvlen[k] = p - (u_char *) w->argv[k];
+        k++;
+
+        w->argv[k] = (char *) p;
+        p = ngx_sprintf(p, "%M", item->limit->window);
+        w->argvlen[k] = p - (u_char *) w->argv[k];
+        k++;
+    }
+
+    w->items = items;
+    w->nitems = n;
+    w->done = done;
+
+    w->ev.handler = ngx_http_infer_ratelimit_redis_waiter_event;
+    w->ev.data = w;
+    w->ev.log = ngx_cycle->log;
+    w->ev.cancelable = 1;
+
+    if (redisAsyncCommandArgv(rd->ac, ngx_http_infer_ratelimit_redis_reply,
+                              w, w->argc, w->argv, w->argvlen)
+        != REDIS_OK)
+    {
+        ngx_free(w);
+        return NGX_DECLINED;
+    }
+
+    w->pending = 1;
+
+    ngx_add_timer(&w->ev, rcf->timeout);
+
+    if (mode != NGX_HTTP_INFER_RL_ADMIT || done == NULL) {
+        return NGX_OK;
+    }
+
+    cln = ngx_pool_cleanup_add(r->pool, 0);
+    if (cln == NULL) {
+        /* the reply frees the waiter */
+        return NGX_ERROR;
+    }
+
+    cln->handler = ngx_http_infer_ratelimit_redis_waiter_cleanup;
+    cln->data = w;
+
+    w->r = r;
+
+    return NGX_AGAIN;
+}
+
+
+static ngx_int_t
+ngx_http_infer_ratelimit_redis_connect(ngx_http_infer_ratelimit_redis_t *rd)
+{
+    const char                             *argv[3];
+    size_t                                  argvlen[3];
+    ngx_uint_t                              argc;
+    ngx_connection_t                       *c;
+    redisAsyncContext                      *ac;
+    ngx_http_infer_ratelimit_redis_conf_t  *rcf;
+    u_char                                  db[NGX_INT_T_LEN];
+
+    rcf = rd->rcf;
+
+    /* an address, never a name: no DNS at request time */
+
+    if (rcf->path.len) {
+        ac = redisAsyncConnectUnix((char *) rcf->path.data);
+
+    } else {
+        ac = redisAsyncConnect((char *) rcf->host.data, (int) rcf->port);
+    }
+
+    rd->next_try = ngx_current_msec + rd->backoff;
+    rd->backoff = ngx_min(rd->backoff * 2, rcf->backoff);
+
+    if (ac == NULL) {
+        return NGX_ERROR;
+    }
+
+    if (ac->err) {
+        ngx_http_infer_ratelimit_redis_error(rd, "connect failed: %s",
+                                             ac->errstr);
+        redisAsyncFree(ac);
+        return NGX_ERROR;
+    }
+
+    c = ngx_get_connection(ac->c.fd, rd->log);
+    if (c == NULL) {
+        redisAsyncFree(ac);
+        return NGX_ERROR;
+    }
+
+    c->data = rd;
+    c->log = rd->log;
+    c->read->log = rd->log;
+    c->write->log = rd->log;
+    c->read->handler = ngx_http_infer_ratelimit_redis_read;
+    c->write->handler = ngx_http_infer_ratelimit_redis_write;
+
+    rd->ac = ac;
+    rd->c = c;
+    rd->state = NGX_HTTP_INFER_RL_CONNECTING;
+
+    ac->ev.data = rd;
+    ac->ev.addRead = ngx_http_infer_ratelimit_redis_add_read;
+    ac->ev.delRead = ngx_http_infer_ratelimit_redis_del_read;
+    ac->ev.addWrite = ngx_http_infer_ratelimit_redis_add_write;
+    ac->ev.delWrite = ngx_http_infer_ratelimit_redis_del_write;
+    ac->ev.cleanup = ngx_http_infer_ratelimit_redis_cleanup;
+
+    redisAsyncSetConnectCallback(ac,
+                                 ngx_http_infer_ratelimit_redis_connected);
+    redisAsyncSetDisconnectCallback(ac,
+                                 ngx_http_infer_ratelimit_redis_disconnected);
+
+    ngx_add_timer(&rd->connect_timer, rcf->connect_timeout);
+
+    /* the handshake goes ahead of the first call, in the same pipeline */
+
+    if (rcf->password.len) {
+        argc = 0;
+        argv[argc] = "AUTH";
+        argvlen[argc++] = 4;
+
+        if (rcf->user.len) {
+            argv[argc] = (char *) rcf->user.data;
+            argvlen[argc++] = rcf->user.len;
+        }
+
+        argv[argc] = (char *) rcf->password.data;
+        argvlen[argc++] = rcf->password.len;
+
+        (void) redisAsyncCommandArgv(ac,
+                                     ngx_http_infer_ratelimit_redis_handshake,
+                                     "AUTH", argc, argv, argvlen);
+    }
+
+    if (rcf->db) {
+        argv[0] = "SELECT";
+        argvlen[0] = 6;
+        argv[1] = (char *) db;
+        argvlen[1] = ngx_sprintf(db, "%i", rcf->db) - db;
+
+        (void) redisAsyncCommandArgv(ac,
+                                     ngx_http_infer_ratelimit_redis_handshake,
+                                     "SELECT", 2, argv, argvlen);
+    }
+
+    argv[0] = "SCRIPT";
+    argvlen[0] = 6;
+    argv[1] = "LOAD";
+    argvlen[1] = 4;
+    argv[2] = (char *) ngx_http_infer_ratelimit_script.data;
+    argvlen[2] = ngx_http_infer_ratelimit_script.len;
+
+    (void) redisAsyncCommandArgv(ac, ngx_http_infer_ratelimit_redis_handshake,
+                                 "SCRIPT LOAD", 3, argv, argvlen);
+
+    return NGX_OK;
+}
+
+
+/* fails every pending call at once; the cleanup below follows */
+
+static void
+ngx_http_infer_ratelimit_redis_drop(ngx_http_infer_ratelimit_redis_t *rd)
+{
+    if (rd->ac) {
+        redisAsyncFree(rd->ac);
+    }
+}
+
+
+/*
+ * The adapter.  Level-triggered: hiredis reads at most one buffer per
+ * call, and a reply left in the socket must wake us again.
+ */
+
+static void
+ngx_http_infer_ratelimit_redis_add_read(void *data)
+{
+    ngx_http_infer_ratelimit_redis_t  *rd = data;
+
+    ngx_event_t  *ev;
+
+    ev = rd->c->read;
+
+    if (!ev->active
+        && ngx_add_event(ev, NGX_READ_EVENT, NGX_LEVEL_EVENT) != NGX_OK)
+    {
+        ngx_log_error(NGX_LOG_ALERT, rd->log, 0,
+                      "infer ratelimit: redis: adding a read event failed");
+    }
+}
+
+
+static void
+ngx_http_infer_ratelimit_redis_del_read(void *data)
+{
+    ngx_http_infer_ratelimit_redis_t  *rd = data;
+
+    ngx_event_t  *ev;
+
+    ev = rd->c->read;
+
+    if (ev->active) {
+        (void) ngx_del_event(ev, NGX_READ_EVENT, 0);
+    }
+}
+
+
+static void
+ngx_http_infer_ratelimit_redis_add_write(void *data)
+{
+    ngx_http_infer_ratelimit_redis_t  *rd = data;
+
+    ngx_event_t  *ev;
+
+    ev = rd->c->write;
+
+    if (!ev->active
+        && ngx_add_event(ev, NGX_WRITE_EVENT, NGX_LEVEL_EVENT) != NGX_OK)
+    {
+        ngx_log_error(NGX_LOG_ALERT, rd->log, 0,
+                      "infer ratelimit: redis: adding a write event failed");
+    }
+}
+
+
+static void
+ngx_http_infer_ratelimit_redis_del_write(void *data)
+{
+    ngx_http_infer_ratelimit_redis_t  *rd = data;
+
+    ngx_event_t  *ev;
+
+    ev = rd->c->write;
+
+    if (ev->active) {
+        (void) ngx_del_event(ev, NGX_WRITE_EVENT, 0);
+    }
+}
+
+
+/*
+ * hiredis calls this when it frees its context, just before it closes
+ * the socket: our events leave epoll and the ngx_connection_t goes back
+ * to the free list, its fd untouched.
+ */
+
+static void
+ngx_http_infer_ratelimit_redis_cleanup(void *data)
+{
+    ngx_http_infer_ratelimit_redis_t  *rd = data;
+
+    ngx_connection_t  *c;
+
+    c = rd->c;
+
+    if (c) {
+        if (c->read->active) {
+            (void) ngx_del_event(c->read, NGX_READ_EVENT, 0);
+        }
+
+        if (c->write->active) {
+            (void) ngx_del_event(c->write, NGX_WRITE_EVENT, 0);
+        }
+
+        if (c->read->posted) {
+            ngx_delete_posted_event(c->read);
+        }
+
+        if (c->write->posted) {
+            ngx_delete_posted_event(c->write);
+        }
+
+        c->read->closed = 1;
+        c->write->closed = 1;
+
+        ngx_free_connection(c);
+        c->fd = (ngx_socket_t) -1;
+    }
+
+    if (rd->connect_timer.timer_set) {
+        ngx_del_timer(&rd->connect_timer);
+    }
+
+    if (rd->state == NGX_HTTP_INFER_RL_READY) {
+        /* it worked until now: try again soon */
+        rd->backoff = NGX_HTTP_INFER_RL_BACKOFF_MIN;
+        rd->next_try = ngx_current_msec + rd->backoff;
+    }
+
+    rd->c = NULL;
+    rd->ac = NULL;
+    rd->state = NGX_HTTP_INFER_RL_DOWN;
+}
+
+
+static void
+ngx_http_infer_ratelimit_redis_read(ngx_event_t *ev)
+{
+    ngx_connection_t                  *c;
+    ngx_http_infer_ratelimit_redis_t  *rd;
+
+    c = ev->data;
+    rd = c->data;
+
+    if (rd->ac) {
+        redisAsyncHandleRead(rd->ac);
+    }
+}
+
+
+static void
+ngx_http_infer_ratelimit_redis_write(ngx_event_t *ev)
+{
+    ngx_connection_t                  *c;
+    ngx_http_infer_ratelimit_redis_t  *rd;
+
+    c = ev->data;
+    rd = c->data;
+
+    if (rd->ac) {
+        redisAsyncHandleWrite(rd->ac);
+    }
+}
+
+
+static void
+ngx_http_infer_ratelimit_redis_connected(const redisAsyncContext *ac,
+    int status)
+{
+    ngx_http_infer_ratelimit_redis_t  *rd;
+
+    rd = &ngx_http_infer_ratelimit_redis_worker;
+
+    if (status != REDIS_OK) {
+        /* hiredis frees the context next */
+        ngx_http_infer_ratelimit_redis_error(rd, "connect failed: %s",
+                                             ac->errstr);
+        return;
+    }
+
+    if (rd->connect_timer.timer_set) {
+        ngx_del_timer(&rd->connect_timer);
+    }
+
+    rd->state = NGX_HTTP_INFER_RL_READY;
+    rd->backoff = NGX_HTTP_INFER_RL_BACKOFF_MIN;
+
+    ngx_log_debug0(NGX_LOG_DEBUG_EVENT, rd->log, 0,
+                   "infer ratelimit: redis connected");
+}
+
+
+static void
+ngx_http_infer_ratelimit_redis_disconnected(const redisAsyncContext *ac,
+    int status)
+{
+    if (status != REDIS_OK) {
+        ngx_http_infer_ratelimit_redis_error(
+            &ngx_http_infer_ratelimit_redis_worker,
+            "connection lost: %s", ac->errstr);
+    }
+}
+
+
+static void
+ngx_http_infer_ratelimit_redis_connect_timeout(ngx_event_t *ev)
+{
+    ngx_http_infer_ratelimit_redis_t  *rd;
+
+    rd = ev->data;
+
+    ngx_http_infer_ratelimit_redis_error(rd, "connect timed out");
+
+    ngx_http_infer_ratelimit_redis_drop(rd);
+}
+
+
+static void
+ngx_http_infer_ratelimit_redis_handshake(redisAsyncContext *ac, void *reply,
+    void *privdata)
+{
+    redisReply                        *rr = reply;
+    ngx_http_infer_ratelimit_redis_t  *rd;
+
+    rd = &ngx_http_infer_ratelimit_redis_worker;
+
+    if (rr == NULL) {
+        return;
+    }
+
+    if (rr->type == REDIS_REPLY_ERROR) {
+        ngx_http_infer_ratelimit_redis_error(rd, "%s failed: %*s",
+                                             (char *) privdata,
+                                             (size_t) ngx_min(rr->len, 256),
+                                             (u_char *) rr->str);
+        /* deferred by hiredis until this callback returns */
+        redisAsyncFree(ac);
+    }
+}
+
+
+static void
+ngx_http_infer_ratelimit_redis_reply(redisAsyncContext *ac, void *reply,
+    void *privdata)
+{
+    ngx_http_infer_ratelimit_waiter_t  *w = privdata;
+
+    ngx_int_t    rc;
+    redisReply  *rr = reply;
+
+    w->pending = 0;
+
+    /* the script was flushed, or Redis restarted without our handshake */
+
+    if (rr && rr->type == REDIS_REPLY_ERROR && !w->retried
+        && rr->len >= 8 && ngx_strncmp(rr->str, "NOSCRIPT", 8) == 0)
+    {
+        w->retried = 1;
+        w->argv[0] = "EVAL";
+        w->argvlen[0] = 4;
+        w->argv[1] = (char *) ngx_http_infer_ratelimit_script.data;
+        w->argvlen[1] = ngx_http_infer_ratelimit_script.len;
+
+        if (redisAsyncCommandArgv(ac, ngx_http_infer_ratelimit_redis_reply,
+                                  w, w->argc, w->argv, w->argvlen)
+            == REDIS_OK)
+        {
+            w->pending = 1;
+            return;
+        }
+    }
+
+    if (w->r == NULL && w->done && !w->answered
+        && ngx_http_infer_ratelimit_redis_admitted(rr))
+    {
+        /*
+         * The request went away (its client closed) before Redis admitted
+         * it: nothing was served, so the charge is undone, in-flight
+         * counts included, by the same keys moved back by the same units.
+         */
+
+        ngx_http_infer_ratelimit_redis_undo(w);
+
+        if (redisAsyncCommandArgv(ac, ngx_http_infer_ratelimit_redis_reply,
+                                  w, w->argc, w->argv, w->argvlen)
+            == REDIS_OK)
+        {
+            w->pending = 1;
+            ngx_add_timer(&w->ev,
+                          ngx_http_infer_ratelimit_redis_worker.rcf->timeout);
+            return;
+        }
+    }
+
+    if (w->r == NULL) {
+        /* a reconciliation, or a request that is gone */
+
+        if (rr && rr->type == REDIS_REPLY_ERROR) {
+            ngx_http_infer_ratelimit_redis_error(
+                &ngx_http_infer_ratelimit_redis_worker, "script failed: %*s",
+                (size_t) ngx_min(rr->len, 256), (u_char *) rr->str);
+        }
+
+        ngx_http_infer_ratelimit_redis_waiter_free(w);
+        return;
+    }
+
+    if (w->answered) {
+        /* timed out before: the request's cleanup frees the waiter */
+        return;
+    }
+
+    rc = ngx_http_infer_ratelimit_redis_parse(w, rr);
+
+    w->answered = 1;
+    w->rc = rc;
+
+    if (w->ev.timer_set) {
+        ngx_del_timer(&w->ev);
+    }
+
+    /* the request goes on from the event loop, not from inside hiredis */
+
+    ngx_post_event(&w->ev, &ngx_posted_events);
+}
+
+
+static ngx_uint_t
+ngx_http_infer_ratelimit_redis_admitted(redisReply *rr)
+{
+    return rr && rr->type == REDIS_REPLY_ARRAY && rr->elements > 0
+           && rr->element[0]->type == REDIS_REPLY_INTEGER
+           && rr->element[0]->integer == 1;
+}
+
+
+/* the admission's argv becomes its reconciliation by minus its units */
+
+static void
+ngx_http_infer_ratelimit_redis_undo(ngx_http_infer_ratelimit_waiter_t *w)
+{
+    ngx_uint_t  i, k;
+
+    w->done = NULL;
+
+    k = 3 + w->nitems;
+    w->argv[k++] = "r";
+
+    for (i = 0; i < w->nitems; i++, k += 3) {
+        w->argv[k]--;
+        w->argvlen[k]++;
+    }
+}
+
+
+static ngx_int_t
+ngx_http_infer_ratelimit_redis_parse(ngx_http_infer_ratelimit_waiter_t *w,
+    redisReply *rr)
+{
+    ngx_uint_t                        i, admitted;
+    redisReply                      **e;
+    ngx_http_infer_ratelimit_item_t  *item;
+
+    if (rr == NULL) {
+        return NGX_DECLINED;
+    }
+
+    if (rr->type == REDIS_REPLY_ERROR) {
+        ngx_http_infer_ratelimit_redis_error(
+            &ngx_http_infer_ratelimit_redis_worker, "script failed: %*s",
+            (size_t) ngx_min(rr->len, 256), (u_char *) rr->str);
+        return NGX_DECLINED;
+    }
+
+    if (rr->type != REDIS_REPLY_ARRAY || rr->elements != 1 + 3 * w->nitems) {
+        goto invalid;
+    }
+
+    e = rr->element;
+
+    for (i = 0; i < rr->elements; i++) {
+        if (e[i]->type != REDIS_REPLY_INTEGER || e[i]->integer < 0) {
+            goto invalid;
+        }
+    }
+
+    admitted = (e[0]->integer == 1);
+
+    for (i = 0; i < w->nitems; i++) {
+        item = &w->items[i];
+
+        item->known = 1;
+        item->limit_n = item->limit->limit;
+        item->remaining = (uint64_t) e[1 + 3 * i]->integer;
+        item->reset = (ngx_msec_t) e[2 + 3 * i]->integer;
+        item->retry = (ngx_msec_t) e[3 + 3 * i]->integer;
+        item->refused = (item->retry > 0);
+        item->where = admitted ? NGX_HTTP_INFER_RL_IN_REDIS
+                               : NGX_HTTP_INFER_RL_NOWHERE;
+    }
+
+    return NGX_OK;
+
+invalid:
+
+    ngx_http_infer_ratelimit_redis_error(
+        &ngx_http_infer_ratelimit_redis_worker,
+        "the script answered something unexpected");
+
+    return NGX_DECLINED;
+}
+
+
+/* the call's timeout, or its reply posted to the event loop */
+
+static void
+ngx_http_infer_ratelimit_redis_waiter_event(ngx_event_t *ev)
+{
+    ngx_http_request_t                 *r;
+    ngx_http_infer_ratelimit_done_pt    done;
+    ngx_http_infer_ratelimit_waiter_t  *w;
+    ngx_http_infer_ratelimit_redis_t   *rd;
+
+    w = ev->data;
+    rd = &ngx_http_infer_ratelimit_redis_worker;
+
+    if (ev->timedout) {
+        ev->timedout = 0;
+
+        ngx_http_infer_ratelimit_redis_error(rd, "a call timed out after "
+                                             "%Mms: reconnecting",
+                                             rd->rcf->timeout);
+
+        if (w->r == NULL) {
+            /* the drop's NULL reply frees the waiter */
+            ngx_http_infer_ratelimit_redis_drop(rd);
+            return;
+        }
+
+        w->answered = 1;
+        w->rc = NGX_DECLINED;
+
+        ngx_http_infer_ratelimit_redis_drop(rd);
+    }
+
+    r = w->r;
+    done = w->done;
+
+    if (r == NULL || done == NULL) {
+        return;
+    }
+
+    /* may finalize the request, and free w with it */
+
+    done(r, w->rc);
+}
+
+
+static void
+ngx_http_infer_ratelimit_redis_waiter_cleanup(void *data)
+{
+    ngx_http_infer_ratelimit_waiter_t  *w = data;
+
+    w->r = NULL;
+
+    if (w->ev.timer_set) {
+        ngx_del_timer(&w->ev);
+    }
+
+    if (w->ev.posted) {
+        ngx_delete_posted_event(&w->ev);
+    }
+
+    if (!w->pending) {
+        ngx_http_infer_ratelimit_redis_waiter_free(w);
+    }
+}
+
+
+static void
+ngx_http_infer_ratelimit_redis_waiter_free(
+    ngx_http_infer_ratelimit_waiter_t *w)
+{
+    if (w->ev.timer_set) {
+        ngx_del_timer(&w->ev);
+    }
+
+    if (w->ev.posted) {
+        ngx_delete_posted_event(&w->ev);
+    }
+
+    ngx_free(w);
+}
+
+
+/*
+ * An outage logs once a second per worker, with the count of what was
+ * left out, not once per request.
+ */
+
+static void
+ngx_http_infer_ratelimit_redis_error(ngx_http_infer_ratelimit_redis_t *rd,
+    const char *fmt, ...)
+{
+    u_char   *p;
+    va_list   args;
+    u_char    buf[512];
+
+    if (rd->logged == ngx_time()) {
+        rd->suppressed++;
+        return;
+    }
+
+    va_start(args, fmt);
+    p = ngx_vslprintf(buf, buf + sizeof(buf), fmt, args);
+    va_end(args);
+
+    ngx_log_error(NGX_LOG_ERR, rd->log, 0,
+                  "infer ratelimit: redis %V: %*s (%ui similar errors not "
+                  "logged)",
+                  &rd->rcf->address, (size_t) (p - buf), buf,
+                  rd->suppressed);
+
+    rd->logged = ngx_time();
+    rd->suppressed = 0;
+}
+
+
+ngx_int_t
+ngx_http_infer_ratelimit_redis_init_process(ngx_cycle_t *cycle,
+    ngx_http_infer_ratelimit_redis_conf_t *rcf)
+{
+    u_char                             hash[20];
+    ngx_sha1_t                         sha1;
+    ngx_http_infer_ratelimit_redis_t  *rd;
+
+    rd = &ngx_http_infer_ratelimit_redis_worker;
+
+    ngx_memzero(rd, sizeof(ngx_http_infer_ratelimit_redis_t));
+
+    rd->rcf = rcf;
+    rd->log = cycle->log;
+    rd->backoff = NGX_HTTP_INFER_RL_BACKOFF_MIN;
+    rd->next_try = ngx_current_msec;
+
+    rd->connect_timer.handler = ngx_http_infer_ratelimit_redis_connect_timeout;
+    rd->connect_timer.data = rd;
+    rd->connect_timer.log = cycle->log;
+    rd->connect_timer.cancelable = 1;
+
+    ngx_sha1_init(&sha1);
+    ngx_sha1_update(&sha1, ngx_http_infer_ratelimit_script.data,
+                    ngx_http_infer_ratelimit_script.len);
+    ngx_sha1_final(hash, &sha1);
+
+    ngx_hex_dump(rd->sha, hash, 20);
+
+    return NGX_OK;
+}
+
+
+void
+ngx_http_infer_ratelimit_redis_exit_process(ngx_cycle_t *cycle)
+{
+    ngx_http_infer_ratelimit_redis_t  *rd;
+
+    rd = &ngx_http_infer_ratelimit_redis_worker;
+
+    ngx_http_infer_ratelimit_redis_drop(rd);
+
+    rd->rcf = NULL;
+}
+
+
+/*
+ * infer_ratelimit_redis address [db=N] [user=name] [password=secret]
+ *     [timeout=time] [connect_timeout=time] [backoff=time] [replicas=N]
+ *     [prefix=string];
+ */
+
+char *
+ngx_http_infer_ratelimit_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    char  *base = conf;
+
+    u_char                                  *p, *colon;
+    ngx_int_t                                n;
+    ngx_str_t                               *value, s;
+    ngx_uint_t                               i;
+    ngx_msec_t                               ms;
+    ngx_http_infer_ratelimit_redis_conf_t  **field, *rcf;
+
+    field = (ngx_http_infer_ratelimit_redis_conf_t **) (base + cmd->offset);
+
+    if (*field) {
+        return "is duplicate";
+    }
+
+    rcf = ngx_pcalloc(cf->pool, sizeof(ngx_http_infer_ratelimit_redis_conf_t));
+    if (rcf == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    rcf->timeout = 50;
+    rcf->connect_timeout = 100;
+    rcf->backoff = 2000;
+    rcf->replicas = 1;
+    ngx_str_set(&rcf->prefix, "infer:rl:");
+
+    value = cf->args->elts;
+
+    rcf->address = value[1];
+
+    if (ngx_strncmp(value[1].data, "unix:", 5) == 0) {
+        if (value[1].len == 5 || value[1].len > 100) {
+            goto invalid_address;
+        }
+
+        /* cf->args' strings are NUL-terminated */
+        rcf->path.data = value[1].data + 5;
+        rcf->path.len = value[1].len - 5;
+
+    } else {
+        colon = ngx_strlchr(value[1].data, value[1].data + value[1].len, ':');
+
+        if (colon) {
+            n = ngx_atoi(colon + 1, value[1].data + value[1].len - colon - 1);
+            if (n < 1 || n > 65535) {
+                goto invalid_address;
+            }
+
+            rcf->port = n;
+            rcf->host.len = colon - value[1].data;
+
+        } else {
+            rcf->port = 6379;
+            rcf->host.len = value[1].len;
+        }
+
+        rcf->host.data = ngx_pnalloc(cf->pool, rcf->host.len + 1);
+        if (rcf->host.data == NULL) {
+            return NGX_CONF_ERROR;
+        }
+
+        p = ngx_cpymem(rcf->host.data, value[1].data, rcf->host.len);
+        *p = '\0';
+
+        if (rcf->host.len == 0
+            || ngx_inet_addr(rcf->host.data, rcf->host.len) == INADDR_NONE)
+        {
+            goto invalid_address;
+        }
+    }
+
+    for (i = 2; i < cf->args->nelts; i++) {
+
+        if (ngx_strncmp(value[i].data, "db=", 3) == 0) {
+            rcf->db = ngx_atoi(value[i].data + 3, value[i].len - 3);
+            if (rcf->db == NGX_ERROR) {
+                goto invalid;
+            }
+
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "user=", 5) == 0) {
+            rcf->user.data = value[i].data + 5;
+            rcf->user.len = value[i].len - 5;
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "password=", 9) == 0) {
+            rcf->password.data = value[i].data + 9;
+            rcf->password.len = value[i].len - 9;
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "prefix=", 7) == 0) {
+            rcf->prefix.data = value[i].data + 7;
+            rcf->prefix.len = value[i].len - 7;
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "replicas=", 9) == 0) {
+            n = ngx_atoi(value[i].data + 9, value[i].len - 9);
+            if (n < 1) {
+                goto invalid;
+            }
+
+            rcf->replicas = (ngx_uint_t) n;
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "timeout=", 8) == 0) {
+            s.data = value[i].data + 8;
+            s.len = value[i].len - 8;
+
+            ms = ngx_parse_time(&s, 0);
+            if (ms == (ngx_msec_t) NGX_ERROR || ms == 0) {
+                goto invalid;
+            }
+
+            rcf->timeout = ms;
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "connect_timeout=", 16) == 0) {
+            s.data = value[i].data + 16;
+            s.len = value[i].len - 16;
+
+            ms = ngx_parse_time(&s, 0);
+            if (ms == (ngx_msec_t) NGX_ERROR || ms == 0) {
+                goto invalid;
+            }
+
+            rcf->connect_timeout = ms;
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "backoff=", 8) == 0) {
+            s.data = value[i].data + 8;
+            s.len = value[i].len - 8;
+
+            ms = ngx_parse_time(&s, 0);
+            if (ms == (ngx_msec_t) NGX_ERROR
+                || ms < NGX_HTTP_INFER_RL_BACKOFF_MIN)
+            {
+                goto invalid;
+            }
+
+            rcf->backoff = ms;
+            continue;
+        }
+
+        goto invalid;
+    }
+
+    if (rcf->user.len && rcf->password.len == 0) {
+        return "has user= without password=";
+    }
+
+    *field = rcf;
+
+    return NGX_CONF_OK;
+
+invalid_address:
+
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                       "invalid redis address \"%V\": IPv4:port or "
+                       "unix:/path expected (no names: they would need DNS "
+                       "at run time)", &value[1]);
+    return NGX_CONF_ERROR;
+
+invalid:
+
+    if (ngx_strncmp(value[i].data, "password=", 9) == 0) {
+        ngx_str_set(&value[i], "password=...");
+    }
+
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                       "invalid parameter \"%V\"", &value[i]);
+    return NGX_CONF_ERROR;
+}

@@ -1,0 +1,525 @@
+"""ngx_infer_ratelimit with Redis: one budget for every gateway replica.
+
+Exact limits across workers and across two nginx instances sharing one
+Redis; one EVALSHA per admission and at most one per reconciliation; token
+reconciliation through Redis; each outage policy with Redis killed
+mid-run; a Redis that accepts connections and never answers; Redis
+restarted and its scripts flushed; a client gone while its reply is
+pending; AUTH, db and a unix socket.  redis-py inspects Redis."""
+
+import socket
+import threading
+import time
+
+import pytest
+import requests
+
+from harness.redis import RedisServer
+from test_ratelimit import (CHAT, STATUS_HEADERS, chat, error_of, parallel,
+                            stream_usage)
+
+
+def conf(redis_addr, limits, redis_opts="timeout=2s", extra="",
+         zone="infer_ratelimit_zone rl:1m;"):
+    return f"""
+    {zone}
+    infer_ratelimit_redis {redis_addr} {redis_opts};
+    server {{
+        listen 127.0.0.1:{{port}};
+        root html;
+        infer_ratelimit on;
+        {limits}
+        {extra}
+        location / {{ {STATUS_HEADERS} }}
+        location /free {{
+            infer_ratelimit off;
+            rewrite ^ /ok.txt break;
+            add_header X-RL-Degraded $infer_ratelimit_degraded_total;
+        }}
+    }}"""
+
+
+def get(n, path="/ok.txt", **kw):
+    return requests.get(n.url + path, timeout=10, **kw)
+
+
+def evalsha_calls(client):
+    stats = client.info("commandstats")
+    return sum(v["calls"] for k, v in stats.items()
+               if k in ("cmdstat_evalsha", "cmdstat_eval"))
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    """A redis-server of this test's own, to kill and restart."""
+    made = []
+
+    def make(port=None, extra_args=()):
+        r = RedisServer(tmp_path / f"redis{len(made)}", port=port,
+                        extra_args=extra_args).start()
+        made.append(r)
+        return r
+
+    yield make
+    for r in made:
+        r.stop()
+
+
+def test_exact_across_two_workers(nginx_factory, redis):
+    n = nginx_factory(conf(redis.addr,
+                           "infer_ratelimit_limit all global requests=30/h;"))
+    codes = parallel(lambda: get(n).status_code, 70)
+    assert sorted(codes) == [200] * 30 + [429] * 40
+    c = redis.client()
+    assert c.exists("infer:rl:{global}:all")
+    assert 0 < c.pttl("infer:rl:{global}:all") <= 3600 * 1000
+
+
+def test_exact_across_two_instances_sharing_redis(nginx_factory, redis):
+    limits = ("infer_ratelimit_limit tenant $http_x_tenant requests=20/h;"
+              "infer_ratelimit_limit all global requests=1000/h;")
+    a = nginx_factory(conf(redis.addr, limits), name="a")
+    b = nginx_factory(conf(redis.addr, limits), name="b")
+    turn = iter(range(10**6))
+    lock = threading.Lock()
+
+    def one():
+        with lock:
+            gw = (a, b)[next(turn) % 2]
+        return get(gw, headers={"X-Tenant": "acme"}).status_code
+
+    codes = parallel(one, 50)
+    assert sorted(codes) == [200] * 20 + [429] * 30
+    # refused requests were charged nowhere: the wide limit counted 20
+    r = get(a, headers={"X-Tenant": "globex"})
+    assert r.status_code == 200
+    assert r.headers["x-ratelimit-remaining-requests"] == "19"   # globex's
+    c = redis.client()
+    assert sorted(c.keys("infer:rl:*")) == [
+        "infer:rl:{acme}:tenant", "infer:rl:{global}:all",
+        "infer:rl:{globex}:tenant"]
+
+
+def test_one_round_trip_per_admission(nginx_factory, redis):
+    n = nginx_factory(conf(redis.addr,
+                           "infer_ratelimit_limit a k1 requests=100/h;"
+                           "infer_ratelimit_limit b k2 requests=100/h;"
+                           "infer_ratelimit_limit c k3 requests=100/h;"))
+    c = redis.client()
+    get(n)   # connects and loads the script in both workers' pipelines
+    before = evalsha_calls(c)
+    for _ in range(10):
+        assert get(n).status_code == 200
+    assert evalsha_calls(c) - before == 10
+    assert "cmdstat_eval" not in c.info("commandstats")
+
+
+def proxy_conf(redis_addr, sim, limits):
+    return f"""
+    infer_ratelimit_redis {redis_addr} timeout=2s;
+    upstream llama {{ server {sim.addr}; keepalive 8; }}
+    infer_model llama-3-8b upstream=llama;
+    server {{
+        listen 127.0.0.1:{{port}};
+        infer_route on;
+        infer_ratelimit on;
+        {limits}
+        location / {{
+            proxy_pass http://$infer_upstream;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            add_header X-Estimate $infer_prompt_tokens_estimate always;
+            {STATUS_HEADERS}
+        }}
+    }}"""
+
+
+@pytest.fixture
+def sim(sim_factory):
+    return sim_factory("llama-3-8b", "llama-a", ttft_ms=0, tpot_ms=0)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tokens_reconciled_through_redis(nginx_factory, redis, sim, stream):
+    n = nginx_factory(proxy_conf(
+        redis.addr, sim, "infer_ratelimit_limit tpd global tokens=10000/d;"))
+    c = redis.client()
+    c.config_resetstat()
+    s = requests.Session()
+    r1 = chat(n, s, 100, 7, stream)
+    assert r1.status_code == 200
+    est1 = int(r1.headers["X-Estimate"]) + 100
+    assert r1.headers["x-ratelimit-remaining-tokens"] == str(10000 - est1)
+    used1 = (stream_usage(r1) if stream else r1.json()["usage"])["total_tokens"]
+
+    # the reconciliation is sent after the answer: wait for it (bounded)
+    deadline = time.monotonic() + 5
+    while evalsha_calls(c) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert evalsha_calls(c) == 2   # one admission, one reconciliation
+
+    r2 = chat(n, s, 50, 3, stream)
+    est2 = int(r2.headers["X-Estimate"]) + 50
+    assert r2.headers["x-ratelimit-remaining-tokens"] == \
+        str(10000 - used1 - est2)
+    assert r2.headers["X-RL-Status"] == "passed"
+
+
+def test_tokens_limit_refuses_in_the_envelope(nginx_factory, redis, sim):
+    n = nginx_factory(proxy_conf(
+        redis.addr, sim, "infer_ratelimit_limit tpd global tokens=500/d;"))
+    s = requests.Session()
+    assert chat(n, s, 300, 300).status_code == 200
+    r = chat(n, s, 300, 1)
+    assert r.status_code == 429
+    e = error_of(r)
+    assert e["type"] == "tokens" and e["code"] == "rate_limit_exceeded"
+    assert int(r.headers["Retry-After"]) >= 1
+
+
+# ------------------------------------------------------------ outages
+
+@pytest.mark.parametrize("policy, status, code", [
+    ("fail_open", "degraded", 200),
+    ("fail_closed", "degraded", 429),
+])
+def test_outage_policy_with_redis_killed(nginx_factory, own_redis, policy,
+                                         status, code):
+    rs = own_redis()
+    n = nginx_factory(conf(
+        rs.addr, f"infer_ratelimit_limit l global requests=100/h "
+                 f"on_error={policy};", redis_opts="timeout=200ms"))
+    r = get(n)
+    assert r.status_code == 200 and r.headers["X-RL-Status"] == "passed"
+    rs.stop()
+    for _ in range(6):
+        r = get(n)
+        assert r.status_code == code
+        assert r.headers["X-RL-Status"] == status
+        assert "x-ratelimit-remaining-requests" not in r.headers
+    if code == 429:
+        e = error_of(r)
+        assert e["code"] == "rate_limit_exceeded"
+        assert r.headers["Retry-After"] == "1"
+    # counted, for both workers: the six degraded decisions so far
+    assert get(n, "/free").headers["X-RL-Degraded"] == "6"
+    # throttled: a handful of lines for the outage, not one per request
+    lines = [l for l in n.log_text().splitlines()
+             if "infer ratelimit: redis" in l]
+    assert 1 <= len(lines) <= 6, lines
+
+
+def test_redis_killed_under_load_fails_open(nginx_factory, own_redis):
+    rs = own_redis()
+    n = nginx_factory(conf(
+        rs.addr, "infer_ratelimit_limit l global requests=100000/h;",
+        redis_opts="timeout=300ms"))
+    assert get(n).headers["X-RL-Status"] == "passed"
+    killer = threading.Timer(0.3, rs.stop)
+    killer.start()
+    t0 = time.monotonic()
+
+    def one():
+        r = get(n)
+        return r.status_code, r.headers["X-RL-Status"]
+
+    results = []
+    while time.monotonic() - t0 < 1.5:
+        results += parallel(one, 40)
+    killer.join()
+    assert {c for c, _ in results} == {200}
+    statuses = [s for _, s in results]
+    assert statuses[-1] == "degraded"
+    assert set(statuses) == {"passed", "degraded"}
+
+
+def test_outage_policy_local_divides_by_the_replicas(nginx_factory,
+                                                     own_redis):
+    rs = own_redis()
+    n = nginx_factory(conf(
+        rs.addr, "infer_ratelimit_limit l global requests=9/h on_error=local;",
+        redis_opts="timeout=200ms replicas=3"))
+    assert get(n).status_code == 200
+    rs.stop()
+    rs_codes = [get(n) for _ in range(5)]
+    assert [r.status_code for r in rs_codes] == [200, 200, 200, 429, 429]
+    assert {r.headers["X-RL-Status"] for r in rs_codes} == {"degraded"}
+    assert rs_codes[0].headers["x-ratelimit-limit-requests"] == "3"
+    assert error_of(rs_codes[-1])["code"] == "rate_limit_exceeded"
+
+
+def test_policies_per_limit(nginx_factory, own_redis):
+    rs = own_redis()
+    n = nginx_factory(conf(
+        rs.addr, "infer_ratelimit_limit open global requests=9/h;"
+                 "infer_ratelimit_limit loc global2 requests=2/h "
+                 "on_error=local;", redis_opts="timeout=200ms"))
+    rs.stop()
+    codes = [get(n).status_code for _ in range(3)]
+    assert codes == [200, 200, 429]
+
+
+def test_a_local_policy_needs_a_zone(nginx_factory):
+    n = nginx_factory(conf("127.0.0.1:1",
+                           "infer_ratelimit_limit l k requests=1/s "
+                           "on_error=local;", zone=""), start=False)
+    ok, out = n.check_config()
+    assert not ok and "needs an infer_ratelimit_zone" in out, out
+    n = nginx_factory(conf("127.0.0.1:1",
+                           "infer_ratelimit_limit l k requests=1/s;",
+                           zone=""), start=False)
+    ok, out = n.check_config()
+    assert ok, out
+
+
+class Blackhole:
+    """A loopback listener that accepts connections and never answers."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.conns = []
+        self.stopped = False
+        self.t = threading.Thread(target=self.run, daemon=True)
+        self.t.start()
+
+    def run(self):
+        self.sock.settimeout(0.2)
+        while not self.stopped:
+            try:
+                c, _ = self.sock.accept()
+                self.conns.append(c)
+            except OSError:
+                pass
+
+    def close(self):
+        self.stopped = True
+        self.t.join(2)
+        for c in self.conns:
+            c.close()
+        self.sock.close()
+
+
+@pytest.fixture
+def blackhole():
+    b = Blackhole()
+    yield b
+    b.close()
+
+
+def test_a_redis_that_never_answers(nginx_factory, blackhole):
+    n = nginx_factory(conf(
+        f"127.0.0.1:{blackhole.port}",
+        "infer_ratelimit_limit l global requests=100/h;",
+        redis_opts="timeout=100ms connect_timeout=100ms backoff=300ms"))
+
+    def timed():
+        t0 = time.monotonic()
+        r = get(n)
+        return r.status_code, r.headers["X-RL-Status"], time.monotonic() - t0
+
+    results = parallel(timed, 40)
+    assert {(c, s) for c, s, _ in results} == {(200, "degraded")}
+    # each within the call's timeout, plus a generous margin for a busy
+    # machine: nothing waits for the silent Redis longer than that
+    assert max(t for _, _, t in results) < 1.5
+    # and the workers are free meanwhile
+    assert get(n, "/free").status_code == 200
+    assert len(blackhole.conns) >= 1
+
+
+def test_redis_restarted_reconnects_and_reloads_the_script(nginx_factory,
+                                                           own_redis):
+    rs = own_redis()
+    n = nginx_factory(conf(rs.addr,
+                           "infer_ratelimit_limit l global requests=100/h;",
+                           redis_opts="timeout=500ms backoff=200ms"))
+    assert get(n).headers["X-RL-Status"] == "passed"
+    port = rs.port
+    rs.stop()
+    assert get(n).headers["X-RL-Status"] == "degraded"
+    n.reload()                     # the count of degraded decisions stays
+    assert get(n, "/free").headers["X-RL-Degraded"] == "1"
+    rs2 = own_redis(port=port)     # empty: no script, no keys
+    deadline = time.monotonic() + 8
+    statuses = []
+    while time.monotonic() < deadline:
+        statuses.append(get(n).headers["X-RL-Status"])
+        if statuses[-2:] == ["passed", "passed"]:
+            break
+        time.sleep(0.05)
+    assert statuses[-2:] == ["passed", "passed"], statuses
+    assert rs2.client().exists("infer:rl:{global}:l")
+
+
+def test_script_flushed_is_reloaded_with_no_degraded_answer(nginx_factory,
+                                                            redis):
+    n = nginx_factory(conf(redis.addr,
+                           "infer_ratelimit_limit l global requests=100/h;"))
+    for _ in range(4):
+        assert get(n).headers["X-RL-Status"] == "passed"
+    redis.client().script_flush()
+    for _ in range(4):
+        r = get(n)
+        assert r.headers["X-RL-Status"] == "passed"
+    assert r.headers["x-ratelimit-remaining-requests"] == "92"
+
+
+def test_a_client_gone_while_its_reply_is_pending(nginx_factory, redis):
+    n = nginx_factory(conf(redis.addr,
+                           "infer_ratelimit_limit l global requests=100/h;",
+                           redis_opts="timeout=3s"))
+    c = redis.client()
+    assert get(n).status_code == 200
+    c.execute_command("CLIENT", "PAUSE", "700", "ALL")
+    socks = []
+    for _ in range(6):
+        s = socket.create_connection(("127.0.0.1", n.port))
+        s.sendall(b"GET /ok.txt HTTP/1.1\r\nHost: x\r\n\r\n")
+        socks.append(s)
+    time.sleep(0.2)
+    for s in socks:
+        s.close()               # gone before Redis answers
+    time.sleep(0.8)             # the replies come to no one
+    r = get(n)
+    assert r.status_code == 200 and r.headers["X-RL-Status"] == "passed"
+    # Redis admitted the gone requests; their charges were undone
+    assert r.headers["x-ratelimit-remaining-requests"] == "98"
+    # nginx saw them go while they waited (499), and nothing leaked or
+    # crashed when their replies came (the harness checks the error log)
+    n.stop()
+    assert (n.workdir / "access.log").read_text().count('" 499 ') >= 1
+
+
+def test_auth_with_user_and_password_and_a_db(nginx_factory, redis):
+    c = redis.client()
+    c.execute_command("ACL", "SETUSER", "rl", "on", ">s3cret", "~*",
+                      "+@all")
+    try:
+        n = nginx_factory(conf(
+            redis.addr, "infer_ratelimit_limit l global requests=5/h;",
+            redis_opts="user=rl password=s3cret db=3 timeout=2s"))
+        assert get(n).headers["X-RL-Status"] == "passed"
+        import redis as redis_py
+        c3 = redis_py.Redis(host=redis.host, port=redis.port, db=3,
+                            decode_responses=True)
+        assert c3.exists("infer:rl:{global}:l")
+        assert not c.exists("infer:rl:{global}:l")
+
+        bad = nginx_factory(conf(
+            redis.addr, "infer_ratelimit_limit l global requests=5/h;",
+            redis_opts="user=rl password=wrong timeout=500ms"), name="bad")
+        assert get(bad).headers["X-RL-Status"] == "degraded"
+        log = bad.log_text()
+        assert "AUTH failed" in log
+        assert "wrong" not in log and "s3cret" not in log
+    finally:
+        c.execute_command("ACL", "DELUSER", "rl")
+
+
+def test_a_unix_socket(nginx_factory, own_redis, tmp_path):
+    path = tmp_path / "redis.sock"
+    rs = own_redis(extra_args=["--unixsocket", str(path),
+                               "--unixsocketperm", "777"])
+    deadline = time.monotonic() + 5
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    n = nginx_factory(conf(f"unix:{path}",
+                           "infer_ratelimit_limit l global requests=2/h;"))
+    assert [get(n).status_code for _ in range(3)] == [200, 200, 429]
+    assert rs.client().exists("infer:rl:{global}:l")
+
+
+@pytest.mark.parametrize("opts, message", [
+    ("redis.example.com:6379", 'invalid redis address "redis.example.com'),
+    ("127.0.0.1:99999", 'invalid redis address "127.0.0.1:99999"'),
+    ("127.0.0.1 timeout=0", 'invalid parameter "timeout=0"'),
+    ("127.0.0.1 user=u", "has user= without password="),
+    ("127.0.0.1 replicas=0", 'invalid parameter "replicas=0"'),
+    ("127.0.0.1 color=blue", 'invalid parameter "color=blue"'),
+])
+def test_nginx_t_names_redis_mistakes(nginx_factory, opts, message):
+    n = nginx_factory(conf(opts, "infer_ratelimit_limit l k requests=1/s;"
+                           ).replace(" timeout=2s;", ";"), start=False)
+    ok, out = n.check_config()
+    if message:
+        assert not ok and message in out, out
+
+
+def test_a_connect_that_never_completes_times_out(nginx_factory):
+    # a listener that never accepts, its accept queue filled: the kernel
+    # drops further SYNs, so a connect hangs until our connect_timeout
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(0)
+    port = lsock.getsockname()[1]
+    fillers = []
+    for _ in range(4):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port))
+        fillers.append(s)
+    try:
+        n = nginx_factory(conf(
+            f"127.0.0.1:{port}", "infer_ratelimit_limit l global "
+            "requests=100/h on_error=local;",
+            redis_opts="timeout=5s connect_timeout=150ms backoff=300ms"))
+        t0 = time.monotonic()
+        r = get(n)
+        elapsed = time.monotonic() - t0
+        assert r.status_code == 200
+        assert r.headers["X-RL-Status"] == "degraded"
+        # bounded by connect_timeout (plus a margin), not by timeout=5s
+        assert elapsed < 2.5
+        assert r.headers["x-ratelimit-remaining-requests"] == "99"
+        n.stop()
+        assert "connect timed out" in n.log_text()
+    finally:
+        for s in fillers:
+            s.close()
+        lsock.close()
+
+
+def test_a_concurrency_limit_in_redis(nginx_factory, redis, sim):
+    from test_ratelimit import slow_chats
+    n = nginx_factory(proxy_conf(
+        redis.addr, sim, "infer_ratelimit_limit inflight global "
+                         "concurrency=2;"))
+    assert sorted(slow_chats(n, 5)) == [200, 200, 429, 429, 429]
+    c = redis.client()
+    deadline = time.monotonic() + 5
+    while c.exists("infer:rl:{global}:inflight") and \
+            time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not c.exists("infer:rl:{global}:inflight")   # released: 0
+    assert sorted(slow_chats(n, 2, ttft_ms=50)) == [200, 200]
+
+
+def test_a_debt_outlives_an_expired_key(nginx_factory, redis, sim):
+    from test_ratelimit import debt_after_a_long_answer
+    n = nginx_factory(proxy_conf(
+        redis.addr, sim, "infer_ratelimit_limit tps global tokens=1000/s;"))
+    assert debt_after_a_long_answer(n) < 750
+
+
+def test_workers_serve_others_while_calls_wait(nginx_factory, blackhole):
+    n = nginx_factory(conf(
+        f"127.0.0.1:{blackhole.port}",
+        "infer_ratelimit_limit l global requests=100/h;",
+        redis_opts="timeout=1500ms"))
+    results = []
+    t = threading.Thread(target=lambda: results.extend(
+        parallel(lambda: get(n).headers["X-RL-Status"], 8, threads=8)))
+    t.start()
+    time.sleep(0.3)             # 8 requests now wait for the silent Redis
+    t0 = time.monotonic()
+    for _ in range(4):          # both workers answer meanwhile
+        assert get(n, "/free").status_code == 200
+    served = time.monotonic() - t0
+    t.join(10)
+    assert results == ["degraded"] * 8
+    # well under the 1.5 s the waiting requests are held: nothing stalled
+    assert served < 1.0, served
