@@ -243,6 +243,8 @@ static ngx_str_t  ngx_http_infer_ratelimit_var_max =
     ngx_string("infer_max_tokens");
 static ngx_str_t  ngx_http_infer_ratelimit_var_total =
     ngx_string("infer_usage_total_tokens");
+static ngx_str_t  ngx_http_infer_ratelimit_var_model =
+    ngx_string("infer_model");
 static ngx_str_t  ngx_http_infer_ratelimit_var_usage_prompt =
     ngx_string("infer_usage_prompt_tokens");
 static ngx_str_t  ngx_http_infer_ratelimit_var_usage_completion =
@@ -251,7 +253,11 @@ static ngx_str_t  ngx_http_infer_ratelimit_var_usage_completion =
 static ngx_uint_t  ngx_http_infer_ratelimit_key_prompt;
 static ngx_uint_t  ngx_http_infer_ratelimit_key_max;
 static ngx_uint_t  ngx_http_infer_ratelimit_key_total;
+static ngx_uint_t  ngx_http_infer_ratelimit_key_model;
 static ngx_uint_t  ngx_http_infer_ratelimit_key_usage_prompt;
+
+/* the route module is loaded: a request without a model spends no tokens */
+static ngx_uint_t  ngx_http_infer_ratelimit_route;
 static ngx_uint_t  ngx_http_infer_ratelimit_key_usage_completion;
 
 
@@ -372,7 +378,8 @@ ngx_http_infer_ratelimit_items(ngx_http_request_t *r,
     u_char                            *p;
     uint64_t                           estimate, max;
     ngx_str_t                          key;
-    ngx_uint_t                         i, n, found;
+    ngx_uint_t                         i, n, found, tokens;
+    ngx_http_variable_value_t         *model;
     ngx_http_infer_ratelimit_item_t   *item;
     ngx_http_infer_ratelimit_limit_t  *limit;
 
@@ -386,8 +393,17 @@ ngx_http_infer_ratelimit_items(ngx_http_request_t *r,
     }
 
     estimate = 0;
+    tokens = 1;
 
-    for (i = 0; i < n; i++) {
+    if (ngx_http_infer_ratelimit_route) {
+        /* GET /v1/models, say: no model, no tokens to spend or charge */
+        model = ngx_http_get_variable(r, &ngx_http_infer_ratelimit_var_model,
+                                      ngx_http_infer_ratelimit_key_model);
+
+        tokens = (model && !model->not_found && model->len);
+    }
+
+    for (i = 0; tokens && i < n; i++) {
         if (limit[i].kind != NGX_HTTP_INFER_RL_TOKENS) {
             continue;
         }
@@ -411,7 +427,9 @@ ngx_http_infer_ratelimit_items(ngx_http_request_t *r,
             return NGX_ERROR;
         }
 
-        if (key.len == 0) {
+        if (key.len == 0
+            || (limit[i].kind == NGX_HTTP_INFER_RL_TOKENS && !tokens))
+        {
             continue;
         }
 
@@ -1512,6 +1530,9 @@ ngx_http_infer_ratelimit_add_variables(ngx_conf_t *cf)
     ngx_http_infer_ratelimit_key_total =
         ngx_hash_key(ngx_http_infer_ratelimit_var_total.data,
                      ngx_http_infer_ratelimit_var_total.len);
+    ngx_http_infer_ratelimit_key_model =
+        ngx_hash_key(ngx_http_infer_ratelimit_var_model.data,
+                     ngx_http_infer_ratelimit_var_model.len);
     ngx_http_infer_ratelimit_key_usage_prompt =
         ngx_hash_key(ngx_http_infer_ratelimit_var_usage_prompt.data,
                      ngx_http_infer_ratelimit_var_usage_prompt.len);
@@ -1626,6 +1647,8 @@ ngx_http_infer_ratelimit_merge_conf(ngx_conf_t *cf, void *parent, void *child)
 static ngx_int_t
 ngx_http_infer_ratelimit_init(ngx_conf_t *cf)
 {
+    ngx_uint_t                             i;
+    ngx_hash_key_t                        *key;
     ngx_http_handler_pt                   *h;
     ngx_http_core_main_conf_t             *cmcf;
     ngx_http_infer_ratelimit_main_conf_t  *rmcf;
@@ -1649,6 +1672,20 @@ ngx_http_infer_ratelimit_init(ngx_conf_t *cf)
     }
 
     cmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_core_module);
+
+    key = cmcf->variables_keys->keys.elts;
+    ngx_http_infer_ratelimit_route = 0;
+
+    for (i = 0; i < cmcf->variables_keys->keys.nelts; i++) {
+        if (key[i].key.len == ngx_http_infer_ratelimit_var_model.len
+            && ngx_strncmp(key[i].key.data,
+                           ngx_http_infer_ratelimit_var_model.data,
+                           key[i].key.len) == 0)
+        {
+            ngx_http_infer_ratelimit_route = 1;
+            break;
+        }
+    }
 
     h = ngx_array_push(&cmcf->phases[NGX_HTTP_PRECONTENT_PHASE].handlers);
     if (h == NULL) {

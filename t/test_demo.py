@@ -115,6 +115,21 @@ def test_demo_answers_and_stops_cleanly(tmp_path):
             log = (tmp_path / "access.log").read_text()
         assert "completion=3 estimated=0" in log, log
 
+        # globex's plan allows 5 requests a minute: then 429, as OpenAI
+        statuses = []
+        for _ in range(8):
+            r = requests.get(base + "/v1/models", timeout=10, headers=GLOBEX)
+            statuses.append(r.status_code)
+            if r.status_code == 429:
+                break
+        assert statuses[-1] == 429, statuses
+        assert r.json()["error"]["code"] == "rate_limit_exceeded"
+        assert int(r.headers["retry-after"]) >= 1
+        assert r.headers["x-ratelimit-limit-requests"] == "5"
+        r = requests.get(base + "/v1/models", timeout=10, headers=ACME)
+        assert r.status_code == 200
+        assert r.headers["x-ratelimit-limit-requests"] == "600"
+
         # what was sent shows in /metrics, per model and tenant
         from prometheus_client.parser import text_string_to_metric_families
         r = requests.get(base + "/metrics", timeout=10)

@@ -349,6 +349,24 @@ def test_without_max_tokens_the_default_is_reserved(nginx_factory, sim):
     assert r.headers["x-ratelimit-remaining-tokens"] == str(5000 - est)
 
 
+def test_a_request_without_a_model_spends_no_tokens(nginx_factory, sim):
+    """With the route module loaded, GET /v1/models names no model: token
+    limits leave it alone (requests limits still count it)."""
+    n = nginx_factory(proxy_conf(
+        sim, "infer_ratelimit_limit tpd global tokens=1500/d; "
+             "infer_ratelimit_limit rpd global requests=100/d;",
+        extra="location /v1/models { infer_model_list; }"))
+    s = requests.Session()
+    for left in ("99", "98", "97"):
+        r = s.get(n.url + "/v1/models", timeout=10)
+        assert r.status_code == 200
+        assert r.headers["x-ratelimit-remaining-requests"] == left
+        assert "x-ratelimit-remaining-tokens" not in r.headers
+    r = chat(n, s, 1000, 1)          # ~1005 fit only if nothing was spent
+    assert r.status_code == 200
+    assert int(r.headers["x-ratelimit-remaining-tokens"]) > 400
+
+
 def test_a_failed_answer_gives_its_reservation_back(nginx_factory, sim):
     n = nginx_factory(proxy_conf(
         sim, "infer_ratelimit_limit tpd global tokens=1000/d;"))

@@ -119,8 +119,11 @@ def main():
     print(f"""
 ngx_infer demo gateway: {base}  (nginx, Redis {redis.addr}, 3 simulated GPU replicas)
 
-  Tenants: acme may use every model (API key {acme}),
-           globex only mistral-7b (API key {globex}).
+  Tenants: acme may use every model (API key {acme}; plan pro: 600 requests
+           and 200,000 tokens a minute),
+           globex only mistral-7b (API key {globex}; plan free: 5 requests
+           and 2,000 tokens a minute, then 429 with Retry-After).
+           Limits are counted in Redis; see the x-ratelimit-* headers.
 
   A chat completion for acme (served by a llama-3-8b replica; see x-sim-replica):
     curl -i {base}/v1/chat/completions -H 'authorization: Bearer {acme}' \\
