@@ -73,6 +73,8 @@ test: deps build
 
 bench: deps build
 	$(PYTHON) bench/run.py
+	$(PYTHON) bench/auth.py
+	$(PYTHON) bench/ratelimit.py
 	$(PYTHON) bench/metrics.py
 
 # a JWT for the running demo: make token TENANT=globex
