@@ -71,6 +71,7 @@ typedef struct {
 typedef struct {
     ngx_array_t                    keys;        /* ngx_http_infer_auth_key_t */
     ngx_pool_t                    *pool;
+    ngx_uint_t                     skipped;     /* JWKS keys not usable */
 } ngx_http_infer_auth_keyset_t;
 
 
@@ -251,6 +252,7 @@ typedef struct {
     ngx_uint_t                        wait_generation;
 
     u_char                            hash[SHA256_DIGEST_LENGTH];
+    ngx_http_infer_auth_loc_conf_t   *conf;      /* that decided */
 
     unsigned                          decided:1;
     unsigned                          api_key:1;

@@ -207,6 +207,8 @@ static ngx_int_t
 ngx_http_infer_auth_jwks_fetch(ngx_http_request_t *r,
     ngx_http_infer_auth_ctx_t *ctx, ngx_http_infer_auth_jwks_uri_t *u)
 {
+    ngx_str_t                    server;
+    ngx_table_elt_t             *host;
     ngx_http_request_t          *sr;
     ngx_http_post_subrequest_t  *ps;
 
@@ -249,13 +251,26 @@ ngx_http_infer_auth_jwks_fetch(ngx_http_request_t *r,
     }
 
     /*
-     * the subrequest's copy of the headers, not the client's: a GET with
-     * no body announces none
+     * none of the client's headers (its credentials, a Range that would
+     * spoil every fetch ...) go to the identity provider: the subrequest
+     * gets a header list of its own, empty, and no body to announce
      */
-    sr->headers_in.content_length = NULL;
+    server = sr->headers_in.server;
+    host = sr->headers_in.host;
+
+    ngx_memzero(&sr->headers_in, sizeof(ngx_http_headers_in_t));
+
+    if (ngx_list_init(&sr->headers_in.headers, r->pool, 1,
+                      sizeof(ngx_table_elt_t))
+        != NGX_OK)
+    {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    sr->headers_in.server = server;
+    sr->headers_in.host = host;
     sr->headers_in.content_length_n = -1;
-    sr->headers_in.transfer_encoding = NULL;
-    sr->headers_in.chunked = 0;
+    sr->headers_in.keep_alive_n = -1;
 
     return NGX_AGAIN;
 }
@@ -282,7 +297,9 @@ ngx_http_infer_auth_jwks_done(ngx_http_request_t *r, void *data,
                       &u->uri, r->headers_out.status);
 
         ngx_http_infer_auth_jwks_store(u, NULL, 0, r->connection->log);
-        return rc;
+
+        /* the client's request goes on: with the cached keys, or a 503 */
+        return NGX_OK;
     }
 
     /* checked before the other workers see it */
@@ -302,14 +319,20 @@ ngx_http_infer_auth_jwks_done(ngx_http_request_t *r, void *data,
         ngx_http_infer_auth_keyset_free(ks);
         ngx_http_infer_auth_jwks_store(u, NULL, 0, r->connection->log);
 
-        return rc;
+        return NGX_OK;
+    }
+
+    if (ks->skipped) {
+        ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
+                      "infer_auth_jwks_uri \"%V\": %ui keys skipped, the "
+                      "first: %s", &u->uri, ks->skipped, err);
     }
 
     ngx_http_infer_auth_keyset_free(ks);
     ngx_http_infer_auth_jwks_store(u, b->pos, b->last - b->pos,
                                    r->connection->log);
 
-    return rc;
+    return NGX_OK;
 }
 
 

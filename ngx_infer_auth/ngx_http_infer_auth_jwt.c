@@ -55,6 +55,7 @@ static int ngx_http_infer_auth_ec_curve(EVP_PKEY *pkey);
 static ngx_int_t ngx_http_infer_auth_ec_der(ngx_http_infer_auth_jwt_t *jwt,
     u_char *der, size_t *len);
 static void ngx_http_infer_auth_keyset_cleanup(void *data);
+static ngx_uint_t ngx_http_infer_auth_is_pubkey(u_char *data, size_t len);
 
 
 static ngx_http_infer_auth_alg_t  ngx_http_infer_auth_algs[] = {
@@ -121,6 +122,15 @@ ngx_http_infer_auth_jwt_decode(u_char *p, size_t len,
     }
 
     last = p + len;
+
+    if (ngx_strlchr(p, last, '=') != NULL) {
+        /*
+         * base64url without padding only: nginx's decoder stops at "=",
+         * so a token with "=anything" appended would verify as well
+         */
+        ngx_http_infer_auth_error(err, "padding in the token");
+        return NGX_ERROR;
+    }
 
     dot1 = ngx_strlchr(p, last, '.');
     dot2 = dot1 ? ngx_strlchr(dot1 + 1, last, '.') : NULL;
@@ -502,10 +512,11 @@ ngx_http_infer_auth_keyset_pem(ngx_http_infer_auth_keyset_t *ks,
          */
 
         if (ngx_strlcasestrn(data, data + len, (u_char *) "-----BEGIN", 9)
-            != NULL)
+            != NULL
+            || ngx_http_infer_auth_is_pubkey(data, len))
         {
-            ngx_http_infer_auth_error(err, "a PEM file cannot be an %V "
-                                      "secret", &a->name);
+            ngx_http_infer_auth_error(err, "a public key (PEM, DER or JWK) "
+                                      "cannot be an %V secret", &a->name);
             return NGX_ERROR;
         }
 
@@ -554,16 +565,53 @@ ngx_http_infer_auth_keyset_pem(ngx_http_infer_auth_keyset_t *ks,
 }
 
 
+/* a DER public key, or a JSON key (a JWK, a JWKS) */
+
+static ngx_uint_t
+ngx_http_infer_auth_is_pubkey(u_char *data, size_t len)
+{
+    EVP_PKEY             *pkey;
+    const unsigned char  *p;
+
+    while (len && (*data == ' ' || *data == '\t' || *data == '\r'
+                   || *data == '\n'))
+    {
+        data++;
+        len--;
+    }
+
+    if (len && *data == '{') {
+        return 1;
+    }
+
+    p = data;
+    pkey = (len <= LONG_MAX) ? d2i_PUBKEY(NULL, &p, (long) len) : NULL;
+
+    ERR_clear_error();
+
+    if (pkey) {
+        EVP_PKEY_free(pkey);
+        return 1;
+    }
+
+    return 0;
+}
+
+
 /*
  * The keys of a JWKS document.  Keys for another use than signatures are
- * skipped; a key that is malformed, of an unknown type or too weak fails
- * the whole set, so that a broken rotation is noticed.
+ * left out; a key this module cannot use (an unknown type, curve or
+ * algorithm, too weak, malformed) is skipped and counted, err saying why
+ * the first was: identity providers publish such keys beside good ones.
+ * A document with no usable key at all fails, so that a rotation gone
+ * wrong is noticed.
  */
 
 ngx_int_t
 ngx_http_infer_auth_keyset_jwks(ngx_http_infer_auth_keyset_t *ks,
     u_char *data, size_t len, u_char *err)
 {
+    u_char                      reason[NGX_HTTP_INFER_AUTH_ERRSTR];
     size_t                      i;
     json_t                     *root, *keys, *jwk, *v;
     ngx_int_t                   rc;
@@ -594,8 +642,6 @@ ngx_http_infer_auth_keyset_jwks(ngx_http_infer_auth_keyset_t *ks,
         return NGX_ERROR;
     }
 
-    rc = NGX_OK;
-
     json_array_foreach(keys, i, jwk) {
 
         v = json_object_get(jwk, "use");
@@ -608,9 +654,8 @@ ngx_http_infer_auth_keyset_jwks(ngx_http_infer_auth_keyset_t *ks,
         v = json_object_get(jwk, "kty");
 
         if (!json_is_string(v)) {
-            ngx_http_infer_auth_error(err, "key %uz: no \"kty\"", i);
-            rc = NGX_ERROR;
-            break;
+            ngx_http_infer_auth_error(reason, "key %uz: no \"kty\"", i);
+            goto skip;
         }
 
         kty.data = (u_char *) json_string_value(v);
@@ -635,10 +680,9 @@ ngx_http_infer_auth_keyset_jwks(ngx_http_infer_auth_keyset_t *ks,
             alg = ngx_http_infer_auth_alg(&name);
 
             if (alg == NULL) {
-                ngx_http_infer_auth_error(err, "key %uz (\"%V\"): "
+                ngx_http_infer_auth_error(reason, "key %uz (\"%V\"): "
                                           "unsupported \"alg\"", i, &kid);
-                rc = NGX_ERROR;
-                break;
+                goto skip;
             }
         }
 
@@ -660,10 +704,9 @@ ngx_http_infer_auth_keyset_jwks(ngx_http_infer_auth_keyset_t *ks,
                                         &secret)
                 != NGX_OK)
             {
-                ngx_http_infer_auth_error(err, "key %uz (\"%V\"): "
+                ngx_http_infer_auth_error(reason, "key %uz (\"%V\"): "
                                           "malformed \"k\"", i, &kid);
-                rc = NGX_ERROR;
-                break;
+                goto skip;
             }
 
             if (alg == NULL) {
@@ -672,17 +715,15 @@ ngx_http_infer_auth_keyset_jwks(ngx_http_infer_auth_keyset_t *ks,
             }
 
         } else {
-            ngx_http_infer_auth_error(err, "key %uz (\"%V\"): "
+            ngx_http_infer_auth_error(reason, "key %uz (\"%V\"): "
                                       "unsupported \"kty\"", i, &kid);
-            rc = NGX_ERROR;
-            break;
+            goto skip;
         }
 
         if (pkey == NULL && secret.data == NULL) {
-            ngx_http_infer_auth_error(err, "key %uz (\"%V\"): "
+            ngx_http_infer_auth_error(reason, "key %uz (\"%V\"): "
                                       "malformed %V key", i, &kid, &kty);
-            rc = NGX_ERROR;
-            break;
+            goto skip;
         }
 
         if (alg == NULL) {
@@ -690,12 +731,25 @@ ngx_http_infer_auth_keyset_jwks(ngx_http_infer_auth_keyset_t *ks,
         }
 
         if (ngx_http_infer_auth_key_add(ks, pkey, pkey ? NULL : &secret, alg,
-                                        &kid, err)
-            != NGX_OK)
+                                        &kid, reason)
+            == NGX_OK)
         {
-            rc = NGX_ERROR;
-            break;
+            continue;
         }
+
+    skip:
+
+        /* the first reason is the one told */
+        if (ks->skipped++ == 0) {
+            ngx_memcpy(err, reason, NGX_HTTP_INFER_AUTH_ERRSTR);
+        }
+    }
+
+    rc = NGX_OK;
+
+    if (ks->keys.nelts == 0 && ks->skipped) {
+        /* nothing usable: a rotation gone wrong must be noticed */
+        rc = NGX_ERROR;
     }
 
     json_decref(root);

@@ -167,6 +167,12 @@ ngx_http_infer_auth_watch_load(ngx_http_infer_auth_watch_t *w,
             ks = NULL;
         }
 
+        if (ks && ks->skipped) {
+            ngx_log_error(NGX_LOG_WARN, log, 0,
+                          "infer_auth_jwks \"%V\": %ui keys skipped, the "
+                          "first: %s", &w->file.name, ks->skipped, err);
+        }
+
         data = ks;
 
     } else {

@@ -39,6 +39,7 @@ static ngx_int_t ngx_http_infer_auth_strip(ngx_http_request_t *r,
     ngx_http_infer_auth_loc_conf_t *lcf);
 static ngx_uint_t ngx_http_infer_auth_credential_header(
     ngx_http_infer_auth_loc_conf_t *lcf, ngx_table_elt_t *h);
+static void ngx_http_infer_auth_reset(ngx_http_infer_auth_ctx_t *ctx);
 static ngx_http_infer_auth_ctx_t *ngx_http_infer_auth_get_ctx(
     ngx_http_request_t *r);
 static void ngx_http_infer_auth_cleanup(void *data);
@@ -249,22 +250,28 @@ ngx_module_t  ngx_http_infer_auth_module = {
 static ngx_http_variable_t  ngx_http_infer_auth_vars[] = {
 
     { ngx_string("infer_tenant"), NULL, ngx_http_infer_auth_variable,
-      offsetof(ngx_http_infer_auth_ctx_t, tenant), 0, 0 },
+      offsetof(ngx_http_infer_auth_ctx_t, tenant),
+      NGX_HTTP_VAR_NOCACHEABLE, 0 },
 
     { ngx_string("infer_subject"), NULL, ngx_http_infer_auth_variable,
-      offsetof(ngx_http_infer_auth_ctx_t, subject), 0, 0 },
+      offsetof(ngx_http_infer_auth_ctx_t, subject),
+      NGX_HTTP_VAR_NOCACHEABLE, 0 },
 
     { ngx_string("infer_key_id"), NULL, ngx_http_infer_auth_variable,
-      offsetof(ngx_http_infer_auth_ctx_t, key_id), 0, 0 },
+      offsetof(ngx_http_infer_auth_ctx_t, key_id),
+      NGX_HTTP_VAR_NOCACHEABLE, 0 },
 
     { ngx_string("infer_auth_method"), NULL, ngx_http_infer_auth_variable,
-      offsetof(ngx_http_infer_auth_ctx_t, method), 0, 0 },
+      offsetof(ngx_http_infer_auth_ctx_t, method),
+      NGX_HTTP_VAR_NOCACHEABLE, 0 },
 
     { ngx_string("infer_plan"), NULL, ngx_http_infer_auth_variable,
-      offsetof(ngx_http_infer_auth_ctx_t, plan), 0, 0 },
+      offsetof(ngx_http_infer_auth_ctx_t, plan),
+      NGX_HTTP_VAR_NOCACHEABLE, 0 },
 
     { ngx_string("infer_allowed_models"), NULL, ngx_http_infer_auth_variable,
-      offsetof(ngx_http_infer_auth_ctx_t, models), 0, 0 },
+      offsetof(ngx_http_infer_auth_ctx_t, models),
+      NGX_HTTP_VAR_NOCACHEABLE, 0 },
 
     { ngx_string("infer_auth_status"), NULL,
       ngx_http_infer_auth_variable_status, 0, NGX_HTTP_VAR_NOCACHEABLE, 0 },
@@ -341,8 +348,18 @@ ngx_http_infer_auth_handler(ngx_http_request_t *r)
     }
 
     if (ctx->decided) {
-        return ctx->rc;
+        if (ctx->conf == lcf) {
+            return ctx->rc;
+        }
+
+        /*
+         * an internal redirect to a location configured otherwise (other
+         * keys, audiences, models): the same credentials, decided again
+         */
+        ngx_http_infer_auth_reset(ctx);
     }
+
+    ctx->conf = lcf;
 
     ngx_log_debug0(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
                    "infer auth access handler");
@@ -504,6 +521,7 @@ ngx_http_infer_auth_jwt(ngx_http_request_t *r, ngx_http_infer_auth_ctx_t *ctx,
 {
     u_char                             err[NGX_HTTP_INFER_AUTH_ERRSTR];
     json_t                            *exp;
+    ngx_str_t                          sig;
     ngx_int_t                          rc;
     ngx_uint_t                         i, candidates;
     ngx_http_infer_auth_keyset_t      *sets[3];
@@ -562,6 +580,19 @@ ngx_http_infer_auth_jwt(ngx_http_request_t *r, ngx_http_infer_auth_ctx_t *ctx,
                        NGX_HTTP_INFER_AUTH_INVALID, "invalid_token",
                        "%s", err);
         }
+
+        /*
+         * the decoder's buffer is the worker's: the request may wait for
+         * a JWKS fetch while others decode theirs
+         */
+        sig.len = ctx->jwt.signature.len;
+        sig.data = ngx_pnalloc(r->pool, sig.len);
+        if (sig.data == NULL) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
+        ngx_memcpy(sig.data, ctx->jwt.signature.data, sig.len);
+        ctx->jwt.signature = sig;
 
         ctx->decoded = 1;
         ctx->key_id = ctx->jwt.kid;
@@ -1004,7 +1035,12 @@ ngx_http_infer_auth_strip(ngx_http_request_t *r,
         *nh = h[i];
     }
 
-    r->headers_in.authorization = NULL;
+    if (lcf->header.len == sizeof("authorization") - 1
+        && ngx_strncmp(lcf->header.data, "authorization",
+                       lcf->header.len) == 0)
+    {
+        r->headers_in.authorization = NULL;
+    }
 
     return NGX_OK;
 }
@@ -1124,6 +1160,27 @@ ngx_http_infer_auth_reject(ngx_http_request_t *r,
     }
 
     return ctx->http_status;
+}
+
+
+/* a decision forgotten, the credentials kept */
+
+static void
+ngx_http_infer_auth_reset(ngx_http_infer_auth_ctx_t *ctx)
+{
+    ngx_str_t  credential, method;
+    unsigned   api_key;
+
+    credential = ctx->credential;
+    method = ctx->method;
+    api_key = ctx->api_key;
+
+    ngx_http_infer_auth_jwt_free(&ctx->jwt);
+    ngx_memzero(ctx, sizeof(ngx_http_infer_auth_ctx_t));
+
+    ctx->credential = credential;
+    ctx->method = method;
+    ctx->api_key = api_key;
 }
 
 

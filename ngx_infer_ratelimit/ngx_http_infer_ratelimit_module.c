@@ -617,10 +617,16 @@ ngx_http_infer_ratelimit_result(ngx_http_request_t *r,
         return NGX_DECLINED;
     }
 
-    if (!ctx->sent) {
-        ctx->sent = 1;
-        ngx_http_finalize_request(r, ngx_http_infer_ratelimit_refuse(r, ctx));
+    if (ctx->sent) {
+        /*
+         * back after the refusal itself failed and error_page sent the
+         * request elsewhere: that location answers
+         */
+        return NGX_DECLINED;
     }
+
+    ctx->sent = 1;
+    ngx_http_finalize_request(r, ngx_http_infer_ratelimit_refuse(r, ctx));
 
     return NGX_DONE;
 }

@@ -64,6 +64,7 @@ typedef struct {
     ngx_connection_t                   *c;
     ngx_event_t                         connect_timer;
     ngx_uint_t                          state;
+    ngx_uint_t                          handshaken; /* SCRIPT LOAD done */
     ngx_msec_t                          next_try;
     ngx_msec_t                          backoff;
     ngx_http_infer_ratelimit_redis_conf_t  *rcf;
@@ -137,11 +138,14 @@ static ngx_str_t  ngx_http_infer_ratelimit_script = ngx_string(
 "  local v = tonumber(redis.call('GET', KEYS[i]))\n"
 "  if win == 0 then\n"
 "    local c = v or 0\n"
+"    local pt = redis.call('PTTL', KEYS[i])\n"
+"    if pt <= 0 then\n"
+"      pt = " ngx_value(NGX_HTTP_INFER_RL_CONCURRENCY_TTL) "\n"
+"    end\n"
 "    if not admit then\n"
 "      c = c + cost\n"
 "      if c > 0 then\n"
-"        redis.call('SET', KEYS[i], string.format('%.0f', c), 'PX', "
-    ngx_value(NGX_HTTP_INFER_RL_CONCURRENCY_TTL) ")\n"
+"        redis.call('SET', KEYS[i], string.format('%.0f', c), 'PX', pt)\n"
 "      else\n"
 "        redis.call('DEL', KEYS[i])\n"
 "      end\n"
@@ -155,7 +159,7 @@ static ngx_str_t  ngx_http_infer_ratelimit_script = ngx_string(
 "      res[a + 1] = 0\n"
 "      res[a + 2] = 0\n"
 "      new[i] = c + cost\n"
-"      ttl[i] = " ngx_value(NGX_HTTP_INFER_RL_CONCURRENCY_TTL) "\n"
+"      ttl[i] = pt\n"
 "    end\n"
 "  else\n"
 "    local em = win / limit\n"
@@ -179,7 +183,7 @@ static ngx_str_t  ngx_http_infer_ratelimit_script = ngx_string(
 "      local nt = tat + cost * em\n"
 "      if cost > limit or nt - now > win then\n"
 "        res[1] = 0\n"
-"        res[a] = math.floor((now + win - tat) / em + 1e-6)\n"
+"        res[a] = math.max(0, math.floor((now + win - tat) / em + 1e-6))\n"
 "        res[a + 1] = math.ceil((tat - now) / 1000)\n"
 "        if cost > limit then\n"
 "          res[a + 2] = math.ceil(win / 1000)\n"
@@ -300,7 +304,8 @@ ngx_http_infer_ratelimit_redis_eval(ngx_http_request_t *r,
         item = &items[i];
 
         if (mode == NGX_HTTP_INFER_RL_ADMIT) {
-            units = (int64_t) item->cost;
+            /* more than the limit never fits: no overflow, no reset */
+            units = (int64_t) ngx_min(item->cost, item->limit->limit + 1);
 
         } else {
             units = (item->where == NGX_HTTP_INFER_RL_IN_REDIS)
@@ -336,7 +341,11 @@ ngx_http_infer_ratelimit_redis_eval(ngx_http_request_t *r,
     w->ev.handler = ngx_http_infer_ratelimit_redis_waiter_event;
     w->ev.data = w;
     w->ev.log = ngx_cycle->log;
-    w->ev.cancelable = 1;
+    /*
+     * a worker told to quit waits for an admission's answer (at most the
+     * timeout): the request it holds must not go unanswered
+     */
+    w->ev.cancelable = (mode != NGX_HTTP_INFER_RL_ADMIT);
 
     if (redisAsyncCommandArgv(rd->ac, ngx_http_infer_ratelimit_redis_reply,
                               w, w->argc, w->argv, w->argvlen)
@@ -606,7 +615,7 @@ ngx_http_infer_ratelimit_redis_cleanup(void *data)
         ngx_del_timer(&rd->connect_timer);
     }
 
-    if (rd->state == NGX_HTTP_INFER_RL_READY) {
+    if (rd->state == NGX_HTTP_INFER_RL_READY && rd->handshaken) {
         /* it worked until now: try again soon */
         rd->backoff = NGX_HTTP_INFER_RL_BACKOFF_MIN;
         rd->next_try = ngx_current_msec + rd->backoff;
@@ -615,6 +624,7 @@ ngx_http_infer_ratelimit_redis_cleanup(void *data)
     rd->c = NULL;
     rd->ac = NULL;
     rd->state = NGX_HTTP_INFER_RL_DOWN;
+    rd->handshaken = 0;
 }
 
 
@@ -668,7 +678,6 @@ ngx_http_infer_ratelimit_redis_connected(const redisAsyncContext *ac,
     }
 
     rd->state = NGX_HTTP_INFER_RL_READY;
-    rd->backoff = NGX_HTTP_INFER_RL_BACKOFF_MIN;
 
     ngx_log_debug0(NGX_LOG_DEBUG_EVENT, rd->log, 0,
                    "infer ratelimit: redis connected");
@@ -720,6 +729,17 @@ ngx_http_infer_ratelimit_redis_handshake(redisAsyncContext *ac, void *reply,
                                              (u_char *) rr->str);
         /* deferred by hiredis until this callback returns */
         redisAsyncFree(ac);
+        return;
+    }
+
+    if (ngx_strcmp((char *) privdata, "SCRIPT LOAD") == 0) {
+        /*
+         * the connection works (a Redis that accepts and never answers,
+         * or refuses AUTH, does not get here): the next failure may be
+         * retried soon
+         */
+        rd->handshaken = 1;
+        rd->backoff = NGX_HTTP_INFER_RL_BACKOFF_MIN;
     }
 }
 

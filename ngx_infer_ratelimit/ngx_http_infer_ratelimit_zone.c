@@ -342,10 +342,18 @@ ngx_http_infer_ratelimit_zone_eval(ngx_shm_zone_t *zone,
         em = win / item->limit_n;
         tat = ngx_max(lrn->tat, now);
 
+        if (local && item->cost > item->limit_n) {
+            /*
+             * a replica's share of the limit smaller than one request's
+             * estimate: during an outage, one such request at a time
+             */
+            item->cost = item->limit_n;
+        }
+
         if (item->cost > item->limit_n) {
             /* can never fit: as long a wait as a whole window */
             item->refused = 1;
-            item->remaining = (now + win - tat) / em;
+            item->remaining = (tat - now >= win) ? 0 : (now + win - tat) / em;
             item->reset = (tat - now) / 1000000;
             item->retry = item->limit->window;
             refused = 1;
@@ -356,7 +364,8 @@ ngx_http_infer_ratelimit_zone_eval(ngx_shm_zone_t *zone,
 
         if (next - now > win) {
             item->refused = 1;
-            item->remaining = (now + win - tat) / em;
+            /* a debt may have pushed tat past the window */
+            item->remaining = (tat - now >= win) ? 0 : (now + win - tat) / em;
             item->reset = (tat - now + 999999) / 1000000;
             item->retry = (next - now - win + 999999) / 1000000;
             refused = 1;

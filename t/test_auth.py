@@ -495,6 +495,30 @@ def test_the_realm_is_configurable(nginx_factory, keys):
         'error_description="')
 
 
+@pytest.mark.parametrize("aud,status", [("a", 401), (["a", "b"], 200)])
+def test_a_redirect_to_a_location_configured_otherwise_decides_again(
+        nginx_factory, keys, aud, status):
+    """/a accepts audience a, then try_files sends the request to @b, which
+    accepts audience b only: @b decides again, with the same token (the
+    credentials were removed from the headers by then)."""
+    gw = start(nginx_factory, pem_directives(keys, ["RS256"]),
+               body="try_files /nonexistent @b;",
+               location="infer_auth_audience a;",
+               server_extra=f"""
+        location @b {{
+            infer_auth on;
+            infer_auth_audience b;
+            {SHOW}
+            {STATIC}
+        }}""")
+    r = get(gw, keys.token("RS256", kid="k-RS256", aud=aud), "/a")
+    assert r.status_code == status, (r.status_code, r.text[:300])
+    if status == 401:
+        assert "audience" in r.headers["www-authenticate"]
+    else:
+        assert r.headers["x-auth-status"] == "ok"
+
+
 @pytest.fixture
 def rsa_gw(nginx_factory, keys):
     return start(nginx_factory, pem_directives(keys, ["RS256"]))
@@ -703,13 +727,15 @@ def _malformed(keys):
         "no-header": "." + p + "." + s,
         "20kb": big,
         "dots": "..",
+        "padded-signature": good + "." + s + "=x",
     }
 
 
 MALFORMED = ["bad-base64", "bad-base64-header", "non-json-header",
              "header-array", "alg-not-a-string", "non-json-payload",
              "payload-array", "garbage-header", "2-segments", "4-segments",
-             "5-segments", "empty-signature", "no-header", "20kb", "dots"]
+             "5-segments", "empty-signature", "no-header", "20kb", "dots",
+             "padded-signature"]
 
 
 @pytest.mark.parametrize("case", MALFORMED)
@@ -819,7 +845,26 @@ def test_nginx_t_refuses_a_public_key_as_an_hmac_secret(nginx_factory,
                              "alg=HS256;"), modules=["auth"], start=False)
     ok, out = n.check_config()
     assert not ok
-    assert "a PEM file cannot be an HS256 secret" in out
+    assert "a public key (PEM, DER or JWK) cannot be an HS256 secret" in out
+
+
+@pytest.mark.parametrize("form", ["der", "jwk"])
+def test_nginx_t_refuses_a_der_or_jwk_public_key_as_an_hmac_secret(
+        nginx_factory, keys, tmp_path, form):
+    pub = serialization.load_pem_public_key(
+        Path(keys.files["RS256"]).read_bytes())
+    f = tmp_path / f"key.{form}"
+    if form == "der":
+        f.write_bytes(pub.public_bytes(
+            serialization.Encoding.DER,
+            serialization.PublicFormat.SubjectPublicKeyInfo))
+    else:
+        f.write_text(jwk.JWK.from_pyca(pub).export_public())
+    n = nginx_factory(server(f"infer_auth_jwt_key {f} alg=HS256;"),
+                      modules=["auth"], start=False)
+    ok, out = n.check_config()
+    assert not ok
+    assert "cannot be an HS256 secret" in out
 
 
 @pytest.mark.parametrize("what", ["missing", "not-a-key", "bad-pem"])
@@ -1742,7 +1787,8 @@ def test_jwks_uri_fetch_is_a_get_without_the_clients_body(nginx_factory,
     r = requests.post(gw.url + "/", data=b'{"model": "m", "x": 1}',
                       headers={"Authorization": "Bearer " + tok,
                                "Content-Type": "application/json",
-                               "Cookie": "session=secret"}, timeout=10)
+                               "Cookie": "session=secret",
+                               "Range": "bytes=0-1"}, timeout=10)
     # a POST to a static file: 405 from nginx, after auth let it through
     assert r.status_code == 405 and r.headers["x-auth-status"] == "ok"
     assert len(s.seen) == 1
@@ -1751,7 +1797,8 @@ def test_jwks_uri_fetch_is_a_get_without_the_clients_body(nginx_factory,
     # no body, and none announced: the client's Content-Length (22) must
     # not reach the provider with a GET that has no body
     assert headers.get("content-length", "0") == "0", headers
-    assert not {"authorization", "cookie", "content-type"} & set(headers)
+    assert not {"authorization", "cookie", "content-type", "range"} \
+        & set(headers)
 
 
 @pytest.mark.parametrize("answer", ["500", "not-json", "no-keys-member",
@@ -1777,14 +1824,14 @@ def test_jwks_uri_cold_cache_and_provider_failing_is_503(nginx_factory,
     assert r.headers.get("x-auth-status") == "unavailable"
 
 
-@pytest.mark.parametrize("failure", ["500", "not-json", "bad-key", "slow",
-                                     "down"])
+@pytest.mark.parametrize("failure", ["500", "not-json", "no-usable-key",
+                                     "slow", "down"])
 def test_jwks_uri_a_failed_fetch_keeps_the_cached_keys(nginx_factory, keys,
                                                        idp, failure):
-    """The ttl is over and the provider fails (500, junk, a set with one
-    broken key: "a new JWKS is checked whole before any worker uses it",
-    an answer slower than proxy_read_timeout, or down): the cached keys go
-    on being used, in every worker, and the failure is logged at error."""
+    """The ttl is over and the provider fails (500, junk, a set with no
+    usable key, an answer slower than proxy_read_timeout, or down): the
+    cached keys go on being used, in every worker, and the failure is
+    logged at error."""
     s = idp()
     gw = jwks_uri_gw(nginx_factory, s.port, "ttl=1s refresh=1s timeout=2s",
                      listen_extra="reuseport")
@@ -1794,9 +1841,10 @@ def test_jwks_uri_a_failed_fetch_keeps_the_cached_keys(nginx_factory, keys,
         s.status = 500
     elif failure == "not-json":
         s.raw = b'{"keys": [{"kty": "RSA", '
-    elif failure == "bad-key":
-        s.set({"keys": [keys.jwk("RS256", "k1"), keys.jwk("ES256", "k2"),
-                        {"kty": "RSA", "kid": "b", "n": "!!!", "e": "AQAB"}]})
+    elif failure == "no-usable-key":
+        s.set({"keys": [{"kty": "RSA", "kid": "b", "n": "!!!", "e": "AQAB"},
+                        {"kty": "EC", "kid": "c", "crv": "secp256k1",
+                         "x": "AA", "y": "AA"}]})
     elif failure == "slow":
         s.delay = 3.0
     else:
@@ -1812,10 +1860,26 @@ def test_jwks_uri_a_failed_fetch_keeps_the_cached_keys(nginx_factory, keys,
                  what="a fetch after the ttl")
     wait_for(lambda: re.search(r"\[error\].*", gw.log_text()), timeout=4,
              what="the failed fetch logged at error")
-    if failure == "bad-key":            # nothing of the broken set is used
-        assert_invalid(get(gw, keys.token("ES256", kid="k2")))
     for _ in range(3 if failure == "slow" else 4):
         assert_ok(get(gw, tok))
+
+
+def test_jwks_uri_keys_it_cannot_use_are_skipped(nginx_factory, keys, idp):
+    """Providers publish keys beside the signing ones that this module
+    cannot use (another curve, a malformed or weak key): those are
+    skipped, with a warning, and the others work."""
+    s = idp()
+    s.set({"keys": [keys.jwk("RS256", "k1"), keys.jwk("ES256", "k2"),
+                    {"kty": "RSA", "kid": "b", "n": "!!!", "e": "AQAB"},
+                    {"kty": "EC", "kid": "c", "crv": "secp256k1",
+                     "x": "AA", "y": "AA"}]})
+    gw = jwks_uri_gw(nginx_factory, s.port, "ttl=10m")
+    assert_ok(get(gw, keys.token("RS256", kid="k1")))
+    assert_ok(get(gw, keys.token("ES256", kid="k2")))
+    assert_invalid(get(gw, keys.token("RS256", kid="b")))
+    wait_for(lambda: re.search(r"\[warn\].*2 keys skipped, the first: key 2",
+                               gw.log_text()), timeout=4,
+             what="the skipped keys logged at warn")
 
 
 @pytest.mark.parametrize("failure", ["500", "not-json"])

@@ -523,3 +523,37 @@ def test_workers_serve_others_while_calls_wait(nginx_factory, blackhole):
     assert results == ["degraded"] * 8
     # well under the 1.5 s the waiting requests are held: nothing stalled
     assert served < 1.0, served
+
+
+def test_a_debt_past_the_window_refuses_and_is_not_an_outage(nginx_factory,
+                                                             redis, sim):
+    """An answer that used three windows' worth of tokens leaves the key in
+    debt past the window: the next request is refused with 0 remaining, by
+    the limit, not let through as if Redis had failed (fail_open)."""
+    n = nginx_factory(proxy_conf(
+        redis.addr, sim, "infer_ratelimit_limit tpm global tokens=1000/m;"))
+    s = requests.Session()
+    assert chat(n, s, 10, 3000).status_code == 200
+    r = chat(n, s, 10, 1)
+    assert r.status_code == 429, r.headers
+    assert r.headers["X-RL-Status"] == "limited"
+    assert r.headers["x-ratelimit-remaining-tokens"] == "0"
+    n.stop()
+    assert "unexpected" not in n.log_text()
+
+
+def test_a_concurrency_key_keeps_the_expiry_it_was_made_with(nginx_factory,
+                                                              redis, sim):
+    """A slot lost to an outage is recovered when the key expires: new
+    admissions do not push the expiry back."""
+    from test_ratelimit import slow_chats
+    n = nginx_factory(proxy_conf(
+        redis.addr, sim, "infer_ratelimit_limit inflight global "
+                         "concurrency=5;"))
+    c = redis.client()
+    key = "infer:rl:{global}:inflight"
+    c.set(key, 1, px=600000)            # a slot whose release was lost
+    time.sleep(0.2)
+    assert sorted(slow_chats(n, 2, ttft_ms=300)) == [200, 200]
+    assert int(c.get(key)) == 1
+    assert c.pttl(key) <= 600000 - 200
