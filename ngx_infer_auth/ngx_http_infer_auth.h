@@ -27,6 +27,9 @@
 
 #define NGX_HTTP_INFER_AUTH_ERRSTR     256
 
+/* a JWKS larger than this is refused */
+#define NGX_HTTP_INFER_AUTH_JWKS_MAX   (1024 * 1024)
+
 
 /* what went wrong, into err of NGX_HTTP_INFER_AUTH_ERRSTR bytes */
 #define ngx_http_infer_auth_error(err, ...)                                   \
@@ -161,6 +164,16 @@ typedef struct {
 } ngx_http_infer_auth_watch_t;
 
 
+/* the answer of a JWKS subrequest, as the body filter takes it */
+
+typedef struct {
+    u_char                           *data;
+    size_t                            len;
+    size_t                            size;
+    unsigned                          failed:1;
+} ngx_http_infer_auth_jwks_body_t;
+
+
 /* a JWKS as the workers share it */
 
 typedef struct {
@@ -271,6 +284,8 @@ ngx_int_t ngx_http_infer_auth_reject(ngx_http_request_t *r,
     ngx_http_infer_auth_ctx_t *ctx, ngx_http_infer_auth_loc_conf_t *lcf,
     ngx_http_infer_auth_status_e status, const char *code,
     const char *fmt, ...);
+ngx_int_t ngx_http_infer_auth_jwks_body(ngx_http_request_t *r,
+    ngx_http_infer_auth_jwks_body_t *body, ngx_chain_t *in);
 ngx_int_t ngx_http_infer_auth_jwks_prepare(ngx_http_request_t *r,
     ngx_http_infer_auth_ctx_t *ctx, ngx_http_infer_auth_jwks_uri_t *u);
 void ngx_http_infer_auth_watch_timer(ngx_event_t *ev);

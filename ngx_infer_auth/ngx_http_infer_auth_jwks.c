@@ -207,9 +207,10 @@ static ngx_int_t
 ngx_http_infer_auth_jwks_fetch(ngx_http_request_t *r,
     ngx_http_infer_auth_ctx_t *ctx, ngx_http_infer_auth_jwks_uri_t *u)
 {
-    ngx_str_t                    server;
-    ngx_table_elt_t             *host;
-    ngx_http_request_t          *sr;
+    ngx_str_t                         server;
+    ngx_table_elt_t                  *host;
+    ngx_http_request_t               *sr;
+    ngx_http_infer_auth_jwks_body_t  *body;
     ngx_http_post_subrequest_t  *ps;
 
     static ngx_str_t  get = ngx_string("GET");
@@ -230,14 +231,26 @@ ngx_http_infer_auth_jwks_fetch(ngx_http_request_t *r,
     /* the phases run again once the subrequest is done */
     r->write_event_handler = ngx_http_core_run_phases;
 
+    /*
+     * not an in-memory subrequest: nginx fails one whose answer outgrows
+     * subrequest_output_buffer_size, and the client's connection with
+     * it; the body filter takes the answer instead
+     */
+
     if (ngx_http_subrequest(r, &u->uri, NULL, &sr, ps,
-                            NGX_HTTP_SUBREQUEST_WAITED
-                            |NGX_HTTP_SUBREQUEST_IN_MEMORY)
+                            NGX_HTTP_SUBREQUEST_WAITED)
         != NGX_OK)
     {
         ngx_http_infer_auth_jwks_store(u, NULL, 0, r->connection->log);
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
+
+    body = ngx_pcalloc(r->pool, sizeof(ngx_http_infer_auth_jwks_body_t));
+    if (body == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    ngx_http_set_ctx(sr, body, ngx_http_infer_auth_module);
 
     /* a GET without the client's body */
 
@@ -282,19 +295,21 @@ ngx_http_infer_auth_jwks_done(ngx_http_request_t *r, void *data,
 {
     ngx_http_infer_auth_jwks_uri_t *u = data;
 
-    u_char                        err[NGX_HTTP_INFER_AUTH_ERRSTR];
-    ngx_buf_t                    *b;
-    ngx_http_infer_auth_keyset_t *ks;
+    u_char                           err[NGX_HTTP_INFER_AUTH_ERRSTR];
+    ngx_http_infer_auth_keyset_t     *ks;
+    ngx_http_infer_auth_jwks_body_t  *b;
 
-    b = r->out ? r->out->buf : NULL;
+    b = ngx_http_get_module_ctx(r, ngx_http_infer_auth_module);
 
     if (rc != NGX_OK || r->headers_out.status != NGX_HTTP_OK
-        || b == NULL || b->last == b->pos)
+        || b == NULL || b->failed || b->len == 0)
     {
         ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
                       "infer_auth_jwks_uri \"%V\": the fetch failed "
-                      "(status %ui), keeping the keys cached",
-                      &u->uri, r->headers_out.status);
+                      "(status %ui%s), keeping the keys cached",
+                      &u->uri, r->headers_out.status,
+                      (b && b->failed) ? ", an answer too large or "
+                      "buffered to a file" : "");
 
         ngx_http_infer_auth_jwks_store(u, NULL, 0, r->connection->log);
 
@@ -307,7 +322,7 @@ ngx_http_infer_auth_jwks_done(ngx_http_request_t *r, void *data,
     ks = ngx_http_infer_auth_keyset_create(r->connection->log);
 
     if (ks == NULL
-        || ngx_http_infer_auth_keyset_jwks(ks, b->pos, b->last - b->pos, err)
+        || ngx_http_infer_auth_keyset_jwks(ks, b->data, b->len, err)
            != NGX_OK)
     {
         if (ks) {
@@ -329,8 +344,7 @@ ngx_http_infer_auth_jwks_done(ngx_http_request_t *r, void *data,
     }
 
     ngx_http_infer_auth_keyset_free(ks);
-    ngx_http_infer_auth_jwks_store(u, b->pos, b->last - b->pos,
-                                   r->connection->log);
+    ngx_http_infer_auth_jwks_store(u, b->data, b->len, r->connection->log);
 
     return NGX_OK;
 }
@@ -603,7 +617,10 @@ ngx_http_infer_auth_jwks_uri_conf(ngx_conf_t *cf, ngx_command_t *cmd,
     if (amcf->zone == NULL) {
         ngx_str_set(&name, "infer_auth_jwks");
 
-        amcf->zone = ngx_shared_memory_add(cf, &name, 1024 * 1024,
+        /* room for a JWKS of the largest size twice, while one replaces
+         * the other */
+        amcf->zone = ngx_shared_memory_add(cf, &name,
+                                           4 * NGX_HTTP_INFER_AUTH_JWKS_MAX,
                                            &ngx_http_infer_auth_module);
         if (amcf->zone == NULL) {
             return NGX_CONF_ERROR;
@@ -623,4 +640,73 @@ invalid:
                        "invalid parameter \"%V\"", &value[i]);
 
     return NGX_CONF_ERROR;
+}
+
+
+/*
+ * The subrequest's answer, taken as it passes the body filter (and kept
+ * from the client's answer): at most NGX_HTTP_INFER_AUTH_JWKS_MAX bytes,
+ * from memory buffers.  NGX_OK: consumed.
+ */
+
+ngx_int_t
+ngx_http_infer_auth_jwks_body(ngx_http_request_t *r,
+    ngx_http_infer_auth_jwks_body_t *body, ngx_chain_t *in)
+{
+    u_char       *p;
+    size_t        n, size;
+    ngx_buf_t    *b;
+    ngx_chain_t  *cl;
+
+    for (cl = in; cl; cl = cl->next) {
+        b = cl->buf;
+
+        if (body->failed || ngx_buf_special(b)) {
+            goto consumed;
+        }
+
+        if (!ngx_buf_in_memory(b)) {
+            /* proxy_max_temp_file_size 0 keeps a JWKS in memory */
+            body->failed = 1;
+            goto consumed;
+        }
+
+        n = b->last - b->pos;
+
+        if (body->len + n > NGX_HTTP_INFER_AUTH_JWKS_MAX) {
+            body->failed = 1;
+            goto consumed;
+        }
+
+        if (body->len + n > body->size) {
+            size = ngx_max(2 * body->size, body->len + n);
+            size = ngx_max(size, 4096);
+
+            p = ngx_pnalloc(r->pool, size);
+            if (p == NULL) {
+                body->failed = 1;
+                goto consumed;
+            }
+
+            if (body->len) {
+                ngx_memcpy(p, body->data, body->len);
+            }
+
+            body->data = p;
+            body->size = size;
+        }
+
+        ngx_memcpy(body->data + body->len, b->pos, n);
+        body->len += n;
+
+    consumed:
+
+        b->pos = b->last;
+
+        if (b->in_file) {
+            b->file_pos = b->file_last;
+        }
+    }
+
+    return NGX_OK;
 }

@@ -30,8 +30,6 @@
 /* the smallest RSA modulus accepted, in bits */
 #define NGX_HTTP_INFER_AUTH_RSA_MIN   2048
 
-/* a JWKS larger than this is refused */
-#define NGX_HTTP_INFER_AUTH_JWKS_MAX  (1024 * 1024)
 
 
 static ngx_int_t ngx_http_infer_auth_b64(ngx_pool_t *pool, json_t *v,

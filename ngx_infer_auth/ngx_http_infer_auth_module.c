@@ -1301,11 +1301,19 @@ ngx_http_infer_auth_header_filter(ngx_http_request_t *r)
 static ngx_int_t
 ngx_http_infer_auth_body_filter(ngx_http_request_t *r, ngx_chain_t *in)
 {
-    ngx_buf_t                  *b;
-    ngx_chain_t                *cl, out;
-    ngx_http_infer_auth_ctx_t  *ctx;
+    ngx_buf_t                        *b;
+    ngx_chain_t                      *cl, out;
+    ngx_http_infer_auth_ctx_t        *ctx;
+    ngx_http_infer_auth_jwks_body_t  *body;
 
     if (r != r->main) {
+        body = ngx_http_get_module_ctx(r, ngx_http_infer_auth_module);
+
+        if (body) {
+            /* a JWKS subrequest's answer: ours, not the client's */
+            return ngx_http_infer_auth_jwks_body(r, body, in);
+        }
+
         return ngx_http_next_body_filter(r, in);
     }
 

@@ -1679,7 +1679,7 @@ def jwks_uri_gw(nginx_factory, port, params="ttl=5m", listen_extra="",
             proxy_pass_request_body off;
             proxy_connect_timeout 1s;
             proxy_read_timeout 1s;
-            subrequest_output_buffer_size 64k;
+            proxy_buffering off;
         }}
         location / {{
             infer_auth on;
@@ -1825,7 +1825,7 @@ def test_jwks_uri_cold_cache_and_provider_failing_is_503(nginx_factory,
 
 
 @pytest.mark.parametrize("failure", ["500", "not-json", "no-usable-key",
-                                     "slow", "down"])
+                                     "too-big", "slow", "down"])
 def test_jwks_uri_a_failed_fetch_keeps_the_cached_keys(nginx_factory, keys,
                                                        idp, failure):
     """The ttl is over and the provider fails (500, junk, a set with no
@@ -1845,6 +1845,10 @@ def test_jwks_uri_a_failed_fetch_keeps_the_cached_keys(nginx_factory, keys,
         s.set({"keys": [{"kty": "RSA", "kid": "b", "n": "!!!", "e": "AQAB"},
                         {"kty": "EC", "kid": "c", "crv": "secp256k1",
                          "x": "AA", "y": "AA"}]})
+    elif failure == "too-big":
+        # over the 1 MB a JWKS may have: refused, the client still served
+        s.raw = json.dumps({"keys": [keys.jwk("RS256", "k1")],
+                            "pad": "x" * (1200 * 1024)}).encode()
     elif failure == "slow":
         s.delay = 3.0
     else:
@@ -1925,8 +1929,7 @@ def test_jwks_uri_a_reload_keeps_the_cache(nginx_factory, keys, idp):
 
 
 def test_jwks_uri_a_large_key_set(nginx_factory, keys, idp):
-    """45 RSA keys (about 18 KB of JSON), within
-    subrequest_output_buffer_size: the last one verifies."""
+    """45 RSA keys (about 18 KB of JSON): the last one verifies."""
     doc = {"keys": [keys.jwk("RS256", f"old-{i}", other=True)
                     for i in range(44)] + [keys.jwk("RS256", "k1")]}
     assert len(json.dumps(doc)) > 16000
