@@ -105,6 +105,7 @@ ngx_int_t ngx_http_infer_ratelimit_redis_eval(ngx_http_request_t *r,
 ngx_int_t ngx_http_infer_ratelimit_redis_init_process(ngx_cycle_t *cycle,
     ngx_http_infer_ratelimit_redis_conf_t *rcf);
 void ngx_http_infer_ratelimit_redis_exit_process(ngx_cycle_t *cycle);
+ngx_uint_t ngx_http_infer_ratelimit_redis_up(void);
 ngx_shm_zone_t *ngx_http_infer_ratelimit_zone_add(ngx_conf_t *cf,
     ngx_str_t *name, size_t size);
 ngx_int_t ngx_http_infer_ratelimit_zone_eval(ngx_shm_zone_t *zone,

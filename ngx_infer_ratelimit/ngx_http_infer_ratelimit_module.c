@@ -208,6 +208,7 @@ ngx_module_t  ngx_http_infer_ratelimit_module = {
 #define NGX_HTTP_INFER_RL_VAR_TOKENS      2
 #define NGX_HTTP_INFER_RL_VAR_LIMITED_BY  3
 #define NGX_HTTP_INFER_RL_VAR_DEGRADED    4
+#define NGX_HTTP_INFER_RL_VAR_REDIS_UP    5
 
 static ngx_http_variable_t  ngx_http_infer_ratelimit_vars[] = {
 
@@ -229,6 +230,10 @@ static ngx_http_variable_t  ngx_http_infer_ratelimit_vars[] = {
 
     { ngx_string("infer_ratelimit_degraded_total"), NULL,
       ngx_http_infer_ratelimit_variable, NGX_HTTP_INFER_RL_VAR_DEGRADED,
+      NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("infer_ratelimit_redis_up"), NULL,
+      ngx_http_infer_ratelimit_variable, NGX_HTTP_INFER_RL_VAR_REDIS_UP,
       NGX_HTTP_VAR_NOCACHEABLE, 0 },
 
       ngx_http_null_variable
@@ -1114,6 +1119,15 @@ ngx_http_infer_ratelimit_variable(ngx_http_request_t *r,
         ngx_string("degraded"),
         ngx_string("shadow")
     };
+
+    if (data == NGX_HTTP_INFER_RL_VAR_REDIS_UP) {
+        v->valid = 1;
+        v->no_cacheable = 1;
+        v->not_found = 0;
+        v->len = 1;
+        v->data = (u_char *) (ngx_http_infer_ratelimit_redis_up() ? "1" : "0");
+        return NGX_OK;
+    }
 
     if (data == NGX_HTTP_INFER_RL_VAR_DEGRADED) {
         rmcf = ngx_http_get_module_main_conf(r,

@@ -1266,3 +1266,30 @@ invalid:
                        "invalid parameter \"%V\"", &value[i]);
     return NGX_CONF_ERROR;
 }
+
+
+/*
+ * Whether this worker's connection is up (its handshake done), for a
+ * readiness probe ($infer_ratelimit_redis_up).  A worker with no
+ * connection starts one, without waiting: a probe asks again.
+ */
+
+ngx_uint_t
+ngx_http_infer_ratelimit_redis_up(void)
+{
+    ngx_http_infer_ratelimit_redis_t  *rd;
+
+    rd = &ngx_http_infer_ratelimit_redis_worker;
+
+    if (rd->rcf == NULL) {
+        return 0;
+    }
+
+    if (rd->ac == NULL
+        && (ngx_msec_int_t) (rd->next_try - ngx_current_msec) <= 0)
+    {
+        (void) ngx_http_infer_ratelimit_redis_connect(rd);
+    }
+
+    return rd->ac && rd->state == NGX_HTTP_INFER_RL_READY && rd->handshaken;
+}

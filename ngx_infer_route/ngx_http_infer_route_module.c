@@ -92,6 +92,8 @@ static ngx_int_t ngx_http_infer_route_usage(ngx_http_infer_route_ctx_t *ctx,
 
 static ngx_int_t ngx_http_infer_route_variable(ngx_http_request_t *r,
     ngx_http_variable_value_t *v, uintptr_t data);
+static ngx_int_t ngx_http_infer_route_registry_variable(
+    ngx_http_request_t *r, ngx_http_variable_value_t *v, uintptr_t data);
 
 
 static char *ngx_http_infer_route_sources(ngx_conf_t *cf, ngx_command_t *cmd,
@@ -258,6 +260,10 @@ static ngx_http_variable_t  ngx_http_infer_route_vars[] = {
 
     { ngx_string("infer_ttft"), NULL, ngx_http_infer_route_variable,
       ngx_http_infer_route_var_ttft, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("infer_registry_models"), NULL,
+      ngx_http_infer_route_registry_variable, 0,
+      NGX_HTTP_VAR_NOCACHEABLE, 0 },
 
       ngx_http_null_variable
 };
@@ -1444,6 +1450,37 @@ ngx_http_infer_route_sources(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     }
 
     return NGX_CONF_OK;
+}
+
+
+/*
+ * $infer_registry_models: how many models the registry this worker uses
+ * holds, for a readiness probe (infer_metrics_ready_condition).
+ */
+
+static ngx_int_t
+ngx_http_infer_route_registry_variable(ngx_http_request_t *r,
+    ngx_http_variable_value_t *v, uintptr_t data)
+{
+    u_char                            *p;
+    ngx_http_infer_route_main_conf_t  *rmcf;
+
+    rmcf = ngx_http_get_module_main_conf(r, ngx_http_infer_route_module);
+
+    p = ngx_pnalloc(r->pool, NGX_INT_T_LEN);
+    if (p == NULL) {
+        return NGX_ERROR;
+    }
+
+    v->len = ngx_sprintf(p, "%ui",
+                         rmcf->current ? rmcf->current->models.nelts : 0)
+             - p;
+    v->valid = 1;
+    v->no_cacheable = 1;
+    v->not_found = 0;
+    v->data = p;
+
+    return NGX_OK;
 }
 
 

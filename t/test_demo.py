@@ -141,7 +141,14 @@ def test_demo_answers_and_stops_cleanly(tmp_path):
         assert served[("llama-3-8b", "acme")] >= 2
         assert served[("mistral-7b", "globex")] >= 1
         assert requests.get(base + "/healthz", timeout=10).status_code == 200
-        assert requests.get(base + "/readyz", timeout=10).status_code == 200
+        # ready once Redis answers in the worker asked (each connects when
+        # first asked)
+        deadline = time.monotonic() + 5
+        r = requests.get(base + "/readyz", timeout=10)
+        while r.status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            r = requests.get(base + "/readyz", timeout=10)
+        assert r.status_code == 200, r.text
 
         master = int((tmp_path / "nginx.pid").read_text())
     finally:

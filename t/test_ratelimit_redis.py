@@ -557,3 +557,29 @@ def test_a_concurrency_key_keeps_the_expiry_it_was_made_with(nginx_factory,
     assert sorted(slow_chats(n, 2, ttft_ms=300)) == [200, 200]
     assert int(c.get(key)) == 1
     assert c.pttl(key) <= 600000 - 200
+
+
+def test_redis_up_for_a_readiness_probe(nginx_factory, redis, blackhole):
+    """$infer_ratelimit_redis_up: 1 once this worker's connection has done
+    its handshake (asking starts one), 0 with a Redis that never answers."""
+    def probe(addr):
+        n = nginx_factory(f"""
+        infer_ratelimit_redis {addr} timeout=200ms connect_timeout=200ms;
+        server {{
+            listen 127.0.0.1:{{port}};
+            location / {{
+                root html; try_files /ok.txt =404;
+                add_header X-Redis-Up $infer_ratelimit_redis_up always;
+            }}
+        }}""", modules=["ratelimit"], workers=1)
+        seen = []
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and "1" not in seen:
+            seen.append(requests.get(n.url + "/", timeout=5)
+                        .headers["X-Redis-Up"])
+            time.sleep(0.05)
+        n.stop()
+        return seen
+    up = probe(redis.addr)
+    assert up[-1] == "1"
+    assert set(probe(f"127.0.0.1:{blackhole.port}")) == {"0"}

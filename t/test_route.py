@@ -984,3 +984,34 @@ def test_an_alias_and_injection_together(igw, pools):
     assert sent["model"] == "llama-3-8b"
     assert sent["stream_options"] == {"include_usage": True}
     assert sent["messages"] == CHAT["messages"]
+
+
+def test_registry_models_counts_the_registry_in_use(nginx_factory, tmp_path):
+    """$infer_registry_models, for a readiness probe: the models of the
+    registry a worker uses (infer_model and the registry file), followed
+    as the file changes."""
+    f = tmp_path / "models.json"
+    f.write_text(json.dumps({"models": [{"name": "extra-a",
+                                         "upstream": "pool"}]}))
+    n = nginx_factory(f"""
+    upstream pool {{ server 127.0.0.1:9; }}
+    infer_model base upstream=pool;
+    infer_model_registry {f} interval=100ms;
+    server {{
+        listen 127.0.0.1:{{port}};
+        location / {{
+            root html; try_files /ok.txt =404;
+            add_header X-Models $infer_registry_models always;
+        }}
+    }}""", modules=["route"])
+    assert requests.get(n.url + "/", timeout=5).headers["X-Models"] == "2"
+    f.write_text(json.dumps({"models": [
+        {"name": m, "upstream": "pool"} for m in ("x", "y", "z")]}))
+    deadline = time.monotonic() + 5
+    seen = set()
+    while time.monotonic() < deadline and seen != {"4"}:
+        seen = {requests.get(n.url + "/", timeout=5,
+                             headers={"Connection": "close"})
+                .headers["X-Models"] for _ in range(4)}
+        time.sleep(0.1)
+    assert seen == {"4"}
