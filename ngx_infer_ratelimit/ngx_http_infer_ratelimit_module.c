@@ -260,10 +260,10 @@ static ngx_uint_t  ngx_http_infer_ratelimit_key_max;
 static ngx_uint_t  ngx_http_infer_ratelimit_key_total;
 static ngx_uint_t  ngx_http_infer_ratelimit_key_model;
 static ngx_uint_t  ngx_http_infer_ratelimit_key_usage_prompt;
+static ngx_uint_t  ngx_http_infer_ratelimit_key_usage_completion;
 
 /* the route module is loaded: a request without a model spends no tokens */
 static ngx_uint_t  ngx_http_infer_ratelimit_route;
-static ngx_uint_t  ngx_http_infer_ratelimit_key_usage_completion;
 
 
 static ngx_http_output_header_filter_pt  ngx_http_next_header_filter;
