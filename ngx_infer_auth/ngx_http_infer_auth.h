@@ -62,6 +62,7 @@ typedef struct {
     ngx_str_t                      kid;         /* empty: none */
     ngx_http_infer_auth_alg_t     *alg;
     EVP_PKEY                      *pkey;
+    EVP_PKEY_CTX                  *vctx;        /* made on first use */
     ngx_str_t                      secret;
 } ngx_http_infer_auth_key_t;
 

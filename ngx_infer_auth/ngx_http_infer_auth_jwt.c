@@ -32,6 +32,11 @@
 
 
 
+static const EVP_MD *ngx_http_infer_auth_md(ngx_http_infer_auth_alg_t *alg);
+static ngx_int_t ngx_http_infer_auth_verify_ctx(
+    ngx_http_infer_auth_key_t *key);
+static ngx_int_t ngx_http_infer_auth_verify_eddsa(
+    ngx_http_infer_auth_jwt_t *jwt, ngx_http_infer_auth_key_t *key);
 static ngx_int_t ngx_http_infer_auth_b64(ngx_pool_t *pool, json_t *v,
     ngx_str_t *out);
 static ngx_int_t ngx_http_infer_auth_b64_decode(u_char *p, size_t len,
@@ -234,12 +239,11 @@ ngx_http_infer_auth_jwt_verify(ngx_http_infer_auth_jwt_t *jwt,
 {
     int            ok;
     u_char         mac[EVP_MAX_MD_SIZE];
+    u_char         dgst[EVP_MAX_MD_SIZE];
     u_char         der[256];
     u_char        *sig;
     size_t         siglen;
-    unsigned int   maclen;
-    EVP_MD_CTX    *md;
-    EVP_PKEY_CTX  *pctx;
+    unsigned int   maclen, dlen;
 
     if (jwt->alg != key->alg) {
         return NGX_DECLINED;
@@ -252,7 +256,8 @@ ngx_http_infer_auth_jwt_verify(ngx_http_infer_auth_jwt_t *jwt,
             return NGX_DECLINED;
         }
 
-        if (HMAC(key->alg->md(), key->secret.data, (int) key->secret.len,
+        if (HMAC(ngx_http_infer_auth_md(key->alg), key->secret.data,
+                 (int) key->secret.len,
                  jwt->input.data, jwt->input.len, mac, &maclen)
             == NULL)
         {
@@ -282,38 +287,126 @@ ngx_http_infer_auth_jwt_verify(ngx_http_infer_auth_jwt_t *jwt,
         sig = der;
     }
 
+    if (key->alg->family == NGX_HTTP_INFER_AUTH_EDDSA) {
+        /* Ed25519 signs the message itself: no digest first */
+        return ngx_http_infer_auth_verify_eddsa(jwt, key);
+    }
+
+    if (key->vctx == NULL
+        && ngx_http_infer_auth_verify_ctx(key) != NGX_OK)
+    {
+        ERR_clear_error();
+        return NGX_DECLINED;
+    }
+
+    ok = EVP_Digest(jwt->input.data, jwt->input.len, dgst, &dlen,
+                    ngx_http_infer_auth_md(key->alg), NULL) == 1
+         && EVP_PKEY_verify(key->vctx, sig, siglen, dgst, dlen) == 1;
+
+    /* a failed check leaves errors queued that nobody else would clear */
+    ERR_clear_error();
+
+    return ok ? NGX_OK : NGX_DECLINED;
+}
+
+
+/*
+ * The digest of an algorithm, fetched from the provider once per worker:
+ * EVP_sha256() and the like would fetch it again at every use.
+ */
+
+static const EVP_MD *
+ngx_http_infer_auth_md(ngx_http_infer_auth_alg_t *alg)
+{
+    ngx_uint_t  i;
+
+    static EVP_MD  *fetched[3];
+
+    i = (alg->md == EVP_sha256) ? 0 : (alg->md == EVP_sha384) ? 1 : 2;
+
+    if (fetched[i] == NULL) {
+        fetched[i] = EVP_MD_fetch(NULL, (i == 0) ? "SHA256"
+                                        : (i == 1) ? "SHA384" : "SHA512",
+                                  NULL);
+        if (fetched[i] == NULL) {
+            ERR_clear_error();
+            return alg->md();
+        }
+    }
+
+    return fetched[i];
+}
+
+
+/*
+ * A key's verification context, set up once (padding, digest) and used
+ * for every token: RSA PKCS #1 v1.5, RSA-PSS with a salt as long as the
+ * digest (RFC 7518), ECDSA.
+ */
+
+static ngx_int_t
+ngx_http_infer_auth_verify_ctx(ngx_http_infer_auth_key_t *key)
+{
+    EVP_PKEY_CTX  *vctx;
+
+    vctx = EVP_PKEY_CTX_new(key->pkey, NULL);
+    if (vctx == NULL) {
+        return NGX_ERROR;
+    }
+
+    if (EVP_PKEY_verify_init(vctx) != 1
+        || EVP_PKEY_CTX_set_signature_md(vctx, ngx_http_infer_auth_md(key->alg))
+           != 1)
+    {
+        goto failed;
+    }
+
+    if (key->alg->family == NGX_HTTP_INFER_AUTH_RSA
+        && EVP_PKEY_CTX_set_rsa_padding(vctx, RSA_PKCS1_PADDING) != 1)
+    {
+        goto failed;
+    }
+
+    if (key->alg->family == NGX_HTTP_INFER_AUTH_PSS
+        && (EVP_PKEY_CTX_set_rsa_padding(vctx, RSA_PKCS1_PSS_PADDING) != 1
+            || EVP_PKEY_CTX_set_rsa_pss_saltlen(vctx, RSA_PSS_SALTLEN_DIGEST)
+               != 1
+            || EVP_PKEY_CTX_set_rsa_mgf1_md(vctx,
+                                          ngx_http_infer_auth_md(key->alg))
+               != 1))
+    {
+        goto failed;
+    }
+
+    key->vctx = vctx;
+
+    return NGX_OK;
+
+failed:
+
+    EVP_PKEY_CTX_free(vctx);
+
+    return NGX_ERROR;
+}
+
+
+static ngx_int_t
+ngx_http_infer_auth_verify_eddsa(ngx_http_infer_auth_jwt_t *jwt,
+    ngx_http_infer_auth_key_t *key)
+{
+    int          ok;
+    EVP_MD_CTX  *md;
+
     md = EVP_MD_CTX_new();
     if (md == NULL) {
         return NGX_ERROR;
     }
 
-    ok = 0;
-    pctx = NULL;
-
-    if (EVP_DigestVerifyInit(md, &pctx,
-                             key->alg->md ? key->alg->md() : NULL, NULL,
-                             key->pkey)
-        != 1)
-    {
-        goto done;
-    }
-
-    if (key->alg->family == NGX_HTTP_INFER_AUTH_PSS
-        && (EVP_PKEY_CTX_set_rsa_padding(pctx, RSA_PKCS1_PSS_PADDING) != 1
-            || EVP_PKEY_CTX_set_rsa_pss_saltlen(pctx, RSA_PSS_SALTLEN_DIGEST)
-               != 1))
-    {
-        goto done;
-    }
-
-    ok = EVP_DigestVerify(md, sig, siglen, jwt->input.data, jwt->input.len)
-         == 1;
-
-done:
+    ok = EVP_DigestVerifyInit(md, NULL, NULL, NULL, key->pkey) == 1
+         && EVP_DigestVerify(md, jwt->signature.data, jwt->signature.len,
+                             jwt->input.data, jwt->input.len) == 1;
 
     EVP_MD_CTX_free(md);
-
-    /* a failed check leaves errors queued that nobody else would clear */
     ERR_clear_error();
 
     return ok ? NGX_OK : NGX_DECLINED;
@@ -467,6 +560,7 @@ ngx_http_infer_auth_keyset_cleanup(void *data)
     k = ks->keys.elts;
 
     for (i = 0; i < ks->keys.nelts; i++) {
+        EVP_PKEY_CTX_free(k[i].vctx);
         EVP_PKEY_free(k[i].pkey);
 
         if (k[i].secret.len) {
