@@ -202,7 +202,7 @@ ngx_http_infer_metrics_log_handler(ngx_http_request_t *r)
     uint64_t                             tokens[4], ttft, up, dur;
     ngx_str_t                            s;
     ngx_int_t                            found[4], ms, stream, has_ttft;
-    ngx_uint_t                           i, status;
+    ngx_uint_t                           i, status, tries;
     ngx_time_t                          *tp;
     ngx_http_variable_value_t           *vv;
     ngx_http_upstream_state_t           *state;
@@ -261,12 +261,22 @@ ngx_http_infer_metrics_log_handler(ngx_http_request_t *r)
 
     if (r->upstream_states && r->upstream_states->nelts) {
         up = 0;
+        tries = 0;
         state = r->upstream_states->elts;
 
         for (i = 0; i < r->upstream_states->nelts; i++) {
-            if (state[i].status == 0 || state[i].peer == NULL) {
+
+            /*
+             * a try without a status (the client gave up before the
+             * answer's header came) still took its time: its code is
+             * "oth"; no peer marks an internal redirect between tries
+             */
+
+            if (state[i].peer == NULL) {
                 continue;
             }
+
+            tries++;
 
             ms = (state[i].response_time == (ngx_msec_t) -1)
                  ? 0 : (ngx_msec_int_t) state[i].response_time;
@@ -289,12 +299,15 @@ ngx_http_infer_metrics_log_handler(ngx_http_request_t *r)
                                     key, klen, 1);
         }
 
-        ngx_http_infer_metrics_observe(mcf,
-                                       NGX_HTTP_INFER_METRICS_UPSTREAM_TIME,
-                                       labels, len, up);
+        if (tries) {
+            ngx_http_infer_metrics_observe(mcf,
+                                      NGX_HTTP_INFER_METRICS_UPSTREAM_TIME,
+                                      labels, len, up);
 
-        ngx_http_infer_metrics_observe(mcf, NGX_HTTP_INFER_METRICS_OVERHEAD,
-                                       labels, len, dur > up ? dur - up : 0);
+            ngx_http_infer_metrics_observe(mcf,
+                                      NGX_HTTP_INFER_METRICS_OVERHEAD,
+                                      labels, len, dur > up ? dur - up : 0);
+        }
     }
 
     for (i = 0; i < 4; i++) {
@@ -512,6 +525,11 @@ ngx_http_infer_metrics_parse_seconds(u_char *p, size_t len, uint64_t *usec)
         }
 
         if (!dot) {
+            if (sec > 1000000000) {
+                /* more than thirty years: no duration, and no overflow */
+                return NGX_ERROR;
+            }
+
             sec = sec * 10 + (*p - '0');
 
         } else if (digits < 6) {

@@ -14,6 +14,7 @@
 #include "ngx_http_infer_metrics.h"
 
 
+static size_t ngx_http_infer_metrics_utf8(u_char *p, size_t len);
 static u_char *ngx_http_infer_metrics_escape(u_char *dst, u_char *src,
     size_t len);
 static uint32_t ngx_http_infer_metrics_hash(u_char *p, size_t len,
@@ -116,11 +117,67 @@ ngx_http_infer_metrics_class(u_char *code, ngx_uint_t status)
  * bytes it reads.
  */
 
+/*
+ * The length of the well-formed UTF-8 character at p (RFC 3629: no
+ * overlong forms, no surrogates, nothing past U+10FFFF), or 0: what Go's
+ * utf8.Valid, and so Prometheus, accepts.  ngx_utf8_decode() is looser.
+ */
+
+static size_t
+ngx_http_infer_metrics_utf8(u_char *p, size_t len)
+{
+    size_t  n, i;
+    u_char  lo, hi;
+
+    lo = 0x80;
+    hi = 0xbf;
+
+    if (p[0] >= 0xc2 && p[0] <= 0xdf) {
+        n = 2;
+
+    } else if (p[0] >= 0xe0 && p[0] <= 0xef) {
+        n = 3;
+
+        if (p[0] == 0xe0) {
+            lo = 0xa0;
+
+        } else if (p[0] == 0xed) {
+            hi = 0x9f;
+        }
+
+    } else if (p[0] >= 0xf0 && p[0] <= 0xf4) {
+        n = 4;
+
+        if (p[0] == 0xf0) {
+            lo = 0x90;
+
+        } else if (p[0] == 0xf4) {
+            hi = 0x8f;
+        }
+
+    } else {
+        return 0;
+    }
+
+    if (len < n || p[1] < lo || p[1] > hi) {
+        return 0;
+    }
+
+    for (i = 2; i < n; i++) {
+        if (p[i] < 0x80 || p[i] > 0xbf) {
+            return 0;
+        }
+    }
+
+    return n;
+}
+
+
 static u_char *
 ngx_http_infer_metrics_escape(u_char *dst, u_char *src, size_t len)
 {
     u_char    *p, *last, *start;
-    uint32_t   c;
+    size_t     n;
 
     if (len > NGX_HTTP_INFER_METRICS_VALUE_MAX) {
         len = NGX_HTTP_INFER_METRICS_VALUE_MAX;
@@ -158,15 +215,16 @@ ngx_http_infer_metrics_escape(u_char *dst, u_char *src, size_t len)
         }
 
         start = p;
-        c = ngx_utf8_decode(&p, last - p);
+        n = ngx_http_infer_metrics_utf8(p, last - p);
 
-        if (c > 0x10ffff) {
+        if (n == 0) {
             *dst++ = '?';
             p = start + 1;
             continue;
         }
 
-        dst = ngx_cpymem(dst, start, p - start);
+        p += n;
+        dst = ngx_cpymem(dst, start, n);
     }
 
     return dst;
@@ -290,6 +348,7 @@ ngx_http_infer_metrics_find(ngx_http_infer_metrics_zone_t *zone,
             if (node->hash == hash
                 && node->family == family
                 && node->layout == layout
+                && node->nvalues == nvalues
                 && node->len == len
                 && ngx_memcmp((u_char *) &node->values[node->nvalues], labels,
                               len)

@@ -375,6 +375,26 @@ d";
     assert value == 1
 
 
+@pytest.mark.parametrize("raw,shown", [
+    (b"\xed\xa0\x80x", "???x"),            # a surrogate
+    (b"\xc3\xc3x", "??x"),                  # a lead byte for a continuation
+    (b"\xf9\x80\x80\x80x", "????x"),        # a lead byte past U+10FFFF
+    (b"\xe0\x80\x80x", "???x"),            # an overlong form
+    (b"\xf0\x9f\x98\x80x", "\U0001f600x"),  # a good 4-byte character
+], ids=["surrogate", "bad-continuation", "past-10ffff", "overlong", "emoji"])
+def test_only_well_formed_utf8_reaches_the_page(nginx_factory, raw, shown):
+    """What Prometheus's parser (Go's utf8.Valid) accepts, nothing looser:
+    one client header must not make every scrape fail."""
+    n = nginx_factory(static(location="""
+            infer_metrics_label raw $http_x_raw;"""))
+    assert requests.get(n.url + "/", headers={"x-raw": raw},
+                        timeout=5).status_code == 200
+    text = page(n).text
+    promtool(text)
+    [(labels, _)] = series(scrape(n), "infer_requests_total")
+    assert labels["raw"] == shown
+
+
 def test_a_long_label_value_is_cut(nginx_factory):
     n = nginx_factory(static(location="infer_metrics_label raw "
                                       "$http_x_raw;"))
@@ -724,3 +744,27 @@ def test_the_page_can_be_gzipped(nginx_factory):
         assert r.headers["content-encoding"] == "gzip"
         assert r.headers["content-type"] == ctype
         assert 'infer_requests_total{code="2xx"} 1' in r.text
+
+
+def test_a_client_gone_before_the_answer_still_counts_its_try(nginx_factory,
+                                                              sim_factory):
+    """The client gives up (499) while the model server still queues its
+    request: the try has no status, but it took its time, and the endpoint
+    families count it (code "oth")."""
+    sim = sim_factory("llama-3-8b", "a", ttft_ms=1, tpot_ms=1)
+    n = nginx_factory(gateway(sim), modules=["route", "metrics"])
+    with pytest.raises(requests.exceptions.Timeout):
+        requests.post(n.url + CHAT, timeout=0.4, headers={
+            "x-sim-stall-ms": "1500"}, json={
+            "model": "llama-3-8b",
+            "messages": [{"role": "user", "content": "Hi"}]})
+    deadline = time.monotonic() + 5
+    s = scrape(n)
+    while total(s, "infer_requests_total") < 1 \
+            and time.monotonic() < deadline:
+        time.sleep(0.1)
+        s = scrape(n)
+    assert total(s, "infer_requests_total", code="4xx") == 1
+    assert total(s, "infer_endpoint_requests_total", code="oth") == 1
+    assert total(s, "infer_upstream_response_time_seconds_count") == 1
+    assert total(s, "infer_upstream_response_time_seconds_sum") >= 0.3
