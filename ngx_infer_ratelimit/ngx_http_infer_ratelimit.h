@@ -118,4 +118,35 @@ char *ngx_http_infer_ratelimit_redis(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 
 
+/* what the module's files share */
+
+typedef struct {
+    ngx_flag_t                  enable;
+    ngx_array_t                *limits;     /* limit_t */
+    ngx_flag_t                  shadow;
+    ngx_flag_t                  headers;
+    ngx_uint_t                  status_code;
+    ngx_uint_t                  default_max_tokens;
+} ngx_http_infer_ratelimit_loc_conf_t;
+
+
+typedef struct {
+    ngx_http_infer_ratelimit_item_t  *items;
+    ngx_uint_t                  nitems;
+    ngx_uint_t                  status;     /* PASSED ... SHADOW */
+    ngx_http_infer_ratelimit_item_t  *refused;
+
+    unsigned                    decided:1;
+    unsigned                    limited:1;
+    unsigned                    sent:1;
+    unsigned                    waiting:1;
+    unsigned                    reconciled:1;
+} ngx_http_infer_ratelimit_ctx_t;
+
+
+ngx_http_infer_ratelimit_ctx_t *ngx_http_infer_ratelimit_get_ctx(
+    ngx_http_request_t *r);
+void ngx_http_infer_ratelimit_headers_init(ngx_conf_t *cf);
+
+
 #endif /* _NGX_HTTP_INFER_RATELIMIT_H_INCLUDED_ */

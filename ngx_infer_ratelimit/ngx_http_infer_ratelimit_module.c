@@ -29,35 +29,11 @@
 
 
 typedef struct {
-    ngx_flag_t                  enable;
-    ngx_array_t                *limits;     /* limit_t */
-    ngx_flag_t                  shadow;
-    ngx_flag_t                  headers;
-    ngx_uint_t                  status_code;
-    ngx_uint_t                  default_max_tokens;
-} ngx_http_infer_ratelimit_loc_conf_t;
-
-
-typedef struct {
     ngx_shm_zone_t             *shm_zone;
     ngx_shm_zone_t             *stats_zone; /* degraded decisions, shared */
     ngx_array_t                 names;      /* limit_t *, one per name */
     ngx_http_infer_ratelimit_redis_conf_t  *redis;
 } ngx_http_infer_ratelimit_main_conf_t;
-
-
-typedef struct {
-    ngx_http_infer_ratelimit_item_t  *items;
-    ngx_uint_t                  nitems;
-    ngx_uint_t                  status;     /* PASSED ... SHADOW */
-    ngx_http_infer_ratelimit_item_t  *refused;
-
-    unsigned                    decided:1;
-    unsigned                    limited:1;
-    unsigned                    sent:1;
-    unsigned                    waiting:1;
-    unsigned                    reconciled:1;
-} ngx_http_infer_ratelimit_ctx_t;
 
 
 static ngx_int_t ngx_http_infer_ratelimit_handler(ngx_http_request_t *r);
@@ -74,17 +50,10 @@ static ngx_int_t ngx_http_infer_ratelimit_result(ngx_http_request_t *r,
     ngx_http_infer_ratelimit_ctx_t *ctx);
 static ngx_int_t ngx_http_infer_ratelimit_refuse(ngx_http_request_t *r,
     ngx_http_infer_ratelimit_ctx_t *ctx);
-static ngx_http_infer_ratelimit_ctx_t *ngx_http_infer_ratelimit_get_ctx(
-    ngx_http_request_t *r);
 static void ngx_http_infer_ratelimit_cleanup(void *data);
 static uint64_t ngx_http_infer_ratelimit_number(ngx_http_request_t *r,
     ngx_str_t *name, ngx_uint_t key, ngx_uint_t *found);
 static ngx_int_t ngx_http_infer_ratelimit_log_handler(ngx_http_request_t *r);
-static ngx_int_t ngx_http_infer_ratelimit_header_filter(ngx_http_request_t *r);
-static ngx_int_t ngx_http_infer_ratelimit_set_header(ngx_http_request_t *r,
-    char *name, u_char *value, size_t len);
-static u_char *ngx_http_infer_ratelimit_format_reset(u_char *p,
-    ngx_msec_t ms);
 
 
 static ngx_int_t ngx_http_infer_ratelimit_init_stats(
@@ -264,9 +233,6 @@ static ngx_uint_t  ngx_http_infer_ratelimit_key_usage_completion;
 
 /* the route module is loaded: a request without a model spends no tokens */
 static ngx_uint_t  ngx_http_infer_ratelimit_route;
-
-
-static ngx_http_output_header_filter_pt  ngx_http_next_header_filter;
 
 
 /*
@@ -713,7 +679,7 @@ ngx_http_infer_ratelimit_refuse(ngx_http_request_t *r,
  * module contexts, it is found again through its pool cleanup.
  */
 
-static ngx_http_infer_ratelimit_ctx_t *
+ngx_http_infer_ratelimit_ctx_t *
 ngx_http_infer_ratelimit_get_ctx(ngx_http_request_t *r)
 {
     ngx_pool_cleanup_t              *cln;
@@ -876,201 +842,6 @@ ngx_http_infer_ratelimit_log_handler(ngx_http_request_t *r)
     }
 
     return NGX_DECLINED;
-}
-
-
-/*
- * x-ratelimit-{limit,remaining,reset}-{requests,tokens}, as OpenAI sends
- * them, for the most constrained limit of each kind.
- */
-
-static ngx_int_t
-ngx_http_infer_ratelimit_header_filter(ngx_http_request_t *r)
-{
-    u_char                                *p;
-    ngx_uint_t                             i, k;
-    ngx_http_infer_ratelimit_ctx_t        *ctx;
-    ngx_http_infer_ratelimit_item_t       *item, *best[2];
-    ngx_http_infer_ratelimit_loc_conf_t   *lcf;
-    u_char                                 buf[NGX_INT64_LEN + 32];
-
-    static char  *names[2][3] = {
-        { "x-ratelimit-limit-requests", "x-ratelimit-remaining-requests",
-          "x-ratelimit-reset-requests" },
-        { "x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens",
-          "x-ratelimit-reset-tokens" }
-    };
-
-    if (r != r->main) {
-        return ngx_http_next_header_filter(r);
-    }
-
-    lcf = ngx_http_get_module_loc_conf(r, ngx_http_infer_ratelimit_module);
-
-    if (!lcf->headers) {
-        return ngx_http_next_header_filter(r);
-    }
-
-    ctx = ngx_http_infer_ratelimit_get_ctx(r);
-
-    if (ctx == NULL || !ctx->decided) {
-        return ngx_http_next_header_filter(r);
-    }
-
-    best[0] = NULL;
-    best[1] = NULL;
-
-    for (i = 0; i < ctx->nitems; i++) {
-        item = &ctx->items[i];
-
-        if (!item->known) {
-            continue;
-        }
-
-        k = item->limit->kind;
-
-        if (k == NGX_HTTP_INFER_RL_CONCURRENCY) {
-            continue;
-        }
-
-        if (best[k] == NULL || item->remaining < best[k]->remaining) {
-            best[k] = item;
-        }
-    }
-
-    for (k = 0; k < 2; k++) {
-        item = best[k];
-
-        if (item == NULL) {
-            continue;
-        }
-
-        p = ngx_sprintf(buf, "%uL", item->limit_n);
-        if (ngx_http_infer_ratelimit_set_header(r, names[k][0], buf, p - buf)
-            != NGX_OK)
-        {
-            return NGX_ERROR;
-        }
-
-        p = ngx_sprintf(buf, "%uL", item->remaining);
-        if (ngx_http_infer_ratelimit_set_header(r, names[k][1], buf, p - buf)
-            != NGX_OK)
-        {
-            return NGX_ERROR;
-        }
-
-        p = ngx_http_infer_ratelimit_format_reset(buf, item->reset);
-        if (ngx_http_infer_ratelimit_set_header(r, names[k][2], buf, p - buf)
-            != NGX_OK)
-        {
-            return NGX_ERROR;
-        }
-    }
-
-    return ngx_http_next_header_filter(r);
-}
-
-
-/* sets a header of ours, in place of one the backend sent */
-
-static ngx_int_t
-ngx_http_infer_ratelimit_set_header(ngx_http_request_t *r, char *name,
-    u_char *value, size_t len)
-{
-    size_t            nlen;
-    ngx_uint_t        i;
-    ngx_list_part_t  *part;
-    ngx_table_elt_t  *h;
-
-    nlen = ngx_strlen(name);
-
-    part = &r->headers_out.headers.part;
-    h = part->elts;
-
-    for (i = 0; /* void */; i++) {
-
-        if (i >= part->nelts) {
-            if (part->next == NULL) {
-                break;
-            }
-
-            part = part->next;
-            h = part->elts;
-            i = 0;
-        }
-
-        if (h[i].hash && h[i].key.len == nlen
-            && ngx_strncasecmp(h[i].key.data, (u_char *) name, nlen) == 0)
-        {
-            h[i].hash = 0;
-        }
-    }
-
-    h = ngx_list_push(&r->headers_out.headers);
-    if (h == NULL) {
-        return NGX_ERROR;
-    }
-
-    h->hash = 1;
-    h->key.len = nlen;
-    h->key.data = (u_char *) name;
-
-    h->value.data = ngx_pnalloc(r->pool, len);
-    if (h->value.data == NULL) {
-        return NGX_ERROR;
-    }
-
-    ngx_memcpy(h->value.data, value, len);
-    h->value.len = len;
-
-    return NGX_OK;
-}
-
-
-/*
- * A duration as OpenAI (and Go's time.Duration) writes it: "20ms", "1s",
- * "1.5s", "6m0s", "1h0m0s".  p has room for 32 bytes.
- */
-
-static u_char *
-ngx_http_infer_ratelimit_format_reset(u_char *p, ngx_msec_t ms)
-{
-    ngx_msec_t  h, m, s, frac;
-
-    if (ms == 0) {
-        return ngx_cpymem(p, "0s", 2);
-    }
-
-    if (ms < 1000) {
-        return ngx_sprintf(p, "%Mms", ms);
-    }
-
-    h = ms / 3600000;
-    m = ms / 60000 % 60;
-    s = ms / 1000 % 60;
-    frac = ms % 1000;
-
-    if (h) {
-        p = ngx_sprintf(p, "%Mh", h);
-    }
-
-    if (h || m) {
-        p = ngx_sprintf(p, "%Mm", m);
-    }
-
-    p = ngx_sprintf(p, "%M", s);
-
-    if (frac) {
-        p = ngx_sprintf(p, ".%03M", frac);
-
-        while (p[-1] == '0') {
-            p--;
-        }
-    }
-
-    *p++ = 's';
-
-    return p;
 }
 
 
@@ -1721,8 +1492,7 @@ ngx_http_infer_ratelimit_init(ngx_conf_t *cf)
 
     *h = ngx_http_infer_ratelimit_log_handler;
 
-    ngx_http_next_header_filter = ngx_http_top_header_filter;
-    ngx_http_top_header_filter = ngx_http_infer_ratelimit_header_filter;
+    ngx_http_infer_ratelimit_headers_init(cf);
 
     return NGX_OK;
 }
