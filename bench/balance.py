@@ -6,7 +6,8 @@ a token every TPOT ms, the third every 3 x TPOT ms.  One gateway nginx (2
 workers) has the same three servers in three upstream blocks, one per
 policy, and a model per block.  CLIENTS closed-loop clients (threads,
 keep-alive connections) ask for answers of mixed lengths (max_tokens
-drawn from MIX) for SECONDS per policy; the policies take turns in each round, in a shuffled order.
+drawn from MIX) for SECONDS per policy; the policies take turns in each
+round, in a shuffled order.
 
 The report gives, per policy, the throughput (median over rounds), the
 p50 and p99 latency of a whole answer (over every request of every

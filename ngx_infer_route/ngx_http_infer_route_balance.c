@@ -29,7 +29,6 @@
 
 typedef struct {
     ngx_atomic_t                        tokens;
-    ngx_atomic_t                        requests;
 } ngx_http_infer_balance_node_t;
 
 
@@ -630,7 +629,6 @@ chosen:
     bp->node = &node[p];
     (void) ngx_atomic_fetch_add(&bp->node->tokens,
                                 (ngx_atomic_int_t) bp->tokens);
-    (void) ngx_atomic_fetch_add(&bp->node->requests, 1);
 
     ctx = ngx_http_get_module_ctx(bp->request, ngx_http_infer_balance_module);
 
@@ -701,7 +699,6 @@ ngx_http_infer_balance_free_peer(ngx_peer_connection_t *pc, void *data,
     if (bp->node) {
         (void) ngx_atomic_fetch_add(&bp->node->tokens,
                                     - (ngx_atomic_int_t) bp->tokens);
-        (void) ngx_atomic_fetch_add(&bp->node->requests, -1);
         bp->node = NULL;
     }
 

@@ -168,7 +168,8 @@ def test_prefix_affinity_holds_while_load_is_low_and_spills(nginx_factory,
     }), modules=["route"])
     by_addr = {s.addr: s for s in same}
 
-    prompt = "You are a helpful assistant. " * 40   # past the 1024 bytes hashed
+    # longer than the 1024 bytes of prompt the prefix hash covers
+    prompt = "You are a helpful assistant. " * 40
 
     picks = [ask(gw, "aff", prompt + f"question {i}") for i in range(10)]
     home = {r.headers["x-endpoint"] for r in picks}
