@@ -353,3 +353,58 @@ def test_weights_and_backup_still_apply(nginx_factory, pair, sim_factory):
     }}""", modules=["route"])
     seen = {ask(gw, "bal").headers["x-sim-replica"] for _ in range(6)}
     assert seen == {a.replica}
+
+
+def test_what_a_request_counts(nginx_factory, sim_factory):
+    """The score of the next pick on a one-server pool is what the held
+    request counts: its prompt estimate plus max_tokens (or
+    default_max_tokens), or default_tokens when the route module did not
+    see it."""
+    s = sim_factory("llama-3-8b", "only", ttft_ms=1, tpot_ms=1)
+    gw = nginx_factory(f"""
+    upstream bal {{
+        infer_balance default_tokens=777 default_max_tokens=300;
+        server {s.addr};
+    }}
+    infer_model bal upstream=bal model=llama-3-8b;
+    server {{
+        listen 127.0.0.1:{{port}};
+        location / {{
+            infer_route on;
+            proxy_pass http://$infer_upstream;
+            add_header X-Prompt-Tokens $infer_prompt_tokens_estimate always;
+            {HEADERS}
+        }}
+        location /unrouted/ {{
+            rewrite ^/unrouted(/.*)$ $1 break;
+            proxy_pass http://bal;
+            {HEADERS}
+        }}
+    }}""", modules=["route"])
+
+    def held_by(path, body, expect):
+        def go():
+            return requests.post(
+                gw.url + path + "v1/chat/completions", json=body,
+                headers={"x-sim-ttft-ms": "1500",
+                         "x-sim-completion-tokens": "1"}, timeout=15)
+        t, out = in_background(go)
+        try:
+            wait_running(s, 1)
+            r = ask(gw, "bal")
+        finally:
+            t.join(10)
+        assert "e" not in out and out["r"].status_code == 200, out
+        assert r.headers["x-score"] == expect(out["r"]), dict(r.headers)
+
+    chat = {"model": "bal",
+            "messages": [{"role": "user", "content": "x" * 400}]}
+    held_by("/", dict(chat, max_tokens=1000),
+            lambda r: str(int(r.headers["x-prompt-tokens"]) + 1000))
+    held_by("/", chat,
+            lambda r: str(int(r.headers["x-prompt-tokens"]) + 300))
+    held_by("/unrouted/", dict(chat, model="llama-3-8b"), lambda r: "777")
+    # absurd max_tokens count one million at most
+    held_by("/", dict(chat, max_tokens=5000000), lambda r: "1000000")
+
+    assert settle(gw, "bal", 3) == {s.addr}
