@@ -1,0 +1,915 @@
+/*
+ * Copyright (C) ngx_infer authors
+ *
+ * ngx_http_infer_balance_module: a load-aware balancer for model pools,
+ * built into the route module's shared object.  It picks the peer with
+ * the fewest estimated tokens in flight (per unit of weight), counted
+ * across all workers in shared memory; with prefix_affinity, requests
+ * with the same prompt prefix go to the same peer (rendezvous hashing)
+ * while its load stays within a bound of the pool's average.  It runs
+ * over the round-robin peer data, as least_conn does, so weight=,
+ * max_fails=, fail_timeout=, max_conns=, down and backup keep working.
+ */
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+
+
+#define NGX_HTTP_INFER_BALANCE_LEAST     0
+#define NGX_HTTP_INFER_BALANCE_AFFINITY  1
+#define NGX_HTTP_INFER_BALANCE_SPILL     2
+
+/* no single request counts for more: a client's max_tokens is its own */
+#define NGX_HTTP_INFER_BALANCE_TOKENS_MAX  1000000
+
+
+/* one peer's outstanding work, shared by all workers */
+
+typedef struct {
+    ngx_atomic_t                        tokens;
+} ngx_http_infer_balance_node_t;
+
+
+typedef struct {
+    ngx_uint_t                          number;     /* primary + backup */
+    ngx_http_infer_balance_node_t       node[1];
+} ngx_http_infer_balance_shctx_t;
+
+
+typedef struct {
+    ngx_flag_t                          enable;
+    ngx_flag_t                          affinity;
+    ngx_uint_t                          bound;      /* x 100 */
+    ngx_uint_t                          default_tokens;
+    ngx_uint_t                          default_max_tokens;
+
+    ngx_int_t                           prompt_index;
+    ngx_int_t                           max_tokens_index;
+    ngx_int_t                           prefix_index;
+
+    ngx_uint_t                          number;     /* primary + backup */
+    uint32_t                           *hash;       /* of each peer's name */
+    ngx_shm_zone_t                     *shm_zone;
+    ngx_http_infer_balance_shctx_t     *sh;
+} ngx_http_infer_balance_srv_conf_t;
+
+
+typedef struct {
+    /* the first member: the round-robin code takes it as its own data */
+    ngx_http_upstream_rr_peer_data_t    rrp;
+
+    ngx_http_infer_balance_srv_conf_t  *conf;
+    ngx_http_request_t                 *request;
+    ngx_uint_t                          base;       /* node of rrp.peers'
+                                                       first peer */
+    ngx_uint_t                          tokens;     /* this request's
+                                                       estimate */
+    uint32_t                            prefix;
+    unsigned                            has_prefix:1;
+    ngx_http_infer_balance_node_t      *node;       /* counted at, until
+                                                       freed */
+} ngx_http_infer_balance_peer_data_t;
+
+
+/* the last pick of a request, for the variables */
+
+typedef struct {
+    ngx_str_t                           endpoint;
+    ngx_uint_t                          score;
+    ngx_uint_t                          reason;
+} ngx_http_infer_balance_ctx_t;
+
+
+static ngx_int_t ngx_http_infer_balance_init_upstream(ngx_conf_t *cf,
+    ngx_http_upstream_srv_conf_t *us);
+static ngx_int_t ngx_http_infer_balance_init_zone(ngx_shm_zone_t *shm_zone,
+    void *data);
+static ngx_int_t ngx_http_infer_balance_init_peer(ngx_http_request_t *r,
+    ngx_http_upstream_srv_conf_t *us);
+static ngx_int_t ngx_http_infer_balance_get_peer(ngx_peer_connection_t *pc,
+    void *data);
+static void ngx_http_infer_balance_free_peer(ngx_peer_connection_t *pc,
+    void *data, ngx_uint_t state);
+static ngx_uint_t ngx_http_infer_balance_estimate(ngx_http_request_t *r,
+    ngx_http_infer_balance_srv_conf_t *bcf);
+static ngx_inline uint64_t ngx_http_infer_balance_rank(uint32_t prefix,
+    uint32_t peer);
+
+static ngx_int_t ngx_http_infer_balance_variable(ngx_http_request_t *r,
+    ngx_http_variable_value_t *v, uintptr_t data);
+static ngx_int_t ngx_http_infer_balance_add_variables(ngx_conf_t *cf);
+static void *ngx_http_infer_balance_create_conf(ngx_conf_t *cf);
+static char *ngx_http_infer_balance(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+
+
+static ngx_command_t  ngx_http_infer_balance_commands[] = {
+
+    { ngx_string("infer_balance"),
+      NGX_HTTP_UPS_CONF|NGX_CONF_ANY,
+      ngx_http_infer_balance,
+      NGX_HTTP_SRV_CONF_OFFSET,
+      0,
+      NULL },
+
+      ngx_null_command
+};
+
+
+static ngx_http_module_t  ngx_http_infer_balance_module_ctx = {
+    ngx_http_infer_balance_add_variables,  /* preconfiguration */
+    NULL,                                  /* postconfiguration */
+
+    NULL,                                  /* create main configuration */
+    NULL,                                  /* init main configuration */
+
+    ngx_http_infer_balance_create_conf,    /* create server configuration */
+    NULL,                                  /* merge server configuration */
+
+    NULL,                                  /* create location configuration */
+    NULL                                   /* merge location configuration */
+};
+
+
+ngx_module_t  ngx_http_infer_balance_module = {
+    NGX_MODULE_V1,
+    &ngx_http_infer_balance_module_ctx,    /* module context */
+    ngx_http_infer_balance_commands,       /* module directives */
+    NGX_HTTP_MODULE,                       /* module type */
+    NULL,                                  /* init master */
+    NULL,                                  /* init module */
+    NULL,                                  /* init process */
+    NULL,                                  /* init thread */
+    NULL,                                  /* exit thread */
+    NULL,                                  /* exit process */
+    NULL,                                  /* exit master */
+    NGX_MODULE_V1_PADDING
+};
+
+
+static ngx_http_variable_t  ngx_http_infer_balance_vars[] = {
+
+    { ngx_string("infer_endpoint"), NULL, ngx_http_infer_balance_variable,
+      0, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("infer_endpoint_score"), NULL,
+      ngx_http_infer_balance_variable, 1, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("infer_endpoint_reason"), NULL,
+      ngx_http_infer_balance_variable, 2, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+      ngx_http_null_variable
+};
+
+
+static ngx_str_t  ngx_http_infer_balance_reasons[] = {
+    ngx_string("least_tokens"),
+    ngx_string("affinity"),
+    ngx_string("spill")
+};
+
+
+static ngx_int_t
+ngx_http_infer_balance_init_upstream(ngx_conf_t *cf,
+    ngx_http_upstream_srv_conf_t *us)
+{
+    size_t                              size;
+    u_char                             *p;
+    uint32_t                            crc;
+    ngx_str_t                           name;
+    ngx_uint_t                          n;
+    ngx_http_upstream_rr_peer_t        *peer;
+    ngx_http_upstream_rr_peers_t       *peers, *list;
+    ngx_http_infer_balance_srv_conf_t  *bcf;
+
+    if (ngx_http_upstream_init_round_robin(cf, us) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    us->peer.init = ngx_http_infer_balance_init_peer;
+
+    bcf = ngx_http_conf_upstream_srv_conf(us, ngx_http_infer_balance_module);
+    peers = us->peer.data;
+
+    bcf->number = peers->number + (peers->next ? peers->next->number : 0);
+
+    bcf->hash = ngx_palloc(cf->pool, bcf->number * sizeof(uint32_t));
+    if (bcf->hash == NULL) {
+        return NGX_ERROR;
+    }
+
+    /*
+     * The zone is named after the pool and its peers: a reload that keeps
+     * them reuses the counters (requests of the old workers still release
+     * theirs there), one that changes them starts afresh.
+     */
+
+    ngx_crc32_init(crc);
+    n = 0;
+
+    for (list = peers; list; list = list->next) {
+        for (peer = list->peer; peer; peer = peer->next) {
+            bcf->hash[n++] = ngx_murmur_hash2(peer->name.data,
+                                              peer->name.len);
+            ngx_crc32_update(&crc, peer->name.data, peer->name.len);
+            ngx_crc32_update(&crc, (u_char *) "\n", 1);
+        }
+
+        ngx_crc32_update(&crc, (u_char *) "|", 1);
+    }
+
+    ngx_crc32_final(crc);
+
+    name.len = sizeof("infer_balance::") - 1 + us->host.len + 8;
+    name.data = ngx_pnalloc(cf->pool, name.len);
+    if (name.data == NULL) {
+        return NGX_ERROR;
+    }
+
+    p = ngx_sprintf(name.data, "infer_balance:%V:%08xD", &us->host, crc);
+    name.len = p - name.data;
+
+    size = 8 * ngx_pagesize
+           + ngx_align(sizeof(ngx_http_infer_balance_shctx_t)
+                       + bcf->number * sizeof(ngx_http_infer_balance_node_t),
+                       ngx_pagesize);
+
+    bcf->shm_zone = ngx_shared_memory_add(cf, &name, size,
+                                          &ngx_http_infer_balance_module);
+    if (bcf->shm_zone == NULL) {
+        return NGX_ERROR;
+    }
+
+    bcf->shm_zone->init = ngx_http_infer_balance_init_zone;
+    bcf->shm_zone->data = bcf;
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_infer_balance_init_zone(ngx_shm_zone_t *shm_zone, void *data)
+{
+    ngx_http_infer_balance_srv_conf_t  *obcf = data;
+
+    size_t                              len;
+    ngx_slab_pool_t                    *shpool;
+    ngx_http_infer_balance_srv_conf_t  *bcf;
+
+    bcf = shm_zone->data;
+
+    if (obcf && obcf->sh && obcf->sh->number == bcf->number) {
+        bcf->sh = obcf->sh;
+        return NGX_OK;
+    }
+
+    shpool = (ngx_slab_pool_t *) shm_zone->shm.addr;
+
+    if (shm_zone->shm.exists) {
+        bcf->sh = shpool->data;
+        return NGX_OK;
+    }
+
+    bcf->sh = ngx_slab_calloc(shpool, sizeof(ngx_http_infer_balance_shctx_t)
+                              + bcf->number
+                                * sizeof(ngx_http_infer_balance_node_t));
+    if (bcf->sh == NULL) {
+        return NGX_ERROR;
+    }
+
+    bcf->sh->number = bcf->number;
+    shpool->data = bcf->sh;
+
+    len = sizeof(" in infer_balance zone \"\"") + shm_zone->shm.name.len;
+
+    shpool->log_ctx = ngx_slab_alloc(shpool, len);
+    if (shpool->log_ctx == NULL) {
+        return NGX_ERROR;
+    }
+
+    ngx_sprintf(shpool->log_ctx, " in infer_balance zone \"%V\"%Z",
+                &shm_zone->shm.name);
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_infer_balance_init_peer(ngx_http_request_t *r,
+    ngx_http_upstream_srv_conf_t *us)
+{
+    ngx_http_variable_value_t           *v;
+    ngx_http_infer_balance_ctx_t        *ctx;
+    ngx_http_infer_balance_srv_conf_t   *bcf;
+    ngx_http_infer_balance_peer_data_t  *bp;
+
+    bcf = ngx_http_conf_upstream_srv_conf(us, ngx_http_infer_balance_module);
+
+    bp = ngx_pcalloc(r->pool, sizeof(ngx_http_infer_balance_peer_data_t));
+    if (bp == NULL) {
+        return NGX_ERROR;
+    }
+
+    r->upstream->peer.data = &bp->rrp;
+
+    if (ngx_http_upstream_init_round_robin_peer(r, us) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    r->upstream->peer.get = ngx_http_infer_balance_get_peer;
+    r->upstream->peer.free = ngx_http_infer_balance_free_peer;
+
+    bp->conf = bcf;
+    bp->request = r;
+    bp->tokens = ngx_http_infer_balance_estimate(r, bcf);
+
+    if (bcf->affinity) {
+        v = ngx_http_get_flushed_variable(r, bcf->prefix_index);
+
+        if (v && !v->not_found && v->len) {
+            bp->prefix = ngx_murmur_hash2(v->data, v->len);
+            bp->has_prefix = 1;
+        }
+    }
+
+    ctx = ngx_http_get_module_ctx(r, ngx_http_infer_balance_module);
+
+    if (ctx == NULL) {
+        ctx = ngx_pcalloc(r->pool, sizeof(ngx_http_infer_balance_ctx_t));
+        if (ctx == NULL) {
+            return NGX_ERROR;
+        }
+
+        ngx_http_set_ctx(r, ctx, ngx_http_infer_balance_module);
+    }
+
+    ngx_log_debug2(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
+                   "infer balance init peer, tokens: %ui, prefix: %uD",
+                   bp->tokens, bp->prefix);
+
+    return NGX_OK;
+}
+
+
+/*
+ * What a request is expected to cost its peer: the prompt estimate plus
+ * the tokens it may generate, or a fixed default when the route module
+ * saw no body.
+ */
+
+static ngx_uint_t
+ngx_http_infer_balance_estimate(ngx_http_request_t *r,
+    ngx_http_infer_balance_srv_conf_t *bcf)
+{
+    ngx_int_t                   prompt, max;
+    ngx_http_variable_value_t  *v;
+
+    v = ngx_http_get_flushed_variable(r, bcf->prompt_index);
+
+    if (v == NULL || v->not_found || v->len == 0) {
+        return bcf->default_tokens;
+    }
+
+    prompt = ngx_atoi(v->data, v->len);
+
+    if (prompt == NGX_ERROR) {
+        return bcf->default_tokens;
+    }
+
+    v = ngx_http_get_flushed_variable(r, bcf->max_tokens_index);
+
+    max = NGX_ERROR;
+
+    if (v && !v->not_found && v->len) {
+        max = ngx_atoi(v->data, v->len);
+    }
+
+    if (max == NGX_ERROR) {
+        max = bcf->default_max_tokens;
+    }
+
+    if (prompt > NGX_HTTP_INFER_BALANCE_TOKENS_MAX
+        || max > NGX_HTTP_INFER_BALANCE_TOKENS_MAX - prompt)
+    {
+        return NGX_HTTP_INFER_BALANCE_TOKENS_MAX;
+    }
+
+    return (prompt + max) ? (ngx_uint_t) (prompt + max) : 1;
+}
+
+
+/* rendezvous hashing: the peer with the highest rank is preferred */
+
+static ngx_inline uint64_t
+ngx_http_infer_balance_rank(uint32_t prefix, uint32_t peer)
+{
+    uint64_t  x;
+
+    /* the splitmix64 finalizer */
+
+    x = ((uint64_t) prefix << 32 | peer) + 0x9e3779b97f4a7c15ULL;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+
+    return x ^ (x >> 31);
+}
+
+
+static ngx_int_t
+ngx_http_infer_balance_get_peer(ngx_peer_connection_t *pc, void *data)
+{
+    ngx_http_infer_balance_peer_data_t  *bp = data;
+
+    time_t                              now;
+    uint64_t                            rank, top, total, weights;
+    uintptr_t                           m;
+    ngx_int_t                           rc, rr;
+    ngx_uint_t                          i, n, p, many, pi, reason;
+    ngx_atomic_uint_t                   load, best_load, pref_load;
+    ngx_http_upstream_rr_peer_t        *peer, *best, *pref;
+    ngx_http_upstream_rr_peers_t       *peers;
+    ngx_http_infer_balance_ctx_t       *ctx;
+    ngx_http_infer_balance_node_t      *node;
+    ngx_http_upstream_rr_peer_data_t   *rrp;
+    ngx_http_infer_balance_srv_conf_t  *bcf;
+
+    rrp = &bp->rrp;
+    bcf = bp->conf;
+    node = bcf->sh->node + bp->base;
+
+    ngx_log_debug1(NGX_LOG_DEBUG_HTTP, pc->log, 0,
+                   "infer balance get peer, try: %ui", pc->tries);
+
+    pc->cached = 0;
+    pc->connection = NULL;
+
+    now = ngx_time();
+
+    peers = rrp->peers;
+
+    ngx_http_upstream_rr_peers_wlock(peers);
+
+    best = NULL;
+    pref = NULL;
+    best_load = 0;
+    pref_load = 0;
+    total = 0;
+    weights = 0;
+    top = 0;
+    rr = 0;
+    reason = NGX_HTTP_INFER_BALANCE_LEAST;
+
+#if (NGX_SUPPRESS_WARN)
+    many = 0;
+    p = 0;
+    pi = 0;
+#endif
+
+    for (peer = peers->peer, i = 0; peer; peer = peer->next, i++) {
+
+        n = i / (8 * sizeof(uintptr_t));
+        m = (uintptr_t) 1 << i % (8 * sizeof(uintptr_t));
+
+        if (rrp->tried[n] & m) {
+            continue;
+        }
+
+        if (peer->down) {
+            continue;
+        }
+
+        if (peer->max_fails
+            && peer->fails >= peer->max_fails
+            && now - peer->checked <= peer->fail_timeout)
+        {
+            continue;
+        }
+
+        if (peer->max_conns && peer->conns >= peer->max_conns) {
+            continue;
+        }
+
+        load = node[i].tokens;
+        total += load;
+        weights += peer->weight;
+
+        /* the least tokens in flight per unit of weight */
+
+        if (best == NULL
+            || (uint64_t) load * best->weight
+               < (uint64_t) best_load * peer->weight)
+        {
+            best = peer;
+            best_load = load;
+            many = 0;
+            p = i;
+
+        } else if ((uint64_t) load * best->weight
+                   == (uint64_t) best_load * peer->weight)
+        {
+            many = 1;
+        }
+
+        if (bp->has_prefix) {
+            rank = ngx_http_infer_balance_rank(bp->prefix,
+                                               bcf->hash[bp->base + i]);
+
+            if (pref == NULL || rank > top) {
+                pref = peer;
+                pref_load = load;
+                top = rank;
+                pi = i;
+            }
+        }
+    }
+
+    if (best == NULL) {
+        ngx_log_debug0(NGX_LOG_DEBUG_HTTP, pc->log, 0,
+                       "infer balance get peer, no peer found");
+
+        goto failed;
+    }
+
+    /*
+     * Bounded loads: the preferred peer takes the request while its share
+     * of the pool's tokens in flight, this request included, stays within
+     * bound times its share of the weight.
+     */
+
+    if (pref) {
+        if ((uint64_t) pref_load * weights * 100
+            <= (uint64_t) bcf->bound * (total + bp->tokens) * pref->weight)
+        {
+            best = pref;
+            best_load = pref_load;
+            p = pi;
+            reason = NGX_HTTP_INFER_BALANCE_AFFINITY;
+            goto chosen;
+        }
+
+        reason = NGX_HTTP_INFER_BALANCE_SPILL;
+    }
+
+    if (many) {
+
+        /* ties: smooth weighted round robin among them, as least_conn */
+
+        for (peer = best, i = p; peer; peer = peer->next, i++) {
+
+            n = i / (8 * sizeof(uintptr_t));
+            m = (uintptr_t) 1 << i % (8 * sizeof(uintptr_t));
+
+            if (rrp->tried[n] & m) {
+                continue;
+            }
+
+            if (peer->down) {
+                continue;
+            }
+
+            if (peer->max_fails
+                && peer->fails >= peer->max_fails
+                && now - peer->checked <= peer->fail_timeout)
+            {
+                continue;
+            }
+
+            if (peer->max_conns && peer->conns >= peer->max_conns) {
+                continue;
+            }
+
+            load = node[i].tokens;
+
+            /* other workers may have moved the counters since */
+
+            if ((uint64_t) load * best->weight
+                != (uint64_t) best_load * peer->weight)
+            {
+                continue;
+            }
+
+            peer->current_weight += peer->effective_weight;
+            rr += peer->effective_weight;
+
+            if (peer->effective_weight < peer->weight) {
+                peer->effective_weight++;
+            }
+
+            if (peer->current_weight > best->current_weight) {
+                best = peer;
+                best_load = load;
+                p = i;
+            }
+        }
+
+        best->current_weight -= rr;
+    }
+
+chosen:
+
+    if (now - best->checked > best->fail_timeout) {
+        best->checked = now;
+    }
+
+    pc->sockaddr = best->sockaddr;
+    pc->socklen = best->socklen;
+    pc->name = &best->name;
+
+    best->conns++;
+
+    rrp->current = best;
+
+    n = p / (8 * sizeof(uintptr_t));
+    m = (uintptr_t) 1 << p % (8 * sizeof(uintptr_t));
+
+    rrp->tried[n] |= m;
+
+    bp->node = &node[p];
+    (void) ngx_atomic_fetch_add(&bp->node->tokens,
+                                (ngx_atomic_int_t) bp->tokens);
+
+    ctx = ngx_http_get_module_ctx(bp->request, ngx_http_infer_balance_module);
+
+    if (ctx) {
+        ctx->endpoint = best->name;
+        ctx->score = best_load;
+        ctx->reason = reason;
+    }
+
+    ngx_log_debug4(NGX_LOG_DEBUG_HTTP, pc->log, 0,
+                   "infer balance pick \"%V\", load: %uA, tokens: %ui, %V",
+                   &best->name, best_load, bp->tokens,
+                   &ngx_http_infer_balance_reasons[reason]);
+
+    ngx_http_upstream_rr_peers_unlock(peers);
+
+    return NGX_OK;
+
+failed:
+
+    if (peers->next) {
+        ngx_log_debug0(NGX_LOG_DEBUG_HTTP, pc->log, 0,
+                       "infer balance get peer, backup servers");
+
+        rrp->peers = peers->next;
+        bp->base = peers->number;
+
+        n = (rrp->peers->number + (8 * sizeof(uintptr_t) - 1))
+                / (8 * sizeof(uintptr_t));
+
+        for (i = 0; i < n; i++) {
+            rrp->tried[i] = 0;
+        }
+
+        ngx_http_upstream_rr_peers_unlock(peers);
+
+        rc = ngx_http_infer_balance_get_peer(pc, bp);
+
+        if (rc != NGX_BUSY) {
+            return rc;
+        }
+
+        ngx_http_upstream_rr_peers_wlock(peers);
+    }
+
+    /* all peers failed, mark them as live for quick recovery */
+
+    for (peer = peers->peer; peer; peer = peer->next) {
+        peer->fails = 0;
+    }
+
+    ngx_http_upstream_rr_peers_unlock(peers);
+
+    pc->name = peers->name;
+
+    return NGX_BUSY;
+}
+
+
+/* called once per attempt: a retry releases the peer it leaves */
+
+static void
+ngx_http_infer_balance_free_peer(ngx_peer_connection_t *pc, void *data,
+    ngx_uint_t state)
+{
+    ngx_http_infer_balance_peer_data_t  *bp = data;
+
+    if (bp->node) {
+        (void) ngx_atomic_fetch_add(&bp->node->tokens,
+                                    - (ngx_atomic_int_t) bp->tokens);
+        bp->node = NULL;
+    }
+
+    ngx_http_upstream_free_round_robin_peer(pc, &bp->rrp, state);
+}
+
+
+static ngx_int_t
+ngx_http_infer_balance_variable(ngx_http_request_t *r,
+    ngx_http_variable_value_t *v, uintptr_t data)
+{
+    u_char                        *p;
+    ngx_http_infer_balance_ctx_t  *ctx;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_http_infer_balance_module);
+
+    if (ctx == NULL || ctx->endpoint.len == 0) {
+        v->not_found = 1;
+        return NGX_OK;
+    }
+
+    v->valid = 1;
+    v->no_cacheable = 0;
+    v->not_found = 0;
+
+    switch (data) {
+
+    case 0:
+        v->len = ctx->endpoint.len;
+        v->data = ctx->endpoint.data;
+        break;
+
+    case 1:
+        p = ngx_pnalloc(r->pool, NGX_ATOMIC_T_LEN);
+        if (p == NULL) {
+            return NGX_ERROR;
+        }
+
+        v->len = ngx_sprintf(p, "%ui", ctx->score) - p;
+        v->data = p;
+        break;
+
+    default:
+        v->len = ngx_http_infer_balance_reasons[ctx->reason].len;
+        v->data = ngx_http_infer_balance_reasons[ctx->reason].data;
+        break;
+    }
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_infer_balance_add_variables(ngx_conf_t *cf)
+{
+    ngx_http_variable_t  *var, *v;
+
+    for (v = ngx_http_infer_balance_vars; v->name.len; v++) {
+        var = ngx_http_add_variable(cf, &v->name, v->flags);
+        if (var == NULL) {
+            return NGX_ERROR;
+        }
+
+        var->get_handler = v->get_handler;
+        var->data = v->data;
+    }
+
+    return NGX_OK;
+}
+
+
+static void *
+ngx_http_infer_balance_create_conf(ngx_conf_t *cf)
+{
+    ngx_http_infer_balance_srv_conf_t  *conf;
+
+    conf = ngx_pcalloc(cf->pool, sizeof(ngx_http_infer_balance_srv_conf_t));
+    if (conf == NULL) {
+        return NULL;
+    }
+
+    /*
+     * set by ngx_pcalloc():
+     *
+     *     conf->enable = 0;
+     *     conf->affinity = 0;
+     *     conf->hash = NULL;
+     *     conf->shm_zone = NULL;
+     *     conf->sh = NULL;
+     */
+
+    return conf;
+}
+
+
+static char *
+ngx_http_infer_balance(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_infer_balance_srv_conf_t  *bcf = conf;
+
+    ngx_int_t                      n;
+    ngx_str_t                     *value, name;
+    ngx_uint_t                     i;
+    ngx_http_upstream_srv_conf_t  *uscf;
+
+    if (bcf->enable) {
+        return "is duplicate";
+    }
+
+    uscf = ngx_http_conf_get_module_srv_conf(cf, ngx_http_upstream_module);
+
+    if (uscf->peer.init_upstream) {
+        ngx_conf_log_error(NGX_LOG_WARN, cf, 0,
+                           "load balancing method redefined");
+    }
+
+    bcf->enable = 1;
+    bcf->bound = 125;
+    bcf->default_tokens = 1024;
+    bcf->default_max_tokens = 256;
+
+    value = cf->args->elts;
+
+    for (i = 1; i < cf->args->nelts; i++) {
+
+        if (ngx_strcmp(value[i].data, "least_tokens") == 0) {
+            continue;
+        }
+
+        if (ngx_strcmp(value[i].data, "prefix_affinity") == 0) {
+            bcf->affinity = 1;
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "bound=", 6) == 0) {
+            n = ngx_atofp(value[i].data + 6, value[i].len - 6, 2);
+
+            if (n == NGX_ERROR || n < 100 || n > 10000) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid bound \"%V\": a number from 1 "
+                                   "to 100, two decimals at most",
+                                   &value[i]);
+                return NGX_CONF_ERROR;
+            }
+
+            bcf->bound = n;
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "default_tokens=", 15) == 0) {
+            n = ngx_atoi(value[i].data + 15, value[i].len - 15);
+
+            if (n == NGX_ERROR || n < 1
+                || n > NGX_HTTP_INFER_BALANCE_TOKENS_MAX)
+            {
+                goto invalid_number;
+            }
+
+            bcf->default_tokens = n;
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "default_max_tokens=", 19) == 0) {
+            n = ngx_atoi(value[i].data + 19, value[i].len - 19);
+
+            if (n == NGX_ERROR || n > NGX_HTTP_INFER_BALANCE_TOKENS_MAX) {
+                goto invalid_number;
+            }
+
+            bcf->default_max_tokens = n;
+            continue;
+        }
+
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid parameter \"%V\"", &value[i]);
+        return NGX_CONF_ERROR;
+    }
+
+    /* the route module's variables, built into the same object */
+
+    ngx_str_set(&name, "infer_prompt_tokens_estimate");
+    bcf->prompt_index = ngx_http_get_variable_index(cf, &name);
+
+    ngx_str_set(&name, "infer_max_tokens");
+    bcf->max_tokens_index = ngx_http_get_variable_index(cf, &name);
+
+    ngx_str_set(&name, "infer_prefix_hash");
+    bcf->prefix_index = ngx_http_get_variable_index(cf, &name);
+
+    if (bcf->prompt_index == NGX_ERROR
+        || bcf->max_tokens_index == NGX_ERROR
+        || bcf->prefix_index == NGX_ERROR)
+    {
+        return NGX_CONF_ERROR;
+    }
+
+    uscf->peer.init_upstream = ngx_http_infer_balance_init_upstream;
+
+    uscf->flags = NGX_HTTP_UPSTREAM_CREATE
+                  |NGX_HTTP_UPSTREAM_WEIGHT
+                  |NGX_HTTP_UPSTREAM_MAX_CONNS
+                  |NGX_HTTP_UPSTREAM_MAX_FAILS
+                  |NGX_HTTP_UPSTREAM_FAIL_TIMEOUT
+                  |NGX_HTTP_UPSTREAM_DOWN
+                  |NGX_HTTP_UPSTREAM_BACKUP;
+
+    return NGX_CONF_OK;
+
+invalid_number:
+
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                       "invalid number in \"%V\"", &value[i]);
+    return NGX_CONF_ERROR;
+}
