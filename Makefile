@@ -76,6 +76,7 @@ bench: deps build
 	$(PYTHON) bench/auth.py
 	$(PYTHON) bench/ratelimit.py
 	$(PYTHON) bench/metrics.py
+	$(PYTHON) bench/balance.py
 
 # a JWT for the running demo: make token TENANT=globex
 token:

@@ -90,10 +90,30 @@ def page(n, **headers):
     return r
 
 
+def settled_page(n):
+    """The page once two reads 20 ms apart agree on the requests counted
+    (at most 1 s): a worker logs a request just after its last byte left,
+    and the next request may reach the other worker first."""
+    text = page(n).text
+    deadline = time.monotonic() + 1
+    while time.monotonic() < deadline:
+        time.sleep(0.02)
+        again = page(n).text
+        if requests_lines(again) == requests_lines(text):
+            return again
+        text = again
+    return text
+
+
+def requests_lines(text):
+    return [line for line in text.splitlines()
+            if line.startswith("infer_requests_total")]
+
+
 def scrape(n):
     """[(name, labels, value)] of every sample, through prometheus_client,
     once promtool found nothing wrong with the page."""
-    text = page(n).text
+    text = settled_page(n)
     promtool(text)
     return [(s.name, s.labels, s.value)
             for f in text_string_to_metric_families(text) for s in f.samples]
@@ -735,6 +755,7 @@ def test_the_page_can_be_gzipped(nginx_factory):
         "application/openmetrics-text; charset utf-8; "
         "infer_metrics_export; }"), modules=["metrics"])
     requests.get(n.url + "/", timeout=5)
+    settled_page(n)
     for accept, ctype in (
             ("text/plain", "text/plain; version=0.0.4; charset=utf-8"),
             ("application/openmetrics-text",
