@@ -16,6 +16,8 @@
 #include <ngx_core.h>
 #include <ngx_http.h>
 
+#include "ngx_http_infer.h"
+
 
 #define NGX_HTTP_INFER_BALANCE_LEAST     0
 #define NGX_HTTP_INFER_BALANCE_AFFINITY  1
@@ -754,19 +756,7 @@ ngx_http_infer_balance_variable(ngx_http_request_t *r,
 static ngx_int_t
 ngx_http_infer_balance_add_variables(ngx_conf_t *cf)
 {
-    ngx_http_variable_t  *var, *v;
-
-    for (v = ngx_http_infer_balance_vars; v->name.len; v++) {
-        var = ngx_http_add_variable(cf, &v->name, v->flags);
-        if (var == NULL) {
-            return NGX_ERROR;
-        }
-
-        var->get_handler = v->get_handler;
-        var->data = v->data;
-    }
-
-    return NGX_OK;
+    return ngx_http_infer_add_variables(cf, ngx_http_infer_balance_vars);
 }
 
 
