@@ -385,7 +385,7 @@ d";
     r = requests.get(n.url + "/", headers={"x-raw": b"caf\xc3\xa9 \xff!"},
                      timeout=5)
     assert r.status_code == 200
-    text = page(n).text
+    text = settled_page(n)
     assert r'weird="a\"b\\c\nd"' in text
     s = scrape(n)
     [(labels, value)] = series(s, "infer_requests_total")
@@ -409,7 +409,7 @@ def test_only_well_formed_utf8_reaches_the_page(nginx_factory, raw, shown):
             infer_metrics_label raw $http_x_raw;"""))
     assert requests.get(n.url + "/", headers={"x-raw": raw},
                         timeout=5).status_code == 200
-    text = page(n).text
+    text = settled_page(n)
     promtool(text)
     [(labels, _)] = series(scrape(n), "infer_requests_total")
     assert labels["raw"] == shown
@@ -430,6 +430,7 @@ def test_openmetrics_when_asked(nginx_factory, sim_factory):
     sim = sim_factory("llama-3-8b", "a", ttft_ms=1, tpot_ms=1)
     n = nginx_factory(gateway(sim))
     chat(n, stream=True)
+    settled_page(n)
     r = page(n, Accept="application/openmetrics-text; version=1.0.0,"
                        "text/plain;q=0.5")
     assert r.headers["content-type"].startswith(
@@ -601,7 +602,7 @@ def test_labels_in_another_order_make_the_same_series(nginx_factory):
         location / {"""))
     for path in ("/", "/other", "/"):
         assert requests.get(n.url + path, timeout=5).status_code == 200
-    text = page(n).text
+    text = settled_page(n)
     assert 'infer_requests_total{app="a",zone="z",code="2xx"} 3' in text
 
 
