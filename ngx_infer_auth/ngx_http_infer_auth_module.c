@@ -1808,8 +1808,6 @@ static ngx_int_t
 ngx_http_infer_auth_init(ngx_conf_t *cf)
 {
     ngx_str_t                         model, target;
-    ngx_uint_t                        i;
-    ngx_hash_key_t                   *key;
     ngx_http_handler_pt              *h;
     ngx_http_core_main_conf_t        *cmcf;
     ngx_http_infer_auth_main_conf_t  *amcf;
@@ -1831,16 +1829,9 @@ ngx_http_infer_auth_init(ngx_conf_t *cf)
     ngx_str_set(&model, "infer_model");
     ngx_str_set(&target, "infer_model_target");
 
-    key = cmcf->variables_keys->keys.elts;
-
-    for (i = 0; i < cmcf->variables_keys->keys.nelts; i++) {
-        if (key[i].key.len == model.len
-            && ngx_strncmp(key[i].key.data, model.data, model.len) == 0)
-        {
-            amcf->model_index = ngx_http_get_variable_index(cf, &model);
-            amcf->target_index = ngx_http_get_variable_index(cf, &target);
-            break;
-        }
+    if (ngx_http_infer_variable_exists(cf, &model)) {
+        amcf->model_index = ngx_http_get_variable_index(cf, &model);
+        amcf->target_index = ngx_http_get_variable_index(cf, &target);
     }
 
     ngx_http_next_header_filter = ngx_http_top_header_filter;

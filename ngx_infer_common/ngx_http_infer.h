@@ -154,6 +154,41 @@ ngx_http_infer_add_variables(ngx_conf_t *cf, ngx_http_variable_t *vars)
 
 
 /*
+ * Whether another module registered the variable name: at configuration
+ * time only (postconfiguration and merge), while nginx still keeps the
+ * names.  A module uses another's variables only when it is loaded, so
+ * that "nginx -t" never fails with "unknown variable" for a module that
+ * is not.
+ */
+
+static ngx_inline ngx_uint_t
+ngx_http_infer_variable_exists(ngx_conf_t *cf, ngx_str_t *name)
+{
+    ngx_uint_t                  i;
+    ngx_hash_key_t             *key;
+    ngx_http_core_main_conf_t  *cmcf;
+
+    cmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_core_module);
+
+    if (cmcf->variables_keys == NULL) {
+        return 0;
+    }
+
+    key = cmcf->variables_keys->keys.elts;
+
+    for (i = 0; i < cmcf->variables_keys->keys.nelts; i++) {
+        if (key[i].key.len == name->len
+            && ngx_strncmp(key[i].key.data, name->data, name->len) == 0)
+        {
+            return 1;
+        }
+    }
+
+    return 0;
+}
+
+
+/*
  * Whether name matches pattern, where "*" stands for any run of bytes
  * (and nothing else is special): "llama-*", "*-instruct", "*".
  */

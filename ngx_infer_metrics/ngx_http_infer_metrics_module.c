@@ -13,6 +13,7 @@
 #include <ngx_core.h>
 #include <ngx_http.h>
 
+#include "ngx_http_infer.h"
 #include "ngx_http_infer_metrics.h"
 
 
@@ -49,8 +50,6 @@ static ngx_int_t ngx_http_infer_metrics_default_buckets(ngx_conf_t *cf,
     ngx_http_infer_metrics_main_conf_t *mcf);
 static ngx_int_t ngx_http_infer_metrics_buckets(ngx_conf_t *cf,
     ngx_http_infer_metrics_buckets_t *b, ngx_str_t *values, ngx_uint_t n);
-static ngx_int_t ngx_http_infer_metrics_has_variable(ngx_conf_t *cf,
-    ngx_str_t *name);
 static ngx_int_t ngx_http_infer_metrics_compile(ngx_conf_t *cf,
     ngx_http_complex_value_t *cv, ngx_str_t *value);
 static ngx_int_t ngx_http_infer_metrics_init(ngx_conf_t *cf);
@@ -648,7 +647,7 @@ ngx_http_infer_metrics_merge_loc_conf(ngx_conf_t *cf, void *parent,
             }
 
             for (i = 0; i < 2; i++) {
-                if (!ngx_http_infer_metrics_has_variable(cf, &vars[i])) {
+                if (!ngx_http_infer_variable_exists(cf, &vars[i])) {
                     continue;
                 }
 
@@ -681,7 +680,7 @@ ngx_http_infer_metrics_merge_loc_conf(ngx_conf_t *cf, void *parent,
         if (*pcv == NGX_CONF_UNSET_PTR) {
             *pcv = NULL;
 
-            if (ngx_http_infer_metrics_has_variable(cf, &status_vars[i])) {
+            if (ngx_http_infer_variable_exists(cf, &status_vars[i])) {
                 *pcv = ngx_palloc(cf->pool, sizeof(ngx_http_complex_value_t));
                 if (*pcv == NULL) {
                     return NGX_CONF_ERROR;
@@ -1340,33 +1339,6 @@ invalid:
  */
 
 static ngx_int_t
-ngx_http_infer_metrics_has_variable(ngx_conf_t *cf, ngx_str_t *name)
-{
-    ngx_uint_t                  i;
-    ngx_hash_key_t             *key;
-    ngx_http_core_main_conf_t  *cmcf;
-
-    cmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_core_module);
-
-    if (cmcf->variables_keys == NULL) {
-        return 0;
-    }
-
-    key = cmcf->variables_keys->keys.elts;
-
-    for (i = 0; i < cmcf->variables_keys->keys.nelts; i++) {
-        if (key[i].key.len == name->len
-            && ngx_strncmp(key[i].key.data, name->data, name->len) == 0)
-        {
-            return 1;
-        }
-    }
-
-    return 0;
-}
-
-
-static ngx_int_t
 ngx_http_infer_metrics_compile(ngx_conf_t *cf, ngx_http_complex_value_t *cv,
     ngx_str_t *value)
 {
@@ -1414,18 +1386,18 @@ ngx_http_infer_metrics_init(ngx_conf_t *cf)
     mcf->var_stream = NGX_ERROR;
     mcf->var_ttft = NGX_ERROR;
 
-    if (ngx_http_infer_metrics_has_variable(cf, &stream)) {
+    if (ngx_http_infer_variable_exists(cf, &stream)) {
         mcf->var_stream = ngx_http_get_variable_index(cf, &stream);
     }
 
-    if (ngx_http_infer_metrics_has_variable(cf, &ttft)) {
+    if (ngx_http_infer_variable_exists(cf, &ttft)) {
         mcf->var_ttft = ngx_http_get_variable_index(cf, &ttft);
     }
 
     for (i = 0; i < 4; i++) {
         mcf->var_tokens[i] = NGX_ERROR;
 
-        if (ngx_http_infer_metrics_has_variable(cf,
+        if (ngx_http_infer_variable_exists(cf,
                                         &ngx_http_infer_metrics_token_vars[i]))
         {
             mcf->var_tokens[i] = ngx_http_get_variable_index(cf,

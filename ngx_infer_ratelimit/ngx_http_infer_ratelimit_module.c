@@ -1300,16 +1300,10 @@ invalid_rate:
 static ngx_int_t
 ngx_http_infer_ratelimit_add_variables(ngx_conf_t *cf)
 {
-    ngx_http_variable_t  *var, *v;
-
-    for (v = ngx_http_infer_ratelimit_vars; v->name.len; v++) {
-        var = ngx_http_add_variable(cf, &v->name, v->flags);
-        if (var == NULL) {
-            return NGX_ERROR;
-        }
-
-        var->get_handler = v->get_handler;
-        var->data = v->data;
+    if (ngx_http_infer_add_variables(cf, ngx_http_infer_ratelimit_vars)
+        != NGX_OK)
+    {
+        return NGX_ERROR;
     }
 
     ngx_http_infer_ratelimit_key_prompt =
@@ -1438,8 +1432,6 @@ ngx_http_infer_ratelimit_merge_conf(ngx_conf_t *cf, void *parent, void *child)
 static ngx_int_t
 ngx_http_infer_ratelimit_init(ngx_conf_t *cf)
 {
-    ngx_uint_t                             i;
-    ngx_hash_key_t                        *key;
     ngx_http_handler_pt                   *h;
     ngx_http_core_main_conf_t             *cmcf;
     ngx_http_infer_ratelimit_main_conf_t  *rmcf;
@@ -1464,19 +1456,9 @@ ngx_http_infer_ratelimit_init(ngx_conf_t *cf)
 
     cmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_core_module);
 
-    key = cmcf->variables_keys->keys.elts;
-    ngx_http_infer_ratelimit_route = 0;
-
-    for (i = 0; i < cmcf->variables_keys->keys.nelts; i++) {
-        if (key[i].key.len == ngx_http_infer_ratelimit_var_model.len
-            && ngx_strncmp(key[i].key.data,
-                           ngx_http_infer_ratelimit_var_model.data,
-                           key[i].key.len) == 0)
-        {
-            ngx_http_infer_ratelimit_route = 1;
-            break;
-        }
-    }
+    ngx_http_infer_ratelimit_route =
+        ngx_http_infer_variable_exists(cf,
+                                       &ngx_http_infer_ratelimit_var_model);
 
     h = ngx_array_push(&cmcf->phases[NGX_HTTP_PRECONTENT_PHASE].handlers);
     if (h == NULL) {
