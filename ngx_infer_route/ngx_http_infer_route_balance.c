@@ -90,6 +90,9 @@ static ngx_int_t ngx_http_infer_balance_init_zone(ngx_shm_zone_t *shm_zone,
     void *data);
 static ngx_int_t ngx_http_infer_balance_init_peer(ngx_http_request_t *r,
     ngx_http_upstream_srv_conf_t *us);
+static ngx_uint_t ngx_http_infer_balance_usable(
+    ngx_http_upstream_rr_peer_data_t *rrp, ngx_http_upstream_rr_peer_t *peer,
+    ngx_uint_t i, time_t now);
 static ngx_int_t ngx_http_infer_balance_get_peer(ngx_peer_connection_t *pc,
     void *data);
 static void ngx_http_infer_balance_free_peer(ngx_peer_connection_t *pc,
@@ -419,6 +422,33 @@ ngx_http_infer_balance_rank(uint32_t prefix, uint32_t peer)
 }
 
 
+/* a peer this attempt may take, as the round robin balancer decides */
+
+static ngx_uint_t
+ngx_http_infer_balance_usable(ngx_http_upstream_rr_peer_data_t *rrp,
+    ngx_http_upstream_rr_peer_t *peer, ngx_uint_t i, time_t now)
+{
+    uintptr_t   m;
+    ngx_uint_t  n;
+
+    n = i / (8 * sizeof(uintptr_t));
+    m = (uintptr_t) 1 << i % (8 * sizeof(uintptr_t));
+
+    if ((rrp->tried[n] & m) || peer->down) {
+        return 0;
+    }
+
+    if (peer->max_fails
+        && peer->fails >= peer->max_fails
+        && now - peer->checked <= peer->fail_timeout)
+    {
+        return 0;
+    }
+
+    return !(peer->max_conns && peer->conns >= peer->max_conns);
+}
+
+
 static ngx_int_t
 ngx_http_infer_balance_get_peer(ngx_peer_connection_t *pc, void *data)
 {
@@ -471,25 +501,7 @@ ngx_http_infer_balance_get_peer(ngx_peer_connection_t *pc, void *data)
 
     for (peer = peers->peer, i = 0; peer; peer = peer->next, i++) {
 
-        n = i / (8 * sizeof(uintptr_t));
-        m = (uintptr_t) 1 << i % (8 * sizeof(uintptr_t));
-
-        if (rrp->tried[n] & m) {
-            continue;
-        }
-
-        if (peer->down) {
-            continue;
-        }
-
-        if (peer->max_fails
-            && peer->fails >= peer->max_fails
-            && now - peer->checked <= peer->fail_timeout)
-        {
-            continue;
-        }
-
-        if (peer->max_conns && peer->conns >= peer->max_conns) {
+        if (!ngx_http_infer_balance_usable(rrp, peer, i, now)) {
             continue;
         }
 
@@ -560,25 +572,7 @@ ngx_http_infer_balance_get_peer(ngx_peer_connection_t *pc, void *data)
 
         for (peer = best, i = p; peer; peer = peer->next, i++) {
 
-            n = i / (8 * sizeof(uintptr_t));
-            m = (uintptr_t) 1 << i % (8 * sizeof(uintptr_t));
-
-            if (rrp->tried[n] & m) {
-                continue;
-            }
-
-            if (peer->down) {
-                continue;
-            }
-
-            if (peer->max_fails
-                && peer->fails >= peer->max_fails
-                && now - peer->checked <= peer->fail_timeout)
-            {
-                continue;
-            }
-
-            if (peer->max_conns && peer->conns >= peer->max_conns) {
+            if (!ngx_http_infer_balance_usable(rrp, peer, i, now)) {
                 continue;
             }
 
