@@ -84,11 +84,48 @@ OPTIONS = {
     "fake_waiting": ("int?", None),
     "fake_kv_cache_usage": ("float?", None),
     "access_log": ("bool", False),
+    # the /metrics page: its flavor, and ways for it to fail
+    "metrics_flavor": ("str", "vllm"),
+    "metrics_status": ("int", 200),
+    "metrics_stall_ms": ("float", 0.0),
+    "metrics_garbage": ("bool", False),
+    # LoRA adapters (vllm:lora_requests_info, vllm flavor; max_lora 0 = none)
+    "lora_running": ("csv", ""),
+    "lora_waiting": ("csv", ""),
+    "max_lora": ("int", 0),
 }
+
+METRICS_FLAVORS = ("vllm", "sglang", "tgi")
+LORA_HISTORY = 8                     # older label sets of lora_requests_info kept
+
+
+def garbage_page():
+    """A 200 answer to /metrics that is no Prometheus text at all: HTML,
+    binary bytes with NULs, a long line without a newline, unbalanced braces,
+    but no metric name any gateway looks for."""
+    return (b"<!DOCTYPE html>\n<html><head><title>502 oops</title></head>\n"
+            b"<body>{{{ not metrics } \"unterminated\n"
+            b"# TYPE\n# HELP\n=== 1 2 3\n{le=\"+Inf\"} NaN NaN\n"
+            + bytes(range(256)) + b"\x00\x00\xff\xfe\n"
+            + b"x" * 70000 + b" 1e999999\n</body></html>")
 
 
 def coerce(name, value):
     typ, _ = OPTIONS[name]
+    if typ == "csv":
+        # comma-separated names, spaces around them dropped; a JSON list too
+        if value is None:
+            return ""
+        if isinstance(value, (list, tuple)):
+            items = [str(x) for x in value]
+        elif isinstance(value, str):
+            items = value.split(",")
+        else:
+            raise ValueError("%s: not a list of names: %r" % (name, value))
+        items = [x.strip() for x in items]
+        if any(c in x for x in items for c in '"\\\n'):
+            raise ValueError("%s: no quotes, backslashes or newlines in names" % name)
+        return ",".join(x for x in items if x)
     nullable = typ.endswith("?")
     base = typ.rstrip("?")
     if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null")):
@@ -96,7 +133,10 @@ def coerce(name, value):
             return None
         raise ValueError("%s may not be null" % name)
     if base == "str":
-        return str(value)
+        value = str(value)
+        if name == "metrics_flavor" and value not in METRICS_FLAVORS:
+            raise ValueError("metrics_flavor: one of %s" % ", ".join(METRICS_FLAVORS))
+        return value
     if base == "bool":
         if isinstance(value, bool):
             return value
@@ -111,8 +151,12 @@ def coerce(name, value):
         raise ValueError("%s: not a number: %r" % (name, value))
     if base == "int":
         f = float(value)
-        if f != int(f):
+        if math.isnan(f) or math.isinf(f) or f != int(f):
             raise ValueError("%s: not an integer: %r" % (name, value))
+        if name == "metrics_status" and not 200 <= f <= 599:
+            raise ValueError("metrics_status: a status from 200 to 599")
+        if name == "max_lora" and f < 0:
+            raise ValueError("max_lora: not negative")
         return int(f)
     if base == "float":
         f = float(value)
@@ -311,6 +355,11 @@ class Sim:
         self.inference_total = 0
         self.status_counts = collections.Counter()
         self.connections_total = 0
+        self.metrics_requests = 0
+        # vllm:lora_requests_info label sets no longer current -> the time
+        # they were last current (vLLM's gauge keeps every label set it saw)
+        self.lora_history = collections.OrderedDict()
+        self.lora_current = self.lora_labels()
         self.loop = None
 
     # ------------------------------------------------------------------ HTTP
@@ -577,8 +626,7 @@ class Sim:
             if path == "/metrics":
                 if m not in ("GET", "HEAD"):
                     return await self.method_not_allowed(conn, req, "GET, HEAD")
-                return await self.send(conn, req, 200, self.metrics_text(),
-                                       ctype="text/plain; version=0.0.4; charset=utf-8")
+                return await self.metrics_page(conn, req)
             if path == "/v1/models" or path.startswith("/v1/models/"):
                 if m not in ("GET", "HEAD"):
                     return await self.method_not_allowed(conn, req, "GET, HEAD")
@@ -666,6 +714,7 @@ class Sim:
                 except ValueError as e:
                     return await self.send_error(conn, req, 400, str(e), "bad_config")
                 self.cfg.update(new)
+                self.lora_changed()
                 if "seed" in new:
                     self.rng.seed(new["seed"])
                     self.split_rng.seed(new["seed"] * 7919 + 1)
@@ -682,6 +731,7 @@ class Sim:
                 "status_counts": {str(k): v for k, v in sorted(self.status_counts.items())},
                 "connections_total": self.connections_total,
                 "connections_open": len(self.conns),
+                "metrics_requests": self.metrics_requests,
                 "prompt_tokens_total": self.prompt_tokens_total,
                 "generation_tokens_total": self.generation_tokens_total,
                 "success": self.success})
@@ -1084,6 +1134,56 @@ class Sim:
 
     # -------------------------------------------------------------- metrics
 
+    async def metrics_page(self, conn, req):
+        """GET /metrics: counted, then stalled, failed or garbled as configured."""
+        cfg = self.cfg
+        self.metrics_requests += 1
+        if cfg["metrics_stall_ms"] > 0:
+            await self.pause_until(conn, self.loop.time() + cfg["metrics_stall_ms"] / 1000.0)
+        status = cfg["metrics_status"]
+        if status != 200:
+            return await self.send(conn, req, status,
+                                   b"simulated /metrics failure (status %d)\n" % status,
+                                   ctype="text/plain; charset=utf-8")
+        if cfg["metrics_garbage"]:
+            return await self.send(conn, req, 200, garbage_page(),
+                                   ctype="text/plain; version=0.0.4; charset=utf-8")
+        return await self.send(conn, req, 200, self.metrics_text(),
+                               ctype="text/plain; version=0.0.4; charset=utf-8")
+
+    def lora_labels(self):
+        """The current label set of vllm:lora_requests_info, None without LoRA."""
+        cfg = self.cfg
+        if cfg["max_lora"] <= 0:
+            return None
+        return (str(cfg["max_lora"]), cfg["lora_running"], cfg["lora_waiting"])
+
+    def lora_changed(self):
+        """After a config change: a label set that is no longer current stays
+        on the page with the time it was last current."""
+        new = self.lora_labels()
+        old = self.lora_current
+        if new == old:
+            return
+        if old is not None:
+            self.lora_history.pop(old, None)
+            self.lora_history[old] = time.time()
+            while len(self.lora_history) > LORA_HISTORY:
+                self.lora_history.popitem(last=False)
+        if new is not None:
+            self.lora_history.pop(new, None)
+        self.lora_current = new
+
+    def load_figures(self):
+        """(running, waiting, kv fraction), the fake_* options winning."""
+        running = self.cfg["fake_running"]
+        if running is None:
+            running = self.sched.running
+        waiting = self.cfg["fake_waiting"]
+        if waiting is None:
+            waiting = len(self.sched.waiting)
+        return running, waiting, self.kv_usage()
+
     def kv_usage(self):
         if self.cfg["fake_kv_cache_usage"] is not None:
             return self.cfg["fake_kv_cache_usage"]
@@ -1096,14 +1196,13 @@ class Sim:
         return min(1.0, tot / maxc)
 
     def metrics_text(self):
+        flavor = self.cfg["metrics_flavor"]
+        if flavor == "sglang":
+            return self.metrics_text_sglang()
+        if flavor == "tgi":
+            return self.metrics_text_tgi()
         lbl = 'model_name="%s"' % self.cfg["model"].replace("\\", "\\\\").replace('"', '\\"')
-        running = self.cfg["fake_running"]
-        if running is None:
-            running = self.sched.running
-        waiting = self.cfg["fake_waiting"]
-        if waiting is None:
-            waiting = len(self.sched.waiting)
-        kv = self.kv_usage()
+        running, waiting, kv = self.load_figures()
         out = []
 
         def fam(name, typ, help_):
@@ -1139,6 +1238,95 @@ class Sim:
             out.append('%s_bucket{le="+Inf",%s} %s' % (name, lbl, float(hist.count)))
             out.append("%s_count{%s} %s" % (name, lbl, float(hist.count)))
             out.append("%s_sum{%s} %r" % (name, lbl, float(hist.sum)))
+        if self.lora_current is not None:
+            # as vLLM: a gauge whose value is the time the label set was
+            # last current; label sets seen before stay with older times
+            fam("vllm:lora_requests_info", "gauge", "Running stats on lora requests.")
+            now = time.time()
+            for labels, t in self.lora_history.items():
+                now = max(now, t + 0.001)
+                out.append('vllm:lora_requests_info{max_lora="%s",running_lora_adapters="%s",'
+                           'waiting_lora_adapters="%s"} %r' % (labels + (t,)))
+            out.append('vllm:lora_requests_info{max_lora="%s",running_lora_adapters="%s",'
+                       'waiting_lora_adapters="%s"} %r' % (self.lora_current + (now,)))
+        out.append("")
+        return "\n".join(out).encode("utf-8")
+
+    def metrics_text_sglang(self):
+        """SGLang's page (sglang/srt/metrics/collector.py): gauges per
+        scheduler with their engine/rank labels, counters with _total."""
+        model = self.cfg["model"].replace("\\", "\\\\").replace('"', '\\"')
+        lbl = 'engine_type="unified",model_name="%s",pp_rank="0",tp_rank="0"' % model
+        running, waiting, kv = self.load_figures()
+        slot = max(1, self.cfg["kv_slot_tokens"])
+        total_tokens = slot * max(1, self.cfg["max_concurrency"])
+        out = []
+
+        def fam(name, typ, help_):
+            out.append("# HELP %s %s" % (name, help_))
+            out.append("# TYPE %s %s" % (name, typ))
+
+        for name, help_, v in (
+                ("sglang:num_running_reqs", "The number of running requests.", float(running)),
+                ("sglang:num_used_tokens", "The number of used tokens.",
+                 float(int(kv * total_tokens))),
+                ("sglang:token_usage", "The token usage.", float(kv)),
+                ("sglang:gen_throughput", "The generation throughput (token/s).", 0.0),
+                ("sglang:num_queue_reqs", "The number of requests in the waiting queue.",
+                 float(waiting)),
+                ("sglang:cache_hit_rate", "The prefix cache hit rate.", 0.0)):
+            fam(name, "gauge", help_)
+            out.append("%s{%s} %r" % (name, lbl, v))
+        lbl = 'model_name="%s"' % model
+        for name, help_, v in (
+                ("sglang:prompt_tokens_total", "Number of prefill tokens processed.",
+                 self.prompt_tokens_total),
+                ("sglang:generation_tokens_total", "Number of generation tokens processed.",
+                 self.generation_tokens_total),
+                ("sglang:num_requests_total", "Number of requests processed.",
+                 sum(self.success.values()))):
+            fam(name, "counter", help_)
+            out.append("%s{%s} %r" % (name, lbl, float(v)))
+        fam("sglang:time_to_first_token_seconds", "histogram",
+            "Histogram of time to first token in seconds.")
+        h = self.ttft_hist
+        for b, c in zip(h.buckets, h.counts):
+            out.append('sglang:time_to_first_token_seconds_bucket{le="%r",%s} %r'
+                       % (float(b), lbl, float(c)))
+        out.append('sglang:time_to_first_token_seconds_bucket{le="+Inf",%s} %r'
+                   % (lbl, float(h.count)))
+        out.append("sglang:time_to_first_token_seconds_count{%s} %r" % (lbl, float(h.count)))
+        out.append("sglang:time_to_first_token_seconds_sum{%s} %r" % (lbl, float(h.sum)))
+        out.append("")
+        return "\n".join(out).encode("utf-8")
+
+    def metrics_text_tgi(self):
+        """TGI's page (the Rust metrics-exporter-prometheus): TYPE lines and
+        no HELP, no labels on the gauges, integers without a decimal point,
+        counters without _total; no KV-cache figure at all."""
+        running, waiting, _ = self.load_figures()
+        done = sum(self.success.values())
+        out = []
+        for name, typ, v in (
+                ("tgi_queue_size", "gauge", waiting),
+                ("tgi_batch_current_size", "gauge", running),
+                ("tgi_batch_current_max_tokens", "gauge",
+                 running * self.cfg["kv_slot_tokens"]),
+                ("tgi_request_count", "counter", self.inference_total),
+                ("tgi_request_success", "counter", done - self.success["abort"]),
+                ("tgi_request_failure", "counter", self.success["abort"])):
+            out.append("# TYPE %s %s" % (name, typ))
+            out.append("%s %d" % (name, v))
+        out.append("# TYPE tgi_batch_inference_count counter")
+        for method in ("prefill", "decode"):
+            out.append('tgi_batch_inference_count{method="%s"} %d' % (method, done))
+        out.append("# TYPE tgi_request_duration histogram")
+        h = self.e2e_hist
+        for b, c in zip(h.buckets, h.counts):
+            out.append('tgi_request_duration_bucket{le="%s"} %d' % (b, c))
+        out.append('tgi_request_duration_bucket{le="+Inf"} %d' % h.count)
+        out.append("tgi_request_duration_sum %r" % float(h.sum))
+        out.append("tgi_request_duration_count %d" % h.count)
         out.append("")
         return "\n".join(out).encode("utf-8")
 
@@ -1214,6 +1402,17 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=OPTIONS["seed"][1])
     ap.add_argument("--kv-slot-tokens", type=int, default=OPTIONS["kv_slot_tokens"][1])
     ap.add_argument("--access-log", action="store_true")
+    ap.add_argument("--metrics-flavor", choices=METRICS_FLAVORS,
+                    default=OPTIONS["metrics_flavor"][1])
+    ap.add_argument("--metrics-status", type=int, default=OPTIONS["metrics_status"][1])
+    ap.add_argument("--metrics-stall-ms", type=float, default=OPTIONS["metrics_stall_ms"][1])
+    ap.add_argument("--metrics-garbage", action="store_true")
+    ap.add_argument("--lora-running", default=OPTIONS["lora_running"][1])
+    ap.add_argument("--lora-waiting", default=OPTIONS["lora_waiting"][1])
+    ap.add_argument("--max-lora", type=int, default=OPTIONS["max_lora"][1])
+    ap.add_argument("--fake-running", type=int, default=None)
+    ap.add_argument("--fake-waiting", type=int, default=None)
+    ap.add_argument("--fake-kv-cache-usage", type=float, default=None)
     args = ap.parse_args(argv)
     cfg = {k: d for k, (_, d) in OPTIONS.items()}
     for k in OPTIONS:

@@ -490,6 +490,161 @@ def test_metrics_parse_and_reflect_real_load(make_sim):
                   "vllm:e2e_request_latency_seconds_sum") >= 0.8 * (2 + 4 + 6) * one
 
 
+def parse_page(data):
+    from prometheus_client.parser import text_string_to_metric_families
+    return {f.name: f for f in text_string_to_metric_families(data.decode())}
+
+
+def test_metrics_flavors_and_fake_load(make_sim):
+    s = make_sim(metrics_flavor="sglang", fake_waiting=7, fake_running=3,
+                 fake_kv_cache_usage=0.25)
+    fams = metrics(s)
+    assert not [n for n in fams if n.startswith("vllm:")], list(fams)
+    for name, value in (("sglang:num_queue_reqs", 7), ("sglang:num_running_reqs", 3),
+                        ("sglang:token_usage", 0.25)):
+        assert fams[name].type == "gauge"
+        assert sample(fams, name, model_name="llama-3-8b", tp_rank="0") == value
+    assert fams["sglang:prompt_tokens"].type == "counter"
+    assert fams["sglang:time_to_first_token_seconds"].type == "histogram"
+
+    # switched at run time, the fake figures kept
+    s.configure(metrics_flavor="tgi")
+    r, data = get(s, "/metrics")
+    assert r.status == 200
+    assert b"# HELP" not in data and b"{model_name" not in data
+    fams = parse_page(data)
+    assert not [n for n in fams if not n.startswith("tgi_")], list(fams)
+    assert sample(fams, "tgi_queue_size") == 7
+    assert sample(fams, "tgi_batch_current_size") == 3
+    assert b"\ntgi_queue_size 7\n" in data            # integers, as TGI writes them
+    assert fams["tgi_request_count"].type == "counter"
+    assert fams["tgi_request_duration"].type == "histogram"
+    assert not [n for n in fams if "kv" in n or "cache" in n or "usage" in n]
+
+    s.configure(metrics_flavor="vllm", fake_waiting=None, fake_running=5,
+                fake_kv_cache_usage=None)
+    fams = metrics(s)
+    assert sample(fams, "vllm:num_requests_waiting") == 0
+    assert sample(fams, "vllm:num_requests_running") == 5
+    assert sample(fams, "vllm:kv_cache_usage_perc") == 0
+    assert "vllm:lora_requests_info" not in fams      # max_lora=0: no family
+
+    # real load shows in every flavor
+    s.configure(fake_running=None, max_concurrency=1, metrics_flavor="tgi")
+    body = dict(CHAT, stream=True, max_tokens=50)
+    out = []
+    ts = [threading.Thread(target=lambda: out.append(
+        post(s, "/v1/chat/completions", body, timeout=15)[0].status)) for _ in range(3)]
+    for t in ts:
+        t.start()
+    seen = None
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and seen is None:
+        fams = parse_page(get(s, "/metrics")[1])
+        if (sample(fams, "tgi_batch_current_size"), sample(fams, "tgi_queue_size")) == (1, 2):
+            seen = fams
+        time.sleep(0.005)
+    for t in ts:
+        t.join(15)
+    assert seen is not None, "never saw running=1 waiting=2"
+    assert out == [200] * 3
+    assert sample(parse_page(get(s, "/metrics")[1]), "tgi_request_count") == 3
+
+    # bad values refused
+    for bad in ({"metrics_flavor": "triton"}, {"metrics_status": 99},
+                {"metrics_status": 700}, {"max_lora": -1}, {"lora_running": 'a"b'}):
+        r, _ = post(s, "/_sim/config", bad)
+        assert r.status == 400, bad
+
+
+def test_metrics_failing_slow_and_garbage(make_sim):
+    s = make_sim(metrics_status=503)
+    assert s.stats()["metrics_requests"] == 0
+    r, data = get(s, "/metrics")
+    assert r.status == 503 and data.startswith(b"simulated /metrics failure")
+    assert r.getheader("content-type") == "text/plain; charset=utf-8"
+    # inference is not affected
+    assert post(s, "/v1/chat/completions", dict(CHAT, max_tokens=1))[0].status == 200
+
+    s.configure(metrics_status=200, metrics_garbage=True)
+    r, data = get(s, "/metrics")
+    assert r.status == 200 and b"\x00" in data and len(data) > 65536
+    with pytest.raises(Exception):
+        parse_page(data)
+    assert b"vllm:" not in data and b"sglang:" not in data and b"tgi_" not in data
+
+    s.configure(metrics_garbage=False, metrics_stall_ms=3000)
+    t0 = time.monotonic()
+    with pytest.raises((socket.timeout, TimeoutError)):
+        get(s, "/metrics", timeout=0.3)
+    assert time.monotonic() - t0 < 2
+    s.configure(metrics_stall_ms=150)
+    t0 = time.monotonic()
+    assert get(s, "/metrics")[0].status == 200
+    assert time.monotonic() - t0 >= 0.15
+    assert s.stats()["metrics_requests"] == 4
+
+    # from the command line, over HTTP/1.0 as a gateway scrapes
+    s2 = make_sim(metrics_status=500, metrics_flavor="tgi")
+    raw, _ = raw_exchange(s2, request_bytes("GET", "/metrics", version="HTTP/1.0",
+                                            close=False))
+    assert raw.startswith(b"HTTP/1.1 500 ")
+    s2.configure(metrics_status=200)
+    raw, _ = raw_exchange(s2, request_bytes("GET", "/metrics", version="HTTP/1.0",
+                                            close=False))
+    status, hdrs, rest = split_response(raw)
+    assert status == 200 and hdrs["connection"] == "close"
+    assert int(hdrs["content-length"]) == len(rest) and b"tgi_queue_size 0" in rest
+    assert s2.stats()["metrics_requests"] == 2
+
+
+def lora_samples(s):
+    fams = metrics(s)
+    assert fams["vllm:lora_requests_info"].type == "gauge"
+    return [(smp.labels, smp.value) for smp in fams["vllm:lora_requests_info"].samples]
+
+
+def test_lora_requests_info(make_sim):
+    s = make_sim(max_lora=4, lora_running="sql-lora, chat-lora", fake_waiting=2)
+    t0 = time.time()
+    (labels, value), = lora_samples(s)
+    assert labels == {"max_lora": "4", "running_lora_adapters": "sql-lora,chat-lora",
+                      "waiting_lora_adapters": ""}
+    assert abs(value - t0) < 5          # vLLM's value: a unix time
+    assert sample(metrics(s), "vllm:num_requests_waiting") == 2
+
+    s.configure(lora_running="sql-lora", lora_waiting=["chat-lora", "x"])
+    smp = lora_samples(s)
+    assert [lb for lb, _ in smp] == [
+        {"max_lora": "4", "running_lora_adapters": "sql-lora,chat-lora",
+         "waiting_lora_adapters": ""},
+        {"max_lora": "4", "running_lora_adapters": "sql-lora",
+         "waiting_lora_adapters": "chat-lora,x"}]
+    # the current label set has the largest value
+    assert smp[1][1] > smp[0][1]
+    # an unrelated change keeps them as they are
+    s.configure(fake_waiting=None)
+    assert [lb for lb, _ in lora_samples(s)] == [lb for lb, _ in smp]
+
+    # back to the first set: it is current again, the second one older
+    s.configure(lora_running="sql-lora,chat-lora", lora_waiting="")
+    smp2 = lora_samples(s)
+    assert len(smp2) == 2
+    cur = max(smp2, key=lambda x: x[1])[0]
+    assert cur["running_lora_adapters"] == "sql-lora,chat-lora"
+
+    # only the vllm flavor has it; max_lora=0 removes the family
+    s.configure(metrics_flavor="sglang")
+    assert b"lora" not in get(s, "/metrics")[1]
+    s.configure(metrics_flavor="vllm", max_lora=0)
+    assert "vllm:lora_requests_info" not in metrics(s)
+    s.configure(max_lora=2, lora_running="", lora_waiting="")
+    smp3 = lora_samples(s)
+    cur = max(smp3, key=lambda x: x[1])[0]
+    assert cur == {"max_lora": "2", "running_lora_adapters": "",
+                   "waiting_lora_adapters": ""}
+
+
 def test_queue_full_is_503_and_disconnect_releases_the_slot(make_sim):
     s = make_sim(max_concurrency=1, max_queue=1, ttft_ms=5, tpot_ms=50)
     slow = dict(CHAT, stream=True, max_tokens=100)
