@@ -96,7 +96,7 @@ OPTIONS = {
 }
 
 METRICS_FLAVORS = ("vllm", "sglang", "tgi")
-LORA_HISTORY = 8                     # older label sets of lora_requests_info kept
+LORA_HISTORY = 8                     # label sets of lora_requests_info kept
 
 
 def garbage_page():
@@ -356,10 +356,13 @@ class Sim:
         self.status_counts = collections.Counter()
         self.connections_total = 0
         self.metrics_requests = 0
-        # vllm:lora_requests_info label sets no longer current -> the time
-        # they were last current (vLLM's gauge keeps every label set it saw)
-        self.lora_history = collections.OrderedDict()
+        # vllm:lora_requests_info: every label set seen, first seen first
+        # (as prometheus_client keeps a gauge's children) -> the time it was
+        # last current; the current one is written with the time of the page
+        self.lora_sets = collections.OrderedDict()
         self.lora_current = self.lora_labels()
+        if self.lora_current is not None:
+            self.lora_sets[self.lora_current] = time.time()
         self.loop = None
 
     # ------------------------------------------------------------------ HTTP
@@ -1166,12 +1169,12 @@ class Sim:
         if new == old:
             return
         if old is not None:
-            self.lora_history.pop(old, None)
-            self.lora_history[old] = time.time()
-            while len(self.lora_history) > LORA_HISTORY:
-                self.lora_history.popitem(last=False)
-        if new is not None:
-            self.lora_history.pop(new, None)
+            self.lora_sets[old] = time.time()
+        if new is not None and new not in self.lora_sets:
+            while len(self.lora_sets) >= LORA_HISTORY:
+                oldest = next(k for k in self.lora_sets if k != old)
+                del self.lora_sets[oldest]
+            self.lora_sets[new] = time.time()
         self.lora_current = new
 
     def load_figures(self):
@@ -1243,12 +1246,14 @@ class Sim:
             # last current; label sets seen before stay with older times
             fam("vllm:lora_requests_info", "gauge", "Running stats on lora requests.")
             now = time.time()
-            for labels, t in self.lora_history.items():
-                now = max(now, t + 0.001)
+            for labels, t in self.lora_sets.items():
+                if labels != self.lora_current:
+                    now = max(now, t + 0.001)
+            for labels, t in self.lora_sets.items():
+                if labels == self.lora_current:
+                    t = now
                 out.append('vllm:lora_requests_info{max_lora="%s",running_lora_adapters="%s",'
                            'waiting_lora_adapters="%s"} %r' % (labels + (t,)))
-            out.append('vllm:lora_requests_info{max_lora="%s",running_lora_adapters="%s",'
-                       'waiting_lora_adapters="%s"} %r' % (self.lora_current + (now,)))
         out.append("")
         return "\n".join(out).encode("utf-8")
 
