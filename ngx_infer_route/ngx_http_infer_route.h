@@ -113,6 +113,8 @@ typedef struct {
     ngx_str_t                      error;       /* message, when status is
                                                    an error */
     const char                    *error_code;
+    ngx_http_handler_pt            content;     /* the location's, when
+                                                   shedding comes first */
     ngx_uint_t                     next_source;
     ngx_str_t                      model;       /* as the request names it */
     ngx_http_infer_route_model_t  *entry;       /* NULL: not in registry */

@@ -3,12 +3,17 @@
  *
  * ngx_http_infer_balance_module: a load-aware balancer for model pools,
  * built into the route module's shared object.  It picks the peer with
- * the fewest estimated tokens in flight (per unit of weight), counted
- * across all workers in shared memory; with prefix_affinity, requests
- * with the same prompt prefix go to the same peer (rendezvous hashing)
- * while its load stays within a bound of the pool's average.  It runs
- * over the round-robin peer data, as least_conn does, so weight=,
- * max_fails=, fail_timeout=, max_conns=, down and backup keep working.
+ * the least cost per unit of weight: the estimated tokens in flight,
+ * counted across all workers in shared memory, plus, when the pool's
+ * metric pages are scraped (ngx_http_infer_route_scrape.c), the
+ * backends' queue, running requests and KV-cache use in token
+ * equivalents.  With prefix_affinity, requests with the same prompt
+ * prefix go to the same peer (rendezvous hashing) while its cost stays
+ * within a bound of the pool's average.  It runs over the round-robin
+ * peer data, as least_conn does, so weight=, max_fails=, fail_timeout=,
+ * max_conns=, down and backup keep working.  It also sheds requests of
+ * low priority when every peer is saturated, follows an external
+ * picker's choice, and shows its state on a status page.
  */
 
 
@@ -17,45 +22,28 @@
 #include <ngx_http.h>
 
 #include "ngx_http_infer.h"
+#include "ngx_http_infer_route_balance.h"
 
 
 #define NGX_HTTP_INFER_BALANCE_LEAST     0
 #define NGX_HTTP_INFER_BALANCE_AFFINITY  1
 #define NGX_HTTP_INFER_BALANCE_SPILL     2
+#define NGX_HTTP_INFER_BALANCE_EXTERNAL  3
+#define NGX_HTTP_INFER_BALANCE_SHED      4
 
-/* no single request counts for more: a client's max_tokens is its own */
-#define NGX_HTTP_INFER_BALANCE_TOKENS_MAX  1000000
+/* the costs of the signals, per unit */
+#define NGX_HTTP_INFER_BALANCE_COST_QUEUE    0
+#define NGX_HTTP_INFER_BALANCE_COST_RUNNING  1
+#define NGX_HTTP_INFER_BALANCE_COST_KV       2
+#define NGX_HTTP_INFER_BALANCE_COST_LORA     3
 
-
-/* one peer's outstanding work, shared by all workers */
-
-typedef struct {
-    ngx_atomic_t                        tokens;
-} ngx_http_infer_balance_node_t;
-
-
-typedef struct {
-    ngx_uint_t                          number;     /* primary + backup */
-    ngx_http_infer_balance_node_t       node[1];
-} ngx_http_infer_balance_shctx_t;
+/* the longest Retry-After of a shed request, seconds */
+#define NGX_HTTP_INFER_BALANCE_RETRY_MAX     60
 
 
 typedef struct {
-    ngx_flag_t                          enable;
-    ngx_flag_t                          affinity;
-    ngx_uint_t                          bound;      /* x 100 */
-    ngx_uint_t                          default_tokens;
-    ngx_uint_t                          default_max_tokens;
-
-    ngx_int_t                           prompt_index;
-    ngx_int_t                           max_tokens_index;
-    ngx_int_t                           prefix_index;
-
-    ngx_uint_t                          number;     /* primary + backup */
-    uint32_t                           *hash;       /* of each peer's name */
-    ngx_shm_zone_t                     *shm_zone;
-    ngx_http_infer_balance_shctx_t     *sh;
-} ngx_http_infer_balance_srv_conf_t;
+    ngx_array_t                         pools;      /* of srv conf * */
+} ngx_http_infer_balance_main_conf_t;
 
 
 typedef struct {
@@ -69,7 +57,12 @@ typedef struct {
     ngx_uint_t                          tokens;     /* this request's
                                                        estimate */
     uint32_t                            prefix;
+    uint32_t                            target;     /* hash of the model
+                                                       id, for LoRA */
     unsigned                            has_prefix:1;
+    unsigned                            has_target:1;
+    unsigned                            external:1; /* asked already */
+    uint64_t                           *cost;       /* per peer, scratch */
     ngx_http_infer_balance_node_t      *node;       /* counted at, until
                                                        freed */
 } ngx_http_infer_balance_peer_data_t;
@@ -95,18 +88,47 @@ static ngx_uint_t ngx_http_infer_balance_usable(
     ngx_uint_t i, time_t now);
 static ngx_int_t ngx_http_infer_balance_get_peer(ngx_peer_connection_t *pc,
     void *data);
+static ngx_http_upstream_rr_peer_t *ngx_http_infer_balance_external(
+    ngx_http_infer_balance_peer_data_t *bp, time_t now, ngx_uint_t *index);
+static void ngx_http_infer_balance_costs(
+    ngx_http_infer_balance_peer_data_t *bp, time_t now);
 static void ngx_http_infer_balance_free_peer(ngx_peer_connection_t *pc,
     void *data, ngx_uint_t state);
 static ngx_uint_t ngx_http_infer_balance_estimate(ngx_http_request_t *r,
     ngx_http_infer_balance_srv_conf_t *bcf);
 static ngx_inline uint64_t ngx_http_infer_balance_rank(uint32_t prefix,
     uint32_t peer);
+static ngx_uint_t ngx_http_infer_balance_has_adapter(
+    ngx_http_infer_balance_node_t *node, uint32_t target);
+static ngx_inline ngx_uint_t ngx_http_infer_balance_fresh(
+    ngx_http_infer_balance_srv_conf_t *bcf,
+    ngx_http_infer_balance_node_t *node, ngx_msec_t now);
+static ngx_uint_t ngx_http_infer_balance_saturated(
+    ngx_http_infer_balance_srv_conf_t *bcf, ngx_uint_t *queue);
+static ngx_http_infer_balance_ctx_t *ngx_http_infer_balance_get_ctx(
+    ngx_http_request_t *r);
+static ngx_int_t ngx_http_infer_balance_status_handler(ngx_http_request_t *r);
 
 static ngx_int_t ngx_http_infer_balance_variable(ngx_http_request_t *r,
     ngx_http_variable_value_t *v, uintptr_t data);
 static ngx_int_t ngx_http_infer_balance_add_variables(ngx_conf_t *cf);
+static ngx_int_t ngx_http_infer_balance_postconfiguration(ngx_conf_t *cf);
+static ngx_int_t ngx_http_infer_balance_init_process(ngx_cycle_t *cycle);
+static void *ngx_http_infer_balance_create_main_conf(ngx_conf_t *cf);
 static void *ngx_http_infer_balance_create_conf(ngx_conf_t *cf);
 static char *ngx_http_infer_balance(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static char *ngx_http_infer_balance_scrape(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static char *ngx_http_infer_balance_signal(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static char *ngx_http_infer_balance_score(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static char *ngx_http_infer_balance_shed_conf(ngx_conf_t *cf,
+    ngx_command_t *cmd, void *conf);
+static char *ngx_http_infer_balance_external_conf(ngx_conf_t *cf,
+    ngx_command_t *cmd, void *conf);
+static char *ngx_http_infer_balance_status(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 
 
@@ -119,15 +141,57 @@ static ngx_command_t  ngx_http_infer_balance_commands[] = {
       0,
       NULL },
 
+    { ngx_string("infer_balance_scrape"),
+      NGX_HTTP_UPS_CONF|NGX_CONF_ANY,
+      ngx_http_infer_balance_scrape,
+      NGX_HTTP_SRV_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("infer_balance_signal"),
+      NGX_HTTP_UPS_CONF|NGX_CONF_2MORE,
+      ngx_http_infer_balance_signal,
+      NGX_HTTP_SRV_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("infer_balance_score"),
+      NGX_HTTP_UPS_CONF|NGX_CONF_1MORE,
+      ngx_http_infer_balance_score,
+      NGX_HTTP_SRV_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("infer_balance_shed"),
+      NGX_HTTP_UPS_CONF|NGX_CONF_1MORE,
+      ngx_http_infer_balance_shed_conf,
+      NGX_HTTP_SRV_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("infer_balance_external"),
+      NGX_HTTP_UPS_CONF|NGX_CONF_TAKE1,
+      ngx_http_infer_balance_external_conf,
+      NGX_HTTP_SRV_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("infer_balance_status"),
+      NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
+      ngx_http_infer_balance_status,
+      0,
+      0,
+      NULL },
+
       ngx_null_command
 };
 
 
 static ngx_http_module_t  ngx_http_infer_balance_module_ctx = {
     ngx_http_infer_balance_add_variables,  /* preconfiguration */
-    NULL,                                  /* postconfiguration */
+    ngx_http_infer_balance_postconfiguration, /* postconfiguration */
 
-    NULL,                                  /* create main configuration */
+    ngx_http_infer_balance_create_main_conf, /* create main configuration */
     NULL,                                  /* init main configuration */
 
     ngx_http_infer_balance_create_conf,    /* create server configuration */
@@ -145,13 +209,16 @@ ngx_module_t  ngx_http_infer_balance_module = {
     NGX_HTTP_MODULE,                       /* module type */
     NULL,                                  /* init master */
     NULL,                                  /* init module */
-    NULL,                                  /* init process */
+    ngx_http_infer_balance_init_process,   /* init process */
     NULL,                                  /* init thread */
     NULL,                                  /* exit thread */
     NULL,                                  /* exit process */
     NULL,                                  /* exit master */
     NGX_MODULE_V1_PADDING
 };
+
+
+ngx_uint_t  ngx_http_infer_balance_shedding;
 
 
 static ngx_http_variable_t  ngx_http_infer_balance_vars[] = {
@@ -169,10 +236,20 @@ static ngx_http_variable_t  ngx_http_infer_balance_vars[] = {
 };
 
 
+static ngx_str_t  ngx_http_infer_balance_signals[] = {
+    ngx_string("queue"),
+    ngx_string("running"),
+    ngx_string("kv"),
+    ngx_string("lora")
+};
+
+
 static ngx_str_t  ngx_http_infer_balance_reasons[] = {
     ngx_string("least_tokens"),
     ngx_string("affinity"),
-    ngx_string("spill")
+    ngx_string("spill"),
+    ngx_string("external"),
+    ngx_string("shed")
 };
 
 
@@ -187,7 +264,9 @@ ngx_http_infer_balance_init_upstream(ngx_conf_t *cf,
     ngx_uint_t                          n;
     ngx_http_upstream_rr_peer_t        *peer;
     ngx_http_upstream_rr_peers_t       *peers, *list;
-    ngx_http_infer_balance_srv_conf_t  *bcf;
+    ngx_http_infer_signals_conf_t       names;
+    ngx_http_infer_balance_srv_conf_t  *bcf, **pool;
+    ngx_http_infer_balance_main_conf_t *bmcf;
 
     if (ngx_http_upstream_init_round_robin(cf, us) != NGX_OK) {
         return NGX_ERROR;
@@ -196,7 +275,30 @@ ngx_http_infer_balance_init_upstream(ngx_conf_t *cf,
     us->peer.init = ngx_http_infer_balance_init_peer;
 
     bcf = ngx_http_conf_upstream_srv_conf(us, ngx_http_infer_balance_module);
+    bcf->upstream = us;
     peers = us->peer.data;
+
+    /* the metric names of the signals infer_balance_signal left alone */
+
+    ngx_http_infer_signals_default(&names);
+
+    for (n = 0; n < NGX_HTTP_INFER_SIGNALS; n++) {
+        if (!(bcf->names_set & (1 << n))) {
+            ngx_memcpy(bcf->names.names[n], names.names[n],
+                       sizeof(names.names[n]));
+            bcf->names.nnames[n] = names.nnames[n];
+        }
+    }
+
+    bmcf = ngx_http_conf_get_module_main_conf(cf,
+                                              ngx_http_infer_balance_module);
+
+    pool = ngx_array_push(&bmcf->pools);
+    if (pool == NULL) {
+        return NGX_ERROR;
+    }
+
+    *pool = bcf;
 
     bcf->number = peers->number + (peers->next ? peers->next->number : 0);
 
@@ -306,7 +408,6 @@ ngx_http_infer_balance_init_peer(ngx_http_request_t *r,
     ngx_http_upstream_srv_conf_t *us)
 {
     ngx_http_variable_value_t           *v;
-    ngx_http_infer_balance_ctx_t        *ctx;
     ngx_http_infer_balance_srv_conf_t   *bcf;
     ngx_http_infer_balance_peer_data_t  *bp;
 
@@ -330,6 +431,20 @@ ngx_http_infer_balance_init_peer(ngx_http_request_t *r,
     bp->request = r;
     bp->tokens = ngx_http_infer_balance_estimate(r, bcf);
 
+    bp->cost = ngx_palloc(r->pool, bcf->number * sizeof(uint64_t));
+    if (bp->cost == NULL) {
+        return NGX_ERROR;
+    }
+
+    if (bcf->scrape && bcf->cost[NGX_HTTP_INFER_BALANCE_COST_LORA]) {
+        v = ngx_http_get_flushed_variable(r, bcf->target_index);
+
+        if (v && !v->not_found && v->len) {
+            bp->target = ngx_murmur_hash2(v->data, v->len);
+            bp->has_target = 1;
+        }
+    }
+
     if (bcf->affinity) {
         v = ngx_http_get_flushed_variable(r, bcf->prefix_index);
 
@@ -339,15 +454,8 @@ ngx_http_infer_balance_init_peer(ngx_http_request_t *r,
         }
     }
 
-    ctx = ngx_http_get_module_ctx(r, ngx_http_infer_balance_module);
-
-    if (ctx == NULL) {
-        ctx = ngx_pcalloc(r->pool, sizeof(ngx_http_infer_balance_ctx_t));
-        if (ctx == NULL) {
-            return NGX_ERROR;
-        }
-
-        ngx_http_set_ctx(r, ctx, ngx_http_infer_balance_module);
+    if (ngx_http_infer_balance_get_ctx(r) == NULL) {
+        return NGX_ERROR;
     }
 
     ngx_log_debug2(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
@@ -455,11 +563,11 @@ ngx_http_infer_balance_get_peer(ngx_peer_connection_t *pc, void *data)
     ngx_http_infer_balance_peer_data_t  *bp = data;
 
     time_t                              now;
-    uint64_t                            rank, top, total, weights;
+    uint64_t                            rank, top, total, weights, cost,
+                                        best_cost, pref_cost;
     uintptr_t                           m;
     ngx_int_t                           rc, rr;
     ngx_uint_t                          i, n, p, many, pi, reason;
-    ngx_atomic_uint_t                   load, best_load, pref_load;
     ngx_http_upstream_rr_peer_t        *peer, *best, *pref;
     ngx_http_upstream_rr_peers_t       *peers;
     ngx_http_infer_balance_ctx_t       *ctx;
@@ -485,44 +593,58 @@ ngx_http_infer_balance_get_peer(ngx_peer_connection_t *pc, void *data)
 
     best = NULL;
     pref = NULL;
-    best_load = 0;
-    pref_load = 0;
+    best_cost = 0;
+    pref_cost = 0;
     total = 0;
     weights = 0;
     top = 0;
     rr = 0;
+    p = 0;
     reason = NGX_HTTP_INFER_BALANCE_LEAST;
 
 #if (NGX_SUPPRESS_WARN)
     many = 0;
-    p = 0;
     pi = 0;
 #endif
 
+    /* an external picker's choice, on the first pick only */
+
+    if (bcf->external && !bp->external) {
+        bp->external = 1;
+
+        best = ngx_http_infer_balance_external(bp, now, &p);
+
+        if (best) {
+            best_cost = node[p].tokens;
+            reason = NGX_HTTP_INFER_BALANCE_EXTERNAL;
+            goto chosen;
+        }
+    }
+
+    ngx_http_infer_balance_costs(bp, now);
+
     for (peer = peers->peer, i = 0; peer; peer = peer->next, i++) {
 
-        if (!ngx_http_infer_balance_usable(rrp, peer, i, now)) {
+        cost = bp->cost[i];
+
+        if (cost == (uint64_t) -1) {
             continue;
         }
 
-        load = node[i].tokens;
-        total += load;
+        total += cost;
         weights += peer->weight;
 
-        /* the least tokens in flight per unit of weight */
+        /* the least cost per unit of weight */
 
         if (best == NULL
-            || (uint64_t) load * best->weight
-               < (uint64_t) best_load * peer->weight)
+            || cost * best->weight < best_cost * peer->weight)
         {
             best = peer;
-            best_load = load;
+            best_cost = cost;
             many = 0;
             p = i;
 
-        } else if ((uint64_t) load * best->weight
-                   == (uint64_t) best_load * peer->weight)
-        {
+        } else if (cost * best->weight == best_cost * peer->weight) {
             many = 1;
         }
 
@@ -532,7 +654,7 @@ ngx_http_infer_balance_get_peer(ngx_peer_connection_t *pc, void *data)
 
             if (pref == NULL || rank > top) {
                 pref = peer;
-                pref_load = load;
+                pref_cost = cost;
                 top = rank;
                 pi = i;
             }
@@ -548,16 +670,16 @@ ngx_http_infer_balance_get_peer(ngx_peer_connection_t *pc, void *data)
 
     /*
      * Bounded loads: the preferred peer takes the request while its share
-     * of the pool's tokens in flight, this request included, stays within
-     * bound times its share of the weight.
+     * of the pool's cost, this request included, stays within bound times
+     * its share of the weight.
      */
 
     if (pref) {
-        if ((uint64_t) pref_load * weights * 100
+        if (pref_cost * weights * 100
             <= (uint64_t) bcf->bound * (total + bp->tokens) * pref->weight)
         {
             best = pref;
-            best_load = pref_load;
+            best_cost = pref_cost;
             p = pi;
             reason = NGX_HTTP_INFER_BALANCE_AFFINITY;
             goto chosen;
@@ -572,16 +694,10 @@ ngx_http_infer_balance_get_peer(ngx_peer_connection_t *pc, void *data)
 
         for (peer = best, i = p; peer; peer = peer->next, i++) {
 
-            if (!ngx_http_infer_balance_usable(rrp, peer, i, now)) {
-                continue;
-            }
+            cost = bp->cost[i];
 
-            load = node[i].tokens;
-
-            /* other workers may have moved the counters since */
-
-            if ((uint64_t) load * best->weight
-                != (uint64_t) best_load * peer->weight)
+            if (cost == (uint64_t) -1
+                || cost * best->weight != best_cost * peer->weight)
             {
                 continue;
             }
@@ -595,7 +711,7 @@ ngx_http_infer_balance_get_peer(ngx_peer_connection_t *pc, void *data)
 
             if (peer->current_weight > best->current_weight) {
                 best = peer;
-                best_load = load;
+                best_cost = cost;
                 p = i;
             }
         }
@@ -625,18 +741,19 @@ chosen:
     bp->node = &node[p];
     (void) ngx_atomic_fetch_add(&bp->node->tokens,
                                 (ngx_atomic_int_t) bp->tokens);
+    (void) ngx_atomic_fetch_add(&bp->node->picks, 1);
 
     ctx = ngx_http_get_module_ctx(bp->request, ngx_http_infer_balance_module);
 
     if (ctx) {
         ctx->endpoint = best->name;
-        ctx->score = best_load;
+        ctx->score = (ngx_uint_t) best_cost;
         ctx->reason = reason;
     }
 
     ngx_log_debug4(NGX_LOG_DEBUG_HTTP, pc->log, 0,
-                   "infer balance pick \"%V\", load: %uA, tokens: %ui, %V",
-                   &best->name, best_load, bp->tokens,
+                   "infer balance pick \"%V\", cost: %uL, tokens: %ui, %V",
+                   &best->name, best_cost, bp->tokens,
                    &ngx_http_infer_balance_reasons[reason]);
 
     ngx_http_upstream_rr_peers_unlock(peers);
@@ -684,6 +801,210 @@ failed:
 }
 
 
+/*
+ * The peer an external picker (the Gateway API inference extension's
+ * endpoint picker) chose: "ip:port", or a list of them in order of
+ * preference, of which the first usable peer of this pool is taken.
+ */
+
+static ngx_http_upstream_rr_peer_t *
+ngx_http_infer_balance_external(ngx_http_infer_balance_peer_data_t *bp,
+    time_t now, ngx_uint_t *index)
+{
+    u_char                       *p, *last, *item;
+    size_t                        len;
+    ngx_str_t                     value;
+    ngx_uint_t                    i;
+    ngx_http_upstream_rr_peer_t  *peer;
+
+    if (ngx_http_complex_value(bp->request, bp->conf->external, &value)
+        != NGX_OK)
+    {
+        return NULL;
+    }
+
+    p = value.data;
+    last = p + value.len;
+
+    while (p < last) {
+
+        while (p < last && (*p == ' ' || *p == '\t' || *p == ',')) {
+            p++;
+        }
+
+        item = p;
+
+        while (p < last && *p != ',' && *p != ' ' && *p != '\t') {
+            p++;
+        }
+
+        len = p - item;
+
+        if (len == 0) {
+            continue;
+        }
+
+        for (peer = bp->rrp.peers->peer, i = 0; peer; peer = peer->next, i++)
+        {
+            if (peer->name.len != len
+                || ngx_strncmp(peer->name.data, item, len) != 0)
+            {
+                continue;
+            }
+
+            if (ngx_http_infer_balance_usable(&bp->rrp, peer, i, now)) {
+                *index = i;
+                return peer;
+            }
+
+            break;
+        }
+
+        ngx_log_error(NGX_LOG_INFO, bp->request->connection->log, 0,
+                      "infer balance: external endpoint \"%*s\" is not a "
+                      "usable peer of upstream \"%V\"", len, item,
+                      &bp->conf->upstream->host);
+    }
+
+    return NULL;
+}
+
+
+/*
+ * Each usable peer's cost, in bp->cost (-1: not usable): its tokens in
+ * flight, plus its signals in token equivalents when they are fresh.  A
+ * peer whose signals are stale is given the average of the fresh ones, so
+ * that one failing scrape neither favours nor spares it; with none fresh
+ * the tokens in flight decide alone.
+ */
+
+#define NGX_HTTP_INFER_BALANCE_STALE  ((uint64_t) -2)
+#define NGX_HTTP_INFER_BALANCE_CAP    ((uint64_t) 1 << 36)
+
+static void
+ngx_http_infer_balance_costs(ngx_http_infer_balance_peer_data_t *bp,
+    time_t now)
+{
+    uint64_t                            sum, c, avg;
+    ngx_uint_t                          i, fresh, known;
+    ngx_msec_t                          msec;
+    ngx_http_upstream_rr_peer_t        *peer;
+    ngx_http_infer_balance_node_t      *node;
+    ngx_http_infer_balance_srv_conf_t  *bcf;
+
+    bcf = bp->conf;
+    node = bcf->sh->node + bp->base;
+    msec = ngx_current_msec;
+
+    sum = 0;
+    fresh = 0;
+    known = 0;
+
+    for (peer = bp->rrp.peers->peer, i = 0; peer; peer = peer->next, i++) {
+
+        if (!ngx_http_infer_balance_usable(&bp->rrp, peer, i, now)) {
+            bp->cost[i] = (uint64_t) -1;
+            continue;
+        }
+
+        if (!ngx_http_infer_balance_fresh(bcf, &node[i], msec)) {
+            bp->cost[i] = NGX_HTTP_INFER_BALANCE_STALE;
+            continue;
+        }
+
+        c = node[i].value[0] * bcf->cost[NGX_HTTP_INFER_BALANCE_COST_QUEUE]
+            + node[i].value[1]
+              * bcf->cost[NGX_HTTP_INFER_BALANCE_COST_RUNNING]
+            + node[i].value[2] * bcf->cost[NGX_HTTP_INFER_BALANCE_COST_KV];
+
+        bp->cost[i] = c / 1000;
+        sum += c / 1000;
+        fresh++;
+
+        /* is the request's model an adapter one of the peers holds? */
+
+        if (bp->has_target && !known) {
+            known = ngx_http_infer_balance_has_adapter(&node[i], bp->target);
+        }
+    }
+
+    avg = fresh ? sum / fresh : 0;
+
+    for (peer = bp->rrp.peers->peer, i = 0; peer; peer = peer->next, i++) {
+
+        c = bp->cost[i];
+
+        if (c == (uint64_t) -1) {
+            continue;
+        }
+
+        if (c == NGX_HTTP_INFER_BALANCE_STALE) {
+            c = avg;
+
+        } else if (known) {
+
+            /* LoRA: none for a peer with the adapter, half for room */
+
+            if (!ngx_http_infer_balance_has_adapter(&node[i], bp->target)) {
+                c += bcf->cost[NGX_HTTP_INFER_BALANCE_COST_LORA]
+                     / ((node[i].nrunning < node[i].max_lora) ? 2 : 1);
+            }
+        }
+
+        c += node[i].tokens;
+
+        bp->cost[i] = ngx_min(c, NGX_HTTP_INFER_BALANCE_CAP);
+    }
+}
+
+
+/* the adapter is running or waiting on the peer */
+
+static ngx_uint_t
+ngx_http_infer_balance_has_adapter(ngx_http_infer_balance_node_t *node,
+    uint32_t target)
+{
+    ngx_uint_t  i, n, w;
+
+    n = ngx_min(node->nrunning, NGX_HTTP_INFER_SIGNALS_LORA_MAX);
+    w = ngx_min(node->nwaiting, NGX_HTTP_INFER_SIGNALS_LORA_MAX);
+
+    for (i = 0; i < n; i++) {
+        if (node->lora[i] == target) {
+            return 1;
+        }
+    }
+
+    for (i = 0; i < w; i++) {
+        if (node->lora[NGX_HTTP_INFER_SIGNALS_LORA_MAX + i] == target) {
+            return 1;
+        }
+    }
+
+    return 0;
+}
+
+
+static ngx_inline ngx_uint_t
+ngx_http_infer_balance_fresh(ngx_http_infer_balance_srv_conf_t *bcf,
+    ngx_http_infer_balance_node_t *node, ngx_msec_t now)
+{
+    ngx_msec_t  updated;
+
+    if (bcf->scrape == NULL) {
+        return 0;
+    }
+
+    updated = node->updated;
+
+    /* another worker's clock may be a little ahead of this one's */
+
+    return updated
+           && (ngx_msec_int_t) (now - updated)
+              <= (ngx_msec_int_t) bcf->scrape->stale;
+}
+
+
 /* called once per attempt: a retry releases the peer it leaves */
 
 static void
@@ -711,7 +1032,10 @@ ngx_http_infer_balance_variable(ngx_http_request_t *r,
 
     ctx = ngx_http_get_module_ctx(r, ngx_http_infer_balance_module);
 
-    if (ctx == NULL || ctx->endpoint.len == 0) {
+    if (ctx == NULL
+        || (ctx->endpoint.len == 0
+            && (data != 2 || ctx->reason != NGX_HTTP_INFER_BALANCE_SHED)))
+    {
         v->not_found = 1;
         return NGX_OK;
     }
@@ -747,10 +1071,439 @@ ngx_http_infer_balance_variable(ngx_http_request_t *r,
 }
 
 
+static ngx_http_infer_balance_ctx_t *
+ngx_http_infer_balance_get_ctx(ngx_http_request_t *r)
+{
+    ngx_http_infer_balance_ctx_t  *ctx;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_http_infer_balance_module);
+
+    if (ctx == NULL) {
+        ctx = ngx_pcalloc(r->pool, sizeof(ngx_http_infer_balance_ctx_t));
+        if (ctx == NULL) {
+            return NULL;
+        }
+
+        ngx_http_set_ctx(r, ctx, ngx_http_infer_balance_module);
+    }
+
+    return ctx;
+}
+
+
+/*
+ * Shedding, for the route module's content phase: when every peer of the
+ * request's pool is past the thresholds, a request of low priority gets a
+ * 429 now rather than a place at the end of every queue.  NGX_DECLINED:
+ * go on to the pool.
+ */
+
+ngx_int_t
+ngx_http_infer_balance_shed(ngx_http_request_t *r, ngx_str_t *upstream)
+{
+    time_t                               sec;
+    ngx_str_t                            value, msg;
+    ngx_int_t                            priority;
+    ngx_uint_t                           i, queue;
+    ngx_table_elt_t                     *h;
+    ngx_http_infer_balance_ctx_t        *ctx;
+    ngx_http_infer_balance_shed_t       *shed;
+    ngx_http_upstream_srv_conf_t       **uscfp;
+    ngx_http_upstream_main_conf_t       *umcf;
+    ngx_http_infer_balance_srv_conf_t   *bcf;
+
+    umcf = ngx_http_get_module_main_conf(r, ngx_http_upstream_module);
+    uscfp = umcf->upstreams.elts;
+    bcf = NULL;
+
+    for (i = 0; i < umcf->upstreams.nelts; i++) {
+        if (uscfp[i]->host.len == upstream->len
+            && ngx_strncasecmp(uscfp[i]->host.data, upstream->data,
+                               upstream->len) == 0)
+        {
+            bcf = ngx_http_conf_upstream_srv_conf(uscfp[i],
+                                               ngx_http_infer_balance_module);
+            break;
+        }
+    }
+
+    if (bcf == NULL || !bcf->enable || bcf->shed == NULL || bcf->sh == NULL) {
+        return NGX_DECLINED;
+    }
+
+    shed = bcf->shed;
+
+    if (!ngx_http_infer_balance_saturated(bcf, &queue)) {
+        return NGX_DECLINED;
+    }
+
+    priority = 0;
+
+    if (shed->priority) {
+        if (ngx_http_complex_value(r, shed->priority, &value) != NGX_OK) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
+        priority = value.len ? ngx_atoi(value.data, value.len) : 0;
+
+        if (priority == NGX_ERROR) {
+            priority = 0;
+        }
+    }
+
+    if ((ngx_uint_t) priority >= shed->admit) {
+        ngx_log_debug1(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
+                       "infer balance: pool saturated, priority %i admitted",
+                       priority);
+        return NGX_DECLINED;
+    }
+
+    ctx = ngx_http_infer_balance_get_ctx(r);
+    if (ctx == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    ctx->reason = NGX_HTTP_INFER_BALANCE_SHED;
+
+    /* the time the shortest queue takes to drain, roughly */
+
+    sec = (time_t) ((queue * shed->wait / 1000 + 999) / 1000);
+    sec = ngx_max(sec, 1);
+    sec = ngx_min(sec, NGX_HTTP_INFER_BALANCE_RETRY_MAX);
+
+    h = ngx_list_push(&r->headers_out.headers);
+    if (h == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    h->hash = 1;
+    ngx_str_set(&h->key, "Retry-After");
+
+    h->value.data = ngx_pnalloc(r->pool, NGX_TIME_T_LEN);
+    if (h->value.data == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    h->value.len = ngx_sprintf(h->value.data, "%T", sec) - h->value.data;
+
+    ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
+                  "infer balance: upstream \"%V\" saturated, request of "
+                  "priority %i shed", upstream, priority);
+
+    ngx_str_set(&msg, "The model's servers are saturated; "
+                      "retry after the time in Retry-After.");
+
+    return ngx_http_infer_send_error(r, NGX_HTTP_TOO_MANY_REQUESTS,
+                                     "server_overloaded", "pool_saturated",
+                                     &msg);
+}
+
+
+/*
+ * Saturated: every primary peer not down has fresh signals past a
+ * threshold.  A peer without fresh signals may have room: no shedding.
+ * *queue: the shortest queue, thousandths.
+ */
+
+static ngx_uint_t
+ngx_http_infer_balance_saturated(ngx_http_infer_balance_srv_conf_t *bcf,
+    ngx_uint_t *queue)
+{
+    ngx_uint_t                      i, n, past, q;
+    ngx_msec_t                      now;
+    ngx_http_upstream_rr_peer_t    *peer;
+    ngx_http_upstream_rr_peers_t   *peers;
+    ngx_http_infer_balance_node_t  *node;
+    ngx_http_infer_balance_shed_t  *shed;
+
+    shed = bcf->shed;
+    peers = bcf->upstream->peer.data;
+    now = ngx_current_msec;
+    n = 0;
+    q = (ngx_uint_t) -1;
+
+    for (peer = peers->peer, i = 0; peer; peer = peer->next, i++) {
+
+        if (peer->down) {
+            continue;
+        }
+
+        node = &bcf->sh->node[i];
+
+        if (!ngx_http_infer_balance_fresh(bcf, node, now)) {
+            return 0;
+        }
+
+        past = (shed->queue
+                && (node->found & (1 << NGX_HTTP_INFER_SIGNAL_QUEUE))
+                && node->value[NGX_HTTP_INFER_SIGNAL_QUEUE] >= shed->queue)
+               || (shed->kv
+                   && (node->found & (1 << NGX_HTTP_INFER_SIGNAL_KV))
+                   && node->value[NGX_HTTP_INFER_SIGNAL_KV] >= shed->kv);
+
+        if (!past) {
+            return 0;
+        }
+
+        q = ngx_min(q, (ngx_uint_t) node->value[NGX_HTTP_INFER_SIGNAL_QUEUE]);
+        n++;
+    }
+
+    *queue = q;
+
+    return n != 0;
+}
+
+
+/*
+ * The status page: every balanced pool, each peer's tokens in flight,
+ * picks and last signals, as JSON.
+ */
+
+static ngx_int_t
+ngx_http_infer_balance_status_handler(ngx_http_request_t *r)
+{
+    u_char                               *p;
+    size_t                                len;
+    ngx_int_t                             rc;
+    ngx_buf_t                            *b;
+    ngx_uint_t                            i, k, j, n, fresh, queue;
+    ngx_msec_t                            now;
+    ngx_http_upstream_rr_peer_t          *peer;
+    ngx_http_upstream_rr_peers_t         *peers, *list;
+    ngx_http_infer_balance_node_t        *node;
+    ngx_http_infer_balance_scrape_t      *scf;
+    ngx_http_infer_balance_srv_conf_t   **pool, *bcf;
+    ngx_http_infer_balance_main_conf_t   *bmcf;
+
+    if (!(r->method & (NGX_HTTP_GET|NGX_HTTP_HEAD))) {
+        return NGX_HTTP_NOT_ALLOWED;
+    }
+
+    rc = ngx_http_discard_request_body(r);
+    if (rc != NGX_OK) {
+        return rc;
+    }
+
+    bmcf = ngx_http_get_module_main_conf(r, ngx_http_infer_balance_module);
+    pool = bmcf->pools.elts;
+
+    len = sizeof("{\"pools\":[]}\n");
+
+    for (i = 0; i < bmcf->pools.nelts; i++) {
+        len += 256 + pool[i]->upstream->host.len * 2
+               + (pool[i]->scrape ? pool[i]->scrape->uri.len * 2 : 0)
+               + pool[i]->number * (512 + NGX_SOCKADDR_STRLEN * 2);
+    }
+
+    b = ngx_create_temp_buf(r->pool, len);
+    if (b == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    now = ngx_current_msec;
+    p = ngx_cpymem(b->last, "{\"pools\":[", sizeof("{\"pools\":[") - 1);
+
+    for (i = 0; i < bmcf->pools.nelts; i++) {
+        bcf = pool[i];
+        scf = bcf->scrape;
+
+        p = ngx_cpymem(p, (i ? ",{\"upstream\":\"" : "{\"upstream\":\""),
+                       (i ? 14 : 13));
+        p = (u_char *) ngx_escape_json(p, bcf->upstream->host.data,
+                                       bcf->upstream->host.len);
+
+        p = ngx_sprintf(p, "\",\"saturated\":%s,\"scrape\":",
+                        (bcf->shed && ngx_http_infer_balance_saturated(bcf,
+                                                                   &queue))
+                        ? "true" : "false");
+
+        if (scf) {
+            p = ngx_cpymem(p, "{\"uri\":\"", sizeof("{\"uri\":\"") - 1);
+            p = (u_char *) ngx_escape_json(p, scf->uri.data, scf->uri.len);
+            p = ngx_sprintf(p, "\",\"interval_ms\":%M,\"timeout_ms\":%M,"
+                            "\"stale_ms\":%M}", scf->interval, scf->timeout,
+                            scf->stale);
+
+        } else {
+            p = ngx_cpymem(p, "null", 4);
+        }
+
+        p = ngx_cpymem(p, ",\"endpoints\":[", sizeof(",\"endpoints\":[") - 1);
+
+        peers = bcf->upstream->peer.data;
+        n = 0;
+
+        for (list = peers; list; list = list->next) {
+            for (peer = list->peer; peer; peer = peer->next, n++) {
+                node = &bcf->sh->node[n];
+                fresh = ngx_http_infer_balance_fresh(bcf, node, now);
+
+                p = ngx_cpymem(p, (n ? ",{\"endpoint\":\"" : "{\"endpoint\":\""),
+                               (n ? 14 : 13));
+                p = (u_char *) ngx_escape_json(p, peer->name.data,
+                                               peer->name.len);
+
+                p = ngx_sprintf(p, "\",\"backup\":%s,\"tokens_in_flight\":%uA,"
+                                "\"picks\":%uA,\"fresh\":%s,\"age_ms\":",
+                                (list == peers) ? "false" : "true",
+                                node->tokens, node->picks,
+                                fresh ? "true" : "false");
+
+                if (node->updated) {
+                    p = ngx_sprintf(p, "%M",
+                                    (ngx_msec_int_t) (now - node->updated) > 0
+                                    ? now - node->updated : 0);
+
+                } else {
+                    p = ngx_cpymem(p, "null", 4);
+                }
+
+                for (k = 0; k < 3; k++) {
+                    p = ngx_sprintf(p, ",\"%s\":",
+                                    k == 0 ? "queue"
+                                    : (k == 1 ? "running" : "kv_cache"));
+
+                    if (node->found & (1 << k)) {
+                        j = node->value[k];
+                        p = ngx_sprintf(p, "%ui.%03ui", j / 1000, j % 1000);
+
+                    } else {
+                        p = ngx_cpymem(p, "null", 4);
+                    }
+                }
+
+                p = ngx_sprintf(p, ",\"lora_running\":%uA,"
+                                "\"lora_waiting\":%uA,\"max_lora\":%uA,"
+                                "\"scrapes\":%uA,\"scrape_failures\":%uA}",
+                                node->nrunning, node->nwaiting,
+                                node->max_lora, node->scrapes,
+                                node->failures);
+            }
+        }
+
+        *p++ = ']';
+        *p++ = '}';
+    }
+
+    p = ngx_cpymem(p, "]}\n", 3);
+    b->last = p;
+
+    return ngx_http_infer_send_json(r, NGX_HTTP_OK, b);
+}
+
+
 static ngx_int_t
 ngx_http_infer_balance_add_variables(ngx_conf_t *cf)
 {
+    /* a reload without shedding pools turns the route module's check off */
+
+    ngx_http_infer_balance_shedding = 0;
+
     return ngx_http_infer_add_variables(cf, ngx_http_infer_balance_vars);
+}
+
+
+/*
+ * A directive of a pool that has no infer_balance would be ignored
+ * silently: refused instead.
+ */
+
+static ngx_int_t
+ngx_http_infer_balance_postconfiguration(ngx_conf_t *cf)
+{
+    char                                *name;
+    ngx_uint_t                           i;
+    ngx_http_upstream_srv_conf_t       **uscfp;
+    ngx_http_upstream_main_conf_t       *umcf;
+    ngx_http_infer_balance_srv_conf_t   *bcf;
+
+    umcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_upstream_module);
+    uscfp = umcf->upstreams.elts;
+
+    for (i = 0; i < umcf->upstreams.nelts; i++) {
+
+        if (uscfp[i]->srv_conf == NULL) {
+            continue;
+        }
+
+        bcf = ngx_http_conf_upstream_srv_conf(uscfp[i],
+                                              ngx_http_infer_balance_module);
+
+        if (bcf == NULL || bcf->enable) {
+            continue;
+        }
+
+        name = bcf->scrape ? "infer_balance_scrape"
+               : bcf->shed ? "infer_balance_shed"
+               : bcf->external ? "infer_balance_external"
+               : bcf->names_set ? "infer_balance_signal"
+               : bcf->score_set ? "infer_balance_score" : NULL;
+
+        if (name) {
+            ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                          "\"%s\" needs \"infer_balance\" in upstream \"%V\"",
+                          name, &uscfp[i]->host);
+            return NGX_ERROR;
+        }
+    }
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_infer_balance_init_process(ngx_cycle_t *cycle)
+{
+    ngx_uint_t                            i;
+    ngx_http_infer_balance_srv_conf_t   **pool;
+    ngx_http_infer_balance_main_conf_t   *bmcf;
+
+    if (ngx_process != NGX_PROCESS_WORKER
+        && ngx_process != NGX_PROCESS_SINGLE)
+    {
+        return NGX_OK;
+    }
+
+    bmcf = ngx_http_cycle_get_module_main_conf(cycle,
+                                               ngx_http_infer_balance_module);
+    if (bmcf == NULL) {
+        return NGX_OK;
+    }
+
+    pool = bmcf->pools.elts;
+
+    for (i = 0; i < bmcf->pools.nelts; i++) {
+        if (pool[i]->scrape
+            && ngx_http_infer_balance_scrape_init_process(cycle, pool[i])
+               != NGX_OK)
+        {
+            return NGX_ERROR;
+        }
+    }
+
+    return NGX_OK;
+}
+
+
+static void *
+ngx_http_infer_balance_create_main_conf(ngx_conf_t *cf)
+{
+    ngx_http_infer_balance_main_conf_t  *bmcf;
+
+    bmcf = ngx_pcalloc(cf->pool, sizeof(ngx_http_infer_balance_main_conf_t));
+    if (bmcf == NULL) {
+        return NULL;
+    }
+
+    if (ngx_array_init(&bmcf->pools, cf->pool, 4,
+                       sizeof(ngx_http_infer_balance_srv_conf_t *))
+        != NGX_OK)
+    {
+        return NULL;
+    }
+
+    return bmcf;
 }
 
 
@@ -769,10 +1522,18 @@ ngx_http_infer_balance_create_conf(ngx_conf_t *cf)
      *
      *     conf->enable = 0;
      *     conf->affinity = 0;
+     *     conf->scrape = NULL;
+     *     conf->shed = NULL;
+     *     conf->external = NULL;
      *     conf->hash = NULL;
      *     conf->shm_zone = NULL;
      *     conf->sh = NULL;
      */
+
+    conf->cost[NGX_HTTP_INFER_BALANCE_COST_QUEUE] = 1024;
+    conf->cost[NGX_HTTP_INFER_BALANCE_COST_RUNNING] = 0;
+    conf->cost[NGX_HTTP_INFER_BALANCE_COST_KV] = 2048;
+    conf->cost[NGX_HTTP_INFER_BALANCE_COST_LORA] = 2048;
 
     return conf;
 }
@@ -872,9 +1633,13 @@ ngx_http_infer_balance(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     ngx_str_set(&name, "infer_prefix_hash");
     bcf->prefix_index = ngx_http_get_variable_index(cf, &name);
 
+    ngx_str_set(&name, "infer_model_target");
+    bcf->target_index = ngx_http_get_variable_index(cf, &name);
+
     if (bcf->prompt_index == NGX_ERROR
         || bcf->max_tokens_index == NGX_ERROR
-        || bcf->prefix_index == NGX_ERROR)
+        || bcf->prefix_index == NGX_ERROR
+        || bcf->target_index == NGX_ERROR)
     {
         return NGX_CONF_ERROR;
     }
@@ -896,4 +1661,418 @@ invalid_number:
     ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                        "invalid number in \"%V\"", &value[i]);
     return NGX_CONF_ERROR;
+}
+
+
+static char *
+ngx_http_infer_balance_scrape(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_infer_balance_srv_conf_t  *bcf = conf;
+
+    ngx_int_t                         n;
+    ngx_str_t                        *value, s;
+    ngx_uint_t                        i;
+    ngx_msec_t                        ms, stale;
+    ngx_http_infer_balance_scrape_t  *scf;
+
+    if (bcf->scrape) {
+        return "is duplicate";
+    }
+
+    scf = ngx_pcalloc(cf->pool, sizeof(ngx_http_infer_balance_scrape_t));
+    if (scf == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    ngx_str_set(&scf->uri, "/metrics");
+    scf->interval = 200;
+    scf->timeout = 1000;
+    stale = NGX_CONF_UNSET_MSEC;
+
+    value = cf->args->elts;
+
+    for (i = 1; i < cf->args->nelts; i++) {
+
+        if (value[i].data[0] == '/') {
+            if (i != 1) {
+                goto invalid;
+            }
+
+            for (n = 0; n < (ngx_int_t) value[i].len; n++) {
+                if (value[i].data[n] <= ' ' || value[i].data[n] == 0x7f) {
+                    goto invalid;
+                }
+            }
+
+            scf->uri = value[i];
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "port=", 5) == 0) {
+            n = ngx_atoi(value[i].data + 5, value[i].len - 5);
+
+            if (n < 1 || n > 65535) {
+                goto invalid;
+            }
+
+            scf->port = (in_port_t) n;
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "interval=", 9) == 0) {
+            s.data = value[i].data + 9;
+            s.len = value[i].len - 9;
+            ms = ngx_parse_time(&s, 0);
+
+            if (ms == (ngx_msec_t) NGX_ERROR || ms < 10 || ms > 60000) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid interval \"%V\": from 10ms "
+                                   "to 60s", &value[i]);
+                return NGX_CONF_ERROR;
+            }
+
+            scf->interval = ms;
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "timeout=", 8) == 0) {
+            s.data = value[i].data + 8;
+            s.len = value[i].len - 8;
+            ms = ngx_parse_time(&s, 0);
+
+            if (ms == (ngx_msec_t) NGX_ERROR || ms < 1 || ms > 600000) {
+                goto invalid;
+            }
+
+            scf->timeout = ms;
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "stale=", 6) == 0) {
+            s.data = value[i].data + 6;
+            s.len = value[i].len - 6;
+            stale = ngx_parse_time(&s, 0);
+
+            if (stale == (ngx_msec_t) NGX_ERROR || stale > 3600000) {
+                goto invalid;
+            }
+
+            continue;
+        }
+
+        goto invalid;
+    }
+
+    if (stale == NGX_CONF_UNSET_MSEC) {
+        stale = ngx_max(2000, 3 * scf->interval);
+    }
+
+    if (stale < scf->interval) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "stale=%M is shorter than interval=%M",
+                           stale, scf->interval);
+        return NGX_CONF_ERROR;
+    }
+
+    scf->stale = stale;
+    bcf->scrape = scf;
+
+    return NGX_CONF_OK;
+
+invalid:
+
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                       "invalid parameter \"%V\"", &value[i]);
+    return NGX_CONF_ERROR;
+}
+
+
+static char *
+ngx_http_infer_balance_signal(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_infer_balance_srv_conf_t  *bcf = conf;
+
+    u_char       c;
+    ngx_str_t   *value;
+    ngx_uint_t   i, k, j;
+
+    value = cf->args->elts;
+
+    for (k = 0; k < NGX_HTTP_INFER_SIGNALS; k++) {
+        if (value[1].len == ngx_http_infer_balance_signals[k].len
+            && ngx_strncmp(value[1].data, ngx_http_infer_balance_signals[k].data,
+                           value[1].len) == 0)
+        {
+            break;
+        }
+    }
+
+    if (k == NGX_HTTP_INFER_SIGNALS) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "unknown signal \"%V\": queue, running, kv "
+                           "or lora", &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    if (bcf->names_set & (1 << k)) {
+        return "is duplicate";
+    }
+
+    if (cf->args->nelts - 2 > NGX_HTTP_INFER_SIGNALS_NAMES) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "at most %d names for one signal",
+                           NGX_HTTP_INFER_SIGNALS_NAMES);
+        return NGX_CONF_ERROR;
+    }
+
+    for (i = 2; i < cf->args->nelts; i++) {
+
+        /* a metric name: [a-zA-Z_:][a-zA-Z0-9_:]* */
+
+        for (j = 0; j < value[i].len; j++) {
+            c = ngx_tolower(value[i].data[j]);
+
+            if (!((c >= 'a' && c <= 'z') || c == '_' || c == ':'
+                  || (j && c >= '0' && c <= '9')))
+            {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid metric name \"%V\"", &value[i]);
+                return NGX_CONF_ERROR;
+            }
+        }
+
+        bcf->names.names[k][i - 2] = value[i];
+    }
+
+    bcf->names.nnames[k] = cf->args->nelts - 2;
+    bcf->names_set |= 1 << k;
+
+    return NGX_CONF_OK;
+}
+
+
+static char *
+ngx_http_infer_balance_score(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_infer_balance_srv_conf_t  *bcf = conf;
+
+    size_t       len;
+    ngx_int_t    n;
+    ngx_str_t   *value;
+    ngx_uint_t   i, k;
+
+    if (bcf->score_set) {
+        return "is duplicate";
+    }
+
+    bcf->score_set = 1;
+
+    value = cf->args->elts;
+
+    for (i = 1; i < cf->args->nelts; i++) {
+
+        for (k = 0; k < NGX_HTTP_INFER_SIGNALS; k++) {
+            len = ngx_http_infer_balance_signals[k].len;
+
+            if (value[i].len > len && value[i].data[len] == '='
+                && ngx_strncmp(value[i].data,
+                               ngx_http_infer_balance_signals[k].data, len)
+                   == 0)
+            {
+                break;
+            }
+        }
+
+        if (k == NGX_HTTP_INFER_SIGNALS) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "invalid parameter \"%V\"", &value[i]);
+            return NGX_CONF_ERROR;
+        }
+
+        n = ngx_atoi(value[i].data + len + 1, value[i].len - len - 1);
+
+        if (n == NGX_ERROR || n > NGX_HTTP_INFER_BALANCE_TOKENS_MAX) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "invalid number in \"%V\"", &value[i]);
+            return NGX_CONF_ERROR;
+        }
+
+        bcf->cost[k] = n;
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+static char *
+ngx_http_infer_balance_shed_conf(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf)
+{
+    ngx_http_infer_balance_srv_conf_t  *bcf = conf;
+
+    ngx_int_t                           n;
+    ngx_str_t                          *value, s;
+    ngx_uint_t                          i;
+    ngx_msec_t                          ms;
+    ngx_http_infer_balance_shed_t      *shed;
+    ngx_http_compile_complex_value_t    ccv;
+
+    if (bcf->shed) {
+        return "is duplicate";
+    }
+
+    shed = ngx_pcalloc(cf->pool, sizeof(ngx_http_infer_balance_shed_t));
+    if (shed == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    shed->admit = 1;
+    shed->wait = 100;
+
+    value = cf->args->elts;
+
+    for (i = 1; i < cf->args->nelts; i++) {
+
+        if (ngx_strncmp(value[i].data, "queue=", 6) == 0) {
+            n = ngx_atofp(value[i].data + 6, value[i].len - 6, 3);
+
+            if (n == NGX_ERROR || n == 0) {
+                goto invalid;
+            }
+
+            shed->queue = n;
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "kv=", 3) == 0) {
+            n = ngx_atofp(value[i].data + 3, value[i].len - 3, 3);
+
+            if (n == NGX_ERROR || n == 0 || n > 1000) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid \"%V\": a fraction above 0, "
+                                   "at most 1", &value[i]);
+                return NGX_CONF_ERROR;
+            }
+
+            shed->kv = n;
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "admit=", 6) == 0) {
+            n = ngx_atoi(value[i].data + 6, value[i].len - 6);
+
+            if (n == NGX_ERROR) {
+                goto invalid;
+            }
+
+            shed->admit = n;
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "wait=", 5) == 0) {
+            s.data = value[i].data + 5;
+            s.len = value[i].len - 5;
+            ms = ngx_parse_time(&s, 0);
+
+            if (ms == (ngx_msec_t) NGX_ERROR || ms > 60000) {
+                goto invalid;
+            }
+
+            shed->wait = ms;
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "priority=", 9) == 0) {
+            shed->priority = ngx_palloc(cf->pool,
+                                        sizeof(ngx_http_complex_value_t));
+            if (shed->priority == NULL) {
+                return NGX_CONF_ERROR;
+            }
+
+            s.data = value[i].data + 9;
+            s.len = value[i].len - 9;
+
+            ngx_memzero(&ccv, sizeof(ngx_http_compile_complex_value_t));
+
+            ccv.cf = cf;
+            ccv.value = &s;
+            ccv.complex_value = shed->priority;
+
+            if (ngx_http_compile_complex_value(&ccv) != NGX_OK) {
+                return NGX_CONF_ERROR;
+            }
+
+            continue;
+        }
+
+        goto invalid;
+    }
+
+    if (shed->queue == 0 && shed->kv == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"infer_balance_shed\" needs queue= or kv=");
+        return NGX_CONF_ERROR;
+    }
+
+    bcf->shed = shed;
+    ngx_http_infer_balance_shedding = 1;
+
+    return NGX_CONF_OK;
+
+invalid:
+
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                       "invalid parameter \"%V\"", &value[i]);
+    return NGX_CONF_ERROR;
+}
+
+
+static char *
+ngx_http_infer_balance_external_conf(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf)
+{
+    ngx_http_infer_balance_srv_conf_t  *bcf = conf;
+
+    ngx_str_t                          *value;
+    ngx_http_compile_complex_value_t    ccv;
+
+    if (bcf->external) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+
+    bcf->external = ngx_palloc(cf->pool, sizeof(ngx_http_complex_value_t));
+    if (bcf->external == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    ngx_memzero(&ccv, sizeof(ngx_http_compile_complex_value_t));
+
+    ccv.cf = cf;
+    ccv.value = &value[1];
+    ccv.complex_value = bcf->external;
+
+    if (ngx_http_compile_complex_value(&ccv) != NGX_OK) {
+        return NGX_CONF_ERROR;
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+static char *
+ngx_http_infer_balance_status(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_core_loc_conf_t  *clcf;
+
+    clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
+
+    if (clcf->handler) {
+        return "is duplicate";
+    }
+
+    clcf->handler = ngx_http_infer_balance_status_handler;
+
+    return NGX_CONF_OK;
 }

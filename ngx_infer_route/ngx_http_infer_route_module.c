@@ -15,6 +15,7 @@
 #include "ngx_http_infer_route.h"
 #include "ngx_http_infer_route_json.h"
 #include "ngx_http_infer_route_usage.h"
+#include "ngx_http_infer_route_balance.h"
 
 
 #define NGX_HTTP_INFER_SOURCE_BODY    0
@@ -83,6 +84,7 @@ static ngx_int_t ngx_http_infer_route_deprecated(ngx_http_request_t *r,
 static ngx_int_t ngx_http_infer_route_done(ngx_http_request_t *r,
     ngx_http_infer_route_ctx_t *ctx);
 static ngx_int_t ngx_http_infer_route_error_handler(ngx_http_request_t *r);
+static ngx_int_t ngx_http_infer_route_content_handler(ngx_http_request_t *r);
 static ngx_int_t ngx_http_infer_route_fail(ngx_http_request_t *r,
     ngx_http_infer_route_ctx_t *ctx, ngx_uint_t status, const char *code,
     const char *fmt, ...);
@@ -1133,6 +1135,18 @@ ngx_http_infer_route_done(ngx_http_request_t *r,
     ngx_http_infer_route_ctx_t *ctx)
 {
     if (ctx->status == NGX_OK) {
+
+        /* a pool may shed the request: checked before the location's
+           handler, once authentication and rate limits are done */
+
+        if (ngx_http_infer_balance_shedding
+            && r->content_handler
+            && r->content_handler != ngx_http_infer_route_content_handler)
+        {
+            ctx->content = r->content_handler;
+            r->content_handler = ngx_http_infer_route_content_handler;
+        }
+
         return NGX_DECLINED;
     }
 
@@ -1143,6 +1157,30 @@ ngx_http_infer_route_done(ngx_http_request_t *r,
     r->content_handler = ngx_http_infer_route_error_handler;
 
     return NGX_DECLINED;
+}
+
+
+static ngx_int_t
+ngx_http_infer_route_content_handler(ngx_http_request_t *r)
+{
+    ngx_int_t                    rc;
+    ngx_http_infer_route_ctx_t  *ctx;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_http_infer_route_module);
+
+    if (ctx == NULL || ctx->content == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    if (ctx->entry && ngx_http_infer_route_pick(r, ctx) == NGX_OK) {
+        rc = ngx_http_infer_balance_shed(r, &ctx->target->upstream);
+
+        if (rc != NGX_DECLINED) {
+            return rc;
+        }
+    }
+
+    return ctx->content(r);
 }
 
 

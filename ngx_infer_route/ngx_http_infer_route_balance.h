@@ -1,0 +1,123 @@
+/*
+ * Copyright (C) ngx_infer authors
+ *
+ * What the balancer (ngx_http_infer_route_balance.c) and the scraper of
+ * the backends' metric pages (ngx_http_infer_route_scrape.c) share: the
+ * pool's configuration and its shared-memory counters.
+ */
+
+
+#ifndef _NGX_HTTP_INFER_ROUTE_BALANCE_H_INCLUDED_
+#define _NGX_HTTP_INFER_ROUTE_BALANCE_H_INCLUDED_
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+
+#include "ngx_http_infer_route_signals.h"
+
+
+/* no single request counts for more: a client's max_tokens is its own */
+#define NGX_HTTP_INFER_BALANCE_TOKENS_MAX  1000000
+
+/* a metric page larger than this fails the scrape */
+#define NGX_HTTP_INFER_SCRAPE_PAGE_MAX     (4 * 1024 * 1024)
+
+
+/*
+ * One peer, shared by all workers.  The signals are written by the worker
+ * that scraped them, field by field: a reader may see a page's queue with
+ * the previous page's KV use, which is as good a picture as either.
+ */
+
+typedef struct {
+    ngx_atomic_t                        tokens;     /* in flight */
+    ngx_atomic_t                        picks;
+
+    ngx_atomic_t                        updated;    /* msec of the last
+                                                       good scrape, 0 */
+    ngx_atomic_t                        found;      /* signals on it */
+    ngx_atomic_t                        value[3];   /* queue, running, kv:
+                                                       thousandths */
+    ngx_atomic_t                        max_lora;
+    ngx_atomic_t                        nrunning;
+    ngx_atomic_t                        nwaiting;
+    uint32_t                            lora[2 * NGX_HTTP_INFER_SIGNALS_LORA_MAX];
+
+    ngx_atomic_t                        scrapes;
+    ngx_atomic_t                        failures;
+} ngx_http_infer_balance_node_t;
+
+
+typedef struct {
+    ngx_uint_t                          number;     /* primary + backup */
+    ngx_atomic_t                        scrape_next; /* msec: the next
+                                                       round, claimed by
+                                                       one worker */
+    ngx_http_infer_balance_node_t       node[1];
+} ngx_http_infer_balance_shctx_t;
+
+
+typedef struct {
+    ngx_str_t                           uri;
+    ngx_msec_t                          interval;
+    ngx_msec_t                          timeout;
+    ngx_msec_t                          stale;
+    in_port_t                           port;       /* 0: the peer's */
+} ngx_http_infer_balance_scrape_t;
+
+
+typedef struct {
+    ngx_uint_t                          queue;      /* thousandths */
+    ngx_uint_t                          kv;         /* thousandths */
+    ngx_uint_t                          admit;
+    ngx_msec_t                          wait;
+    ngx_http_complex_value_t           *priority;
+} ngx_http_infer_balance_shed_t;
+
+
+typedef struct {
+    ngx_flag_t                          enable;
+    ngx_flag_t                          affinity;
+    ngx_uint_t                          bound;      /* x 100 */
+    ngx_uint_t                          default_tokens;
+    ngx_uint_t                          default_max_tokens;
+
+    /* token equivalents of the signals, per unit (kv: at 100%) */
+    ngx_uint_t                          cost[4];
+    ngx_uint_t                          score_set;
+    ngx_uint_t                          names_set;  /* bit per signal */
+    ngx_http_infer_signals_conf_t       names;
+
+    ngx_http_infer_balance_scrape_t    *scrape;
+    ngx_http_infer_balance_shed_t      *shed;
+    ngx_http_complex_value_t           *external;
+
+    ngx_int_t                           prompt_index;
+    ngx_int_t                           max_tokens_index;
+    ngx_int_t                           prefix_index;
+    ngx_int_t                           target_index;
+
+    ngx_http_upstream_srv_conf_t       *upstream;
+    ngx_uint_t                          number;     /* primary + backup */
+    uint32_t                           *hash;       /* of each peer's name */
+    ngx_shm_zone_t                     *shm_zone;
+    ngx_http_infer_balance_shctx_t     *sh;
+} ngx_http_infer_balance_srv_conf_t;
+
+
+ngx_int_t ngx_http_infer_balance_scrape_init_process(ngx_cycle_t *cycle,
+    ngx_http_infer_balance_srv_conf_t *bcf);
+
+/* called by the route module in the content phase: NGX_DECLINED to go on */
+ngx_int_t ngx_http_infer_balance_shed(ngx_http_request_t *r,
+    ngx_str_t *upstream);
+
+/* set when some pool sheds: the route module then checks its requests */
+extern ngx_uint_t  ngx_http_infer_balance_shedding;
+
+extern ngx_module_t  ngx_http_infer_balance_module;
+
+
+#endif /* _NGX_HTTP_INFER_ROUTE_BALANCE_H_INCLUDED_ */
