@@ -49,6 +49,7 @@ typedef enum {
     NGX_HTTP_INFER_METRICS_RATELIMIT,
     NGX_HTTP_INFER_METRICS_ENDPOINT_REQUESTS,
     NGX_HTTP_INFER_METRICS_ENDPOINT_TIME,
+    NGX_HTTP_INFER_METRICS_ENDPOINT_PICKS,
     NGX_HTTP_INFER_METRICS_NFAMILIES
 } ngx_http_infer_metrics_family_e;
 
@@ -148,6 +149,8 @@ typedef struct {
     ngx_int_t                       var_stream;
     ngx_int_t                       var_ttft;
     ngx_int_t                       var_tokens[4];
+    ngx_int_t                       var_endpoint;   /* infer_balance's */
+    ngx_int_t                       var_reason;
 } ngx_http_infer_metrics_main_conf_t;
 
 

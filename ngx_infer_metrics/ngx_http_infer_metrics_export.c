@@ -110,7 +110,11 @@ ngx_http_infer_metrics_family_t
     { ngx_string("infer_endpoint_response_time_seconds"),
       NGX_HTTP_INFER_METRICS_HISTOGRAM,
       "Upstream response time per endpoint address.",
-      "endpoint_response_time" }
+      "endpoint_response_time" },
+
+    { ngx_string("infer_endpoint_picks"), NGX_HTTP_INFER_METRICS_COUNTER,
+      "Peers picked by infer_balance (the last pick of each request), "
+      "by reason.", NULL }
 };
 
 

@@ -203,7 +203,7 @@ ngx_http_infer_metrics_log_handler(ngx_http_request_t *r)
     ngx_int_t                            found[4], ms, stream, has_ttft;
     ngx_uint_t                           i, status, tries;
     ngx_time_t                          *tp;
-    ngx_http_variable_value_t           *vv;
+    ngx_http_variable_value_t           *vv, *reason;
     ngx_http_upstream_state_t           *state;
     ngx_http_infer_metrics_counter_t    *counter;
     ngx_http_infer_metrics_loc_conf_t   *lcf;
@@ -306,6 +306,26 @@ ngx_http_infer_metrics_log_handler(ngx_http_request_t *r)
             ngx_http_infer_metrics_observe(mcf,
                                       NGX_HTTP_INFER_METRICS_OVERHEAD,
                                       labels, len, dur > up ? dur - up : 0);
+        }
+    }
+
+    /* the peer infer_balance picked last, and why */
+
+    if (mcf->var_endpoint != NGX_ERROR) {
+        vv = ngx_http_get_indexed_variable(r, mcf->var_endpoint);
+        reason = ngx_http_get_indexed_variable(r, mcf->var_reason);
+
+        if (vv && !vv->not_found && vv->len
+            && reason && !reason->not_found)
+        {
+            p = ngx_http_infer_metrics_label(key, key, 0, "endpoint",
+                                             vv->data, vv->len);
+            klen = ngx_http_infer_metrics_label(key, key, p - key, "reason",
+                                                reason->data, reason->len)
+                   - key;
+            ngx_http_infer_metrics_count(mcf,
+                                      NGX_HTTP_INFER_METRICS_ENDPOINT_PICKS,
+                                      key, klen, 1);
         }
     }
 
@@ -1375,6 +1395,8 @@ ngx_http_infer_metrics_init(ngx_conf_t *cf)
     static ngx_str_t  name = ngx_string("infer_metrics");
     static ngx_str_t  stream = ngx_string("infer_stream");
     static ngx_str_t  ttft = ngx_string("infer_ttft");
+    static ngx_str_t  endpoint = ngx_string("infer_endpoint");
+    static ngx_str_t  reason = ngx_string("infer_endpoint_reason");
 
     mcf = ngx_http_conf_get_module_main_conf(cf,
                                              ngx_http_infer_metrics_module);
@@ -1392,6 +1414,14 @@ ngx_http_infer_metrics_init(ngx_conf_t *cf)
 
     if (ngx_http_infer_variable_exists(cf, &ttft)) {
         mcf->var_ttft = ngx_http_get_variable_index(cf, &ttft);
+    }
+
+    mcf->var_endpoint = NGX_ERROR;
+    mcf->var_reason = NGX_ERROR;
+
+    if (ngx_http_infer_variable_exists(cf, &endpoint)) {
+        mcf->var_endpoint = ngx_http_get_variable_index(cf, &endpoint);
+        mcf->var_reason = ngx_http_get_variable_index(cf, &reason);
     }
 
     for (i = 0; i < 4; i++) {
