@@ -1291,9 +1291,11 @@ ngx_http_infer_balance_status_handler(ngx_http_request_t *r)
     len = sizeof("{\"pools\":[]}\n");
 
     for (i = 0; i < bmcf->pools.nelts; i++) {
-        len += 256 + pool[i]->upstream->host.len * 2
-               + (pool[i]->scrape ? pool[i]->scrape->uri.len * 2 : 0)
-               + pool[i]->number * (512 + NGX_SOCKADDR_STRLEN * 2);
+        /* names escaped as \u00XX at worst; each endpoint below 512 */
+
+        len += 256 + pool[i]->upstream->host.len * 6
+               + (pool[i]->scrape ? pool[i]->scrape->uri.len * 6 : 0)
+               + pool[i]->number * (512 + NGX_SOCKADDR_STRLEN * 6);
     }
 
     b = ngx_create_temp_buf(r->pool, len);
@@ -1308,8 +1310,11 @@ ngx_http_infer_balance_status_handler(ngx_http_request_t *r)
         bcf = pool[i];
         scf = bcf->scrape;
 
-        p = ngx_cpymem(p, (i ? ",{\"upstream\":\"" : "{\"upstream\":\""),
-                       (i ? 14 : 13));
+        if (i) {
+            *p++ = ',';
+        }
+
+        p = ngx_cpymem(p, "{\"upstream\":\"", sizeof("{\"upstream\":\"") - 1);
         p = (u_char *) ngx_escape_json(p, bcf->upstream->host.data,
                                        bcf->upstream->host.len);
 
@@ -1339,8 +1344,12 @@ ngx_http_infer_balance_status_handler(ngx_http_request_t *r)
                 node = &bcf->sh->node[n];
                 fresh = ngx_http_infer_balance_fresh(bcf, node, now);
 
-                p = ngx_cpymem(p, (n ? ",{\"endpoint\":\"" : "{\"endpoint\":\""),
-                               (n ? 14 : 13));
+                if (n) {
+                    *p++ = ',';
+                }
+
+                p = ngx_cpymem(p, "{\"endpoint\":\"",
+                               sizeof("{\"endpoint\":\"") - 1);
                 p = (u_char *) ngx_escape_json(p, peer->name.data,
                                                peer->name.len);
 
@@ -1800,7 +1809,8 @@ ngx_http_infer_balance_signal(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
     for (k = 0; k < NGX_HTTP_INFER_SIGNALS; k++) {
         if (value[1].len == ngx_http_infer_balance_signals[k].len
-            && ngx_strncmp(value[1].data, ngx_http_infer_balance_signals[k].data,
+            && ngx_strncmp(value[1].data,
+                           ngx_http_infer_balance_signals[k].data,
                            value[1].len) == 0)
         {
             break;

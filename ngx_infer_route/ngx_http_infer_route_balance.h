@@ -43,7 +43,9 @@ typedef struct {
     ngx_atomic_t                        max_lora;
     ngx_atomic_t                        nrunning;
     ngx_atomic_t                        nwaiting;
-    uint32_t                            lora[2 * NGX_HTTP_INFER_SIGNALS_LORA_MAX];
+    uint32_t                            lora[2
+                                            * NGX_HTTP_INFER_SIGNALS_LORA_MAX];
+                                                    /* running, waiting */
 
     ngx_atomic_t                        scrapes;
     ngx_atomic_t                        failures;

@@ -161,8 +161,9 @@ ngx_http_infer_balance_scrape_init_process(ngx_cycle_t *cycle,
 
             len = sizeof("GET  HTTP/1.0" CRLF "Host: " CRLF
                          "Accept: text/plain;version=0.0.4" CRLF
-                         "User-Agent: nginx-infer-balance" CRLF CRLF)
-                  + scf->uri.len + NGX_SOCKADDR_STRLEN;
+                         "User-Agent: nginx-infer-balance" CRLF
+                         "Connection: close" CRLF CRLF)
+                  + scf->uri.len + peer->name.len;
 
             p = ngx_pnalloc(cycle->pool, len);
             if (p == NULL) {
@@ -171,13 +172,11 @@ ngx_http_infer_balance_scrape_init_process(ngx_cycle_t *cycle,
 
             sp->request.data = p;
 
-            p = ngx_sprintf(p, "GET %V HTTP/1.0" CRLF "Host: ", &scf->uri);
-            p += ngx_sock_ntop(sa, peer->socklen, p, NGX_SOCKADDR_STRLEN, 1);
-            p = ngx_cpymem(p, CRLF "Accept: text/plain;version=0.0.4" CRLF
-                              "User-Agent: nginx-infer-balance" CRLF CRLF,
-                           sizeof(CRLF "Accept: text/plain;version=0.0.4"
-                                  CRLF "User-Agent: nginx-infer-balance"
-                                  CRLF CRLF) - 1);
+            p = ngx_sprintf(p, "GET %V HTTP/1.0" CRLF "Host: %V" CRLF
+                            "Accept: text/plain;version=0.0.4" CRLF
+                            "User-Agent: nginx-infer-balance" CRLF
+                            "Connection: close" CRLF CRLF,
+                            &scf->uri, &peer->name);
 
             sp->request.len = p - sp->request.data;
         }
