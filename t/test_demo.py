@@ -150,6 +150,19 @@ def test_demo_answers_and_stops_cleanly(tmp_path):
             r = requests.get(base + "/readyz", timeout=10)
         assert r.status_code == 200, r.text
 
+        # llama-3-8b's replicas are balanced and scraped
+        deadline = time.monotonic() + 5
+        while True:
+            pools = requests.get(base + "/balance", timeout=10).json()["pools"]
+            ends = {p["upstream"]: p["endpoints"] for p in pools}
+            if all(e["fresh"] for e in ends["llama-3-8b"]) \
+                    or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert list(ends) == ["llama-3-8b"], pools
+        assert all(e["fresh"] and e["queue"] == 0 for e in ends["llama-3-8b"])
+        assert sum(e["picks"] for e in ends["llama-3-8b"]) >= 2
+
         master = int((tmp_path / "nginx.pid").read_text())
     finally:
         p.send_signal(signal.SIGTERM)

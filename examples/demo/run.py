@@ -157,6 +157,9 @@ ngx_infer demo gateway: {base}  (nginx, Redis {redis.addr}, 3 simulated GPU repl
     curl {base}/metrics
     curl {base}/healthz; curl {base}/readyz
 
+  How llama-3-8b's replicas are loaded (tokens in flight, queue, KV cache):
+    curl {base}/balance
+
   Config: {RUN}/nginx.conf   Logs: {RUN}/error.log, {RUN}/access.log
   (the access log shows each request's tenant, model, pool, tokens and time to first token)
   Ctrl-C stops everything.
