@@ -42,11 +42,6 @@
 
 
 typedef struct {
-    ngx_array_t                         pools;      /* of srv conf * */
-} ngx_http_infer_balance_main_conf_t;
-
-
-typedef struct {
     /* the first member: the round-robin code takes it as its own data */
     ngx_http_upstream_rr_peer_data_t    rrp;
 
@@ -216,9 +211,6 @@ ngx_module_t  ngx_http_infer_balance_module = {
     NULL,                                  /* exit master */
     NGX_MODULE_V1_PADDING
 };
-
-
-ngx_uint_t  ngx_http_infer_balance_shedding;
 
 
 static ngx_http_variable_t  ngx_http_infer_balance_vars[] = {
@@ -1405,10 +1397,6 @@ ngx_http_infer_balance_status_handler(ngx_http_request_t *r)
 static ngx_int_t
 ngx_http_infer_balance_add_variables(ngx_conf_t *cf)
 {
-    /* a reload without shedding pools turns the route module's check off */
-
-    ngx_http_infer_balance_shedding = 0;
-
     return ngx_http_infer_add_variables(cf, ngx_http_infer_balance_vars);
 }
 
@@ -1926,6 +1914,7 @@ ngx_http_infer_balance_shed_conf(ngx_conf_t *cf, ngx_command_t *cmd,
     ngx_msec_t                          ms;
     ngx_http_infer_balance_shed_t      *shed;
     ngx_http_compile_complex_value_t    ccv;
+    ngx_http_infer_balance_main_conf_t *bmcf;
 
     if (bcf->shed) {
         return "is duplicate";
@@ -2025,7 +2014,10 @@ ngx_http_infer_balance_shed_conf(ngx_conf_t *cf, ngx_command_t *cmd,
     }
 
     bcf->shed = shed;
-    ngx_http_infer_balance_shedding = 1;
+
+    bmcf = ngx_http_conf_get_module_main_conf(cf,
+                                              ngx_http_infer_balance_module);
+    bmcf->shedding = 1;
 
     return NGX_CONF_OK;
 

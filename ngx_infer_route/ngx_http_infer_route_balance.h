@@ -109,15 +109,20 @@ typedef struct {
 } ngx_http_infer_balance_srv_conf_t;
 
 
+typedef struct {
+    ngx_array_t                         pools;      /* of srv conf * */
+    ngx_uint_t                          shedding;   /* a pool sheds: the
+                                                       route module checks
+                                                       its requests */
+} ngx_http_infer_balance_main_conf_t;
+
+
 ngx_int_t ngx_http_infer_balance_scrape_init_process(ngx_cycle_t *cycle,
     ngx_http_infer_balance_srv_conf_t *bcf);
 
 /* called by the route module in the content phase: NGX_DECLINED to go on */
 ngx_int_t ngx_http_infer_balance_shed(ngx_http_request_t *r,
     ngx_str_t *upstream);
-
-/* set when some pool sheds: the route module then checks its requests */
-extern ngx_uint_t  ngx_http_infer_balance_shedding;
 
 extern ngx_module_t  ngx_http_infer_balance_module;
 

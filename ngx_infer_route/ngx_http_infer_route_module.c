@@ -1134,12 +1134,19 @@ static ngx_int_t
 ngx_http_infer_route_done(ngx_http_request_t *r,
     ngx_http_infer_route_ctx_t *ctx)
 {
+    ngx_http_infer_balance_main_conf_t  *bmcf;
+
     if (ctx->status == NGX_OK) {
 
-        /* a pool may shed the request: checked before the location's
-           handler, once authentication and rate limits are done */
+        /*
+         * a pool may shed the request: checked before the location's
+         * handler, once authentication and rate limits are done
+         */
 
-        if (ngx_http_infer_balance_shedding
+        bmcf = ngx_http_get_module_main_conf(r,
+                                             ngx_http_infer_balance_module);
+
+        if (bmcf->shedding
             && r->content_handler
             && r->content_handler != ngx_http_infer_route_content_handler)
         {
