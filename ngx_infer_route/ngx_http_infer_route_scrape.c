@@ -552,6 +552,12 @@ ngx_http_infer_scrape_done(ngx_http_infer_scrape_peer_t *sp)
         node->max_lora = s->max_lora;
         node->nrunning = s->nrunning;
         node->nwaiting = s->nwaiting;
+
+    } else {
+        /* a page without adapters: none held */
+        node->nrunning = 0;
+        node->nwaiting = 0;
+        node->max_lora = 0;
     }
 
     node->found = s->found;
