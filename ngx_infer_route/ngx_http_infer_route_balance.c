@@ -40,6 +40,11 @@
 /* the longest Retry-After of a shed request, seconds */
 #define NGX_HTTP_INFER_BALANCE_RETRY_MAX     60
 
+/* costs: a peer not usable, one whose signals are stale, the largest */
+#define NGX_HTTP_INFER_BALANCE_UNUSABLE      ((uint64_t) -1)
+#define NGX_HTTP_INFER_BALANCE_STALE         ((uint64_t) -2)
+#define NGX_HTTP_INFER_BALANCE_CAP           ((uint64_t) 1 << 32)
+
 
 typedef struct {
     /* the first member: the round-robin code takes it as its own data */
@@ -57,6 +62,8 @@ typedef struct {
     unsigned                            has_prefix:1;
     unsigned                            has_target:1;
     unsigned                            external:1; /* asked already */
+    ngx_str_t                           destination; /* the external
+                                                       picker's choice */
     uint64_t                           *cost;       /* per peer, scratch */
     ngx_http_infer_balance_node_t      *node;       /* counted at, until
                                                        freed */
@@ -310,6 +317,19 @@ ngx_http_infer_balance_init_upstream(ngx_conf_t *cf,
 
     for (list = peers; list; list = list->next) {
         for (peer = list->peer; peer; peer = peer->next) {
+
+#if (NGX_HAVE_UNIX_DOMAIN)
+            if (bcf->scrape && bcf->scrape->port
+                && peer->sockaddr->sa_family == AF_UNIX)
+            {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "\"infer_balance_scrape\" with port= "
+                                   "cannot scrape the unix socket \"%V\"",
+                                   &peer->name);
+                return NGX_ERROR;
+            }
+#endif
+
             bcf->hash[n++] = ngx_murmur_hash2(peer->name.data,
                                               peer->name.len);
             ngx_crc32_update(&crc, peer->name.data, peer->name.len);
@@ -321,13 +341,17 @@ ngx_http_infer_balance_init_upstream(ngx_conf_t *cf,
 
     ngx_crc32_final(crc);
 
-    name.len = sizeof("infer_balance::") - 1 + us->host.len + 8;
+    /* and after the layout of its nodes, which another build may change */
+
+    name.len = sizeof("infer_balance:::") - 1 + us->host.len + 8
+               + NGX_SIZE_T_LEN;
     name.data = ngx_pnalloc(cf->pool, name.len);
     if (name.data == NULL) {
         return NGX_ERROR;
     }
 
-    p = ngx_sprintf(name.data, "infer_balance:%V:%08xD", &us->host, crc);
+    p = ngx_sprintf(name.data, "infer_balance:%V:%08xD:%uz", &us->host, crc,
+                    sizeof(ngx_http_infer_balance_node_t));
     name.len = p - name.data;
 
     size = 8 * ngx_pagesize
@@ -425,6 +449,13 @@ ngx_http_infer_balance_init_peer(ngx_http_request_t *r,
 
     bp->cost = ngx_palloc(r->pool, bcf->number * sizeof(uint64_t));
     if (bp->cost == NULL) {
+        return NGX_ERROR;
+    }
+
+    if (bcf->external
+        && ngx_http_complex_value(r, bcf->external, &bp->destination)
+           != NGX_OK)
+    {
         return NGX_ERROR;
     }
 
@@ -601,7 +632,7 @@ ngx_http_infer_balance_get_peer(ngx_peer_connection_t *pc, void *data)
 
     /* an external picker's choice, on the first pick only */
 
-    if (bcf->external && !bp->external) {
+    if (bp->destination.len && !bp->external) {
         bp->external = 1;
 
         best = ngx_http_infer_balance_external(bp, now, &p);
@@ -619,7 +650,7 @@ ngx_http_infer_balance_get_peer(ngx_peer_connection_t *pc, void *data)
 
         cost = bp->cost[i];
 
-        if (cost == (uint64_t) -1) {
+        if (cost == NGX_HTTP_INFER_BALANCE_UNUSABLE) {
             continue;
         }
 
@@ -667,8 +698,11 @@ ngx_http_infer_balance_get_peer(ngx_peer_connection_t *pc, void *data)
      */
 
     if (pref) {
-        if (pref_cost * weights * 100
-            <= (uint64_t) bcf->bound * (total + bp->tokens) * pref->weight)
+
+        /* in floating point: weights have no upper limit in nginx */
+
+        if ((double) pref_cost * weights * 100
+            <= (double) bcf->bound * (total + bp->tokens) * pref->weight)
         {
             best = pref;
             best_cost = pref_cost;
@@ -688,7 +722,7 @@ ngx_http_infer_balance_get_peer(ngx_peer_connection_t *pc, void *data)
 
             cost = bp->cost[i];
 
-            if (cost == (uint64_t) -1
+            if (cost == NGX_HTTP_INFER_BALANCE_UNUSABLE
                 || cost * best->weight != best_cost * peer->weight)
             {
                 continue;
@@ -805,18 +839,11 @@ ngx_http_infer_balance_external(ngx_http_infer_balance_peer_data_t *bp,
 {
     u_char                       *p, *last, *item;
     size_t                        len;
-    ngx_str_t                     value;
     ngx_uint_t                    i;
     ngx_http_upstream_rr_peer_t  *peer;
 
-    if (ngx_http_complex_value(bp->request, bp->conf->external, &value)
-        != NGX_OK)
-    {
-        return NULL;
-    }
-
-    p = value.data;
-    last = p + value.len;
+    p = bp->destination.data;
+    last = p + bp->destination.len;
 
     while (p < last) {
 
@@ -852,10 +879,10 @@ ngx_http_infer_balance_external(ngx_http_infer_balance_peer_data_t *bp,
             break;
         }
 
-        ngx_log_error(NGX_LOG_INFO, bp->request->connection->log, 0,
-                      "infer balance: external endpoint \"%*s\" is not a "
-                      "usable peer of upstream \"%V\"", len, item,
-                      &bp->conf->upstream->host);
+        ngx_log_debug3(NGX_LOG_DEBUG_HTTP, bp->request->connection->log, 0,
+                       "infer balance: external endpoint \"%*s\" is not a "
+                       "usable peer of upstream \"%V\"", len, item,
+                       &bp->conf->upstream->host);
     }
 
     return NULL;
@@ -869,9 +896,6 @@ ngx_http_infer_balance_external(ngx_http_infer_balance_peer_data_t *bp,
  * that one failing scrape neither favours nor spares it; with none fresh
  * the tokens in flight decide alone.
  */
-
-#define NGX_HTTP_INFER_BALANCE_STALE  ((uint64_t) -2)
-#define NGX_HTTP_INFER_BALANCE_CAP    ((uint64_t) 1 << 36)
 
 static void
 ngx_http_infer_balance_costs(ngx_http_infer_balance_peer_data_t *bp,
@@ -895,7 +919,7 @@ ngx_http_infer_balance_costs(ngx_http_infer_balance_peer_data_t *bp,
     for (peer = bp->rrp.peers->peer, i = 0; peer; peer = peer->next, i++) {
 
         if (!ngx_http_infer_balance_usable(&bp->rrp, peer, i, now)) {
-            bp->cost[i] = (uint64_t) -1;
+            bp->cost[i] = NGX_HTTP_INFER_BALANCE_UNUSABLE;
             continue;
         }
 
@@ -926,7 +950,7 @@ ngx_http_infer_balance_costs(ngx_http_infer_balance_peer_data_t *bp,
 
         c = bp->cost[i];
 
-        if (c == (uint64_t) -1) {
+        if (c == NGX_HTTP_INFER_BALANCE_UNUSABLE) {
             continue;
         }
 
@@ -1109,7 +1133,8 @@ ngx_http_infer_balance_shed(ngx_http_request_t *r, ngx_str_t *upstream)
     bcf = NULL;
 
     for (i = 0; i < umcf->upstreams.nelts; i++) {
-        if (uscfp[i]->host.len == upstream->len
+        if (uscfp[i]->srv_conf
+            && uscfp[i]->host.len == upstream->len
             && ngx_strncasecmp(uscfp[i]->host.data, upstream->data,
                                upstream->len) == 0)
         {
@@ -1427,7 +1452,27 @@ ngx_http_infer_balance_postconfiguration(ngx_conf_t *cf)
         bcf = ngx_http_conf_upstream_srv_conf(uscfp[i],
                                               ngx_http_infer_balance_module);
 
-        if (bcf == NULL || bcf->enable) {
+        if (bcf == NULL) {
+            continue;
+        }
+
+        if (bcf->enable) {
+            if (bcf->upstream == NULL) {
+                ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                              "\"infer_balance\" is replaced by another "
+                              "balancing method in upstream \"%V\"",
+                              &uscfp[i]->host);
+                return NGX_ERROR;
+            }
+
+            if (bcf->shed && bcf->scrape == NULL) {
+                ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                              "\"infer_balance_shed\" needs "
+                              "\"infer_balance_scrape\" in upstream \"%V\"",
+                              &uscfp[i]->host);
+                return NGX_ERROR;
+            }
+
             continue;
         }
 
@@ -1827,6 +1872,12 @@ ngx_http_infer_balance_signal(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
         /* a metric name: [a-zA-Z_:][a-zA-Z0-9_:]* */
 
+        if (value[i].len == 0) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "empty metric name");
+            return NGX_CONF_ERROR;
+        }
+
         for (j = 0; j < value[i].len; j++) {
             c = ngx_tolower(value[i].data[j]);
 
@@ -1960,7 +2011,7 @@ ngx_http_infer_balance_shed_conf(ngx_conf_t *cf, ngx_command_t *cmd,
         if (ngx_strncmp(value[i].data, "admit=", 6) == 0) {
             n = ngx_atoi(value[i].data + 6, value[i].len - 6);
 
-            if (n == NGX_ERROR) {
+            if (n == NGX_ERROR || n == 0) {
                 goto invalid;
             }
 

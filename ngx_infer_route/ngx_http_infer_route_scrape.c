@@ -53,7 +53,10 @@ typedef struct {
     size_t                              line_len;
     u_char                              line[NGX_HTTP_INFER_SCRAPE_LINE];
 
-    ngx_msec_t                          logged;     /* a failure, 0 */
+    ngx_msec_t                          warned;     /* a failure was
+                                                       logged, 0 */
+    unsigned                            failing:1;  /* warned since the
+                                                       last good scrape */
 
     ngx_http_infer_signals_t            signals;
     u_char                              buf[NGX_HTTP_INFER_SCRAPE_BUF];
@@ -112,7 +115,10 @@ ngx_http_infer_balance_scrape_init_process(ngx_cycle_t *cycle,
      */
 
     sc->log = *cycle->log;
-    sc->log.log_level = ngx_min(sc->log.log_level, NGX_LOG_CRIT);
+
+    if (!(sc->log.log_level & NGX_LOG_DEBUG_ALL)) {
+        sc->log.log_level = ngx_min(sc->log.log_level, NGX_LOG_CRIT);
+    }
 
     sc->conf = bcf;
     sc->number = bcf->number;
@@ -214,7 +220,13 @@ ngx_http_infer_scrape_timer(ngx_event_t *ev)
     now = ngx_current_msec;
     next = sh->scrape_next;
 
-    if ((ngx_msec_int_t) (now - next) >= 0
+    /*
+     * A round is due at "next"; one further away than an interval was
+     * set before a reload that shortened the interval.
+     */
+
+    if (((ngx_msec_int_t) (now - next) >= 0
+         || (ngx_msec_int_t) (next - now) > (ngx_msec_int_t) interval)
         && ngx_atomic_cmp_set(&sh->scrape_next, next, now + interval))
     {
         ngx_log_debug1(NGX_LOG_DEBUG_HTTP, ev->log, 0,
@@ -274,6 +286,13 @@ ngx_http_infer_scrape_start(ngx_http_infer_scrape_peer_t *sp)
     c->read->handler = ngx_http_infer_scrape_read;
     c->write->handler = ngx_http_infer_scrape_write;
 
+    /*
+     * a worker that quits closes it (ngx_close_idle_connections() sets
+     * c->close and calls the read handler) rather than wait for the page
+     */
+
+    c->idle = 1;
+
     /* one deadline for the whole scrape */
 
     ngx_add_timer(c->read, sp->conf->scrape->timeout);
@@ -315,6 +334,12 @@ ngx_http_infer_scrape_write(ngx_event_t *wev)
     }
 
     wev->handler = ngx_http_infer_scrape_dummy;
+
+    /* no more write events (select and poll would report them forever) */
+
+    if (ngx_handle_write_event(wev, 0) != NGX_OK) {
+        ngx_http_infer_scrape_fail(sp, "send() failed");
+    }
 }
 
 
@@ -328,6 +353,11 @@ ngx_http_infer_scrape_read(ngx_event_t *rev)
 
     c = rev->data;
     sp = c->data;
+
+    if (c->close) {
+        ngx_http_infer_scrape_close(sp);
+        return;
+    }
 
     if (rev->timedout) {
         ngx_http_infer_scrape_fail(sp, "timed out");
@@ -533,6 +563,11 @@ ngx_http_infer_scrape_done(ngx_http_infer_scrape_peer_t *sp)
             v = NGX_HTTP_INFER_SCRAPE_VALUE_MAX;
         }
 
+        if (i == NGX_HTTP_INFER_SIGNAL_KV && v > 1000) {
+            /* a fraction: a server that reports a percentage is full */
+            v = 1000;
+        }
+
         node->value[i] = (ngx_atomic_uint_t) v;
     }
 
@@ -567,11 +602,11 @@ ngx_http_infer_scrape_done(ngx_http_infer_scrape_peer_t *sp)
 
     (void) ngx_atomic_fetch_add(&node->scrapes, 1);
 
-    if (sp->logged) {
+    if (sp->failing) {
         ngx_log_error(NGX_LOG_NOTICE, ngx_cycle->log, 0,
                       "infer balance: scrape of \"%V\" works again",
                       &sp->name);
-        sp->logged = 0;
+        sp->failing = 0;
     }
 
     ngx_log_debug4(NGX_LOG_DEBUG_HTTP, ngx_cycle->log, 0,
@@ -593,13 +628,16 @@ ngx_http_infer_scrape_fail(ngx_http_infer_scrape_peer_t *sp,
 
     now = ngx_current_msec;
 
-    if (sp->logged == 0
-        || now - sp->logged >= NGX_HTTP_INFER_SCRAPE_LOG_EVERY)
+    /* at most once per 10 s, however often the peer recovers */
+
+    if (sp->warned == 0
+        || now - sp->warned >= NGX_HTTP_INFER_SCRAPE_LOG_EVERY)
     {
         ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
                       "infer balance: scrape of \"%V\" failed: %s",
                       &sp->name, why);
-        sp->logged = now ? now : 1;
+        sp->warned = now ? now : 1;
+        sp->failing = 1;
     }
 
     ngx_http_infer_scrape_close(sp);

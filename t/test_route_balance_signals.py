@@ -785,6 +785,16 @@ def test_a_full_configuration_passes_nginx_t(nginx_factory):
     ("infer_balance; infer_balance_signal queue;", []),
     ("infer_balance; infer_balance_score queue=-1;", ["queue"]),
     ("infer_balance; infer_balance_score speed=3;", ["speed"]),
+    ("infer_balance; infer_balance_scrape; infer_balance_shed queue=4 "
+     "admit=0;", ["admit"]),
+    ('infer_balance; infer_balance_signal queue "";', ["empty"]),
+    # shedding on figures that are never read would never shed
+    ("infer_balance; infer_balance_shed queue=4;",
+     ['"infer_balance_shed" needs "infer_balance_scrape"']),
+    # another balancing method after infer_balance would leave the
+    # scrapes, the shedding and the status page without their pool
+    ("infer_balance; infer_balance_scrape; hash $uri;",
+     ['"infer_balance" is replaced by another balancing method']),
 ])
 def test_mistakes_are_refused_by_nginx_t(nginx_factory, directives, words):
     ok, out = _check(nginx_factory, directives)
@@ -807,3 +817,31 @@ def test_directives_need_infer_balance(nginx_factory, directive):
     assert not ok, out
     name = directive.split()[0].rstrip(";")
     assert f'"{name}" needs "infer_balance" in upstream "pool"' in out, out
+
+
+def test_port_cannot_apply_to_a_unix_socket(nginx_factory, tmp_path):
+    gw = nginx_factory(gateway_conf({"pool": (
+        "infer_balance; infer_balance_scrape port=9100;",
+        [f"server unix:{tmp_path}/model.sock;"])}),
+        modules=["route"], start=False)
+    ok, out = gw.check_config()
+    assert not ok and "cannot scrape the unix socket" in out, out
+
+
+def test_a_scrape_in_flight_never_holds_a_quitting_worker(nginx_factory,
+                                                         sim_factory):
+    """A replica whose page never comes (a 30 s timeout): on reload and on
+    quit the old workers close the scrape and go at once."""
+    sim = sim_factory("llama-3-8b", "stuck", metrics_stall_ms=60000)
+    gw = nginx_factory(gateway_conf({"pool": (
+        "infer_balance; infer_balance_scrape interval=50ms timeout=30s;",
+        servers([sim]))}), modules=["route"])
+    deadline = time.monotonic() + 5
+    while sim.stats()["metrics_requests"] < 1:
+        assert time.monotonic() < deadline, "never scraped"
+        time.sleep(0.02)
+    t0 = time.monotonic()
+    gw.reload(timeout=5)
+    assert time.monotonic() - t0 < 5
+    assert not warn_lines(gw, sim.addr), gw.log_text()
+    ask(gw, "pool")
