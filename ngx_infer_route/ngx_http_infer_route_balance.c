@@ -25,20 +25,11 @@
 #include "ngx_http_infer_route_balance.h"
 
 
-#define NGX_HTTP_INFER_BALANCE_LEAST     0
-#define NGX_HTTP_INFER_BALANCE_AFFINITY  1
-#define NGX_HTTP_INFER_BALANCE_SPILL     2
-#define NGX_HTTP_INFER_BALANCE_EXTERNAL  3
-#define NGX_HTTP_INFER_BALANCE_SHED      4
-
 /* the costs of the signals, per unit */
 #define NGX_HTTP_INFER_BALANCE_COST_QUEUE    0
 #define NGX_HTTP_INFER_BALANCE_COST_RUNNING  1
 #define NGX_HTTP_INFER_BALANCE_COST_KV       2
 #define NGX_HTTP_INFER_BALANCE_COST_LORA     3
-
-/* the longest Retry-After of a shed request, seconds */
-#define NGX_HTTP_INFER_BALANCE_RETRY_MAX     60
 
 /* costs: a peer not usable, one whose signals are stale, the largest */
 #define NGX_HTTP_INFER_BALANCE_UNUSABLE      ((uint64_t) -1)
@@ -70,15 +61,6 @@ typedef struct {
 } ngx_http_infer_balance_peer_data_t;
 
 
-/* the last pick of a request, for the variables */
-
-typedef struct {
-    ngx_str_t                           endpoint;
-    ngx_uint_t                          score;
-    ngx_uint_t                          reason;
-} ngx_http_infer_balance_ctx_t;
-
-
 static ngx_int_t ngx_http_infer_balance_init_upstream(ngx_conf_t *cf,
     ngx_http_upstream_srv_conf_t *us);
 static ngx_int_t ngx_http_infer_balance_init_zone(ngx_shm_zone_t *shm_zone,
@@ -102,14 +84,6 @@ static ngx_inline uint64_t ngx_http_infer_balance_rank(uint32_t prefix,
     uint32_t peer);
 static ngx_uint_t ngx_http_infer_balance_has_adapter(
     ngx_http_infer_balance_node_t *node, uint32_t target);
-static ngx_inline ngx_uint_t ngx_http_infer_balance_fresh(
-    ngx_http_infer_balance_srv_conf_t *bcf,
-    ngx_http_infer_balance_node_t *node, ngx_msec_t now);
-static ngx_uint_t ngx_http_infer_balance_saturated(
-    ngx_http_infer_balance_srv_conf_t *bcf, ngx_uint_t *queue);
-static ngx_http_infer_balance_ctx_t *ngx_http_infer_balance_get_ctx(
-    ngx_http_request_t *r);
-static ngx_int_t ngx_http_infer_balance_status_handler(ngx_http_request_t *r);
 
 static ngx_int_t ngx_http_infer_balance_variable(ngx_http_request_t *r,
     ngx_http_variable_value_t *v, uintptr_t data);
@@ -120,18 +94,10 @@ static void *ngx_http_infer_balance_create_main_conf(ngx_conf_t *cf);
 static void *ngx_http_infer_balance_create_conf(ngx_conf_t *cf);
 static char *ngx_http_infer_balance(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
-static char *ngx_http_infer_balance_scrape(ngx_conf_t *cf, ngx_command_t *cmd,
-    void *conf);
-static char *ngx_http_infer_balance_signal(ngx_conf_t *cf, ngx_command_t *cmd,
-    void *conf);
 static char *ngx_http_infer_balance_score(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
-static char *ngx_http_infer_balance_shed_conf(ngx_conf_t *cf,
-    ngx_command_t *cmd, void *conf);
 static char *ngx_http_infer_balance_external_conf(ngx_conf_t *cf,
     ngx_command_t *cmd, void *conf);
-static char *ngx_http_infer_balance_status(ngx_conf_t *cf, ngx_command_t *cmd,
-    void *conf);
 
 
 static ngx_command_t  ngx_http_infer_balance_commands[] = {
@@ -235,7 +201,7 @@ static ngx_http_variable_t  ngx_http_infer_balance_vars[] = {
 };
 
 
-static ngx_str_t  ngx_http_infer_balance_signals[] = {
+ngx_str_t  ngx_http_infer_balance_signals[] = {
     ngx_string("queue"),
     ngx_string("running"),
     ngx_string("kv"),
@@ -1001,26 +967,6 @@ ngx_http_infer_balance_has_adapter(ngx_http_infer_balance_node_t *node,
 }
 
 
-static ngx_inline ngx_uint_t
-ngx_http_infer_balance_fresh(ngx_http_infer_balance_srv_conf_t *bcf,
-    ngx_http_infer_balance_node_t *node, ngx_msec_t now)
-{
-    ngx_msec_t  updated;
-
-    if (bcf->scrape == NULL) {
-        return 0;
-    }
-
-    updated = node->updated;
-
-    /* another worker's clock may be a little ahead of this one's */
-
-    return updated
-           && (ngx_msec_int_t) (now - updated)
-              <= (ngx_msec_int_t) bcf->scrape->stale;
-}
-
-
 /* called once per attempt: a retry releases the peer it leaves */
 
 static void
@@ -1087,7 +1033,7 @@ ngx_http_infer_balance_variable(ngx_http_request_t *r,
 }
 
 
-static ngx_http_infer_balance_ctx_t *
+ngx_http_infer_balance_ctx_t *
 ngx_http_infer_balance_get_ctx(ngx_http_request_t *r)
 {
     ngx_http_infer_balance_ctx_t  *ctx;
@@ -1104,318 +1050,6 @@ ngx_http_infer_balance_get_ctx(ngx_http_request_t *r)
     }
 
     return ctx;
-}
-
-
-/*
- * Shedding, for the route module's content phase: when every peer of the
- * request's pool is past the thresholds, a request of low priority gets a
- * 429 now rather than a place at the end of every queue.  NGX_DECLINED:
- * go on to the pool.
- */
-
-ngx_int_t
-ngx_http_infer_balance_shed(ngx_http_request_t *r, ngx_str_t *upstream)
-{
-    time_t                               sec;
-    ngx_str_t                            value, msg;
-    ngx_int_t                            priority;
-    ngx_uint_t                           i, queue;
-    ngx_table_elt_t                     *h;
-    ngx_http_infer_balance_ctx_t        *ctx;
-    ngx_http_infer_balance_shed_t       *shed;
-    ngx_http_upstream_srv_conf_t       **uscfp;
-    ngx_http_upstream_main_conf_t       *umcf;
-    ngx_http_infer_balance_srv_conf_t   *bcf;
-
-    umcf = ngx_http_get_module_main_conf(r, ngx_http_upstream_module);
-    uscfp = umcf->upstreams.elts;
-    bcf = NULL;
-
-    for (i = 0; i < umcf->upstreams.nelts; i++) {
-        if (uscfp[i]->srv_conf
-            && uscfp[i]->host.len == upstream->len
-            && ngx_strncasecmp(uscfp[i]->host.data, upstream->data,
-                               upstream->len) == 0)
-        {
-            bcf = ngx_http_conf_upstream_srv_conf(uscfp[i],
-                                               ngx_http_infer_balance_module);
-            break;
-        }
-    }
-
-    if (bcf == NULL || !bcf->enable || bcf->shed == NULL || bcf->sh == NULL) {
-        return NGX_DECLINED;
-    }
-
-    shed = bcf->shed;
-
-    if (!ngx_http_infer_balance_saturated(bcf, &queue)) {
-        return NGX_DECLINED;
-    }
-
-    priority = 0;
-
-    if (shed->priority) {
-        if (ngx_http_complex_value(r, shed->priority, &value) != NGX_OK) {
-            return NGX_HTTP_INTERNAL_SERVER_ERROR;
-        }
-
-        priority = value.len ? ngx_atoi(value.data, value.len) : 0;
-
-        if (priority == NGX_ERROR) {
-            priority = 0;
-        }
-    }
-
-    if ((ngx_uint_t) priority >= shed->admit) {
-        ngx_log_debug1(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
-                       "infer balance: pool saturated, priority %i admitted",
-                       priority);
-        return NGX_DECLINED;
-    }
-
-    ctx = ngx_http_infer_balance_get_ctx(r);
-    if (ctx == NULL) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
-    }
-
-    ctx->reason = NGX_HTTP_INFER_BALANCE_SHED;
-
-    /* the time the shortest queue takes to drain, roughly */
-
-    sec = (time_t) ((queue * shed->wait / 1000 + 999) / 1000);
-    sec = ngx_max(sec, 1);
-    sec = ngx_min(sec, NGX_HTTP_INFER_BALANCE_RETRY_MAX);
-
-    h = ngx_list_push(&r->headers_out.headers);
-    if (h == NULL) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
-    }
-
-    h->hash = 1;
-    ngx_str_set(&h->key, "Retry-After");
-
-    h->value.data = ngx_pnalloc(r->pool, NGX_TIME_T_LEN);
-    if (h->value.data == NULL) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
-    }
-
-    h->value.len = ngx_sprintf(h->value.data, "%T", sec) - h->value.data;
-
-    ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
-                  "infer balance: upstream \"%V\" saturated, request of "
-                  "priority %i shed", upstream, priority);
-
-    ngx_str_set(&msg, "The model's servers are saturated; "
-                      "retry after the time in Retry-After.");
-
-    return ngx_http_infer_send_error(r, NGX_HTTP_TOO_MANY_REQUESTS,
-                                     "server_overloaded", "pool_saturated",
-                                     &msg);
-}
-
-
-/*
- * Saturated: every primary peer not down has fresh signals past a
- * threshold.  A peer without fresh signals may have room: no shedding.
- * *queue: the shortest queue, thousandths.
- */
-
-static ngx_uint_t
-ngx_http_infer_balance_saturated(ngx_http_infer_balance_srv_conf_t *bcf,
-    ngx_uint_t *queue)
-{
-    ngx_uint_t                      i, n, past, q;
-    ngx_msec_t                      now;
-    ngx_http_upstream_rr_peer_t    *peer;
-    ngx_http_upstream_rr_peers_t   *peers;
-    ngx_http_infer_balance_node_t  *node;
-    ngx_http_infer_balance_shed_t  *shed;
-
-    shed = bcf->shed;
-    peers = bcf->upstream->peer.data;
-    now = ngx_current_msec;
-    n = 0;
-    q = (ngx_uint_t) -1;
-
-    for (peer = peers->peer, i = 0; peer; peer = peer->next, i++) {
-
-        if (peer->down) {
-            continue;
-        }
-
-        node = &bcf->sh->node[i];
-
-        if (!ngx_http_infer_balance_fresh(bcf, node, now)) {
-            return 0;
-        }
-
-        past = (shed->queue
-                && (node->found & (1 << NGX_HTTP_INFER_SIGNAL_QUEUE))
-                && node->value[NGX_HTTP_INFER_SIGNAL_QUEUE] >= shed->queue)
-               || (shed->kv
-                   && (node->found & (1 << NGX_HTTP_INFER_SIGNAL_KV))
-                   && node->value[NGX_HTTP_INFER_SIGNAL_KV] >= shed->kv);
-
-        if (!past) {
-            return 0;
-        }
-
-        q = ngx_min(q, (ngx_uint_t) node->value[NGX_HTTP_INFER_SIGNAL_QUEUE]);
-        n++;
-    }
-
-    *queue = q;
-
-    return n != 0;
-}
-
-
-/*
- * The status page: every balanced pool, each peer's tokens in flight,
- * picks and last signals, as JSON.
- */
-
-static ngx_int_t
-ngx_http_infer_balance_status_handler(ngx_http_request_t *r)
-{
-    u_char                               *p;
-    size_t                                len;
-    ngx_int_t                             rc;
-    ngx_buf_t                            *b;
-    ngx_uint_t                            i, k, j, n, fresh, queue;
-    ngx_msec_t                            now;
-    ngx_http_upstream_rr_peer_t          *peer;
-    ngx_http_upstream_rr_peers_t         *peers, *list;
-    ngx_http_infer_balance_node_t        *node;
-    ngx_http_infer_balance_scrape_t      *scf;
-    ngx_http_infer_balance_srv_conf_t   **pool, *bcf;
-    ngx_http_infer_balance_main_conf_t   *bmcf;
-
-    if (!(r->method & (NGX_HTTP_GET|NGX_HTTP_HEAD))) {
-        return NGX_HTTP_NOT_ALLOWED;
-    }
-
-    rc = ngx_http_discard_request_body(r);
-    if (rc != NGX_OK) {
-        return rc;
-    }
-
-    bmcf = ngx_http_get_module_main_conf(r, ngx_http_infer_balance_module);
-    pool = bmcf->pools.elts;
-
-    len = sizeof("{\"pools\":[]}\n");
-
-    for (i = 0; i < bmcf->pools.nelts; i++) {
-        /* names escaped as \u00XX at worst; each endpoint below 512 */
-
-        len += 256 + pool[i]->upstream->host.len * 6
-               + (pool[i]->scrape ? pool[i]->scrape->uri.len * 6 : 0)
-               + pool[i]->number * (512 + NGX_SOCKADDR_STRLEN * 6);
-    }
-
-    b = ngx_create_temp_buf(r->pool, len);
-    if (b == NULL) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
-    }
-
-    now = ngx_current_msec;
-    p = ngx_cpymem(b->last, "{\"pools\":[", sizeof("{\"pools\":[") - 1);
-
-    for (i = 0; i < bmcf->pools.nelts; i++) {
-        bcf = pool[i];
-        scf = bcf->scrape;
-
-        if (i) {
-            *p++ = ',';
-        }
-
-        p = ngx_cpymem(p, "{\"upstream\":\"", sizeof("{\"upstream\":\"") - 1);
-        p = (u_char *) ngx_escape_json(p, bcf->upstream->host.data,
-                                       bcf->upstream->host.len);
-
-        p = ngx_sprintf(p, "\",\"saturated\":%s,\"scrape\":",
-                        (bcf->shed && ngx_http_infer_balance_saturated(bcf,
-                                                                   &queue))
-                        ? "true" : "false");
-
-        if (scf) {
-            p = ngx_cpymem(p, "{\"uri\":\"", sizeof("{\"uri\":\"") - 1);
-            p = (u_char *) ngx_escape_json(p, scf->uri.data, scf->uri.len);
-            p = ngx_sprintf(p, "\",\"interval_ms\":%M,\"timeout_ms\":%M,"
-                            "\"stale_ms\":%M}", scf->interval, scf->timeout,
-                            scf->stale);
-
-        } else {
-            p = ngx_cpymem(p, "null", 4);
-        }
-
-        p = ngx_cpymem(p, ",\"endpoints\":[", sizeof(",\"endpoints\":[") - 1);
-
-        peers = bcf->upstream->peer.data;
-        n = 0;
-
-        for (list = peers; list; list = list->next) {
-            for (peer = list->peer; peer; peer = peer->next, n++) {
-                node = &bcf->sh->node[n];
-                fresh = ngx_http_infer_balance_fresh(bcf, node, now);
-
-                if (n) {
-                    *p++ = ',';
-                }
-
-                p = ngx_cpymem(p, "{\"endpoint\":\"",
-                               sizeof("{\"endpoint\":\"") - 1);
-                p = (u_char *) ngx_escape_json(p, peer->name.data,
-                                               peer->name.len);
-
-                p = ngx_sprintf(p, "\",\"backup\":%s,\"tokens_in_flight\":%uA,"
-                                "\"picks\":%uA,\"fresh\":%s,\"age_ms\":",
-                                (list == peers) ? "false" : "true",
-                                node->tokens, node->picks,
-                                fresh ? "true" : "false");
-
-                if (node->updated) {
-                    p = ngx_sprintf(p, "%M",
-                                    (ngx_msec_int_t) (now - node->updated) > 0
-                                    ? now - node->updated : 0);
-
-                } else {
-                    p = ngx_cpymem(p, "null", 4);
-                }
-
-                for (k = 0; k < 3; k++) {
-                    p = ngx_sprintf(p, ",\"%s\":",
-                                    k == 0 ? "queue"
-                                    : (k == 1 ? "running" : "kv_cache"));
-
-                    if (node->found & (1 << k)) {
-                        j = node->value[k];
-                        p = ngx_sprintf(p, "%ui.%03ui", j / 1000, j % 1000);
-
-                    } else {
-                        p = ngx_cpymem(p, "null", 4);
-                    }
-                }
-
-                p = ngx_sprintf(p, ",\"lora_running\":%uA,"
-                                "\"lora_waiting\":%uA,\"max_lora\":%uA,"
-                                "\"scrapes\":%uA,\"scrape_failures\":%uA}",
-                                node->nrunning, node->nwaiting,
-                                node->max_lora, node->scrapes,
-                                node->failures);
-            }
-        }
-
-        *p++ = ']';
-        *p++ = '}';
-    }
-
-    p = ngx_cpymem(p, "]}\n", 3);
-    b->last = p;
-
-    return ngx_http_infer_send_json(r, NGX_HTTP_OK, b);
 }
 
 
@@ -1707,200 +1341,6 @@ invalid_number:
 
 
 static char *
-ngx_http_infer_balance_scrape(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
-{
-    ngx_http_infer_balance_srv_conf_t  *bcf = conf;
-
-    ngx_int_t                         n;
-    ngx_str_t                        *value, s;
-    ngx_uint_t                        i;
-    ngx_msec_t                        ms, stale;
-    ngx_http_infer_balance_scrape_t  *scf;
-
-    if (bcf->scrape) {
-        return "is duplicate";
-    }
-
-    scf = ngx_pcalloc(cf->pool, sizeof(ngx_http_infer_balance_scrape_t));
-    if (scf == NULL) {
-        return NGX_CONF_ERROR;
-    }
-
-    ngx_str_set(&scf->uri, "/metrics");
-    scf->interval = 200;
-    scf->timeout = 1000;
-    stale = NGX_CONF_UNSET_MSEC;
-
-    value = cf->args->elts;
-
-    for (i = 1; i < cf->args->nelts; i++) {
-
-        if (value[i].data[0] == '/') {
-            if (i != 1) {
-                goto invalid;
-            }
-
-            for (n = 0; n < (ngx_int_t) value[i].len; n++) {
-                if (value[i].data[n] <= ' ' || value[i].data[n] == 0x7f) {
-                    goto invalid;
-                }
-            }
-
-            scf->uri = value[i];
-            continue;
-        }
-
-        if (ngx_strncmp(value[i].data, "port=", 5) == 0) {
-            n = ngx_atoi(value[i].data + 5, value[i].len - 5);
-
-            if (n < 1 || n > 65535) {
-                goto invalid;
-            }
-
-            scf->port = (in_port_t) n;
-            continue;
-        }
-
-        if (ngx_strncmp(value[i].data, "interval=", 9) == 0) {
-            s.data = value[i].data + 9;
-            s.len = value[i].len - 9;
-            ms = ngx_parse_time(&s, 0);
-
-            if (ms == (ngx_msec_t) NGX_ERROR || ms < 10 || ms > 60000) {
-                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                                   "invalid interval \"%V\": from 10ms "
-                                   "to 60s", &value[i]);
-                return NGX_CONF_ERROR;
-            }
-
-            scf->interval = ms;
-            continue;
-        }
-
-        if (ngx_strncmp(value[i].data, "timeout=", 8) == 0) {
-            s.data = value[i].data + 8;
-            s.len = value[i].len - 8;
-            ms = ngx_parse_time(&s, 0);
-
-            if (ms == (ngx_msec_t) NGX_ERROR || ms < 1 || ms > 600000) {
-                goto invalid;
-            }
-
-            scf->timeout = ms;
-            continue;
-        }
-
-        if (ngx_strncmp(value[i].data, "stale=", 6) == 0) {
-            s.data = value[i].data + 6;
-            s.len = value[i].len - 6;
-            stale = ngx_parse_time(&s, 0);
-
-            if (stale == (ngx_msec_t) NGX_ERROR || stale > 3600000) {
-                goto invalid;
-            }
-
-            continue;
-        }
-
-        goto invalid;
-    }
-
-    if (stale == NGX_CONF_UNSET_MSEC) {
-        stale = ngx_max(2000, 3 * scf->interval);
-    }
-
-    if (stale < scf->interval) {
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "stale=%M is shorter than interval=%M",
-                           stale, scf->interval);
-        return NGX_CONF_ERROR;
-    }
-
-    scf->stale = stale;
-    bcf->scrape = scf;
-
-    return NGX_CONF_OK;
-
-invalid:
-
-    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                       "invalid parameter \"%V\"", &value[i]);
-    return NGX_CONF_ERROR;
-}
-
-
-static char *
-ngx_http_infer_balance_signal(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
-{
-    ngx_http_infer_balance_srv_conf_t  *bcf = conf;
-
-    u_char       c;
-    ngx_str_t   *value;
-    ngx_uint_t   i, k, j;
-
-    value = cf->args->elts;
-
-    for (k = 0; k < NGX_HTTP_INFER_SIGNALS; k++) {
-        if (value[1].len == ngx_http_infer_balance_signals[k].len
-            && ngx_strncmp(value[1].data,
-                           ngx_http_infer_balance_signals[k].data,
-                           value[1].len) == 0)
-        {
-            break;
-        }
-    }
-
-    if (k == NGX_HTTP_INFER_SIGNALS) {
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "unknown signal \"%V\": queue, running, kv "
-                           "or lora", &value[1]);
-        return NGX_CONF_ERROR;
-    }
-
-    if (bcf->names_set & (1 << k)) {
-        return "is duplicate";
-    }
-
-    if (cf->args->nelts - 2 > NGX_HTTP_INFER_SIGNALS_NAMES) {
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "at most %d names for one signal",
-                           NGX_HTTP_INFER_SIGNALS_NAMES);
-        return NGX_CONF_ERROR;
-    }
-
-    for (i = 2; i < cf->args->nelts; i++) {
-
-        /* a metric name: [a-zA-Z_:][a-zA-Z0-9_:]* */
-
-        if (value[i].len == 0) {
-            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                               "empty metric name");
-            return NGX_CONF_ERROR;
-        }
-
-        for (j = 0; j < value[i].len; j++) {
-            c = ngx_tolower(value[i].data[j]);
-
-            if (!((c >= 'a' && c <= 'z') || c == '_' || c == ':'
-                  || (j && c >= '0' && c <= '9')))
-            {
-                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                                   "invalid metric name \"%V\"", &value[i]);
-                return NGX_CONF_ERROR;
-            }
-        }
-
-        bcf->names.names[k][i - 2] = value[i];
-    }
-
-    bcf->names.nnames[k] = cf->args->nelts - 2;
-    bcf->names_set |= 1 << k;
-
-    return NGX_CONF_OK;
-}
-
-
-static char *
 ngx_http_infer_balance_score(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 {
     ngx_http_infer_balance_srv_conf_t  *bcf = conf;
@@ -1954,133 +1394,6 @@ ngx_http_infer_balance_score(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
 
 static char *
-ngx_http_infer_balance_shed_conf(ngx_conf_t *cf, ngx_command_t *cmd,
-    void *conf)
-{
-    ngx_http_infer_balance_srv_conf_t  *bcf = conf;
-
-    ngx_int_t                           n;
-    ngx_str_t                          *value, s;
-    ngx_uint_t                          i;
-    ngx_msec_t                          ms;
-    ngx_http_infer_balance_shed_t      *shed;
-    ngx_http_compile_complex_value_t    ccv;
-    ngx_http_infer_balance_main_conf_t *bmcf;
-
-    if (bcf->shed) {
-        return "is duplicate";
-    }
-
-    shed = ngx_pcalloc(cf->pool, sizeof(ngx_http_infer_balance_shed_t));
-    if (shed == NULL) {
-        return NGX_CONF_ERROR;
-    }
-
-    shed->admit = 1;
-    shed->wait = 100;
-
-    value = cf->args->elts;
-
-    for (i = 1; i < cf->args->nelts; i++) {
-
-        if (ngx_strncmp(value[i].data, "queue=", 6) == 0) {
-            n = ngx_atofp(value[i].data + 6, value[i].len - 6, 3);
-
-            if (n == NGX_ERROR || n == 0) {
-                goto invalid;
-            }
-
-            shed->queue = n;
-            continue;
-        }
-
-        if (ngx_strncmp(value[i].data, "kv=", 3) == 0) {
-            n = ngx_atofp(value[i].data + 3, value[i].len - 3, 3);
-
-            if (n == NGX_ERROR || n == 0 || n > 1000) {
-                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                                   "invalid \"%V\": a fraction above 0, "
-                                   "at most 1", &value[i]);
-                return NGX_CONF_ERROR;
-            }
-
-            shed->kv = n;
-            continue;
-        }
-
-        if (ngx_strncmp(value[i].data, "admit=", 6) == 0) {
-            n = ngx_atoi(value[i].data + 6, value[i].len - 6);
-
-            if (n == NGX_ERROR || n == 0) {
-                goto invalid;
-            }
-
-            shed->admit = n;
-            continue;
-        }
-
-        if (ngx_strncmp(value[i].data, "wait=", 5) == 0) {
-            s.data = value[i].data + 5;
-            s.len = value[i].len - 5;
-            ms = ngx_parse_time(&s, 0);
-
-            if (ms == (ngx_msec_t) NGX_ERROR || ms > 60000) {
-                goto invalid;
-            }
-
-            shed->wait = ms;
-            continue;
-        }
-
-        if (ngx_strncmp(value[i].data, "priority=", 9) == 0) {
-            shed->priority = ngx_palloc(cf->pool,
-                                        sizeof(ngx_http_complex_value_t));
-            if (shed->priority == NULL) {
-                return NGX_CONF_ERROR;
-            }
-
-            s.data = value[i].data + 9;
-            s.len = value[i].len - 9;
-
-            ngx_memzero(&ccv, sizeof(ngx_http_compile_complex_value_t));
-
-            ccv.cf = cf;
-            ccv.value = &s;
-            ccv.complex_value = shed->priority;
-
-            if (ngx_http_compile_complex_value(&ccv) != NGX_OK) {
-                return NGX_CONF_ERROR;
-            }
-
-            continue;
-        }
-
-        goto invalid;
-    }
-
-    if (shed->queue == 0 && shed->kv == 0) {
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "\"infer_balance_shed\" needs queue= or kv=");
-        return NGX_CONF_ERROR;
-    }
-
-    bcf->shed = shed;
-
-    bmcf = ngx_http_conf_get_module_main_conf(cf,
-                                              ngx_http_infer_balance_module);
-    bmcf->shedding = 1;
-
-    return NGX_CONF_OK;
-
-invalid:
-
-    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                       "invalid parameter \"%V\"", &value[i]);
-    return NGX_CONF_ERROR;
-}
-
-
-static char *
 ngx_http_infer_balance_external_conf(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf)
 {
@@ -2109,23 +1422,6 @@ ngx_http_infer_balance_external_conf(ngx_conf_t *cf, ngx_command_t *cmd,
     if (ngx_http_compile_complex_value(&ccv) != NGX_OK) {
         return NGX_CONF_ERROR;
     }
-
-    return NGX_CONF_OK;
-}
-
-
-static char *
-ngx_http_infer_balance_status(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
-{
-    ngx_http_core_loc_conf_t  *clcf;
-
-    clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
-
-    if (clcf->handler) {
-        return "is duplicate";
-    }
-
-    clcf->handler = ngx_http_infer_balance_status_handler;
 
     return NGX_CONF_OK;
 }

@@ -21,6 +21,12 @@
 /* no single request counts for more: a client's max_tokens is its own */
 #define NGX_HTTP_INFER_BALANCE_TOKENS_MAX  1000000
 
+#define NGX_HTTP_INFER_BALANCE_LEAST     0
+#define NGX_HTTP_INFER_BALANCE_AFFINITY  1
+#define NGX_HTTP_INFER_BALANCE_SPILL     2
+#define NGX_HTTP_INFER_BALANCE_EXTERNAL  3
+#define NGX_HTTP_INFER_BALANCE_SHED      4
+
 /* a metric page larger than this fails the scrape */
 #define NGX_HTTP_INFER_SCRAPE_PAGE_MAX     (4 * 1024 * 1024)
 
@@ -117,14 +123,62 @@ typedef struct {
 } ngx_http_infer_balance_main_conf_t;
 
 
+/* the last pick of a request, for the variables */
+
+typedef struct {
+    ngx_str_t                           endpoint;
+    ngx_uint_t                          score;
+    ngx_uint_t                          reason;
+} ngx_http_infer_balance_ctx_t;
+
+
+ngx_http_infer_balance_ctx_t *ngx_http_infer_balance_get_ctx(
+    ngx_http_request_t *r);
+
+/* ngx_http_infer_route_scrape.c */
+char *ngx_http_infer_balance_scrape(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+char *ngx_http_infer_balance_signal(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
 ngx_int_t ngx_http_infer_balance_scrape_init_process(ngx_cycle_t *cycle,
     ngx_http_infer_balance_srv_conf_t *bcf);
 
-/* called by the route module in the content phase: NGX_DECLINED to go on */
+/* ngx_http_infer_route_pool.c; shed() is called by the route module in
+   the content phase: NGX_DECLINED to go on */
 ngx_int_t ngx_http_infer_balance_shed(ngx_http_request_t *r,
     ngx_str_t *upstream);
+char *ngx_http_infer_balance_shed_conf(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+char *ngx_http_infer_balance_status(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
 
 extern ngx_module_t  ngx_http_infer_balance_module;
+
+/* "queue", "running", "kv", "lora": the signals' names in directives */
+extern ngx_str_t  ngx_http_infer_balance_signals[];
+
+
+/* the peer's figures are fresh: from a good scrape within stale */
+
+static ngx_inline ngx_uint_t
+ngx_http_infer_balance_fresh(ngx_http_infer_balance_srv_conf_t *bcf,
+    ngx_http_infer_balance_node_t *node, ngx_msec_t now)
+{
+    ngx_msec_t  updated;
+
+    if (bcf->scrape == NULL) {
+        return 0;
+    }
+
+    updated = node->updated;
+
+    /* another worker's clock may be a little ahead of this one's */
+
+    return updated
+           && (ngx_msec_int_t) (now - updated)
+              <= (ngx_msec_int_t) bcf->scrape->stale;
+}
+
 
 
 #endif /* _NGX_HTTP_INFER_ROUTE_BALANCE_H_INCLUDED_ */

@@ -8,7 +8,9 @@
  * scrapes a pool per interval: the first whose timer claims the round.
  * A failed scrape changes nothing but a counter; the values it would
  * have replaced become stale with time, and the balancer then leaves
- * them out.  No peer is ever marked down from here.
+ * them out.  No peer is ever marked down from here.  Also here: the
+ * directives that configure it, infer_balance_scrape and
+ * infer_balance_signal.
  */
 
 
@@ -657,4 +659,198 @@ ngx_http_infer_scrape_close(ngx_http_infer_scrape_peer_t *sp)
 static void
 ngx_http_infer_scrape_dummy(ngx_event_t *ev)
 {
+}
+
+
+char *
+ngx_http_infer_balance_scrape(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_infer_balance_srv_conf_t  *bcf = conf;
+
+    ngx_int_t                         n;
+    ngx_str_t                        *value, s;
+    ngx_uint_t                        i;
+    ngx_msec_t                        ms, stale;
+    ngx_http_infer_balance_scrape_t  *scf;
+
+    if (bcf->scrape) {
+        return "is duplicate";
+    }
+
+    scf = ngx_pcalloc(cf->pool, sizeof(ngx_http_infer_balance_scrape_t));
+    if (scf == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    ngx_str_set(&scf->uri, "/metrics");
+    scf->interval = 200;
+    scf->timeout = 1000;
+    stale = NGX_CONF_UNSET_MSEC;
+
+    value = cf->args->elts;
+
+    for (i = 1; i < cf->args->nelts; i++) {
+
+        if (value[i].data[0] == '/') {
+            if (i != 1) {
+                goto invalid;
+            }
+
+            for (n = 0; n < (ngx_int_t) value[i].len; n++) {
+                if (value[i].data[n] <= ' ' || value[i].data[n] == 0x7f) {
+                    goto invalid;
+                }
+            }
+
+            scf->uri = value[i];
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "port=", 5) == 0) {
+            n = ngx_atoi(value[i].data + 5, value[i].len - 5);
+
+            if (n < 1 || n > 65535) {
+                goto invalid;
+            }
+
+            scf->port = (in_port_t) n;
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "interval=", 9) == 0) {
+            s.data = value[i].data + 9;
+            s.len = value[i].len - 9;
+            ms = ngx_parse_time(&s, 0);
+
+            if (ms == (ngx_msec_t) NGX_ERROR || ms < 10 || ms > 60000) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid interval \"%V\": from 10ms "
+                                   "to 60s", &value[i]);
+                return NGX_CONF_ERROR;
+            }
+
+            scf->interval = ms;
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "timeout=", 8) == 0) {
+            s.data = value[i].data + 8;
+            s.len = value[i].len - 8;
+            ms = ngx_parse_time(&s, 0);
+
+            if (ms == (ngx_msec_t) NGX_ERROR || ms < 1 || ms > 600000) {
+                goto invalid;
+            }
+
+            scf->timeout = ms;
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "stale=", 6) == 0) {
+            s.data = value[i].data + 6;
+            s.len = value[i].len - 6;
+            stale = ngx_parse_time(&s, 0);
+
+            if (stale == (ngx_msec_t) NGX_ERROR || stale > 3600000) {
+                goto invalid;
+            }
+
+            continue;
+        }
+
+        goto invalid;
+    }
+
+    if (stale == NGX_CONF_UNSET_MSEC) {
+        stale = ngx_max(2000, 3 * scf->interval);
+    }
+
+    if (stale < scf->interval) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "stale=%M is shorter than interval=%M",
+                           stale, scf->interval);
+        return NGX_CONF_ERROR;
+    }
+
+    scf->stale = stale;
+    bcf->scrape = scf;
+
+    return NGX_CONF_OK;
+
+invalid:
+
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                       "invalid parameter \"%V\"", &value[i]);
+    return NGX_CONF_ERROR;
+}
+
+
+char *
+ngx_http_infer_balance_signal(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_infer_balance_srv_conf_t  *bcf = conf;
+
+    u_char       c;
+    ngx_str_t   *value;
+    ngx_uint_t   i, k, j;
+
+    value = cf->args->elts;
+
+    for (k = 0; k < NGX_HTTP_INFER_SIGNALS; k++) {
+        if (value[1].len == ngx_http_infer_balance_signals[k].len
+            && ngx_strncmp(value[1].data,
+                           ngx_http_infer_balance_signals[k].data,
+                           value[1].len) == 0)
+        {
+            break;
+        }
+    }
+
+    if (k == NGX_HTTP_INFER_SIGNALS) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "unknown signal \"%V\": queue, running, kv "
+                           "or lora", &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    if (bcf->names_set & (1 << k)) {
+        return "is duplicate";
+    }
+
+    if (cf->args->nelts - 2 > NGX_HTTP_INFER_SIGNALS_NAMES) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "at most %d names for one signal",
+                           NGX_HTTP_INFER_SIGNALS_NAMES);
+        return NGX_CONF_ERROR;
+    }
+
+    for (i = 2; i < cf->args->nelts; i++) {
+
+        /* a metric name: [a-zA-Z_:][a-zA-Z0-9_:]* */
+
+        if (value[i].len == 0) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "empty metric name");
+            return NGX_CONF_ERROR;
+        }
+
+        for (j = 0; j < value[i].len; j++) {
+            c = ngx_tolower(value[i].data[j]);
+
+            if (!((c >= 'a' && c <= 'z') || c == '_' || c == ':'
+                  || (j && c >= '0' && c <= '9')))
+            {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid metric name \"%V\"", &value[i]);
+                return NGX_CONF_ERROR;
+            }
+        }
+
+        bcf->names.names[k][i - 2] = value[i];
+    }
+
+    bcf->names.nnames[k] = cf->args->nelts - 2;
+    bcf->names_set |= 1 << k;
+
+    return NGX_CONF_OK;
 }
