@@ -272,8 +272,9 @@ def scrape_report(status, sims):
     ups = UPSTREAM[SIGNALS]
     if ups not in pools:
         fail(f"{STATUS_URI}: no pool {ups!r} in {sorted(pools)}")
+    scraped = {u for _, u, how in POLICIES if "infer_balance_scrape" in how}
     for name, p in pools.items():
-        if name != ups and p.get("scrape") is not None:
+        if name not in scraped and p.get("scrape") is not None:
             fail(f"{STATUS_URI}: pool {name!r} is scraped: {p['scrape']}")
     out = {}
     for e in pools[ups]["endpoints"]:

@@ -53,6 +53,7 @@ typedef struct {
     unsigned                            has_prefix:1;
     unsigned                            has_target:1;
     unsigned                            external:1; /* asked already */
+    unsigned                            picked:1;
     ngx_str_t                           destination; /* the external
                                                        picker's choice */
     uint64_t                           *cost;       /* per peer, scratch */
@@ -201,6 +202,11 @@ static ngx_http_variable_t  ngx_http_infer_balance_vars[] = {
 };
 
 
+/* the signals' costs by default, in average requests */
+
+static uint64_t  ngx_http_infer_balance_auto[] = { 1, 0, 2, 2 };
+
+
 ngx_str_t  ngx_http_infer_balance_signals[] = {
     ngx_string("queue"),
     ngx_string("running"),
@@ -317,7 +323,8 @@ ngx_http_infer_balance_init_upstream(ngx_conf_t *cf,
     }
 
     p = ngx_sprintf(name.data, "infer_balance:%V:%08xD:%uz", &us->host, crc,
-                    sizeof(ngx_http_infer_balance_node_t));
+                    sizeof(ngx_http_infer_balance_shctx_t)
+                    + sizeof(ngx_http_infer_balance_node_t));
     name.len = p - name.data;
 
     size = 8 * ngx_pagesize
@@ -425,7 +432,7 @@ ngx_http_infer_balance_init_peer(ngx_http_request_t *r,
         return NGX_ERROR;
     }
 
-    if (bcf->scrape && bcf->cost[NGX_HTTP_INFER_BALANCE_COST_LORA]) {
+    if (bcf->scrape && bcf->cost[NGX_HTTP_INFER_BALANCE_COST_LORA] != 0) {
         v = ngx_http_get_flushed_variable(r, bcf->target_index);
 
         if (v && !v->not_found && v->len) {
@@ -553,7 +560,7 @@ ngx_http_infer_balance_get_peer(ngx_peer_connection_t *pc, void *data)
 
     time_t                              now;
     uint64_t                            rank, top, total, weights, cost,
-                                        best_cost, pref_cost;
+                                        best_cost, pref_cost, avg;
     uintptr_t                           m;
     ngx_int_t                           rc, rr;
     ngx_uint_t                          i, n, p, many, pi, reason;
@@ -730,6 +737,16 @@ chosen:
 
     rrp->tried[n] |= m;
 
+    if (!bp->picked) {
+        bp->picked = 1;
+
+        /* the pool's average request: 1/16 of each new one, x 16 */
+
+        avg = bcf->sh->average;
+        bcf->sh->average = avg ? avg + bp->tokens - avg / 16
+                               : 16 * bp->tokens;
+    }
+
     bp->node = &node[p];
     (void) ngx_atomic_fetch_add(&bp->node->tokens,
                                 (ngx_atomic_int_t) bp->tokens);
@@ -867,8 +884,8 @@ static void
 ngx_http_infer_balance_costs(ngx_http_infer_balance_peer_data_t *bp,
     time_t now)
 {
-    uint64_t                            sum, c, avg;
-    ngx_uint_t                          i, fresh, known;
+    uint64_t                            sum, c, avg, unit[4];
+    ngx_uint_t                          i, k, fresh, known;
     ngx_msec_t                          msec;
     ngx_http_upstream_rr_peer_t        *peer;
     ngx_http_infer_balance_node_t      *node;
@@ -877,6 +894,20 @@ ngx_http_infer_balance_costs(ngx_http_infer_balance_peer_data_t *bp,
     bcf = bp->conf;
     node = bcf->sh->node + bp->base;
     msec = ngx_current_msec;
+
+    /*
+     * What a signal's unit costs, in tokens: as configured, or in terms
+     * of the pool's average request (a waiting request costs one, a full
+     * KV cache or a missing adapter two), which follows the workload.
+     */
+
+    avg = ngx_max(bcf->sh->average / 16, 1);
+
+    for (k = 0; k < NGX_HTTP_INFER_SIGNALS; k++) {
+        unit[k] = (bcf->cost[k] != NGX_CONF_UNSET_UINT)
+                  ? bcf->cost[k]
+                  : ngx_http_infer_balance_auto[k] * avg;
+    }
 
     sum = 0;
     fresh = 0;
@@ -894,10 +925,9 @@ ngx_http_infer_balance_costs(ngx_http_infer_balance_peer_data_t *bp,
             continue;
         }
 
-        c = node[i].value[0] * bcf->cost[NGX_HTTP_INFER_BALANCE_COST_QUEUE]
-            + node[i].value[1]
-              * bcf->cost[NGX_HTTP_INFER_BALANCE_COST_RUNNING]
-            + node[i].value[2] * bcf->cost[NGX_HTTP_INFER_BALANCE_COST_KV];
+        c = node[i].value[0] * unit[NGX_HTTP_INFER_BALANCE_COST_QUEUE]
+            + node[i].value[1] * unit[NGX_HTTP_INFER_BALANCE_COST_RUNNING]
+            + node[i].value[2] * unit[NGX_HTTP_INFER_BALANCE_COST_KV];
 
         bp->cost[i] = c / 1000;
         sum += c / 1000;
@@ -928,7 +958,7 @@ ngx_http_infer_balance_costs(ngx_http_infer_balance_peer_data_t *bp,
             /* LoRA: none for a peer with the adapter, half for room */
 
             if (!ngx_http_infer_balance_has_adapter(&node[i], bp->target)) {
-                c += bcf->cost[NGX_HTTP_INFER_BALANCE_COST_LORA]
+                c += unit[NGX_HTTP_INFER_BALANCE_COST_LORA]
                      / ((node[i].nrunning < node[i].max_lora) ? 2 : 1);
             }
         }
@@ -1206,10 +1236,12 @@ ngx_http_infer_balance_create_conf(ngx_conf_t *cf)
      *     conf->sh = NULL;
      */
 
-    conf->cost[NGX_HTTP_INFER_BALANCE_COST_QUEUE] = 1024;
-    conf->cost[NGX_HTTP_INFER_BALANCE_COST_RUNNING] = 0;
-    conf->cost[NGX_HTTP_INFER_BALANCE_COST_KV] = 2048;
-    conf->cost[NGX_HTTP_INFER_BALANCE_COST_LORA] = 2048;
+    /* "auto": in the pool's average request, see the costs */
+
+    conf->cost[NGX_HTTP_INFER_BALANCE_COST_QUEUE] = NGX_CONF_UNSET_UINT;
+    conf->cost[NGX_HTTP_INFER_BALANCE_COST_RUNNING] = NGX_CONF_UNSET_UINT;
+    conf->cost[NGX_HTTP_INFER_BALANCE_COST_KV] = NGX_CONF_UNSET_UINT;
+    conf->cost[NGX_HTTP_INFER_BALANCE_COST_LORA] = NGX_CONF_UNSET_UINT;
 
     return conf;
 }
@@ -1376,6 +1408,13 @@ ngx_http_infer_balance_score(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
             ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                                "invalid parameter \"%V\"", &value[i]);
             return NGX_CONF_ERROR;
+        }
+
+        if (value[i].len - len - 1 == 4
+            && ngx_strncmp(value[i].data + len + 1, "auto", 4) == 0)
+        {
+            bcf->cost[k] = NGX_CONF_UNSET_UINT;
+            continue;
         }
 
         n = ngx_atoi(value[i].data + len + 1, value[i].len - len - 1);

@@ -60,6 +60,8 @@ typedef struct {
 
 typedef struct {
     ngx_uint_t                          number;     /* primary + backup */
+    ngx_atomic_t                        average;    /* of the requests'
+                                                       estimates, x 16 */
     ngx_atomic_t                        scrape_next; /* msec: the next
                                                        round, claimed by
                                                        one worker */

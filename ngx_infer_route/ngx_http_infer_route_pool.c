@@ -251,7 +251,10 @@ ngx_http_infer_balance_status_handler(ngx_http_request_t *r)
         p = (u_char *) ngx_escape_json(p, bcf->upstream->host.data,
                                        bcf->upstream->host.len);
 
-        p = ngx_sprintf(p, "\",\"saturated\":%s,\"scrape\":",
+        p = ngx_sprintf(p, "\",\"average_tokens\":%uA",
+                        bcf->sh->average / 16);
+
+        p = ngx_sprintf(p, ",\"saturated\":%s,\"scrape\":",
                         (bcf->shed && ngx_http_infer_balance_saturated(bcf,
                                                                    &queue))
                         ? "true" : "false");

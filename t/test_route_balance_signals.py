@@ -657,7 +657,8 @@ def test_the_status_page(nginx_factory, trio, sim_factory):
     names = [p["upstream"] for p in st["pools"]]
     assert "pool" in names and "bare" in names
     for p in st["pools"]:
-        assert set(p) == {"upstream", "saturated", "scrape", "endpoints"}, p
+        assert set(p) == {"upstream", "average_tokens", "saturated",
+                          "scrape", "endpoints"}, p
         assert p["saturated"] is False
         for e in p["endpoints"]:
             assert set(e) == ENDPOINT_KEYS, e
@@ -683,13 +684,17 @@ def test_the_status_page(nginx_factory, trio, sim_factory):
             e["kv_cache"], e["scrapes"], e["scrape_failures"]) == \
         (False, None, None, None, None, 0, 0), e
 
-    # picks per endpoint
+    # picks per endpoint; the pool's average request: its estimates
+    assert pool["average_tokens"] == 0
     got, _ = spread(gw, "pool", 6)
     spread(gw, "bare", 2)
     st = status(gw)
     assert {k: v["picks"] for k, v in eps(st, "pool").items()} == \
         {a.addr: got[a.replica], b.addr: got[b.replica], spare.addr: 0}
     assert eps(st, "bare")[c.addr]["picks"] == 2
+    # the same request everywhere: the same average, its estimate
+    assert pool_of(st, "pool")["average_tokens"] \
+        == pool_of(st, "bare")["average_tokens"] > 0
     assert all(v["tokens_in_flight"] == 0 for v in eps(st, "pool").values())
 
     # numbers with 3 decimals at most
