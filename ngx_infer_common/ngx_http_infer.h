@@ -105,6 +105,49 @@ ngx_http_infer_error_buf(ngx_pool_t *pool, const char *type,
 }
 
 
+/* a Retry-After header of sec seconds, for a 429 or a 503 */
+
+static ngx_inline ngx_int_t
+ngx_http_infer_retry_after(ngx_http_request_t *r, time_t sec)
+{
+    ngx_table_elt_t  *h;
+
+    h = ngx_list_push(&r->headers_out.headers);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    h->hash = 1;
+    ngx_str_set(&h->key, "Retry-After");
+
+    h->value.data = ngx_pnalloc(r->pool, NGX_TIME_T_LEN);
+    if (h->value.data == NULL) {
+        return NGX_ERROR;
+    }
+
+    h->value.len = ngx_sprintf(h->value.data, "%T", sec) - h->value.data;
+
+    return NGX_OK;
+}
+
+
+/*
+ * The time of a "name=time" parameter, skip bytes into value (the name
+ * and "="), in milliseconds; (ngx_msec_t) NGX_ERROR if it is no time.
+ */
+
+static ngx_inline ngx_msec_t
+ngx_http_infer_param_msec(ngx_str_t *value, size_t skip)
+{
+    ngx_str_t  s;
+
+    s.data = value->data + skip;
+    s.len = value->len - skip;
+
+    return ngx_parse_time(&s, 0);
+}
+
+
 /*
  * Sends an error in the OpenAI envelope.  Returns what the output filter
  * returns, for ngx_http_finalize_request().

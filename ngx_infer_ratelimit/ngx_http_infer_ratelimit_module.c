@@ -610,7 +610,6 @@ ngx_http_infer_ratelimit_refuse(ngx_http_request_t *r,
     u_char                                *p;
     time_t                                 sec;
     ngx_str_t                              msg;
-    ngx_table_elt_t                       *h;
     ngx_http_infer_ratelimit_item_t       *item;
     ngx_http_infer_ratelimit_loc_conf_t   *lcf;
     u_char                                 buf[512];
@@ -624,19 +623,9 @@ ngx_http_infer_ratelimit_refuse(ngx_http_request_t *r,
         sec = 1;
     }
 
-    h = ngx_list_push(&r->headers_out.headers);
-    if (h == NULL) {
+    if (ngx_http_infer_retry_after(r, sec) != NGX_OK) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
-
-    h->hash = 1;
-    ngx_str_set(&h->key, "Retry-After");
-    h->value.data = ngx_pnalloc(r->pool, NGX_TIME_T_LEN);
-    if (h->value.data == NULL) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
-    }
-
-    h->value.len = ngx_sprintf(h->value.data, "%T", sec) - h->value.data;
 
     /* the key is not said: it may be an address or a key id */
 

@@ -37,7 +37,6 @@ ngx_http_infer_balance_shed(ngx_http_request_t *r, ngx_str_t *upstream)
     ngx_str_t                            value, msg;
     ngx_int_t                            priority;
     ngx_uint_t                           i, queue;
-    ngx_table_elt_t                     *h;
     ngx_http_infer_balance_ctx_t        *ctx;
     ngx_http_infer_balance_shed_t       *shed;
     ngx_http_upstream_srv_conf_t       **uscfp;
@@ -104,20 +103,9 @@ ngx_http_infer_balance_shed(ngx_http_request_t *r, ngx_str_t *upstream)
     sec = ngx_max(sec, 1);
     sec = ngx_min(sec, NGX_HTTP_INFER_BALANCE_RETRY_MAX);
 
-    h = ngx_list_push(&r->headers_out.headers);
-    if (h == NULL) {
+    if (ngx_http_infer_retry_after(r, sec) != NGX_OK) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
-
-    h->hash = 1;
-    ngx_str_set(&h->key, "Retry-After");
-
-    h->value.data = ngx_pnalloc(r->pool, NGX_TIME_T_LEN);
-    if (h->value.data == NULL) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
-    }
-
-    h->value.len = ngx_sprintf(h->value.data, "%T", sec) - h->value.data;
 
     ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
                   "infer balance: upstream \"%V\" saturated, request of "
@@ -405,9 +393,7 @@ ngx_http_infer_balance_shed_conf(ngx_conf_t *cf, ngx_command_t *cmd,
         }
 
         if (ngx_strncmp(value[i].data, "wait=", 5) == 0) {
-            s.data = value[i].data + 5;
-            s.len = value[i].len - 5;
-            ms = ngx_parse_time(&s, 0);
+            ms = ngx_http_infer_param_msec(&value[i], 5);
 
             if (ms == (ngx_msec_t) NGX_ERROR || ms > 60000) {
                 goto invalid;

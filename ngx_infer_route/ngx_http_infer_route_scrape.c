@@ -20,6 +20,7 @@
 #include <ngx_event_connect.h>
 #include <ngx_http.h>
 
+#include "ngx_http_infer.h"
 #include "ngx_http_infer_route_balance.h"
 
 
@@ -668,7 +669,7 @@ ngx_http_infer_balance_scrape(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     ngx_http_infer_balance_srv_conf_t  *bcf = conf;
 
     ngx_int_t                         n;
-    ngx_str_t                        *value, s;
+    ngx_str_t                        *value;
     ngx_uint_t                        i;
     ngx_msec_t                        ms, stale;
     ngx_http_infer_balance_scrape_t  *scf;
@@ -718,9 +719,7 @@ ngx_http_infer_balance_scrape(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         }
 
         if (ngx_strncmp(value[i].data, "interval=", 9) == 0) {
-            s.data = value[i].data + 9;
-            s.len = value[i].len - 9;
-            ms = ngx_parse_time(&s, 0);
+            ms = ngx_http_infer_param_msec(&value[i], 9);
 
             if (ms == (ngx_msec_t) NGX_ERROR || ms < 10 || ms > 60000) {
                 ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
@@ -734,9 +733,7 @@ ngx_http_infer_balance_scrape(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         }
 
         if (ngx_strncmp(value[i].data, "timeout=", 8) == 0) {
-            s.data = value[i].data + 8;
-            s.len = value[i].len - 8;
-            ms = ngx_parse_time(&s, 0);
+            ms = ngx_http_infer_param_msec(&value[i], 8);
 
             if (ms == (ngx_msec_t) NGX_ERROR || ms < 1 || ms > 600000) {
                 goto invalid;
@@ -747,9 +744,7 @@ ngx_http_infer_balance_scrape(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         }
 
         if (ngx_strncmp(value[i].data, "stale=", 6) == 0) {
-            s.data = value[i].data + 6;
-            s.len = value[i].len - 6;
-            stale = ngx_parse_time(&s, 0);
+            stale = ngx_http_infer_param_msec(&value[i], 6);
 
             if (stale == (ngx_msec_t) NGX_ERROR || stale > 3600000) {
                 goto invalid;
