@@ -59,6 +59,8 @@ typedef struct {
     uint64_t                           *cost;       /* per peer, scratch */
     ngx_http_infer_balance_node_t      *node;       /* counted at, until
                                                        freed */
+    ngx_atomic_t                       *mine;       /* the same, on this
+                                                       process's account */
 } ngx_http_infer_balance_peer_data_t;
 
 
@@ -323,13 +325,11 @@ ngx_http_infer_balance_init_upstream(ngx_conf_t *cf,
     }
 
     p = ngx_sprintf(name.data, "infer_balance:%V:%08xD:%uz", &us->host, crc,
-                    sizeof(ngx_http_infer_balance_shctx_t)
-                    + sizeof(ngx_http_infer_balance_node_t));
+                    NGX_HTTP_INFER_BALANCE_SHCTX_SIZE(1));
     name.len = p - name.data;
 
     size = 8 * ngx_pagesize
-           + ngx_align(sizeof(ngx_http_infer_balance_shctx_t)
-                       + bcf->number * sizeof(ngx_http_infer_balance_node_t),
+           + ngx_align(NGX_HTTP_INFER_BALANCE_SHCTX_SIZE(bcf->number),
                        ngx_pagesize);
 
     bcf->shm_zone = ngx_shared_memory_add(cf, &name, size,
@@ -368,9 +368,8 @@ ngx_http_infer_balance_init_zone(ngx_shm_zone_t *shm_zone, void *data)
         return NGX_OK;
     }
 
-    bcf->sh = ngx_slab_calloc(shpool, sizeof(ngx_http_infer_balance_shctx_t)
-                              + bcf->number
-                                * sizeof(ngx_http_infer_balance_node_t));
+    bcf->sh = ngx_slab_calloc(shpool,
+                              NGX_HTTP_INFER_BALANCE_SHCTX_SIZE(bcf->number));
     if (bcf->sh == NULL) {
         return NGX_ERROR;
     }
@@ -752,6 +751,11 @@ chosen:
                                 (ngx_atomic_int_t) bp->tokens);
     (void) ngx_atomic_fetch_add(&bp->node->picks, 1);
 
+    /* and on this process's own account, see init_process */
+
+    bp->mine = ngx_http_infer_balance_mine(bcf->sh) + bp->base + p;
+    *bp->mine += bp->tokens;
+
     ctx = ngx_http_get_module_ctx(bp->request, ngx_http_infer_balance_module);
 
     if (ctx) {
@@ -1008,6 +1012,7 @@ ngx_http_infer_balance_free_peer(ngx_peer_connection_t *pc, void *data,
     if (bp->node) {
         (void) ngx_atomic_fetch_add(&bp->node->tokens,
                                     - (ngx_atomic_int_t) bp->tokens);
+        *bp->mine -= bp->tokens;
         bp->node = NULL;
     }
 
@@ -1161,7 +1166,9 @@ ngx_http_infer_balance_postconfiguration(ngx_conf_t *cf)
 static ngx_int_t
 ngx_http_infer_balance_init_process(ngx_cycle_t *cycle)
 {
-    ngx_uint_t                            i;
+    ngx_uint_t                            i, k;
+    ngx_atomic_t                         *mine;
+    ngx_atomic_uint_t                     left;
     ngx_http_infer_balance_srv_conf_t   **pool;
     ngx_http_infer_balance_main_conf_t   *bmcf;
 
@@ -1180,6 +1187,33 @@ ngx_http_infer_balance_init_process(ngx_cycle_t *cycle)
     pool = bmcf->pools.elts;
 
     for (i = 0; i < bmcf->pools.nelts; i++) {
+
+        /*
+         * A process slot is given again only once its process is gone:
+         * what the slot still counts in flight was left by a worker that
+         * died (or was cut short by worker_shutdown_timeout), and nothing
+         * will release it but this.
+         */
+
+        mine = ngx_http_infer_balance_mine(pool[i]->sh);
+        left = 0;
+
+        for (k = 0; k < pool[i]->number; k++) {
+            if (mine[k]) {
+                (void) ngx_atomic_fetch_add(&pool[i]->sh->node[k].tokens,
+                                            - (ngx_atomic_int_t) mine[k]);
+                left += mine[k];
+                mine[k] = 0;
+            }
+        }
+
+        if (left) {
+            ngx_log_error(NGX_LOG_NOTICE, cycle->log, 0,
+                          "infer balance: %uA tokens in flight in upstream "
+                          "\"%V\" left by a worker that is gone, released",
+                          left, &pool[i]->upstream->host);
+        }
+
         if (pool[i]->scrape
             && ngx_http_infer_balance_scrape_init_process(cycle, pool[i])
                != NGX_OK)

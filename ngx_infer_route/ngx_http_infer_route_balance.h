@@ -58,6 +58,13 @@ typedef struct {
 } ngx_http_infer_balance_node_t;
 
 
+/*
+ * The pool's zone: this context, a node per peer, then a row per process
+ * slot of what that process has in flight on each peer (NGX_MAX_PROCESSES
+ * rows), so that a worker that replaces one that died can release what
+ * the dead one left counted.
+ */
+
 typedef struct {
     ngx_uint_t                          number;     /* primary + backup */
     ngx_atomic_t                        average;    /* of the requests'
@@ -67,6 +74,19 @@ typedef struct {
                                                        one worker */
     ngx_http_infer_balance_node_t       node[1];
 } ngx_http_infer_balance_shctx_t;
+
+
+#define NGX_HTTP_INFER_BALANCE_SHCTX_SIZE(n)                                 \
+    (sizeof(ngx_http_infer_balance_shctx_t)                                  \
+     + (n) * sizeof(ngx_http_infer_balance_node_t)                           \
+     + NGX_MAX_PROCESSES * (n) * sizeof(ngx_atomic_t))
+
+
+/* this process's row */
+
+#define ngx_http_infer_balance_mine(sh)                                      \
+    ((ngx_atomic_t *) &(sh)->node[(sh)->number]                              \
+     + (ngx_uint_t) ngx_process_slot * (sh)->number)
 
 
 typedef struct {

@@ -8,6 +8,7 @@ peer it picked and that peer's score ($infer_endpoint,
 $infer_endpoint_score, $infer_endpoint_reason).  Counts are compared, never
 latencies; every loop is bounded in time."""
 
+import os
 import signal
 import threading
 import time
@@ -408,3 +409,40 @@ def test_what_a_request_counts(nginx_factory, sim_factory):
     held_by("/", dict(chat, max_tokens=5000000), lambda r: "1000000")
 
     assert settle(gw, "bal", 3) == {s.addr}
+
+
+def test_a_dead_workers_tokens_are_released(nginx_factory, pair):
+    """A worker killed with a request in flight: the worker that replaces
+    it (in the same process slot) releases what it left counted, where
+    nothing else would."""
+    gw = nginx_factory(balance_conf(pair, {"bal": "infer_balance;"}),
+                       modules=["route"])
+
+    t, out = hold(gw, "bal", 4000)
+    try:
+        busy = busy_sim(pair)
+        # the held request is counted: fresh requests avoid its replica
+        r = ask(gw, "bal")
+        assert r.headers["x-sim-replica"] != busy.replica
+
+        old = set(gw.worker_pids())
+        for pid in old:
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            pids = set(gw.worker_pids())
+            if len(pids) >= 2 and not pids & old:
+                break
+            time.sleep(0.02)
+        else:
+            raise AssertionError("the workers were not replaced")
+    finally:
+        t.join(10)
+    assert "e" in out, "the held request survived its worker"
+
+    # nothing in flight any more: sequential requests score 0 everywhere
+    assert settle(gw, "bal") == {s.addr for s in pair}
+    log = gw.log_text()
+    assert "tokens in flight in upstream \"bal\" left by a worker that " \
+           "is gone, released" in log, log
+    gw.forget_log()     # the workers killed on purpose
