@@ -82,6 +82,8 @@ POLICIES = [  # name, upstream block (and model) name, its balancing directives
     ("least_conn", "least_conn", "least_conn;"),
     ("infer_balance", "infer_balance", "infer_balance least_tokens;"),
     (SIGNALS, "infer_balance_signals", "infer_balance least_tokens; " + SCRAPE),
+    ("infer_balance+pace", "infer_balance_pace",
+     "infer_balance least_tokens pace; " + SCRAPE),
 ]
 UPSTREAM = {name: ups for name, ups, _ in POLICIES}
 

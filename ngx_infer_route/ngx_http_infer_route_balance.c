@@ -36,6 +36,9 @@
 #define NGX_HTTP_INFER_BALANCE_STALE         ((uint64_t) -2)
 #define NGX_HTTP_INFER_BALANCE_CAP           ((uint64_t) 1 << 32)
 
+/* the slowest pace counted, microseconds per token */
+#define NGX_HTTP_INFER_BALANCE_PACE_MAX      1000000
+
 
 typedef struct {
     /* the first member: the round-robin code takes it as its own data */
@@ -54,6 +57,7 @@ typedef struct {
     unsigned                            has_target:1;
     unsigned                            external:1; /* asked already */
     unsigned                            picked:1;
+    ngx_msec_t                          start;      /* of this attempt */
     ngx_str_t                           destination; /* the external
                                                        picker's choice */
     uint64_t                           *cost;       /* per peer, scratch */
@@ -747,6 +751,7 @@ chosen:
     }
 
     bp->node = &node[p];
+    bp->start = ngx_current_msec;
     (void) ngx_atomic_fetch_add(&bp->node->tokens,
                                 (ngx_atomic_int_t) bp->tokens);
     (void) ngx_atomic_fetch_add(&bp->node->picks, 1);
@@ -888,8 +893,8 @@ static void
 ngx_http_infer_balance_costs(ngx_http_infer_balance_peer_data_t *bp,
     time_t now)
 {
-    uint64_t                            sum, c, avg, unit[4];
-    ngx_uint_t                          i, k, fresh, known;
+    uint64_t                            sum, c, avg, pace, unit[4];
+    ngx_uint_t                          i, k, n, fresh, known;
     ngx_msec_t                          msec;
     ngx_http_upstream_rr_peer_t        *peer;
     ngx_http_infer_balance_node_t      *node;
@@ -946,6 +951,27 @@ ngx_http_infer_balance_costs(ngx_http_infer_balance_peer_data_t *bp,
 
     avg = fresh ? sum / fresh : 0;
 
+    /* the pool's pace: the average of those of its usable peers */
+
+    pace = 0;
+
+    if (bcf->pace) {
+        n = 0;
+
+        for (peer = bp->rrp.peers->peer, i = 0; peer; peer = peer->next, i++)
+        {
+            if (bp->cost[i] != NGX_HTTP_INFER_BALANCE_UNUSABLE
+                && node[i].pace)
+            {
+                pace += ngx_min(node[i].pace,
+                                8 * NGX_HTTP_INFER_BALANCE_PACE_MAX);
+                n++;
+            }
+        }
+
+        pace = n ? ngx_max(pace / n, 1) : 0;
+    }
+
     for (peer = bp->rrp.peers->peer, i = 0; peer; peer = peer->next, i++) {
 
         c = bp->cost[i];
@@ -968,6 +994,13 @@ ngx_http_infer_balance_costs(ngx_http_infer_balance_peer_data_t *bp,
         }
 
         c += node[i].tokens;
+
+        /* a peer twice as slow per token as the pool costs twice as much */
+
+        if (pace && node[i].pace) {
+            c = c * ngx_min(node[i].pace, 8 * NGX_HTTP_INFER_BALANCE_PACE_MAX)
+                / pace;
+        }
 
         bp->cost[i] = ngx_min(c, NGX_HTTP_INFER_BALANCE_CAP);
     }
@@ -1009,11 +1042,41 @@ ngx_http_infer_balance_free_peer(ngx_peer_connection_t *pc, void *data,
 {
     ngx_http_infer_balance_peer_data_t  *bp = data;
 
-    if (bp->node) {
-        (void) ngx_atomic_fetch_add(&bp->node->tokens,
-                                    - (ngx_atomic_int_t) bp->tokens);
-        *bp->mine -= bp->tokens;
-        bp->node = NULL;
+    ngx_msec_t                      ms;
+    ngx_atomic_uint_t               us, old;
+    ngx_http_upstream_t            *u;
+    ngx_http_infer_balance_node_t  *node;
+
+    node = bp->node;
+
+    if (node == NULL) {
+        ngx_http_upstream_free_round_robin_peer(pc, &bp->rrp, state);
+        return;
+    }
+
+    (void) ngx_atomic_fetch_add(&node->tokens,
+                                - (ngx_atomic_int_t) bp->tokens);
+    *bp->mine -= bp->tokens;
+    bp->node = NULL;
+
+    /*
+     * pace: how long the peer took per token of this request, averaged
+     * over the peer's answers (each new one weighs 1/8, kept x 8); only
+     * answers that look whole: a 200 that the client did not leave
+     */
+
+    u = bp->request->upstream;
+
+    if (bp->conf->pace && !(state & NGX_PEER_FAILED)
+        && u && u->state && u->state->status == NGX_HTTP_OK
+        && !bp->request->connection->error)
+    {
+        ms = ngx_current_msec - bp->start;
+        us = ngx_min((ngx_atomic_uint_t) ms * 1000 / bp->tokens,
+                     NGX_HTTP_INFER_BALANCE_PACE_MAX);
+
+        old = node->pace;
+        node->pace = old ? old + us - old / 8 : 8 * us;
     }
 
     ngx_http_upstream_free_round_robin_peer(pc, &bp->rrp, state);
@@ -1317,6 +1380,11 @@ ngx_http_infer_balance(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
         if (ngx_strcmp(value[i].data, "prefix_affinity") == 0) {
             bcf->affinity = 1;
+            continue;
+        }
+
+        if (ngx_strcmp(value[i].data, "pace") == 0) {
+            bcf->pace = 1;
             continue;
         }
 

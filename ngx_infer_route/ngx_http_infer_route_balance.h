@@ -40,6 +40,8 @@
 typedef struct {
     ngx_atomic_t                        tokens;     /* in flight */
     ngx_atomic_t                        picks;
+    ngx_atomic_t                        pace;       /* microseconds per
+                                                       token, x 8 */
 
     ngx_atomic_t                        updated;    /* msec of the last
                                                        good scrape, 0 */
@@ -110,6 +112,7 @@ typedef struct {
 typedef struct {
     ngx_flag_t                          enable;
     ngx_flag_t                          affinity;
+    ngx_flag_t                          pace;
     ngx_uint_t                          bound;      /* x 100 */
     ngx_uint_t                          default_tokens;
     ngx_uint_t                          default_max_tokens;

@@ -306,6 +306,9 @@ ngx_http_infer_balance_status_handler(ngx_http_request_t *r)
                     }
                 }
 
+                p = ngx_sprintf(p, ",\"pace_us_per_token\":%uA",
+                                node->pace / 8);
+
                 p = ngx_sprintf(p, ",\"lora_running\":%uA,"
                                 "\"lora_waiting\":%uA,\"max_lora\":%uA,"
                                 "\"scrapes\":%uA,\"scrape_failures\":%uA}",

@@ -446,3 +446,37 @@ def test_a_dead_workers_tokens_are_released(nginx_factory, pair):
     assert "tokens in flight in upstream \"bal\" left by a worker that " \
            "is gone, released" in log, log
     gw.forget_log()     # the workers killed on purpose
+
+
+def test_pace_weighs_a_slow_replica_by_its_time_per_token(nginx_factory,
+                                                          sim_factory):
+    """With `pace`, the same tokens in flight cost more on a replica that
+    takes longer per token; without it the two tie (round robin)."""
+    fast = sim_factory("llama-3-8b", "fast", ttft_ms=1, tpot_ms=1)
+    slow = sim_factory("llama-3-8b", "slow", ttft_ms=1, tpot_ms=20)
+    pair = [fast, slow]
+    gw = nginx_factory(balance_conf(pair, {
+        "paced": "infer_balance pace;", "plain": "infer_balance;"}),
+        modules=["route"])
+    # both replicas answer a few whole requests of 20 tokens in each pool
+    for model in ("paced", "plain"):
+        seen = Counter(ask(gw, model, max_tokens=20).headers["x-sim-replica"]
+                       for _ in range(6))
+        assert set(seen) == {"fast", "slow"}, seen
+
+    for model, expect in (("paced", {"fast"}), ("plain", {"fast", "slow"})):
+        # one request held on each replica, the same size: tied on tokens
+        t1, o1 = hold(gw, model, 3000)
+        busy_sim(pair)
+        t2, o2 = hold(gw, model, 3000)
+        deadline = time.monotonic() + 5
+        while not (fast.stats()["running"] and slow.stats()["running"]):
+            assert time.monotonic() < deadline, "holds not on both"
+            time.sleep(0.02)
+        try:
+            got = {ask(gw, model).headers["x-sim-replica"] for _ in range(6)}
+        finally:
+            t1.join(10)
+            t2.join(10)
+        assert "e" not in o1 and "e" not in o2, (o1, o2)
+        assert got == expect, (model, got)

@@ -633,7 +633,8 @@ def test_lora_adapter_affinity(nginx_factory, sim_factory):
 
 ENDPOINT_KEYS = {"endpoint", "backup", "tokens_in_flight", "picks", "fresh",
                  "age_ms", "queue", "running", "kv_cache", "lora_running",
-                 "lora_waiting", "max_lora", "scrapes", "scrape_failures"}
+                 "lora_waiting", "max_lora", "scrapes", "scrape_failures",
+                 "pace_us_per_token"}
 
 
 def test_the_status_page(nginx_factory, trio, sim_factory):
