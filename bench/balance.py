@@ -9,7 +9,7 @@ generate at once, the others wait in its FIFO queue, which its /metrics
 page reports as vllm:num_requests_waiting (and the batch as
 vllm:num_requests_running, the KV cache as vllm:kv_cache_usage_perc).
 
-One gateway nginx (2 workers) has the same three servers in four upstream
+One gateway nginx (2 workers) has the same three servers in five upstream
 blocks, one per policy, and a model per block:
 
     round_robin             (nginx's default)
@@ -18,6 +18,8 @@ blocks, one per policy, and a model per block:
     infer_balance+signals   infer_balance least_tokens;
                             infer_balance_scrape interval=50ms timeout=200ms
                                                  stale=500ms;
+    infer_balance+pace      infer_balance least_tokens pace; and the same
+                            infer_balance_scrape
 
 CLIENTS closed-loop clients (threads, keep-alive connections) ask the
 gateway for answers of mixed lengths (max_tokens drawn from MIX) for
