@@ -332,9 +332,11 @@ ngx_http_infer_balance_init_upstream(ngx_conf_t *cf,
                     NGX_HTTP_INFER_BALANCE_SHCTX_SIZE(1));
     name.len = p - name.data;
 
-    size = 8 * ngx_pagesize
-           + ngx_align(NGX_HTTP_INFER_BALANCE_SHCTX_SIZE(bcf->number),
-                       ngx_pagesize);
+    /* the slab pool's own page descriptors come out of the zone too */
+
+    size = ngx_align(NGX_HTTP_INFER_BALANCE_SHCTX_SIZE(bcf->number),
+                     ngx_pagesize);
+    size += 8 * ngx_pagesize + size / 32;
 
     bcf->shm_zone = ngx_shared_memory_add(cf, &name, size,
                                           &ngx_http_infer_balance_module);
@@ -997,9 +999,16 @@ ngx_http_infer_balance_costs(ngx_http_infer_balance_peer_data_t *bp,
 
         /* a peer twice as slow per token as the pool costs twice as much */
 
+        c = ngx_min(c, NGX_HTTP_INFER_BALANCE_CAP);
+
+        /*
+         * pace: the cost times the peer's time per token over the pool's,
+         * that ratio kept within 1/4 and 4, so that no peer's measure can
+         * make it free or shut it out
+         */
+
         if (pace && node[i].pace) {
-            c = c * ngx_min(node[i].pace, 8 * NGX_HTTP_INFER_BALANCE_PACE_MAX)
-                / pace;
+            c = c * ngx_max(ngx_min(node[i].pace, 4 * pace), pace / 4) / pace;
         }
 
         bp->cost[i] = ngx_min(c, NGX_HTTP_INFER_BALANCE_CAP);
@@ -1062,18 +1071,22 @@ ngx_http_infer_balance_free_peer(ngx_peer_connection_t *pc, void *data,
     /*
      * pace: how long the peer took per token of this request, averaged
      * over the peer's answers (each new one weighs 1/8, kept x 8); only
-     * answers that look whole: a 200 that the client did not leave
+     * answers read to their end (nginx frees the peer with state 0 after
+     * an answer cut short too), with a 200, that the client neither left
+     * nor kept waiting past send_timeout
      */
 
     u = bp->request->upstream;
 
     if (bp->conf->pace && !(state & NGX_PEER_FAILED)
         && u && u->state && u->state->status == NGX_HTTP_OK
-        && !bp->request->connection->error)
+        && ((u->pipe && u->pipe->upstream_done) || u->length == 0)
+        && !bp->request->connection->error
+        && !bp->request->connection->timedout)
     {
         ms = ngx_current_msec - bp->start;
-        us = ngx_min((ngx_atomic_uint_t) ms * 1000 / bp->tokens,
-                     NGX_HTTP_INFER_BALANCE_PACE_MAX);
+        us = (ngx_atomic_uint_t) ms * 1000 / bp->tokens;
+        us = ngx_max(ngx_min(us, NGX_HTTP_INFER_BALANCE_PACE_MAX), 1);
 
         old = node->pace;
         node->pace = old ? old + us - old / 8 : 8 * us;
@@ -1231,7 +1244,8 @@ ngx_http_infer_balance_init_process(ngx_cycle_t *cycle)
 {
     ngx_uint_t                            i, k;
     ngx_atomic_t                         *mine;
-    ngx_atomic_uint_t                     left;
+    ngx_atomic_uint_t                     left, old;
+    ngx_http_infer_balance_node_t        *node;
     ngx_http_infer_balance_srv_conf_t   **pool;
     ngx_http_infer_balance_main_conf_t   *bmcf;
 
@@ -1262,12 +1276,22 @@ ngx_http_infer_balance_init_process(ngx_cycle_t *cycle)
         left = 0;
 
         for (k = 0; k < pool[i]->number; k++) {
-            if (mine[k]) {
-                (void) ngx_atomic_fetch_add(&pool[i]->sh->node[k].tokens,
-                                            - (ngx_atomic_int_t) mine[k]);
-                left += mine[k];
-                mine[k] = 0;
+            if (mine[k] == 0) {
+                continue;
             }
+
+            /* never below zero: the dead one may have died between two
+               updates of its request's counts */
+
+            node = &pool[i]->sh->node[k];
+
+            do {
+                old = node->tokens;
+            } while (!ngx_atomic_cmp_set(&node->tokens, old,
+                                         old > mine[k] ? old - mine[k] : 0));
+
+            left += mine[k];
+            mine[k] = 0;
         }
 
         if (left) {

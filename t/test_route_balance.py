@@ -480,3 +480,52 @@ def test_pace_weighs_a_slow_replica_by_its_time_per_token(nginx_factory,
             t2.join(10)
         assert "e" not in o1 and "e" not in o2, (o1, o2)
         assert got == expect, (model, got)
+
+
+def test_a_large_pool_fits_its_zone(nginx_factory):
+    """2,000 peers: the zone holds their nodes and every process's
+    account of them (8 KB a peer), the slab pool's pages included."""
+    servers = "\n".join(f"server 127.0.0.{1 + i // 250}:{20000 + i};"
+                        for i in range(2000))
+    gw = nginx_factory(f"""
+    upstream big {{ infer_balance; {servers} }}
+    infer_model big upstream=big;
+    server {{ listen 127.0.0.1:{{port}}; location / {{ infer_route on;
+        proxy_pass http://$infer_upstream; }} }}""",
+        modules=["route"], start=False)
+    ok, out = gw.check_config()
+    assert ok, out[-2000:]
+
+
+def test_pace_counts_only_answers_read_to_their_end(nginx_factory,
+                                                    sim_factory):
+    """An answer cut short (a 200 whose body stops half way) says nothing
+    of the replica's speed: only whole answers make its pace."""
+    sim = sim_factory("llama-3-8b", "cut", ttft_ms=1, tpot_ms=1)
+    gw = nginx_factory(f"""
+    upstream paced {{ infer_balance pace; server {sim.addr}; }}
+    infer_model paced upstream=paced model=llama-3-8b;
+    server {{
+        listen 127.0.0.1:{{port}};
+        location = /balance {{ infer_balance_status; }}
+        location / {{ infer_route on; proxy_pass http://$infer_upstream; }}
+    }}""", modules=["route"])
+
+    def pace():
+        st = requests.get(gw.url + "/balance", timeout=5).json()
+        (e,) = st["pools"][0]["endpoints"]
+        return e["pace_us_per_token"]
+
+    for _ in range(3):
+        with pytest.raises(requests.RequestException):
+            r = requests.post(gw.url + "/v1/chat/completions", timeout=10,
+                              headers={"x-sim-reset-after-chunks": "1"},
+                              json={"model": "paced", "max_tokens": 5,
+                                    "messages": [{"role": "user",
+                                                  "content": "hi"}]})
+            r.raise_for_status()
+            r.json()
+    assert pace() == 0
+    ask(gw, "paced")
+    assert pace() > 0
+    gw.forget_log()     # "upstream prematurely closed connection"
