@@ -41,10 +41,9 @@
 #include <ngx_core.h>
 #include "ngx_http_infer_route_signals.h"
 #include "unit.h"
+#include "murmur.h"
 
 
-static int parse_cuts(const char *spec, size_t len, size_t **cuts,
-    size_t *ncuts);
 static int parse_names(char *spec, ngx_http_infer_signals_conf_t *conf);
 static void run(u_char *data, size_t len, size_t *cuts, size_t ncuts,
     ngx_http_infer_signals_conf_t *conf, ngx_http_infer_signals_t *out,
@@ -157,121 +156,6 @@ usage:
             argv[0], argv[0], argv[0]);
 
     return 2;
-}
-
-
-/*
- * nginx's ngx_murmur_hash2 (src/core/ngx_murmurhash.c), which the parser
- * calls and which only the nginx binary has: MurmurHash2, by Austin
- * Appleby, 32 bits, seed 0
- */
-
-uint32_t
-ngx_murmur_hash2(u_char *data, size_t len)
-{
-    uint32_t  h, k;
-
-    h = (uint32_t) len;
-
-    for ( /* void */ ; len >= 4; data += 4, len -= 4) {
-        k = (uint32_t) data[0] | (uint32_t) data[1] << 8
-            | (uint32_t) data[2] << 16 | (uint32_t) data[3] << 24;
-
-        k *= 0x5bd1e995;
-        k ^= k >> 24;
-        k *= 0x5bd1e995;
-
-        h = h * 0x5bd1e995 ^ k;
-    }
-
-    if (len) {
-        if (len == 3) {
-            h ^= (uint32_t) data[2] << 16;
-        }
-
-        if (len >= 2) {
-            h ^= (uint32_t) data[1] << 8;
-        }
-
-        h ^= data[0];
-        h *= 0x5bd1e995;
-    }
-
-    h ^= h >> 13;
-    h *= 0x5bd1e995;
-    h ^= h >> 15;
-
-    return h;
-}
-
-
-/* the offsets where buffers end, the last one len */
-
-static int
-parse_cuts(const char *spec, size_t len, size_t **cuts, size_t *ncuts)
-{
-    char    *end;
-    size_t   n, k, at, *c;
-
-    *cuts = NULL;
-    *ncuts = 0;
-
-    if (strcmp(spec, "-") == 0) {
-        return 0;
-    }
-
-    if (spec[0] == 'e') {
-        k = strtoul(spec + 1, &end, 10);
-        if (k == 0 || *end != '\0') {
-            return -1;
-        }
-
-        c = malloc((len / k + 1) * sizeof(size_t));
-        if (c == NULL) {
-            return -1;
-        }
-
-        for (at = k; at < len; at += k) {
-            c[(*ncuts)++] = at;
-        }
-
-        *cuts = c;
-        return 0;
-    }
-
-    if (spec[0] != 'c' || spec[1] != ':') {
-        return -1;
-    }
-
-    for (n = 1, end = (char *) spec; *end; end++) {
-        n += (*end == ',');
-    }
-
-    c = malloc(n * sizeof(size_t));
-    if (c == NULL) {
-        return -1;
-    }
-
-    spec += 2;
-
-    while (*spec) {
-        at = strtoul(spec, &end, 10);
-
-        if (end == spec || at > len
-            || (*ncuts && at < c[*ncuts - 1])
-            || (*end != ',' && *end != '\0'))
-        {
-            free(c);
-            *ncuts = 0;
-            return -1;
-        }
-
-        c[(*ncuts)++] = at;
-        spec = (*end == ',') ? end + 1 : end;
-    }
-
-    *cuts = c;
-    return 0;
 }
 
 

@@ -25,6 +25,7 @@
 #include <ngx_core.h>
 #include "ngx_http_infer_route_signals.h"
 #include "unit.h"
+#include "murmur.h"
 
 
 static void run(const u_char *page, size_t len,
@@ -98,50 +99,6 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     check_crlf(data, len, &conf, &a);
 
     return 0;
-}
-
-
-/*
- * MurmurHash2, 32 bits, seed 0, as nginx's ngx_murmur_hash2 (only the
- * nginx binary has it)
- */
-
-uint32_t
-ngx_murmur_hash2(u_char *data, size_t len)
-{
-    uint32_t  h, k;
-
-    h = (uint32_t) len;
-
-    for ( /* void */ ; len >= 4; data += 4, len -= 4) {
-        k = (uint32_t) data[0] | (uint32_t) data[1] << 8
-            | (uint32_t) data[2] << 16 | (uint32_t) data[3] << 24;
-
-        k *= 0x5bd1e995;
-        k ^= k >> 24;
-        k *= 0x5bd1e995;
-
-        h = h * 0x5bd1e995 ^ k;
-    }
-
-    if (len) {
-        if (len == 3) {
-            h ^= (uint32_t) data[2] << 16;
-        }
-
-        if (len >= 2) {
-            h ^= (uint32_t) data[1] << 8;
-        }
-
-        h ^= data[0];
-        h *= 0x5bd1e995;
-    }
-
-    h ^= h >> 13;
-    h *= 0x5bd1e995;
-    h ^= h >> 15;
-
-    return h;
 }
 
 

@@ -48,8 +48,6 @@ typedef struct {
 } run_t;
 
 
-static int parse_cuts(const char *spec, size_t len, size_t **cuts,
-    size_t *ncuts);
 static void run(u_char *data, size_t len, ngx_uint_t mode, ngx_uint_t strip,
     ngx_uint_t trace, size_t *cuts, size_t ncuts, ngx_http_infer_usage_t *u,
     run_t *r);
@@ -127,83 +125,6 @@ main(int argc, char **argv)
     free(u);
     free(data);
 
-    return 0;
-}
-
-
-/* the offsets where buffers end, the last one len */
-
-static int
-parse_cuts(const char *spec, size_t len, size_t **cuts, size_t *ncuts)
-{
-    char    *end;
-    size_t   n, k, at, *c;
-
-    if (strcmp(spec, "-") == 0) {
-        *cuts = NULL;
-        *ncuts = 0;
-        return 0;
-    }
-
-    if (spec[0] == 'e') {
-        k = strtoul(spec + 1, &end, 10);
-        if (k == 0 || *end != '\0') {
-            return -1;
-        }
-
-        n = len / k + 1;
-
-        c = malloc(n * sizeof(size_t));
-        if (c == NULL) {
-            return -1;
-        }
-
-        *ncuts = 0;
-
-        for (at = k; at < len; at += k) {
-            c[(*ncuts)++] = at;
-        }
-
-        *cuts = c;
-        return 0;
-    }
-
-    if (spec[0] != 'c' || spec[1] != ':') {
-        return -1;
-    }
-
-    for (n = 1, end = (char *) spec; *end; end++) {
-        n += (*end == ',');
-    }
-
-    c = malloc(n * sizeof(size_t));
-    if (c == NULL) {
-        return -1;
-    }
-
-    spec += 2;
-    *ncuts = 0;
-
-    while (*spec) {
-        at = strtoul(spec, &end, 10);
-
-        if (end == spec || at > len
-            || (*ncuts && at < c[*ncuts - 1]))
-        {
-            free(c);
-            return -1;
-        }
-
-        c[(*ncuts)++] = at;
-        spec = (*end == ',') ? end + 1 : end;
-
-        if (*end != ',' && *end != '\0') {
-            free(c);
-            return -1;
-        }
-    }
-
-    *cuts = c;
     return 0;
 }
 
