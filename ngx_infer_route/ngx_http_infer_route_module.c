@@ -15,7 +15,7 @@
 #include "ngx_http_infer_route.h"
 #include "ngx_http_infer_route_json.h"
 #include "ngx_http_infer_route_usage.h"
-#include "ngx_http_infer_route_balance.h"
+#include "ngx_http_infer_balance.h"
 
 
 #define NGX_HTTP_INFER_SOURCE_BODY    0

@@ -1,4 +1,4 @@
-"""Building and fuzzing the route module's pure parsers outside nginx:
+"""Building and fuzzing the modules' pure parsers outside nginx:
 compiled against the configured nginx tree's headers (build/nginx-src,
 made by 'make'), under ASan and UBSan, in the three ways their string
 skipping can be built."""
@@ -16,9 +16,11 @@ UNIT = REPO / "t" / "unit"
 
 INCLUDES = [f"-I{TREE / d}" for d in
             ("src/core", "src/event", "src/event/modules", "src/os/unix",
-             "objs")] + [f"-I{REPO / 'ngx_infer_route'}"]
+             "objs")] + [f"-I{REPO / d}" for d in
+                         ("ngx_infer_common", "ngx_infer_route",
+                          "ngx_infer_balance")]
 
-# ngx_http_infer_route_lex.h's three ways of skipping bytes: SSE2 (on
+# ngx_http_infer_lex.h's three ways of skipping bytes: SSE2 (on
 # x86-64), 64-bit words, 64-bit words without the little-endian shortcut
 VARIANTS = {"sse2": [], "swar": ["-U__SSE2__"],
             "portable": ["-U__SSE2__", "-DNGX_HAVE_LITTLE_ENDIAN=0"]}

@@ -11,7 +11,7 @@
 #include <ngx_http.h>
 
 #include "ngx_http_infer.h"
-#include "ngx_http_infer_route_balance.h"
+#include "ngx_http_infer_balance.h"
 
 
 /* the longest Retry-After of a shed request, seconds */

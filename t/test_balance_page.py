@@ -1,12 +1,12 @@
-"""The metric page parser (ngx_infer_route/ngx_http_infer_route_signals.c),
-alone: driven through t/unit/route_signals_cli.c built with ASan and UBSan.
+"""The metric page parser (ngx_infer_balance/ngx_http_infer_balance_signals.c),
+alone: driven through t/unit/balance_signals_cli.c built with ASan and UBSan.
 Pages as vLLM, SGLang and TGI serve them (vLLM's and SGLang's made with
 prometheus_client itself, checked by promtool), each fed whole, a byte at
 a time and cut at random places, checked against values written here by
 hand, against prometheus_client's own parser, and against an oracle
 written here from the spec's rules (regular expressions, Decimal);
 generated pages and garbage against the oracle; then a bounded libFuzzer
-run (t/unit/route_signals_fuzz.c) and the parser's speed (printed)."""
+run (t/unit/balance_signals_fuzz.c) and the parser's speed (printed)."""
 
 import json
 import random
@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from harness.cunit import REPO, UNIT, build_sanitized, compile_c, fuzz
 
-PARSER = REPO / "ngx_infer_route" / "ngx_http_infer_route_signals.c"
+PARSER = REPO / "ngx_infer_balance" / "ngx_http_infer_balance_signals.c"
 CORPUS = UNIT / "signals_corpus"
 
 LINE_MAX = 4096             # NGX_HTTP_INFER_SIGNALS_LINE_MAX
@@ -54,8 +54,8 @@ MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 
 @pytest.fixture(scope="session")
 def cli(tmp_path_factory):
-    out = tmp_path_factory.mktemp("route_signals") / "route_signals_cli"
-    return build_sanitized(out, [UNIT / "route_signals_cli.c", PARSER],
+    out = tmp_path_factory.mktemp("balance_signals") / "balance_signals_cli"
+    return build_sanitized(out, [UNIT / "balance_signals_cli.c", PARSER],
                            "sse2")
 
 
@@ -1102,7 +1102,7 @@ def test_fuzz(tmp_path):
               "running_lora_adapters", "waiting_lora_adapters",
               "max_lora", 'running_lora_adapters="', 'max_lora="4"',
               "q ", "qq ", "r ", "k ", "l{", "ll{", "engine="]
-    fuzz(tmp_path, [UNIT / "route_signals_fuzz.c", PARSER], CORPUS,
+    fuzz(tmp_path, [UNIT / "balance_signals_fuzz.c", PARSER], CORPUS,
          "".join('t%d="%s"\n' % (i, "".join(
              chr(c) if 0x20 <= c < 0x7f and c not in b'"\\' else "\\x%02x" % c
              for c in t.encode("utf-8"))) for i, t in enumerate(tokens)),
@@ -1112,8 +1112,8 @@ def test_fuzz(tmp_path):
 def test_bench(tmp_path):
     """Speed of the parser built as nginx builds it (-O2): printed, with
     no assertion on time."""
-    bench = compile_c(tmp_path / "route_signals_bench",
-                      [UNIT / "route_signals_cli.c", PARSER],
+    bench = compile_c(tmp_path / "balance_signals_bench",
+                      [UNIT / "balance_signals_cli.c", PARSER],
                       ["-O2", "-g", "-Wall", "-Werror"])
     page = vllm_page([Engine(3, 2, 0.5)] * 8, [(4, "a,b", "", STAMP)])
     path = tmp_path / "page.txt"

@@ -1,7 +1,7 @@
 /*
  * Copyright (C) ngx_infer authors
  *
- * Backend signals from a metric page (see ngx_http_infer_route_signals.h).
+ * Backend signals from a metric page (see ngx_http_infer_balance_signals.h).
  *
  * A page is cut into lines at LF.  A line whole in the buffer is parsed
  * in place; one that is not is kept in s->line until it is, and one
@@ -17,7 +17,7 @@
 
 #include <ngx_config.h>
 #include <ngx_core.h>
-#include "ngx_http_infer_route_signals.h"
+#include "ngx_http_infer_balance_signals.h"
 
 
 #define NGX_SIGNALS_DIGITS          19      /* significant digits kept:

@@ -11,8 +11,8 @@
  */
 
 
-#ifndef _NGX_HTTP_INFER_ROUTE_SIGNALS_H_INCLUDED_
-#define _NGX_HTTP_INFER_ROUTE_SIGNALS_H_INCLUDED_
+#ifndef _NGX_HTTP_INFER_BALANCE_SIGNALS_H_INCLUDED_
+#define _NGX_HTTP_INFER_BALANCE_SIGNALS_H_INCLUDED_
 
 
 #include <ngx_config.h>
@@ -95,4 +95,4 @@ void ngx_http_infer_signals_feed(ngx_http_infer_signals_t *s, u_char *p,
 void ngx_http_infer_signals_finish(ngx_http_infer_signals_t *s);
 
 
-#endif /* _NGX_HTTP_INFER_ROUTE_SIGNALS_H_INCLUDED_ */
+#endif /* _NGX_HTTP_INFER_BALANCE_SIGNALS_H_INCLUDED_ */

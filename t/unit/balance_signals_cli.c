@@ -1,23 +1,23 @@
 /*
  * Copyright (C) ngx_infer authors
  *
- * route_signals_cli: the metric page parser
- * (ngx_http_infer_route_signals.c) from the shell, for the tests
- * (t/test_route_signals.py).
+ * balance_signals_cli: the metric page parser
+ * (ngx_http_infer_balance_signals.c) from the shell, for the tests
+ * (t/test_balance_page.py).
  *
- *   route_signals_cli FILE|- [--cuts CUTS] [--names SIGNAL=name,name ...]
+ *   balance_signals_cli FILE|- [--cuts CUTS] [--names SIGNAL=name,name ...]
  *       feed one page, finish, print one JSON line.  CUTS: "-" (one
  *       buffer), "eK" (buffers of K bytes) or "c:A,B,..." (buffers cut at
  *       those offsets, increasing).  Each SIGNAL=name,name replaces the
  *       default names of one signal (queue, running, kv, lora); "SIGNAL="
  *       leaves it none.
  *
- *   route_signals_cli --batch
+ *   balance_signals_cli --batch
  *       on stdin, records "LEN CUTS NAMES\n" then LEN bytes, NAMES "-"
  *       (the defaults) or "SIGNAL=name,name;SIGNAL=..."; one JSON line
  *       per record
  *
- *   route_signals_cli --bench FILE N [K]
+ *   balance_signals_cli --bench FILE N [K]
  *       parse FILE N times (in buffers of K bytes, else in one), print
  *       the time per pass and MB/s (10^6 bytes)
  *
@@ -39,7 +39,7 @@
 
 #include <ngx_config.h>
 #include <ngx_core.h>
-#include "ngx_http_infer_route_signals.h"
+#include "ngx_http_infer_balance_signals.h"
 #include "unit.h"
 #include "murmur.h"
 

@@ -4,8 +4,8 @@
  * libFuzzer harness for the metric page parser:
  *
  *   clang -g -O1 -fsanitize=fuzzer,address,undefined \
- *       -I ... t/unit/route_signals_fuzz.c \
- *       ngx_infer_route/ngx_http_infer_route_signals.c
+ *       -I ... t/unit/balance_signals_fuzz.c \
+ *       ngx_infer_balance/ngx_http_infer_balance_signals.c
  *
  * An input is "MS" then the page: bit 0 of M picks the names (the
  * defaults, or one-letter names easy to hit, one in two signals); S and
@@ -23,7 +23,7 @@
 
 #include <ngx_config.h>
 #include <ngx_core.h>
-#include "ngx_http_infer_route_signals.h"
+#include "ngx_http_infer_balance_signals.h"
 #include "unit.h"
 #include "murmur.h"
 

@@ -5,7 +5,7 @@
  * built into the route module's shared object.  It picks the peer with
  * the least cost per unit of weight: the estimated tokens in flight,
  * counted across all workers in shared memory, plus, when the pool's
- * metric pages are scraped (ngx_http_infer_route_scrape.c), the
+ * metric pages are scraped (ngx_http_infer_balance_scrape.c), the
  * backends' queue, running requests and KV-cache use in token
  * equivalents.  With prefix_affinity, requests with the same prompt
  * prefix go to the same peer (rendezvous hashing) while its cost stays
@@ -22,7 +22,7 @@
 #include <ngx_http.h>
 
 #include "ngx_http_infer.h"
-#include "ngx_http_infer_route_balance.h"
+#include "ngx_http_infer_balance.h"
 
 
 /* the costs of the signals, per unit */

@@ -1,21 +1,37 @@
 /*
  * Copyright (C) ngx_infer authors
  *
- * What the balancer (ngx_http_infer_route_balance.c) and the scraper of
- * the backends' metric pages (ngx_http_infer_route_scrape.c) share: the
- * pool's configuration and its shared-memory counters.
+ * ngx_infer_balance: what its files share, the pool's configuration and
+ * its shared-memory counters.
+ *
+ *   ngx_http_infer_balance_module.c   the directives, picking a peer
+ *   ngx_http_infer_balance_scrape.c   reading the backends' metric pages
+ *   ngx_http_infer_balance_signals.c  the page parser (pure, fuzzed)
+ *   ngx_http_infer_balance_pool.c     shedding, the status page
+ *
+ * The balancer is built into the route module's shared object, and the
+ * two meet in two places only:
+ *
+ *   - balance reads route's variables by index ($infer_model_target,
+ *     $infer_prefix_hash, $infer_prompt_tokens_estimate,
+ *     $infer_max_tokens) when it picks a peer;
+ *   - route calls ngx_http_infer_balance_shed() (the one hook): when a
+ *     pool of the cycle sheds (main conf's "shedding"), route's PREACCESS
+ *     handler wraps the location's content handler, so that the check
+ *     runs in the content phase, after authentication ($infer_plan) and
+ *     rate limits, and before proxy_pass.
  */
 
 
-#ifndef _NGX_HTTP_INFER_ROUTE_BALANCE_H_INCLUDED_
-#define _NGX_HTTP_INFER_ROUTE_BALANCE_H_INCLUDED_
+#ifndef _NGX_HTTP_INFER_BALANCE_H_INCLUDED_
+#define _NGX_HTTP_INFER_BALANCE_H_INCLUDED_
 
 
 #include <ngx_config.h>
 #include <ngx_core.h>
 #include <ngx_http.h>
 
-#include "ngx_http_infer_route_signals.h"
+#include "ngx_http_infer_balance_signals.h"
 
 
 /* no single request counts for more: a client's max_tokens is its own */
@@ -160,7 +176,7 @@ typedef struct {
 ngx_http_infer_balance_ctx_t *ngx_http_infer_balance_get_ctx(
     ngx_http_request_t *r);
 
-/* ngx_http_infer_route_scrape.c */
+/* ngx_http_infer_balance_scrape.c */
 char *ngx_http_infer_balance_scrape(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 char *ngx_http_infer_balance_signal(ngx_conf_t *cf, ngx_command_t *cmd,
@@ -168,8 +184,11 @@ char *ngx_http_infer_balance_signal(ngx_conf_t *cf, ngx_command_t *cmd,
 ngx_int_t ngx_http_infer_balance_scrape_init_process(ngx_cycle_t *cycle,
     ngx_http_infer_balance_srv_conf_t *bcf);
 
-/* ngx_http_infer_route_pool.c; shed() is called by the route module in
-   the content phase: NGX_DECLINED to go on */
+/*
+ * ngx_http_infer_balance_pool.c; shed() is the route module's hook, called
+ * in the content phase: NGX_DECLINED to go on, else what a content
+ * handler returns.
+ */
 ngx_int_t ngx_http_infer_balance_shed(ngx_http_request_t *r,
     ngx_str_t *upstream);
 char *ngx_http_infer_balance_shed_conf(ngx_conf_t *cf, ngx_command_t *cmd,
@@ -206,4 +225,4 @@ ngx_http_infer_balance_fresh(ngx_http_infer_balance_srv_conf_t *bcf,
 
 
 
-#endif /* _NGX_HTTP_INFER_ROUTE_BALANCE_H_INCLUDED_ */
+#endif /* _NGX_HTTP_INFER_BALANCE_H_INCLUDED_ */

@@ -3,7 +3,7 @@
  *
  * The backends' own view of their load: every peer's Prometheus page
  * (vLLM, SGLang, TGI), read from nginx timers over non-blocking
- * connections, parsed as it arrives (ngx_http_infer_route_signals.c) and
+ * connections, parsed as it arrives (ngx_http_infer_balance_signals.c) and
  * kept in the pool's shared zone for every worker's picks.  One worker
  * scrapes a pool per interval: the first whose timer claims the round.
  * A failed scrape changes nothing but a counter; the values it would
@@ -21,7 +21,7 @@
 #include <ngx_http.h>
 
 #include "ngx_http_infer.h"
-#include "ngx_http_infer_route_balance.h"
+#include "ngx_http_infer_balance.h"
 
 
 #define NGX_HTTP_INFER_SCRAPE_BUF       16384
