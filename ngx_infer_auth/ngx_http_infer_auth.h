@@ -157,11 +157,9 @@ typedef struct {
 /* an API key file or a JWKS file, followed by every worker */
 
 typedef struct {
-    ngx_http_infer_file_t             file;
-    ngx_msec_t                        interval;
+    ngx_http_infer_watch_t            watch;
     ngx_uint_t                        jwks;
     void                             *data;      /* keyset or apikeys */
-    ngx_event_t                       event;
 } ngx_http_infer_auth_watch_t;
 
 
@@ -289,7 +287,6 @@ ngx_int_t ngx_http_infer_auth_jwks_body(ngx_http_request_t *r,
     ngx_http_infer_auth_jwks_body_t *body, ngx_chain_t *in);
 ngx_int_t ngx_http_infer_auth_jwks_prepare(ngx_http_request_t *r,
     ngx_http_infer_auth_ctx_t *ctx, ngx_http_infer_auth_jwks_uri_t *u);
-void ngx_http_infer_auth_watch_timer(ngx_event_t *ev);
 ngx_int_t ngx_http_infer_auth_copy(ngx_pool_t *pool, ngx_str_t *dst,
     ngx_str_t *src);
 ngx_int_t ngx_http_infer_auth_join(ngx_pool_t *pool, json_t *v,

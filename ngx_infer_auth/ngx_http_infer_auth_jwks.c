@@ -13,6 +13,7 @@
 #include <ngx_core.h>
 #include <ngx_http.h>
 
+#include "ngx_http_infer.h"
 #include "ngx_http_infer_auth.h"
 
 
@@ -571,9 +572,7 @@ ngx_http_infer_auth_jwks_uri_conf(ngx_conf_t *cf, ngx_command_t *cmd,
         s = value[i];
 
         if (ngx_strncmp(s.data, "ttl=", 4) == 0) {
-            s.data += 4;
-            s.len -= 4;
-            t = ngx_parse_time(&s, 1);
+            t = ngx_http_infer_param_sec(&s, 4);
 
             if (t == (ngx_msec_t) NGX_ERROR || t == 0) {
                 goto invalid;
@@ -584,9 +583,7 @@ ngx_http_infer_auth_jwks_uri_conf(ngx_conf_t *cf, ngx_command_t *cmd,
         }
 
         if (ngx_strncmp(s.data, "refresh=", 8) == 0) {
-            s.data += 8;
-            s.len -= 8;
-            t = ngx_parse_time(&s, 0);
+            t = ngx_http_infer_param_msec(&s, 8);
 
             if (t == (ngx_msec_t) NGX_ERROR) {
                 goto invalid;
@@ -597,9 +594,7 @@ ngx_http_infer_auth_jwks_uri_conf(ngx_conf_t *cf, ngx_command_t *cmd,
         }
 
         if (ngx_strncmp(s.data, "timeout=", 8) == 0) {
-            s.data += 8;
-            s.len -= 8;
-            t = ngx_parse_time(&s, 0);
+            t = ngx_http_infer_param_msec(&s, 8);
 
             if (t == (ngx_msec_t) NGX_ERROR || t == 0) {
                 goto invalid;

@@ -30,6 +30,8 @@ static void ngx_http_infer_auth_data_free(ngx_http_infer_auth_watch_t *w,
     void *data);
 static void ngx_http_infer_auth_conf_cleanup(void *data);
 static void ngx_http_infer_auth_watch_cleanup(void *data);
+static void ngx_http_infer_auth_watch_changed(ngx_http_infer_watch_t *watch,
+    ngx_int_t rc, u_char *stat_err, ngx_log_t *log);
 
 
 ngx_int_t
@@ -150,7 +152,8 @@ ngx_http_infer_auth_watch_load(ngx_http_infer_auth_watch_t *w,
     size_t                         len;
     ngx_http_infer_auth_keyset_t  *ks;
 
-    buf = ngx_http_infer_file_read(&w->file, NGX_HTTP_INFER_AUTH_FILE_MAX,
+    buf = ngx_http_infer_file_read(&w->watch.file,
+                                   NGX_HTTP_INFER_AUTH_FILE_MAX,
                                    &len, log, err,
                                    NGX_HTTP_INFER_AUTH_ERRSTR);
     if (buf == NULL) {
@@ -170,7 +173,8 @@ ngx_http_infer_auth_watch_load(ngx_http_infer_auth_watch_t *w,
         if (ks && ks->skipped) {
             ngx_log_error(NGX_LOG_WARN, log, 0,
                           "infer_auth_jwks \"%V\": %ui keys skipped, the "
-                          "first: %s", &w->file.name, ks->skipped, err);
+                          "first: %s", &w->watch.file.name, ks->skipped,
+                          err);
         }
 
         data = ks;
@@ -218,43 +222,37 @@ ngx_http_infer_auth_data_free(ngx_http_infer_auth_watch_t *w, void *data)
  * log, so that one failure is one line.
  */
 
-void
-ngx_http_infer_auth_watch_timer(ngx_event_t *ev)
+static void
+ngx_http_infer_auth_watch_changed(ngx_http_infer_watch_t *watch,
+    ngx_int_t rc, u_char *stat_err, ngx_log_t *log)
 {
-    ngx_http_infer_auth_watch_t *w = ev->data;
+    ngx_http_infer_auth_watch_t *w = watch->data;
 
     u_char      err[NGX_HTTP_INFER_AUTH_ERRSTR];
-    ngx_int_t   rc;
     ngx_uint_t  level;
 
-    if (ngx_exiting) {
-        return;
-    }
-
-    rc = ngx_http_infer_file_check(&w->file, err, sizeof(err));
-
     if (rc == NGX_OK) {
-        rc = ngx_http_infer_auth_watch_load(w, ev->log, err);
+        rc = ngx_http_infer_auth_watch_load(w, log, err);
 
         level = (ngx_worker == 0) ? NGX_LOG_NOTICE : NGX_LOG_DEBUG;
 
         if (rc == NGX_OK) {
-            ngx_log_error(level, ev->log, 0, "%s \"%V\": loaded",
+            ngx_log_error(level, log, 0, "%s \"%V\": loaded",
                           w->jwks ? "infer_auth_jwks" : "infer_auth_api_keys",
-                          &w->file.name);
+                          &watch->file.name);
+            return;
         }
+
+    } else {
+        ngx_cpystrn(err, stat_err, sizeof(err));
     }
 
-    if (rc == NGX_ERROR) {
-        level = (ngx_worker == 0) ? NGX_LOG_ERR : NGX_LOG_DEBUG;
+    level = (ngx_worker == 0) ? NGX_LOG_ERR : NGX_LOG_DEBUG;
 
-        ngx_log_error(level, ev->log, 0, "%s \"%V\": %s, keeping the keys "
-                      "loaded before",
-                      w->jwks ? "infer_auth_jwks" : "infer_auth_api_keys",
-                      &w->file.name, err);
-    }
-
-    ngx_add_timer(ev, w->interval);
+    ngx_log_error(level, log, 0, "%s \"%V\": %s, keeping the keys "
+                  "loaded before",
+                  w->jwks ? "infer_auth_jwks" : "infer_auth_api_keys",
+                  &watch->file.name, err);
 }
 
 
@@ -676,8 +674,7 @@ ngx_http_infer_auth_file_conf(ngx_conf_t *cf, ngx_command_t *cmd,
     char  *p = conf;
 
     u_char                            err[NGX_HTTP_INFER_AUTH_ERRSTR];
-    ngx_str_t                        *value, s;
-    ngx_msec_t                        interval;
+    ngx_str_t                        *value;
     ngx_pool_cleanup_t               *cln;
     ngx_http_infer_auth_watch_t     **wp, *w;
     ngx_http_infer_auth_main_conf_t  *amcf;
@@ -689,38 +686,36 @@ ngx_http_infer_auth_file_conf(ngx_conf_t *cf, ngx_command_t *cmd,
     }
 
     value = cf->args->elts;
-    interval = 5000;
-
-    if (cf->args->nelts == 3) {
-        if (ngx_strncmp(value[2].data, "interval=", 9) != 0) {
-            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                               "invalid parameter \"%V\"", &value[2]);
-            return NGX_CONF_ERROR;
-        }
-
-        s.data = value[2].data + 9;
-        s.len = value[2].len - 9;
-
-        interval = ngx_parse_time(&s, 0);
-
-        if (interval == (ngx_msec_t) NGX_ERROR || interval == 0) {
-            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                               "invalid interval \"%V\"", &value[2]);
-            return NGX_CONF_ERROR;
-        }
-    }
 
     w = ngx_pcalloc(cf->pool, sizeof(ngx_http_infer_auth_watch_t));
     if (w == NULL) {
         return NGX_CONF_ERROR;
     }
 
-    w->file.name = value[1];
-    w->interval = interval;
+    w->watch.interval = NGX_HTTP_INFER_WATCH_INTERVAL;
+    w->watch.changed = ngx_http_infer_auth_watch_changed;
+    w->watch.data = w;
+
+    if (cf->args->nelts == 3) {
+        switch (ngx_http_infer_watch_interval(&w->watch, &value[2])) {
+
+        case NGX_DECLINED:
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "invalid parameter \"%V\"", &value[2]);
+            return NGX_CONF_ERROR;
+
+        case NGX_ERROR:
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "invalid interval \"%V\"", &value[2]);
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    w->watch.file.name = value[1];
     w->jwks = (cmd->offset
                == offsetof(ngx_http_infer_auth_loc_conf_t, jwks_file));
 
-    if (ngx_conf_full_name(cf->cycle, &w->file.name, 1) != NGX_OK) {
+    if (ngx_conf_full_name(cf->cycle, &w->watch.file.name, 1) != NGX_OK) {
         return NGX_CONF_ERROR;
     }
 

@@ -312,7 +312,6 @@ static ngx_int_t
 ngx_http_infer_auth_handler(ngx_http_request_t *r)
 {
     ngx_int_t                        rc;
-    ngx_pool_cleanup_t              *cln;
     ngx_http_infer_auth_ctx_t       *ctx;
     ngx_http_infer_auth_loc_conf_t  *lcf;
 
@@ -329,22 +328,14 @@ ngx_http_infer_auth_handler(ngx_http_request_t *r)
     ctx = ngx_http_infer_auth_get_ctx(r);
 
     if (ctx == NULL) {
-        ctx = ngx_pcalloc(r->pool, sizeof(ngx_http_infer_auth_ctx_t));
+        /* the cleanup frees the token's JSON */
+
+        ctx = ngx_http_infer_ctx_create(r, &ngx_http_infer_auth_module,
+                                        sizeof(ngx_http_infer_auth_ctx_t),
+                                        ngx_http_infer_auth_cleanup);
         if (ctx == NULL) {
             return NGX_HTTP_INTERNAL_SERVER_ERROR;
         }
-
-        /* frees the token's JSON, and finds ctx after a redirect */
-
-        cln = ngx_pool_cleanup_add(r->pool, 0);
-        if (cln == NULL) {
-            return NGX_HTTP_INTERNAL_SERVER_ERROR;
-        }
-
-        cln->handler = ngx_http_infer_auth_cleanup;
-        cln->data = ctx;
-
-        ngx_http_set_ctx(r, ctx, ngx_http_infer_auth_module);
     }
 
     if (ctx->decided) {
@@ -912,13 +903,9 @@ ngx_http_infer_auth_model(ngx_http_request_t *r,
 
     amcf = ngx_http_get_module_main_conf(r, ngx_http_infer_auth_module);
 
-    if (amcf->model_index == NGX_ERROR) {
-        return NGX_OK;
-    }
+    model = ngx_http_infer_variable(r, amcf->model_index);
 
-    model = ngx_http_get_indexed_variable(r, amcf->model_index);
-
-    if (model == NULL || model->not_found || model->len == 0) {
+    if (model == NULL || model->len == 0) {
         /* no model named here: /v1/models, say */
         return NGX_OK;
     }
@@ -927,9 +914,9 @@ ngx_http_infer_auth_model(ngx_http_request_t *r,
         return NGX_OK;
     }
 
-    target = ngx_http_get_indexed_variable(r, amcf->target_index);
+    target = ngx_http_infer_variable(r, amcf->target_index);
 
-    if (target && !target->not_found && target->len
+    if (target && target->len
         && ngx_http_infer_list_match(&ctx->models, target->data,
                                      target->len))
     {
@@ -1184,32 +1171,13 @@ ngx_http_infer_auth_reset(ngx_http_infer_auth_ctx_t *ctx)
 }
 
 
-/*
- * The request's context; after an internal redirect, which clears the
- * module contexts, it is found again through its pool cleanup.
- */
+/* the request's context, after an internal redirect too */
 
 static ngx_http_infer_auth_ctx_t *
 ngx_http_infer_auth_get_ctx(ngx_http_request_t *r)
 {
-    ngx_pool_cleanup_t         *cln;
-    ngx_http_infer_auth_ctx_t  *ctx;
-
-    ctx = ngx_http_get_module_ctx(r->main, ngx_http_infer_auth_module);
-
-    if (ctx || !r->main->internal) {
-        return ctx;
-    }
-
-    for (cln = r->main->pool->cleanup; cln; cln = cln->next) {
-        if (cln->handler == ngx_http_infer_auth_cleanup) {
-            ctx = cln->data;
-            ngx_http_set_ctx(r->main, ctx, ngx_http_infer_auth_module);
-            return ctx;
-        }
-    }
-
-    return NULL;
+    return ngx_http_infer_ctx_get(r->main, &ngx_http_infer_auth_module,
+                                  ngx_http_infer_auth_cleanup);
 }
 
 
@@ -1696,8 +1664,8 @@ ngx_http_infer_auth_create_main_conf(ngx_conf_t *cf)
     }
 
     amcf->token_cache = NGX_CONF_UNSET_UINT;
-    amcf->model_index = NGX_ERROR;
-    amcf->target_index = NGX_ERROR;
+    amcf->model_index = NGX_DECLINED;
+    amcf->target_index = NGX_DECLINED;
 
     return amcf;
 }
@@ -1829,9 +1797,13 @@ ngx_http_infer_auth_init(ngx_conf_t *cf)
     ngx_str_set(&model, "infer_model");
     ngx_str_set(&target, "infer_model_target");
 
-    if (ngx_http_infer_variable_exists(cf, &model)) {
-        amcf->model_index = ngx_http_get_variable_index(cf, &model);
-        amcf->target_index = ngx_http_get_variable_index(cf, &target);
+    /* the route module's, when it is loaded */
+
+    amcf->model_index = ngx_http_infer_variable_index(cf, &model);
+    amcf->target_index = ngx_http_infer_variable_index(cf, &target);
+
+    if (amcf->model_index == NGX_ERROR || amcf->target_index == NGX_ERROR) {
+        return NGX_ERROR;
     }
 
     ngx_http_next_header_filter = ngx_http_top_header_filter;
@@ -1866,14 +1838,7 @@ ngx_http_infer_auth_init_process(ngx_cycle_t *cycle)
     w = amcf->watches.elts;
 
     for (i = 0; i < amcf->watches.nelts; i++) {
-        w[i]->event.handler = ngx_http_infer_auth_watch_timer;
-        w[i]->event.data = w[i];
-        w[i]->event.log = cycle->log;
-
-        /* a graceful shutdown does not wait for it */
-        w[i]->event.cancelable = 1;
-
-        ngx_add_timer(&w[i]->event, w[i]->interval);
+        ngx_http_infer_watch_start(&w[i]->watch, cycle);
     }
 
     return NGX_OK;
@@ -1896,8 +1861,6 @@ ngx_http_infer_auth_exit_process(ngx_cycle_t *cycle)
     w = amcf->watches.elts;
 
     for (i = 0; i < amcf->watches.nelts; i++) {
-        if (w[i]->event.timer_set) {
-            ngx_del_timer(&w[i]->event);
-        }
+        ngx_http_infer_watch_stop(&w[i]->watch);
     }
 }

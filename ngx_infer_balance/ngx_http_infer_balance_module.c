@@ -438,18 +438,18 @@ ngx_http_infer_balance_init_peer(ngx_http_request_t *r,
     }
 
     if (bcf->scrape && bcf->cost[NGX_HTTP_INFER_BALANCE_COST_LORA] != 0) {
-        v = ngx_http_get_flushed_variable(r, bcf->target_index);
+        v = ngx_http_infer_variable(r, bcf->target_index);
 
-        if (v && !v->not_found && v->len) {
+        if (v && v->len) {
             bp->target = ngx_murmur_hash2(v->data, v->len);
             bp->has_target = 1;
         }
     }
 
     if (bcf->affinity) {
-        v = ngx_http_get_flushed_variable(r, bcf->prefix_index);
+        v = ngx_http_infer_variable(r, bcf->prefix_index);
 
-        if (v && !v->not_found && v->len) {
+        if (v && v->len) {
             bp->prefix = ngx_murmur_hash2(v->data, v->len);
             bp->has_prefix = 1;
         }
@@ -477,28 +477,15 @@ static ngx_uint_t
 ngx_http_infer_balance_estimate(ngx_http_request_t *r,
     ngx_http_infer_balance_srv_conf_t *bcf)
 {
-    ngx_int_t                   prompt, max;
-    ngx_http_variable_value_t  *v;
+    ngx_int_t  prompt, max;
 
-    v = ngx_http_get_flushed_variable(r, bcf->prompt_index);
-
-    if (v == NULL || v->not_found || v->len == 0) {
-        return bcf->default_tokens;
-    }
-
-    prompt = ngx_atoi(v->data, v->len);
+    prompt = ngx_http_infer_variable_number(r, bcf->prompt_index);
 
     if (prompt == NGX_ERROR) {
         return bcf->default_tokens;
     }
 
-    v = ngx_http_get_flushed_variable(r, bcf->max_tokens_index);
-
-    max = NGX_ERROR;
-
-    if (v && !v->not_found && v->len) {
-        max = ngx_atoi(v->data, v->len);
-    }
+    max = ngx_http_infer_variable_number(r, bcf->max_tokens_index);
 
     if (max == NGX_ERROR) {
         max = bcf->default_max_tokens;
@@ -1459,16 +1446,16 @@ ngx_http_infer_balance(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     /* the route module's variables, built into the same object */
 
     ngx_str_set(&name, "infer_prompt_tokens_estimate");
-    bcf->prompt_index = ngx_http_get_variable_index(cf, &name);
+    bcf->prompt_index = ngx_http_infer_variable_index(cf, &name);
 
     ngx_str_set(&name, "infer_max_tokens");
-    bcf->max_tokens_index = ngx_http_get_variable_index(cf, &name);
+    bcf->max_tokens_index = ngx_http_infer_variable_index(cf, &name);
 
     ngx_str_set(&name, "infer_prefix_hash");
-    bcf->prefix_index = ngx_http_get_variable_index(cf, &name);
+    bcf->prefix_index = ngx_http_infer_variable_index(cf, &name);
 
     ngx_str_set(&name, "infer_model_target");
-    bcf->target_index = ngx_http_get_variable_index(cf, &name);
+    bcf->target_index = ngx_http_infer_variable_index(cf, &name);
 
     if (bcf->prompt_index == NGX_ERROR
         || bcf->max_tokens_index == NGX_ERROR

@@ -133,19 +133,26 @@ ngx_http_infer_retry_after(ngx_http_request_t *r, time_t sec)
 
 /*
  * The time of a "name=time" parameter, skip bytes into value (the name
- * and "="), in milliseconds; (ngx_msec_t) NGX_ERROR if it is no time.
+ * and "="): in milliseconds, or in seconds for ngx_http_infer_param_sec();
+ * (ngx_msec_t) NGX_ERROR if it is no time.
  */
 
 static ngx_inline ngx_msec_t
-ngx_http_infer_param_msec(ngx_str_t *value, size_t skip)
+ngx_http_infer_param_time(ngx_str_t *value, size_t skip, ngx_uint_t is_sec)
 {
     ngx_str_t  s;
 
     s.data = value->data + skip;
     s.len = value->len - skip;
 
-    return ngx_parse_time(&s, 0);
+    return ngx_parse_time(&s, is_sec);
 }
+
+
+#define ngx_http_infer_param_msec(value, skip)                               \
+    ngx_http_infer_param_time(value, skip, 0)
+#define ngx_http_infer_param_sec(value, skip)                                \
+    ngx_http_infer_param_time(value, skip, 1)
 
 
 /*
@@ -228,6 +235,138 @@ ngx_http_infer_variable_exists(ngx_conf_t *cf, ngx_str_t *name)
     }
 
     return 0;
+}
+
+
+/*
+ * Another module's variable, for reading it per request: its index, or
+ * NGX_DECLINED when no loaded module registered the name (see above), so
+ * that a module not loaded is a variable never read, not "unknown
+ * variable" from "nginx -t".
+ */
+
+static ngx_inline ngx_int_t
+ngx_http_infer_variable_index(ngx_conf_t *cf, ngx_str_t *name)
+{
+    if (!ngx_http_infer_variable_exists(cf, name)) {
+        return NGX_DECLINED;
+    }
+
+    return ngx_http_get_variable_index(cf, name);
+}
+
+
+/*
+ * Its value now (evaluated again if it is not cacheable); NULL when the
+ * module is not loaded or the value is not found.
+ */
+
+static ngx_inline ngx_http_variable_value_t *
+ngx_http_infer_variable(ngx_http_request_t *r, ngx_int_t index)
+{
+    ngx_http_variable_value_t  *vv;
+
+    if (index < 0) {
+        return NULL;
+    }
+
+    vv = ngx_http_get_flushed_variable(r, (ngx_uint_t) index);
+
+    if (vv == NULL || vv->not_found) {
+        return NULL;
+    }
+
+    return vv;
+}
+
+
+/* its value as a whole number, or NGX_ERROR: none, or no number */
+
+static ngx_inline ngx_int_t
+ngx_http_infer_variable_number(ngx_http_request_t *r, ngx_int_t index)
+{
+    ngx_http_variable_value_t  *vv;
+
+    vv = ngx_http_infer_variable(r, index);
+
+    if (vv == NULL || vv->len == 0) {
+        return NGX_ERROR;
+    }
+
+    return ngx_atoi(vv->data, vv->len);
+}
+
+
+/*
+ * A request's module context that an internal redirect does not lose.
+ * The redirect clears r->ctx, so the context is also the data of a pool
+ * cleanup with the module's own handler (which may free what the context
+ * holds, or do nothing), and is found there again.
+ */
+
+static ngx_inline void *
+ngx_http_infer_ctx_create(ngx_http_request_t *r, ngx_module_t *module,
+    size_t size, ngx_pool_cleanup_pt handler)
+{
+    void                *ctx;
+    ngx_pool_cleanup_t  *cln;
+
+    ctx = ngx_pcalloc(r->pool, size);
+    if (ctx == NULL) {
+        return NULL;
+    }
+
+    cln = ngx_pool_cleanup_add(r->pool, 0);
+    if (cln == NULL) {
+        return NULL;
+    }
+
+    cln->handler = handler;
+    cln->data = ctx;
+
+    r->ctx[module->ctx_index] = ctx;
+
+    return ctx;
+}
+
+
+/* the context after a redirect cleared r->ctx, or NULL */
+
+static ngx_inline void *
+ngx_http_infer_ctx_find(ngx_http_request_t *r, ngx_pool_cleanup_pt handler)
+{
+    ngx_pool_cleanup_t  *cln;
+
+    if (!r->internal) {
+        return NULL;
+    }
+
+    for (cln = r->pool->cleanup; cln; cln = cln->next) {
+        if (cln->handler == handler) {
+            return cln->data;
+        }
+    }
+
+    return NULL;
+}
+
+
+/* the context, set in r->ctx again when a redirect had cleared it */
+
+static ngx_inline void *
+ngx_http_infer_ctx_get(ngx_http_request_t *r, ngx_module_t *module,
+    ngx_pool_cleanup_pt handler)
+{
+    void  *ctx;
+
+    ctx = r->ctx[module->ctx_index];
+
+    if (ctx == NULL) {
+        ctx = ngx_http_infer_ctx_find(r, handler);
+        r->ctx[module->ctx_index] = ctx;
+    }
+
+    return ctx;
 }
 
 

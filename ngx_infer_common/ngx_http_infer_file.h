@@ -15,6 +15,11 @@
 
 #include <ngx_config.h>
 #include <ngx_core.h>
+#include <ngx_event.h>
+
+
+#define NGX_HTTP_INFER_WATCH_INTERVAL  5000
+#define NGX_HTTP_INFER_WATCH_ERRSTR    256
 
 
 typedef struct {
@@ -213,6 +218,106 @@ done:
     }
 
     return buf;
+}
+
+
+/*
+ * A watched file: each worker's timer checks it every interval and calls
+ * changed() when it changed (rc NGX_OK: read it again) or newly cannot be
+ * stat()ed (rc NGX_ERROR, err says why).  The module that owns it gives
+ * it a name, an interval and the handler at configuration time, and
+ * starts and stops it in the worker's init and exit.
+ */
+
+typedef struct ngx_http_infer_watch_s  ngx_http_infer_watch_t;
+
+typedef void (*ngx_http_infer_watch_pt)(ngx_http_infer_watch_t *w,
+    ngx_int_t rc, u_char *err, ngx_log_t *log);
+
+struct ngx_http_infer_watch_s {
+    ngx_http_infer_file_t     file;      /* as it was last read */
+    ngx_msec_t                interval;
+    ngx_http_infer_watch_pt   changed;
+    void                     *data;      /* the owner's */
+    ngx_event_t               event;     /* per worker */
+};
+
+
+/*
+ * An "interval=time" parameter: NGX_DECLINED when value is no such
+ * parameter, NGX_ERROR when its time is not a time above zero.
+ */
+
+static ngx_inline ngx_int_t
+ngx_http_infer_watch_interval(ngx_http_infer_watch_t *w, ngx_str_t *value)
+{
+    ngx_str_t  s;
+
+    if (value->len < sizeof("interval=") - 1
+        || ngx_strncmp(value->data, "interval=", sizeof("interval=") - 1)
+           != 0)
+    {
+        return NGX_DECLINED;
+    }
+
+    s.data = value->data + sizeof("interval=") - 1;
+    s.len = value->len - (sizeof("interval=") - 1);
+
+    w->interval = ngx_parse_time(&s, 0);
+
+    if (w->interval == (ngx_msec_t) NGX_ERROR || w->interval == 0) {
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
+}
+
+
+static ngx_inline void
+ngx_http_infer_watch_timer(ngx_event_t *ev)
+{
+    u_char                   err[NGX_HTTP_INFER_WATCH_ERRSTR];
+    ngx_int_t                rc;
+    ngx_http_infer_watch_t  *w;
+
+    if (ngx_exiting) {
+        return;
+    }
+
+    w = ev->data;
+
+    rc = ngx_http_infer_file_check(&w->file, err, sizeof(err));
+
+    if (rc != NGX_DECLINED) {
+        w->changed(w, rc, err, ev->log);
+    }
+
+    ngx_add_timer(ev, w->interval);
+}
+
+
+/* in a worker's init: the cycle's log lives as long as the timer */
+
+static ngx_inline void
+ngx_http_infer_watch_start(ngx_http_infer_watch_t *w, ngx_cycle_t *cycle)
+{
+    w->event.handler = ngx_http_infer_watch_timer;
+    w->event.data = w;
+    w->event.log = cycle->log;
+
+    /* a graceful shutdown does not wait for it */
+    w->event.cancelable = 1;
+
+    ngx_add_timer(&w->event, w->interval);
+}
+
+
+static ngx_inline void
+ngx_http_infer_watch_stop(ngx_http_infer_watch_t *w)
+{
+    if (w->event.timer_set) {
+        ngx_del_timer(&w->event);
+    }
 }
 
 

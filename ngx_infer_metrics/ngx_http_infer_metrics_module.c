@@ -311,13 +311,12 @@ ngx_http_infer_metrics_log_handler(ngx_http_request_t *r)
 
     /* the peer infer_balance picked last, and why */
 
-    if (mcf->var_endpoint != NGX_ERROR) {
-        vv = ngx_http_get_indexed_variable(r, mcf->var_endpoint);
-        reason = ngx_http_get_indexed_variable(r, mcf->var_reason);
+    vv = ngx_http_infer_variable(r, mcf->var_endpoint);
 
-        if (vv && !vv->not_found && vv->len
-            && reason && !reason->not_found)
-        {
+    if (vv && vv->len) {
+        reason = ngx_http_infer_variable(r, mcf->var_reason);
+
+        if (reason) {
             p = ngx_http_infer_metrics_label(key, key, 0, "endpoint",
                                              vv->data, vv->len);
             klen = ngx_http_infer_metrics_label(key, key, p - key, "reason",
@@ -347,17 +346,15 @@ ngx_http_infer_metrics_log_handler(ngx_http_request_t *r)
 
     stream = 0;
 
-    if (mcf->var_stream != NGX_ERROR) {
-        vv = ngx_http_get_indexed_variable(r, mcf->var_stream);
-        stream = (vv && !vv->not_found && vv->len == 1 && vv->data[0] == '1');
-    }
+    vv = ngx_http_infer_variable(r, mcf->var_stream);
+    stream = (vv && vv->len == 1 && vv->data[0] == '1');
 
     has_ttft = 0;
 
-    if (stream && mcf->var_ttft != NGX_ERROR) {
-        vv = ngx_http_get_indexed_variable(r, mcf->var_ttft);
+    if (stream) {
+        vv = ngx_http_infer_variable(r, mcf->var_ttft);
 
-        if (vv && !vv->not_found
+        if (vv
             && ngx_http_infer_metrics_parse_seconds(vv->data, vv->len, &ttft)
                == NGX_OK)
         {
@@ -490,20 +487,10 @@ static ngx_int_t
 ngx_http_infer_metrics_variable_int(ngx_http_request_t *r, ngx_int_t index,
     uint64_t *n)
 {
-    ngx_int_t                   v;
-    ngx_http_variable_value_t  *vv;
+    ngx_int_t  v;
 
-    if (index == NGX_ERROR) {
-        return NGX_DECLINED;
-    }
+    v = ngx_http_infer_variable_number(r, index);
 
-    vv = ngx_http_get_indexed_variable(r, index);
-
-    if (vv == NULL || vv->not_found || vv->len == 0) {
-        return NGX_DECLINED;
-    }
-
-    v = ngx_atoi(vv->data, vv->len);
     if (v == NGX_ERROR) {
         return NGX_DECLINED;
     }
@@ -1405,33 +1392,25 @@ ngx_http_infer_metrics_init(ngx_conf_t *cf)
         return NGX_ERROR;
     }
 
-    mcf->var_stream = NGX_ERROR;
-    mcf->var_ttft = NGX_ERROR;
+    /* the other modules' variables, of those that are loaded */
 
-    if (ngx_http_infer_variable_exists(cf, &stream)) {
-        mcf->var_stream = ngx_http_get_variable_index(cf, &stream);
-    }
+    mcf->var_stream = ngx_http_infer_variable_index(cf, &stream);
+    mcf->var_ttft = ngx_http_infer_variable_index(cf, &ttft);
+    mcf->var_endpoint = ngx_http_infer_variable_index(cf, &endpoint);
+    mcf->var_reason = ngx_http_infer_variable_index(cf, &reason);
 
-    if (ngx_http_infer_variable_exists(cf, &ttft)) {
-        mcf->var_ttft = ngx_http_get_variable_index(cf, &ttft);
-    }
-
-    mcf->var_endpoint = NGX_ERROR;
-    mcf->var_reason = NGX_ERROR;
-
-    if (ngx_http_infer_variable_exists(cf, &endpoint)) {
-        mcf->var_endpoint = ngx_http_get_variable_index(cf, &endpoint);
-        mcf->var_reason = ngx_http_get_variable_index(cf, &reason);
+    if (mcf->var_stream == NGX_ERROR || mcf->var_ttft == NGX_ERROR
+        || mcf->var_endpoint == NGX_ERROR || mcf->var_reason == NGX_ERROR)
+    {
+        return NGX_ERROR;
     }
 
     for (i = 0; i < 4; i++) {
-        mcf->var_tokens[i] = NGX_ERROR;
+        mcf->var_tokens[i] = ngx_http_infer_variable_index(cf,
+                                       &ngx_http_infer_metrics_token_vars[i]);
 
-        if (ngx_http_infer_variable_exists(cf,
-                                        &ngx_http_infer_metrics_token_vars[i]))
-        {
-            mcf->var_tokens[i] = ngx_http_get_variable_index(cf,
-                                        &ngx_http_infer_metrics_token_vars[i]);
+        if (mcf->var_tokens[i] == NGX_ERROR) {
+            return NGX_ERROR;
         }
     }
 

@@ -27,12 +27,24 @@
 #define NGX_HTTP_INFER_RL_DEGRADED   3
 #define NGX_HTTP_INFER_RL_SHADOW     4
 
+/* the other modules' variables that the limits read */
+#define NGX_HTTP_INFER_RL_IN_MODEL             0
+#define NGX_HTTP_INFER_RL_IN_PROMPT            1
+#define NGX_HTTP_INFER_RL_IN_MAX               2
+#define NGX_HTTP_INFER_RL_IN_TOTAL             3
+#define NGX_HTTP_INFER_RL_IN_USAGE_PROMPT      4
+#define NGX_HTTP_INFER_RL_IN_USAGE_COMPLETION  5
+#define NGX_HTTP_INFER_RL_INPUTS               6
+
 
 typedef struct {
     ngx_shm_zone_t             *shm_zone;
     ngx_shm_zone_t             *stats_zone; /* degraded decisions, shared */
     ngx_array_t                 names;      /* limit_t *, one per name */
     ngx_http_infer_ratelimit_redis_conf_t  *redis;
+    ngx_int_t                   input[NGX_HTTP_INFER_RL_INPUTS];
+                                            /* variable indexes, or
+                                               NGX_DECLINED */
 } ngx_http_infer_ratelimit_main_conf_t;
 
 
@@ -52,7 +64,7 @@ static ngx_int_t ngx_http_infer_ratelimit_refuse(ngx_http_request_t *r,
     ngx_http_infer_ratelimit_ctx_t *ctx);
 static void ngx_http_infer_ratelimit_cleanup(void *data);
 static uint64_t ngx_http_infer_ratelimit_number(ngx_http_request_t *r,
-    ngx_str_t *name, ngx_uint_t key, ngx_uint_t *found);
+    ngx_uint_t input, ngx_uint_t *found);
 static ngx_int_t ngx_http_infer_ratelimit_log_handler(ngx_http_request_t *r);
 
 
@@ -209,30 +221,17 @@ static ngx_http_variable_t  ngx_http_infer_ratelimit_vars[] = {
 };
 
 
-/* the other modules' variables, read by name: they may not be loaded */
+/* the route module's variables, by NGX_HTTP_INFER_RL_IN_*: it may not be
+   loaded */
 
-static ngx_str_t  ngx_http_infer_ratelimit_var_prompt =
-    ngx_string("infer_prompt_tokens_estimate");
-static ngx_str_t  ngx_http_infer_ratelimit_var_max =
-    ngx_string("infer_max_tokens");
-static ngx_str_t  ngx_http_infer_ratelimit_var_total =
-    ngx_string("infer_usage_total_tokens");
-static ngx_str_t  ngx_http_infer_ratelimit_var_model =
-    ngx_string("infer_model");
-static ngx_str_t  ngx_http_infer_ratelimit_var_usage_prompt =
-    ngx_string("infer_usage_prompt_tokens");
-static ngx_str_t  ngx_http_infer_ratelimit_var_usage_completion =
-    ngx_string("infer_usage_completion_tokens");
-
-static ngx_uint_t  ngx_http_infer_ratelimit_key_prompt;
-static ngx_uint_t  ngx_http_infer_ratelimit_key_max;
-static ngx_uint_t  ngx_http_infer_ratelimit_key_total;
-static ngx_uint_t  ngx_http_infer_ratelimit_key_model;
-static ngx_uint_t  ngx_http_infer_ratelimit_key_usage_prompt;
-static ngx_uint_t  ngx_http_infer_ratelimit_key_usage_completion;
-
-/* the route module is loaded: a request without a model spends no tokens */
-static ngx_uint_t  ngx_http_infer_ratelimit_route;
+static ngx_str_t  ngx_http_infer_ratelimit_inputs[] = {
+    ngx_string("infer_model"),
+    ngx_string("infer_prompt_tokens_estimate"),
+    ngx_string("infer_max_tokens"),
+    ngx_string("infer_usage_total_tokens"),
+    ngx_string("infer_usage_prompt_tokens"),
+    ngx_string("infer_usage_completion_tokens")
+};
 
 
 /*
@@ -247,7 +246,6 @@ static ngx_int_t
 ngx_http_infer_ratelimit_handler(ngx_http_request_t *r)
 {
     ngx_int_t                               rc;
-    ngx_pool_cleanup_t                     *cln;
     ngx_http_infer_ratelimit_ctx_t         *ctx;
     ngx_http_infer_ratelimit_loc_conf_t    *lcf;
     ngx_http_infer_ratelimit_main_conf_t   *rmcf;
@@ -277,22 +275,12 @@ ngx_http_infer_ratelimit_handler(ngx_http_request_t *r)
         return NGX_DECLINED;
     }
 
-    ctx = ngx_pcalloc(r->pool, sizeof(ngx_http_infer_ratelimit_ctx_t));
+    ctx = ngx_http_infer_ctx_create(r, &ngx_http_infer_ratelimit_module,
+                                    sizeof(ngx_http_infer_ratelimit_ctx_t),
+                                    ngx_http_infer_ratelimit_cleanup);
     if (ctx == NULL) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
-
-    /* finds ctx after a redirect, which clears the module contexts */
-
-    cln = ngx_pool_cleanup_add(r->pool, 0);
-    if (cln == NULL) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
-    }
-
-    cln->handler = ngx_http_infer_ratelimit_cleanup;
-    cln->data = ctx;
-
-    ngx_http_set_ctx(r, ctx, ngx_http_infer_ratelimit_module);
 
     if (ngx_http_infer_ratelimit_items(r, ctx, lcf) != NGX_OK) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
@@ -346,13 +334,14 @@ ngx_http_infer_ratelimit_items(ngx_http_request_t *r,
     ngx_http_infer_ratelimit_ctx_t *ctx,
     ngx_http_infer_ratelimit_loc_conf_t *lcf)
 {
-    u_char                            *p;
-    uint64_t                           estimate, max;
-    ngx_str_t                          key;
-    ngx_uint_t                         i, n, found, tokens;
-    ngx_http_variable_value_t         *model;
-    ngx_http_infer_ratelimit_item_t   *item;
-    ngx_http_infer_ratelimit_limit_t  *limit;
+    u_char                                *p;
+    uint64_t                               estimate, max;
+    ngx_str_t                              key;
+    ngx_uint_t                             i, n, found, tokens;
+    ngx_http_variable_value_t             *model;
+    ngx_http_infer_ratelimit_item_t       *item;
+    ngx_http_infer_ratelimit_limit_t      *limit;
+    ngx_http_infer_ratelimit_main_conf_t  *rmcf;
 
     limit = lcf->limits->elts;
     n = lcf->limits->nelts;
@@ -366,12 +355,14 @@ ngx_http_infer_ratelimit_items(ngx_http_request_t *r,
     estimate = 0;
     tokens = 1;
 
-    if (ngx_http_infer_ratelimit_route) {
-        /* GET /v1/models, say: no model, no tokens to spend or charge */
-        model = ngx_http_get_variable(r, &ngx_http_infer_ratelimit_var_model,
-                                      ngx_http_infer_ratelimit_key_model);
+    rmcf = ngx_http_get_module_main_conf(r, ngx_http_infer_ratelimit_module);
 
-        tokens = (model && !model->not_found && model->len);
+    if (rmcf->input[NGX_HTTP_INFER_RL_IN_MODEL] != NGX_DECLINED) {
+        /* GET /v1/models, say: no model, no tokens to spend or charge */
+        model = ngx_http_infer_variable(r,
+                                    rmcf->input[NGX_HTTP_INFER_RL_IN_MODEL]);
+
+        tokens = (model && model->len);
     }
 
     for (i = 0; tokens && i < n; i++) {
@@ -383,11 +374,9 @@ ngx_http_infer_ratelimit_items(ngx_http_request_t *r,
          * plus the answer's max_tokens or our default */
 
         estimate = ngx_http_infer_ratelimit_number(r,
-                              &ngx_http_infer_ratelimit_var_prompt,
-                              ngx_http_infer_ratelimit_key_prompt, &found);
+                              NGX_HTTP_INFER_RL_IN_PROMPT, &found);
         max = ngx_http_infer_ratelimit_number(r,
-                              &ngx_http_infer_ratelimit_var_max,
-                              ngx_http_infer_ratelimit_key_max, &found);
+                              NGX_HTTP_INFER_RL_IN_MAX, &found);
         estimate += found ? max : lcf->default_max_tokens;
         break;
     }
@@ -663,32 +652,13 @@ ngx_http_infer_ratelimit_refuse(ngx_http_request_t *r,
 }
 
 
-/*
- * The request's context; after an internal redirect, which clears the
- * module contexts, it is found again through its pool cleanup.
- */
+/* the request's context, after an internal redirect too */
 
 ngx_http_infer_ratelimit_ctx_t *
 ngx_http_infer_ratelimit_get_ctx(ngx_http_request_t *r)
 {
-    ngx_pool_cleanup_t              *cln;
-    ngx_http_infer_ratelimit_ctx_t  *ctx;
-
-    ctx = ngx_http_get_module_ctx(r->main, ngx_http_infer_ratelimit_module);
-
-    if (ctx || !r->main->internal) {
-        return ctx;
-    }
-
-    for (cln = r->main->pool->cleanup; cln; cln = cln->next) {
-        if (cln->handler == ngx_http_infer_ratelimit_cleanup) {
-            ctx = cln->data;
-            ngx_http_set_ctx(r->main, ctx, ngx_http_infer_ratelimit_module);
-            return ctx;
-        }
-    }
-
-    return NULL;
+    return ngx_http_infer_ctx_get(r->main, &ngx_http_infer_ratelimit_module,
+                                  ngx_http_infer_ratelimit_cleanup);
 }
 
 
@@ -699,29 +669,22 @@ ngx_http_infer_ratelimit_cleanup(void *data)
 }
 
 
+/* a number from the route module's variable input, or 0 and not found */
+
 static uint64_t
-ngx_http_infer_ratelimit_number(ngx_http_request_t *r, ngx_str_t *name,
-    ngx_uint_t key, ngx_uint_t *found)
+ngx_http_infer_ratelimit_number(ngx_http_request_t *r, ngx_uint_t input,
+    ngx_uint_t *found)
 {
-    ngx_int_t                   n;
-    ngx_http_variable_value_t  *vv;
+    ngx_int_t                              n;
+    ngx_http_infer_ratelimit_main_conf_t  *rmcf;
 
-    *found = 0;
+    rmcf = ngx_http_get_module_main_conf(r, ngx_http_infer_ratelimit_module);
 
-    vv = ngx_http_get_variable(r, name, key);
+    n = ngx_http_infer_variable_number(r, rmcf->input[input]);
 
-    if (vv == NULL || vv->not_found || vv->len == 0) {
-        return 0;
-    }
+    *found = (n != NGX_ERROR);
 
-    n = ngx_atoi(vv->data, vv->len);
-    if (n == NGX_ERROR) {
-        return 0;
-    }
-
-    *found = 1;
-
-    return (uint64_t) n;
+    return *found ? (uint64_t) n : 0;
 }
 
 
@@ -755,17 +718,13 @@ ngx_http_infer_ratelimit_log_handler(ngx_http_request_t *r)
     ctx->reconciled = 1;
 
     real = (int64_t) ngx_http_infer_ratelimit_number(r,
-                              &ngx_http_infer_ratelimit_var_total,
-                              ngx_http_infer_ratelimit_key_total, &found);
+                              NGX_HTTP_INFER_RL_IN_TOTAL, &found);
 
     if (!found) {
         prompt = ngx_http_infer_ratelimit_number(r,
-                              &ngx_http_infer_ratelimit_var_usage_prompt,
-                              ngx_http_infer_ratelimit_key_usage_prompt,
-                              &found);
+                              NGX_HTTP_INFER_RL_IN_USAGE_PROMPT, &found);
         completion = ngx_http_infer_ratelimit_number(r,
-                              &ngx_http_infer_ratelimit_var_usage_completion,
-                              ngx_http_infer_ratelimit_key_usage_completion,
+                              NGX_HTTP_INFER_RL_IN_USAGE_COMPLETION,
                               &found2);
         found = found || found2;
         real = (int64_t) (prompt + completion);
@@ -1289,32 +1248,7 @@ invalid_rate:
 static ngx_int_t
 ngx_http_infer_ratelimit_add_variables(ngx_conf_t *cf)
 {
-    if (ngx_http_infer_add_variables(cf, ngx_http_infer_ratelimit_vars)
-        != NGX_OK)
-    {
-        return NGX_ERROR;
-    }
-
-    ngx_http_infer_ratelimit_key_prompt =
-        ngx_hash_key(ngx_http_infer_ratelimit_var_prompt.data,
-                     ngx_http_infer_ratelimit_var_prompt.len);
-    ngx_http_infer_ratelimit_key_max =
-        ngx_hash_key(ngx_http_infer_ratelimit_var_max.data,
-                     ngx_http_infer_ratelimit_var_max.len);
-    ngx_http_infer_ratelimit_key_total =
-        ngx_hash_key(ngx_http_infer_ratelimit_var_total.data,
-                     ngx_http_infer_ratelimit_var_total.len);
-    ngx_http_infer_ratelimit_key_model =
-        ngx_hash_key(ngx_http_infer_ratelimit_var_model.data,
-                     ngx_http_infer_ratelimit_var_model.len);
-    ngx_http_infer_ratelimit_key_usage_prompt =
-        ngx_hash_key(ngx_http_infer_ratelimit_var_usage_prompt.data,
-                     ngx_http_infer_ratelimit_var_usage_prompt.len);
-    ngx_http_infer_ratelimit_key_usage_completion =
-        ngx_hash_key(ngx_http_infer_ratelimit_var_usage_completion.data,
-                     ngx_http_infer_ratelimit_var_usage_completion.len);
-
-    return NGX_OK;
+    return ngx_http_infer_add_variables(cf, ngx_http_infer_ratelimit_vars);
 }
 
 
@@ -1421,6 +1355,7 @@ ngx_http_infer_ratelimit_merge_conf(ngx_conf_t *cf, void *parent, void *child)
 static ngx_int_t
 ngx_http_infer_ratelimit_init(ngx_conf_t *cf)
 {
+    ngx_uint_t                             i;
     ngx_http_handler_pt                   *h;
     ngx_http_core_main_conf_t             *cmcf;
     ngx_http_infer_ratelimit_main_conf_t  *rmcf;
@@ -1445,9 +1380,13 @@ ngx_http_infer_ratelimit_init(ngx_conf_t *cf)
 
     cmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_core_module);
 
-    ngx_http_infer_ratelimit_route =
-        ngx_http_infer_variable_exists(cf,
-                                       &ngx_http_infer_ratelimit_var_model);
+    for (i = 0; i < NGX_HTTP_INFER_RL_INPUTS; i++) {
+        rmcf->input[i] = ngx_http_infer_variable_index(cf,
+                                         &ngx_http_infer_ratelimit_inputs[i]);
+        if (rmcf->input[i] == NGX_ERROR) {
+            return NGX_ERROR;
+        }
+    }
 
     h = ngx_array_push(&cmcf->phases[NGX_HTTP_PRECONTENT_PHASE].handlers);
     if (h == NULL) {

@@ -31,6 +31,7 @@
 #include <hiredis/hiredis.h>
 #include <hiredis/async.h>
 
+#include "ngx_http_infer.h"
 #include "ngx_http_infer_ratelimit.h"
 
 
@@ -1090,7 +1091,7 @@ ngx_http_infer_ratelimit_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
     u_char                                  *p, *colon;
     ngx_int_t                                n;
-    ngx_str_t                               *value, s;
+    ngx_str_t                               *value;
     ngx_uint_t                               i;
     ngx_msec_t                               ms;
     ngx_http_infer_ratelimit_redis_conf_t  **field, *rcf;
@@ -1197,10 +1198,7 @@ ngx_http_infer_ratelimit_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         }
 
         if (ngx_strncmp(value[i].data, "timeout=", 8) == 0) {
-            s.data = value[i].data + 8;
-            s.len = value[i].len - 8;
-
-            ms = ngx_parse_time(&s, 0);
+            ms = ngx_http_infer_param_msec(&value[i], 8);
             if (ms == (ngx_msec_t) NGX_ERROR || ms == 0) {
                 goto invalid;
             }
@@ -1210,10 +1208,7 @@ ngx_http_infer_ratelimit_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         }
 
         if (ngx_strncmp(value[i].data, "connect_timeout=", 16) == 0) {
-            s.data = value[i].data + 16;
-            s.len = value[i].len - 16;
-
-            ms = ngx_parse_time(&s, 0);
+            ms = ngx_http_infer_param_msec(&value[i], 16);
             if (ms == (ngx_msec_t) NGX_ERROR || ms == 0) {
                 goto invalid;
             }
@@ -1223,10 +1218,7 @@ ngx_http_infer_ratelimit_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         }
 
         if (ngx_strncmp(value[i].data, "backoff=", 8) == 0) {
-            s.data = value[i].data + 8;
-            s.len = value[i].len - 8;
-
-            ms = ngx_parse_time(&s, 0);
+            ms = ngx_http_infer_param_msec(&value[i], 8);
             if (ms == (ngx_msec_t) NGX_ERROR
                 || ms < NGX_HTTP_INFER_RL_BACKOFF_MIN)
             {

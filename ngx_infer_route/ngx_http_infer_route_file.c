@@ -25,18 +25,14 @@
 
 
 struct ngx_http_infer_route_file_s {
-    /* the file as it was last read, good or not */
-    ngx_http_infer_file_t              file;
-    ngx_msec_t                         interval;
+    ngx_http_infer_watch_t             watch;
     ngx_http_infer_route_main_conf_t  *rmcf;
     ngx_http_upstream_main_conf_t     *umcf;
-    ngx_event_t                        event;       /* per worker */
 };
 
 
-static void ngx_http_infer_route_file_timer(ngx_event_t *ev);
-static void ngx_http_infer_route_file_check(ngx_http_infer_route_file_t *f,
-    ngx_log_t *log);
+static void ngx_http_infer_route_file_changed(ngx_http_infer_watch_t *w,
+    ngx_int_t rc, u_char *stat_err, ngx_log_t *log);
 static ngx_http_infer_route_registry_t *ngx_http_infer_route_file_load(
     ngx_http_infer_route_file_t *f, ngx_pool_t *pool, ngx_log_t *log,
     u_char *err);
@@ -70,7 +66,7 @@ ngx_http_infer_route_file_conf(ngx_conf_t *cf, ngx_command_t *cmd,
 {
     ngx_http_infer_route_main_conf_t *rmcf = conf;
 
-    ngx_str_t                    *value, s;
+    ngx_str_t                    *value;
     ngx_uint_t                    i;
     ngx_http_infer_route_file_t  *f;
 
@@ -85,30 +81,20 @@ ngx_http_infer_route_file_conf(ngx_conf_t *cf, ngx_command_t *cmd,
         return NGX_CONF_ERROR;
     }
 
-    f->file.name = value[1];
+    f->watch.file.name = value[1];
 
-    if (ngx_conf_full_name(cf->cycle, &f->file.name, 1) != NGX_OK) {
+    if (ngx_conf_full_name(cf->cycle, &f->watch.file.name, 1) != NGX_OK) {
         return NGX_CONF_ERROR;
     }
 
-    f->interval = 5000;
+    f->watch.interval = NGX_HTTP_INFER_WATCH_INTERVAL;
+    f->watch.changed = ngx_http_infer_route_file_changed;
+    f->watch.data = f;
 
     for (i = 2; i < cf->args->nelts; i++) {
-
-        if (ngx_strncmp(value[i].data, "interval=", 9) == 0) {
-            s.data = value[i].data + 9;
-            s.len = value[i].len - 9;
-
-            f->interval = ngx_parse_time(&s, 0);
-
-            if (f->interval == (ngx_msec_t) NGX_ERROR || f->interval == 0) {
-                goto invalid;
-            }
-
-            continue;
+        if (ngx_http_infer_watch_interval(&f->watch, &value[i]) != NGX_OK) {
+            goto invalid;
         }
-
-        goto invalid;
     }
 
     f->rmcf = rmcf;
@@ -145,7 +131,7 @@ ngx_http_infer_route_file_init_conf(ngx_conf_t *cf,
 
     if (reg == NULL) {
         ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
-                      "infer_model_registry \"%V\": %s", &f->file.name, err);
+                      "infer_model_registry \"%V\": %s", &f->watch.file.name, err);
         return NGX_CONF_ERROR;
     }
 
@@ -161,7 +147,6 @@ ngx_http_infer_route_file_init_conf(ngx_conf_t *cf,
 ngx_int_t
 ngx_http_infer_route_file_init_process(ngx_cycle_t *cycle)
 {
-    ngx_http_infer_route_file_t       *f;
     ngx_http_infer_route_main_conf_t  *rmcf;
 
     if (ngx_process != NGX_PROCESS_WORKER
@@ -178,16 +163,7 @@ ngx_http_infer_route_file_init_process(ngx_cycle_t *cycle)
         return NGX_OK;
     }
 
-    f = rmcf->file;
-
-    f->event.handler = ngx_http_infer_route_file_timer;
-    f->event.data = f;
-    f->event.log = cycle->log;
-
-    /* a graceful shutdown does not wait for it */
-    f->event.cancelable = 1;
-
-    ngx_add_timer(&f->event, f->interval);
+    ngx_http_infer_watch_start(&rmcf->file->watch, cycle);
 
     return NGX_OK;
 }
@@ -201,24 +177,9 @@ ngx_http_infer_route_file_exit_process(ngx_cycle_t *cycle)
     rmcf = ngx_http_cycle_get_module_main_conf(cycle,
                                                ngx_http_infer_route_module);
 
-    if (rmcf && rmcf->file && rmcf->file->event.timer_set) {
-        ngx_del_timer(&rmcf->file->event);
+    if (rmcf && rmcf->file) {
+        ngx_http_infer_watch_stop(&rmcf->file->watch);
     }
-}
-
-
-static void
-ngx_http_infer_route_file_timer(ngx_event_t *ev)
-{
-    ngx_http_infer_route_file_t  *f = ev->data;
-
-    if (ngx_exiting) {
-        return;
-    }
-
-    ngx_http_infer_route_file_check(f, ev->log);
-
-    ngx_add_timer(ev, f->interval);
 }
 
 
@@ -229,32 +190,29 @@ ngx_http_infer_route_file_timer(ngx_event_t *ev)
  */
 
 static void
-ngx_http_infer_route_file_check(ngx_http_infer_route_file_t *f,
-    ngx_log_t *log)
+ngx_http_infer_route_file_changed(ngx_http_infer_watch_t *w, ngx_int_t rc,
+    u_char *stat_err, ngx_log_t *log)
 {
     u_char                            err[NGX_HTTP_INFER_ROUTE_ERRSTR];
     ngx_tm_t                          tm;
-    ngx_int_t                         rc;
     ngx_uint_t                        ok, failed;
     ngx_pool_t                       *pool;
+    ngx_http_infer_route_file_t      *f;
     ngx_http_infer_route_registry_t  *reg;
+
+    f = w->data;
 
     ok = (ngx_worker == 0) ? NGX_LOG_NOTICE : NGX_LOG_DEBUG;
     failed = (ngx_worker == 0) ? NGX_LOG_ERR : NGX_LOG_DEBUG;
 
-    rc = ngx_http_infer_file_check(&f->file, err, sizeof(err));
-
-    if (rc == NGX_DECLINED) {
-        return;
-    }
-
     if (rc == NGX_ERROR) {
+        ngx_cpystrn(err, stat_err, sizeof(err));
         goto fail;
     }
 
     ngx_log_debug1(NGX_LOG_DEBUG_HTTP, log, 0,
                    "infer route: registry file \"%V\" changed",
-                   &f->file.name);
+                   &f->watch.file.name);
 
     pool = ngx_create_pool(NGX_DEFAULT_POOL_SIZE, log);
     if (pool == NULL) {
@@ -272,7 +230,7 @@ ngx_http_infer_route_file_check(ngx_http_infer_route_file_t *f,
 
     ngx_log_error(ok, log, 0,
                   "infer_model_registry \"%V\": %ui models loaded",
-                  &f->file.name, reg->models.nelts);
+                  &f->watch.file.name, reg->models.nelts);
 
     return;
 
@@ -283,7 +241,7 @@ fail:
     ngx_log_error(failed, log, 0,
                   "infer_model_registry \"%V\": %s, keeping the registry "
                   "loaded at %4d/%02d/%02d %02d:%02d:%02d",
-                  &f->file.name, err, tm.ngx_tm_year, tm.ngx_tm_mon,
+                  &f->watch.file.name, err, tm.ngx_tm_year, tm.ngx_tm_mon,
                   tm.ngx_tm_mday, tm.ngx_tm_hour, tm.ngx_tm_min,
                   tm.ngx_tm_sec);
 }
@@ -308,7 +266,7 @@ ngx_http_infer_route_file_load(ngx_http_infer_route_file_t *f,
 
     err[0] = '\0';
 
-    buf = ngx_http_infer_file_read(&f->file, NGX_HTTP_INFER_ROUTE_FILE_MAX,
+    buf = ngx_http_infer_file_read(&f->watch.file, NGX_HTTP_INFER_ROUTE_FILE_MAX,
                                    &size, log, err,
                                    NGX_HTTP_INFER_ROUTE_ERRSTR);
     if (buf == NULL) {

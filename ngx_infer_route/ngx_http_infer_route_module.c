@@ -59,8 +59,6 @@ typedef enum {
 static ngx_int_t ngx_http_infer_route_handler(ngx_http_request_t *r);
 static ngx_int_t ngx_http_infer_route_fallback(ngx_http_request_t *r,
     ngx_http_infer_route_ctx_t *ctx);
-static ngx_http_infer_route_ctx_t *ngx_http_infer_route_recover_ctx(
-    ngx_http_request_t *r);
 static void ngx_http_infer_route_cleanup(void *data);
 static void ngx_http_infer_route_body_handler(ngx_http_request_t *r);
 static ngx_int_t ngx_http_infer_route_next(ngx_http_request_t *r,
@@ -282,7 +280,6 @@ static ngx_int_t
 ngx_http_infer_route_handler(ngx_http_request_t *r)
 {
     ngx_int_t                         rc;
-    ngx_pool_cleanup_t               *cln;
     ngx_http_infer_route_ctx_t       *ctx;
     ngx_http_infer_route_loc_conf_t  *rlcf;
 
@@ -305,7 +302,7 @@ ngx_http_infer_route_handler(ngx_http_request_t *r)
         return ngx_http_infer_route_done(r, ctx);
     }
 
-    ctx = ngx_http_infer_route_recover_ctx(r);
+    ctx = ngx_http_infer_ctx_find(r, ngx_http_infer_route_cleanup);
 
     if (ctx) {
         /* an internal redirect reset the module contexts */
@@ -316,24 +313,14 @@ ngx_http_infer_route_handler(ngx_http_request_t *r)
     ngx_log_debug0(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
                    "infer route preaccess handler");
 
-    ctx = ngx_pcalloc(r->pool, sizeof(ngx_http_infer_route_ctx_t));
+    ctx = ngx_http_infer_ctx_create(r, &ngx_http_infer_route_module,
+                                    sizeof(ngx_http_infer_route_ctx_t),
+                                    ngx_http_infer_route_cleanup);
     if (ctx == NULL) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
     ctx->ttft = -1;
-
-    /* the cleanup keeps the context findable after an internal redirect */
-
-    cln = ngx_pool_cleanup_add(r->pool, 0);
-    if (cln == NULL) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
-    }
-
-    cln->handler = ngx_http_infer_route_cleanup;
-    cln->data = ctx;
-
-    ngx_http_set_ctx(r, ctx, ngx_http_infer_route_module);
 
     rc = ngx_http_infer_route_next(r, ctx);
 
@@ -433,29 +420,10 @@ ngx_http_infer_route_fallback(ngx_http_request_t *r,
 }
 
 
-static ngx_http_infer_route_ctx_t *
-ngx_http_infer_route_recover_ctx(ngx_http_request_t *r)
-{
-    ngx_pool_cleanup_t  *cln;
-
-    if (!r->internal) {
-        return NULL;
-    }
-
-    for (cln = r->pool->cleanup; cln; cln = cln->next) {
-        if (cln->handler == ngx_http_infer_route_cleanup) {
-            return cln->data;
-        }
-    }
-
-    return NULL;
-}
-
-
 static void
 ngx_http_infer_route_cleanup(void *data)
 {
-    /* nothing to free: the handler only marks where the context is */
+    /* nothing to free: the handler marks where the context is */
 }
 
 
@@ -1307,7 +1275,7 @@ ngx_http_infer_route_variable(ngx_http_request_t *r,
     ctx = ngx_http_get_module_ctx(r->main, ngx_http_infer_route_module);
 
     if (ctx == NULL) {
-        ctx = ngx_http_infer_route_recover_ctx(r->main);
+        ctx = ngx_http_infer_ctx_find(r->main, ngx_http_infer_route_cleanup);
     }
 
     if (ctx == NULL || ctx->status != NGX_OK) {
