@@ -9,7 +9,7 @@ top=$(cd "$(dirname "$0")/.." && pwd)
 pkgs=(
     # build: Debian's nginx, its module source tree, and our libraries
     build-essential nginx-core nginx-dev
-    libjansson-dev libjwt-dev libssl-dev libhiredis-dev libpcre2-dev zlib1g-dev
+    libjansson-dev libssl-dev libhiredis-dev libpcre2-dev zlib1g-dev
     # tests and demo
     redis-server python3 python3-pytest python3-requests python3-jwt
     python3-jwcrypto python3-prometheus-client python3-redis
