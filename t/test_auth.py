@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwcrypto import jwk
 
+from harness.openai import chat, error_of
 from harness.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -255,14 +256,6 @@ def get(gw, token=None, path="/", headers=None, api_key=None, **kw):
     return requests.get(gw.url + path, headers=h, timeout=10, **kw)
 
 
-def error_of(r):
-    assert r.headers["content-type"].split(";")[0] == "application/json", \
-        (r.status_code, r.headers, r.text[:300])
-    e = r.json()["error"]
-    assert set(e) == {"message", "type", "param", "code"}, e
-    return e
-
-
 def assert_ok(r, tenant="acme"):
     assert r.status_code == 200, (r.status_code, r.headers, r.text[:500])
     assert r.headers.get("x-auth-status") == "ok"
@@ -481,7 +474,7 @@ def test_missing_credentials(nginx_factory, keys):
     gw = start(nginx_factory, pem_directives(keys, ["RS256"]))
     r = get(gw)
     assert_missing(r)
-    assert r.json()["error"]["code"] == "missing_credentials"
+    assert error_of(r)["code"] == "missing_credentials"
 
 
 def test_the_realm_is_configurable(nginx_factory, keys):
@@ -1009,7 +1002,19 @@ def test_a_broken_key_file_keeps_the_last_good_keys(nginx_factory, keyfile):
     wait_status(lambda: get(gw, key), 401, timeout=6, what="repaired file")
 
 
+def ours_at_debug(gw):
+    """What our modules logged, after checking that it holds the auth
+    handler's debug lines: a debug line printing a credential would be
+    among them.  (nginx's own debug lines echo the request's headers.)"""
+    ours = gw.our_log_lines()
+    assert any("[debug]" in l and "infer auth access handler" in l
+               for l in ours), ours
+    return "\n".join(ours)
+
+
 def test_keys_and_tokens_never_reach_the_logs(nginx_factory, keyfile, keys):
+    """Neither the access log (its variables) nor the error log at debug
+    level shows a key or a token, not even in part."""
     key = create_key(keyfile)
     log_format = ("log_format authlog 'A=\"$http_authorization\" "
                   "K=\"$http_x_api_key\" id=$infer_key_id "
@@ -1017,7 +1022,7 @@ def test_keys_and_tokens_never_reach_the_logs(nginx_factory, keyfile, keys):
     gw = nginx_factory(server(
         f"infer_auth_api_keys {keyfile};\n" + pem_directives(keys, ["ES256"]),
         http=log_format, server_extra="access_log auth.log authlog;"),
-        modules=["auth"])
+        modules=["auth"], error_level="debug")
     tok = keys.token("ES256", kid="k-ES256")
     assert_ok(get(gw, key))
     assert_ok(get(gw, api_key=key))
@@ -1029,7 +1034,7 @@ def test_keys_and_tokens_never_reach_the_logs(nginx_factory, keyfile, keys):
     assert lines[0] == 'A="-" K="-" id=acme-1 st=ok 200'
     assert lines[1] == 'A="-" K="-" id=acme-1 st=ok 200'
     assert lines[2] == 'A="-" K="-" id=k-ES256 st=ok 200'
-    for text in (log.read_text(), gw.log_text()):
+    for text in (log.read_text(), ours_at_debug(gw)):
         assert key not in text and key[3:] not in text
         assert tok not in text and tok.split(".")[2] not in text
 
@@ -1045,7 +1050,7 @@ def test_refused_keys_and_tokens_never_reach_the_logs(nginx_factory,
     gw = nginx_factory(server(
         f"infer_auth_api_keys {keyfile};\n" + pem_directives(keys, ["ES256"]),
         http=log_format, server_extra="access_log auth.log authlog;"),
-        modules=["auth"])
+        modules=["auth"], error_level="debug")
     typo = key[:-2] + "zz"
     bad = keys.token("ES256", kid="k-ES256", other=True)
     assert get(gw, key).status_code == 401
@@ -1054,7 +1059,7 @@ def test_refused_keys_and_tokens_never_reach_the_logs(nginx_factory,
     log = gw.workdir / "auth.log"
     wait_for(lambda: log.exists() and len(log.read_text().splitlines()) >= 3,
              what="3 access log lines")
-    for text in (log.read_text(), gw.log_text()):
+    for text in (log.read_text(), ours_at_debug(gw)):
         for secret in (key, key[3:], typo, typo[3:], bad, bad.split(".")[2]):
             assert secret not in text
 
@@ -1230,16 +1235,6 @@ def model_gw(nginx_factory, pools, auth, registry=REGISTRY, extra=""):
     }}""", modules=["route", "auth"])
 
 
-def chat(gw, model, key=None, token=None, **extra):
-    h = {}
-    if key is not None:
-        h["x-api-key"] = key
-    if token is not None:
-        h["Authorization"] = "Bearer " + token
-    return requests.post(gw.url + "/v1/chat/completions", timeout=10,
-                         json=dict(CHAT, model=model, **extra), headers=h)
-
-
 def assert_denied(r, status=404):
     assert r.status_code == status, (r.status_code, r.text[:300])
     e = error_of(r)
@@ -1252,10 +1247,10 @@ def test_a_tenant_uses_only_its_models(nginx_factory, pools, keyfile):
     llama, mistral = pools
     key = create_key(keyfile, models="mistral-7b")
     gw = model_gw(nginx_factory, pools, f"infer_auth_api_keys {keyfile};")
-    r = chat(gw, "mistral-7b", key)
+    r = chat(gw, "mistral-7b", key=key)
     assert_ok(r)
     assert r.headers["x-sim-replica"] == "mistral-a"
-    r = chat(gw, "llama-3-8b", key)
+    r = chat(gw, "llama-3-8b", key=key)
     assert_denied(r)
     assert "llama-3-8b" in error_of(r)["message"]
     assert len(sim_recorded(llama)) == 0 and len(sim_recorded(mistral)) == 1
@@ -1265,8 +1260,8 @@ def test_model_denied_403(nginx_factory, pools, keyfile):
     key = create_key(keyfile, models="mistral-7b")
     gw = model_gw(nginx_factory, pools, f"infer_auth_api_keys {keyfile};"
                   " infer_auth_model_denied 403;")
-    assert_denied(chat(gw, "llama-3-8b", key), 403)
-    assert_ok(chat(gw, "mistral-7b", key))
+    assert_denied(chat(gw, "llama-3-8b", key=key), 403)
+    assert_ok(chat(gw, "mistral-7b", key=key))
     assert sim_recorded(pools[0]) == []
 
 
@@ -1274,10 +1269,10 @@ def test_model_patterns(nginx_factory, pools, keyfile):
     key = create_key(keyfile, models="llama-*")
     gw = model_gw(nginx_factory, pools, f"infer_auth_api_keys {keyfile};")
     for m in ("llama-3-8b", "llama-3-70b"):
-        r = chat(gw, m, key)
+        r = chat(gw, m, key=key)
         assert_ok(r)
         assert r.headers["x-sim-replica"] == "llama-a"
-    assert_denied(chat(gw, "mistral-7b", key))
+    assert_denied(chat(gw, "mistral-7b", key=key))
     assert sim_recorded(pools[1]) == []
 
 
@@ -1285,10 +1280,10 @@ def test_an_alias_of_an_allowed_model_is_allowed(nginx_factory, pools,
                                                  keyfile):
     key = create_key(keyfile, models="llama-3-8b")
     gw = model_gw(nginx_factory, pools, f"infer_auth_api_keys {keyfile};")
-    r = chat(gw, "llama3", key)
+    r = chat(gw, "llama3", key=key)
     assert_ok(r)
     assert r.headers["x-model-target"] == "llama-3-8b"
-    assert_denied(chat(gw, "llama-3-70b", key))
+    assert_denied(chat(gw, "llama-3-70b", key=key))
 
 
 @pytest.mark.parametrize("claim", [["mistral-7b", "llama-3-70b"],
@@ -1329,7 +1324,7 @@ def test_without_credentials_the_registry_stays_hidden(nginx_factory,
                       data=b'{"model": ', headers={"x-api-key": "sk-nope"})
     assert_invalid(r, code="invalid_api_key")
 
-    r = chat(gw, "no-such-model", key)
+    r = chat(gw, "no-such-model", key=key)
     assert r.status_code == 404 and error_of(r)["code"] == "model_not_found"
     assert r.headers["x-auth-status"] == "ok"
     r = requests.post(gw.url + "/v1/chat/completions", timeout=10,
@@ -1347,14 +1342,15 @@ def test_tenant_models(nginx_factory, pools, keyfile):
     gw = model_gw(nginx_factory, pools, f"""infer_auth_api_keys {keyfile};
         infer_auth_tenant_models globex mistral-7b;
         infer_auth_tenant_models acme '*';""")
-    assert_ok(chat(gw, "mistral-7b", globex), tenant="globex")
-    assert_denied(chat(gw, "llama-3-8b", globex))
+    assert_ok(chat(gw, "mistral-7b", key=globex), tenant="globex")
+    assert_denied(chat(gw, "llama-3-8b", key=globex))
     for m in ("mistral-7b", "llama-3-8b", "llama-3-70b"):
-        assert_ok(chat(gw, m, acme))
-        assert_ok(chat(gw, m, other), tenant="initech")  # nothing said: all
+        assert_ok(chat(gw, m, key=acme))
+        # nothing said: all
+        assert_ok(chat(gw, m, key=other), tenant="initech")
     # the key record's models come first
-    assert_ok(chat(gw, "llama-3-70b", own), tenant="globex")
-    assert_denied(chat(gw, "mistral-7b", own))
+    assert_ok(chat(gw, "llama-3-70b", key=own), tenant="globex")
+    assert_denied(chat(gw, "mistral-7b", key=own))
 
 
 def test_tenant_models_for_jwt_tenants(nginx_factory, pools, keys):

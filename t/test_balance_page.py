@@ -88,6 +88,28 @@ def run_one(cli, page, cuts="-", names=None):
     return run_many(cli, [(page, cuts, names)])[0]
 
 
+def runs_of(cli, cases, cutss):
+    """Each page of cases, (name, page, expected), fed each way of cutss,
+    in one run of the cli for them all: name -> [(cuts, result)]."""
+    records = [(page, cuts, None) for _, page, _ in cases for cuts in cutss]
+    results = run_many(cli, records)
+    k = len(cutss)
+    return {name: list(zip(cutss, results[k * i:k * i + k]))
+            for i, (name, _, _) in enumerate(cases)}
+
+
+def named(case):
+    """A table case's test id: its name, first in the tuple."""
+    return case[0]
+
+
+def expected(page, res, want):
+    """What check() finds wrong with res, and the fields of want it does
+    not have."""
+    return check(page, res) + [f"{k} {res[k]}, want {v}"
+                               for k, v in want.items() if res[k] != v]
+
+
 def report(problems, limit=25):
     assert not problems, (f"{len(problems)} problems:\n"
                           + "\n".join(problems[:limit]))
@@ -660,50 +682,67 @@ def test_cuts(cli):
     assert by_page[len(pages) - 1][0]["nrunning"] == 2
 
 
-def test_lines(cli):
-    """Line ends, comments, blank lines, spaces and tabs, timestamps and
-    exemplars, names that another name starts with."""
+def lines_cases():
+    """(name, page, expected fields): line ends, comments, blank lines,
+    spaces and tabs, timestamps and exemplars, names that another name
+    starts with."""
     Q = b"vllm:num_requests_waiting"
-    cases = [
-        (Q + b" 1\r\n" + Q + b"{a=\"b\"} 2\r\n", {"queue": 3000}),
-        (Q + b" 1\n\n\n \t \n" + Q + b" 2", {"queue": 3000, "samples": 2}),
-        (b"# " + Q + b" 5\n#" + Q + b" 5\n  # x\n" + Q + b" 1\n",
+    return [
+        ("crlf-line-ends",
+         Q + b" 1\r\n" + Q + b"{a=\"b\"} 2\r\n", {"queue": 3000}),
+        ("blank-and-whitespace-lines",
+         Q + b" 1\n\n\n \t \n" + Q + b" 2", {"queue": 3000, "samples": 2}),
+        ("comments-are-not-samples",
+         b"# " + Q + b" 5\n#" + Q + b" 5\n  # x\n" + Q + b" 1\n",
          {"queue": 1000, "samples": 1, "skipped": 0}),
-        (b" \t" + Q + b" \t{ a = \"1\" , b=\"2\" , } \t 4 \t 1700000000000 "
+        ("spaces-tabs-and-a-timestamp",
+         b" \t" + Q + b" \t{ a = \"1\" , b=\"2\" , } \t 4 \t 1700000000000 "
          b"\t\r\n", {"queue": 4000, "skipped": 0}),
-        (Q + b"{} 4\n" + Q + b"{}4\n" + Q + b"{a=\"b\",}  4\n",
+        ("empty-label-sets-and-a-trailing-comma",
+         Q + b"{} 4\n" + Q + b"{}4\n" + Q + b"{a=\"b\",}  4\n",
          {"queue": 12000, "skipped": 0}),
-        (Q + b" 4 # {trace_id=\"x\"} 1.0 2\n" + Q + b" 4 17 # x\n",
+        ("exemplars-and-timestamps",
+         Q + b" 4 # {trace_id=\"x\"} 1.0 2\n" + Q + b" 4 17 # x\n",
          {"queue": 8000, "skipped": 0}),
-        (Q + b"_by_reason{reason=\"capacity\"} 5\n" + Q + b"x 5\n" + b"x"
+        ("names-that-start-with-ours-or-differ-in-case",
+         Q + b"_by_reason{reason=\"capacity\"} 5\n" + Q + b"x 5\n" + b"x"
          + Q + b" 5\n" + Q[:-1] + b" 5\n" + b"VLLM:num_requests_waiting 5\n",
          {"queue": 0, "found": [], "samples": 5}),
-        (Q + b":x 1\n" + b"vllm:num_requests_waiting_total 1\n",
+        ("longer-names-are-not-ours",
+         Q + b":x 1\n" + b"vllm:num_requests_waiting_total 1\n",
          {"found": []}),
         # a CR not at the end of the line, a bare CR as line end
-        (Q + b" 1\r\r\n" + Q + b"\r1\n" + Q + b" 1\r" + Q + b" 1\n",
+        ("cr-inside-a-line-or-alone",
+         Q + b" 1\r\r\n" + Q + b"\r1\n" + Q + b" 1\r" + Q + b" 1\n",
          {"queue": 0, "skipped": 3}),
         # a last line without LF, with a CR
-        (Q + b" 1\n" + Q + b" 2\r", {"queue": 3000}),
-        (b"\n", {"samples": 0}),
-        (b"", {"samples": 0}),
+        ("last-line-ends-in-a-cr", Q + b" 1\n" + Q + b" 2\r", {"queue": 3000}),
+        ("a-blank-line-alone", b"\n", {"samples": 0}),
+        ("an-empty-page", b"", {"samples": 0}),
     ]
-    problems = []
-    records = [(page, cuts, None) for page, _ in cases
-               for cuts in ("-", "e1")]
-    for i, res in enumerate(run_many(cli, records)):
-        page, want = cases[i // 2]
-        problems += [f"case {i // 2} {page[:80]!r}: {x}"
-                     for x in check(page, res)]
-        problems += [f"case {i // 2} {page[:80]!r}: {k} {res[k]}, want {v}"
-                     for k, v in want.items() if res[k] != v]
-    report(problems)
 
 
-def test_long_lines(cli):
-    """Lines up to LINE_MAX bytes (a CR before the LF not counted) are
-    parsed, longer ones skipped and counted, but long comments not; the
-    line after a long one is whole."""
+LINES = lines_cases()
+
+
+@pytest.fixture(scope="module")
+def lines_runs(cli):
+    return runs_of(cli, LINES, ("-", "e1"))
+
+
+@pytest.mark.parametrize("case", LINES, ids=named)
+def test_lines(lines_runs, case):
+    """Line ends, comments, blank lines, spaces and tabs, timestamps and
+    exemplars, names that another name starts with."""
+    _, page, want = case
+    report([f"{page[:80]!r} cut {cuts}: {x}"
+            for cuts, res in lines_runs[case[0]]
+            for x in expected(page, res, want)])
+
+
+def long_lines_cases():
+    """(name, page, expected fields): lines about LINE_MAX bytes long, of
+    samples, comments and spaces, then a line after them."""
     Q = b"vllm:num_requests_waiting"
 
     def sample(n, value=b"1"):
@@ -711,41 +750,69 @@ def test_long_lines(cli):
         pad = n - len(Q) - len(b'{a=""} ') - len(value)
         return Q + b'{a="' + b"x" * pad + b'"} ' + value
 
+    sizes = {LINE_MAX - 1: "line-max-less-1", LINE_MAX: "line-max",
+             LINE_MAX + 1: "line-max-plus-1", LINE_MAX + 2: "line-max-plus-2",
+             3 * LINE_MAX: "3-line-max"}
     cases = []
     for n in (LINE_MAX - 1, LINE_MAX, LINE_MAX + 1, LINE_MAX + 2,
               3 * LINE_MAX):
         ok = n <= LINE_MAX
-        for eol in (b"\n", b"\r\n"):
+        size = sizes[n]
+        for eol, ends in ((b"\n", "lf"), (b"\r\n", "crlf")):
             page = sample(n) + eol + Q + b" 2" + eol
-            cases.append((page, {"queue": 3000 if ok else 2000,
-                                 "skipped": 0 if ok else 1}))
-        cases.append((sample(n), {"queue": 1000 if ok else 0}))
-        cases.append((sample(n) + b"\r", {"queue": 1000 if ok else 0}))
+            cases.append((f"sample-of-{size}-then-a-line-{ends}", page,
+                          {"queue": 3000 if ok else 2000,
+                           "skipped": 0 if ok else 1}))
+        cases.append((f"sample-of-{size}-at-the-end", sample(n),
+                      {"queue": 1000 if ok else 0}))
+        cases.append((f"sample-of-{size}-then-a-cr-at-the-end",
+                      sample(n) + b"\r", {"queue": 1000 if ok else 0}))
         # a comment, and a long run of spaces before one
         comment = b"# HELP " + b"h" * (n - 7)
-        cases.append((comment + b"\n" + Q + b" 2\n",
+        cases.append((f"comment-of-{size}-then-a-line",
+                      comment + b"\n" + Q + b" 2\n",
                       {"queue": 2000, "skipped": 0}))
-        cases.append((b" " * (n - 1) + b"#" + b"\n" + Q + b" 2\n",
+        cases.append((f"spaces-and-a-hash-of-{size}-then-a-line",
+                      b" " * (n - 1) + b"#" + b"\n" + Q + b" 2\n",
                       {"queue": 2000, "skipped": 0 if ok else 1}))
-    cases.append((b"x" * 100000 + b"\n" + Q + b" 2\n",
+    cases.append(("100000-bytes-of-x-then-a-line",
+                  b"x" * 100000 + b"\n" + Q + b" 2\n",
                   {"queue": 2000, "skipped": 1}))
-    cases.append((b"#" * 100000 + b"\n" + Q + b" 2\n" + b"\n" * 5000,
+    cases.append(("comment-of-100000-hashes-then-a-line-and-blank-lines",
+                  b"#" * 100000 + b"\n" + Q + b" 2\n" + b"\n" * 5000,
                   {"queue": 2000, "skipped": 0}))
+    return cases
+
+
+LONG_LINES = long_lines_cases()
+
+
+@pytest.fixture(scope="module")
+def long_lines_runs(cli):
+    """Each page of LONG_LINES whole, in buffers about LINE_MAX long, of
+    1000 bytes and cut at 30 random places, in one run of the cli for
+    them all: name -> [(cuts, result)]."""
     rng = random.Random(4)
     records = []
-    for page, _ in cases:
+    for _, page, _ in LONG_LINES:
         records += [(page, cuts, None) for cuts in
                     ("-", "e4096", "e4097", "e1000",
                      sorted(rng.sample(range(1, len(page)), 30)))]
     results = run_many(cli, records)
-    problems = []
-    for i, res in enumerate(results):
-        page, want = cases[i // 5]
-        problems += [f"case {i // 5} ({len(page)} bytes): {x}"
-                     for x in check(page, res)]
-        problems += [f"case {i // 5} ({len(page)} bytes): {k} {res[k]}, "
-                     f"want {v}" for k, v in want.items() if res[k] != v]
-    report(problems)
+    return {name: [(cuts, res) for (_, cuts, _), res in
+                   zip(records[5 * i:5 * i + 5], results[5 * i:5 * i + 5])]
+            for i, (name, _, _) in enumerate(LONG_LINES)}
+
+
+@pytest.mark.parametrize("case", LONG_LINES, ids=named)
+def test_long_lines(long_lines_runs, case):
+    """Lines up to LINE_MAX bytes (a CR before the LF not counted) are
+    parsed, longer ones skipped and counted, but long comments not; the
+    line after a long one is whole."""
+    _, page, want = case
+    report([f"{len(page)} bytes cut {str(cuts)[:40]}: {x}"
+            for cuts, res in long_lines_runs[case[0]]
+            for x in expected(page, res, want)])
 
 
 def test_labels(cli):
@@ -899,10 +966,8 @@ def test_values(cli):
     assert (res["samples"], res["skipped"]) == (2, 3), res
 
 
-def test_lora(cli):
-    """The LoRA sample with the largest value wins, the first of equals;
-    its lists counted past LORA_MAX, trimmed, unescaped, empty items
-    skipped; max_lora a non-negative integer or 0."""
+def lora_cases():
+    """(name, page, expected fields) of LoRA samples."""
     L = b"vllm:lora_requests_info"
 
     def info(value, running=None, waiting=None, maxl=None, extra=b""):
@@ -916,58 +981,81 @@ def test_lora(cli):
         return L + b"{" + b",".join(labels) + extra + b"} " + value + b"\n"
 
     many = b",".join(b"a%d" % i for i in range(20))
-    cases = [
-        (info(b"5", b"a,b", b"c", b"4") + info(b"7", b"d", b"", b"2")
+    return [
+        ("largest-value-wins",
+         info(b"5", b"a,b", b"c", b"4") + info(b"7", b"d", b"", b"2")
          + info(b"6", b"e,f,g", b"h", b"8"),
          {"lora_stamp": 7000, "nrunning": 1, "nwaiting": 0, "max_lora": 2,
           "lora_running": [murmur2(b"d")]}),
-        (info(b"5", b"a", b"", b"1") + info(b"5", b"b", b"", b"9"),
+        ("first-of-equal-values-wins",
+         info(b"5", b"a", b"", b"1") + info(b"5", b"b", b"", b"9"),
          {"max_lora": 1, "lora_running": [murmur2(b"a")]}),
-        (info(b"NaN", b"a") + info(b"-3", b"b") + info(b"+Inf", b"c"),
+        ("nan-and-infinities-ignored",
+         info(b"NaN", b"a") + info(b"-3", b"b") + info(b"+Inf", b"c"),
          {"lora_stamp": -3000, "lora_running": [murmur2(b"b")]}),
-        (info(b"1", many, many, b"20"),
+        ("lists-counted-past-lora-max",
+         info(b"1", many, many, b"20"),
          {"nrunning": 20, "nwaiting": 20,
           "lora_running": [murmur2(b"a%d" % i) for i in range(8)]}),
-        (info(b"1", b" a , ,b,\tc\t,,", b",", b"04"),
+        ("items-trimmed-and-empty-ones-skipped",
+         info(b"1", b" a , ,b,\tc\t,,", b",", b"04"),
          {"nrunning": 3, "nwaiting": 0, "max_lora": 4,
           "lora_running": [murmur2(x) for x in (b"a", b"b", b"c")]}),
-        (info(b"1", b'q\\"x,y\\\\z,n\\nl,o\\tk', b""),
+        ("items-unescaped",
+         info(b"1", b'q\\"x,y\\\\z,n\\nl,o\\tk', b""),
          {"nrunning": 4, "lora_running": [murmur2(b'q"x'),
                                           murmur2(b"y\\z"),
                                           murmur2(b"n\nl"),
                                           murmur2(b"o\\tk")]}),
-        (info(b"1", b"a}b", b"c{d,e\\\",f"),
+        ("braces-and-escaped-quotes-in-lists",
+         info(b"1", b"a}b", b"c{d,e\\\",f"),
          {"nrunning": 1, "nwaiting": 3}),
-        (info(b"1"), {"found": ["lora"], "nrunning": 0, "max_lora": 0}),
-        (L + b" 1\n", {"found": ["lora"], "lora_stamp": 1000}),
-        (info(b"1", maxl=b"-1"), {"max_lora": 0}),
-        (info(b"1", maxl=b"4.0"), {"max_lora": 0}),
-        (info(b"1", maxl=b" 4"), {"max_lora": 0}),
-        (info(b"1", maxl=b""), {"max_lora": 0}),
-        (info(b"1", maxl=b"99999999999999999999"), {"max_lora": MAX_LORA}),
-        (info(b"1", maxl=b"2147483647"), {"max_lora": MAX_LORA}),
-        (info(b"1", maxl=b"2147483646"), {"max_lora": MAX_LORA - 1}),
+        ("no-lora-labels",
+         info(b"1"), {"found": ["lora"], "nrunning": 0, "max_lora": 0}),
+        ("no-label-set", L + b" 1\n", {"found": ["lora"], "lora_stamp": 1000}),
+        ("max-lora-negative", info(b"1", maxl=b"-1"), {"max_lora": 0}),
+        ("max-lora-with-a-fraction", info(b"1", maxl=b"4.0"), {"max_lora": 0}),
+        ("max-lora-with-a-space", info(b"1", maxl=b" 4"), {"max_lora": 0}),
+        ("max-lora-empty", info(b"1", maxl=b""), {"max_lora": 0}),
+        ("max-lora-huge-saturates",
+         info(b"1", maxl=b"99999999999999999999"), {"max_lora": MAX_LORA}),
+        ("max-lora-int32-max-saturates",
+         info(b"1", maxl=b"2147483647"), {"max_lora": MAX_LORA}),
+        ("max-lora-just-under-the-cap",
+         info(b"1", maxl=b"2147483646"), {"max_lora": MAX_LORA - 1}),
         # duplicate labels: the last one
-        (info(b"1", b"a", b"b", b"3",
+        ("duplicate-labels-last-wins",
+         info(b"1", b"a", b"b", b"3",
               b',running_lora_adapters="x,y,z",max_lora="6"'),
          {"nrunning": 3, "max_lora": 6}),
         # a later sample with fewer labels clears what an earlier set
-        (info(b"1", b"a", b"b", b"3") + info(b"2"),
+        ("later-sample-with-fewer-labels-clears",
+         info(b"1", b"a", b"b", b"3") + info(b"2"),
          {"nrunning": 0, "nwaiting": 0, "max_lora": 0,
           "lora_running": []}),
         # malformed: skipped, whatever its value
-        (info(b"1", b"a") + L + b'{running_lora_adapters="b} 9\n',
+        ("malformed-sample-skipped",
+         info(b"1", b"a") + L + b'{running_lora_adapters="b} 9\n',
          {"lora_running": [murmur2(b"a")], "skipped": 1}),
     ]
-    records = [(page, cuts, None) for page, _ in cases
-               for cuts in ("-", "e1", "e13")]
-    problems = []
-    for i, res in enumerate(run_many(cli, records)):
-        page, want = cases[i // 3]
-        problems += [f"case {i // 3}: {x}" for x in check(page, res)]
-        problems += [f"case {i // 3}: {k} {res[k]}, want {v}"
-                     for k, v in want.items() if res[k] != v]
-    report(problems)
+
+
+LORA = lora_cases()
+
+
+@pytest.fixture(scope="module")
+def lora_runs(cli):
+    return runs_of(cli, LORA, ("-", "e1", "e13"))
+
+
+@pytest.mark.parametrize("case", LORA, ids=named)
+def test_lora(lora_runs, case):
+    """The LoRA sample with the largest value wins, the first of equals;
+    its lists counted past LORA_MAX, trimmed, unescaped, empty items
+    skipped; max_lora a non-negative integer or 0."""
+    _, page, want = case
+    report([f"cut {cuts}: {x}" for cuts, res in lora_runs[case[0]]
+            for x in expected(page, res, want)])
 
 
 LINE_KINDS = [

@@ -19,6 +19,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from harness.openai import error_of
 from harness.ports import free_port
 
 HEADERS = """add_header X-Endpoint $infer_endpoint always;
@@ -521,7 +522,7 @@ def test_shedding_by_kv_cache(nginx_factory, trio):
     r = ask(gw, "pool", expect=429)
     # no queue anywhere: shortest queue 0 -> at least 1 s
     assert r.headers["retry-after"] == "1"
-    assert r.json()["error"]["code"] == "pool_saturated"
+    assert error_of(r)["code"] == "pool_saturated"
     trio[0].configure(fake_kv_cache_usage=0.5)
     wait_status(gw, lambda st: not pool_of(st, "pool")["saturated"],
                 "unsaturated")
@@ -801,7 +802,15 @@ def test_a_full_configuration_passes_nginx_t(nginx_factory):
     # scrapes, the shedding and the status page without their pool
     ("infer_balance; infer_balance_scrape; hash $uri;",
      ['"infer_balance" is replaced by another balancing method']),
-])
+], ids=["scrape-interval-too-short", "scrape-interval-too-long",
+        "scrape-interval-not-a-time", "scrape-timeout-zero",
+        "stale-shorter-than-the-interval", "scrape-uri-not-a-path",
+        "scrape-port-too-large", "shed-admit-without-a-threshold",
+        "shed-without-parameters", "shed-queue-not-a-number",
+        "signal-of-an-unknown-name", "signal-queue-without-a-metric",
+        "score-weight-negative", "score-of-an-unknown-signal",
+        "shed-admit-zero", "signal-of-an-empty-metric-name",
+        "shed-without-scrape", "another-balancing-method-after"])
 def test_mistakes_are_refused_by_nginx_t(nginx_factory, directives, words):
     ok, out = _check(nginx_factory, directives)
     assert not ok, out

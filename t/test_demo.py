@@ -10,6 +10,7 @@ from pathlib import Path
 
 import requests
 
+from harness.openai import error_of
 from harness.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,14 +65,14 @@ def test_demo_answers_and_stops_cleanly(tmp_path):
                           headers=ACME, json={
             "model": "gpt-nope", "messages": []})
         assert r.status_code == 404
-        assert r.json()["error"]["code"] == "model_not_found"
+        assert error_of(r)["code"] == "model_not_found"
 
         # over client_max_body_size: nginx's own 413, in the envelope
         r = requests.post(base + "/v1/chat/completions", timeout=10,
                           data=b"x" * (17 * 1024 * 1024),
                           headers={"content-type": "application/json"})
         assert r.status_code == 413
-        assert r.json()["error"]["code"] == "request_too_large"
+        assert error_of(r)["code"] == "request_too_large"
 
         r = requests.get(base + "/v1/models", timeout=10, headers=ACME)
         assert [m["id"] for m in r.json()["data"]] == ["llama-3-8b",
@@ -84,7 +85,7 @@ def test_demo_answers_and_stops_cleanly(tmp_path):
                           headers=GLOBEX, json={"model": "llama-3-8b",
                                                 "messages": []})
         assert r.status_code == 404
-        assert r.json()["error"]["code"] == "model_not_found"
+        assert error_of(r)["code"] == "model_not_found"
 
         # no key: 401 with WWW-Authenticate; a token from `make token`
         r = requests.post(base + "/v1/chat/completions", timeout=10,
@@ -123,7 +124,7 @@ def test_demo_answers_and_stops_cleanly(tmp_path):
             if r.status_code == 429:
                 break
         assert statuses[-1] == 429, statuses
-        assert r.json()["error"]["code"] == "rate_limit_exceeded"
+        assert error_of(r)["code"] == "rate_limit_exceeded"
         assert int(r.headers["retry-after"]) >= 1
         assert r.headers["x-ratelimit-limit-requests"] == "5"
         r = requests.get(base + "/v1/models", timeout=10, headers=ACME)

@@ -116,7 +116,8 @@ def handler_runs(n, path):
             if m.group(1) == conn]
 
 
-@pytest.mark.parametrize("order", list(itertools.permutations(MODULES))[::5])
+@pytest.mark.parametrize("order", list(itertools.permutations(MODULES))[::5],
+                         ids="-".join)
 def test_each_module_runs_in_its_own_phase_whatever_the_load_order(
         nginx_factory, order):
     n = nginx_factory(ENABLE_ALL + server(), modules=order,

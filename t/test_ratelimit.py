@@ -13,6 +13,8 @@ import time
 import pytest
 import requests
 
+from harness.openai import chat, error_of
+
 CHAT = {"messages": [{"role": "user", "content": "Hello there"}]}
 
 STATUS_HEADERS = """
@@ -40,13 +42,6 @@ def static_conf(limits, extra="", zone="infer_ratelimit_zone rl:1m;"):
 
 def get(n, path="/ok.txt", session=None, **kw):
     return (session or requests).get(n.url + path, timeout=10, **kw)
-
-
-def error_of(r):
-    assert r.headers["content-type"] == "application/json"
-    e = r.json()["error"]
-    assert set(e) == {"message", "type", "param", "code"}
-    return e
 
 
 def parallel(fn, n, threads=8):
@@ -236,7 +231,9 @@ def test_the_module_alone_keyed_by_the_client_address(nginx_factory):
      "infer_ratelimit_limit a k requests=2/s;",
      'limit "a" is declared with another rate'),
     ("infer_ratelimit_limit a/b k requests=1/s;", 'invalid limit name "a/b"'),
-])
+], ids=["rate-without-a-period", "rate-of-zero", "rate-of-an-unknown-period",
+        "no-rate", "two-rates", "unknown-on-error", "redeclared-another-rate",
+        "name-with-a-slash"])
 def test_nginx_t_names_the_mistake(nginx_factory, limits, message):
     n = nginx_factory(static_conf(limits), start=False)
     ok, out = n.check_config()
@@ -281,13 +278,10 @@ def sim(sim_factory):
     return sim_factory("llama-3-8b", "llama-a", ttft_ms=0, tpot_ms=0)
 
 
-def chat(n, session, max_tokens, completion, stream=False):
-    body = dict(CHAT, model="llama-3-8b", max_tokens=max_tokens)
-    if stream:
-        body.update(stream=True, stream_options={"include_usage": True})
-    return session.post(n.url + "/v1/chat/completions", json=body,
-                        headers={"x-sim-completion-tokens": str(completion)},
-                        timeout=10)
+def streamed(stream):
+    """chat()'s fields for a stream whose client asks for its usage."""
+    return ({"stream": True, "stream_options": {"include_usage": True}}
+            if stream else {})
 
 
 def stream_usage(r):
@@ -300,13 +294,14 @@ def stream_usage(r):
     return usage
 
 
-@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 def test_tokens_are_reserved_then_reconciled(nginx_factory, sim, stream):
     n = nginx_factory(proxy_conf(
         sim, "infer_ratelimit_limit tpd global tokens=10000/d;"))
     s = requests.Session()   # one connection: LOG ran before the next one
 
-    r1 = chat(n, s, 100, 7, stream)
+    r1 = chat(n, session=s, max_tokens=100, completion=7,
+              **streamed(stream))
     assert r1.status_code == 200
     est1 = int(r1.headers["X-Estimate"]) + 100
     assert r1.headers["x-ratelimit-limit-tokens"] == "10000"
@@ -314,7 +309,8 @@ def test_tokens_are_reserved_then_reconciled(nginx_factory, sim, stream):
     used1 = (stream_usage(r1) if stream else r1.json()["usage"])["total_tokens"]
     assert used1 < est1
 
-    r2 = chat(n, s, 50, 3, stream)
+    r2 = chat(n, session=s, max_tokens=50, completion=3,
+              **streamed(stream))
     est2 = int(r2.headers["X-Estimate"]) + 50
     # the reservation of the first became its real usage
     assert r2.headers["x-ratelimit-remaining-tokens"] == \
@@ -326,14 +322,16 @@ def test_a_request_whose_estimate_does_not_fit_is_refused(nginx_factory, sim):
     n = nginx_factory(proxy_conf(
         sim, "infer_ratelimit_limit tpd global tokens=500/d;"))
     s = requests.Session()
-    r = chat(n, s, 300, 300)     # reserves ~305, uses them all
+    # reserves ~305, uses them all
+    r = chat(n, session=s, max_tokens=300, completion=300)
     assert r.status_code == 200
-    r = chat(n, s, 300, 1)       # ~305 more do not fit in ~195
+    # ~305 more do not fit in ~195
+    r = chat(n, session=s, max_tokens=300, completion=1)
     assert r.status_code == 429
     e = error_of(r)
     assert e["type"] == "tokens" and e["code"] == "rate_limit_exceeded"
     assert int(r.headers["Retry-After"]) >= 1
-    r = chat(n, s, 100, 1)       # ~105 do
+    r = chat(n, session=s, max_tokens=100, completion=1)   # ~105 do
     assert r.status_code == 200
 
 
@@ -362,7 +360,8 @@ def test_a_request_without_a_model_spends_no_tokens(nginx_factory, sim):
         assert r.status_code == 200
         assert r.headers["x-ratelimit-remaining-requests"] == left
         assert "x-ratelimit-remaining-tokens" not in r.headers
-    r = chat(n, s, 1000, 1)          # ~1005 fit only if nothing was spent
+    # ~1005 fit only if nothing was spent
+    r = chat(n, session=s, max_tokens=1000, completion=1)
     assert r.status_code == 200
     assert int(r.headers["x-ratelimit-remaining-tokens"]) > 400
 
@@ -375,7 +374,7 @@ def test_a_failed_answer_gives_its_reservation_back(nginx_factory, sim):
     r = s.post(n.url + "/v1/chat/completions", json=body,
                headers={"x-sim-status": "500"}, timeout=10)
     assert r.status_code == 500
-    r = chat(n, s, 100, 1)
+    r = chat(n, session=s, max_tokens=100, completion=1)
     est = int(r.headers["X-Estimate"]) + 100
     assert r.headers["x-ratelimit-remaining-tokens"] == str(1000 - est)
 
@@ -384,7 +383,7 @@ def test_requests_and_tokens_headers_together(nginx_factory, sim):
     n = nginx_factory(proxy_conf(
         sim, "infer_ratelimit_limit rpm global requests=60/m;"
              "infer_ratelimit_limit tpm global tokens=60000/m;"))
-    r = chat(n, requests, 10, 1)
+    r = chat(n, max_tokens=10, completion=1)
     assert r.headers["x-ratelimit-limit-requests"] == "60"
     assert r.headers["x-ratelimit-remaining-requests"] == "59"
     assert r.headers["x-ratelimit-reset-requests"] == "1s"
@@ -453,7 +452,7 @@ def test_a_concurrency_limit(nginx_factory, sim):
     assert sorted(slow_chats(n, 2, ttft_ms=50)) == [200, 200]
     s = requests.Session()
     for _ in range(3):
-        r = chat(n, s, 2, 1)
+        r = chat(n, session=s, max_tokens=2, completion=1)
         assert r.status_code == 200
         assert "x-ratelimit-limit-requests" not in r.headers
 
@@ -470,9 +469,11 @@ def test_keys_are_never_logged(nginx_factory):
     n.stop()
     log = n.log_text()
     assert 'limit "per_key" refused' in log
-    # the request's own header line is nginx's debug output, not ours
-    ours = [l for l in log.splitlines() if "infer ratelimit" in l]
-    assert ours and not any("sk-very-secret-42" in l for l in ours)
+    # the request's own header line is nginx's debug output, not ours;
+    # ours hold the module's debug lines, where a key printed would be
+    ours = n.our_log_lines()
+    assert any("[debug]" in l and "infer ratelimit" in l for l in ours)
+    assert not any("sk-very-secret-42" in l for l in ours)
 
 
 def debt_after_a_long_answer(n):
@@ -487,7 +488,7 @@ def debt_after_a_long_answer(n):
     assert r.status_code == 200
     assert r.json()["usage"]["completion_tokens"] == 500
     time.sleep(0.05)   # the reconciliation runs as the answer ends
-    r = chat(n, s, 1, 1)
+    r = chat(n, session=s, max_tokens=1, completion=1)
     assert r.status_code == 200
     return int(r.headers["x-ratelimit-remaining-tokens"])
 

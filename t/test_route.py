@@ -14,6 +14,7 @@ import pytest
 import requests
 
 from harness.nginx import REPO
+from harness.openai import chat, error_of
 
 CHAT = {"messages": [{"role": "user", "content": "Hello there"}]}
 
@@ -60,20 +61,6 @@ def pools(sim_factory):
 @pytest.fixture
 def gw(nginx_factory, pools):
     return nginx_factory(route_conf(*pools), modules=["route"])
-
-
-def chat(gw, model, path="/v1/chat/completions", **extra):
-    body = dict(CHAT, **extra)
-    if model is not None:
-        body["model"] = model
-    return requests.post(gw.url + path, json=body, timeout=10)
-
-
-def error_of(r):
-    assert r.headers["content-type"] == "application/json"
-    e = r.json()["error"]
-    assert set(e) == {"message", "type", "param", "code"}
-    return e
 
 
 def recorded(*sims):
@@ -259,7 +246,8 @@ def test_a_hostile_model_name_is_escaped_in_the_error(gw):
 
 
 @pytest.mark.parametrize("name", ["llama3\r\nX-Evil: 1", "llama3\u0000",
-                                  "\u007f"])
+                                  "\u007f"],
+                         ids=["crlf-header-injection", "nul", "del"])
 def test_control_characters_in_a_model_name_are_refused(gw, pools, name):
     r = chat(gw, name)
     assert r.status_code == 400

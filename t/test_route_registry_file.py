@@ -18,6 +18,8 @@ import time
 import pytest
 import requests
 
+from harness.openai import chat, error_of
+
 CHAT = {"messages": [{"role": "user", "content": "Hello there"}]}
 
 PROXY = """proxy_pass http://$infer_upstream;
@@ -69,17 +71,6 @@ def pools(sim_factory):
 @pytest.fixture
 def reg(tmp_path):
     return tmp_path / "models.json"
-
-
-def chat(gw, model, **extra):
-    body = dict(CHAT, model=model, **extra)
-    return requests.post(gw.url + "/v1/chat/completions", json=body,
-                         timeout=10)
-
-
-def error_of(r):
-    assert r.headers["content-type"] == "application/json"
-    return r.json()["error"]
 
 
 def listed(gw):

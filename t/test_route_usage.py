@@ -776,66 +776,112 @@ def test_json_invalid(cli):
     assert counts[False] > 1000
 
 
-def test_json_edge_cases(cli):
+def json_edge_cases():
+    """(name, answer, expected fields): JSON answers that need saying."""
     U = b'{"prompt_tokens":10,"completion_tokens":5,"total_tokens":15}'
-    cases = [
-        (b'{"usage":' + U + b'}', {"found": 1, "prompt_tokens": 10,
+    return [
+        ("usage-found",
+         b'{"usage":' + U + b'}', {"found": 1, "prompt_tokens": 10,
                                    "completion_tokens": 5,
                                    "total_tokens": 15}),
-        (b'{"usage":null}', {"found": 0}),
-        (b'{"usage":' + U + b',"usage":null}', {"found": 0,
+        ("usage-null", b'{"usage":null}', {"found": 0}),
+        ("usage-then-null-usage",
+         b'{"usage":' + U + b',"usage":null}', {"found": 0,
                                                 "prompt_tokens": -1}),
-        (b'{"usage":null,"usage":' + U + b'}', {"found": 1,
+        ("null-usage-then-usage",
+         b'{"usage":null,"usage":' + U + b'}', {"found": 1,
                                                 "total_tokens": 15}),
-        (b'{"usage":{"prompt_tokens":1},"usage":{"total_tokens":2}}',
+        ("two-usage-objects-last-wins",
+         b'{"usage":{"prompt_tokens":1},"usage":{"total_tokens":2}}',
          {"found": 1, "prompt_tokens": -1, "total_tokens": 2}),
-        (b'{"usage":{"prompt_tokens":1,"prompt_tokens":2.0}}',
+        ("duplicate-prompt-tokens-last-not-an-integer",
+         b'{"usage":{"prompt_tokens":1,"prompt_tokens":2.0}}',
          {"found": 1, "prompt_tokens": -1}),
-        (b'{"usage":{"prompt_tokens":-0,"completion_tokens":0,'
+        ("negative-zero-zero-and-2-to-the-53",
+         b'{"usage":{"prompt_tokens":-0,"completion_tokens":0,'
          b'"total_tokens":9007199254740992}}',
          {"prompt_tokens": -1, "completion_tokens": 0,
           "total_tokens": 9007199254740992}),
-        (b'{"usage":{"total_tokens":9007199254740993}}',
+        ("total-tokens-past-2-to-the-53",
+         b'{"usage":{"total_tokens":9007199254740993}}',
          {"found": 1, "total_tokens": -1}),
-        (b'{"usage":{"total_tokens":1e2,"prompt_tokens":"5",'
+        ("exponent-string-and-true-not-counts",
+         b'{"usage":{"total_tokens":1e2,"prompt_tokens":"5",'
          b'"completion_tokens":true}}',
          {"found": 1, "total_tokens": -1, "prompt_tokens": -1,
           "completion_tokens": -1}),
-        (b'{"\\u0075sag\\u0065":{"prompt_t\\u006Fkens":4,'
+        ("escaped-keys-and-token-details",
+         b'{"\\u0075sag\\u0065":{"prompt_t\\u006Fkens":4,'
          b'"prompt_tokens_details":{"cached_tokens":3},'
          b'"completion_tokens_details":{"reasoning_tokens":2}}}',
          {"found": 1, "prompt_tokens": 4, "cached_tokens": 3,
           "reasoning_tokens": 2}),
-        (b'{"usage":{"prompt_tokens_details":{"cached_tokens":3},'
+        ("token-details-then-null",
+         b'{"usage":{"prompt_tokens_details":{"cached_tokens":3},'
          b'"prompt_tokens_details":null}}', {"cached_tokens": -1}),
-        (b'{"usage":{"cached_tokens":3,"reasoning_tokens":4}}',
+        ("details-fields-outside-their-objects-ignored",
+         b'{"usage":{"cached_tokens":3,"reasoning_tokens":4}}',
          {"found": 1, "cached_tokens": -1, "reasoning_tokens": -1}),
-        (b'{"usage ":' + U + b',"Usage":' + U + b',"usage\\u0000":' + U
+        ("near-miss-usage-keys-ignored",
+         b'{"usage ":' + U + b',"Usage":' + U + b',"usage\\u0000":' + U
          + b',"us\\u00e1ge":' + U + b'}', {"found": 0}),
-        (b'{"' + b"x" * 100 + b'":' + U + b'}', {"found": 0}),
-        (b'{"choices":[{"usage":' + U + b'}],"data":{"usage":' + U + b'}}',
+        ("usage-under-another-long-key-ignored",
+         b'{"' + b"x" * 100 + b'":' + U + b'}', {"found": 0}),
+        ("nested-usage-ignored",
+         b'{"choices":[{"usage":' + U + b'}],"data":{"usage":' + U + b'}}',
          {"found": 0}),
-        (b'[{"usage":' + U + b'}]', {"found": 0}),
-        (b'{"choices":[{"message":{"content":"\\"usage\\":' + U.replace(
+        ("usage-inside-a-top-level-array-ignored",
+         b'[{"usage":' + U + b'}]', {"found": 0}),
+        ("usage-inside-a-string-ignored",
+         b'{"choices":[{"message":{"content":"\\"usage\\":' + U.replace(
             b'"', b'\\"') + b'"}}]}', {"found": 0}),
-        (b' \r\n\t{"usage" : {\n "prompt_tokens" : 7 } }\n', {
+        ("whitespace-everywhere",
+         b' \r\n\t{"usage" : {\n "prompt_tokens" : 7 } }\n', {
             "found": 1, "prompt_tokens": 7}),
-        (b'{"usage":{"prompt_tokens":' + b"9" * 400 + b'}}',
+        ("prompt-tokens-of-400-digits",
+         b'{"usage":{"prompt_tokens":' + b"9" * 400 + b'}}',
          {"found": 1, "prompt_tokens": -1}),
     ]
+
+
+JSON_EDGE = json_edge_cases()
+
+
+def named(case):
+    """A table case's test id: its name, first in the tuple."""
+    return case[0]
+
+
+@pytest.fixture(scope="module")
+def json_edge_runs(cli):
+    """Each answer of JSON_EDGE whole and a byte at a time, in one run of
+    the cli for them all: name -> its two results."""
     records = []
-    for doc, _ in cases:
+    for _, doc, _ in JSON_EDGE:
         records += [(doc, "json", 0, "-"), (doc, "json", 0, "e1")]
     results = run_many(cli, records)
+    return {name: results[2 * i:2 * i + 2]
+            for i, (name, _, _) in enumerate(JSON_EDGE)}
+
+
+@pytest.mark.parametrize("case", JSON_EDGE, ids=named)
+def test_json_edge_cases(json_edge_runs, case):
+    """Whole and a byte at a time: what the oracle says, and the fields
+    the case expects."""
+    name, doc, want = case
     problems = []
-    for i, (doc, want) in enumerate(cases):
-        for res in results[2 * i:2 * i + 2]:
-            problems += [f"{doc[:120]!r}: {x}" for x in check_json(doc, res)]
-            problems += [f"{doc[:120]!r}: {f} {res[f]}, want {w}"
-                         for f, w in want.items() if res[f] != w]
+    for res in json_edge_runs[name]:
+        problems += [f"{doc[:120]!r}: {x}" for x in check_json(doc, res)]
+        problems += [f"{doc[:120]!r}: {f} {res[f]}, want {w}"
+                     for f, w in want.items() if res[f] != w]
     report(problems)
 
-    # an answer cut short keeps what was read, and says it is invalid
+
+def test_json_an_answer_cut_short_or_followed_by_more(cli):
+    """An answer cut short keeps what was read, and says it is invalid; a
+    second document after the answer is an error at the feed that brings
+    it, and the usage read before it stays."""
+    U = b'{"prompt_tokens":10,"completion_tokens":5,"total_tokens":15}'
     doc = b'{"usage":' + U + b',"choices":[{"text":"abc'
     res, = run_many(cli, [(doc, "json", 0, "e5")])
     assert (res["rc"], res["final"]) == ("ok", "error"), res
@@ -920,107 +966,155 @@ def E(d):
 
 
 USAGE = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+USAGE_JSON = json.dumps(USAGE).encode()
 
 
-def test_sse_edge_cases(cli):
-    """Shapes that need saying, each checked against the oracle and its
-    expected values, whole and a byte at a time."""
+def sse_edge_cases():
+    """(name, stream, expected fields): shapes of streams that need
+    saying."""
     C = E({"choices": [{"delta": {"content": "hi"}}], "usage": None})
     U = E({"choices": [], "usage": USAGE})
     long_line = E({"choices": [{"delta": {"content": "y" * 9000}}]})
     at_max = b"data: " + b" " * (LINE_MAX - 6 - len(U) + 6) + U[6:]
-    cases = [
-        (C + b"\n\n" + U + b"\n\ndata: [DONE]\n\n",
+    return [
+        ("content-then-usage-then-done",
+         C + b"\n\n" + U + b"\n\ndata: [DONE]\n\n",
          {"content_events": 1, "found": 1, "done": 1, "total_tokens": 7}),
         # the end: no blank line, no newline, a CR
-        (U + b"\n\ndata: [DONE]\n", {"done": 1}),
-        (U + b"\n\ndata: [DONE]", {"done": 1}),
-        (U + b"\r\rdata: [DONE]\r", {"done": 1, "found": 1}),
-        (U + b"\r\n", {"found": 1, "usage_event_end": len(U) + 2}),
-        (U, {"found": 1, "usage_event_end": len(U)}),
-        (b"data: [DONE]x\n\n", {"done": 1}),
-        (b"data: [DON\n\n", {"done": 0}),
-        (b"data:\n\n" + b"data\n\n" + b"\n\n\n", {"done": 0}),
+        ("done-without-a-blank-line", U + b"\n\ndata: [DONE]\n", {"done": 1}),
+        ("done-without-a-newline", U + b"\n\ndata: [DONE]", {"done": 1}),
+        ("cr-line-ends", U + b"\r\rdata: [DONE]\r", {"done": 1, "found": 1}),
+        ("usage-then-crlf-at-the-end",
+         U + b"\r\n", {"found": 1, "usage_event_end": len(U) + 2}),
+        ("usage-at-the-end-without-a-newline",
+         U, {"found": 1, "usage_event_end": len(U)}),
+        ("done-followed-by-a-character", b"data: [DONE]x\n\n", {"done": 1}),
+        ("truncated-done-is-not-done", b"data: [DON\n\n", {"done": 0}),
+        ("empty-data-lines-and-blank-lines",
+         b"data:\n\n" + b"data\n\n" + b"\n\n\n", {"done": 0}),
         # choices null, absent, with content; usage null; total missing
-        (E({"choices": None, "usage": USAGE}) + b"\n\n",
+        ("choices-null-with-usage",
+         E({"choices": None, "usage": USAGE}) + b"\n\n",
          {"usage_event_end": len(E({"choices": None, "usage": USAGE}))
           + 2}),
-        (E({"usage": {"prompt_tokens": 1, "completion_tokens": 2}})
+        ("usage-without-total-tokens",
+         E({"usage": {"prompt_tokens": 1, "completion_tokens": 2}})
          + b"\n\n", {"found": 1, "total_tokens": -1}),
-        (E({"choices": [{"delta": {"content": "a"}}], "usage": USAGE})
+        ("usage-with-content-not-stripped",
+         E({"choices": [{"delta": {"content": "a"}}], "usage": USAGE})
          + b"\n\n", {"found": 1, "content_events": 1,
                      "usage_event_end": 0}),
-        (U + b"\n\n" + E({"choices": [], "usage": None}) + b"\n\n",
+        ("usage-then-null-usage-kept",
+         U + b"\n\n" + E({"choices": [], "usage": None}) + b"\n\n",
          {"found": 1, "total_tokens": 7}),
-        (E({"choices": [{"text": ""}, {"text": "t"}]}) + b"\n\n",
+        ("empty-then-non-empty-text",
+         E({"choices": [{"text": ""}, {"text": "t"}]}) + b"\n\n",
          {"content_events": 1}),
-        (E({"choices": [{"text": "", "delta": {"content": ""}}]})
+        ("empty-text-and-empty-delta-no-content",
+         E({"choices": [{"text": "", "delta": {"content": ""}}]})
          + b"\n\n", {"content_events": 0}),
-        (b'data: {"choices":[{"delta":{"content":"a"},"delta":{}}]}\n\n',
+        ("duplicate-delta-last-has-no-content",
+         b'data: {"choices":[{"delta":{"content":"a"},"delta":{}}]}\n\n',
          {"content_events": 0}),
-        (b'data: {"choices":[{"delta":{"content":"\\u0000"}}]}\n\n',
+        ("escaped-nul-counts-as-content",
+         b'data: {"choices":[{"delta":{"content":"\\u0000"}}]}\n\n',
          {"content_events": 1}),
-        (b'data: {"ch\\u006fices":[{"d\\u0065lta":{"content":"a"}}]}\n\n',
+        ("escaped-keys-in-a-content-event",
+         b'data: {"ch\\u006fices":[{"d\\u0065lta":{"content":"a"}}]}\n\n',
          {"content_events": 1}),
-        (b'data: [{"choices":[{"delta":{"content":"a"}}]}]\n\n',
+        ("top-level-array-event-ignored",
+         b'data: [{"choices":[{"delta":{"content":"a"}}]}]\n\n',
          {"content_events": 0}),
         # broken JSON: that event only
-        (b'data: {"choices":[],"usage":{"prompt_tokens":1}\n\n' + U
+        ("broken-json-event-then-usage",
+         b'data: {"choices":[],"usage":{"prompt_tokens":1}\n\n' + U
          + b"\n\n", {"found": 1, "prompt_tokens": 5}),
-        (U + b'\n\ndata: {"choices":[],"usage":{"prompt_tokens":1}}}\n\n',
+        ("usage-then-broken-json-event",
+         U + b'\n\ndata: {"choices":[],"usage":{"prompt_tokens":1}}}\n\n',
          {"found": 1, "prompt_tokens": 5}),
         # several data lines, fields, comments
-        (b'data: {"choices":[],\ndata: "usage":{"prompt_tokens":3}}\n\n',
+        ("event-split-over-two-data-lines",
+         b'data: {"choices":[],\ndata: "usage":{"prompt_tokens":3}}\n\n',
          {"found": 1, "prompt_tokens": 3}),
-        (b'data: {"choices":[{"text":"a\ndata: b"}]}\n\n',
+        ("newline-inside-a-string-splits-lines",
+         b'data: {"choices":[{"text":"a\ndata: b"}]}\n\n',
          {"content_events": 0}),
-        (b": hi\nevent: x\nid: 1\nretry: 5\nfoo\n" + U + b"\n: c\n\n",
+        ("comments-and-other-fields-around-usage",
+         b": hi\nevent: x\nid: 1\nretry: 5\nfoo\n" + U + b"\n: c\n\n",
          {"found": 1, "usage_event_start": 0}),
-        (b"data:" + U[6:] + b"\n\n", {"found": 1}),
-        (b"data:  " + U[6:] + b"\n\n", {"found": 1}),
-        (b"Data: " + U[6:] + b"\n\ndata : x\n\n", {"found": 0}),
+        ("data-colon-without-a-space",
+         b"data:" + U[6:] + b"\n\n", {"found": 1}),
+        ("data-colon-two-spaces", b"data:  " + U[6:] + b"\n\n", {"found": 1}),
+        ("field-names-case-and-space-sensitive",
+         b"Data: " + U[6:] + b"\n\ndata : x\n\n", {"found": 0}),
         # a BOM, line endings mixed
-        (BOM + U + b"\r\n\r\n", {"found": 1, "usage_event_start": 0}),
-        (BOM + b"\n" + U + b"\n\n", {"found": 1, "usage_event_start": 4}),
-        (b"\n" + BOM + U + b"\n\n", {"found": 0}),
-        (C + b"\r\n\n" + U + b"\r\r\n" + C + b"\n\r\n",
+        ("byte-order-mark-then-usage-crlf",
+         BOM + U + b"\r\n\r\n", {"found": 1, "usage_event_start": 0}),
+        ("byte-order-mark-then-a-blank-line",
+         BOM + b"\n" + U + b"\n\n", {"found": 1, "usage_event_start": 4}),
+        ("byte-order-mark-not-at-the-start",
+         b"\n" + BOM + U + b"\n\n", {"found": 0}),
+        ("mixed-line-endings",
+         C + b"\r\n\n" + U + b"\r\r\n" + C + b"\n\r\n",
          {"content_events": 2, "found": 1}),
         # long lines: parsed up to LINE_MAX, framed past it
-        (long_line + b"\n\n" + U + b"\n\n", {"content_events": 0,
+        ("content-line-past-line-max-framed",
+         long_line + b"\n\n" + U + b"\n\n", {"content_events": 0,
                                              "found": 1}),
-        (at_max + b"\n\n", {"found": 1}),
-        (b"data:  " + at_max[6:] + b"\n\n", {"found": 0}),
-        (b":" + b"c" * 20000 + b"\n" + U + b"\n\n", {"found": 1,
+        ("usage-line-of-line-max-bytes", at_max + b"\n\n", {"found": 1}),
+        ("usage-line-one-past-line-max",
+         b"data:  " + at_max[6:] + b"\n\n", {"found": 0}),
+        ("long-comment-before-usage",
+         b":" + b"c" * 20000 + b"\n" + U + b"\n\n", {"found": 1,
                                                     "usage_event_start": 0}),
-        (b"data: [DONE]\n" + b"data: " + b"x" * 9000 + b"\n\n",
+        ("done-then-long-line-not-done",
+         b"data: [DONE]\n" + b"data: " + b"x" * 9000 + b"\n\n",
          {"done": 0}),
         # two usage-only events: the last one is reported
-        (U + b"\n\n" + U.replace(b"7", b"8") + b"\n\n",
+        ("two-usage-events-last-reported",
+         U + b"\n\n" + U.replace(b"7", b"8") + b"\n\n",
          {"total_tokens": 8, "usage_event_start": len(U) + 2}),
         # JSON too deep
-        (b"data: " + b"[" * 64 + b"]" * 64 + b"\n\n" + U + b"\n\n",
+        ("deep-arrays-event-then-usage",
+         b"data: " + b"[" * 64 + b"]" * 64 + b"\n\n" + U + b"\n\n",
          {"found": 1}),
-        (b'data: {"usage":' + USAGE_JSON + b',"x":' + b"[" * 64
+        ("usage-beside-too-deep-arrays",
+         b'data: {"usage":' + USAGE_JSON + b',"x":' + b"[" * 64
          + b"]" * 64 + b"}\n\n", {"found": 0}),
     ]
+
+
+SSE_EDGE = sse_edge_cases()
+
+
+@pytest.fixture(scope="module")
+def sse_edge_runs(cli):
+    """Each stream of SSE_EDGE whole and a byte at a time, stripped, and
+    three bytes at a time, not, in one run of the cli for them all: name
+    -> its three (record, result)."""
     records = []
-    for s, _ in cases:
+    for _, s, _ in SSE_EDGE:
         records += [(s, "sse", 1, "-"), (s, "sse", 1, "e1"),
                     (s, "sse", 0, "e3")]
     results = run_many(cli, records)
+    return {name: list(zip(records[3 * i:3 * i + 3],
+                           results[3 * i:3 * i + 3]))
+            for i, (name, _, _) in enumerate(SSE_EDGE)}
+
+
+@pytest.mark.parametrize("case", SSE_EDGE, ids=named)
+def test_sse_edge_cases(sse_edge_runs, case):
+    """Each stream checked against the oracle and its expected values,
+    whole and a byte at a time."""
+    name, s, want = case
     problems = []
-    for i, (s, want) in enumerate(cases):
-        for (_, _, strip, cuts), res in zip(records[3 * i:3 * i + 3],
-                                            results[3 * i:3 * i + 3]):
-            problems += [f"case {i} {s[:100]!r} cut {cuts}: {x}"
-                         for x in check_sse(s, strip, cuts, res)]
-            problems += [f"case {i} {s[:100]!r}: {f} {res[f]}, want {w}"
-                         for f, w in want.items()
-                         if res[f] != w and (strip or "usage_event" not in f)]
+    for (_, _, strip, cuts), res in sse_edge_runs[name]:
+        problems += [f"{s[:100]!r} cut {cuts}: {x}"
+                     for x in check_sse(s, strip, cuts, res)]
+        problems += [f"{s[:100]!r}: {f} {res[f]}, want {w}"
+                     for f, w in want.items()
+                     if res[f] != w and (strip or "usage_event" not in f)]
     report(problems)
-
-
-USAGE_JSON = json.dumps(USAGE).encode()
 
 
 def test_sse_strip_hold(cli):

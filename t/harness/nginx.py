@@ -4,7 +4,8 @@ Nginx(workdir, http=..., modules=[...]).start() writes nginx.conf, starts
 nginx in the foreground (master + 2 workers) with every path inside
 workdir, and waits until it accepts connections.  stop() shuts it down
 gracefully; log_problems() lists the error-log lines that must never
-appear ([alert], [emerg], a worker exiting on a signal).
+appear ([alert], [emerg], a worker exiting on a signal); our_log_lines()
+is what our modules logged, without nginx's own lines.
 """
 
 import os
@@ -157,6 +158,13 @@ class Nginx(Served):
         """Check only what is logged from now on (after a test caused a
         problem on purpose and asserted it)."""
         self._log_start = self.error_log.stat().st_size
+
+    def our_log_lines(self):
+        """The lines of log_text() that our modules wrote: they name
+        themselves ("infer auth: ...", "infer ratelimit ...").  At debug
+        level nginx's own lines echo the request's headers, so a test that
+        a secret never reaches the log looks at these."""
+        return [l for l in self.log_text().splitlines() if "infer" in l]
 
     def log_problems(self):
         return [l for l in self.log_text().splitlines() if BAD_LOG_LINE.search(l)]
