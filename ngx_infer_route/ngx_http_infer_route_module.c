@@ -358,7 +358,7 @@ ngx_http_infer_route_handler(ngx_http_request_t *r)
 /*
  * Back in this phase after an internal redirect.  When the request was
  * proxied and failed, and error_page sent it to a location with
- * infer_route on (see README: failover), it goes on with the model's
+ * infer_route on (see docs/route.md: failover), it goes on with the model's
  * fallback; nothing has reached the client yet, or error_page would not
  * have run.
  */
