@@ -168,6 +168,12 @@ void ngx_http_infer_route_registry_replace(
     ngx_http_infer_route_main_conf_t *rmcf,
     ngx_http_infer_route_registry_t *reg);
 ngx_int_t ngx_http_infer_route_registry_name_ok(ngx_str_t *name);
+ngx_http_infer_route_model_t *ngx_http_infer_route_model_create(
+    ngx_pool_t *pool, ngx_uint_t number);
+ngx_int_t ngx_http_infer_route_model_param(ngx_http_infer_route_model_t *m,
+    ngx_str_t *name, ngx_str_t *v, ngx_pool_t *pool, u_char *err);
+ngx_int_t ngx_http_infer_route_model_check(ngx_http_infer_route_model_t *m,
+    ngx_http_upstream_main_conf_t *umcf, u_char *err);
 void ngx_http_infer_route_registry_error(u_char *err,
     ngx_http_infer_route_model_t *m, const char *fmt, ...);
 
