@@ -167,6 +167,12 @@ ngx_http_infer_route_registry_t *ngx_http_infer_route_registry_build(
 void ngx_http_infer_route_registry_replace(
     ngx_http_infer_route_main_conf_t *rmcf,
     ngx_http_infer_route_registry_t *reg);
+/* ngx_http_infer_route_body.c */
+ngx_int_t ngx_http_infer_route_body_bytes(ngx_http_request_t *r,
+    ngx_str_t *body, ngx_uint_t scratch);
+ngx_int_t ngx_http_infer_route_rewrite_body(ngx_http_request_t *r,
+    ngx_http_infer_route_ctx_t *ctx);
+
 ngx_int_t ngx_http_infer_route_registry_name_ok(ngx_str_t *name);
 ngx_http_infer_route_model_t *ngx_http_infer_route_model_create(
     ngx_pool_t *pool, ngx_uint_t number);

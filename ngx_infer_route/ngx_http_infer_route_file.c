@@ -129,7 +129,8 @@ ngx_http_infer_route_file_init_conf(ngx_conf_t *cf,
 
     if (reg == NULL) {
         ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
-                      "infer_model_registry \"%V\": %s", &f->watch.file.name, err);
+                      "infer_model_registry \"%V\": %s",
+                      &f->watch.file.name, err);
         return NGX_CONF_ERROR;
     }
 
@@ -264,7 +265,8 @@ ngx_http_infer_route_file_load(ngx_http_infer_route_file_t *f,
 
     err[0] = '\0';
 
-    buf = ngx_http_infer_file_read(&f->watch.file, NGX_HTTP_INFER_ROUTE_FILE_MAX,
+    buf = ngx_http_infer_file_read(&f->watch.file,
+                                   NGX_HTTP_INFER_ROUTE_FILE_MAX,
                                    &size, log, err,
                                    NGX_HTTP_INFER_ROUTE_ERRSTR);
     if (buf == NULL) {
