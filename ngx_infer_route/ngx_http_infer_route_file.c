@@ -553,10 +553,11 @@ static ngx_int_t
 ngx_http_infer_route_file_targets(ngx_http_infer_route_model_t *m,
     json_t *list, ngx_pool_t *pool, u_char *err)
 {
+    u_char                          num[NGX_INT64_LEN];
     size_t                          i;
     json_t                         *item, *v;
-    json_int_t                      weight;
     ngx_int_t                       rc;
+    ngx_str_t                       name, s;
     const char                     *key;
     ngx_http_infer_route_target_t  *t;
 
@@ -575,68 +576,49 @@ ngx_http_infer_route_file_targets(ngx_http_infer_route_model_t *m,
             return NGX_ERROR;
         }
 
-        t = ngx_array_push(&m->targets);
+        t = ngx_http_infer_route_target_add(m);
         if (t == NULL) {
             return NGX_ERROR;
         }
 
-        ngx_memzero(t, sizeof(ngx_http_infer_route_target_t));
-        t->weight = 1;
-
         json_object_foreach(item, key, v) {
 
-            if (ngx_strcmp(key, "upstream") == 0) {
-                rc = ngx_http_infer_route_file_string(v, pool, &t->upstream);
+            name.data = (u_char *) key;
+            name.len = ngx_strlen(key);
 
-                if (rc == NGX_ERROR) {
-                    return NGX_ERROR;
-                }
-
-                if (rc == NGX_DECLINED || t->upstream.len == 0) {
-                    ngx_http_infer_route_registry_error(err, m,
-                        "target #%uz: \"upstream\" must be a non-empty "
-                        "string", i + 1);
-                    return NGX_ERROR;
-                }
-
-                continue;
-            }
+            /* the text infer_model_target would give; none: "" */
 
             if (ngx_strcmp(key, "weight") == 0) {
-                weight = json_is_integer(v) ? json_integer_value(v) : 0;
+                s.data = num;
+                s.len = json_is_integer(v)
+                        ? (size_t) (ngx_sprintf(num, "%L",
+                                        (int64_t) json_integer_value(v))
+                                    - num)
+                        : 0;
 
-                if (weight < 1 || weight > 1000000) {
-                    ngx_http_infer_route_registry_error(err, m,
-                        "target #%uz: \"weight\" must be a whole number "
-                        "from 1 to 1000000", i + 1);
-                    return NGX_ERROR;
-                }
-
-                t->weight = (ngx_int_t) weight;
-                continue;
-            }
-
-            if (ngx_strcmp(key, "model") == 0) {
-                rc = ngx_http_infer_route_file_name(v, pool, &t->model);
+            } else {
+                rc = ngx_http_infer_route_file_string(v, pool, &s);
 
                 if (rc == NGX_ERROR) {
                     return NGX_ERROR;
                 }
 
                 if (rc == NGX_DECLINED) {
-                    ngx_http_infer_route_registry_error(err, m,
-                        "target #%uz: \"model\" must be a string of 1 to "
-                        "%d bytes and no control characters", i + 1,
-                        NGX_HTTP_INFER_MODEL_MAX);
-                    return NGX_ERROR;
+                    s.len = 0;
                 }
-
-                continue;
             }
 
-            ngx_http_infer_route_registry_error(err, m,
-                "target #%uz: unknown key \"%s\"", i + 1, key);
-            return NGX_ERROR;
+            rc = ngx_http_infer_route_target_param(m, t, &name, &s, err);
+
+            if (rc == NGX_DECLINED) {
+                ngx_http_infer_route_registry_error(err, m,
+                    "target #%uz: unknown key \"%s\"", i + 1, key);
+                return NGX_ERROR;
+            }
+
+            if (rc != NGX_OK) {
+                return NGX_ERROR;
+            }
         }
 
         if (t->upstream.len == 0) {

@@ -415,15 +415,13 @@ ngx_http_infer_route_model_check(ngx_http_infer_route_model_t *m,
             return NGX_ERROR;
         }
 
-        t = ngx_array_push(&m->targets);
+        t = ngx_http_infer_route_target_add(m);
         if (t == NULL) {
             ngx_http_infer_route_registry_error(err, m, "not enough memory");
             return NGX_ERROR;
         }
 
-        ngx_memzero(t, sizeof(ngx_http_infer_route_target_t));
         t->upstream = m->upstream;
-        t->weight = 1;
     }
 
     if (m->targets.nelts == 0) {
@@ -478,8 +476,10 @@ ngx_http_infer_route_registry_target(ngx_conf_t *cf, ngx_command_t *cmd,
 {
     ngx_http_infer_route_main_conf_t *rmcf = conf;
 
-    ngx_str_t                       *value;
-    ngx_int_t                        weight;
+    u_char                          *p;
+    u_char                           err[NGX_HTTP_INFER_ROUTE_ERRSTR];
+    ngx_int_t                        rc;
+    ngx_str_t                       *value, name, v;
     ngx_uint_t                       i;
     ngx_http_infer_route_model_t   **mp, *m;
     ngx_http_infer_route_target_t   *t;
@@ -513,41 +513,41 @@ ngx_http_infer_route_registry_target(ngx_conf_t *cf, ngx_command_t *cmd,
         return NGX_CONF_ERROR;
     }
 
-    t = ngx_array_push(&m->targets);
+    t = ngx_http_infer_route_target_add(m);
     if (t == NULL) {
         return NGX_CONF_ERROR;
     }
 
-    ngx_memzero(t, sizeof(ngx_http_infer_route_target_t));
-
     t->upstream = value[2];
-    t->weight = 1;
 
     for (i = 3; i < cf->args->nelts; i++) {
 
-        if (ngx_strncmp(value[i].data, "weight=", 7) == 0) {
-            weight = ngx_atoi(value[i].data + 7, value[i].len - 7);
-
-            if (weight == NGX_ERROR || weight == 0 || weight > 1000000) {
-                goto invalid;
-            }
-
-            t->weight = weight;
-            continue;
+        p = (u_char *) ngx_strlchr(value[i].data,
+                                   value[i].data + value[i].len, '=');
+        if (p == NULL || p == value[i].data) {
+            goto invalid;
         }
 
-        if (ngx_strncmp(value[i].data, "model=", 6) == 0) {
-            t->model.data = value[i].data + 6;
-            t->model.len = value[i].len - 6;
+        name.data = value[i].data;
+        name.len = p - value[i].data;
+        v.data = p + 1;
+        v.len = value[i].data + value[i].len - v.data;
 
-            if (ngx_http_infer_route_registry_name_ok(&t->model) != NGX_OK) {
-                goto invalid;
-            }
-
-            continue;
+        if (name.len == 8 && ngx_strncmp(name.data, "upstream", 8) == 0) {
+            /* the second argument */
+            goto invalid;
         }
 
-        goto invalid;
+        rc = ngx_http_infer_route_target_param(m, t, &name, &v, err);
+
+        if (rc == NGX_DECLINED) {
+            goto invalid;
+        }
+
+        if (rc != NGX_OK) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "%s", err);
+            return NGX_CONF_ERROR;
+        }
     }
 
     return NGX_CONF_OK;
@@ -558,6 +558,83 @@ invalid:
                        "invalid parameter \"%V\" for a target of model "
                        "\"%V\"", &value[i], &m->name);
     return NGX_CONF_ERROR;
+}
+
+
+/* a new target of m, of weight 1 */
+
+ngx_http_infer_route_target_t *
+ngx_http_infer_route_target_add(ngx_http_infer_route_model_t *m)
+{
+    ngx_http_infer_route_target_t  *t;
+
+    t = ngx_array_push(&m->targets);
+    if (t == NULL) {
+        return NULL;
+    }
+
+    ngx_memzero(t, sizeof(ngx_http_infer_route_target_t));
+    t->weight = 1;
+
+    return t;
+}
+
+
+/*
+ * One parameter of a target, the last of m's, as infer_model_target and
+ * a registry file's "targets" give it: NGX_DECLINED when name is none,
+ * NGX_ERROR with err saying what is wrong.
+ */
+
+ngx_int_t
+ngx_http_infer_route_target_param(ngx_http_infer_route_model_t *m,
+    ngx_http_infer_route_target_t *t, ngx_str_t *name, ngx_str_t *v,
+    u_char *err)
+{
+    ngx_int_t  weight;
+
+    if (name->len == 8 && ngx_strncmp(name->data, "upstream", 8) == 0) {
+        if (v->len == 0) {
+            ngx_http_infer_route_registry_error(err, m,
+                "target #%ui: \"upstream\" must be a non-empty string",
+                m->targets.nelts);
+            return NGX_ERROR;
+        }
+
+        t->upstream = *v;
+        return NGX_OK;
+    }
+
+    if (name->len == 6 && ngx_strncmp(name->data, "weight", 6) == 0) {
+        weight = ngx_atoi(v->data, v->len);
+
+        if (weight == NGX_ERROR || weight == 0
+            || weight > NGX_HTTP_INFER_ROUTE_WEIGHT_MAX)
+        {
+            ngx_http_infer_route_registry_error(err, m,
+                "target #%ui: \"weight\" must be a whole number from 1 to "
+                "%d", m->targets.nelts, NGX_HTTP_INFER_ROUTE_WEIGHT_MAX);
+            return NGX_ERROR;
+        }
+
+        t->weight = weight;
+        return NGX_OK;
+    }
+
+    if (name->len == 5 && ngx_strncmp(name->data, "model", 5) == 0) {
+        if (ngx_http_infer_route_registry_name_ok(v) != NGX_OK) {
+            ngx_http_infer_route_registry_error(err, m,
+                "target #%ui: \"model\" must be a string of 1 to %d bytes "
+                "and no control characters", m->targets.nelts,
+                NGX_HTTP_INFER_MODEL_MAX);
+            return NGX_ERROR;
+        }
+
+        t->model = *v;
+        return NGX_OK;
+    }
+
+    return NGX_DECLINED;
 }
 
 

@@ -381,7 +381,7 @@ def test_all_four_modules_route_the_same(nginx_factory, pools):
     ("infer_model a upstream=llama; infer_model_target a mistral;",
      'model "a" has upstream= already'),
     ("infer_model a; infer_model_target a llama weight=0;",
-     'invalid parameter "weight=0" for a target of model "a"'),
+     'model "a": target #1: "weight" must be a whole number from 1 to'),
     ("infer_model a; infer_model_target a nowhere;",
      'model "a": no upstream "nowhere" is defined'),
     ("infer_model a upstream=llama state=retired;",
