@@ -110,6 +110,7 @@ void ngx_http_infer_auth_jwt_free(ngx_http_infer_auth_jwt_t *jwt);
 ngx_int_t ngx_http_infer_auth_jwt_verify(ngx_http_infer_auth_jwt_t *jwt,
     ngx_http_infer_auth_key_t *key);
 
+/* log: one that lives as long as the key set (ngx_http_infer_conf_log) */
 ngx_http_infer_auth_keyset_t *ngx_http_infer_auth_keyset_create(
     ngx_log_t *log);
 void ngx_http_infer_auth_keyset_free(ngx_http_infer_auth_keyset_t *ks);
