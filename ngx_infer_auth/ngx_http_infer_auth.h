@@ -110,6 +110,7 @@ void ngx_http_infer_auth_jwt_free(ngx_http_infer_auth_jwt_t *jwt);
 ngx_int_t ngx_http_infer_auth_jwt_verify(ngx_http_infer_auth_jwt_t *jwt,
     ngx_http_infer_auth_key_t *key);
 
+/* log: one that lives as long as the key set (ngx_http_infer_conf_log) */
 ngx_http_infer_auth_keyset_t *ngx_http_infer_auth_keyset_create(
     ngx_log_t *log);
 void ngx_http_infer_auth_keyset_free(ngx_http_infer_auth_keyset_t *ks);
@@ -279,10 +280,14 @@ typedef struct {
 
 ngx_int_t ngx_http_infer_auth_api_key(ngx_http_request_t *r,
     ngx_http_infer_auth_ctx_t *ctx, ngx_http_infer_auth_loc_conf_t *lcf);
+
+/* ngx_http_infer_auth_filter.c: refusals and nginx's page for them */
 ngx_int_t ngx_http_infer_auth_reject(ngx_http_request_t *r,
     ngx_http_infer_auth_ctx_t *ctx, ngx_http_infer_auth_loc_conf_t *lcf,
     ngx_http_infer_auth_status_e status, const char *code,
     const char *fmt, ...);
+void ngx_http_infer_auth_filter_init(void);
+
 ngx_int_t ngx_http_infer_auth_jwks_body(ngx_http_request_t *r,
     ngx_http_infer_auth_jwks_body_t *body, ngx_chain_t *in);
 ngx_int_t ngx_http_infer_auth_jwks_prepare(ngx_http_request_t *r,

@@ -176,7 +176,9 @@ ngx_http_infer_auth_jwks_sync(ngx_http_infer_auth_jwks_uri_t *u,
         return;
     }
 
-    ks = ngx_http_infer_auth_keyset_create(log);
+    /* the key set outlives the request whose log this is */
+
+    ks = ngx_http_infer_auth_keyset_create(ngx_cycle->log);
 
     if (ks == NULL) {
         ngx_free(copy);
@@ -320,7 +322,7 @@ ngx_http_infer_auth_jwks_done(ngx_http_request_t *r, void *data,
 
     /* checked before the other workers see it */
 
-    ks = ngx_http_infer_auth_keyset_create(r->connection->log);
+    ks = ngx_http_infer_auth_keyset_create(ngx_cycle->log);
 
     if (ks == NULL
         || ngx_http_infer_auth_keyset_jwks(ks, b->data, b->len, err)

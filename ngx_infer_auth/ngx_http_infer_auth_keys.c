@@ -19,7 +19,8 @@
 
 
 static ngx_int_t ngx_http_infer_auth_watch_load(
-    ngx_http_infer_auth_watch_t *w, ngx_log_t *log, u_char *err);
+    ngx_http_infer_auth_watch_t *w, ngx_log_t *log, ngx_log_t *keep,
+    u_char *err);
 static ngx_http_infer_auth_apikeys_t *ngx_http_infer_auth_apikeys_parse(
     u_char *data, size_t len, ngx_log_t *log, u_char *err);
 static ngx_int_t ngx_http_infer_auth_apikey_parse(json_t *obj, size_t n,
@@ -140,12 +141,13 @@ ngx_http_infer_auth_copy(ngx_pool_t *pool, ngx_str_t *dst, ngx_str_t *src)
 
 /*
  * Reads a watched file into a new key set or API key table; on success
- * the new one replaces the old, and otherwise the old stays.
+ * the new one replaces the old, and otherwise the old stays.  What is
+ * read logs to keep, which lives as long as it does; log is for now.
  */
 
 static ngx_int_t
 ngx_http_infer_auth_watch_load(ngx_http_infer_auth_watch_t *w,
-    ngx_log_t *log, u_char *err)
+    ngx_log_t *log, ngx_log_t *keep, u_char *err)
 {
     u_char                        *buf;
     void                          *data;
@@ -161,7 +163,7 @@ ngx_http_infer_auth_watch_load(ngx_http_infer_auth_watch_t *w,
     }
 
     if (w->jwks) {
-        ks = ngx_http_infer_auth_keyset_create(log);
+        ks = ngx_http_infer_auth_keyset_create(keep);
 
         if (ks && ngx_http_infer_auth_keyset_jwks(ks, buf, len, err)
                   != NGX_OK)
@@ -180,7 +182,7 @@ ngx_http_infer_auth_watch_load(ngx_http_infer_auth_watch_t *w,
         data = ks;
 
     } else {
-        data = ngx_http_infer_auth_apikeys_parse(buf, len, log, err);
+        data = ngx_http_infer_auth_apikeys_parse(buf, len, keep, err);
     }
 
     ngx_free(buf);
@@ -232,7 +234,7 @@ ngx_http_infer_auth_watch_changed(ngx_http_infer_watch_t *watch,
     ngx_uint_t  level;
 
     if (rc == NGX_OK) {
-        rc = ngx_http_infer_auth_watch_load(w, log, err);
+        rc = ngx_http_infer_auth_watch_load(w, log, ngx_cycle->log, err);
 
         level = (ngx_worker == 0) ? NGX_LOG_NOTICE : NGX_LOG_DEBUG;
 
@@ -596,7 +598,8 @@ ngx_http_infer_auth_jwt_key_conf(ngx_conf_t *cf, ngx_command_t *cmd,
     }
 
     if (lcf->keys == NULL) {
-        lcf->keys = ngx_http_infer_auth_keyset_create(cf->log);
+        lcf->keys = ngx_http_infer_auth_keyset_create(
+                        ngx_http_infer_conf_log(cf));
         if (lcf->keys == NULL) {
             return NGX_CONF_ERROR;
         }
@@ -727,7 +730,10 @@ ngx_http_infer_auth_file_conf(ngx_conf_t *cf, ngx_command_t *cmd,
     cln->handler = ngx_http_infer_auth_watch_cleanup;
     cln->data = w;
 
-    if (ngx_http_infer_auth_watch_load(w, cf->log, err) != NGX_OK) {
+    if (ngx_http_infer_auth_watch_load(w, cf->log,
+                                       ngx_http_infer_conf_log(cf), err)
+        != NGX_OK)
+    {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "%V \"%V\": %s",
                            &cmd->name, &value[1], err);
         return NGX_CONF_ERROR;

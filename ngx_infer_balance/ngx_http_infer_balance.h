@@ -43,6 +43,18 @@
 #define NGX_HTTP_INFER_BALANCE_EXTERNAL  3
 #define NGX_HTTP_INFER_BALANCE_SHED      4
 
+/*
+ * Averages kept in the zone as exponentially weighted moving averages in
+ * fixed point: each new value weighs 1/scale, and the sum is kept times
+ * the scale (see ngx_http_infer_balance_ewma()).
+ */
+#define NGX_HTTP_INFER_BALANCE_AVERAGE_SCALE  16    /* the pool's request */
+#define NGX_HTTP_INFER_BALANCE_PACE_SCALE      8    /* a peer's time per
+                                                       token */
+
+/* the status page's room per endpoint (a line takes about 480 bytes) */
+#define NGX_HTTP_INFER_BALANCE_STATUS_PEER   512
+
 /* a metric page larger than this fails the scrape */
 #define NGX_HTTP_INFER_SCRAPE_PAGE_MAX     (4 * 1024 * 1024)
 
@@ -57,7 +69,7 @@ typedef struct {
     ngx_atomic_t                        tokens;     /* in flight */
     ngx_atomic_t                        picks;
     ngx_atomic_t                        pace;       /* microseconds per
-                                                       token, x 8 */
+                                                       token, x PACE_SCALE */
 
     ngx_atomic_t                        updated;    /* msec of the last
                                                        good scrape, 0 */
@@ -86,7 +98,8 @@ typedef struct {
 typedef struct {
     ngx_uint_t                          number;     /* primary + backup */
     ngx_atomic_t                        average;    /* of the requests'
-                                                       estimates, x 16 */
+                                                       estimates, x
+                                                       AVERAGE_SCALE */
     ngx_atomic_t                        scrape_next; /* msec: the next
                                                        round, claimed by
                                                        one worker */
@@ -200,6 +213,16 @@ extern ngx_module_t  ngx_http_infer_balance_module;
 
 /* "queue", "running", "kv", "lora": the signals' names in directives */
 extern ngx_str_t  ngx_http_infer_balance_signals[];
+
+
+/* an average kept times scale, with value weighing 1/scale */
+
+static ngx_inline ngx_atomic_uint_t
+ngx_http_infer_balance_ewma(ngx_atomic_uint_t avg, ngx_atomic_uint_t value,
+    ngx_uint_t scale)
+{
+    return avg ? avg + value - avg / scale : scale * value;
+}
 
 
 /* the peer's figures are fresh: from a good scrape within stale */

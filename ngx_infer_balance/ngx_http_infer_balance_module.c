@@ -552,7 +552,7 @@ ngx_http_infer_balance_get_peer(ngx_peer_connection_t *pc, void *data)
 
     time_t                              now;
     uint64_t                            rank, top, total, weights, cost,
-                                        best_cost, pref_cost, avg;
+                                        best_cost, pref_cost;
     uintptr_t                           m;
     ngx_int_t                           rc, rr;
     ngx_uint_t                          i, n, p, many, pi, reason;
@@ -732,11 +732,11 @@ chosen:
     if (!bp->picked) {
         bp->picked = 1;
 
-        /* the pool's average request: 1/16 of each new one, x 16 */
+        /* the pool's average request */
 
-        avg = bcf->sh->average;
-        bcf->sh->average = avg ? avg + bp->tokens - avg / 16
-                               : 16 * bp->tokens;
+        bcf->sh->average = ngx_http_infer_balance_ewma(bcf->sh->average,
+                               bp->tokens,
+                               NGX_HTTP_INFER_BALANCE_AVERAGE_SCALE);
     }
 
     bp->node = &node[p];
@@ -899,7 +899,8 @@ ngx_http_infer_balance_costs(ngx_http_infer_balance_peer_data_t *bp,
      * KV cache or a missing adapter two), which follows the workload.
      */
 
-    avg = ngx_max(bcf->sh->average / 16, 1);
+    avg = ngx_max(bcf->sh->average / NGX_HTTP_INFER_BALANCE_AVERAGE_SCALE,
+                  1);
 
     for (k = 0; k < NGX_HTTP_INFER_SIGNALS; k++) {
         unit[k] = (bcf->cost[k] != NGX_CONF_UNSET_UINT)
@@ -953,7 +954,8 @@ ngx_http_infer_balance_costs(ngx_http_infer_balance_peer_data_t *bp,
                 && node[i].pace)
             {
                 pace += ngx_min(node[i].pace,
-                                8 * NGX_HTTP_INFER_BALANCE_PACE_MAX);
+                                NGX_HTTP_INFER_BALANCE_PACE_SCALE
+                                * NGX_HTTP_INFER_BALANCE_PACE_MAX);
                 n++;
             }
         }
@@ -1039,7 +1041,7 @@ ngx_http_infer_balance_free_peer(ngx_peer_connection_t *pc, void *data,
     ngx_http_infer_balance_peer_data_t  *bp = data;
 
     ngx_msec_t                      ms;
-    ngx_atomic_uint_t               us, old;
+    ngx_atomic_uint_t               us;
     ngx_http_upstream_t            *u;
     ngx_http_infer_balance_node_t  *node;
 
@@ -1075,8 +1077,8 @@ ngx_http_infer_balance_free_peer(ngx_peer_connection_t *pc, void *data,
         us = (ngx_atomic_uint_t) ms * 1000 / bp->tokens;
         us = ngx_max(ngx_min(us, NGX_HTTP_INFER_BALANCE_PACE_MAX), 1);
 
-        old = node->pace;
-        node->pace = old ? old + us - old / 8 : 8 * us;
+        node->pace = ngx_http_infer_balance_ewma(node->pace, us,
+                                           NGX_HTTP_INFER_BALANCE_PACE_SCALE);
     }
 
     ngx_http_upstream_free_round_robin_peer(pc, &bp->rrp, state);

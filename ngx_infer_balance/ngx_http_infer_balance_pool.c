@@ -212,11 +212,12 @@ ngx_http_infer_balance_status_handler(ngx_http_request_t *r)
     len = sizeof("{\"pools\":[]}\n");
 
     for (i = 0; i < bmcf->pools.nelts; i++) {
-        /* names escaped as \u00XX at worst; each endpoint below 512 */
+        /* names escaped as \u00XX at worst */
 
         len += 256 + pool[i]->upstream->host.len * 6
                + (pool[i]->scrape ? pool[i]->scrape->uri.len * 6 : 0)
-               + pool[i]->number * (512 + NGX_SOCKADDR_STRLEN * 6);
+               + pool[i]->number * (NGX_HTTP_INFER_BALANCE_STATUS_PEER
+                                    + NGX_SOCKADDR_STRLEN * 6);
     }
 
     b = ngx_create_temp_buf(r->pool, len);
@@ -240,7 +241,8 @@ ngx_http_infer_balance_status_handler(ngx_http_request_t *r)
                                        bcf->upstream->host.len);
 
         p = ngx_sprintf(p, "\",\"average_tokens\":%uA",
-                        bcf->sh->average / 16);
+                        bcf->sh->average
+                        / NGX_HTTP_INFER_BALANCE_AVERAGE_SCALE);
 
         p = ngx_sprintf(p, ",\"saturated\":%s,\"scrape\":",
                         (bcf->shed && ngx_http_infer_balance_saturated(bcf,
@@ -307,7 +309,8 @@ ngx_http_infer_balance_status_handler(ngx_http_request_t *r)
                 }
 
                 p = ngx_sprintf(p, ",\"pace_us_per_token\":%uA",
-                                node->pace / 8);
+                                node->pace
+                                / NGX_HTTP_INFER_BALANCE_PACE_SCALE);
 
                 p = ngx_sprintf(p, ",\"lora_running\":%uA,"
                                 "\"lora_waiting\":%uA,\"max_lora\":%uA,"

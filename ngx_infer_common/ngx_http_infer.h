@@ -17,6 +17,16 @@
 
 
 /*
+ * The log for what configuration makes to live as long as its cycle (a
+ * pool, a key set): the cycle's own.  While a reload parses, cf->log and
+ * cf->cycle->log are still the old cycle's, whose memory goes while the
+ * new cycle lives on; the new cycle takes new_log once it is configured.
+ * At run time, ngx_cycle->log.
+ */
+#define ngx_http_infer_conf_log(cf)  (&(cf)->cycle->new_log)
+
+
+/*
  * Sends b, a whole JSON answer in memory, with status.  Returns what the
  * output filter returns, for ngx_http_finalize_request().
  */

@@ -21,7 +21,37 @@
 #define NGX_HTTP_INFER_METRICS_MAX_SERIES  10000
 
 
+/* what the LOG handler read of a finished request, to record it */
+
+typedef struct {
+    u_char                       labels[NGX_HTTP_INFER_METRICS_LABELS_MAX];
+    size_t                       labels_len;
+    ngx_uint_t                   status;
+    uint64_t                     duration;        /* microseconds */
+    uint64_t                     request_bytes;
+    uint64_t                     response_bytes;
+    ngx_http_upstream_state_t   *tries;
+    ngx_uint_t                   ntries;
+    ngx_http_variable_value_t   *endpoint;        /* infer_balance's pick */
+    ngx_http_variable_value_t   *reason;
+    uint64_t                     tokens[4];
+    ngx_uint_t                   has_tokens[4];
+    uint64_t                     ttft;            /* microseconds */
+    ngx_uint_t                   has_ttft;        /* a stream's */
+    uint64_t                    *counters;        /* infer_metrics_counter */
+    ngx_str_t                    auth_outcome;
+    ngx_str_t                    ratelimit_decision;
+} ngx_http_infer_metrics_seen_t;
+
+
 static ngx_int_t ngx_http_infer_metrics_log_handler(ngx_http_request_t *r);
+static ngx_int_t ngx_http_infer_metrics_read(ngx_http_request_t *r,
+    ngx_http_infer_metrics_main_conf_t *mcf,
+    ngx_http_infer_metrics_loc_conf_t *lcf,
+    ngx_http_infer_metrics_seen_t *seen);
+static void ngx_http_infer_metrics_record(
+    ngx_http_infer_metrics_main_conf_t *mcf,
+    ngx_http_infer_metrics_seen_t *seen);
 static ngx_int_t ngx_http_infer_metrics_inflight_handler(
     ngx_http_request_t *r);
 static void ngx_http_infer_metrics_inflight_done(void *data);
@@ -187,31 +217,18 @@ static ngx_str_t  ngx_http_infer_metrics_token_vars[] = {
 
 /*
  * Runs in LOG, once the answer is complete, so latency, status and token
- * usage are known.  Each family's series is found by its label text and
- * updated with atomic adds; nothing here waits for another worker but
- * the creation of a series never seen before.
+ * usage are known.  What the request says is read first, then recorded:
+ * each family's series is found by its label text and updated with atomic
+ * adds; nothing here waits for another worker but the creation of a
+ * series never seen before.
  */
 
 static ngx_int_t
 ngx_http_infer_metrics_log_handler(ngx_http_request_t *r)
 {
-    u_char                              *p;
-    off_t                                n;
-    size_t                               len, klen;
-    uint64_t                             tokens[4], ttft, up, dur;
-    ngx_str_t                            s;
-    ngx_int_t                            found[4], ms, stream, has_ttft;
-    ngx_uint_t                           i, status, tries;
-    ngx_time_t                          *tp;
-    ngx_http_variable_value_t           *vv, *reason;
-    ngx_http_upstream_state_t           *state;
-    ngx_http_infer_metrics_counter_t    *counter;
+    ngx_http_infer_metrics_seen_t        seen;
     ngx_http_infer_metrics_loc_conf_t   *lcf;
     ngx_http_infer_metrics_main_conf_t  *mcf;
-
-    u_char  labels[NGX_HTTP_INFER_METRICS_LABELS_MAX];
-    u_char  key[NGX_HTTP_INFER_METRICS_LABELS_MAX];
-    u_char  code[4];
 
     lcf = ngx_http_get_module_loc_conf(r, ngx_http_infer_metrics_module);
 
@@ -228,85 +245,55 @@ ngx_http_infer_metrics_log_handler(ngx_http_request_t *r)
         return NGX_DECLINED;
     }
 
-    len = ngx_http_infer_metrics_labels(r, lcf->labels, labels);
+    if (ngx_http_infer_metrics_read(r, mcf, lcf, &seen) != NGX_OK) {
+        return NGX_DECLINED;
+    }
+
+    ngx_http_infer_metrics_record(mcf, &seen);
+
+    return NGX_DECLINED;
+}
+
+
+/* what a finished request says, from nginx and the other modules */
+
+static ngx_int_t
+ngx_http_infer_metrics_read(ngx_http_request_t *r,
+    ngx_http_infer_metrics_main_conf_t *mcf,
+    ngx_http_infer_metrics_loc_conf_t *lcf,
+    ngx_http_infer_metrics_seen_t *seen)
+{
+    off_t                              n;
+    ngx_str_t                          s;
+    ngx_int_t                          ms;
+    ngx_uint_t                         i;
+    ngx_time_t                        *tp;
+    ngx_http_variable_value_t         *vv;
+    ngx_http_infer_metrics_counter_t  *counter;
+
+    ngx_memzero(seen, sizeof(ngx_http_infer_metrics_seen_t));
+
+    seen->labels_len = ngx_http_infer_metrics_labels(r, lcf->labels,
+                                                     seen->labels);
 
     /* as $status counts */
-    status = r->err_status ? r->err_status : r->headers_out.status;
-
-    ngx_http_infer_metrics_class(code, status);
-
-    klen = ngx_http_infer_metrics_label(key, labels, len, "code", code, 3)
-           - key;
-    ngx_http_infer_metrics_count(mcf, NGX_HTTP_INFER_METRICS_REQUESTS, key,
-                                 klen, 1);
+    seen->status = r->err_status ? r->err_status : r->headers_out.status;
 
     /* as $request_time counts, in microseconds */
 
     tp = ngx_timeofday();
     ms = (ngx_msec_int_t) ((tp->sec - r->start_sec) * 1000
                            + (tp->msec - r->start_msec));
-    dur = (uint64_t) ngx_max(ms, 0) * 1000;
+    seen->duration = (uint64_t) ngx_max(ms, 0) * 1000;
 
-    ngx_http_infer_metrics_observe(mcf, NGX_HTTP_INFER_METRICS_DURATION,
-                                   labels, len, dur);
-
-    ngx_http_infer_metrics_count(mcf, NGX_HTTP_INFER_METRICS_REQUEST_BYTES,
-                                 labels, len, (uint64_t) r->request_length);
-    ngx_http_infer_metrics_count(mcf, NGX_HTTP_INFER_METRICS_RESPONSE_BYTES,
-                                 labels, len,
-                                 (uint64_t) r->connection->sent);
+    seen->request_bytes = (uint64_t) r->request_length;
+    seen->response_bytes = (uint64_t) r->connection->sent;
 
     /* every try of every upstream, as $upstream_response_time lists them */
 
     if (r->upstream_states && r->upstream_states->nelts) {
-        up = 0;
-        tries = 0;
-        state = r->upstream_states->elts;
-
-        for (i = 0; i < r->upstream_states->nelts; i++) {
-
-            /*
-             * a try without a status (the client gave up before the
-             * answer's header came) still took its time: its code is
-             * "oth"; no peer marks an internal redirect between tries
-             */
-
-            if (state[i].peer == NULL) {
-                continue;
-            }
-
-            tries++;
-
-            ms = (state[i].response_time == (ngx_msec_t) -1)
-                 ? 0 : (ngx_msec_int_t) state[i].response_time;
-            ms = ngx_max(ms, 0);
-            up += (uint64_t) ms * 1000;
-
-            p = ngx_http_infer_metrics_label(key, key, 0, "endpoint",
-                                             state[i].peer->data,
-                                             state[i].peer->len);
-            ngx_http_infer_metrics_observe(mcf,
-                                      NGX_HTTP_INFER_METRICS_ENDPOINT_TIME,
-                                      key, p - key, (uint64_t) ms * 1000);
-
-            ngx_http_infer_metrics_class(code, state[i].status);
-
-            klen = ngx_http_infer_metrics_label(key, key, p - key, "code",
-                                                code, 3) - key;
-            ngx_http_infer_metrics_count(mcf,
-                                    NGX_HTTP_INFER_METRICS_ENDPOINT_REQUESTS,
-                                    key, klen, 1);
-        }
-
-        if (tries) {
-            ngx_http_infer_metrics_observe(mcf,
-                                      NGX_HTTP_INFER_METRICS_UPSTREAM_TIME,
-                                      labels, len, up);
-
-            ngx_http_infer_metrics_observe(mcf,
-                                      NGX_HTTP_INFER_METRICS_OVERHEAD,
-                                      labels, len, dur > up ? dur - up : 0);
-        }
+        seen->tries = r->upstream_states->elts;
+        seen->ntries = r->upstream_states->nelts;
     }
 
     /* the peer infer_balance picked last, and why */
@@ -314,60 +301,35 @@ ngx_http_infer_metrics_log_handler(ngx_http_request_t *r)
     vv = ngx_http_infer_variable(r, mcf->var_endpoint);
 
     if (vv && vv->len) {
-        reason = ngx_http_infer_variable(r, mcf->var_reason);
-
-        if (reason) {
-            p = ngx_http_infer_metrics_label(key, key, 0, "endpoint",
-                                             vv->data, vv->len);
-            klen = ngx_http_infer_metrics_label(key, key, p - key, "reason",
-                                                reason->data, reason->len)
-                   - key;
-            ngx_http_infer_metrics_count(mcf,
-                                      NGX_HTTP_INFER_METRICS_ENDPOINT_PICKS,
-                                      key, klen, 1);
-        }
+        seen->endpoint = vv;
+        seen->reason = ngx_http_infer_variable(r, mcf->var_reason);
     }
 
     for (i = 0; i < 4; i++) {
-        found[i] = ngx_http_infer_metrics_variable_int(r, mcf->var_tokens[i],
-                                                       &tokens[i]);
-        if (found[i] != NGX_OK) {
-            continue;
-        }
-
-        s = ngx_http_infer_metrics_token_types[i];
-        klen = ngx_http_infer_metrics_label(key, labels, len, "type", s.data,
-                                            s.len) - key;
-        ngx_http_infer_metrics_count(mcf, NGX_HTTP_INFER_METRICS_TOKENS, key,
-                                     klen, tokens[i]);
+        seen->has_tokens[i] = (ngx_http_infer_metrics_variable_int(r,
+                                   mcf->var_tokens[i], &seen->tokens[i])
+                               == NGX_OK);
     }
 
     /* time to first token and per output token: for streams only */
 
-    stream = 0;
-
     vv = ngx_http_infer_variable(r, mcf->var_stream);
-    stream = (vv && vv->len == 1 && vv->data[0] == '1');
 
-    has_ttft = 0;
-
-    if (stream) {
+    if (vv && vv->len == 1 && vv->data[0] == '1') {
         vv = ngx_http_infer_variable(r, mcf->var_ttft);
 
-        if (vv
-            && ngx_http_infer_metrics_parse_seconds(vv->data, vv->len, &ttft)
-               == NGX_OK)
-        {
-            has_ttft = 1;
-            ngx_http_infer_metrics_observe(mcf, NGX_HTTP_INFER_METRICS_TTFT,
-                                           labels, len, ttft);
-        }
+        seen->has_ttft = (vv
+                          && ngx_http_infer_metrics_parse_seconds(vv->data,
+                                 vv->len, &seen->ttft)
+                             == NGX_OK);
     }
 
-    if (has_ttft && found[1] == NGX_OK && tokens[1] >= 2 && dur >= ttft) {
-        ngx_http_infer_metrics_observe(mcf, NGX_HTTP_INFER_METRICS_TPOT,
-                                       labels, len,
-                                       (dur - ttft) / (tokens[1] - 1));
+    if (mcf->counters.nelts) {
+        seen->counters = ngx_pcalloc(r->pool,
+                                     mcf->counters.nelts * sizeof(uint64_t));
+        if (seen->counters == NULL) {
+            return NGX_ERROR;
+        }
     }
 
     counter = mcf->counters.elts;
@@ -380,38 +342,171 @@ ngx_http_infer_metrics_log_handler(ngx_http_request_t *r)
         }
 
         n = ngx_atoof(s.data, s.len);
-        if (n <= 0) {
+        seen->counters[i] = (n > 0) ? (uint64_t) n : 0;
+    }
+
+    if (lcf->auth_status
+        && ngx_http_complex_value(r, lcf->auth_status, &s) == NGX_OK)
+    {
+        seen->auth_outcome = s;
+    }
+
+    if (lcf->ratelimit_status
+        && ngx_http_complex_value(r, lcf->ratelimit_status, &s) == NGX_OK)
+    {
+        seen->ratelimit_decision = s;
+    }
+
+    return NGX_OK;
+}
+
+
+/* what a finished request says, into the zone's series */
+
+static void
+ngx_http_infer_metrics_record(ngx_http_infer_metrics_main_conf_t *mcf,
+    ngx_http_infer_metrics_seen_t *seen)
+{
+    u_char                     *p, *labels;
+    size_t                      len, klen;
+    uint64_t                    up, us;
+    ngx_str_t                   s;
+    ngx_uint_t                  i, tries;
+    ngx_http_upstream_state_t  *state;
+
+    u_char  key[NGX_HTTP_INFER_METRICS_LABELS_MAX];
+    u_char  code[4];
+
+    labels = seen->labels;
+    len = seen->labels_len;
+
+    ngx_http_infer_metrics_class(code, seen->status);
+
+    klen = ngx_http_infer_metrics_label(key, labels, len, "code", code, 3)
+           - key;
+    ngx_http_infer_metrics_count(mcf, NGX_HTTP_INFER_METRICS_REQUESTS, key,
+                                 klen, 1);
+
+    ngx_http_infer_metrics_observe(mcf, NGX_HTTP_INFER_METRICS_DURATION,
+                                   labels, len, seen->duration);
+
+    ngx_http_infer_metrics_count(mcf, NGX_HTTP_INFER_METRICS_REQUEST_BYTES,
+                                 labels, len, seen->request_bytes);
+    ngx_http_infer_metrics_count(mcf, NGX_HTTP_INFER_METRICS_RESPONSE_BYTES,
+                                 labels, len, seen->response_bytes);
+
+    up = 0;
+    tries = 0;
+    state = seen->tries;
+
+    for (i = 0; i < seen->ntries; i++) {
+
+        /*
+         * a try without a status (the client gave up before the answer's
+         * header came) still took its time: its code is "oth"; no peer
+         * marks an internal redirect between tries
+         */
+
+        if (state[i].peer == NULL) {
             continue;
         }
 
-        ngx_http_infer_metrics_count(mcf, NGX_HTTP_INFER_METRICS_NFAMILIES + i,
-                                     labels, len, (uint64_t) n);
+        tries++;
+
+        us = (state[i].response_time == (ngx_msec_t) -1
+              || (ngx_msec_int_t) state[i].response_time < 0)
+             ? 0 : (uint64_t) state[i].response_time * 1000;
+        up += us;
+
+        p = ngx_http_infer_metrics_label(key, key, 0, "endpoint",
+                                         state[i].peer->data,
+                                         state[i].peer->len);
+        ngx_http_infer_metrics_observe(mcf,
+                                       NGX_HTTP_INFER_METRICS_ENDPOINT_TIME,
+                                       key, p - key, us);
+
+        ngx_http_infer_metrics_class(code, state[i].status);
+
+        klen = ngx_http_infer_metrics_label(key, key, p - key, "code",
+                                            code, 3) - key;
+        ngx_http_infer_metrics_count(mcf,
+                                     NGX_HTTP_INFER_METRICS_ENDPOINT_REQUESTS,
+                                     key, klen, 1);
     }
 
-    if (lcf->auth_status) {
-        if (ngx_http_complex_value(r, lcf->auth_status, &s) == NGX_OK
-            && s.len)
+    if (tries) {
+        ngx_http_infer_metrics_observe(mcf,
+                                       NGX_HTTP_INFER_METRICS_UPSTREAM_TIME,
+                                       labels, len, up);
+
+        ngx_http_infer_metrics_observe(mcf, NGX_HTTP_INFER_METRICS_OVERHEAD,
+                                       labels, len,
+                                       seen->duration > up
+                                       ? seen->duration - up : 0);
+    }
+
+    if (seen->endpoint && seen->reason) {
+        p = ngx_http_infer_metrics_label(key, key, 0, "endpoint",
+                                         seen->endpoint->data,
+                                         seen->endpoint->len);
+        klen = ngx_http_infer_metrics_label(key, key, p - key, "reason",
+                                            seen->reason->data,
+                                            seen->reason->len) - key;
+        ngx_http_infer_metrics_count(mcf,
+                                     NGX_HTTP_INFER_METRICS_ENDPOINT_PICKS,
+                                     key, klen, 1);
+    }
+
+    for (i = 0; i < 4; i++) {
+        if (!seen->has_tokens[i]) {
+            continue;
+        }
+
+        s = ngx_http_infer_metrics_token_types[i];
+        klen = ngx_http_infer_metrics_label(key, labels, len, "type", s.data,
+                                            s.len) - key;
+        ngx_http_infer_metrics_count(mcf, NGX_HTTP_INFER_METRICS_TOKENS, key,
+                                     klen, seen->tokens[i]);
+    }
+
+    if (seen->has_ttft) {
+        ngx_http_infer_metrics_observe(mcf, NGX_HTTP_INFER_METRICS_TTFT,
+                                       labels, len, seen->ttft);
+
+        if (seen->has_tokens[1] && seen->tokens[1] >= 2
+            && seen->duration >= seen->ttft)
         {
-            klen = ngx_http_infer_metrics_label(key, labels, len, "outcome",
-                                                s.data, s.len) - key;
-            ngx_http_infer_metrics_count(mcf, NGX_HTTP_INFER_METRICS_AUTH,
-                                         key, klen, 1);
+            ngx_http_infer_metrics_observe(mcf, NGX_HTTP_INFER_METRICS_TPOT,
+                                           labels, len,
+                                           (seen->duration - seen->ttft)
+                                           / (seen->tokens[1] - 1));
         }
     }
 
-    if (lcf->ratelimit_status) {
-        if (ngx_http_complex_value(r, lcf->ratelimit_status, &s) == NGX_OK
-            && s.len)
-        {
-            klen = ngx_http_infer_metrics_label(key, labels, len, "decision",
-                                                s.data, s.len) - key;
+    for (i = 0; i < mcf->counters.nelts; i++) {
+        if (seen->counters[i]) {
             ngx_http_infer_metrics_count(mcf,
-                                         NGX_HTTP_INFER_METRICS_RATELIMIT,
-                                         key, klen, 1);
+                                         NGX_HTTP_INFER_METRICS_NFAMILIES + i,
+                                         labels, len, seen->counters[i]);
         }
     }
 
-    return NGX_DECLINED;
+    if (seen->auth_outcome.len) {
+        klen = ngx_http_infer_metrics_label(key, labels, len, "outcome",
+                                            seen->auth_outcome.data,
+                                            seen->auth_outcome.len) - key;
+        ngx_http_infer_metrics_count(mcf, NGX_HTTP_INFER_METRICS_AUTH,
+                                     key, klen, 1);
+    }
+
+    if (seen->ratelimit_decision.len) {
+        klen = ngx_http_infer_metrics_label(key, labels, len, "decision",
+                                            seen->ratelimit_decision.data,
+                                            seen->ratelimit_decision.len)
+               - key;
+        ngx_http_infer_metrics_count(mcf, NGX_HTTP_INFER_METRICS_RATELIMIT,
+                                     key, klen, 1);
+    }
 }
 
 

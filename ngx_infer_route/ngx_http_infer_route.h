@@ -24,6 +24,7 @@
 
 /* room for a registry error: two model names, a key, jansson's text */
 #define NGX_HTTP_INFER_ROUTE_ERRSTR      1024
+#define NGX_HTTP_INFER_ROUTE_WEIGHT_MAX  1000000
 
 
 typedef struct {
@@ -167,7 +168,24 @@ ngx_http_infer_route_registry_t *ngx_http_infer_route_registry_build(
 void ngx_http_infer_route_registry_replace(
     ngx_http_infer_route_main_conf_t *rmcf,
     ngx_http_infer_route_registry_t *reg);
+/* ngx_http_infer_route_body.c */
+ngx_int_t ngx_http_infer_route_body_bytes(ngx_http_request_t *r,
+    ngx_str_t *body, ngx_uint_t scratch);
+ngx_int_t ngx_http_infer_route_rewrite_body(ngx_http_request_t *r,
+    ngx_http_infer_route_ctx_t *ctx);
+
 ngx_int_t ngx_http_infer_route_registry_name_ok(ngx_str_t *name);
+ngx_http_infer_route_model_t *ngx_http_infer_route_model_create(
+    ngx_pool_t *pool, ngx_uint_t number);
+ngx_int_t ngx_http_infer_route_model_param(ngx_http_infer_route_model_t *m,
+    ngx_str_t *name, ngx_str_t *v, ngx_pool_t *pool, u_char *err);
+ngx_int_t ngx_http_infer_route_model_check(ngx_http_infer_route_model_t *m,
+    ngx_http_upstream_main_conf_t *umcf, u_char *err);
+ngx_http_infer_route_target_t *ngx_http_infer_route_target_add(
+    ngx_http_infer_route_model_t *m);
+ngx_int_t ngx_http_infer_route_target_param(ngx_http_infer_route_model_t *m,
+    ngx_http_infer_route_target_t *t, ngx_str_t *name, ngx_str_t *v,
+    u_char *err);
 void ngx_http_infer_route_registry_error(u_char *err,
     ngx_http_infer_route_model_t *m, const char *fmt, ...);
 

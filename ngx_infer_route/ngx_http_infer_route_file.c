@@ -52,8 +52,6 @@ static ngx_int_t ngx_http_infer_route_file_string(json_t *v,
     ngx_pool_t *pool, ngx_str_t *s);
 static ngx_int_t ngx_http_infer_route_file_name(json_t *v, ngx_pool_t *pool,
     ngx_str_t *s);
-static ngx_int_t ngx_http_infer_route_file_upstream(
-    ngx_http_infer_route_file_t *f, ngx_str_t *name);
 
 
 /*
@@ -131,7 +129,8 @@ ngx_http_infer_route_file_init_conf(ngx_conf_t *cf,
 
     if (reg == NULL) {
         ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
-                      "infer_model_registry \"%V\": %s", &f->watch.file.name, err);
+                      "infer_model_registry \"%V\": %s",
+                      &f->watch.file.name, err);
         return NGX_CONF_ERROR;
     }
 
@@ -266,7 +265,8 @@ ngx_http_infer_route_file_load(ngx_http_infer_route_file_t *f,
 
     err[0] = '\0';
 
-    buf = ngx_http_infer_file_read(&f->watch.file, NGX_HTTP_INFER_ROUTE_FILE_MAX,
+    buf = ngx_http_infer_file_read(&f->watch.file,
+                                   NGX_HTTP_INFER_ROUTE_FILE_MAX,
                                    &size, log, err,
                                    NGX_HTTP_INFER_ROUTE_ERRSTR);
     if (buf == NULL) {
@@ -384,24 +384,11 @@ ngx_http_infer_route_file_model(ngx_http_infer_route_file_t *f, json_t *obj,
     json_t                         *v;
     ngx_int_t                       rc;
     ngx_str_t                       name;
-    ngx_uint_t                      i;
     const char                     *key;
     ngx_http_infer_route_model_t   *m;
-    ngx_http_infer_route_target_t  *t;
 
-    m = ngx_pcalloc(pool, sizeof(ngx_http_infer_route_model_t));
+    m = ngx_http_infer_route_model_create(pool, number);
     if (m == NULL) {
-        return NULL;
-    }
-
-    m->number = number;
-    m->max_body_size = -1;
-
-    if (ngx_array_init(&m->aliases, pool, 2, sizeof(ngx_str_t)) != NGX_OK
-        || ngx_array_init(&m->targets, pool, 2,
-                          sizeof(ngx_http_infer_route_target_t))
-           != NGX_OK)
-    {
         return NULL;
     }
 
@@ -455,214 +442,32 @@ ngx_http_infer_route_file_model(ngx_http_infer_route_file_t *f, json_t *obj,
         }
     }
 
-    if (m->upstream.len) {
-        if (m->targets.nelts) {
-            ngx_http_infer_route_registry_error(err, m,
-                "has both \"upstream\" and \"targets\": use either");
-            return NULL;
-        }
-
-        t = ngx_array_push(&m->targets);
-        if (t == NULL) {
-            return NULL;
-        }
-
-        ngx_memzero(t, sizeof(ngx_http_infer_route_target_t));
-        t->upstream = m->upstream;
-        t->weight = 1;
-    }
-
-    if (m->targets.nelts == 0) {
-        ngx_http_infer_route_registry_error(err, m,
-            "has no upstream: give it \"upstream\" or \"targets\"");
+    if (ngx_http_infer_route_model_check(m, f->umcf, err) != NGX_OK) {
         return NULL;
-    }
-
-    t = m->targets.elts;
-
-    for (i = 0; i < m->targets.nelts; i++) {
-
-        if (ngx_http_infer_route_file_upstream(f, &t[i].upstream)
-            != NGX_OK)
-        {
-            ngx_http_infer_route_registry_error(err, m,
-                "no upstream \"%V\" is defined", &t[i].upstream);
-            return NULL;
-        }
-
-        if (t[i].model.len == 0) {
-            t[i].model = m->model;
-        }
-
-        m->total_weight += t[i].weight;
     }
 
     return m;
 }
 
 
+/*
+ * A key of a model: its JSON value, as the text infer_model would give
+ * it, to ngx_http_infer_route_model_param(), which checks both.
+ */
+
 static ngx_int_t
 ngx_http_infer_route_file_param(ngx_http_infer_route_model_t *m,
     const char *key, json_t *v, ngx_pool_t *pool, u_char *err)
 {
-    size_t                index;
-    json_t               *item;
-    ngx_int_t             rc;
-    ngx_str_t             s, *alias;
-#if (NGX_PCRE)
-    u_char                errstr[NGX_MAX_CONF_ERRSTR];
-    ngx_regex_compile_t   rxc;
-#endif
+    size_t      index;
+    json_t     *item;
+    ngx_int_t   rc;
+    ngx_str_t   name, s;
 
-#define ngx_infer_key(k)  (ngx_strcmp(key, k) == 0)
+    name.data = (u_char *) key;
+    name.len = ngx_strlen(key);
 
-    if (ngx_infer_key("upstream")) {
-        rc = ngx_http_infer_route_file_string(v, pool, &m->upstream);
-
-        if (rc == NGX_OK && m->upstream.len) {
-            return NGX_OK;
-        }
-
-        goto string;
-    }
-
-    if (ngx_infer_key("model") || ngx_infer_key("fallback")) {
-        rc = ngx_http_infer_route_file_name(v, pool, &s);
-
-        if (rc != NGX_OK) {
-            goto name;
-        }
-
-        if (ngx_infer_key("model")) {
-            m->model = s;
-
-        } else {
-            m->fallback_name = s;
-        }
-
-        return NGX_OK;
-    }
-
-    if (ngx_infer_key("aliases")) {
-        if (!json_is_array(v)) {
-            ngx_http_infer_route_registry_error(err, m,
-                "\"aliases\" must be an array of names");
-            return NGX_ERROR;
-        }
-
-        json_array_foreach(v, index, item) {
-            alias = ngx_array_push(&m->aliases);
-            if (alias == NULL) {
-                return NGX_ERROR;
-            }
-
-            rc = ngx_http_infer_route_file_name(item, pool, alias);
-
-            if (rc != NGX_OK) {
-                goto name;
-            }
-        }
-
-        return NGX_OK;
-    }
-
-    if (ngx_infer_key("pattern")) {
-        rc = ngx_http_infer_route_file_string(v, pool, &s);
-
-        if (rc != NGX_OK || s.len == 0) {
-            goto string;
-        }
-
-#if (NGX_PCRE)
-        ngx_memzero(&rxc, sizeof(ngx_regex_compile_t));
-
-        rxc.pattern = s;
-        rxc.pool = pool;
-        rxc.err.len = NGX_MAX_CONF_ERRSTR;
-        rxc.err.data = errstr;
-
-        if (ngx_regex_compile(&rxc) != NGX_OK) {
-            ngx_http_infer_route_registry_error(err, m,
-                                                "invalid pattern: %V",
-                                                &rxc.err);
-            return NGX_ERROR;
-        }
-
-        m->regex = rxc.regex;
-        m->pattern = s;
-
-        return NGX_OK;
-#else
-        ngx_http_infer_route_registry_error(err, m,
-            "\"pattern\" needs nginx built with PCRE");
-        return NGX_ERROR;
-#endif
-    }
-
-    if (ngx_infer_key("state")) {
-        rc = ngx_http_infer_route_file_string(v, pool, &s);
-
-        if (rc == NGX_ERROR) {
-            return NGX_ERROR;
-        }
-
-        if (rc == NGX_OK && s.len == 6
-            && ngx_strncmp(s.data, "active", 6) == 0)
-        {
-            m->state = NGX_HTTP_INFER_MODEL_ACTIVE;
-
-        } else if (rc == NGX_OK && s.len == 10
-                   && ngx_strncmp(s.data, "deprecated", 10) == 0)
-        {
-            m->state = NGX_HTTP_INFER_MODEL_DEPRECATED;
-
-        } else if (rc == NGX_OK && s.len == 8
-                   && ngx_strncmp(s.data, "disabled", 8) == 0)
-        {
-            m->state = NGX_HTTP_INFER_MODEL_DISABLED;
-
-        } else {
-            ngx_http_infer_route_registry_error(err, m,
-                "\"state\" must be \"active\", \"deprecated\" or "
-                "\"disabled\"");
-            return NGX_ERROR;
-        }
-
-        return NGX_OK;
-    }
-
-    if (ngx_infer_key("max_body_size")) {
-        if (json_is_integer(v)) {
-            if (json_integer_value(v) < 0
-                || json_integer_value(v) > NGX_MAX_OFF_T_VALUE)
-            {
-                goto size;
-            }
-
-            m->max_body_size = (off_t) json_integer_value(v);
-            return NGX_OK;
-        }
-
-        rc = ngx_http_infer_route_file_string(v, pool, &s);
-
-        if (rc == NGX_ERROR) {
-            return NGX_ERROR;
-        }
-
-        if (rc == NGX_DECLINED || s.len == 0) {
-            goto size;
-        }
-
-        m->max_body_size = ngx_parse_offset(&s);
-
-        if (m->max_body_size == NGX_ERROR) {
-            goto size;
-        }
-
-        return NGX_OK;
-    }
-
-    if (ngx_infer_key("sticky")) {
+    if (ngx_strcmp(key, "sticky") == 0) {
         ngx_http_infer_route_registry_error(err, m,
             "\"sticky\" is not supported in a registry file (its value is "
             "compiled with nginx variables): declare the model with "
@@ -670,38 +475,71 @@ ngx_http_infer_route_file_param(ngx_http_infer_route_model_t *m,
         return NGX_ERROR;
     }
 
-#undef ngx_infer_key
+    if (ngx_strcmp(key, "alias") == 0) {
+        /* a parameter of infer_model; the file's key is "aliases" */
+        goto unknown;
+    }
+
+    if (ngx_strcmp(key, "aliases") == 0) {
+        if (!json_is_array(v)) {
+            ngx_http_infer_route_registry_error(err, m,
+                "\"aliases\" must be an array of names");
+            return NGX_ERROR;
+        }
+
+        json_array_foreach(v, index, item) {
+            rc = ngx_http_infer_route_file_string(item, pool, &s);
+
+            if (rc == NGX_DECLINED) {
+                ngx_http_infer_route_registry_error(err, m,
+                    "\"aliases\": a name must be a string");
+                return NGX_ERROR;
+            }
+
+            if (rc != NGX_OK
+                || ngx_http_infer_route_model_param(m, &name, &s, pool, err)
+                   != NGX_OK)
+            {
+                return NGX_ERROR;
+            }
+        }
+
+        return NGX_OK;
+    }
+
+    if (ngx_strcmp(key, "max_body_size") == 0 && json_is_integer(v)) {
+        if (json_integer_value(v) < 0
+            || json_integer_value(v) > NGX_MAX_OFF_T_VALUE)
+        {
+            /* refused with the words of a size that is no size */
+            s.len = 0;
+            return ngx_http_infer_route_model_param(m, &name, &s, pool, err);
+        }
+
+        m->max_body_size = (off_t) json_integer_value(v);
+        return NGX_OK;
+    }
+
+    rc = ngx_http_infer_route_file_string(v, pool, &s);
+
+    if (rc == NGX_ERROR) {
+        return NGX_ERROR;
+    }
+
+    if (rc == NGX_DECLINED) {
+        /* not a string: refused with the words of an empty one */
+        s.len = 0;
+    }
+
+    rc = ngx_http_infer_route_model_param(m, &name, &s, pool, err);
+
+    if (rc != NGX_DECLINED) {
+        return rc;
+    }
+
+unknown:
 
     ngx_http_infer_route_registry_error(err, m, "unknown key \"%s\"", key);
-    return NGX_ERROR;
-
-string:
-
-    if (rc == NGX_ERROR) {
-        return NGX_ERROR;
-    }
-
-    ngx_http_infer_route_registry_error(err, m,
-                                        "\"%s\" must be a non-empty string",
-                                        key);
-    return NGX_ERROR;
-
-name:
-
-    if (rc == NGX_ERROR) {
-        return NGX_ERROR;
-    }
-
-    ngx_http_infer_route_registry_error(err, m,
-        "\"%s\": a name must be a string of 1 to %d bytes and no "
-        "control characters", key, NGX_HTTP_INFER_MODEL_MAX);
-    return NGX_ERROR;
-
-size:
-
-    ngx_http_infer_route_registry_error(err, m,
-        "\"max_body_size\" must be a number of bytes, or a size such as "
-        "\"64k\" or \"1m\"");
     return NGX_ERROR;
 }
 
@@ -715,10 +553,11 @@ static ngx_int_t
 ngx_http_infer_route_file_targets(ngx_http_infer_route_model_t *m,
     json_t *list, ngx_pool_t *pool, u_char *err)
 {
+    u_char                          num[NGX_INT64_LEN];
     size_t                          i;
     json_t                         *item, *v;
-    json_int_t                      weight;
     ngx_int_t                       rc;
+    ngx_str_t                       name, s;
     const char                     *key;
     ngx_http_infer_route_target_t  *t;
 
@@ -737,68 +576,49 @@ ngx_http_infer_route_file_targets(ngx_http_infer_route_model_t *m,
             return NGX_ERROR;
         }
 
-        t = ngx_array_push(&m->targets);
+        t = ngx_http_infer_route_target_add(m);
         if (t == NULL) {
             return NGX_ERROR;
         }
 
-        ngx_memzero(t, sizeof(ngx_http_infer_route_target_t));
-        t->weight = 1;
-
         json_object_foreach(item, key, v) {
 
-            if (ngx_strcmp(key, "upstream") == 0) {
-                rc = ngx_http_infer_route_file_string(v, pool, &t->upstream);
+            name.data = (u_char *) key;
+            name.len = ngx_strlen(key);
 
-                if (rc == NGX_ERROR) {
-                    return NGX_ERROR;
-                }
-
-                if (rc == NGX_DECLINED || t->upstream.len == 0) {
-                    ngx_http_infer_route_registry_error(err, m,
-                        "target #%uz: \"upstream\" must be a non-empty "
-                        "string", i + 1);
-                    return NGX_ERROR;
-                }
-
-                continue;
-            }
+            /* the text infer_model_target would give; none: "" */
 
             if (ngx_strcmp(key, "weight") == 0) {
-                weight = json_is_integer(v) ? json_integer_value(v) : 0;
+                s.data = num;
+                s.len = json_is_integer(v)
+                        ? (size_t) (ngx_sprintf(num, "%L",
+                                        (int64_t) json_integer_value(v))
+                                    - num)
+                        : 0;
 
-                if (weight < 1 || weight > 1000000) {
-                    ngx_http_infer_route_registry_error(err, m,
-                        "target #%uz: \"weight\" must be a whole number "
-                        "from 1 to 1000000", i + 1);
-                    return NGX_ERROR;
-                }
-
-                t->weight = (ngx_int_t) weight;
-                continue;
-            }
-
-            if (ngx_strcmp(key, "model") == 0) {
-                rc = ngx_http_infer_route_file_name(v, pool, &t->model);
+            } else {
+                rc = ngx_http_infer_route_file_string(v, pool, &s);
 
                 if (rc == NGX_ERROR) {
                     return NGX_ERROR;
                 }
 
                 if (rc == NGX_DECLINED) {
-                    ngx_http_infer_route_registry_error(err, m,
-                        "target #%uz: \"model\" must be a string of 1 to "
-                        "%d bytes and no control characters", i + 1,
-                        NGX_HTTP_INFER_MODEL_MAX);
-                    return NGX_ERROR;
+                    s.len = 0;
                 }
-
-                continue;
             }
 
-            ngx_http_infer_route_registry_error(err, m,
-                "target #%uz: unknown key \"%s\"", i + 1, key);
-            return NGX_ERROR;
+            rc = ngx_http_infer_route_target_param(m, t, &name, &s, err);
+
+            if (rc == NGX_DECLINED) {
+                ngx_http_infer_route_registry_error(err, m,
+                    "target #%uz: unknown key \"%s\"", i + 1, key);
+                return NGX_ERROR;
+            }
+
+            if (rc != NGX_OK) {
+                return NGX_ERROR;
+            }
         }
 
         if (t->upstream.len == 0) {
@@ -854,26 +674,4 @@ ngx_http_infer_route_file_name(json_t *v, ngx_pool_t *pool, ngx_str_t *s)
 
     return (ngx_http_infer_route_registry_name_ok(s) == NGX_OK)
            ? NGX_OK : NGX_DECLINED;
-}
-
-
-static ngx_int_t
-ngx_http_infer_route_file_upstream(ngx_http_infer_route_file_t *f,
-    ngx_str_t *name)
-{
-    ngx_uint_t                       i;
-    ngx_http_upstream_srv_conf_t   **uscf;
-
-    uscf = f->umcf->upstreams.elts;
-
-    for (i = 0; i < f->umcf->upstreams.nelts; i++) {
-        if ((uscf[i]->flags & NGX_HTTP_UPSTREAM_CREATE)
-            && uscf[i]->host.len == name->len
-            && ngx_strncmp(uscf[i]->host.data, name->data, name->len) == 0)
-        {
-            return NGX_OK;
-        }
-    }
-
-    return NGX_DECLINED;
 }

@@ -15,7 +15,7 @@
 #include <ngx_config.h>
 #include <ngx_core.h>
 #include "ngx_http_infer_route_json.h"
-#include "ngx_http_infer_lex.h"
+#include "ngx_http_infer_route_lex.h"
 
 
 #define NGX_JSON_DEPTH              64

@@ -19,8 +19,6 @@
 static ngx_int_t ngx_http_infer_route_registry_add_name(ngx_conf_t *cf,
     ngx_http_infer_route_main_conf_t *rmcf, ngx_str_t *name,
     ngx_http_infer_route_model_t *m);
-static ngx_int_t ngx_http_infer_route_registry_upstream(ngx_conf_t *cf,
-    ngx_http_infer_route_model_t *m, ngx_str_t *name);
 static ngx_int_t ngx_http_infer_route_registry_fallbacks(
     ngx_http_infer_route_registry_t *reg, u_char *err);
 static void ngx_http_infer_route_registry_release(void *data);
@@ -30,6 +28,9 @@ static void ngx_http_infer_route_registry_release(void *data);
  * infer_model NAME [upstream=POOL] [model=ID] [alias=NAME[,NAME...]]
  *     [pattern=REGEX] [sticky=VALUE] [state=active|deprecated|disabled]
  *     [max_body_size=SIZE] [fallback=NAME];
+ *
+ * Each parameter but sticky= (compiled with nginx variables) is checked
+ * by ngx_http_infer_route_model_param(), as a registry file's keys are.
  */
 
 char *
@@ -39,14 +40,12 @@ ngx_http_infer_route_registry_model(ngx_conf_t *cf, ngx_command_t *cmd,
     ngx_http_infer_route_main_conf_t *rmcf = conf;
 
     u_char                             *p, *last;
-    ngx_str_t                          *value, *alias, name, v;
+    u_char                              err[NGX_HTTP_INFER_ROUTE_ERRSTR];
+    ngx_int_t                           rc;
+    ngx_str_t                          *value, *alias, name, v, a;
     ngx_uint_t                          i, j;
     ngx_http_infer_route_model_t       *m, **mp;
     ngx_http_compile_complex_value_t    ccv;
-#if (NGX_PCRE)
-    u_char                              errstr[NGX_MAX_CONF_ERRSTR];
-    ngx_regex_compile_t                 rc;
-#endif
 
     value = cf->args->elts;
 
@@ -58,22 +57,12 @@ ngx_http_infer_route_registry_model(ngx_conf_t *cf, ngx_command_t *cmd,
         return NGX_CONF_ERROR;
     }
 
-    m = ngx_pcalloc(cf->pool, sizeof(ngx_http_infer_route_model_t));
+    m = ngx_http_infer_route_model_create(cf->pool, 0);
     if (m == NULL) {
         return NGX_CONF_ERROR;
     }
 
     m->name = value[1];
-    m->max_body_size = -1;
-
-    if (ngx_array_init(&m->aliases, cf->pool, 2, sizeof(ngx_str_t))
-        != NGX_OK
-        || ngx_array_init(&m->targets, cf->pool, 2,
-                          sizeof(ngx_http_infer_route_target_t))
-           != NGX_OK)
-    {
-        return NGX_CONF_ERROR;
-    }
 
     for (i = 2; i < cf->args->nelts; i++) {
 
@@ -92,93 +81,11 @@ ngx_http_infer_route_registry_model(ngx_conf_t *cf, ngx_command_t *cmd,
             goto invalid;
         }
 
-#define ngx_infer_param(s)                                                    \
-        (name.len == sizeof(s) - 1 && ngx_strncmp(name.data, s, name.len) == 0)
-
-        if (ngx_infer_param("upstream")) {
-            if (m->upstream.len) {
-                goto twice;
-            }
-
-            m->upstream = v;
-            continue;
-        }
-
-        if (ngx_infer_param("model")) {
-            if (m->model.len) {
-                goto twice;
-            }
-
-            if (ngx_http_infer_route_registry_name_ok(&v) != NGX_OK) {
-                goto invalid;
-            }
-
-            m->model = v;
-            continue;
-        }
-
-        if (ngx_infer_param("alias")) {
-            p = v.data;
-            last = v.data + v.len;
-
-            while (p < last) {
-                name.data = p;
-
-                while (p < last && *p != ',') {
-                    p++;
-                }
-
-                name.len = p++ - name.data;
-
-                if (ngx_http_infer_route_registry_name_ok(&name) != NGX_OK) {
-                    goto invalid;
-                }
-
-                alias = ngx_array_push(&m->aliases);
-                if (alias == NULL) {
-                    return NGX_CONF_ERROR;
-                }
-
-                *alias = name;
-            }
-
-            continue;
-        }
-
-        if (ngx_infer_param("pattern")) {
-#if (NGX_PCRE)
-            if (m->pattern.len) {
-                goto twice;
-            }
-
-            ngx_memzero(&rc, sizeof(ngx_regex_compile_t));
-
-            rc.pattern = v;
-            rc.pool = cf->pool;
-            rc.err.len = NGX_MAX_CONF_ERRSTR;
-            rc.err.data = errstr;
-
-            if (ngx_regex_compile(&rc) != NGX_OK) {
-                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                                   "model \"%V\": invalid pattern: %V",
-                                   &m->name, &rc.err);
-                return NGX_CONF_ERROR;
-            }
-
-            m->regex = rc.regex;
-            m->pattern = v;
-            continue;
-#else
-            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                               "model \"%V\": pattern= needs nginx built "
-                               "with PCRE", &m->name);
-            return NGX_CONF_ERROR;
-#endif
-        }
-
-        if (ngx_infer_param("sticky")) {
+        if (name.len == 6 && ngx_strncmp(name.data, "sticky", 6) == 0) {
             if (m->sticky) {
-                goto twice;
+                ngx_http_infer_route_registry_error(err, m,
+                    "\"sticky\" is given twice");
+                goto failed;
             }
 
             m->sticky = ngx_palloc(cf->pool,
@@ -200,48 +107,47 @@ ngx_http_infer_route_registry_model(ngx_conf_t *cf, ngx_command_t *cmd,
             continue;
         }
 
-        if (ngx_infer_param("state")) {
-            if (v.len == 6 && ngx_strncmp(v.data, "active", 6) == 0) {
-                m->state = NGX_HTTP_INFER_MODEL_ACTIVE;
-
-            } else if (v.len == 10
-                       && ngx_strncmp(v.data, "deprecated", 10) == 0)
-            {
-                m->state = NGX_HTTP_INFER_MODEL_DEPRECATED;
-
-            } else if (v.len == 8 && ngx_strncmp(v.data, "disabled", 8) == 0)
-            {
-                m->state = NGX_HTTP_INFER_MODEL_DISABLED;
-
-            } else {
-                goto invalid;
-            }
-
-            continue;
+        if (name.len == 7 && ngx_strncmp(name.data, "aliases", 7) == 0) {
+            /* a registry file's key, not a parameter */
+            goto invalid;
         }
 
-        if (ngx_infer_param("fallback")) {
-            if (m->fallback_name.len) {
-                goto twice;
-            }
+        if (name.len == 5 && ngx_strncmp(name.data, "alias", 5) == 0) {
 
-            m->fallback_name = v;
-            continue;
+            /* alias=a,b: each name as a file's "aliases" gives it */
+
+            p = v.data;
+            last = v.data + v.len;
+
+            do {
+                a.data = p;
+
+                while (p < last && *p != ',') {
+                    p++;
+                }
+
+                a.len = p++ - a.data;
+
+                rc = ngx_http_infer_route_model_param(m, &name, &a,
+                                                      cf->pool, err);
+                if (rc != NGX_OK) {
+                    break;
+                }
+
+            } while (p < last);
+
+        } else {
+            rc = ngx_http_infer_route_model_param(m, &name, &v, cf->pool,
+                                                  err);
         }
 
-        if (ngx_infer_param("max_body_size")) {
-            m->max_body_size = ngx_parse_offset(&v);
-
-            if (m->max_body_size == NGX_ERROR) {
-                goto invalid;
-            }
-
-            continue;
+        if (rc == NGX_DECLINED) {
+            goto invalid;
         }
 
-#undef ngx_infer_param
-
-        goto invalid;
+        if (rc != NGX_OK) {
+            goto failed;
+        }
     }
 
     if (rmcf->keys == NULL) {
@@ -284,10 +190,9 @@ ngx_http_infer_route_registry_model(ngx_conf_t *cf, ngx_command_t *cmd,
 
     return NGX_CONF_OK;
 
-twice:
+failed:
 
-    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                       "model \"%V\" has \"%V\" twice", &m->name, &name);
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "%s", err);
     return NGX_CONF_ERROR;
 
 invalid:
@@ -296,6 +201,268 @@ invalid:
                        "invalid parameter \"%V\" for model \"%V\"",
                        &value[i], &m->name);
     return NGX_CONF_ERROR;
+}
+
+
+/* a model with no parameter yet; number: its place in a file, 0 */
+
+ngx_http_infer_route_model_t *
+ngx_http_infer_route_model_create(ngx_pool_t *pool, ngx_uint_t number)
+{
+    ngx_http_infer_route_model_t  *m;
+
+    m = ngx_pcalloc(pool, sizeof(ngx_http_infer_route_model_t));
+    if (m == NULL) {
+        return NULL;
+    }
+
+    m->number = number;
+    m->max_body_size = -1;
+
+    if (ngx_array_init(&m->aliases, pool, 2, sizeof(ngx_str_t)) != NGX_OK
+        || ngx_array_init(&m->targets, pool, 2,
+                          sizeof(ngx_http_infer_route_target_t))
+           != NGX_OK)
+    {
+        return NULL;
+    }
+
+    return m;
+}
+
+
+/*
+ * One parameter of a model, the same from infer_model (name=value, an
+ * alias at a time) and from a registry file (a key and its string):
+ * NGX_DECLINED when name is none, NGX_ERROR with err saying what is
+ * wrong.  The value is kept, not copied: it lives in the caller's pool.
+ */
+
+ngx_int_t
+ngx_http_infer_route_model_param(ngx_http_infer_route_model_t *m,
+    ngx_str_t *name, ngx_str_t *v, ngx_pool_t *pool, u_char *err)
+{
+    ngx_str_t            *s;
+#if (NGX_PCRE)
+    u_char                errstr[NGX_MAX_CONF_ERRSTR];
+    ngx_regex_compile_t   rc;
+#endif
+
+#define ngx_infer_param(p)                                                    \
+    (name->len == sizeof(p) - 1 && ngx_strncmp(name->data, p, name->len) == 0)
+
+    if (ngx_infer_param("upstream")) {
+        if (v->len == 0) {
+            goto empty;
+        }
+
+        if (m->upstream.len) {
+            goto twice;
+        }
+
+        m->upstream = *v;
+        return NGX_OK;
+    }
+
+    if (ngx_infer_param("model") || ngx_infer_param("fallback")) {
+        s = ngx_infer_param("model") ? &m->model : &m->fallback_name;
+
+        if (s->len) {
+            goto twice;
+        }
+
+        if (ngx_http_infer_route_registry_name_ok(v) != NGX_OK) {
+            goto bad_name;
+        }
+
+        *s = *v;
+        return NGX_OK;
+    }
+
+    if (ngx_infer_param("alias") || ngx_infer_param("aliases")) {
+        if (ngx_http_infer_route_registry_name_ok(v) != NGX_OK) {
+            goto bad_name;
+        }
+
+        s = ngx_array_push(&m->aliases);
+        if (s == NULL) {
+            goto nomem;
+        }
+
+        *s = *v;
+        return NGX_OK;
+    }
+
+    if (ngx_infer_param("pattern")) {
+        if (v->len == 0) {
+            goto empty;
+        }
+
+        if (m->pattern.len) {
+            goto twice;
+        }
+
+#if (NGX_PCRE)
+        ngx_memzero(&rc, sizeof(ngx_regex_compile_t));
+
+        rc.pattern = *v;
+        rc.pool = pool;
+        rc.err.len = NGX_MAX_CONF_ERRSTR;
+        rc.err.data = errstr;
+
+        if (ngx_regex_compile(&rc) != NGX_OK) {
+            ngx_http_infer_route_registry_error(err, m,
+                                                "invalid pattern: %V",
+                                                &rc.err);
+            return NGX_ERROR;
+        }
+
+        m->regex = rc.regex;
+        m->pattern = *v;
+        return NGX_OK;
+#else
+        ngx_http_infer_route_registry_error(err, m,
+            "\"pattern\" needs nginx built with PCRE");
+        return NGX_ERROR;
+#endif
+    }
+
+    if (ngx_infer_param("state")) {
+        if (v->len == 6 && ngx_strncmp(v->data, "active", 6) == 0) {
+            m->state = NGX_HTTP_INFER_MODEL_ACTIVE;
+
+        } else if (v->len == 10
+                   && ngx_strncmp(v->data, "deprecated", 10) == 0)
+        {
+            m->state = NGX_HTTP_INFER_MODEL_DEPRECATED;
+
+        } else if (v->len == 8 && ngx_strncmp(v->data, "disabled", 8) == 0)
+        {
+            m->state = NGX_HTTP_INFER_MODEL_DISABLED;
+
+        } else {
+            ngx_http_infer_route_registry_error(err, m,
+                "\"state\" must be \"active\", \"deprecated\" or "
+                "\"disabled\"");
+            return NGX_ERROR;
+        }
+
+        return NGX_OK;
+    }
+
+    if (ngx_infer_param("max_body_size")) {
+        m->max_body_size = (v->len == 0) ? NGX_ERROR : ngx_parse_offset(v);
+
+        if (m->max_body_size == NGX_ERROR) {
+            ngx_http_infer_route_registry_error(err, m,
+                "\"max_body_size\" must be a number of bytes, or a size "
+                "such as \"64k\" or \"1m\"");
+            return NGX_ERROR;
+        }
+
+        return NGX_OK;
+    }
+
+#undef ngx_infer_param
+
+    return NGX_DECLINED;
+
+empty:
+
+    ngx_http_infer_route_registry_error(err, m,
+                                        "\"%V\" must be a non-empty string",
+                                        name);
+    return NGX_ERROR;
+
+twice:
+
+    ngx_http_infer_route_registry_error(err, m, "\"%V\" is given twice",
+                                        name);
+    return NGX_ERROR;
+
+bad_name:
+
+    ngx_http_infer_route_registry_error(err, m,
+        "\"%V\": a name must have 1 to %d bytes and no control characters",
+        name, NGX_HTTP_INFER_MODEL_MAX);
+    return NGX_ERROR;
+
+nomem:
+
+    ngx_http_infer_route_registry_error(err, m, "not enough memory");
+    return NGX_ERROR;
+}
+
+
+/*
+ * A model once all its parameters and targets are in, from either
+ * source: upstream= becomes its one target; every target's pool must be
+ * an upstream{} of umcf, and a target without model= takes the model's.
+ */
+
+ngx_int_t
+ngx_http_infer_route_model_check(ngx_http_infer_route_model_t *m,
+    ngx_http_upstream_main_conf_t *umcf, u_char *err)
+{
+    ngx_uint_t                       i, j;
+    ngx_http_upstream_srv_conf_t   **uscf;
+    ngx_http_infer_route_target_t   *t;
+
+    if (m->upstream.len) {
+        if (m->targets.nelts) {
+            ngx_http_infer_route_registry_error(err, m,
+                "has both \"upstream\" and \"targets\": use either");
+            return NGX_ERROR;
+        }
+
+        t = ngx_http_infer_route_target_add(m);
+        if (t == NULL) {
+            ngx_http_infer_route_registry_error(err, m, "not enough memory");
+            return NGX_ERROR;
+        }
+
+        t->upstream = m->upstream;
+    }
+
+    if (m->targets.nelts == 0) {
+        ngx_http_infer_route_registry_error(err, m,
+            "has no upstream: give it %s",
+            m->number ? "\"upstream\" or \"targets\""
+                      : "upstream= or an infer_model_target");
+        return NGX_ERROR;
+    }
+
+    t = m->targets.elts;
+    uscf = umcf->upstreams.elts;
+    m->total_weight = 0;
+
+    for (i = 0; i < m->targets.nelts; i++) {
+
+        for (j = 0; j < umcf->upstreams.nelts; j++) {
+            if ((uscf[j]->flags & NGX_HTTP_UPSTREAM_CREATE)
+                && uscf[j]->host.len == t[i].upstream.len
+                && ngx_strncmp(uscf[j]->host.data, t[i].upstream.data,
+                               t[i].upstream.len)
+                   == 0)
+            {
+                break;
+            }
+        }
+
+        if (j == umcf->upstreams.nelts) {
+            ngx_http_infer_route_registry_error(err, m,
+                "no upstream \"%V\" is defined", &t[i].upstream);
+            return NGX_ERROR;
+        }
+
+        if (t[i].model.len == 0) {
+            t[i].model = m->model;
+        }
+
+        m->total_weight += t[i].weight;
+    }
+
+    return NGX_OK;
 }
 
 
@@ -309,8 +476,10 @@ ngx_http_infer_route_registry_target(ngx_conf_t *cf, ngx_command_t *cmd,
 {
     ngx_http_infer_route_main_conf_t *rmcf = conf;
 
-    ngx_str_t                       *value;
-    ngx_int_t                        weight;
+    u_char                          *p;
+    u_char                           err[NGX_HTTP_INFER_ROUTE_ERRSTR];
+    ngx_int_t                        rc;
+    ngx_str_t                       *value, name, v;
     ngx_uint_t                       i;
     ngx_http_infer_route_model_t   **mp, *m;
     ngx_http_infer_route_target_t   *t;
@@ -344,41 +513,41 @@ ngx_http_infer_route_registry_target(ngx_conf_t *cf, ngx_command_t *cmd,
         return NGX_CONF_ERROR;
     }
 
-    t = ngx_array_push(&m->targets);
+    t = ngx_http_infer_route_target_add(m);
     if (t == NULL) {
         return NGX_CONF_ERROR;
     }
 
-    ngx_memzero(t, sizeof(ngx_http_infer_route_target_t));
-
     t->upstream = value[2];
-    t->weight = 1;
 
     for (i = 3; i < cf->args->nelts; i++) {
 
-        if (ngx_strncmp(value[i].data, "weight=", 7) == 0) {
-            weight = ngx_atoi(value[i].data + 7, value[i].len - 7);
-
-            if (weight == NGX_ERROR || weight == 0 || weight > 1000000) {
-                goto invalid;
-            }
-
-            t->weight = weight;
-            continue;
+        p = (u_char *) ngx_strlchr(value[i].data,
+                                   value[i].data + value[i].len, '=');
+        if (p == NULL || p == value[i].data) {
+            goto invalid;
         }
 
-        if (ngx_strncmp(value[i].data, "model=", 6) == 0) {
-            t->model.data = value[i].data + 6;
-            t->model.len = value[i].len - 6;
+        name.data = value[i].data;
+        name.len = p - value[i].data;
+        v.data = p + 1;
+        v.len = value[i].data + value[i].len - v.data;
 
-            if (ngx_http_infer_route_registry_name_ok(&t->model) != NGX_OK) {
-                goto invalid;
-            }
-
-            continue;
+        if (name.len == 8 && ngx_strncmp(name.data, "upstream", 8) == 0) {
+            /* the second argument */
+            goto invalid;
         }
 
-        goto invalid;
+        rc = ngx_http_infer_route_target_param(m, t, &name, &v, err);
+
+        if (rc == NGX_DECLINED) {
+            goto invalid;
+        }
+
+        if (rc != NGX_OK) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "%s", err);
+            return NGX_CONF_ERROR;
+        }
     }
 
     return NGX_CONF_OK;
@@ -389,6 +558,83 @@ invalid:
                        "invalid parameter \"%V\" for a target of model "
                        "\"%V\"", &value[i], &m->name);
     return NGX_CONF_ERROR;
+}
+
+
+/* a new target of m, of weight 1 */
+
+ngx_http_infer_route_target_t *
+ngx_http_infer_route_target_add(ngx_http_infer_route_model_t *m)
+{
+    ngx_http_infer_route_target_t  *t;
+
+    t = ngx_array_push(&m->targets);
+    if (t == NULL) {
+        return NULL;
+    }
+
+    ngx_memzero(t, sizeof(ngx_http_infer_route_target_t));
+    t->weight = 1;
+
+    return t;
+}
+
+
+/*
+ * One parameter of a target, the last of m's, as infer_model_target and
+ * a registry file's "targets" give it: NGX_DECLINED when name is none,
+ * NGX_ERROR with err saying what is wrong.
+ */
+
+ngx_int_t
+ngx_http_infer_route_target_param(ngx_http_infer_route_model_t *m,
+    ngx_http_infer_route_target_t *t, ngx_str_t *name, ngx_str_t *v,
+    u_char *err)
+{
+    ngx_int_t  weight;
+
+    if (name->len == 8 && ngx_strncmp(name->data, "upstream", 8) == 0) {
+        if (v->len == 0) {
+            ngx_http_infer_route_registry_error(err, m,
+                "target #%ui: \"upstream\" must be a non-empty string",
+                m->targets.nelts);
+            return NGX_ERROR;
+        }
+
+        t->upstream = *v;
+        return NGX_OK;
+    }
+
+    if (name->len == 6 && ngx_strncmp(name->data, "weight", 6) == 0) {
+        weight = ngx_atoi(v->data, v->len);
+
+        if (weight == NGX_ERROR || weight == 0
+            || weight > NGX_HTTP_INFER_ROUTE_WEIGHT_MAX)
+        {
+            ngx_http_infer_route_registry_error(err, m,
+                "target #%ui: \"weight\" must be a whole number from 1 to "
+                "%d", m->targets.nelts, NGX_HTTP_INFER_ROUTE_WEIGHT_MAX);
+            return NGX_ERROR;
+        }
+
+        t->weight = weight;
+        return NGX_OK;
+    }
+
+    if (name->len == 5 && ngx_strncmp(name->data, "model", 5) == 0) {
+        if (ngx_http_infer_route_registry_name_ok(v) != NGX_OK) {
+            ngx_http_infer_route_registry_error(err, m,
+                "target #%ui: \"model\" must be a string of 1 to %d bytes "
+                "and no control characters", m->targets.nelts,
+                NGX_HTTP_INFER_MODEL_MAX);
+            return NGX_ERROR;
+        }
+
+        t->model = *v;
+        return NGX_OK;
+    }
+
+    return NGX_DECLINED;
 }
 
 
@@ -403,51 +649,19 @@ ngx_http_infer_route_registry_init(ngx_conf_t *cf,
     ngx_http_infer_route_main_conf_t *rmcf)
 {
     u_char                            err[NGX_HTTP_INFER_ROUTE_ERRSTR];
-    ngx_uint_t                        i, j;
+    ngx_uint_t                        i;
     ngx_http_infer_route_model_t    **m;
-    ngx_http_infer_route_target_t    *t;
     ngx_http_infer_route_registry_t  *reg;
+    ngx_http_upstream_main_conf_t    *umcf;
+
+    umcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_upstream_module);
 
     m = rmcf->models.elts;
 
     for (i = 0; i < rmcf->models.nelts; i++) {
-
-        if (m[i]->upstream.len) {
-            t = ngx_array_push(&m[i]->targets);
-            if (t == NULL) {
-                return NGX_CONF_ERROR;
-            }
-
-            ngx_memzero(t, sizeof(ngx_http_infer_route_target_t));
-            t->upstream = m[i]->upstream;
-            t->weight = 1;
-        }
-
-        if (m[i]->targets.nelts == 0) {
-            ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
-                          "model \"%V\" has no upstream: give it "
-                          "upstream= or an infer_model_target",
-                          &m[i]->name);
+        if (ngx_http_infer_route_model_check(m[i], umcf, err) != NGX_OK) {
+            ngx_log_error(NGX_LOG_EMERG, cf->log, 0, "%s", err);
             return NGX_CONF_ERROR;
-        }
-
-        t = m[i]->targets.elts;
-        m[i]->total_weight = 0;
-
-        for (j = 0; j < m[i]->targets.nelts; j++) {
-
-            if (ngx_http_infer_route_registry_upstream(cf, m[i],
-                                                       &t[j].upstream)
-                != NGX_OK)
-            {
-                return NGX_CONF_ERROR;
-            }
-
-            if (t[j].model.len == 0) {
-                t[j].model = m[i]->model;
-            }
-
-            m[i]->total_weight += t[j].weight;
         }
     }
 
@@ -923,34 +1137,6 @@ ngx_http_infer_route_registry_add_name(ngx_conf_t *cf,
     }
 
     return rc;
-}
-
-
-static ngx_int_t
-ngx_http_infer_route_registry_upstream(ngx_conf_t *cf,
-    ngx_http_infer_route_model_t *m, ngx_str_t *name)
-{
-    ngx_uint_t                       i;
-    ngx_http_upstream_srv_conf_t   **uscf;
-    ngx_http_upstream_main_conf_t   *umcf;
-
-    umcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_upstream_module);
-    uscf = umcf->upstreams.elts;
-
-    for (i = 0; i < umcf->upstreams.nelts; i++) {
-        if ((uscf[i]->flags & NGX_HTTP_UPSTREAM_CREATE)
-            && uscf[i]->host.len == name->len
-            && ngx_strncmp(uscf[i]->host.data, name->data, name->len) == 0)
-        {
-            return NGX_OK;
-        }
-    }
-
-    ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
-                  "model \"%V\": no upstream \"%V\" is defined",
-                  &m->name, name);
-
-    return NGX_ERROR;
 }
 
 

@@ -26,7 +26,7 @@
 #include <ngx_config.h>
 #include <ngx_core.h>
 #include "ngx_http_infer_route_usage.h"
-#include "ngx_http_infer_lex.h"
+#include "ngx_http_infer_route_lex.h"
 
 
 #define NGX_USAGE_DEPTH             64      /* bits in u->stack */

@@ -237,7 +237,11 @@ BROKEN = [
     ('[{"name": "x", "upstream": "pa", "aliases": "y"}]',
      'model #1 ("x"): "aliases" must be an array of names'),
     ('[{"name": "x", "upstream": "pa", "aliases": [""]}]',
+     'model #1 ("x"): "aliases": a name must have 1 to 256 bytes'),
+    ('[{"name": "x", "upstream": "pa", "aliases": [7]}]',
      'model #1 ("x"): "aliases": a name must be a string'),
+    ('[{"name": "x", "upstream": "pa", "alias": "y"}]',
+     'model #1 ("x"): unknown key "alias"'),
     ('[{"name": "x", "upstream": "pa", "name": "y"}]',
      "invalid JSON at line 1"),
     ('[{"name": "x", "upstream": 7}]',
@@ -254,7 +258,8 @@ BROKEN = [
     "fallback-unknown", "sticky", "no-name", "control-char-name",
     "long-name", "no-upstream", "upstream-and-targets", "zero-weight",
     "target-unknown-key", "bad-state", "bad-size", "bad-pattern",
-    "aliases-not-list", "empty-alias", "dup-key", "upstream-not-string",
+    "aliases-not-list", "empty-alias", "alias-not-string",
+    "alias-is-not-a-file-key", "dup-key", "upstream-not-string",
     "not-an-object", "empty-file"])
 def test_nginx_t_refuses_a_broken_file(nginx_factory, pools, reg, text,
                                        message):

@@ -20,7 +20,7 @@ INCLUDES = [f"-I{TREE / d}" for d in
                          ("ngx_infer_common", "ngx_infer_route",
                           "ngx_infer_balance")]
 
-# ngx_http_infer_lex.h's three ways of skipping bytes: SSE2 (on
+# ngx_http_infer_route_lex.h's three ways of skipping bytes: SSE2 (on
 # x86-64), 64-bit words, 64-bit words without the little-endian shortcut
 VARIANTS = {"sse2": [], "swar": ["-U__SSE2__"],
             "portable": ["-U__SSE2__", "-DNGX_HAVE_LITTLE_ENDIAN=0"]}

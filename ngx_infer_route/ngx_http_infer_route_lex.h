@@ -8,8 +8,8 @@
  */
 
 
-#ifndef _NGX_HTTP_INFER_LEX_H_INCLUDED_
-#define _NGX_HTTP_INFER_LEX_H_INCLUDED_
+#ifndef _NGX_HTTP_INFER_ROUTE_LEX_H_INCLUDED_
+#define _NGX_HTTP_INFER_ROUTE_LEX_H_INCLUDED_
 
 
 #include <ngx_config.h>
@@ -105,4 +105,4 @@ ngx_http_infer_route_special(u_char *p, u_char *last)
 }
 
 
-#endif /* _NGX_HTTP_INFER_LEX_H_INCLUDED_ */
+#endif /* _NGX_HTTP_INFER_ROUTE_LEX_H_INCLUDED_ */
