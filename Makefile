@@ -4,6 +4,7 @@
 #   make run        install what is missing, build, start the demo gateway
 #   make test       install what is missing, build, run the whole test suite
 #   make bench      install what is missing, build, run the benchmarks
+#   make valgrind   the reload and JWKS tests with nginx under valgrind
 #
 #   make NGINX_SRC=/path/to/nginx-1.x.y    build against another nginx tree
 
@@ -18,7 +19,8 @@ SOURCES := config $(wildcard ngx_infer_*/*.c ngx_infer_*/*.h)
 
 export INFER_MODULES_DIR := $(MODDIR)
 
-.PHONY: all build deps run test bench token clean FORCE
+.PHONY: all build deps run test bench valgrind valgrind-run token clean \
+        FORCE
 
 all: build
 
@@ -68,8 +70,31 @@ $(MODDIR)/.built: $(BUILD)/configured $(SOURCES)
 run: deps build
 	$(PYTHON) examples/demo/run.py
 
+# The suite, then the tests of what lives across reloads and requests
+# (pools, key sets, timers) again with nginx under valgrind.
 test: deps build
 	$(PYTHON) -m pytest -p no:cacheprovider $(PYTEST_ARGS) t/
+	@$(MAKE) --no-print-directory valgrind-run \
+	    VALGRIND_TESTS="$(VALGRIND_QUICK)"
+
+# Under valgrind every nginx process (master, workers, nginx -t) leaves a
+# report in build/valgrind; scripts/valgrind-check fails on an invalid
+# read or write, or a use of uninitialised memory, in our modules' frames.
+VALGRIND_LOGS  := $(BUILD)/valgrind
+VALGRIND_QUICK := t/test_reload.py \
+    t/test_auth.py::test_jwks_uri_one_fetch_for_both_workers \
+    t/test_auth.py::test_jwks_uri_is_fetched_again_after_its_ttl \
+    t/test_auth.py::test_jwks_uri_an_unknown_kid_fetches_the_new_keys
+VALGRIND_TESTS ?= t/test_reload.py t/test_auth.py -k "reload or jwks"
+
+valgrind: deps build valgrind-run
+
+valgrind-run:
+	@rm -rf $(VALGRIND_LOGS)
+	INFER_NGINX=$(CURDIR)/scripts/valgrind-nginx \
+	INFER_VALGRIND_LOGS=$(VALGRIND_LOGS) INFER_RELOADS=20 \
+	    $(PYTHON) -m pytest -p no:cacheprovider -q $(VALGRIND_TESTS)
+	scripts/valgrind-check $(VALGRIND_LOGS)
 
 bench: deps build
 	$(PYTHON) bench/run.py
