@@ -1149,8 +1149,9 @@ ngx_http_infer_route_fail(ngx_http_request_t *r,
     ngx_http_infer_route_ctx_t *ctx, ngx_uint_t status, const char *code,
     const char *fmt, ...)
 {
-    u_char   *p;
-    va_list   args;
+    u_char     *p;
+    va_list     args;
+    ngx_str_t   logged;
 
     p = ngx_pnalloc(r->pool, NGX_HTTP_INFER_ROUTE_ERROR_MAX);
     if (p == NULL) {
@@ -1165,9 +1166,17 @@ ngx_http_infer_route_fail(ngx_http_request_t *r,
 
     ctx->error_code = code;
 
+    /* the message may quote the client's model name */
+
+    if (ngx_http_infer_escape_control(r->pool, &ctx->error, &logged)
+        != NGX_OK)
+    {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
     ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
                   "infer route: %uD %s: %V", (uint32_t) status, code,
-                  &ctx->error);
+                  &logged);
 
     return status;
 }
