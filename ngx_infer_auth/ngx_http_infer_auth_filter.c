@@ -68,6 +68,17 @@ ngx_http_infer_auth_reject(ngx_http_request_t *r,
     desc.data = buf;
     desc.len = p - buf;
 
+    /*
+     * it may quote the client (a model name): no control character for
+     * WWW-Authenticate and the log, UTF-8 for the JSON envelope
+     */
+
+    if (ngx_http_infer_escape_control(r->pool, &desc, &desc) != NGX_OK
+        || ngx_http_infer_utf8_fix(r->pool, &desc, &desc) != NGX_OK)
+    {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
     ctx->status = status;
     ctx->code = code;
 

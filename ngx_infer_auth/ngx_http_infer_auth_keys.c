@@ -378,6 +378,14 @@ ngx_http_infer_auth_apikey_parse(json_t *obj, size_t n, ngx_pool_t *pool,
     s.data = (u_char *) json_string_value(v);
     s.len = json_string_length(v);
 
+    /* id, tenant, plan and models go into headers and log lines */
+
+    if (ngx_http_infer_has_control(s.data, s.len)) {
+        ngx_http_infer_auth_error(err, "key %uz: \"id\" holds a control "
+                                  "character", n);
+        return NGX_ERROR;
+    }
+
     k->id.data = ngx_pstrdup(pool, &s);
     k->id.len = s.len;
 
@@ -446,6 +454,16 @@ ngx_http_infer_auth_apikey_parse(json_t *obj, size_t n, ngx_pool_t *pool,
     {
         ngx_http_infer_auth_error(err, "key \"%V\": \"models\" must be an "
                                   "array of strings", &k->id);
+        return NGX_ERROR;
+    }
+
+    if (ngx_http_infer_has_control(k->tenant.data, k->tenant.len)
+        || ngx_http_infer_has_control(k->plan.data, k->plan.len)
+        || ngx_http_infer_has_control(k->models.data, k->models.len))
+    {
+        ngx_http_infer_auth_error(err, "key \"%V\": a control character in "
+                                  "\"tenant\", \"plan\" or \"models\"",
+                                  &k->id);
         return NGX_ERROR;
     }
 

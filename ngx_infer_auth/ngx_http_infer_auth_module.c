@@ -581,6 +581,14 @@ ngx_http_infer_auth_jwt(ngx_http_request_t *r, ngx_http_infer_auth_ctx_t *ctx,
 
         ctx->decoded = 1;
         ctx->key_id = ctx->jwt.kid;
+
+        /* the kid is $infer_key_id: it goes into headers and logs */
+
+        if (ngx_http_infer_has_control(ctx->key_id.data, ctx->key_id.len)) {
+            return ngx_http_infer_auth_reject(r, ctx, lcf,
+                       NGX_HTTP_INFER_AUTH_INVALID, "invalid_token",
+                       "a control character in the kid");
+        }
     }
 
     candidates = 0;
@@ -834,6 +842,22 @@ ngx_http_infer_auth_claims(ngx_http_request_t *r,
                        NGX_HTTP_INFER_AUTH_INVALID, "invalid_token",
                        "malformed models claim");
         }
+    }
+
+    /*
+     * who the client is goes into headers ($infer_tenant) and log lines:
+     * a claim that could split or forge one is refused, not passed on
+     */
+
+    if (ngx_http_infer_has_control(ctx->tenant.data, ctx->tenant.len)
+        || ngx_http_infer_has_control(ctx->subject.data, ctx->subject.len)
+        || ngx_http_infer_has_control(ctx->plan.data, ctx->plan.len)
+        || ngx_http_infer_has_control(ctx->models.data, ctx->models.len))
+    {
+        return ngx_http_infer_auth_reject(r, ctx, lcf,
+                   NGX_HTTP_INFER_AUTH_INVALID, "invalid_token",
+                   "a control character in the tenant, sub, plan or models "
+                   "claim");
     }
 
     return NGX_OK;
@@ -1194,6 +1218,12 @@ ngx_http_infer_auth_variable_claim(ngx_http_request_t *r,
     free(dump);
 
 found:
+
+    /* any claim may go into a header: never one that splits it */
+
+    if (ngx_http_infer_escape_control(r->pool, &s, &s) != NGX_OK) {
+        return NGX_ERROR;
+    }
 
     v->len = s.len;
     v->valid = 1;

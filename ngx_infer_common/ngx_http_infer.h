@@ -66,6 +66,81 @@ ngx_http_infer_send_json(ngx_http_request_t *r, ngx_uint_t status,
 }
 
 
+/* whether the bytes from p on start a UTF-8 character, and its length */
+
+static ngx_inline size_t
+ngx_http_infer_utf8_char(u_char *p, u_char *last)
+{
+    u_char    *q;
+    uint32_t   c;
+
+    if (*p < 0x80) {
+        return 1;
+    }
+
+    q = p;
+    c = ngx_utf8_decode(&q, last - p);
+
+    if (c > 0x10ffff || (c >= 0xd800 && c <= 0xdfff)) {
+        return 0;
+    }
+
+    return q - p;
+}
+
+
+/*
+ * s with every byte that starts no UTF-8 character as U+FFFD, in pool;
+ * s itself when it is UTF-8 all through.
+ */
+
+static ngx_inline ngx_int_t
+ngx_http_infer_utf8_fix(ngx_pool_t *pool, ngx_str_t *s, ngx_str_t *out)
+{
+    u_char  *p, *q, *last;
+    size_t   n, bad;
+
+    last = s->data + s->len;
+    bad = 0;
+
+    for (p = s->data; p < last; p += n ? n : 1) {
+        n = ngx_http_infer_utf8_char(p, last);
+        bad += (n == 0);
+    }
+
+    if (bad == 0) {
+        *out = *s;
+        return NGX_OK;
+    }
+
+    q = ngx_pnalloc(pool, s->len + 2 * bad);
+    if (q == NULL) {
+        return NGX_ERROR;
+    }
+
+    /* out may be s */
+    p = s->data;
+    out->data = q;
+
+    for ( /* void */ ; p < last; p += n ? n : 1) {
+        n = ngx_http_infer_utf8_char(p, last);
+
+        if (n) {
+            q = ngx_cpymem(q, p, n);
+
+        } else {
+            *q++ = 0xef;
+            *q++ = 0xbf;
+            *q++ = 0xbd;
+        }
+    }
+
+    out->len = q - out->data;
+
+    return NGX_OK;
+}
+
+
 /*
  * An error in the OpenAI envelope, so that the official SDKs raise the
  * matching exception:
@@ -79,12 +154,21 @@ ngx_http_infer_send_json(ngx_http_request_t *r, ngx_uint_t status,
 
 static ngx_inline ngx_buf_t *
 ngx_http_infer_error_buf(ngx_pool_t *pool, const char *type,
-    const char *code, ngx_str_t *message)
+    const char *code, ngx_str_t *text)
 {
     u_char     *p;
     size_t      len, tlen, clen;
     uintptr_t   esc;
+    ngx_str_t   valid, *message;
     ngx_buf_t  *b;
+
+    /* a model name the client sent may be no UTF-8: the JSON must be */
+
+    if (ngx_http_infer_utf8_fix(pool, text, &valid) != NGX_OK) {
+        return NULL;
+    }
+
+    message = &valid;
 
     tlen = ngx_strlen(type);
     clen = ngx_strlen(code);
@@ -377,6 +461,80 @@ ngx_http_infer_ctx_get(ngx_http_request_t *r, ngx_module_t *module,
     }
 
     return ctx;
+}
+
+
+/*
+ * Whether a value holds a control character: one that would split a
+ * header (proxy_set_header $infer_tenant) or forge an error log line.
+ */
+
+static ngx_inline ngx_uint_t
+ngx_http_infer_has_control(u_char *p, size_t len)
+{
+    u_char  *last;
+
+    for (last = p + len; p < last; p++) {
+        if (*p < 0x20 || *p == 0x7f) {
+            return 1;
+        }
+    }
+
+    return 0;
+}
+
+
+/*
+ * src with each control character written \xHH, as nginx writes them in
+ * its access log, for a value that goes into a header or the error log;
+ * src itself when it holds none.  NGX_ERROR when out of memory.
+ */
+
+static ngx_inline ngx_int_t
+ngx_http_infer_escape_control(ngx_pool_t *pool, ngx_str_t *src,
+    ngx_str_t *dst)
+{
+    u_char  *p, *q, *last;
+    size_t   n;
+
+    static u_char  hex[] = "0123456789ABCDEF";
+
+    last = src->data + src->len;
+    n = 0;
+
+    for (p = src->data; p < last; p++) {
+        n += (*p < 0x20 || *p == 0x7f);
+    }
+
+    if (n == 0) {
+        *dst = *src;
+        return NGX_OK;
+    }
+
+    q = ngx_pnalloc(pool, src->len + 3 * n);
+    if (q == NULL) {
+        return NGX_ERROR;
+    }
+
+    /* dst may be src */
+    p = src->data;
+    dst->data = q;
+
+    for ( /* void */ ; p < last; p++) {
+        if (*p < 0x20 || *p == 0x7f) {
+            *q++ = '\\';
+            *q++ = 'x';
+            *q++ = hex[*p >> 4];
+            *q++ = hex[*p & 0xf];
+
+        } else {
+            *q++ = *p;
+        }
+    }
+
+    dst->len = q - dst->data;
+
+    return NGX_OK;
 }
 
 

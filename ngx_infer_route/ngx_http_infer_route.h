@@ -123,6 +123,7 @@ typedef struct {
     ngx_str_t                      forward;     /* model id sent upstream */
     ngx_http_infer_route_body_t   *body;        /* NULL: body not scanned */
     ngx_str_t                      raw;         /* the body's bytes */
+    off_t                          body_size;   /* bytes read, -1: not */
     ngx_chain_t                   *bufs;        /* the body as received */
     ngx_uint_t                     fallbacks;   /* fallbacks taken */
     ngx_http_infer_usage_t        *usage;       /* NULL: answer not parsed */
@@ -133,6 +134,9 @@ typedef struct {
     unsigned                       rewritten:1;
     unsigned                       usage_partial:1;
     unsigned                       inject:1;    /* include_usage added */
+    unsigned                       verify:1;    /* the body is read to
+                                                   check its model against
+                                                   the one found first */
 
     /* the stream as it is held back while the usage chunk is stripped */
     u_char                        *held;

@@ -67,6 +67,16 @@ static ngx_int_t ngx_http_infer_route_scan_body(ngx_http_request_t *r,
     ngx_http_infer_route_ctx_t *ctx);
 static ngx_int_t ngx_http_infer_route_from_path(ngx_http_request_t *r,
     ngx_str_t *model);
+static ngx_int_t ngx_http_infer_route_agree(ngx_http_request_t *r,
+    ngx_http_infer_route_ctx_t *ctx, ngx_uint_t found);
+static ngx_int_t ngx_http_infer_route_rewrite_path(ngx_http_request_t *r,
+    ngx_http_infer_route_ctx_t *ctx);
+static ngx_int_t ngx_http_infer_route_mismatch(ngx_http_request_t *r,
+    ngx_http_infer_route_ctx_t *ctx, u_char *other, size_t len);
+static ngx_uint_t ngx_http_infer_route_verify(ngx_http_request_t *r,
+    ngx_http_infer_route_loc_conf_t *rlcf);
+static ngx_uint_t ngx_http_infer_route_has_source(
+    ngx_http_infer_route_loc_conf_t *rlcf, ngx_uint_t type);
 static ngx_int_t ngx_http_infer_route_from_header(ngx_http_request_t *r,
     ngx_http_infer_route_source_t *src, ngx_str_t *model);
 static ngx_int_t ngx_http_infer_route_resolve(ngx_http_request_t *r,
@@ -308,6 +318,7 @@ ngx_http_infer_route_handler(ngx_http_request_t *r)
     }
 
     ctx->ttft = -1;
+    ctx->body_size = -1;
 
     rc = ngx_http_infer_route_next(r, ctx);
 
@@ -484,9 +495,22 @@ ngx_http_infer_route_next(ngx_http_request_t *r,
             break;
         }
 
-        if (rc == NGX_OK) {
-            return ngx_http_infer_route_resolve(r, ctx);
+        if (rc != NGX_OK) {
+            continue;
         }
+
+        rc = ngx_http_infer_route_agree(r, ctx, ctx->next_source - 1);
+        if (rc != NGX_OK) {
+            return rc;
+        }
+
+        if (ctx->body == NULL && ngx_http_infer_route_verify(r, rlcf)) {
+            /* the body may name a model too: read it, then resolve */
+            ctx->verify = 1;
+            return NGX_HTTP_INFER_ROUTE_READING;
+        }
+
+        return ngx_http_infer_route_resolve(r, ctx);
     }
 
     return ngx_http_infer_route_fail(r, ctx, NGX_HTTP_BAD_REQUEST,
@@ -517,12 +541,21 @@ ngx_http_infer_route_scan_body(ngx_http_request_t *r,
 
     b->prefix_max = rlcf->prefix_max;
     ctx->body = b;
+    ctx->body_size = body.len;
 
     rc = ngx_http_infer_route_json_scan(body.data, body.len, b);
 
     ngx_log_debug3(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
                    "infer route scanned %uz body bytes: %i, model:%d",
                    body.len, rc, b->has_model);
+
+    if (rc != NGX_OK && ctx->verify
+        && !ngx_http_infer_route_has_source(rlcf, NGX_HTTP_INFER_SOURCE_BODY))
+    {
+        /* not a body routed by: forwarded as it is, never rewritten */
+        ctx->body = NULL;
+        return ngx_http_infer_route_resolve(r, ctx);
+    }
 
     if (rc == NGX_ERROR) {
         return ngx_http_infer_route_fail(r, ctx, NGX_HTTP_BAD_REQUEST,
@@ -548,6 +581,20 @@ ngx_http_infer_route_scan_body(ngx_http_request_t *r,
                   && b->include_usage == -1
                   && (!b->has_stream_options || b->stream_options_end);
 
+    if (ctx->verify) {
+        /* the model came from the path or a header */
+
+        if (b->has_model
+            && (b->model_len != ctx->model.len
+                || ngx_memcmp(b->model, ctx->model.data, b->model_len) != 0))
+        {
+            return ngx_http_infer_route_mismatch(r, ctx, b->model,
+                                                 b->model_len);
+        }
+
+        return ngx_http_infer_route_resolve(r, ctx);
+    }
+
     if (!b->has_model) {
         return NGX_DECLINED;
     }
@@ -555,7 +602,138 @@ ngx_http_infer_route_scan_body(ngx_http_request_t *r,
     ctx->model.data = b->model;
     ctx->model.len = b->model_len;
 
+    rc = ngx_http_infer_route_agree(r, ctx, ctx->next_source - 1);
+    if (rc != NGX_OK) {
+        return rc;
+    }
+
     return ngx_http_infer_route_resolve(r, ctx);
+}
+
+
+/*
+ * The model found in source "found" must be the one every other source
+ * present names: the path of a KServe request and a header are what the
+ * backend may route by, and the body is what it reads.  A request that
+ * names two models is refused rather than checked as one and run as the
+ * other.  The body, when it is not the source, is checked once it is read
+ * (ctx->verify).
+ */
+
+static ngx_int_t
+ngx_http_infer_route_agree(ngx_http_request_t *r,
+    ngx_http_infer_route_ctx_t *ctx, ngx_uint_t found)
+{
+    ngx_int_t                         rc;
+    ngx_str_t                         other;
+    ngx_uint_t                        i;
+    ngx_http_infer_route_source_t    *src;
+    ngx_http_infer_route_loc_conf_t  *rlcf;
+
+    rlcf = ngx_http_get_module_loc_conf(r, ngx_http_infer_route_module);
+    src = rlcf->sources->elts;
+
+    for (i = 0; i < rlcf->sources->nelts; i++) {
+
+        if (i == found) {
+            continue;
+        }
+
+        switch (src[i].type) {
+
+        case NGX_HTTP_INFER_SOURCE_BODY:
+            continue;
+
+        case NGX_HTTP_INFER_SOURCE_PATH:
+            rc = ngx_http_infer_route_from_path(r, &other);
+            break;
+
+        default: /* NGX_HTTP_INFER_SOURCE_HEADER */
+            rc = ngx_http_infer_route_from_header(r, &src[i], &other);
+            break;
+        }
+
+        if (rc == NGX_OK
+            && (other.len != ctx->model.len
+                || ngx_memcmp(other.data, ctx->model.data, other.len) != 0))
+        {
+            return ngx_http_infer_route_mismatch(r, ctx, other.data,
+                                                 other.len);
+        }
+    }
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_infer_route_mismatch(ngx_http_request_t *r,
+    ngx_http_infer_route_ctx_t *ctx, u_char *other, size_t len)
+{
+    ngx_str_t  s;
+
+    s.data = other;
+    s.len = len;
+
+    return ngx_http_infer_route_fail(r, ctx, NGX_HTTP_BAD_REQUEST,
+               "model_mismatch",
+               "The request names the model `%V` and also the model `%V` "
+               "(in its path, a header or its body): name one model.",
+               &ctx->model, &s);
+}
+
+
+/*
+ * Whether a request routed by its path or a header has a body to check
+ * too: one the body source would read, one in JSON (the backend may
+ * read a "model" in it), and one of unknown length (max_body_size= is
+ * held to the bytes read).
+ */
+
+static ngx_uint_t
+ngx_http_infer_route_verify(ngx_http_request_t *r,
+    ngx_http_infer_route_loc_conf_t *rlcf)
+{
+    ngx_str_t  *ct;
+
+    if (r->headers_in.content_length_n <= 0 && !r->headers_in.chunked) {
+        return 0;
+    }
+
+    if (r->headers_in.chunked
+        || ngx_http_infer_route_has_source(rlcf, NGX_HTTP_INFER_SOURCE_BODY))
+    {
+        return 1;
+    }
+
+    if (r->headers_in.content_type == NULL) {
+        return 0;
+    }
+
+    ct = &r->headers_in.content_type->value;
+
+    return ngx_strlcasestrn(ct->data, ct->data + ct->len,
+                            (u_char *) "json", sizeof("json") - 2)
+           != NULL;
+}
+
+
+static ngx_uint_t
+ngx_http_infer_route_has_source(ngx_http_infer_route_loc_conf_t *rlcf,
+    ngx_uint_t type)
+{
+    ngx_uint_t                      i;
+    ngx_http_infer_route_source_t  *src;
+
+    src = rlcf->sources->elts;
+
+    for (i = 0; i < rlcf->sources->nelts; i++) {
+        if (src[i].type == type) {
+            return 1;
+        }
+    }
+
+    return 0;
 }
 
 
@@ -633,6 +811,7 @@ static ngx_int_t
 ngx_http_infer_route_resolve(ngx_http_request_t *r,
     ngx_http_infer_route_ctx_t *ctx)
 {
+    off_t                              size;
     u_char                            *p, *last;
     ngx_uint_t                         by_pattern;
     ngx_http_infer_route_registry_t   *reg;
@@ -694,15 +873,17 @@ ngx_http_infer_route_resolve(ngx_http_request_t *r,
                    "The model `%V` has been disabled.", &ctx->model);
     }
 
-    if (ctx->entry->max_body_size >= 0
-        && r->headers_in.content_length_n > ctx->entry->max_body_size)
-    {
+    /* a chunked body is held to the bytes read */
+
+    size = (r->headers_in.content_length_n >= 0)
+           ? r->headers_in.content_length_n : ctx->body_size;
+
+    if (ctx->entry->max_body_size >= 0 && size > ctx->entry->max_body_size) {
         return ngx_http_infer_route_fail(r, ctx,
                    NGX_HTTP_REQUEST_ENTITY_TOO_LARGE, "request_too_large",
                    "The request body (%O bytes) is larger than the %O bytes "
                    "allowed for the model `%V`.",
-                   r->headers_in.content_length_n,
-                   ctx->entry->max_body_size, &ctx->model);
+                   size, ctx->entry->max_body_size, &ctx->model);
     }
 
     if (ctx->entry->state == NGX_HTTP_INFER_MODEL_DEPRECATED
@@ -761,9 +942,78 @@ ngx_http_infer_route_pick(ngx_http_request_t *r,
                    "model id \"%V\"",
                    &ctx->model, &ctx->target->upstream, &ctx->forward);
 
+    if (ngx_http_infer_route_rewrite_path(r, ctx) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
     if (ctx->body) {
         return ngx_http_infer_route_rewrite_body(r, ctx);
     }
+
+    return NGX_OK;
+}
+
+
+/*
+ * A KServe path names the model id the backend serves, as the body does
+ * (a Triton server routes by the path): /v2/models/ALIAS/infer goes up as
+ * /v2/models/ID/infer.  An id that is not one plain path segment is left
+ * out of the path, which then keeps the name the client gave.
+ */
+
+static ngx_int_t
+ngx_http_infer_route_rewrite_path(ngx_http_request_t *r,
+    ngx_http_infer_route_ctx_t *ctx)
+{
+    u_char                           *p, *last;
+    ngx_str_t                         name, uri;
+    ngx_http_infer_route_loc_conf_t  *rlcf;
+
+    rlcf = ngx_http_get_module_loc_conf(r, ngx_http_infer_route_module);
+
+    if (!ngx_http_infer_route_has_source(rlcf, NGX_HTTP_INFER_SOURCE_PATH)
+        || ngx_http_infer_route_from_path(r, &name) != NGX_OK
+        || (name.len == ctx->forward.len
+            && ngx_memcmp(name.data, ctx->forward.data, name.len) == 0))
+    {
+        return NGX_OK;
+    }
+
+    last = ctx->forward.data + ctx->forward.len;
+
+    for (p = ctx->forward.data; p < last; p++) {
+        if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z')
+              || (*p >= '0' && *p <= '9')
+              || *p == '-' || *p == '_' || *p == '.' || *p == '~'))
+        {
+            return NGX_OK;
+        }
+    }
+
+    for (p = ctx->forward.data; p < last && *p == '.'; p++) { /* void */ }
+
+    if (p == last) {
+        /* "." or "..": a path segment of its own meaning */
+        return NGX_OK;
+    }
+
+    uri.len = r->uri.len - name.len + ctx->forward.len;
+    uri.data = ngx_pnalloc(r->pool, uri.len);
+    if (uri.data == NULL) {
+        return NGX_ERROR;
+    }
+
+    p = ngx_cpymem(uri.data, r->uri.data, name.data - r->uri.data);
+    p = ngx_cpymem(p, ctx->forward.data, ctx->forward.len);
+    ngx_memcpy(p, name.data + name.len,
+               r->uri.data + r->uri.len - (name.data + name.len));
+
+    ngx_log_debug2(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
+                   "infer route: path \"%V\" -> \"%V\"", &r->uri, &uri);
+
+    /* proxy_pass without a URI sends r->uri and the arguments */
+    r->uri = uri;
+    r->valid_unparsed_uri = 0;
 
     return NGX_OK;
 }
@@ -899,8 +1149,9 @@ ngx_http_infer_route_fail(ngx_http_request_t *r,
     ngx_http_infer_route_ctx_t *ctx, ngx_uint_t status, const char *code,
     const char *fmt, ...)
 {
-    u_char   *p;
-    va_list   args;
+    u_char     *p;
+    va_list     args;
+    ngx_str_t   logged;
 
     p = ngx_pnalloc(r->pool, NGX_HTTP_INFER_ROUTE_ERROR_MAX);
     if (p == NULL) {
@@ -915,9 +1166,17 @@ ngx_http_infer_route_fail(ngx_http_request_t *r,
 
     ctx->error_code = code;
 
+    /* the message may quote the client's model name */
+
+    if (ngx_http_infer_escape_control(r->pool, &ctx->error, &logged)
+        != NGX_OK)
+    {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
     ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
                   "infer route: %uD %s: %V", (uint32_t) status, code,
-                  &ctx->error);
+                  &logged);
 
     return status;
 }

@@ -1951,3 +1951,94 @@ def test_jwks_uri_is_fetched_again_after_its_ttl(nginx_factory, keys, idp):
     wait_status(lambda: get(gw, tok), 401, timeout=6, what="k1 withdrawn")
     assert s.count() >= 2
     assert_ok(get(gw, keys.token("ES256", kid="k2")))
+
+
+# ============================ nothing from a client splits a header or a log
+
+def test_a_claim_never_splits_a_header_at_the_backend(nginx_factory,
+                                                      sim_factory, keys):
+    """A claim that carries CR LF goes up in one header, escaped as nginx
+    escapes its logs (\\xHH), never as a header of its own."""
+    sim = sim_factory("llama-3-8b", "llama-a", ttft_ms=1, tpot_ms=1)
+    gw = start(nginx_factory, pem_directives(keys, ["RS256"]),
+               body=PROXY_TO.format(addr=sim.addr)
+               + "\n            proxy_set_header X-User-Name "
+                 "$infer_claim_name;")
+    tok = keys.token("RS256", kid="k-RS256", name="Alice\r\nX-Admin: true")
+    r = requests.post(gw.url + "/v1/chat/completions", timeout=10,
+                      json=dict(CHAT, model="llama-3-8b"),
+                      headers={"Authorization": "Bearer " + tok})
+    assert_ok(r)
+    q = sim_recorded(sim)[-1]
+    assert "x-admin" not in header_names(q)
+    sent = dict((n.lower(), v) for n, v in q["headers"])
+    assert sent.get("x-user-name") == "Alice\\x0D\\x0AX-Admin: true", q["headers"]
+
+
+@pytest.mark.parametrize("claim", ["tenant", "sub", "plan", "models"])
+def test_an_identity_claim_with_a_control_character_is_refused(
+        nginx_factory, keys, claim):
+    """$infer_tenant, $infer_subject, $infer_plan and the models name who
+    the client is, in headers and log lines: a token whose claim could
+    split one is refused with 401 invalid_token, not passed on."""
+    gw = start(nginx_factory, pem_directives(keys, ["RS256"]))
+    value = "acme\r\nX-Admin: true" if claim != "models" else ["a\nb"]
+    r = get(gw, keys.token("RS256", kid="k-RS256", **{claim: value}))
+    assert r.status_code == 401
+    assert error_of(r)["code"] == "invalid_token"
+    assert "control character" in error_of(r)["message"]
+    assert "\n" not in r.headers["www-authenticate"]
+    assert not [l for l in gw.log_text().splitlines()
+                if l.startswith("X-Admin")]
+
+
+@pytest.mark.parametrize("field", ["id", "tenant", "plan"])
+def test_a_key_file_with_a_control_character_is_refused(nginx_factory,
+                                                        keyfile, field):
+    create_key(keyfile, tenant="acme", kid="acme-1", plan="pro")
+    doc = json.loads(keyfile.read_text())
+    doc["keys"][0][field] = "x\ny"
+    keyfile.write_text(json.dumps(doc))
+    n = nginx_factory(server(f"infer_auth_api_keys {keyfile};"),
+                      modules=["auth"], start=False)
+    ok, out = n.check_config()
+    assert not ok
+    assert "control character" in out, out
+    assert "x\ny" not in out
+
+
+def test_error_envelopes_are_utf8_json_whatever_the_model_name(
+        nginx_factory, pools, keys):
+    """A model name that is no UTF-8 (raw bytes in a header, an unpaired
+    surrogate in the body) still gets an envelope that a strict JSON
+    parser reads: each bad byte becomes U+FFFD."""
+    gw = model_gw(nginx_factory, pools, pem_directives(keys, ["RS256"]),
+                  extra="infer_model_source header=X-Model body;")
+    tok = keys.token("RS256", kid="k-RS256")
+    auth = {"Authorization": "Bearer " + tok}
+    answers = [
+        requests.post(gw.url + "/v1/chat/completions", timeout=10,
+                      data=b'{"model": "caf\xe9\xff", "messages": []}',
+                      headers=dict(auth, **{"content-type":
+                                            "application/json"})),
+        requests.post(gw.url + "/v1/chat/completions", timeout=10,
+                      data=b'{"model": "a\\ud800b", "messages": []}',
+                      headers=dict(auth, **{"content-type":
+                                            "application/json"})),
+        requests.post(gw.url + "/v1/chat/completions", timeout=10,
+                      json={"messages": []},
+                      headers=dict(auth, **{"x-model": b"m\xc3\x28"})),
+    ]
+    for r in answers:
+        assert 400 <= r.status_code < 500, r.text
+        text = r.content.decode("utf-8")          # strict: raises if not
+        assert json.loads(text)["error"]["code"]
+
+
+def test_a_kid_with_a_control_character_is_refused(nginx_factory, keys):
+    """The kid of an accepted token is $infer_key_id: one that could split
+    a header never makes it there."""
+    gw = start(nginx_factory, pem_directives(keys, ["RS256"], kid=False))
+    r = get(gw, keys.token("RS256", kid="k\r\nX-Admin: true"))
+    assert r.status_code == 401
+    assert error_of(r)["code"] == "invalid_token"

@@ -136,15 +136,149 @@ def test_kserve_v2_takes_the_model_from_the_path(gw, pools):
     assert error_of(r)["code"] == "model_not_found"
 
 
-def test_a_header_source_comes_first_when_configured_so(gw):
+def test_a_header_source_comes_first_when_configured_so(gw, pools):
     r = requests.post(gw.url + "/h/v1/chat/completions", timeout=10,
                       headers={"x-model": "mistral-7b"},
-                      json=dict(CHAT, model="llama-3-8b"))
+                      json=dict(CHAT, model="mistral-7b"))
     assert r.headers["x-sim-replica"] == "mistral-a"
     # no header: the body, the next source
     r = requests.post(gw.url + "/h/v1/chat/completions", timeout=10,
                       json=dict(CHAT, model="llama-3-8b"))
     assert r.headers["x-sim-replica"] == "llama-a"
+    # the header alone, with a body that names no model
+    r = requests.post(gw.url + "/h/v1/chat/completions", timeout=10,
+                      headers={"x-model": "llama3"}, json=CHAT)
+    assert r.headers["x-sim-replica"] == "llama-a"
+
+
+# -------------------------------- the model checked is the model that runs
+
+SOURCES = {"body": "body", "path": "path", "header": "header=X-Model"}
+
+
+def mismatch_conf(llama, mistral, order):
+    return f"""
+    upstream llama {{ server {llama.addr}; }}
+    upstream mistral {{ server {mistral.addr}; }}
+    infer_model llama-3-8b upstream=llama alias=llama3;
+    infer_model mistral-7b upstream=mistral;
+    server {{
+        listen 127.0.0.1:{{port}};
+        infer_route on;
+        infer_model_source {" ".join(SOURCES[s] for s in order)};
+        location / {{ {PROXY} }}
+    }}"""
+
+
+@pytest.mark.parametrize("order", [
+    ("body", "path", "header"), ("body", "header", "path"),
+    ("path", "body", "header"), ("path", "header", "body"),
+    ("header", "body", "path"), ("header", "path", "body")],
+    ids=lambda o: "-".join(o))
+def test_two_sources_naming_two_models_get_400_in_every_order(
+        nginx_factory, pools, order):
+    """Whatever the order of the sources, a request whose path, header
+    and body name different models is refused: it could otherwise pass
+    the tenant's model check as one model and run as another."""
+    gw = nginx_factory(mismatch_conf(*pools, order), modules=["route"])
+    kserve = "/v2/models/llama-3-8b/infer"
+    cases = [
+        # (path, header, body model)
+        (kserve, None, "mistral-7b"),
+        ("/v1/chat/completions", "mistral-7b", "llama-3-8b"),
+        (kserve, "mistral-7b", None),
+        (kserve, "llama-3-8b", "mistral-7b"),
+        # an alias is another name: the request names two
+        (kserve, None, "llama3"),
+    ]
+    for path, header, model in cases:
+        body = dict(CHAT) if model is None else dict(CHAT, model=model)
+        r = requests.post(gw.url + path, json=body, timeout=10,
+                          headers={"x-model": header} if header else {})
+        assert r.status_code == 400, (path, header, model, r.text)
+        assert error_of(r)["code"] == "model_mismatch"
+    assert recorded(*pools) == []
+
+    # every source present and naming the same model: routed
+    r = requests.post(gw.url + kserve, timeout=10,
+                      headers={"x-model": "llama-3-8b"},
+                      json={"model": "llama-3-8b", "inputs": [
+                          {"name": "x", "shape": [1], "datatype": "FP32",
+                           "data": [1.0]}]})
+    assert r.status_code == 200, r.text
+    assert r.headers["x-sim-replica"] == "llama-a"
+
+
+def test_a_model_from_a_header_is_the_one_the_body_carries(nginx_factory,
+                                                           pools):
+    """Routed by a header, the body still goes up naming the model id the
+    backend serves (the target's model=), not the alias the client sent."""
+    llama, mistral = pools
+    gw = nginx_factory(mismatch_conf(llama, mistral, ("header", "body"))
+                       .replace("infer_model llama-3-8b upstream=llama",
+                                "infer_model llama-3-8b upstream=llama "
+                                "model=meta-llama-3-8b"),
+                       modules=["route"])
+    r = requests.post(gw.url + "/v1/chat/completions", timeout=10,
+                      headers={"x-model": "llama3"},
+                      json=dict(CHAT, model="llama3"))
+    assert r.status_code == 200, r.text
+    got = recorded(*pools)
+    assert len(got) == 1
+    assert json.loads(got[0]["body"])["model"] == "meta-llama-3-8b"
+
+
+def test_a_kserve_path_goes_up_with_the_model_id(nginx_factory, pools):
+    """Routed by a KServe path, the path names the id the backend serves,
+    as the body would: an alias or a model= id in the path is replaced;
+    an id that is no single path segment leaves the path as it came."""
+    llama, mistral = pools
+    conf = mismatch_conf(llama, mistral, ("path", "body")).replace(
+        "infer_model llama-3-8b upstream=llama alias=llama3;",
+        "infer_model llama-3-8b upstream=llama alias=llama3 "
+        "model=llama-3-8b-instruct;\n"
+        "    infer_model odd upstream=llama model=org/odd;")
+    gw = nginx_factory(conf, modules=["route"])
+    req = {"inputs": [{"name": "x", "shape": [1], "datatype": "FP32",
+                       "data": [1.0]}]}
+    for path, sent, query in [
+            ("/v2/models/llama3/infer?x=1",
+             "/v2/models/llama-3-8b-instruct/infer", "x=1"),
+            ("/v2/models/llama-3-8b/versions/2/infer",
+             "/v2/models/llama-3-8b-instruct/versions/2/infer", ""),
+            ("/v2/models/odd/infer", "/v2/models/odd/infer", "")]:
+        llama.clear_requests()
+        r = requests.post(gw.url + path, json=req, timeout=10)
+        assert r.status_code == 200, r.text
+        got = recorded(llama)
+        assert [q["path"] for q in got] == [sent], got
+        assert (got[0]["query"] or "") == query, got
+    assert recorded(mistral) == []
+
+
+def test_max_body_size_holds_for_a_chunked_body_routed_by_path(
+        nginx_factory, pools):
+    """max_body_size= is held to the bytes read when the body is chunked
+    (no Content-Length), whatever source named the model."""
+    llama, mistral = pools
+    conf = mismatch_conf(llama, mistral, ("path", "header")).replace(
+        "infer_model llama-3-8b upstream=llama alias=llama3;",
+        "infer_model llama-3-8b upstream=llama max_body_size=1k;")
+    gw = nginx_factory(conf, modules=["route"])
+    big = b"x" * 4096
+    r = requests.post(gw.url + "/v2/models/llama-3-8b/infer",
+                      data=iter([big[:1000], big[1000:]]), timeout=10,
+                      headers={"content-type": "application/octet-stream"})
+    assert r.status_code == 413, r.text
+    assert error_of(r)["code"] == "request_too_large"
+    small = json.dumps({"inputs": [{"name": "x", "shape": [1],
+                                    "datatype": "FP32",
+                                    "data": [1.0]}]}).encode()
+    r = requests.post(gw.url + "/v2/models/llama-3-8b/infer",
+                      data=iter([small[:10], small[10:]]), timeout=10,
+                      headers={"content-type": "application/octet-stream"})
+    assert r.status_code == 200, r.text
+    assert recorded(llama)[-1]["body_len"] == len(small)
 
 
 # ------------------------------------------------------ bodies of every kind
