@@ -62,6 +62,10 @@ static ngx_int_t ngx_http_infer_ratelimit_result(ngx_http_request_t *r,
     ngx_http_infer_ratelimit_ctx_t *ctx);
 static ngx_int_t ngx_http_infer_ratelimit_refuse(ngx_http_request_t *r,
     ngx_http_infer_ratelimit_ctx_t *ctx);
+static ngx_uint_t ngx_http_infer_ratelimit_too_large(
+    ngx_http_infer_ratelimit_item_t *item);
+static void ngx_http_infer_ratelimit_period(
+    ngx_http_infer_ratelimit_limit_t *limit, ngx_str_t *period);
 static void ngx_http_infer_ratelimit_cleanup(void *data);
 static uint64_t ngx_http_infer_ratelimit_number(ngx_http_request_t *r,
     ngx_uint_t input, ngx_uint_t *found);
@@ -531,7 +535,14 @@ ngx_http_infer_ratelimit_decide(ngx_http_request_t *r,
             continue;
         }
 
-        if (ctx->refused == NULL || item->retry > ctx->refused->retry) {
+        /* one that can never fit is said first: waiting cannot help it */
+
+        if (ctx->refused == NULL
+            || (ngx_http_infer_ratelimit_too_large(item)
+                && !ngx_http_infer_ratelimit_too_large(ctx->refused))
+            || (item->retry > ctx->refused->retry
+                && !ngx_http_infer_ratelimit_too_large(ctx->refused)))
+        {
             ctx->refused = item;
         }
     }
@@ -598,7 +609,7 @@ ngx_http_infer_ratelimit_refuse(ngx_http_request_t *r,
 {
     u_char                                *p;
     time_t                                 sec;
-    ngx_str_t                              msg;
+    ngx_str_t                              msg, period;
     ngx_http_infer_ratelimit_item_t       *item;
     ngx_http_infer_ratelimit_loc_conf_t   *lcf;
     u_char                                 buf[512];
@@ -606,6 +617,31 @@ ngx_http_infer_ratelimit_refuse(ngx_http_request_t *r,
     lcf = ngx_http_get_module_loc_conf(r, ngx_http_infer_ratelimit_module);
 
     item = ctx->refused;
+
+    ngx_http_infer_ratelimit_period(item->limit, &period);
+
+    if (ngx_http_infer_ratelimit_too_large(item)) {
+        /*
+         * not a rate: the request is refused however long it waits, so
+         * no Retry-After, and a 400 that clients do not retry
+         */
+
+        p = ngx_snprintf(buf, sizeof(buf),
+                         "Request too large for limit \"%V\": it needs "
+                         "%uL tokens (the prompt's estimate plus "
+                         "max_tokens), more than the %uL tokens per %V "
+                         "the limit allows. Reduce max_tokens or the "
+                         "prompt.",
+                         &item->limit->name, item->cost, item->limit_n,
+                         &period);
+
+        msg.data = buf;
+        msg.len = p - buf;
+
+        return ngx_http_infer_send_error(r, NGX_HTTP_BAD_REQUEST,
+                                         "invalid_request_error",
+                                         "request_too_large", &msg);
+    }
 
     sec = (item->retry + 999) / 1000;
     if (sec < 1) {
@@ -633,7 +669,7 @@ ngx_http_infer_ratelimit_refuse(ngx_http_request_t *r,
                          "Please try again in %Ts.",
                          item->limit->kind == NGX_HTTP_INFER_RL_TOKENS
                          ? "tokens" : "requests",
-                         &item->limit->window_text, &item->limit->name,
+                         &period, &item->limit->name,
                          item->limit_n, item->remaining, item->cost, sec);
     } else {
         p = ngx_snprintf(buf, sizeof(buf),
@@ -649,6 +685,49 @@ ngx_http_infer_ratelimit_refuse(ngx_http_request_t *r,
                    item->limit->kind == NGX_HTTP_INFER_RL_TOKENS
                    ? "tokens" : "requests",
                    "rate_limit_exceeded", &msg);
+}
+
+
+/*
+ * A token estimate larger than the whole limit in force: no wait makes
+ * it fit.  The local outage policy charges such a request its share
+ * instead (its cost is cut to it), so it is never said there.
+ */
+
+static ngx_uint_t
+ngx_http_infer_ratelimit_too_large(ngx_http_infer_ratelimit_item_t *item)
+{
+    return item->known && item->limit->kind == NGX_HTTP_INFER_RL_TOKENS
+           && item->cost > item->limit_n;
+}
+
+
+/* "minute" for "m" or "1m", as a message reads; other periods as written */
+
+static void
+ngx_http_infer_ratelimit_period(ngx_http_infer_ratelimit_limit_t *limit,
+    ngx_str_t *period)
+{
+    switch (limit->window) {
+
+    case 1000:
+        ngx_str_set(period, "second");
+        return;
+
+    case 60 * 1000:
+        ngx_str_set(period, "minute");
+        return;
+
+    case 3600 * 1000:
+        ngx_str_set(period, "hour");
+        return;
+
+    case 86400 * 1000:
+        ngx_str_set(period, "day");
+        return;
+    }
+
+    *period = limit->window_text;
 }
 
 

@@ -512,3 +512,54 @@ def test_limits_are_inherited_unless_a_context_declares_its_own(
     assert [get(n, "/own").status_code for _ in range(3)] == [200, 200, 429]
     assert [get(n, "/same").status_code for _ in range(2)] == [200, 429]
     assert get(n).status_code == 429     # /same counted in "outer"
+
+
+# ------------------------------------------------ requests that never fit
+
+def too_large(r, limit, window_words):
+    """A request whose estimate is more than the whole limit: 400 in the
+    envelope, no Retry-After (waiting cannot help), a message that says
+    why in words, and nothing charged."""
+    assert r.status_code == 400, (r.status_code, dict(r.headers), r.text)
+    assert "Retry-After" not in r.headers
+    e = error_of(r)
+    assert e["type"] == "invalid_request_error"
+    assert e["code"] == "request_too_large"
+    msg = e["message"]
+    assert f"{limit} tokens per {window_words}" in msg, msg
+    assert "max_tokens" in msg and "try again" not in msg, msg
+    assert r.headers["X-RL-Status"] == "limited"
+    return e
+
+
+def test_a_request_that_can_never_fit_says_so(nginx_factory, sim):
+    n = nginx_factory(proxy_conf(
+        sim, "infer_ratelimit_limit tpm global tokens=100000/m;"
+             "infer_ratelimit_limit rph global requests=1/h;"))
+    s = requests.Session()
+    r = chat(n, session=s, max_tokens=2147483647, completion=1)
+    too_large(r, 100000, "minute")
+    # a request that fits goes through, the refused one charged nothing
+    r = chat(n, session=s, max_tokens=10, completion=1)
+    assert r.status_code == 200
+    # a limit that only has to wait is refused as such, with Retry-After
+    r = chat(n, session=s, max_tokens=10, completion=1)
+    assert r.status_code == 429 and int(r.headers["Retry-After"]) > 60
+    # and a request that can never fit says so even then: waiting for the
+    # requests limit would not help it
+    r = chat(n, session=s, max_tokens=2147483647, completion=1)
+    too_large(r, 100000, "minute")
+
+
+def test_a_refusal_names_its_period_in_words(nginx_factory):
+    n = nginx_factory(static_conf(
+        "infer_ratelimit_limit rpm global requests=1/m;", extra="""
+        location /ten { rewrite ^ /ok.txt break;
+                        infer_ratelimit_limit r10 global requests=1/10s; }"""))
+    assert get(n).status_code == 200
+    msg = error_of(get(n))["message"]
+    assert msg.startswith("Rate limit reached for requests per minute "), msg
+    assert get(n, "/ten").status_code == 200
+    msg = error_of(get(n, "/ten"))["message"]
+    assert msg.startswith("Rate limit reached for requests per 10s "), msg
+

@@ -592,3 +592,15 @@ def test_redis_up_for_a_readiness_probe(nginx_factory, redis, blackhole):
     up = probe(redis.addr)
     assert up[-1] == "1"
     assert set(probe(f"127.0.0.1:{blackhole.port}")) == {"0"}
+
+
+def test_a_request_that_can_never_fit_says_so(nginx_factory, redis, sim):
+    from test_ratelimit import too_large
+    n = nginx_factory(proxy_conf(
+        redis.addr, sim, "infer_ratelimit_limit tpm global tokens=100000/m;"))
+    s = requests.Session()
+    too_large(chat(n, session=s, max_tokens=2147483647, completion=1),
+              100000, "minute")
+    r = chat(n, session=s, max_tokens=10, completion=1)
+    assert r.status_code == 200 and r.headers["X-RL-Status"] == "passed"
+
