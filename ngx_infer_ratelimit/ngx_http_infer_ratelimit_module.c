@@ -827,8 +827,12 @@ ngx_http_infer_ratelimit_log_handler(ngx_http_request_t *r)
             item->delta = -1;
 
         } else if (found) {
-            /* a runaway figure may not push a key into years of debt */
-            used = ngx_min((uint64_t) real, 4 * item->limit_n);
+            /*
+             * One answer is charged at most the whole limit, the most a
+             * request could have reserved: a runaway figure (4e9 tokens)
+             * empties the bucket, it does not lock the key out for days.
+             */
+            used = ngx_min((uint64_t) real, item->limit_n);
 
             item->delta = (int64_t) used - (int64_t) item->cost;
 

@@ -563,3 +563,69 @@ def test_a_refusal_names_its_period_in_words(nginx_factory):
     msg = error_of(get(n, "/ten"))["message"]
     assert msg.startswith("Rate limit reached for requests per 10s "), msg
 
+
+# ------------------------------------------------------- runaway usage
+
+def runaway_conf(limits, zone="infer_ratelimit_zone rl:1m;", redis=""):
+    """A gateway whose backend (a server of the same nginx) reports four
+    billion tokens for every answer."""
+    from harness.ports import free_port
+    backend = free_port()
+    usage = ('{"id": "x", "object": "chat.completion", "model": '
+             '"llama-3-8b", "choices": [{"index": 0, "message": {"role": '
+             '"assistant", "content": "hi"}, "finish_reason": "stop"}], '
+             '"usage": {"prompt_tokens": 5, "completion_tokens": '
+             '4000000000, "total_tokens": 4000000005}}')
+    return f"""
+    {zone}
+    {redis}
+    upstream llama {{ server 127.0.0.1:{backend}; }}
+    infer_model llama-3-8b upstream=llama;
+    server {{
+        listen 127.0.0.1:{backend};
+        location / {{ default_type application/json; return 200 '{usage}'; }}
+    }}
+    server {{
+        listen 127.0.0.1:{{port}};
+        infer_route on;
+        infer_ratelimit on;
+        {limits}
+        location / {{
+            proxy_pass http://$infer_upstream;
+            {STATUS_HEADERS}
+        }}
+    }}"""
+
+
+def runaway_answer_charges_at_most_the_limit(n, after_first=None):
+    """After an answer that reported 4e9 tokens against 100,000 a minute,
+    the bucket is empty, not years in debt: it refills from there at once
+    (1,667 tokens a second), and is full again within the window."""
+    s = requests.Session()
+    r = chat(n, session=s, max_tokens=10)
+    assert r.status_code == 200
+    assert r.json()["usage"]["total_tokens"] == 4000000005
+    if after_first:
+        after_first()
+    time.sleep(0.3)        # ~500 tokens refill: enough for a small request
+    r = chat(n, session=s, max_tokens=10)
+    assert r.status_code == 200, (r.headers, r.text)
+    assert r.headers["X-RL-Status"] == "passed"
+    reset = r.headers["x-ratelimit-reset-tokens"]
+    assert RESET.match(reset) and seconds(reset) <= 60, reset
+
+
+def seconds(duration):
+    """A reset as OpenAI writes it (Go's time.Duration), in seconds."""
+    if duration.endswith("ms"):
+        return int(duration[:-2]) / 1000
+    total = 0.0
+    for value, unit in re.findall(r"([\d.]+)([hms])", duration):
+        total += float(value) * {"h": 3600, "m": 60, "s": 1}[unit]
+    return total
+
+
+def test_a_runaway_usage_charges_at_most_the_limit(nginx_factory):
+    n = nginx_factory(runaway_conf(
+        "infer_ratelimit_limit tpm global tokens=100000/m;"))
+    runaway_answer_charges_at_most_the_limit(n)

@@ -535,12 +535,15 @@ def test_workers_serve_others_while_calls_wait(nginx_factory, blackhole):
 
 def test_a_debt_past_the_window_refuses_and_is_not_an_outage(nginx_factory,
                                                              redis, sim):
-    """An answer that used three windows' worth of tokens leaves the key in
-    debt past the window: the next request is refused with 0 remaining, by
-    the limit, not let through as if Redis had failed (fail_open)."""
+    """An answer charged a whole window's worth of tokens (its cap) on a
+    bucket already half used leaves the key in debt past the window: the
+    next request is refused with 0 remaining, by the limit, not let
+    through as if Redis had failed (fail_open)."""
     n = nginx_factory(proxy_conf(
         redis.addr, sim, "infer_ratelimit_limit tpm global tokens=1000/m;"))
     s = requests.Session()
+    r = chat(n, session=s, max_tokens=10, completion=500)
+    assert r.status_code == 200
     r = chat(n, session=s, max_tokens=10, completion=3000)
     assert r.status_code == 200
     r = chat(n, session=s, max_tokens=10, completion=1)
@@ -603,4 +606,25 @@ def test_a_request_that_can_never_fit_says_so(nginx_factory, redis, sim):
               100000, "minute")
     r = chat(n, session=s, max_tokens=10, completion=1)
     assert r.status_code == 200 and r.headers["X-RL-Status"] == "passed"
+
+
+def test_a_runaway_usage_charges_at_most_the_limit(nginx_factory, redis):
+    from test_ratelimit import (runaway_answer_charges_at_most_the_limit,
+                                runaway_conf)
+    n = nginx_factory(runaway_conf(
+        "infer_ratelimit_limit tpm global tokens=100000/m;", zone="",
+        redis=f"infer_ratelimit_redis {redis.addr} timeout=2s;"))
+    c = redis.client()
+    key = "infer:rl:{global}:tpm"
+
+    def charged_one_window():
+        # the reconciliation is sent after the answer: wait for it
+        # (bounded); the key then expires when its bucket is full again,
+        # within the window
+        deadline = time.monotonic() + 5
+        while c.pttl(key) < 1000 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert 1000 <= c.pttl(key) <= 60000
+
+    runaway_answer_charges_at_most_the_limit(n, charged_one_window)
 
