@@ -299,6 +299,12 @@ ngx_http_infer_ratelimit_handler(ngx_http_request_t *r)
     rmcf = ngx_http_get_module_main_conf(r, ngx_http_infer_ratelimit_module);
 
     if (rmcf->redis) {
+        /* what this gateway used itself: the least Redis may hold */
+        ngx_http_infer_ratelimit_zone_floor(rmcf->shm_zone, ctx->items,
+                                            ctx->nitems,
+                                            rmcf->redis->replicas,
+                                            rmcf->redis->timeout);
+
         rc = ngx_http_infer_ratelimit_redis_eval(r, rmcf->redis,
                                          NGX_HTTP_INFER_RL_ADMIT,
                                          ctx->items, ctx->nitems,
@@ -435,8 +441,9 @@ ngx_http_infer_ratelimit_items(ngx_http_request_t *r,
 static void
 ngx_http_infer_ratelimit_redis_done(ngx_http_request_t *r, ngx_int_t rc)
 {
-    ngx_connection_t                *c;
-    ngx_http_infer_ratelimit_ctx_t  *ctx;
+    ngx_connection_t                      *c;
+    ngx_http_infer_ratelimit_ctx_t        *ctx;
+    ngx_http_infer_ratelimit_main_conf_t  *rmcf;
 
     c = r->connection;
 
@@ -450,6 +457,15 @@ ngx_http_infer_ratelimit_redis_done(ngx_http_request_t *r, ngx_int_t rc)
 
     if (rc == NGX_OK) {
         ctx->status = NGX_HTTP_INFER_RL_PASSED;
+
+        /* an outage, or a Redis that loses its keys, goes on from here */
+
+        rmcf = ngx_http_get_module_main_conf(r,
+                                             ngx_http_infer_ratelimit_module);
+
+        ngx_http_infer_ratelimit_zone_mirror(rmcf->shm_zone, ctx->items,
+                                             ctx->nitems,
+                                             rmcf->redis->replicas);
 
     } else {
         ngx_http_infer_ratelimit_degrade(r, ctx);
@@ -850,10 +866,11 @@ ngx_http_infer_ratelimit_log_handler(ngx_http_request_t *r)
                        "infer ratelimit reconcile \"%V\" %uL %L",
                        &item->limit->name, item->cost, item->delta);
 
-        if (item->where == NGX_HTTP_INFER_RL_IN_ZONE) {
+        if (item->where == NGX_HTTP_INFER_RL_IN_ZONE || item->mirrored) {
             zone = 1;
+        }
 
-        } else {
+        if (item->where == NGX_HTTP_INFER_RL_IN_REDIS) {
             redis = 1;
         }
     }
@@ -862,7 +879,9 @@ ngx_http_infer_ratelimit_log_handler(ngx_http_request_t *r)
 
     if (zone && rmcf->shm_zone) {
         ngx_http_infer_ratelimit_zone_reconcile(rmcf->shm_zone, ctx->items,
-                                                ctx->nitems);
+                                                ctx->nitems,
+                                                rmcf->redis
+                                                ? rmcf->redis->replicas : 1);
     }
 
     if (redis && rmcf->redis) {
