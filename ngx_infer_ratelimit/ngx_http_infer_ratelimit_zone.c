@@ -487,7 +487,7 @@ void
 ngx_http_infer_ratelimit_zone_mirror(ngx_shm_zone_t *zone,
     ngx_http_infer_ratelimit_item_t *items, ngx_uint_t n, ngx_uint_t divisor)
 {
-    uint64_t                           now, em, win, share;
+    uint64_t                           now, em, win, share, tat;
     ngx_uint_t                         i, held;
     ngx_http_infer_ratelimit_item_t   *item;
     ngx_http_infer_ratelimit_node_t   *lrn;
@@ -535,13 +535,13 @@ ngx_http_infer_ratelimit_zone_mirror(ngx_shm_zone_t *zone,
         win = (uint64_t) item->limit->window * 1000000;
         em = win / share;
 
-        if (item->cost >= share) {
-            lrn->tat = now + win;
+        /* never back: a debt counted here during an outage stays */
 
-        } else {
-            lrn->tat = ngx_min(ngx_max(lrn->tat, now) + item->cost * em,
-                               now + win);
-        }
+        tat = (item->cost >= share)
+              ? now + win
+              : ngx_min(ngx_max(lrn->tat, now) + item->cost * em, now + win);
+
+        lrn->tat = ngx_max(lrn->tat, tat);
     }
 
     ngx_shmtx_unlock(&z->shpool->mutex);
@@ -601,12 +601,11 @@ ngx_http_infer_ratelimit_zone_reconcile(ngx_shm_zone_t *zone,
         em = lrn->counter ? 1 : win / share;
 
         if (item->delta > 0) {
-            lrn->tat = (lrn->counter ? lrn->tat : ngx_max(lrn->tat, now))
-                       + (uint64_t) item->delta * em;
+            d = (lrn->counter ? lrn->tat : ngx_max(lrn->tat, now))
+                + (uint64_t) item->delta * em;
 
-            if (item->mirrored) {
-                lrn->tat = ngx_min(lrn->tat, now + win);
-            }
+            lrn->tat = item->mirrored
+                       ? ngx_max(lrn->tat, ngx_min(d, now + win)) : d;
 
         } else {
             d = (uint64_t) (- item->delta) * em;
