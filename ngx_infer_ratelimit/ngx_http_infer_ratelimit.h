@@ -67,9 +67,13 @@ typedef struct {
     ngx_msec_t                  reset;      /* until the budget is full */
     ngx_msec_t                  retry;      /* until it would pass */
 
+    uint64_t                    floor;      /* us: this gateway's own use,
+                                               the least Redis may hold */
+
     unsigned                    refused:1;
     unsigned                    known:1;    /* remaining and reset set */
     unsigned                    where:2;
+    unsigned                    mirrored:1; /* in Redis, and in the zone */
 } ngx_http_infer_ratelimit_item_t;
 
 
@@ -112,7 +116,14 @@ ngx_int_t ngx_http_infer_ratelimit_zone_eval(ngx_shm_zone_t *zone,
     ngx_http_infer_ratelimit_item_t *items, ngx_uint_t n, ngx_uint_t local,
     ngx_uint_t divisor);
 void ngx_http_infer_ratelimit_zone_reconcile(ngx_shm_zone_t *zone,
-    ngx_http_infer_ratelimit_item_t *items, ngx_uint_t n);
+    ngx_http_infer_ratelimit_item_t *items, ngx_uint_t n,
+    ngx_uint_t divisor);
+void ngx_http_infer_ratelimit_zone_floor(ngx_shm_zone_t *zone,
+    ngx_http_infer_ratelimit_item_t *items, ngx_uint_t n,
+    ngx_uint_t divisor, ngx_msec_t slack);
+void ngx_http_infer_ratelimit_zone_mirror(ngx_shm_zone_t *zone,
+    ngx_http_infer_ratelimit_item_t *items, ngx_uint_t n,
+    ngx_uint_t divisor);
 
 char *ngx_http_infer_ratelimit_redis(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);

@@ -62,6 +62,10 @@ static ngx_int_t ngx_http_infer_ratelimit_result(ngx_http_request_t *r,
     ngx_http_infer_ratelimit_ctx_t *ctx);
 static ngx_int_t ngx_http_infer_ratelimit_refuse(ngx_http_request_t *r,
     ngx_http_infer_ratelimit_ctx_t *ctx);
+static ngx_uint_t ngx_http_infer_ratelimit_too_large(
+    ngx_http_infer_ratelimit_item_t *item);
+static void ngx_http_infer_ratelimit_period(
+    ngx_http_infer_ratelimit_limit_t *limit, ngx_str_t *period);
 static void ngx_http_infer_ratelimit_cleanup(void *data);
 static uint64_t ngx_http_infer_ratelimit_number(ngx_http_request_t *r,
     ngx_uint_t input, ngx_uint_t *found);
@@ -295,6 +299,12 @@ ngx_http_infer_ratelimit_handler(ngx_http_request_t *r)
     rmcf = ngx_http_get_module_main_conf(r, ngx_http_infer_ratelimit_module);
 
     if (rmcf->redis) {
+        /* what this gateway used itself: the least Redis may hold */
+        ngx_http_infer_ratelimit_zone_floor(rmcf->shm_zone, ctx->items,
+                                            ctx->nitems,
+                                            rmcf->redis->replicas,
+                                            rmcf->redis->timeout);
+
         rc = ngx_http_infer_ratelimit_redis_eval(r, rmcf->redis,
                                          NGX_HTTP_INFER_RL_ADMIT,
                                          ctx->items, ctx->nitems,
@@ -431,8 +441,9 @@ ngx_http_infer_ratelimit_items(ngx_http_request_t *r,
 static void
 ngx_http_infer_ratelimit_redis_done(ngx_http_request_t *r, ngx_int_t rc)
 {
-    ngx_connection_t                *c;
-    ngx_http_infer_ratelimit_ctx_t  *ctx;
+    ngx_connection_t                      *c;
+    ngx_http_infer_ratelimit_ctx_t        *ctx;
+    ngx_http_infer_ratelimit_main_conf_t  *rmcf;
 
     c = r->connection;
 
@@ -446,6 +457,15 @@ ngx_http_infer_ratelimit_redis_done(ngx_http_request_t *r, ngx_int_t rc)
 
     if (rc == NGX_OK) {
         ctx->status = NGX_HTTP_INFER_RL_PASSED;
+
+        /* an outage, or a Redis that loses its keys, goes on from here */
+
+        rmcf = ngx_http_get_module_main_conf(r,
+                                             ngx_http_infer_ratelimit_module);
+
+        ngx_http_infer_ratelimit_zone_mirror(rmcf->shm_zone, ctx->items,
+                                             ctx->nitems,
+                                             rmcf->redis->replicas);
 
     } else {
         ngx_http_infer_ratelimit_degrade(r, ctx);
@@ -531,7 +551,14 @@ ngx_http_infer_ratelimit_decide(ngx_http_request_t *r,
             continue;
         }
 
-        if (ctx->refused == NULL || item->retry > ctx->refused->retry) {
+        /* one that can never fit is said first: waiting cannot help it */
+
+        if (ctx->refused == NULL
+            || (ngx_http_infer_ratelimit_too_large(item)
+                && !ngx_http_infer_ratelimit_too_large(ctx->refused))
+            || (item->retry > ctx->refused->retry
+                && !ngx_http_infer_ratelimit_too_large(ctx->refused)))
+        {
             ctx->refused = item;
         }
     }
@@ -598,7 +625,7 @@ ngx_http_infer_ratelimit_refuse(ngx_http_request_t *r,
 {
     u_char                                *p;
     time_t                                 sec;
-    ngx_str_t                              msg;
+    ngx_str_t                              msg, period;
     ngx_http_infer_ratelimit_item_t       *item;
     ngx_http_infer_ratelimit_loc_conf_t   *lcf;
     u_char                                 buf[512];
@@ -606,6 +633,31 @@ ngx_http_infer_ratelimit_refuse(ngx_http_request_t *r,
     lcf = ngx_http_get_module_loc_conf(r, ngx_http_infer_ratelimit_module);
 
     item = ctx->refused;
+
+    ngx_http_infer_ratelimit_period(item->limit, &period);
+
+    if (ngx_http_infer_ratelimit_too_large(item)) {
+        /*
+         * not a rate: the request is refused however long it waits, so
+         * no Retry-After, and a 400 that clients do not retry
+         */
+
+        p = ngx_snprintf(buf, sizeof(buf),
+                         "Request too large for limit \"%V\": it needs "
+                         "%uL tokens (the prompt's estimate plus "
+                         "max_tokens), more than the %uL tokens per %V "
+                         "the limit allows. Reduce max_tokens or the "
+                         "prompt.",
+                         &item->limit->name, item->cost, item->limit_n,
+                         &period);
+
+        msg.data = buf;
+        msg.len = p - buf;
+
+        return ngx_http_infer_send_error(r, NGX_HTTP_BAD_REQUEST,
+                                         "invalid_request_error",
+                                         "request_too_large", &msg);
+    }
 
     sec = (item->retry + 999) / 1000;
     if (sec < 1) {
@@ -633,7 +685,7 @@ ngx_http_infer_ratelimit_refuse(ngx_http_request_t *r,
                          "Please try again in %Ts.",
                          item->limit->kind == NGX_HTTP_INFER_RL_TOKENS
                          ? "tokens" : "requests",
-                         &item->limit->window_text, &item->limit->name,
+                         &period, &item->limit->name,
                          item->limit_n, item->remaining, item->cost, sec);
     } else {
         p = ngx_snprintf(buf, sizeof(buf),
@@ -649,6 +701,49 @@ ngx_http_infer_ratelimit_refuse(ngx_http_request_t *r,
                    item->limit->kind == NGX_HTTP_INFER_RL_TOKENS
                    ? "tokens" : "requests",
                    "rate_limit_exceeded", &msg);
+}
+
+
+/*
+ * A token estimate larger than the whole limit in force: no wait makes
+ * it fit.  The local outage policy charges such a request its share
+ * instead (its cost is cut to it), so it is never said there.
+ */
+
+static ngx_uint_t
+ngx_http_infer_ratelimit_too_large(ngx_http_infer_ratelimit_item_t *item)
+{
+    return item->known && item->limit->kind == NGX_HTTP_INFER_RL_TOKENS
+           && item->cost > item->limit_n;
+}
+
+
+/* "minute" for "m" or "1m", as a message reads; other periods as written */
+
+static void
+ngx_http_infer_ratelimit_period(ngx_http_infer_ratelimit_limit_t *limit,
+    ngx_str_t *period)
+{
+    switch (limit->window) {
+
+    case 1000:
+        ngx_str_set(period, "second");
+        return;
+
+    case 60 * 1000:
+        ngx_str_set(period, "minute");
+        return;
+
+    case 3600 * 1000:
+        ngx_str_set(period, "hour");
+        return;
+
+    case 86400 * 1000:
+        ngx_str_set(period, "day");
+        return;
+    }
+
+    *period = limit->window_text;
 }
 
 
@@ -748,8 +843,12 @@ ngx_http_infer_ratelimit_log_handler(ngx_http_request_t *r)
             item->delta = -1;
 
         } else if (found) {
-            /* a runaway figure may not push a key into years of debt */
-            used = ngx_min((uint64_t) real, 4 * item->limit_n);
+            /*
+             * One answer is charged at most the whole limit, the most a
+             * request could have reserved: a runaway figure (4e9 tokens)
+             * empties the bucket, it does not lock the key out for days.
+             */
+            used = ngx_min((uint64_t) real, item->limit_n);
 
             item->delta = (int64_t) used - (int64_t) item->cost;
 
@@ -767,10 +866,11 @@ ngx_http_infer_ratelimit_log_handler(ngx_http_request_t *r)
                        "infer ratelimit reconcile \"%V\" %uL %L",
                        &item->limit->name, item->cost, item->delta);
 
-        if (item->where == NGX_HTTP_INFER_RL_IN_ZONE) {
+        if (item->where == NGX_HTTP_INFER_RL_IN_ZONE || item->mirrored) {
             zone = 1;
+        }
 
-        } else {
+        if (item->where == NGX_HTTP_INFER_RL_IN_REDIS) {
             redis = 1;
         }
     }
@@ -779,7 +879,9 @@ ngx_http_infer_ratelimit_log_handler(ngx_http_request_t *r)
 
     if (zone && rmcf->shm_zone) {
         ngx_http_infer_ratelimit_zone_reconcile(rmcf->shm_zone, ctx->items,
-                                                ctx->nitems);
+                                                ctx->nitems,
+                                                rmcf->redis
+                                                ? rmcf->redis->replicas : 1);
     }
 
     if (redis && rmcf->redis) {

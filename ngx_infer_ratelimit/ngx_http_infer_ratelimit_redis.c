@@ -113,12 +113,15 @@ static void ngx_http_infer_ratelimit_redis_error(
  * KEYS: one per limit.  ARGV[1]: "a" (admit: check all, charge all or
  * none) or "r" (reconcile: move each key by a signed number of units);
  * then per key: units, limit, window in ms (0: a count of requests in
- * flight, not a GCRA).  A debt is charged from now if the bucket refilled
- * meanwhile (its key may even have expired during a long stream), as an
- * admission would be.  The time is Redis's own, so that replicas' clocks
- * do not matter.  A GCRA key expires when its bucket is full again, so an
- * idle key costs no memory; a count expires an hour after it last moved,
- * in case its gateway died before it could release it.
+ * flight, not a GCRA), and the floor: how far ahead of now, in us, the
+ * gateway's own use puts the key at least (see zone_floor), which an
+ * admission applies to a key Redis lost or holds less of.  A debt is
+ * charged from now if the bucket refilled meanwhile (its key may even
+ * have expired during a long stream), as an admission would be.  The
+ * time is Redis's own, so that replicas' clocks do not matter.  A GCRA
+ * key expires when its bucket is full again, so an idle key costs no
+ * memory; a count expires an hour after it last moved, in case its
+ * gateway died before it could release it.
  *
  * Admission returns {admitted, then per key: remaining, reset ms, retry
  * ms (0 when this key would pass)}.
@@ -132,10 +135,12 @@ static ngx_str_t  ngx_http_infer_ratelimit_script = ngx_string(
 "local new = {}\n"
 "local ttl = {}\n"
 "for i = 1, #KEYS do\n"
+"  local g = 4 * i - 2\n"
 "  local a = 3 * i - 1\n"
-"  local cost = tonumber(ARGV[a])\n"
-"  local limit = tonumber(ARGV[a + 1])\n"
-"  local win = tonumber(ARGV[a + 2]) * 1000\n"
+"  local cost = tonumber(ARGV[g])\n"
+"  local limit = tonumber(ARGV[g + 1])\n"
+"  local win = tonumber(ARGV[g + 2]) * 1000\n"
+"  local floor = now + tonumber(ARGV[g + 3])\n"
 "  local v = tonumber(redis.call('GET', KEYS[i]))\n"
 "  if win == 0 then\n"
 "    local c = v or 0\n"
@@ -181,6 +186,7 @@ static ngx_str_t  ngx_http_infer_ratelimit_script = ngx_string(
 "      end\n"
 "    else\n"
 "      if not tat or tat < now then tat = now end\n"
+"      if tat < floor then tat = floor end\n"
 "      local nt = tat + cost * em\n"
 "      if cost > limit or nt - now > win then\n"
 "        res[1] = 0\n"
@@ -252,13 +258,13 @@ ngx_http_infer_ratelimit_redis_eval(ngx_http_request_t *r,
 
     /* the waiter, its argv and the arguments' bytes in one block */
 
-    argc = 4 + 4 * n;
+    argc = 4 + 5 * n;
     size = sizeof(ngx_http_infer_ratelimit_waiter_t)
            + argc * (sizeof(char *) + sizeof(size_t)) + 64;
 
     for (i = 0; i < n; i++) {
         size += rcf->prefix.len + items[i].key.len + 3
-                + items[i].limit->name.len + 3 * (NGX_INT64_LEN + 1);
+                + items[i].limit->name.len + 4 * (NGX_INT64_LEN + 1);
     }
 
     w = ngx_alloc(size, ngx_cycle->log);
@@ -331,6 +337,12 @@ ngx_http_infer_ratelimit_redis_eval(ngx_http_request_t *r,
 
         w->argv[k] = (char *) p;
         p = ngx_sprintf(p, "%M", item->limit->window);
+        w->argvlen[k] = p - (u_char *) w->argv[k];
+        k++;
+
+        w->argv[k] = (char *) p;
+        p = ngx_sprintf(p, "%uL",
+                        (mode == NGX_HTTP_INFER_RL_ADMIT) ? item->floor : 0);
         w->argvlen[k] = p - (u_char *) w->argv[k];
         k++;
     }
@@ -852,7 +864,7 @@ ngx_http_infer_ratelimit_redis_undo(ngx_http_infer_ratelimit_waiter_t *w)
     k = 3 + w->nitems;
     w->argv[k++] = "r";
 
-    for (i = 0; i < w->nitems; i++, k += 3) {
+    for (i = 0; i < w->nitems; i++, k += 4) {
         w->argv[k]--;
         w->argvlen[k]++;
     }

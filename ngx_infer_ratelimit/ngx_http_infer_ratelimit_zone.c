@@ -410,16 +410,156 @@ ngx_http_infer_ratelimit_zone_eval(ngx_shm_zone_t *zone,
 
 
 /*
+ * Redis mode, for the limits whose outage policy is "local".  The zone
+ * keeps this gateway's own use of each key, in its share of the limit
+ * (the limit divided by the replicas): every request Redis admitted is
+ * charged there too (zone_mirror), at most emptying the share, since
+ * what a gateway is let to use beyond its share is Redis's to decide.
+ * An outage then goes on from what the gateway used, not from a full
+ * share.  And each admission tells Redis how far ahead that share is
+ * (zone_floor, converted to units of the whole limit): a Redis that lost
+ * its keys (restarted empty) or did not see what was counted here during
+ * an outage starts the key from this gateway's use, not from a full
+ * bucket.  For one gateway (replicas=1) the zone and Redis then hold the
+ * same bucket, and an outage or a restart gives a tenant nothing more.
+ */
+
+static ngx_uint_t
+ngx_http_infer_ratelimit_mirrors(ngx_http_infer_ratelimit_item_t *item)
+{
+    return item->limit->on_error == NGX_HTTP_INFER_RL_LOCAL
+           && item->limit->kind != NGX_HTTP_INFER_RL_CONCURRENCY;
+}
+
+
+void
+ngx_http_infer_ratelimit_zone_floor(ngx_shm_zone_t *zone,
+    ngx_http_infer_ratelimit_item_t *items, ngx_uint_t n, ngx_uint_t divisor,
+    ngx_msec_t slack)
+{
+    uint64_t                           now, d;
+    ngx_uint_t                         i;
+    ngx_http_infer_ratelimit_item_t   *item;
+    ngx_http_infer_ratelimit_node_t   *lrn;
+    ngx_http_infer_ratelimit_zone_t   *z;
+
+    if (zone == NULL) {
+        return;
+    }
+
+    z = zone->data;
+
+    now = (uint64_t) ngx_current_msec * 1000000;
+
+    ngx_shmtx_lock(&z->shpool->mutex);
+
+    now = ngx_max(now, z->sh->now);
+
+    for (i = 0; i < n; i++) {
+        item = &items[i];
+        item->floor = 0;
+
+        if (!ngx_http_infer_ratelimit_mirrors(item)) {
+            continue;
+        }
+
+        lrn = ngx_http_infer_ratelimit_lookup(z, item);
+
+        /*
+         * the zone is charged when Redis's reply comes, later than Redis
+         * charged: less the slack, the floor never binds a key that Redis
+         * keeps as it should; a unit of the share is as long as divisor
+         * units of the limit
+         */
+
+        d = (uint64_t) slack * 1000000;
+
+        if (lrn && lrn->tat > now + d) {
+            item->floor = (lrn->tat - now - d) / divisor / 1000;
+        }
+    }
+
+    ngx_shmtx_unlock(&z->shpool->mutex);
+}
+
+
+void
+ngx_http_infer_ratelimit_zone_mirror(ngx_shm_zone_t *zone,
+    ngx_http_infer_ratelimit_item_t *items, ngx_uint_t n, ngx_uint_t divisor)
+{
+    uint64_t                           now, em, win, share, tat;
+    ngx_uint_t                         i, held;
+    ngx_http_infer_ratelimit_item_t   *item;
+    ngx_http_infer_ratelimit_node_t   *lrn;
+    ngx_http_infer_ratelimit_zone_t   *z;
+
+    if (zone == NULL) {
+        return;
+    }
+
+    z = zone->data;
+
+    now = (uint64_t) ngx_current_msec * 1000000;
+    held = 0;
+
+    ngx_shmtx_lock(&z->shpool->mutex);
+
+    if (now < z->sh->now) {
+        now = z->sh->now;
+
+    } else {
+        z->sh->now = now;
+    }
+
+    ngx_http_infer_ratelimit_expire(z, now, n + 1);
+
+    for (i = 0; i < n; i++) {
+        item = &items[i];
+
+        if (item->where != NGX_HTTP_INFER_RL_IN_REDIS
+            || !ngx_http_infer_ratelimit_mirrors(item))
+        {
+            continue;
+        }
+
+        lrn = ngx_http_infer_ratelimit_node(z, item, now, held == 0);
+
+        if (lrn == NULL) {
+            continue;
+        }
+
+        held++;
+        item->mirrored = 1;
+
+        share = ngx_max(item->limit->limit / divisor, 1);
+        win = (uint64_t) item->limit->window * 1000000;
+        em = win / share;
+
+        /* never back: a debt counted here during an outage stays */
+
+        tat = (item->cost >= share)
+              ? now + win
+              : ngx_min(ngx_max(lrn->tat, now) + item->cost * em, now + win);
+
+        lrn->tat = ngx_max(lrn->tat, tat);
+    }
+
+    ngx_shmtx_unlock(&z->shpool->mutex);
+}
+
+
+/*
  * Moves each item's node by its delta: a refund back, a debt forward from
  * now if the bucket refilled meanwhile (its node may even have been
- * reused during a long stream), as an admission would charge it.
+ * reused during a long stream), as an admission would charge it.  A
+ * mirrored node moves in units of its share, and at most to empty.
  */
 
 void
 ngx_http_infer_ratelimit_zone_reconcile(ngx_shm_zone_t *zone,
-    ngx_http_infer_ratelimit_item_t *items, ngx_uint_t n)
+    ngx_http_infer_ratelimit_item_t *items, ngx_uint_t n, ngx_uint_t divisor)
 {
-    uint64_t                           em, d, now;
+    uint64_t                           em, d, now, win, share;
     ngx_uint_t                         i;
     ngx_http_infer_ratelimit_item_t   *item;
     ngx_http_infer_ratelimit_node_t   *lrn;
@@ -436,7 +576,9 @@ ngx_http_infer_ratelimit_zone_reconcile(ngx_shm_zone_t *zone,
     for (i = 0; i < n; i++) {
         item = &items[i];
 
-        if (item->where != NGX_HTTP_INFER_RL_IN_ZONE || item->delta == 0) {
+        if ((item->where != NGX_HTTP_INFER_RL_IN_ZONE && !item->mirrored)
+            || item->delta == 0)
+        {
             continue;
         }
 
@@ -452,12 +594,18 @@ ngx_http_infer_ratelimit_zone_reconcile(ngx_shm_zone_t *zone,
 
         /* a count moves by units, a TAT by units of emission interval */
 
-        em = lrn->counter
-             ? 1 : (uint64_t) item->limit->window * 1000000 / item->limit_n;
+        win = (uint64_t) item->limit->window * 1000000;
+        share = item->mirrored ? ngx_max(item->limit->limit / divisor, 1)
+                               : item->limit_n;
+
+        em = lrn->counter ? 1 : win / share;
 
         if (item->delta > 0) {
-            lrn->tat = (lrn->counter ? lrn->tat : ngx_max(lrn->tat, now))
-                       + (uint64_t) item->delta * em;
+            d = (lrn->counter ? lrn->tat : ngx_max(lrn->tat, now))
+                + (uint64_t) item->delta * em;
+
+            lrn->tat = item->mirrored
+                       ? ngx_max(lrn->tat, ngx_min(d, now + win)) : d;
 
         } else {
             d = (uint64_t) (- item->delta) * em;

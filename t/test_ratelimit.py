@@ -512,3 +512,120 @@ def test_limits_are_inherited_unless_a_context_declares_its_own(
     assert [get(n, "/own").status_code for _ in range(3)] == [200, 200, 429]
     assert [get(n, "/same").status_code for _ in range(2)] == [200, 429]
     assert get(n).status_code == 429     # /same counted in "outer"
+
+
+# ------------------------------------------------ requests that never fit
+
+def too_large(r, limit, window_words):
+    """A request whose estimate is more than the whole limit: 400 in the
+    envelope, no Retry-After (waiting cannot help), a message that says
+    why in words, and nothing charged."""
+    assert r.status_code == 400, (r.status_code, dict(r.headers), r.text)
+    assert "Retry-After" not in r.headers
+    e = error_of(r)
+    assert e["type"] == "invalid_request_error"
+    assert e["code"] == "request_too_large"
+    msg = e["message"]
+    assert f"{limit} tokens per {window_words}" in msg, msg
+    assert "max_tokens" in msg and "try again" not in msg, msg
+    assert r.headers["X-RL-Status"] == "limited"
+    return e
+
+
+def test_a_request_that_can_never_fit_says_so(nginx_factory, sim):
+    n = nginx_factory(proxy_conf(
+        sim, "infer_ratelimit_limit tpm global tokens=100000/m;"
+             "infer_ratelimit_limit rph global requests=1/h;"))
+    s = requests.Session()
+    r = chat(n, session=s, max_tokens=2147483647, completion=1)
+    too_large(r, 100000, "minute")
+    # a request that fits goes through, the refused one charged nothing
+    r = chat(n, session=s, max_tokens=10, completion=1)
+    assert r.status_code == 200
+    # a limit that only has to wait is refused as such, with Retry-After
+    r = chat(n, session=s, max_tokens=10, completion=1)
+    assert r.status_code == 429 and int(r.headers["Retry-After"]) > 60
+    # and a request that can never fit says so even then: waiting for the
+    # requests limit would not help it
+    r = chat(n, session=s, max_tokens=2147483647, completion=1)
+    too_large(r, 100000, "minute")
+
+
+def test_a_refusal_names_its_period_in_words(nginx_factory):
+    n = nginx_factory(static_conf(
+        "infer_ratelimit_limit rpm global requests=1/m;", extra="""
+        location /ten { rewrite ^ /ok.txt break;
+                        infer_ratelimit_limit r10 global requests=1/10s; }"""))
+    assert get(n).status_code == 200
+    msg = error_of(get(n))["message"]
+    assert msg.startswith("Rate limit reached for requests per minute "), msg
+    assert get(n, "/ten").status_code == 200
+    msg = error_of(get(n, "/ten"))["message"]
+    assert msg.startswith("Rate limit reached for requests per 10s "), msg
+
+
+# ------------------------------------------------------- runaway usage
+
+def runaway_conf(limits, zone="infer_ratelimit_zone rl:1m;", redis=""):
+    """A gateway whose backend (a server of the same nginx) reports four
+    billion tokens for every answer."""
+    from harness.ports import free_port
+    backend = free_port()
+    usage = ('{"id": "x", "object": "chat.completion", "model": '
+             '"llama-3-8b", "choices": [{"index": 0, "message": {"role": '
+             '"assistant", "content": "hi"}, "finish_reason": "stop"}], '
+             '"usage": {"prompt_tokens": 5, "completion_tokens": '
+             '4000000000, "total_tokens": 4000000005}}')
+    return f"""
+    {zone}
+    {redis}
+    upstream llama {{ server 127.0.0.1:{backend}; }}
+    infer_model llama-3-8b upstream=llama;
+    server {{
+        listen 127.0.0.1:{backend};
+        location / {{ default_type application/json; return 200 '{usage}'; }}
+    }}
+    server {{
+        listen 127.0.0.1:{{port}};
+        infer_route on;
+        infer_ratelimit on;
+        {limits}
+        location / {{
+            proxy_pass http://$infer_upstream;
+            {STATUS_HEADERS}
+        }}
+    }}"""
+
+
+def runaway_answer_charges_at_most_the_limit(n, after_first=None):
+    """After an answer that reported 4e9 tokens against 100,000 a minute,
+    the bucket is empty, not years in debt: it refills from there at once
+    (1,667 tokens a second), and is full again within the window."""
+    s = requests.Session()
+    r = chat(n, session=s, max_tokens=10)
+    assert r.status_code == 200
+    assert r.json()["usage"]["total_tokens"] == 4000000005
+    if after_first:
+        after_first()
+    time.sleep(0.3)        # ~500 tokens refill: enough for a small request
+    r = chat(n, session=s, max_tokens=10)
+    assert r.status_code == 200, (r.headers, r.text)
+    assert r.headers["X-RL-Status"] == "passed"
+    reset = r.headers["x-ratelimit-reset-tokens"]
+    assert RESET.match(reset) and seconds(reset) <= 60, reset
+
+
+def seconds(duration):
+    """A reset as OpenAI writes it (Go's time.Duration), in seconds."""
+    if duration.endswith("ms"):
+        return int(duration[:-2]) / 1000
+    total = 0.0
+    for value, unit in re.findall(r"([\d.]+)([hms])", duration):
+        total += float(value) * {"h": 3600, "m": 60, "s": 1}[unit]
+    return total
+
+
+def test_a_runaway_usage_charges_at_most_the_limit(nginx_factory):
+    n = nginx_factory(runaway_conf(
+        "infer_ratelimit_limit tpm global tokens=100000/m;"))
+    runaway_answer_charges_at_most_the_limit(n)

@@ -1,6 +1,7 @@
 """A real redis-server on a free loopback port, nothing saved to disk."""
 
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -34,6 +35,10 @@ class RedisServer(Served):
 
     def stop(self):
         stop_process(self.proc)
+
+    def kill(self):
+        """An outage as it comes: SIGKILL, nothing flushed or closed."""
+        stop_process(self.proc, signal.SIGKILL)
 
     def client(self):
         import redis
