@@ -1220,3 +1220,123 @@ def test_bench(tmp_path):
             print(f"bench JSON ({label}, "
                   f"{'one buffer' if k == 0 else '16 KB buffers'}): "
                   f"{res['bytes']} bytes, {res['mb_per_s']:.0f} MB/s")
+
+
+# -- through nginx: the usage chunk the gateway asked for, removed ---------
+#
+# infer_stream_include_usage on and a client that did not ask for usage:
+# the backend is asked for it, and the client must see exactly the stream
+# the backend sends without it (same events, byte for byte, but for the
+# chunks' id and created time, which differ from one request to another).
+
+import http.client                                              # noqa: E402
+
+STRIP_CONF = """
+    log_format usage '$infer_usage_completion_tokens|$infer_usage_estimated';
+    upstream pool {{ {servers} }}
+    infer_model m upstream=pool alias=alias-m;
+    server {{
+        listen 127.0.0.1:{{port}};
+        client_max_body_size 64m;
+        client_body_buffer_size 16k;
+        infer_route on;
+        infer_stream_include_usage on;
+        {extra}
+        location / {{
+            proxy_pass http://$infer_upstream;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering {buffering};
+            access_log {log} usage;
+        }}
+    }}"""
+
+
+def strip_gateway(nginx_factory, sim, extra="", buffering="off",
+                  servers=None):
+    n = nginx_factory("", start=False, modules=["route"])
+    n.http = STRIP_CONF.format(servers=servers or f"server {sim.addr};",
+                               extra=extra, buffering=buffering,
+                               log=n.workdir / "usage.log")
+    return n.start()
+
+
+def post(host, port, body, headers=None, timeout=20):
+    c = http.client.HTTPConnection(host, port, timeout=timeout)
+    c.request("POST", "/v1/chat/completions", json.dumps(body),
+              {"content-type": "application/json", **(headers or {})})
+    r = c.getresponse()
+    return r, r.read()
+
+
+def normalized(raw):
+    """The stream with each chunk's id and created time made equal."""
+    raw = re.sub(rb'"id": ?"[^"]*"', b'"id": "X"', raw)
+    return re.sub(rb'"created": ?\d+', b'"created": 0', raw)
+
+
+def usage_log(gw, count=1):
+    import time
+    path = gw.workdir / "usage.log"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        lines = path.read_text().splitlines() if path.exists() else []
+        if len(lines) >= count:
+            return [line.split("|") for line in lines]
+        time.sleep(0.02)
+    raise AssertionError("no usage line")
+
+
+STREAM = {"model": "m", "stream": True, "max_tokens": 5,
+          "messages": [{"role": "user", "content": "Hello there"}]}
+
+
+@pytest.fixture
+def strip_sim(sim_factory):
+    return sim_factory("m", "strip-a", ttft_ms=1, tpot_ms=1)
+
+
+@pytest.mark.parametrize("headers", [
+    {}, {"x-sim-split-writes": "1"}, {"x-sim-usage-chunks": "2"},
+    {"x-sim-usage-unterminated": "1"},
+    {"x-sim-usage-chunks": "2", "x-sim-usage-unterminated": "1",
+     "x-sim-split-writes": "1"},
+], ids=["plain", "split", "two-usage-chunks", "unterminated",
+        "two-unterminated-split"])
+@pytest.mark.parametrize("buffering", ["off", "on"])
+def test_strip_gives_the_client_the_stream_without_usage(
+        nginx_factory, strip_sim, headers, buffering):
+    gw = strip_gateway(nginx_factory, strip_sim, buffering=buffering)
+    r, raw = post(gw.host, gw.port, STREAM, headers)
+    assert r.status == 200
+    # what the backend sends to a client that did not ask for usage
+    _, want = post(strip_sim.host, strip_sim.port, STREAM, headers)
+    assert b'"usage"' not in want
+    if "x-sim-usage-unterminated" in headers:
+        # the stream ended with the usage chunk: no [DONE] after it
+        assert want.endswith(b"\n\ndata: [DONE]\n\n")
+        want = want[:-len(b"data: [DONE]\n\n")]
+    assert normalized(raw) == normalized(want)
+    # and the gateway read the real usage, even from a last event cut short
+    assert usage_log(gw)[0] == ["5", "0"]
+
+
+def test_strip_passes_an_event_longer_than_the_buffer_unchanged(
+        nginx_factory, strip_sim):
+    gw = strip_gateway(nginx_factory, strip_sim,
+                       extra="infer_stream_event_buffer_size 4k;")
+    headers = {"x-sim-pad-bytes": "6000"}
+    r, raw = post(gw.host, gw.port, STREAM, headers)
+    assert r.status == 200
+    _, asked = post(strip_sim.host, strip_sim.port,
+                    dict(STREAM, stream_options={"include_usage": True}),
+                    headers)
+    # each long content event as the backend sent it ("usage": null and
+    # all), the short usage chunk still removed
+    events = [e for e in asked.split(b"\n\n") if e]
+    long = [e for e in events if len(e) > 4096]
+    assert len(long) == 6
+    assert normalized(raw) == normalized(b"".join(
+        e + b"\n\n" for e in events if len(e) > 4096 or e == b"data: [DONE]"))
+    assert "is passed on as it is" in gw.log_text()
+    assert usage_log(gw)[0] == ["5", "0"]
