@@ -156,8 +156,9 @@ typedef struct {
     ngx_http_infer_route_target_t *target;      /* NULL: not picked yet */
     ngx_str_t                      forward;     /* model id sent upstream */
     ngx_http_infer_route_body_t   *body;        /* NULL: body not scanned */
-    ngx_str_t                      raw;         /* the body's bytes */
-    ngx_chain_t                   *bufs;        /* the body as received */
+    ngx_chain_t                   *bufs;        /* the body as received,
+                                                   once rewritten */
+    off_t                          length;      /* and its length */
     ngx_uint_t                     fallbacks;   /* fallbacks taken */
     ngx_http_infer_usage_t        *usage;       /* NULL: answer not parsed */
     ngx_msec_int_t                 ttft;        /* ms to the first answer

@@ -750,7 +750,7 @@ ngx_http_infer_route_pick(ngx_http_request_t *r,
     if (ctx->rewritten) {
         /* a fallback: start again from the body as the client sent it */
         r->request_body->bufs = ctx->bufs;
-        r->headers_in.content_length_n = ctx->raw.len;
+        r->headers_in.content_length_n = ctx->length;
         ctx->rewritten = 0;
     }
 

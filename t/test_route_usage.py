@@ -7,6 +7,7 @@ that strips the usage event may cut the stream after each buffer.  Then a
 bounded libFuzzer run (t/unit/route_usage_fuzz.c) and the parser's speed
 (printed, not asserted)."""
 
+import hashlib
 import json
 import random
 import re
@@ -1230,6 +1231,8 @@ def test_bench(tmp_path):
 # chunks' id and created time, which differ from one request to another).
 
 import http.client                                              # noqa: E402
+import socket                                                   # noqa: E402
+import threading                                                # noqa: E402
 
 STRIP_CONF = """
     log_format usage '$infer_usage_completion_tokens|$infer_usage_estimated';
@@ -1340,3 +1343,84 @@ def test_strip_passes_an_event_longer_than_the_buffer_unchanged(
         e + b"\n\n" for e in events if len(e) > 4096 or e == b"data: [DONE]"))
     assert "is passed on as it is" in gw.log_text()
     assert usage_log(gw)[0] == ["5", "0"]
+
+
+@pytest.mark.parametrize("value", ['"true"', "1", "null", '"yes"', "{}"])
+def test_include_usage_of_another_type_is_replaced_not_repeated(
+        nginx_factory, strip_sim, value):
+    gw = strip_gateway(nginx_factory, strip_sim)
+    body = json.dumps(STREAM)[:-1] + (
+        ', "stream_options": {"x": 1, "include_usage": %s}}' % value)
+    c = http.client.HTTPConnection(gw.host, gw.port, timeout=20)
+    c.request("POST", "/v1/chat/completions", body,
+              {"content-type": "application/json"})
+    raw = c.getresponse().read()
+    sent = [q for q in strip_sim.requests()
+            if q["path"] == "/v1/chat/completions"][-1]["body"]
+    assert sent.count("include_usage") == 1
+    assert json.loads(sent)["stream_options"] == {"x": 1,
+                                                  "include_usage": True}
+    assert b'"usage"' not in raw
+    assert usage_log(gw)[0] == ["5", "0"]
+
+
+class DropFirst:
+    """An upstream server that reads a request and closes without an
+    answer, so that nginx sends the body again to the next server."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.addr = "127.0.0.1:%d" % self.sock.getsockname()[1]
+        threading.Thread(target=self.run, daemon=True).start()
+
+    def run(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            c.settimeout(5)
+            try:
+                c.recv(65536)
+            except OSError:
+                pass
+            c.close()
+
+
+@pytest.mark.parametrize("size", [1000, 300 * 1024, 3 * 1024 * 1024],
+                         ids=["memory", "file", "file-3m"])
+@pytest.mark.parametrize("model_last", [False, True],
+                         ids=["model-first", "model-last"])
+def test_a_rewritten_body_is_sent_whole_and_again_to_the_next_server(
+        nginx_factory, strip_sim, size, model_last):
+    drop = DropFirst()
+    gw = strip_gateway(nginx_factory, strip_sim,
+                       extra="proxy_next_upstream error non_idempotent;",
+                       servers=f"server {drop.addr}; server "
+                               f"{strip_sim.addr};")
+    msgs = [{"role": "user", "content": "y" * size}]
+    if model_last:
+        body = ('{"messages": %s, "stream": true, "max_tokens": 5, '
+                '"model": "alias-m"}' % json.dumps(msgs))
+    else:
+        body = ('{"model": "alias-m", "messages": %s, "stream": true, '
+                '"max_tokens": 5}' % json.dumps(msgs))
+    want = body.replace('"alias-m"', '"m"')[:-1] + \
+        ', "stream_options": {"include_usage": true}}'
+    c = http.client.HTTPConnection(gw.host, gw.port, timeout=30)
+    c.request("POST", "/v1/chat/completions", body,
+              {"content-type": "application/json"})
+    r = c.getresponse()
+    r.read()
+    assert r.status == 200
+    got = [q for q in strip_sim.requests()
+           if q["path"] == "/v1/chat/completions"]
+    assert len(got) == 1
+    assert got[0]["body_len"] == len(want)
+    assert got[0]["body_sha256"] == hashlib.sha256(
+        want.encode()).hexdigest()
+    # it was sent twice: to the server that dropped it, then to the sim
+    assert "upstream prematurely closed connection" in gw.log_text()
+    drop.sock.close()
