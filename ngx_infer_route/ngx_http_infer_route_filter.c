@@ -308,6 +308,7 @@ ngx_http_infer_route_strip_run(ngx_http_request_t *r,
     size_t                         len, n;
     ngx_buf_t                     *b;
     ngx_uint_t                     events;
+    ngx_chain_t                   *cl;
     ngx_http_infer_usage_t        *u;
     ngx_http_infer_route_strip_t  *st;
 
@@ -363,7 +364,11 @@ ngx_http_infer_route_strip_run(ngx_http_request_t *r,
                 st->last = 1;
             }
 
-            st->in = st->in->next;
+            /* the link is ours (ngx_chain_add_copy): back to the pool */
+
+            cl = st->in;
+            st->in = cl->next;
+            ngx_free_chain(r->pool, cl);
             continue;
         }
 
@@ -461,16 +466,19 @@ static ngx_int_t
 ngx_http_infer_route_strip_copy(ngx_http_request_t *r,
     ngx_http_infer_route_strip_t *st)
 {
-    size_t      n;
-    ngx_buf_t  *b;
+    size_t        n;
+    ngx_buf_t    *b;
+    ngx_chain_t  *cl;
 
     while (st->sent < st->send) {
 
         if (st->buf == NULL) {
 
             if (st->free) {
-                st->buf = st->free->buf;
-                st->free = st->free->next;
+                cl = st->free;
+                st->buf = cl->buf;
+                st->free = cl->next;
+                ngx_free_chain(r->pool, cl);
 
             } else if (st->bufs < NGX_HTTP_INFER_ROUTE_STRIP_BUFS) {
                 st->buf = ngx_create_temp_buf(r->pool,
