@@ -455,8 +455,8 @@ ngx_http_infer_route_body_file(ngx_http_request_t *r, ngx_chain_t **chain)
     tf->pool = r->pool;
     tf->warn = "a rewritten request body is buffered to a temporary file";
     tf->log_level = r->request_body_file_log_level;
-    tf->persistent = 0;
-    tf->clean = 1;
+    tf->persistent = 0;         /* unlinked once open */
+    tf->clean = 0;
     tf->access = 0;
 
     copy = ngx_create_temp_buf(r->pool, NGX_HTTP_INFER_ROUTE_COPY_SIZE);
