@@ -46,7 +46,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import run  # noqa: E402, F401  (puts t/ on sys.path)
+import run as bench_run  # noqa: E402, F401  (puts t/ on sys.path)
 
 from harness.nginx import Nginx  # noqa: E402
 from harness.simproc import SimProcess  # noqa: E402
@@ -182,7 +182,7 @@ def main():
         payload = json.dumps({"model": "llama3", "messages": [
             {"role": "user", "content": filler}]}).encode()
 
-        def run(case, name):
+        def one_run(case, name):
             gw = gws[case][name]
             if case == "stream":
                 # a fresh worker: what an earlier stream freed stays in
@@ -195,12 +195,13 @@ def main():
                                                    args.stall_ms))
 
         results = {c: {"plain": [], "route": []} for c in cases}
-        warm = {c: {n: run(c, n) for n in ("plain", "route")} for c in cases}
+        warm = {c: {n: one_run(c, n) for n in ("plain", "route")}
+                for c in cases}
         for i in range(args.rounds):
             for case in cases:
                 order = ["plain", "route"][::1 if i % 2 == 0 else -1]
                 for name in order:
-                    mb = run(case, name)
+                    mb = one_run(case, name)
                     results[case][name].append(mb)
                     print(f"round {i + 1} {case:6} {name:5} "
                           f"+{mb:8.1f} MB", flush=True)
@@ -215,10 +216,11 @@ def main():
             p = statistics.median(results[case]["plain"])
             r = statistics.median(results[case]["route"])
             print(f"  {what[case]}:")
-            print(f"    plain proxy_pass  +{p:8.1f}  [{warm[case]['plain']:.1f}]"
-                  f"   runs {results[case]['plain']}")
-            print(f"    route             +{r:8.1f}  [{warm[case]['route']:.1f}]"
-                  f"   runs {results[case]['route']}")
+            for name, v in (("plain proxy_pass", p), ("route", r)):
+                key = name.split()[0]
+                runs = ", ".join(f"{x:.1f}" for x in results[case][key])
+                print(f"    {name:16}  +{v:8.1f}  [{warm[case][key]:.1f}]"
+                      f"   runs {runs}")
             print(f"    route - plain     {r - p:+8.1f}")
 
         problems = []
