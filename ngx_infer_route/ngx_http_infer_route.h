@@ -102,10 +102,44 @@ typedef struct {
     ngx_array_t                   *sources;     /* of *_source_t */
     size_t                         prefix_max;
     ngx_flag_t                     include_usage;
+    size_t                         event_buffer_size;
     ngx_http_complex_value_t      *list_filter; /* infer_model_list */
     unsigned                       list:1;      /* this location lists the
                                                    models: not inherited */
 } ngx_http_infer_route_loc_conf_t;
+
+
+/*
+ * A stream whose usage chunk is removed, in a fixed amount of memory: the
+ * event not yet complete is held in one buffer, what is passed on goes
+ * out through a few output buffers, reused once sent.  When they are all
+ * in flight the input waits (and so does the upstream).
+ */
+
+typedef struct {
+    ngx_chain_t                   *in;          /* input not yet read */
+    ngx_chain_t                   *out;
+    ngx_chain_t                  **last_out;
+    ngx_chain_t                   *free;
+    ngx_chain_t                   *busy;
+    ngx_buf_t                     *buf;         /* output being filled */
+    ngx_uint_t                     bufs;        /* output buffers made */
+    u_char                        *hold;        /* the event held back */
+    size_t                         hold_len;
+    size_t                         hold_size;
+    off_t                          hold_off;    /* stream offset of
+                                                   hold[0] */
+    size_t                         send;        /* hold bytes passed on
+                                                   and not yet copied out */
+    size_t                         sent;
+    unsigned                       passing:1;   /* an event longer than
+                                                   hold, passed on as it
+                                                   comes */
+    unsigned                       flush:1;
+    unsigned                       last:1;      /* last_buf read */
+    unsigned                       done:1;      /* last_buf passed on */
+    unsigned                       nomem:1;     /* no output buffer free */
+} ngx_http_infer_route_strip_t;
 
 
 typedef struct {
@@ -122,9 +156,10 @@ typedef struct {
     ngx_http_infer_route_target_t *target;      /* NULL: not picked yet */
     ngx_str_t                      forward;     /* model id sent upstream */
     ngx_http_infer_route_body_t   *body;        /* NULL: body not scanned */
-    ngx_str_t                      raw;         /* the body's bytes */
     off_t                          body_size;   /* bytes read, -1: not */
-    ngx_chain_t                   *bufs;        /* the body as received */
+    ngx_chain_t                   *bufs;        /* the body as received,
+                                                   once rewritten */
+    off_t                          length;      /* and its length */
     ngx_uint_t                     fallbacks;   /* fallbacks taken */
     ngx_http_infer_usage_t        *usage;       /* NULL: answer not parsed */
     ngx_msec_int_t                 ttft;        /* ms to the first answer
@@ -138,11 +173,8 @@ typedef struct {
                                                    check its model against
                                                    the one found first */
 
-    /* the stream as it is held back while the usage chunk is stripped */
-    u_char                        *held;
-    size_t                         held_len;
-    size_t                         held_size;
-    off_t                          held_off;    /* stream offset of held[0] */
+    ngx_http_infer_route_strip_t  *strip;       /* NULL: the usage chunk
+                                                   is left in */
 } ngx_http_infer_route_ctx_t;
 
 

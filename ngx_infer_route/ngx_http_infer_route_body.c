@@ -128,34 +128,46 @@ ngx_http_infer_route_body_bytes(ngx_http_request_t *r, ngx_str_t *body,
 
 
 /*
- * KServe v2: /v2/models/{name}[/versions/{v}]/infer, and the model's other
- * endpoints under /v2/models/{name}/.
- */
-
-/*
  * The forwarded body names the model id the backend serves (the model for
  * an alias, a target's model=), and asks for usage when injection is on:
  * at most two edits, everything else kept byte for byte; proxy_pass sends
- * the new length.
+ * the new length.  Nothing is copied: the new body is a chain of buffers
+ * that point into the body as it was read, in memory or in its temp file,
+ * around small buffers with the edits.  nginx resends a body to the next
+ * upstream with the file parts of its chain laid end to end from offset 0
+ * (ngx_http_upstream_reinit()), so a chain that skips bytes of the file is
+ * written, through a small buffer, into a temp file of its own.
  */
 
 typedef struct {
-    size_t       start;
-    size_t       end;
+    off_t        start;
+    off_t        end;
     ngx_str_t    text;
-    ngx_uint_t   quote;         /* text is a JSON string to quote, escape */
 } ngx_http_infer_route_edit_t;
+
+
+#define NGX_HTTP_INFER_ROUTE_COPY_SIZE  65536
+
+
+static ngx_int_t ngx_http_infer_route_body_piece(ngx_http_request_t *r,
+    ngx_buf_t *src, off_t from, off_t to, ngx_chain_t ***ll);
+static ngx_int_t ngx_http_infer_route_body_text(ngx_http_request_t *r,
+    ngx_str_t *text, ngx_chain_t ***ll);
+static ngx_int_t ngx_http_infer_route_body_file(ngx_http_request_t *r,
+    ngx_chain_t **chain);
+static ngx_int_t ngx_http_infer_route_body_write(ngx_temp_file_t *tf,
+    ngx_chain_t *cl);
 
 
 ngx_int_t
 ngx_http_infer_route_rewrite_body(ngx_http_request_t *r,
     ngx_http_infer_route_ctx_t *ctx)
 {
-    u_char                       *p, *q;
-    size_t                        len, from;
+    u_char                       *p;
+    off_t                         off, end, pos, to, len, file_pos;
     ngx_buf_t                    *b;
-    ngx_uint_t                    i, n;
-    ngx_chain_t                  *cl, *last;
+    ngx_uint_t                    i, n, gap;
+    ngx_chain_t                  *cl, *out, **ll, *last;
     ngx_http_infer_route_body_t  *body;
     ngx_http_infer_route_edit_t   edit[2], tmp;
 
@@ -169,38 +181,57 @@ ngx_http_infer_route_rewrite_body(ngx_http_request_t *r,
     {
         edit[n].start = body->model_start;
         edit[n].end = body->model_end;
-        edit[n].text = ctx->forward;
-        edit[n].quote = 1;
+
+        len = 2 + ctx->forward.len
+              + ngx_escape_json(NULL, ctx->forward.data, ctx->forward.len);
+
+        p = ngx_pnalloc(r->pool, len);
+        if (p == NULL) {
+            return NGX_ERROR;
+        }
+
+        edit[n].text.data = p;
+
+        *p++ = '"';
+        p = (u_char *) ngx_escape_json(p, ctx->forward.data,
+                                       ctx->forward.len);
+        *p++ = '"';
+
+        edit[n].text.len = p - edit[n].text.data;
         n++;
     }
 
     if (ctx->inject) {
-        edit[n].quote = 0;
 
-        if (body->stream_options_end == 0) {
+        if (body->include_usage_end) {
+            /* "true", 1, null...: the value is replaced, not repeated */
+            edit[n].start = body->include_usage_start;
+            edit[n].end = body->include_usage_end;
+            ngx_str_set(&edit[n].text, "true");
+
+        } else if (body->stream_options_end == 0) {
             edit[n].start = body->object_end;
+            edit[n].end = edit[n].start;
             ngx_str_set(&edit[n].text,
                         ", \"stream_options\": {\"include_usage\": true}");
 
         } else {
             edit[n].start = body->stream_options_start + 1;
-            ngx_str_set(&edit[n].text, "\"include_usage\": true, ");
+            edit[n].end = edit[n].start;
+
+            if (body->stream_options_empty) {
+                ngx_str_set(&edit[n].text, "\"include_usage\": true");
+
+            } else {
+                ngx_str_set(&edit[n].text, "\"include_usage\": true, ");
+            }
         }
 
-        edit[n].end = edit[n].start;
         n++;
     }
 
     if (n == 0) {
         return NGX_OK;
-    }
-
-    /* the scan's copy is gone: the body as the client sent it, again */
-
-    if (ctx->raw.data == NULL
-        && ngx_http_infer_route_body_bytes(r, &ctx->raw, 0) != NGX_OK)
-    {
-        return NGX_ERROR;
     }
 
     if (n == 2 && edit[1].start < edit[0].start) {
@@ -209,69 +240,142 @@ ngx_http_infer_route_rewrite_body(ngx_http_request_t *r,
         edit[1] = tmp;
     }
 
-    len = ctx->raw.len;
+    if (ctx->bufs == NULL) {
+        /* the body as the client sent it, kept for a fallback */
+        ctx->bufs = r->request_body->bufs;
+        ctx->length = 0;
 
-    for (i = 0; i < n; i++) {
-
-        if (!edit[i].quote && body->stream_options_end
-            && edit[i].start == body->stream_options_start + 1)
-        {
-            /* an empty stream_options object takes no comma */
-
-            for (q = ctx->raw.data + edit[i].start;
-                 q < ctx->raw.data + body->stream_options_end - 1;
-                 q++)
-            {
-                if (*q != ' ' && *q != '\t' && *q != '\r' && *q != '\n') {
-                    break;
-                }
-            }
-
-            if (q == ctx->raw.data + body->stream_options_end - 1) {
-                edit[i].text.len -= 2;
-            }
-        }
-
-        len += edit[i].text.len - (edit[i].end - edit[i].start);
-
-        if (edit[i].quote) {
-            len += 2 + ngx_escape_json(NULL, edit[i].text.data,
-                                       edit[i].text.len);
+        for (cl = ctx->bufs; cl; cl = cl->next) {
+            ctx->length += ngx_buf_size(cl->buf);
         }
     }
 
-    b = ngx_create_temp_buf(r->pool, len);
+    out = NULL;
+    ll = &out;
+    last = NULL;
+    off = 0;
+    pos = 0;
+    i = 0;
+
+    /* pos: the next byte of the body to pass on */
+
+    for (cl = ctx->bufs; cl; cl = cl->next) {
+        last = cl;
+        end = off + ngx_buf_size(cl->buf);
+
+        while (pos < end) {
+
+            if (i < n && edit[i].start <= pos) {
+                if (ngx_http_infer_route_body_text(r, &edit[i].text, &ll)
+                    != NGX_OK)
+                {
+                    return NGX_ERROR;
+                }
+
+                pos = ngx_max(pos, edit[i].end);
+                i++;
+                continue;
+            }
+
+            to = (i < n && edit[i].start < end) ? edit[i].start : end;
+
+            if (ngx_http_infer_route_body_piece(r, cl->buf, pos - off,
+                                                to - off, &ll)
+                != NGX_OK)
+            {
+                return NGX_ERROR;
+            }
+
+            pos = to;
+        }
+
+        off = end;
+    }
+
+    /* an insertion after the last byte (a body always ends with '}') */
+
+    for ( /* void */ ; i < n; i++) {
+        if (ngx_http_infer_route_body_text(r, &edit[i].text, &ll) != NGX_OK) {
+            return NGX_ERROR;
+        }
+    }
+
+    if (out == NULL) {
+        return NGX_ERROR;
+    }
+
+    /* the file's parts: laid end to end from 0, or written anew */
+
+    gap = 0;
+    file_pos = 0;
+    len = 0;
+
+    for (cl = out; cl; cl = cl->next) {
+        b = cl->buf;
+
+        if (b->in_file) {
+            if (b->file_pos != file_pos) {
+                gap = 1;
+            }
+
+            file_pos = b->file_last;
+        }
+
+        len += ngx_buf_size(b);
+    }
+
+    if (gap && ngx_http_infer_route_body_file(r, &out) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    for (cl = out; cl->next; cl = cl->next) { /* void */ }
+
+    if (last) {
+        cl->buf->last_buf = last->buf->last_buf;
+        cl->buf->last_in_chain = last->buf->last_in_chain;
+    }
+
+    ctx->rewritten = 1;
+
+    r->request_body->bufs = out;
+    r->headers_in.content_length_n = len;
+
+    ngx_log_debug3(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
+                   "infer route: body rewritten, %O -> %O bytes%s",
+                   ctx->length, len, gap ? ", into a temp file" : "");
+
+    return NGX_OK;
+}
+
+
+/* bytes from..to of a buffer of the body: where they are, not a copy */
+
+static ngx_int_t
+ngx_http_infer_route_body_piece(ngx_http_request_t *r, ngx_buf_t *src,
+    off_t from, off_t to, ngx_chain_t ***ll)
+{
+    ngx_buf_t    *b;
+    ngx_chain_t  *cl;
+
+    b = ngx_calloc_buf(r->pool);
     if (b == NULL) {
         return NGX_ERROR;
     }
 
-    p = b->last;
-    from = 0;
+    if (src->in_file) {
+        b->in_file = 1;
+        b->file = src->file;
+        b->file_pos = src->file_pos + from;
+        b->file_last = src->file_pos + to;
 
-    for (i = 0; i < n; i++) {
-        p = ngx_cpymem(p, ctx->raw.data + from, edit[i].start - from);
-
-        if (edit[i].quote) {
-            *p++ = '"';
-            p = (u_char *) ngx_escape_json(p, edit[i].text.data,
-                                           edit[i].text.len);
-            *p++ = '"';
-
-        } else {
-            p = ngx_cpymem(p, edit[i].text.data, edit[i].text.len);
-        }
-
-        from = edit[i].end;
+    } else {
+        /* start as pos: a resend starts the buffer again from start */
+        b->memory = 1;
+        b->start = src->pos + from;
+        b->pos = b->start;
+        b->last = src->pos + to;
+        b->end = b->last;
     }
-
-    b->last = ngx_cpymem(p, ctx->raw.data + from, ctx->raw.len - from);
-
-    for (last = r->request_body->bufs; last->next; last = last->next) {
-        /* void */
-    }
-
-    b->last_buf = last->buf->last_buf;
-    b->last_in_chain = last->buf->last_in_chain;
 
     cl = ngx_alloc_chain_link(r->pool);
     if (cl == NULL) {
@@ -281,15 +385,162 @@ ngx_http_infer_route_rewrite_body(ngx_http_request_t *r,
     cl->buf = b;
     cl->next = NULL;
 
-    ctx->bufs = r->request_body->bufs;
-    ctx->rewritten = 1;
+    **ll = cl;
+    *ll = &cl->next;
 
-    r->request_body->bufs = cl;
-    r->headers_in.content_length_n = b->last - b->pos;
+    return NGX_OK;
+}
 
-    ngx_log_debug2(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
-                   "infer route: body rewritten, %uz -> %O bytes",
-                   ctx->raw.len, r->headers_in.content_length_n);
+
+static ngx_int_t
+ngx_http_infer_route_body_text(ngx_http_request_t *r, ngx_str_t *text,
+    ngx_chain_t ***ll)
+{
+    ngx_buf_t    *b;
+    ngx_chain_t  *cl;
+
+    b = ngx_calloc_buf(r->pool);
+    if (b == NULL) {
+        return NGX_ERROR;
+    }
+
+    b->memory = 1;
+    b->start = text->data;
+    b->pos = b->start;
+    b->last = text->data + text->len;
+    b->end = b->last;
+
+    cl = ngx_alloc_chain_link(r->pool);
+    if (cl == NULL) {
+        return NGX_ERROR;
+    }
+
+    cl->buf = b;
+    cl->next = NULL;
+
+    **ll = cl;
+    *ll = &cl->next;
+
+    return NGX_OK;
+}
+
+
+/*
+ * The new body into a temp file of its own (client_body_temp_path),
+ * through one buffer of NGX_HTTP_INFER_ROUTE_COPY_SIZE: as nginx writes a
+ * body that spills, in the worker, and removed when the request is freed.
+ */
+
+static ngx_int_t
+ngx_http_infer_route_body_file(ngx_http_request_t *r, ngx_chain_t **chain)
+{
+    off_t                      pos;
+    size_t                     size;
+    ssize_t                    n;
+    ngx_buf_t                 *b, *copy;
+    ngx_chain_t                one, *cl;
+    ngx_temp_file_t           *tf;
+    ngx_http_core_loc_conf_t  *clcf;
+
+    clcf = ngx_http_get_module_loc_conf(r, ngx_http_core_module);
+
+    tf = ngx_pcalloc(r->pool, sizeof(ngx_temp_file_t));
+    if (tf == NULL) {
+        return NGX_ERROR;
+    }
+
+    tf->file.fd = NGX_INVALID_FILE;
+    tf->file.log = r->connection->log;
+    tf->path = clcf->client_body_temp_path;
+    tf->pool = r->pool;
+    tf->warn = "a rewritten request body is buffered to a temporary file";
+    tf->log_level = r->request_body_file_log_level;
+    tf->persistent = 0;         /* unlinked once open */
+    tf->clean = 0;
+    tf->access = 0;
+
+    copy = ngx_create_temp_buf(r->pool, NGX_HTTP_INFER_ROUTE_COPY_SIZE);
+    if (copy == NULL) {
+        return NGX_ERROR;
+    }
+
+    one.buf = copy;
+    one.next = NULL;
+
+    for (cl = *chain; cl; cl = cl->next) {
+        b = cl->buf;
+
+        if (!b->in_file) {
+            one.buf = b;
+
+            if (ngx_http_infer_route_body_write(tf, &one) != NGX_OK) {
+                return NGX_ERROR;
+            }
+
+            one.buf = copy;
+            continue;
+        }
+
+        for (pos = b->file_pos; pos < b->file_last; pos += n) {
+            size = (size_t) ngx_min(b->file_last - pos,
+                                    NGX_HTTP_INFER_ROUTE_COPY_SIZE);
+
+            n = ngx_read_file(b->file, copy->start, size, pos);
+
+            if (n != (ssize_t) size) {
+                ngx_log_error(NGX_LOG_ALERT, r->connection->log, 0,
+                              "infer route: read %z of %uz bytes of the "
+                              "body from \"%V\"", n, size, &b->file->name);
+                return NGX_ERROR;
+            }
+
+            copy->pos = copy->start;
+            copy->last = copy->start + size;
+
+            if (ngx_http_infer_route_body_write(tf, &one) != NGX_OK) {
+                return NGX_ERROR;
+            }
+        }
+    }
+
+    ngx_pfree(r->pool, copy->start);
+
+    b = ngx_calloc_buf(r->pool);
+    if (b == NULL) {
+        return NGX_ERROR;
+    }
+
+    b->in_file = 1;
+    b->file = &tf->file;
+    b->file_pos = 0;
+    b->file_last = tf->offset;
+
+    cl = ngx_alloc_chain_link(r->pool);
+    if (cl == NULL) {
+        return NGX_ERROR;
+    }
+
+    cl->buf = b;
+    cl->next = NULL;
+
+    *chain = cl;
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_infer_route_body_write(ngx_temp_file_t *tf, ngx_chain_t *cl)
+{
+    ssize_t  n;
+
+    n = ngx_write_chain_to_temp_file(tf, cl);
+
+    if (n == NGX_ERROR) {
+        return NGX_ERROR;
+    }
+
+    tf->offset += n;
 
     return NGX_OK;
 }

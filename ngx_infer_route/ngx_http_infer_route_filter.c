@@ -16,13 +16,38 @@
 #include "ngx_http_infer_route.h"
 
 
+/*
+ * The output buffers of a stream whose usage chunk is removed: as many
+ * as nginx's own gzip_buffers default on x86-64, 4 x 8k.
+ */
+#define NGX_HTTP_INFER_ROUTE_STRIP_BUFS  4
+#define NGX_HTTP_INFER_ROUTE_STRIP_SIZE  8192
+
+/*
+ * r->buffered while input waits for an output buffer.  The bit is the
+ * image filter's, which never sees an event stream.
+ */
+#define NGX_HTTP_INFER_ROUTE_BUFFERED    0x08
+
+
 static ngx_int_t ngx_http_infer_route_header_filter(ngx_http_request_t *r);
 static ngx_int_t ngx_http_infer_route_body_filter(ngx_http_request_t *r,
     ngx_chain_t *in);
 static ngx_int_t ngx_http_infer_route_strip(ngx_http_request_t *r,
     ngx_http_infer_route_ctx_t *ctx, ngx_chain_t *in);
-static ngx_chain_t *ngx_http_infer_route_strip_out(ngx_http_request_t *r,
-    u_char *p, size_t len);
+static ngx_int_t ngx_http_infer_route_strip_run(ngx_http_request_t *r,
+    ngx_http_infer_route_ctx_t *ctx);
+static void ngx_http_infer_route_strip_event(ngx_http_request_t *r,
+    ngx_http_infer_route_strip_t *st, ngx_http_infer_usage_t *u,
+    ngx_uint_t events);
+static ngx_int_t ngx_http_infer_route_strip_copy(ngx_http_request_t *r,
+    ngx_http_infer_route_strip_t *st);
+static ngx_int_t ngx_http_infer_route_strip_buf(ngx_http_request_t *r,
+    ngx_http_infer_route_strip_t *st);
+static ngx_int_t ngx_http_infer_route_strip_end(ngx_http_request_t *r,
+    ngx_http_infer_route_strip_t *st);
+static void ngx_http_infer_route_ttft(ngx_http_request_t *r,
+    ngx_http_infer_route_ctx_t *ctx);
 
 
 static ngx_http_output_header_filter_pt  ngx_http_next_header_filter;
@@ -49,9 +74,11 @@ ngx_http_infer_route_filter_init(ngx_conf_t *cf)
 static ngx_int_t
 ngx_http_infer_route_header_filter(ngx_http_request_t *r)
 {
-    ngx_str_t                   *type;
-    ngx_uint_t                   mode;
-    ngx_http_infer_route_ctx_t  *ctx;
+    ngx_str_t                        *type;
+    ngx_uint_t                        mode;
+    ngx_http_infer_route_ctx_t       *ctx;
+    ngx_http_infer_route_strip_t     *st;
+    ngx_http_infer_route_loc_conf_t  *rlcf;
 
     if (r != r->main || r->upstream == NULL || r->header_only
         || r->headers_out.status < NGX_HTTP_OK
@@ -95,7 +122,25 @@ ngx_http_infer_route_header_filter(ngx_http_request_t *r)
                               ctx->inject && mode == NGX_HTTP_INFER_USAGE_SSE);
 
     if (ctx->usage->strip) {
+        rlcf = ngx_http_get_module_loc_conf(r, ngx_http_infer_route_module);
+
+        st = ngx_pcalloc(r->pool, sizeof(ngx_http_infer_route_strip_t));
+        if (st == NULL) {
+            return NGX_ERROR;
+        }
+
+        st->hold = ngx_pnalloc(r->pool, rlcf->event_buffer_size);
+        if (st->hold == NULL) {
+            return NGX_ERROR;
+        }
+
+        st->hold_size = rlcf->event_buffer_size;
+        st->last_out = &st->out;
+        ctx->strip = st;
+
         ngx_http_clear_content_length(r);
+        ngx_http_clear_accept_ranges(r);
+        ngx_http_weak_etag(r);
     }
 
     return ngx_http_next_header_filter(r);
@@ -106,11 +151,10 @@ static ngx_int_t
 ngx_http_infer_route_body_filter(ngx_http_request_t *r, ngx_chain_t *in)
 {
     ngx_buf_t                   *b;
-    ngx_time_t                  *tp;
     ngx_chain_t                 *cl;
     ngx_http_infer_route_ctx_t  *ctx;
 
-    if (r != r->main || in == NULL) {
+    if (r != r->main) {
         return ngx_http_next_body_filter(r, in);
     }
 
@@ -120,7 +164,7 @@ ngx_http_infer_route_body_filter(ngx_http_request_t *r, ngx_chain_t *in)
         return ngx_http_next_body_filter(r, in);
     }
 
-    if (ctx->usage->strip) {
+    if (ctx->strip) {
         return ngx_http_infer_route_strip(r, ctx, in);
     }
 
@@ -128,12 +172,7 @@ ngx_http_infer_route_body_filter(ngx_http_request_t *r, ngx_chain_t *in)
         b = cl->buf;
 
         if (ctx->ttft < 0 && ngx_buf_size(b) > 0) {
-            tp = ngx_timeofday();
-            ctx->ttft = (ngx_msec_int_t) ((tp->sec - r->start_sec) * 1000
-                                          + (tp->msec - r->start_msec));
-            if (ctx->ttft < 0) {
-                ctx->ttft = 0;
-            }
+            ngx_http_infer_route_ttft(r, ctx);
         }
 
         if (ngx_buf_in_memory(b)) {
@@ -160,177 +199,410 @@ ngx_http_infer_route_body_filter(ngx_http_request_t *r, ngx_chain_t *in)
 
 
 /*
- * Removing the usage chunk: the stream's bytes are copied aside as they
- * come and passed on as soon as the parser has seen their event whole,
- * less the usage-only event.  Only the current, unfinished event is ever
- * held back.
+ * Removing the usage chunk, and the "usage": null of the other chunks:
+ * the parser is fed one event at a time; the bytes of the event not yet
+ * complete are copied into the hold buffer, and passed on once it is
+ * complete, less what the backend sent only because it was asked for
+ * usage.  An event that does not fit the hold is passed on unchanged as
+ * it comes.  Output goes through a few buffers reused once sent, as the
+ * gzip filter does: when all of them are in flight the input is kept
+ * (unread, so the upstream's buffers stay busy) until they are free.
  */
 
 static ngx_int_t
 ngx_http_infer_route_strip(ngx_http_request_t *r,
     ngx_http_infer_route_ctx_t *ctx, ngx_chain_t *in)
 {
-    u_char                  *p;
-    off_t                    upto, cut_start, cut_end;
-    size_t                   size, need;
-    ngx_buf_t               *b;
-    ngx_uint_t               flush, last;
-    ngx_time_t              *tp;
-    ngx_chain_t             *cl, *out, **ll;
-    ngx_http_infer_usage_t  *u;
+    ngx_int_t                      rc;
+    ngx_uint_t                     flush;
+    ngx_chain_t                   *cl;
+    ngx_http_infer_route_strip_t  *st;
 
-    u = ctx->usage;
-    flush = 0;
-    last = 0;
+    st = ctx->strip;
 
-    for (cl = in; cl; cl = cl->next) {
-        b = cl->buf;
-
-        flush |= b->flush;
-        last |= b->last_buf;
-
-        if (!ngx_buf_in_memory(b)) {
-            if (ngx_buf_size(b) > 0) {
-                /* a proxy temp file: too late to strip; should not be */
-                ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
-                              "infer route: a stream buffered to a file "
-                              "cannot have its usage chunk removed");
-                return NGX_ERROR;
-            }
-
-            continue;
-        }
-
-        size = b->last - b->pos;
-
-        if (size) {
-            if (ctx->ttft < 0) {
-                tp = ngx_timeofday();
-                ctx->ttft = (ngx_msec_int_t)
-                                ((tp->sec - r->start_sec) * 1000
-                                 + (tp->msec - r->start_msec));
-            }
-
-            need = ctx->held_len + size;
-
-            if (need > ctx->held_size) {
-                need = ngx_max(need, 2 * ctx->held_size);
-                need = ngx_max(need, 4096);
-
-                p = ngx_pnalloc(r->pool, need);
-                if (p == NULL) {
-                    return NGX_ERROR;
-                }
-
-                ngx_memcpy(p, ctx->held, ctx->held_len);
-                ctx->held = p;
-                ctx->held_size = need;
-            }
-
-            ngx_memcpy(ctx->held + ctx->held_len, b->pos, size);
-            ctx->held_len += size;
-
-            (void) ngx_http_infer_usage_feed(u, b->pos, size);
-
-            b->pos = b->last;
-        }
-
-        if (b->last_buf) {
-            ngx_http_infer_usage_finish(u);
-        }
+    if (st->done) {
+        return ngx_http_next_body_filter(r, in);
     }
 
-    upto = last ? ctx->held_off + (off_t) ctx->held_len : u->event_start;
-
-    cut_start = upto;
-    cut_end = upto;
-
-    if (u->usage_event_end > ctx->held_off && u->usage_event_end <= upto) {
-        cut_start = ngx_max(u->usage_event_start, ctx->held_off);
-        cut_end = u->usage_event_end;
-    }
-
-    out = NULL;
-    ll = &out;
-
-    /* what comes before the usage event, then what comes after it */
-
-    if (cut_start > ctx->held_off) {
-        *ll = ngx_http_infer_route_strip_out(r, ctx->held,
-                                             cut_start - ctx->held_off);
-        if (*ll == NULL) {
-            return NGX_ERROR;
-        }
-
-        ll = &(*ll)->next;
-    }
-
-    if (upto > cut_end) {
-        *ll = ngx_http_infer_route_strip_out(r,
-                                             ctx->held + (cut_end
-                                                          - ctx->held_off),
-                                             upto - cut_end);
-        if (*ll == NULL) {
-            return NGX_ERROR;
-        }
-
-        ll = &(*ll)->next;
-    }
-
-    size = upto - ctx->held_off;
-    ngx_memmove(ctx->held, ctx->held + size, ctx->held_len - size);
-    ctx->held_len -= size;
-    ctx->held_off = upto;
-
-    if (last || (flush && out == NULL)) {
-        *ll = ngx_http_infer_route_strip_out(r, NULL, 0);
-        if (*ll == NULL) {
+    if (in) {
+        if (ngx_chain_add_copy(r->pool, &st->in, in) != NGX_OK) {
             return NGX_ERROR;
         }
     }
 
-    if (out == NULL) {
-        return NGX_OK;
+    if (st->nomem) {
+
+        /* all output buffers were in flight: send what can be sent */
+
+        if (ngx_http_next_body_filter(r, NULL) == NGX_ERROR) {
+            return NGX_ERROR;
+        }
+
+        cl = NULL;
+
+        ngx_chain_update_chains(r->pool, &st->free, &st->busy, &cl,
+                                (ngx_buf_tag_t) &ngx_http_infer_route_module);
+
+        st->nomem = 0;
     }
 
-    for (cl = out; cl->next; cl = cl->next) { /* void */ }
+    rc = NGX_OK;
 
-    cl->buf->flush = flush;
-    cl->buf->last_buf = last;
-    cl->buf->last_in_chain = 1;
+    /* buffers in flight are pushed on by a call without data too */
+    flush = (st->busy != NULL);
 
-    return ngx_http_next_body_filter(r, out);
+    for ( ;; ) {
+
+        if (ngx_http_infer_route_strip_run(r, ctx) != NGX_OK) {
+            return NGX_ERROR;
+        }
+
+        if (st->out == NULL && !flush) {
+            break;
+        }
+
+        rc = ngx_http_next_body_filter(r, st->out);
+
+        ngx_chain_update_chains(r->pool, &st->free, &st->busy, &st->out,
+                                (ngx_buf_tag_t) &ngx_http_infer_route_module);
+        st->last_out = &st->out;
+        flush = 0;
+
+        if (rc == NGX_ERROR) {
+            return NGX_ERROR;
+        }
+
+        if (!st->nomem || st->free == NULL) {
+            break;
+        }
+
+        /* buffers came free: read on */
+
+        st->nomem = 0;
+    }
+
+    if (st->in || st->send || st->nomem) {
+        r->buffered |= NGX_HTTP_INFER_ROUTE_BUFFERED;
+
+    } else {
+        r->buffered &= ~NGX_HTTP_INFER_ROUTE_BUFFERED;
+    }
+
+    if (st->done) {
+        return rc;
+    }
+
+    return st->busy ? NGX_AGAIN : rc;
 }
 
 
-static ngx_chain_t *
-ngx_http_infer_route_strip_out(ngx_http_request_t *r, u_char *p, size_t len)
+/*
+ * Reads input and fills output until the input is all read, or the
+ * output buffers are all taken (st->nomem), or last_buf is passed on.
+ */
+
+static ngx_int_t
+ngx_http_infer_route_strip_run(ngx_http_request_t *r,
+    ngx_http_infer_route_ctx_t *ctx)
 {
+    size_t                         len, n;
+    ngx_buf_t                     *b;
+    ngx_uint_t                     events;
+    ngx_chain_t                   *cl;
+    ngx_http_infer_usage_t        *u;
+    ngx_http_infer_route_strip_t  *st;
+
+    st = ctx->strip;
+    u = ctx->usage;
+
+    for ( ;; ) {
+
+        /* what was passed on goes out before anything more is read */
+
+        if (st->send) {
+            if (ngx_http_infer_route_strip_copy(r, st) != NGX_OK) {
+                return NGX_ERROR;
+            }
+
+            if (st->send) {
+                return NGX_OK;      /* nomem */
+            }
+        }
+
+        if (st->last) {
+            return ngx_http_infer_route_strip_end(r, st);
+        }
+
+        if (st->in == NULL) {
+
+            /* what is complete goes out now: an event is news */
+
+            if (st->buf && st->buf->last > st->buf->pos) {
+                return ngx_http_infer_route_strip_buf(r, st);
+            }
+
+            return NGX_OK;
+        }
+
+        b = st->in->buf;
+
+        if (!ngx_buf_in_memory(b) && ngx_buf_size(b) > 0) {
+            /* a proxy temp file: too late to strip; should not be */
+            ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                          "infer route: a stream buffered to a file "
+                          "cannot have its usage chunk removed");
+            return NGX_ERROR;
+        }
+
+        if (!ngx_buf_in_memory(b) || b->pos == b->last) {
+            st->flush |= b->flush;
+
+            if (b->last_buf) {
+                events = u->events;
+                ngx_http_infer_usage_finish(u);
+                ngx_http_infer_route_strip_event(r, st, u, events);
+                st->last = 1;
+            }
+
+            /* the link is ours (ngx_chain_add_copy): back to the pool */
+
+            cl = st->in;
+            st->in = cl->next;
+            ngx_free_chain(r->pool, cl);
+            continue;
+        }
+
+        if (ctx->ttft < 0) {
+            ngx_http_infer_route_ttft(r, ctx);
+        }
+
+        /* one event at most, and never more than the hold has room for */
+
+        len = b->last - b->pos;
+
+        if (len > st->hold_size - st->hold_len) {
+            len = st->hold_size - st->hold_len;
+        }
+
+        events = u->events;
+        n = ngx_http_infer_usage_step(u, b->pos, len);
+
+        ngx_memcpy(st->hold + st->hold_len, b->pos, n);
+        st->hold_len += n;
+        b->pos += n;
+
+        ngx_http_infer_route_strip_event(r, st, u, events);
+    }
+}
+
+
+/*
+ * After a step of the parser: an event just completed is passed on, less
+ * the usage chunk or its "usage": null; bytes outside any event are
+ * passed on; an event that fills the hold is passed on as it is.
+ */
+
+static void
+ngx_http_infer_route_strip_event(ngx_http_request_t *r,
+    ngx_http_infer_route_strip_t *st, ngx_http_infer_usage_t *u,
+    ngx_uint_t events)
+{
+    off_t   end;
+    size_t  cut;
+
+    end = st->hold_off + (off_t) st->hold_len;
+
+    if (u->events != events) {
+
+        if (!st->passing) {
+
+            if (u->usage_event_end == end
+                && u->usage_event_start >= st->hold_off)
+            {
+                /* the usage chunk the client did not ask for */
+                st->hold_len = u->usage_event_start - st->hold_off;
+
+            } else if (u->null_end > u->null_start
+                       && u->null_start >= st->hold_off
+                       && u->null_end <= end)
+            {
+                cut = u->null_end - u->null_start;
+
+                ngx_memmove(st->hold + (u->null_start - st->hold_off),
+                            st->hold + (u->null_end - st->hold_off),
+                            end - u->null_end);
+                st->hold_len -= cut;
+            }
+        }
+
+        st->passing = 0;
+
+    } else if (u->event_start != u->offset) {
+
+        /* an event goes on */
+
+        if (st->hold_len < st->hold_size && !st->passing) {
+            return;
+        }
+
+        if (!st->passing) {
+            ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
+                          "infer route: a stream event longer than "
+                          "infer_stream_event_buffer_size (%uz) is passed "
+                          "on as it is", st->hold_size);
+            st->passing = 1;
+        }
+    }
+
+    st->send = st->hold_len;
+    st->sent = 0;
+    st->hold_off = u->offset;
+}
+
+
+/* the hold's bytes to pass on, into the output buffers */
+
+static ngx_int_t
+ngx_http_infer_route_strip_copy(ngx_http_request_t *r,
+    ngx_http_infer_route_strip_t *st)
+{
+    size_t        n;
     ngx_buf_t    *b;
+    ngx_chain_t  *cl;
+
+    while (st->sent < st->send) {
+
+        if (st->buf == NULL) {
+
+            if (st->free) {
+                cl = st->free;
+                st->buf = cl->buf;
+                st->free = cl->next;
+                ngx_free_chain(r->pool, cl);
+
+            } else if (st->bufs < NGX_HTTP_INFER_ROUTE_STRIP_BUFS) {
+                st->buf = ngx_create_temp_buf(r->pool,
+                                              NGX_HTTP_INFER_ROUTE_STRIP_SIZE);
+                if (st->buf == NULL) {
+                    return NGX_ERROR;
+                }
+
+                st->buf->tag = (ngx_buf_tag_t) &ngx_http_infer_route_module;
+                st->buf->recycled = 1;
+                st->bufs++;
+
+            } else {
+                st->nomem = 1;
+                return NGX_OK;
+            }
+
+            st->buf->flush = 0;
+        }
+
+        b = st->buf;
+
+        n = ngx_min((size_t) (b->end - b->last), st->send - st->sent);
+
+        b->last = ngx_cpymem(b->last, st->hold + st->sent, n);
+        st->sent += n;
+
+        if (b->last == b->end
+            && ngx_http_infer_route_strip_buf(r, st) != NGX_OK)
+        {
+            return NGX_ERROR;
+        }
+    }
+
+    st->send = 0;
+    st->sent = 0;
+    st->hold_len = 0;
+
+    return NGX_OK;
+}
+
+
+/* the output buffer being filled joins the chain passed on */
+
+static ngx_int_t
+ngx_http_infer_route_strip_buf(ngx_http_request_t *r,
+    ngx_http_infer_route_strip_t *st)
+{
     ngx_chain_t  *cl;
 
     cl = ngx_alloc_chain_link(r->pool);
     if (cl == NULL) {
-        return NULL;
+        return NGX_ERROR;
     }
 
-    if (len) {
-        b = ngx_create_temp_buf(r->pool, len);
-        if (b == NULL) {
-            return NULL;
-        }
+    st->buf->flush = st->flush;
 
-        b->last = ngx_cpymem(b->pos, p, len);
-
-    } else {
-        b = ngx_calloc_buf(r->pool);
-        if (b == NULL) {
-            return NULL;
-        }
-    }
-
-    cl->buf = b;
+    cl->buf = st->buf;
     cl->next = NULL;
 
-    return cl;
+    *st->last_out = cl;
+    st->last_out = &cl->next;
+
+    st->buf = NULL;
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_infer_route_strip_end(ngx_http_request_t *r,
+    ngx_http_infer_route_strip_t *st)
+{
+    ngx_buf_t    *b;
+    ngx_chain_t  *cl;
+
+    if (st->buf && st->buf->last > st->buf->pos) {
+        b = st->buf;
+
+        if (ngx_http_infer_route_strip_buf(r, st) != NGX_OK) {
+            return NGX_ERROR;
+        }
+
+    } else {
+        /* not tagged: not one of the output buffers to reuse */
+
+        b = ngx_calloc_buf(r->pool);
+        if (b == NULL) {
+            return NGX_ERROR;
+        }
+
+        cl = ngx_alloc_chain_link(r->pool);
+        if (cl == NULL) {
+            return NGX_ERROR;
+        }
+
+        cl->buf = b;
+        cl->next = NULL;
+
+        *st->last_out = cl;
+        st->last_out = &cl->next;
+    }
+
+    b->last_buf = 1;
+    b->last_in_chain = 1;
+    b->flush = 1;
+
+    st->done = 1;
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_http_infer_route_ttft(ngx_http_request_t *r,
+    ngx_http_infer_route_ctx_t *ctx)
+{
+    ngx_time_t  *tp;
+
+    tp = ngx_timeofday();
+
+    ctx->ttft = (ngx_msec_int_t) ((tp->sec - r->start_sec) * 1000
+                                  + (tp->msec - r->start_msec));
+    if (ctx->ttft < 0) {
+        ctx->ttft = 0;
+    }
 }

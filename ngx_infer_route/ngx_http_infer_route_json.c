@@ -155,7 +155,7 @@ ngx_http_infer_route_json_scan(u_char *p, size_t len,
     u_char        stack[NGX_JSON_DEPTH];
     size_t        n;
     ngx_int_t     rc, num, value, max_tokens, max_completion;
-    ngx_uint_t    role, ctx, depth, seen, escaped, object, more;
+    ngx_uint_t    role, ctx, depth, seen, escaped, object, more, usage;
     const char   *err;
     enum {
         sw_value = 0,
@@ -180,7 +180,10 @@ ngx_http_infer_route_json_scan(u_char *p, size_t len,
     b->stream_options_start = 0;
     b->stream_options_end = 0;
     b->has_stream_options = 0;
+    b->stream_options_empty = 0;
     b->object_end = 0;
+    b->include_usage_start = 0;
+    b->include_usage_end = 0;
     b->error = NULL;
     b->error_offset = 0;
 
@@ -198,10 +201,17 @@ ngx_http_infer_route_json_scan(u_char *p, size_t len,
     seen = 0;
     object = 0;
     more = 0;
+    usage = 0;
     max_tokens = -1;
     max_completion = -1;
 
     for ( ;; ) {
+
+        if (usage && state == sw_after_value && depth == usage) {
+            /* the end of the include_usage value */
+            b->include_usage_end = pos - p;
+            usage = 0;
+        }
 
         while (pos < end
                && (*pos == ' ' || *pos == '\n' || *pos == '\r'
@@ -280,6 +290,10 @@ ngx_http_infer_route_json_scan(u_char *p, size_t len,
 
             ctx = stack[depth - 1];
 
+            if (ctx == NGX_JSON_CTX_OPTIONS) {
+                b->stream_options_empty = 0;
+            }
+
             role = ngx_http_infer_route_json_key(ctx, start, pos, escaped);
 
             if (ngx_http_infer_route_json_duplicate[role]) {
@@ -327,6 +341,10 @@ ngx_http_infer_route_json_scan(u_char *p, size_t len,
 
         if (role == NGX_JSON_MESSAGE) {
             b->messages++;
+
+        } else if (role == NGX_JSON_INCLUDE_USAGE) {
+            b->include_usage_start = pos - p;
+            usage = depth;
         }
 
         state = sw_after_value;
@@ -363,6 +381,7 @@ ngx_http_infer_route_json_scan(u_char *p, size_t len,
 
                 } else if (role == NGX_JSON_OPTIONS) {
                     b->stream_options_start = pos - p;
+                    b->stream_options_empty = 1;
                 }
             }
 

@@ -50,7 +50,13 @@ typedef struct {
     size_t        stream_options_start;
     size_t        stream_options_end;
     unsigned      has_stream_options:1; /* the key, whatever its value */
+    unsigned      stream_options_empty:1;   /* the object has no member */
     size_t        object_end;           /* offset of the closing '}' */
+
+    /* the value of "stream_options.include_usage", whatever its type (0/0
+     * when absent), for a rewrite that replaces it */
+    size_t        include_usage_start;
+    size_t        include_usage_end;
 
     /* on error: a static message and the offset where it was found */
     const char   *error;

@@ -104,6 +104,8 @@ static ngx_int_t ngx_http_infer_route_registry_variable(
 
 static char *ngx_http_infer_route_sources(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
+static char *ngx_http_infer_route_event_buffer_check(ngx_conf_t *cf,
+    void *post, void *data);
 static ngx_int_t ngx_http_infer_route_add_variables(ngx_conf_t *cf);
 static void *ngx_http_infer_route_create_main_conf(ngx_conf_t *cf);
 static char *ngx_http_infer_route_init_main_conf(ngx_conf_t *cf, void *conf);
@@ -111,6 +113,10 @@ static void *ngx_http_infer_route_create_conf(ngx_conf_t *cf);
 static char *ngx_http_infer_route_merge_conf(ngx_conf_t *cf, void *parent,
     void *child);
 static ngx_int_t ngx_http_infer_route_init(ngx_conf_t *cf);
+
+
+static ngx_conf_post_handler_pt  ngx_http_infer_route_event_buffer_bounds =
+    ngx_http_infer_route_event_buffer_check;
 
 
 static ngx_command_t  ngx_http_infer_route_commands[] = {
@@ -163,6 +169,13 @@ static ngx_command_t  ngx_http_infer_route_commands[] = {
       NGX_HTTP_LOC_CONF_OFFSET,
       offsetof(ngx_http_infer_route_loc_conf_t, include_usage),
       NULL },
+
+    { ngx_string("infer_stream_event_buffer_size"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_size_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_infer_route_loc_conf_t, event_buffer_size),
+      &ngx_http_infer_route_event_buffer_bounds },
 
     { ngx_string("infer_prefix_hash_length"),
       NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
@@ -918,7 +931,7 @@ ngx_http_infer_route_pick(ngx_http_request_t *r,
     if (ctx->rewritten) {
         /* a fallback: start again from the body as the client sent it */
         r->request_body->bufs = ctx->bufs;
-        r->headers_in.content_length_n = ctx->raw.len;
+        r->headers_in.content_length_n = ctx->length;
         ctx->rewritten = 0;
     }
 
@@ -1365,6 +1378,25 @@ ngx_http_infer_route_variable(ngx_http_request_t *r,
 
 
 /*
+ * infer_stream_event_buffer_size: room for one event of a stream whose
+ * usage chunk is removed; a usage event is a few hundred bytes.
+ */
+
+static char *
+ngx_http_infer_route_event_buffer_check(ngx_conf_t *cf, void *post,
+    void *data)
+{
+    size_t  *sp = data;
+
+    if (*sp < 512) {
+        return "must be at least 512";
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+/*
  * infer_model_source body | path | header=NAME ...;
  */
 
@@ -1532,6 +1564,7 @@ ngx_http_infer_route_create_conf(ngx_conf_t *cf)
     conf->sources = NGX_CONF_UNSET_PTR;
     conf->prefix_max = NGX_CONF_UNSET_SIZE;
     conf->include_usage = NGX_CONF_UNSET;
+    conf->event_buffer_size = NGX_CONF_UNSET_SIZE;
 
     /*
      * set by ngx_pcalloc():
@@ -1555,6 +1588,8 @@ ngx_http_infer_route_merge_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_conf_merge_value(conf->enable, prev->enable, 0);
     ngx_conf_merge_size_value(conf->prefix_max, prev->prefix_max, 1024);
     ngx_conf_merge_value(conf->include_usage, prev->include_usage, 0);
+    ngx_conf_merge_size_value(conf->event_buffer_size,
+                              prev->event_buffer_size, 16384);
 
     ngx_conf_merge_ptr_value(conf->sources, prev->sources, NULL);
 

@@ -98,8 +98,10 @@
                                                is a non-empty string */
 #define NGX_USAGE_F_TEXT            0x0010  /* its "text" is */
 #define NGX_USAGE_F_SKEY            0x0020  /* the skipped string is a key */
+#define NGX_USAGE_F_MFIRST          0x0040  /* strip: the top-level member
+                                               being read is the first */
 
-#define NGX_USAGE_F_JSON            0x003f
+#define NGX_USAGE_F_JSON            0x007f
 
 /* u->flags: SSE framing */
 #define NGX_USAGE_F_EVENT           0x0100  /* an event is pending */
@@ -122,6 +124,9 @@
 
 #define ngx_usage_digit(c)  ((c) >= '0' && (c) <= '9')
 
+/* strip: the stream offset of a byte the JSON machine reads */
+#define ngx_usage_at(u, p)  ((u)->base + ((p) - (u)->base_p))
+
 /* c may begin a value: what an earlier one set is reset only then */
 #define ngx_usage_value(c)                                                   \
     (ngx_usage_digit(c) || (c) == '"' || (c) == '{' || (c) == '['           \
@@ -138,12 +143,16 @@ static ngx_uint_t ngx_http_infer_usage_key(ngx_http_infer_usage_t *u);
 static ngx_inline void ngx_http_infer_usage_key_add(ngx_http_infer_usage_t *u,
     u_char *p, size_t n);
 static void ngx_http_infer_usage_publish(ngx_http_infer_usage_t *u);
-static void ngx_http_infer_usage_sse(ngx_http_infer_usage_t *u, u_char *p,
+static size_t ngx_http_infer_usage_sse(ngx_http_infer_usage_t *u, u_char *p,
     u_char *last);
 static void ngx_http_infer_usage_line(ngx_http_infer_usage_t *u, u_char *s,
-    size_t n, ngx_uint_t overlong, ngx_uint_t *blank);
+    size_t n, off_t off, ngx_uint_t overlong, ngx_uint_t *blank);
 static void ngx_http_infer_usage_dispatch(ngx_http_infer_usage_t *u,
     off_t end);
+static ngx_inline void ngx_http_infer_usage_member(ngx_http_infer_usage_t *u,
+    u_char *p, ngx_uint_t first);
+static ngx_inline void ngx_http_infer_usage_comma(ngx_http_infer_usage_t *u,
+    u_char *p);
 static ngx_inline void ngx_http_infer_usage_keep(ngx_http_infer_usage_t *u,
     u_char *p, size_t n);
 static ngx_inline u_char *ngx_http_infer_usage_eol(u_char *p, u_char *last);
@@ -212,6 +221,17 @@ ngx_http_infer_usage_init(ngx_http_infer_usage_t *u, ngx_uint_t mode,
     u->usage_event_start = 0;
     u->usage_event_end = 0;
     u->event_start = 0;
+    u->null_start = 0;
+    u->null_end = 0;
+    u->events = 0;
+
+    u->base = 0;
+    u->base_p = NULL;
+    u->line_start = 0;
+    u->member = -1;
+    u->m_start = 0;
+    u->m_end = 0;
+    u->m_first = 0;
 
     u->mode = mode;
     u->offset = 0;
@@ -228,10 +248,14 @@ ngx_http_infer_usage_init(ngx_http_infer_usage_t *u, ngx_uint_t mode,
 ngx_int_t
 ngx_http_infer_usage_feed(ngx_http_infer_usage_t *u, u_char *p, size_t len)
 {
+    size_t  n;
+
     if (u->mode == NGX_HTTP_INFER_USAGE_SSE) {
 
-        if (len) {
-            ngx_http_infer_usage_sse(u, p, p + len);
+        while (len) {
+            n = ngx_http_infer_usage_sse(u, p, p + len);
+            p += n;
+            len -= n;
         }
 
         return NGX_OK;
@@ -246,6 +270,17 @@ ngx_http_infer_usage_feed(ngx_http_infer_usage_t *u, u_char *p, size_t len)
     u->event_start = u->offset;
 
     return (u->state == sw_error) ? NGX_ERROR : NGX_OK;
+}
+
+
+size_t
+ngx_http_infer_usage_step(ngx_http_infer_usage_t *u, u_char *p, size_t len)
+{
+    if (len == 0) {
+        return 0;
+    }
+
+    return ngx_http_infer_usage_sse(u, p, p + len);
 }
 
 
@@ -278,7 +313,7 @@ ngx_http_infer_usage_finish(ngx_http_infer_usage_t *u)
     /* a last line without its end is a line all the same */
 
     if (u->line_len) {
-        ngx_http_infer_usage_line(u, u->line, u->line_len,
+        ngx_http_infer_usage_line(u, u->line, u->line_len, u->line_start,
                                   u->flags & NGX_USAGE_F_LONG, &blank);
         u->line_len = 0;
         u->flags &= ~NGX_USAGE_F_LONG;
@@ -301,6 +336,11 @@ ngx_http_infer_usage_json_init(ngx_http_infer_usage_t *u)
     u->stack = 0;
     u->number = 0;
     u->ctx = NGX_USAGE_CTX_NONE;
+
+    u->member = -1;
+    u->m_start = 0;
+    u->m_end = 0;
+    u->m_first = 0;
 
     u->tokens[0] = -1;
     u->tokens[1] = -1;
@@ -457,6 +497,10 @@ ngx_http_infer_usage_json(ngx_http_infer_usage_t *u, u_char *p, u_char *last)
                 goto error;
             }
 
+            if (u->strip && u->depth == 1) {
+                ngx_http_infer_usage_member(u, p, state == sw_first_key);
+            }
+
             p++;
 
             if (u->depth == ngx_http_infer_usage_ctx_depth[u->ctx]) {
@@ -497,6 +541,11 @@ ngx_http_infer_usage_json(ngx_http_infer_usage_t *u, u_char *p, u_char *last)
             }
 
             if (c == ',') {
+
+                if (u->strip && u->depth == 1) {
+                    ngx_http_infer_usage_comma(u, p);
+                }
+
                 p++;
 
                 if (u->stack & ((uint64_t) 1 << (u->depth - 1))) {
@@ -826,6 +875,16 @@ ngx_http_infer_usage_json(ngx_http_infer_usage_t *u, u_char *p, u_char *last)
 
             if (ngx_http_infer_usage_literals[++u->number] == '\0') {
                 state = sw_after;
+
+                if (u->strip && role == NGX_USAGE_USAGE
+                    && u->number == NGX_USAGE_NULL + 3 && u->member != -1)
+                {
+                    /* "usage": null, which the backend sends only when
+                     * asked for usage */
+                    u->m_start = u->member;
+                    u->m_end = ngx_usage_at(u, p);
+                    u->m_first = (u->flags & NGX_USAGE_F_MFIRST) ? 1 : 0;
+                }
             }
 
             continue;
@@ -1121,14 +1180,16 @@ ngx_http_infer_usage_publish(ngx_http_infer_usage_t *u)
  * completes its event only once the next byte says where the event ends.
  */
 
-static void
+static size_t
 ngx_http_infer_usage_sse(ngx_http_infer_usage_t *u, u_char *p, u_char *last)
 {
     u_char      *begin, *eol, *s;
     size_t       n;
-    ngx_uint_t   overlong, blank;
+    off_t        off;
+    ngx_uint_t   overlong, blank, events;
 
     begin = p;
+    events = u->events;
 
     if (u->flags & NGX_USAGE_F_CR) {
         u->flags &= ~NGX_USAGE_F_CR;
@@ -1143,7 +1204,7 @@ ngx_http_infer_usage_sse(ngx_http_infer_usage_t *u, u_char *p, u_char *last)
         }
     }
 
-    while (p < last) {
+    while (p < last && u->events == events) {
 
         if (u->line_len == 0 && !(u->flags & NGX_USAGE_F_EVENT)
             && *p != '\r' && *p != '\n')
@@ -1156,13 +1217,19 @@ ngx_http_infer_usage_sse(ngx_http_infer_usage_t *u, u_char *p, u_char *last)
         eol = ngx_http_infer_usage_eol(p, last);
 
         if (eol == last) {
+            if (u->line_len == 0) {
+                u->line_start = u->offset + (p - begin);
+            }
+
             ngx_http_infer_usage_keep(u, p, last - p);
+            p = last;
             break;
         }
 
         if (u->line_len == 0) {
             s = p;
             n = eol - p;
+            off = u->offset + (p - begin);
             overlong = (n > NGX_HTTP_INFER_USAGE_LINE_MAX);
 
         } else {
@@ -1170,13 +1237,14 @@ ngx_http_infer_usage_sse(ngx_http_infer_usage_t *u, u_char *p, u_char *last)
 
             s = u->line;
             n = u->line_len;
+            off = u->line_start;
             overlong = u->flags & NGX_USAGE_F_LONG;
 
             u->line_len = 0;
             u->flags &= ~NGX_USAGE_F_LONG;
         }
 
-        ngx_http_infer_usage_line(u, s, n, overlong, &blank);
+        ngx_http_infer_usage_line(u, s, n, off, overlong, &blank);
 
         p = eol + 1;
 
@@ -1202,11 +1270,14 @@ ngx_http_infer_usage_sse(ngx_http_infer_usage_t *u, u_char *p, u_char *last)
         }
     }
 
-    u->offset += last - begin;
+    n = p - begin;
+    u->offset += n;
 
     if (!(u->flags & NGX_USAGE_F_EVENT)) {
         u->event_start = u->offset;
     }
+
+    return n;
 }
 
 
@@ -1214,9 +1285,12 @@ ngx_http_infer_usage_sse(ngx_http_infer_usage_t *u, u_char *p, u_char *last)
 
 static void
 ngx_http_infer_usage_line(ngx_http_infer_usage_t *u, u_char *s, size_t n,
-    ngx_uint_t overlong, ngx_uint_t *blank)
+    off_t off, ngx_uint_t overlong, ngx_uint_t *blank)
 {
+    u_char  *line;
+
     *blank = 0;
+    line = s;
 
     if (!(u->flags & NGX_USAGE_F_STARTED)) {
         u->flags |= NGX_USAGE_F_STARTED;
@@ -1270,6 +1344,17 @@ ngx_http_infer_usage_line(ngx_http_infer_usage_t *u, u_char *s, size_t n,
         (void) ngx_http_infer_usage_json(u, (u_char *) "\n",
                                          (u_char *) "\n" + 1);
 
+        /* strip: a member to drop lies on one line */
+
+        u->member = -1;
+
+        if (u->m_first == 1) {
+            u->m_start = 0;
+            u->m_end = 0;
+        }
+
+        u->m_first = 0;
+
     } else {
         u->flags |= NGX_USAGE_F_DATA;
         ngx_http_infer_usage_json_init(u);
@@ -1280,6 +1365,9 @@ ngx_http_infer_usage_line(ngx_http_infer_usage_t *u, u_char *s, size_t n,
         }
     }
 
+    u->base = off + (s - line);
+    u->base_p = s;
+
     (void) ngx_http_infer_usage_json(u, s, s + n);
 }
 
@@ -1289,6 +1377,10 @@ ngx_http_infer_usage_line(ngx_http_infer_usage_t *u, u_char *s, size_t n,
 static void
 ngx_http_infer_usage_dispatch(ngx_http_infer_usage_t *u, off_t end)
 {
+    u->events++;
+    u->null_start = 0;
+    u->null_end = 0;
+
     if ((u->flags & (NGX_USAGE_F_DATA|NGX_USAGE_F_BROKEN))
         == NGX_USAGE_F_DATA)
     {
@@ -1304,6 +1396,10 @@ ngx_http_infer_usage_dispatch(ngx_http_infer_usage_t *u, off_t end)
                     u->usage_event_start = u->event_start;
                     u->usage_event_end = end;
                 }
+
+            } else if (u->strip && u->m_end) {
+                u->null_start = u->m_start;
+                u->null_end = u->m_end;
             }
 
             if (u->flags & NGX_USAGE_F_CONTENT) {
@@ -1314,6 +1410,42 @@ ngx_http_infer_usage_dispatch(ngx_http_infer_usage_t *u, off_t end)
 
     u->flags &= ~NGX_USAGE_F_PER_EVENT;
     u->event_start = end;
+}
+
+
+/*
+ * Strip: a top-level key begins at p; first: it is the first member.
+ * After a first "usage": null, its comma and the blank after it go too.
+ */
+
+static ngx_inline void
+ngx_http_infer_usage_member(ngx_http_infer_usage_t *u, u_char *p,
+    ngx_uint_t first)
+{
+    if (u->m_first == 2) {
+        u->m_end = ngx_usage_at(u, p);
+        u->m_first = 0;
+    }
+
+    if (first) {
+        u->member = ngx_usage_at(u, p);
+        u->flags |= NGX_USAGE_F_MFIRST;
+    }
+}
+
+
+/* strip: a comma between top-level members at p begins the next one */
+
+static ngx_inline void
+ngx_http_infer_usage_comma(ngx_http_infer_usage_t *u, u_char *p)
+{
+    if (u->m_first == 1) {
+        u->m_end = ngx_usage_at(u, p) + 1;
+        u->m_first = 2;
+    }
+
+    u->member = ngx_usage_at(u, p);
+    u->flags &= ~NGX_USAGE_F_MFIRST;
 }
 
 

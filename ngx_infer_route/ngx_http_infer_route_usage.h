@@ -58,6 +58,19 @@ typedef struct {
      */
     off_t         event_start;
 
+    /*
+     * SSE, strip only: the '"usage": null' member of the last event that
+     * was dispatched without usage, with its comma, in stream offsets
+     * (0/0: none), so that a caller can give the client its chunks as the
+     * backend would have sent them without include_usage.  Only a member
+     * on one data line is reported.
+     */
+    off_t         null_start;
+    off_t         null_end;
+
+    /* SSE: events dispatched so far */
+    ngx_uint_t    events;
+
     /* private state, whatever the parser needs (bounded) */
     ngx_uint_t    mode;
     off_t         offset;               /* bytes fed so far */
@@ -72,6 +85,19 @@ typedef struct {
     u_char        scratch[64];          /* a key, decoded */
     ngx_uint_t    scratch_len;
     ngx_uint_t    flags;
+
+    /* SSE strip: where the bytes the JSON machine reads sit in the stream */
+    off_t         base;                 /* stream offset of base_p[0] */
+    u_char       *base_p;
+    off_t         line_start;           /* of the line kept in line[] */
+    off_t         member;               /* where the top-level member read
+                                           began: its comma, or its key if
+                                           first; -1: none */
+    off_t         m_start;              /* the '"usage": null' member of */
+    off_t         m_end;                /* this event, 0/0: none */
+    ngx_uint_t    m_first;              /* 1: it was first, the comma
+                                           after it goes too; 2: so did
+                                           the comma */
 
     /* SSE only, and last: a JSON parser is allocated without it */
     size_t        line_len;
@@ -91,6 +117,14 @@ void ngx_http_infer_usage_init(ngx_http_infer_usage_t *u, ngx_uint_t mode,
 
 /* NGX_OK; NGX_ERROR only for a JSON answer that is not valid JSON */
 ngx_int_t ngx_http_infer_usage_feed(ngx_http_infer_usage_t *u, u_char *p,
+    size_t len);
+
+/*
+ * SSE: feeds bytes up to the end of the next event dispatched, or all of
+ * them; returns how many were taken.  A caller that strips acts on each
+ * event as it completes.
+ */
+size_t ngx_http_infer_usage_step(ngx_http_infer_usage_t *u, u_char *p,
     size_t len);
 
 /* end of body: completes a last SSE event not followed by a blank line */

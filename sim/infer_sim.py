@@ -84,6 +84,12 @@ OPTIONS = {
     "fake_waiting": ("int?", None),
     "fake_kv_cache_usage": ("float?", None),
     "access_log": ("bool", False),
+    # odd streams: usage chunks sent (with include_usage), the last one
+    # as the final event without its blank line and no [DONE], and a
+    # "pad" field of N bytes in every content chunk
+    "usage_chunks": ("int", 1),
+    "usage_unterminated": ("bool", False),
+    "pad_bytes": ("int", 0),
     # the /metrics page: its flavor, and ways for it to fail
     "metrics_flavor": ("str", "vllm"),
     "metrics_status": ("int", 200),
@@ -750,7 +756,9 @@ class Sim:
                                  ("x-sim-tpot-ms", "tpot_ms", float),
                                  ("x-sim-stall-ms", "stall_ms", float),
                                  ("x-sim-reset-after-chunks", "reset_after_chunks", int),
-                                 ("x-sim-completion-tokens", "completion_tokens", int)):
+                                 ("x-sim-completion-tokens", "completion_tokens", int),
+                                 ("x-sim-usage-chunks", "usage_chunks", int),
+                                 ("x-sim-pad-bytes", "pad_bytes", int)):
             v = h.get(hname)
             if v is not None:
                 try:
@@ -763,6 +771,9 @@ class Sim:
         v = h.get("x-sim-split-writes")
         if v is not None:
             o["split_writes"] = v.strip().lower() in ("1", "true", "yes", "on")
+        v = h.get("x-sim-usage-unterminated")
+        if v is not None:
+            o["usage_unterminated"] = v.strip().lower() in ("1", "true", "yes", "on")
         return o
 
     async def pause_until(self, conn, deadline):
@@ -1077,6 +1088,9 @@ class Sim:
         model = cfg["model"]
         created = int(time.time())
         inc = plan["include_usage"]
+        usage_chunks = ov.get("usage_chunks", cfg["usage_chunks"])
+        unterminated = ov.get("usage_unterminated", cfg["usage_unterminated"])
+        pad = ov.get("pad_bytes", cfg["pad_bytes"])
         n = plan["n"]
         words = plan["words"]
         finish = plan["finish"]
@@ -1088,6 +1102,8 @@ class Sim:
             else:
                 d = {"id": plan["id"], "object": "text_completion", "created": created,
                      "model": model, "choices": choices}
+            if pad:
+                d["pad"] = "p" * pad
             if inc:
                 d["usage"] = None
             return b"data: " + jdump(d) + b"\n\n"
@@ -1119,8 +1135,11 @@ class Sim:
             d = {"id": plan["id"], "object": "chat.completion.chunk" if kind == "chat"
                  else "text_completion", "created": created, "model": model,
                  "choices": [], "usage": self.usage(plan)}
-            await emit(b"data: " + jdump(d) + b"\n\n")
-        await emit(b"data: [DONE]\n\n")
+            for i in range(usage_chunks):
+                last = unterminated and i == usage_chunks - 1
+                await emit(b"data: " + jdump(d) + (b"" if last else b"\n\n"))
+        if not (inc and unterminated and usage_chunks):
+            await emit(b"data: [DONE]\n\n")
         if reset is not None:
             await self.reset_conn(conn)
         if chunked:
@@ -1407,6 +1426,9 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=OPTIONS["seed"][1])
     ap.add_argument("--kv-slot-tokens", type=int, default=OPTIONS["kv_slot_tokens"][1])
     ap.add_argument("--access-log", action="store_true")
+    ap.add_argument("--usage-chunks", type=int, default=OPTIONS["usage_chunks"][1])
+    ap.add_argument("--usage-unterminated", action="store_true")
+    ap.add_argument("--pad-bytes", type=int, default=OPTIONS["pad_bytes"][1])
     ap.add_argument("--metrics-flavor", choices=METRICS_FLAVORS,
                     default=OPTIONS["metrics_flavor"][1])
     ap.add_argument("--metrics-status", type=int, default=OPTIONS["metrics_status"][1])

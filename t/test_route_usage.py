@@ -7,6 +7,7 @@ that strips the usage event may cut the stream after each buffer.  Then a
 bounded libFuzzer run (t/unit/route_usage_fuzz.c) and the parser's speed
 (printed, not asserted)."""
 
+import hashlib
 import json
 import random
 import re
@@ -1220,3 +1221,297 @@ def test_bench(tmp_path):
             print(f"bench JSON ({label}, "
                   f"{'one buffer' if k == 0 else '16 KB buffers'}): "
                   f"{res['bytes']} bytes, {res['mb_per_s']:.0f} MB/s")
+
+
+# -- through nginx: the usage chunk the gateway asked for, removed ---------
+#
+# infer_stream_include_usage on and a client that did not ask for usage:
+# the backend is asked for it, and the client must see exactly the stream
+# the backend sends without it (same events, byte for byte, but for the
+# chunks' id and created time, which differ from one request to another).
+
+import http.client                                              # noqa: E402
+import socket                                                   # noqa: E402
+import threading                                                # noqa: E402
+
+STRIP_CONF = """
+    log_format usage '$infer_usage_completion_tokens|$infer_usage_estimated';
+    upstream pool {{ {servers} }}
+    infer_model m upstream=pool alias=alias-m;
+    server {{
+        listen 127.0.0.1:{{port}};
+        client_max_body_size 64m;
+        client_body_buffer_size 16k;
+        infer_route on;
+        infer_stream_include_usage on;
+        {extra}
+        location / {{
+            proxy_pass http://$infer_upstream;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering {buffering};
+            access_log {log} usage;
+        }}
+    }}"""
+
+
+def strip_gateway(nginx_factory, sim, extra="", buffering="off",
+                  servers=None, workers=2):
+    n = nginx_factory("", start=False, modules=["route"], workers=workers)
+    n.http = STRIP_CONF.format(servers=servers or f"server {sim.addr};",
+                               extra=extra, buffering=buffering,
+                               log=n.workdir / "usage.log")
+    return n.start()
+
+
+def post(host, port, body, headers=None, timeout=20):
+    c = http.client.HTTPConnection(host, port, timeout=timeout)
+    c.request("POST", "/v1/chat/completions", json.dumps(body),
+              {"content-type": "application/json", **(headers or {})})
+    r = c.getresponse()
+    return r, r.read()
+
+
+def normalized(raw):
+    """The stream with each chunk's id and created time made equal."""
+    raw = re.sub(rb'"id": ?"[^"]*"', b'"id": "X"', raw)
+    return re.sub(rb'"created": ?\d+', b'"created": 0', raw)
+
+
+def usage_log(gw, count=1):
+    import time
+    path = gw.workdir / "usage.log"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        lines = path.read_text().splitlines() if path.exists() else []
+        if len(lines) >= count:
+            return [line.split("|") for line in lines]
+        time.sleep(0.02)
+    raise AssertionError("no usage line")
+
+
+STREAM = {"model": "m", "stream": True, "max_tokens": 5,
+          "messages": [{"role": "user", "content": "Hello there"}]}
+
+
+@pytest.fixture
+def strip_sim(sim_factory):
+    return sim_factory("m", "strip-a", ttft_ms=1, tpot_ms=1)
+
+
+@pytest.mark.parametrize("headers", [
+    {}, {"x-sim-split-writes": "1"}, {"x-sim-usage-chunks": "2"},
+    {"x-sim-usage-unterminated": "1"},
+    {"x-sim-usage-chunks": "2", "x-sim-usage-unterminated": "1",
+     "x-sim-split-writes": "1"},
+], ids=["plain", "split", "two-usage-chunks", "unterminated",
+        "two-unterminated-split"])
+@pytest.mark.parametrize("buffering", ["off", "on"])
+def test_strip_gives_the_client_the_stream_without_usage(
+        nginx_factory, strip_sim, headers, buffering):
+    gw = strip_gateway(nginx_factory, strip_sim, buffering=buffering)
+    r, raw = post(gw.host, gw.port, STREAM, headers)
+    assert r.status == 200
+    # what the backend sends to a client that did not ask for usage
+    _, want = post(strip_sim.host, strip_sim.port, STREAM, headers)
+    assert b'"usage"' not in want
+    if "x-sim-usage-unterminated" in headers:
+        # the stream ended with the usage chunk: no [DONE] after it
+        assert want.endswith(b"\n\ndata: [DONE]\n\n")
+        want = want[:-len(b"data: [DONE]\n\n")]
+    assert normalized(raw) == normalized(want)
+    # and the gateway read the real usage, even from a last event cut short
+    assert usage_log(gw)[0] == ["5", "0"]
+
+
+def test_strip_passes_an_event_longer_than_the_buffer_unchanged(
+        nginx_factory, strip_sim):
+    gw = strip_gateway(nginx_factory, strip_sim,
+                       extra="infer_stream_event_buffer_size 4k;")
+    headers = {"x-sim-pad-bytes": "6000"}
+    r, raw = post(gw.host, gw.port, STREAM, headers)
+    assert r.status == 200
+    _, asked = post(strip_sim.host, strip_sim.port,
+                    dict(STREAM, stream_options={"include_usage": True}),
+                    headers)
+    # each long content event as the backend sent it ("usage": null and
+    # all), the short usage chunk still removed
+    events = [e for e in asked.split(b"\n\n") if e]
+    long = [e for e in events if len(e) > 4096]
+    assert len(long) == 6
+    assert normalized(raw) == normalized(b"".join(
+        e + b"\n\n" for e in events if len(e) > 4096 or e == b"data: [DONE]"))
+    assert "is passed on as it is" in gw.log_text()
+    assert usage_log(gw)[0] == ["5", "0"]
+
+
+@pytest.mark.parametrize("value", ['"true"', "1", "null", '"yes"', "{}"])
+def test_include_usage_of_another_type_is_replaced_not_repeated(
+        nginx_factory, strip_sim, value):
+    gw = strip_gateway(nginx_factory, strip_sim)
+    body = json.dumps(STREAM)[:-1] + (
+        ', "stream_options": {"x": 1, "include_usage": %s}}' % value)
+    c = http.client.HTTPConnection(gw.host, gw.port, timeout=20)
+    c.request("POST", "/v1/chat/completions", body,
+              {"content-type": "application/json"})
+    raw = c.getresponse().read()
+    sent = [q for q in strip_sim.requests()
+            if q["path"] == "/v1/chat/completions"][-1]["body"]
+    assert sent.count("include_usage") == 1
+    assert json.loads(sent)["stream_options"] == {"x": 1,
+                                                  "include_usage": True}
+    assert b'"usage"' not in raw
+    assert usage_log(gw)[0] == ["5", "0"]
+
+
+class DropFirst:
+    """An upstream server that reads a request and closes without an
+    answer, so that nginx sends the body again to the next server."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.addr = "127.0.0.1:%d" % self.sock.getsockname()[1]
+        threading.Thread(target=self.run, daemon=True).start()
+
+    def run(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            c.settimeout(5)
+            try:
+                c.recv(65536)
+            except OSError:
+                pass
+            c.close()
+
+
+@pytest.mark.parametrize("size", [1000, 300 * 1024, 3 * 1024 * 1024],
+                         ids=["memory", "file", "file-3m"])
+@pytest.mark.parametrize("model_last", [False, True],
+                         ids=["model-first", "model-last"])
+def test_a_rewritten_body_is_sent_whole_and_again_to_the_next_server(
+        nginx_factory, strip_sim, size, model_last):
+    drop = DropFirst()
+    gw = strip_gateway(nginx_factory, strip_sim,
+                       extra="proxy_next_upstream error non_idempotent;",
+                       servers=f"server {drop.addr}; server "
+                               f"{strip_sim.addr};")
+    msgs = [{"role": "user", "content": "y" * size}]
+    if model_last:
+        body = ('{"messages": %s, "stream": true, "max_tokens": 5, '
+                '"model": "alias-m"}' % json.dumps(msgs))
+    else:
+        body = ('{"model": "alias-m", "messages": %s, "stream": true, '
+                '"max_tokens": 5}' % json.dumps(msgs))
+    want = body.replace('"alias-m"', '"m"')[:-1] + \
+        ', "stream_options": {"include_usage": true}}'
+    c = http.client.HTTPConnection(gw.host, gw.port, timeout=30)
+    c.request("POST", "/v1/chat/completions", body,
+              {"content-type": "application/json"})
+    r = c.getresponse()
+    r.read()
+    assert r.status == 200
+    got = [q for q in strip_sim.requests()
+           if q["path"] == "/v1/chat/completions"]
+    assert len(got) == 1
+    assert got[0]["body_len"] == len(want)
+    assert got[0]["body_sha256"] == hashlib.sha256(
+        want.encode()).hexdigest()
+    # it was sent twice: to the server that dropped it, then to the sim
+    assert "upstream server temporarily disabled" in gw.log_text()
+    drop.sock.close()
+
+
+def peak_growth_mb(gw, fn):
+    """How much the worker's anonymous memory (its heap, not the pages of
+    code that a busy machine may evict and fault in again) grows at most
+    during fn(), in MB, sampled every 5 ms."""
+    import time
+    from pathlib import Path
+    pid, = gw.worker_pids()
+
+    def anon():
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1])
+
+    before = anon()
+    peak = [before]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], anon())
+            time.sleep(0.005)
+
+    t = threading.Thread(target=sample)
+    t.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        t.join()
+    peak[0] = max(peak[0], anon())
+    assert gw.worker_pids() == [pid]
+    return (peak[0] - before) / 1024
+
+
+def test_a_long_stripped_stream_costs_a_fixed_amount_of_memory(
+        nginx_factory, sim_factory):
+    sim = sim_factory("m", "strip-long", ttft_ms=0, tpot_ms=0,
+                      max_tokens_cap=100000)
+    gw = strip_gateway(nginx_factory, sim, workers=1)
+    tokens = 7000                               # ~30 MB of 4 KB chunks
+    headers = {"x-sim-pad-bytes": "4000",
+               "x-sim-completion-tokens": str(tokens)}
+    body = dict(STREAM, max_tokens=tokens)
+
+    def stream():
+        c = http.client.HTTPConnection(gw.host, gw.port, timeout=60)
+        c.request("POST", "/v1/chat/completions", json.dumps(body),
+                  {"content-type": "application/json", **headers})
+        r = c.getresponse()
+        n = 0
+        while True:
+            chunk = r.read(1 << 16)
+            if not chunk:
+                break
+            n += len(chunk)
+        assert r.status == 200 and n > 28 * 10 ** 6
+
+    # on a fresh worker: memory freed by an earlier stream would stay
+    # resident in the heap and hide the growth of the next one
+    grew = peak_growth_mb(gw, stream)
+    assert grew < 3, f"a 30 MB stream grew the worker by {grew:.1f} MB"
+    assert usage_log(gw)[0] == [str(tokens), "0"]
+
+
+def test_rewritten_bodies_are_not_copied(nginx_factory, strip_sim):
+    gw = strip_gateway(nginx_factory, strip_sim, workers=1)
+    body = json.dumps({"model": "alias-m", "max_tokens": 1, "messages": [
+        {"role": "user", "content": "y" * (6 * 1024 * 1024)}]})
+
+    def send(clients):
+        def one():
+            c = http.client.HTTPConnection(gw.host, gw.port, timeout=60)
+            c.request("POST", "/v1/chat/completions", body,
+                      {"content-type": "application/json"})
+            r = c.getresponse()
+            r.read()
+            status.append(r.status)
+        status = []
+        threads = [threading.Thread(target=one) for _ in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert status == [200] * clients
+
+    send(1)     # the worker's scan buffer grows to the body's size once
+    grew = peak_growth_mb(gw, lambda: send(4))
+    # a copy of each body would be 24 MB, two copies 48 MB
+    assert grew < 8, f"4 rewritten 6 MB bodies grew the worker {grew:.1f} MB"

@@ -248,6 +248,13 @@ check_same(ngx_http_infer_usage_t *a, result_t *ra, ngx_http_infer_usage_t *b,
     check(a->usage_event_end == b->usage_event_end);
     check(a->event_start == b->event_start);
     check(a->offset == b->offset);
+    check(a->events == b->events);
+    check(a->null_start == b->null_start);
+    check(a->null_end == b->null_end);
+
+    /* a "usage": null to drop lies inside the stream, before its end */
+    check(a->null_start <= a->null_end && a->null_end <= a->offset);
+    check(a->strip || a->null_end == 0);
 
     if (!a->found) {
         check(a->prompt_tokens == -1 && a->completion_tokens == -1
