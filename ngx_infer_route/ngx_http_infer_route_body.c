@@ -106,6 +106,11 @@ ngx_http_infer_route_body_bytes(ngx_http_request_t *r, ngx_str_t *body,
         buf = cl->buf;
         size = ngx_buf_size(buf);
 
+        if (size == 0) {
+            /* an empty buffer (a last_buf one, say) may have no memory */
+            continue;
+        }
+
         if (!buf->in_file) {
             p = ngx_cpymem(p, buf->pos, size);
             continue;
