@@ -22,6 +22,8 @@ static ngx_int_t ngx_http_infer_route_registry_add_name(ngx_conf_t *cf,
 static ngx_int_t ngx_http_infer_route_registry_fallbacks(
     ngx_http_infer_route_registry_t *reg, u_char *err);
 static void ngx_http_infer_route_registry_release(void *data);
+static ngx_int_t ngx_http_infer_route_registry_split(ngx_str_t *param,
+    ngx_str_t *name, ngx_str_t *v);
 
 
 /*
@@ -66,18 +68,10 @@ ngx_http_infer_route_registry_model(ngx_conf_t *cf, ngx_command_t *cmd,
 
     for (i = 2; i < cf->args->nelts; i++) {
 
-        p = (u_char *) ngx_strlchr(value[i].data,
-                                   value[i].data + value[i].len, '=');
-        if (p == NULL || p == value[i].data) {
-            goto invalid;
-        }
-
-        name.data = value[i].data;
-        name.len = p - value[i].data;
-        v.data = p + 1;
-        v.len = value[i].data + value[i].len - v.data;
-
-        if (v.len == 0) {
+        if (ngx_http_infer_route_registry_split(&value[i], &name, &v)
+            != NGX_OK
+            || v.len == 0)
+        {
             goto invalid;
         }
 
@@ -476,7 +470,6 @@ ngx_http_infer_route_registry_target(ngx_conf_t *cf, ngx_command_t *cmd,
 {
     ngx_http_infer_route_main_conf_t *rmcf = conf;
 
-    u_char                          *p;
     u_char                           err[NGX_HTTP_INFER_ROUTE_ERRSTR];
     ngx_int_t                        rc;
     ngx_str_t                       *value, name, v;
@@ -522,16 +515,11 @@ ngx_http_infer_route_registry_target(ngx_conf_t *cf, ngx_command_t *cmd,
 
     for (i = 3; i < cf->args->nelts; i++) {
 
-        p = (u_char *) ngx_strlchr(value[i].data,
-                                   value[i].data + value[i].len, '=');
-        if (p == NULL || p == value[i].data) {
+        if (ngx_http_infer_route_registry_split(&value[i], &name, &v)
+            != NGX_OK)
+        {
             goto invalid;
         }
-
-        name.data = value[i].data;
-        name.len = p - value[i].data;
-        v.data = p + 1;
-        v.len = value[i].data + value[i].len - v.data;
 
         if (name.len == 8 && ngx_strncmp(name.data, "upstream", 8) == 0) {
             /* the second argument */
@@ -1137,6 +1125,29 @@ ngx_http_infer_route_registry_add_name(ngx_conf_t *cf,
     }
 
     return rc;
+}
+
+
+/* a "name=value" parameter in its two parts; NGX_ERROR: no name= */
+
+static ngx_int_t
+ngx_http_infer_route_registry_split(ngx_str_t *param, ngx_str_t *name,
+    ngx_str_t *v)
+{
+    u_char  *p;
+
+    p = ngx_strlchr(param->data, param->data + param->len, '=');
+
+    if (p == NULL || p == param->data) {
+        return NGX_ERROR;
+    }
+
+    name->data = param->data;
+    name->len = p - param->data;
+    v->data = p + 1;
+    v->len = param->data + param->len - v->data;
+
+    return NGX_OK;
 }
 
 
