@@ -24,6 +24,11 @@ static ngx_int_t ngx_http_infer_route_registry_fallbacks(
 static void ngx_http_infer_route_registry_release(void *data);
 static ngx_int_t ngx_http_infer_route_registry_split(ngx_str_t *param,
     ngx_str_t *name, ngx_str_t *v);
+static ngx_int_t ngx_http_infer_route_registry_key(
+    ngx_hash_keys_arrays_t *keys, ngx_pool_t *pool, ngx_str_t *name,
+    ngx_http_infer_route_model_t *m);
+static ngx_uint_t ngx_http_infer_route_registry_named(
+    ngx_http_infer_route_model_t *m, ngx_str_t *name);
 
 
 /*
@@ -801,15 +806,14 @@ ngx_http_infer_route_registry_build(ngx_http_infer_route_main_conf_t *rmcf,
 
         for (j = 0; j <= mp[i]->aliases.nelts; j++) {
 
-            /* model names are case-sensitive, as OpenAI's are */
-            rc = ngx_hash_add_key(&keys,
-                                  j ? &alias[j - 1] : &mp[i]->name,
-                                  mp[i], NGX_HASH_READONLY_KEY);
+            rc = ngx_http_infer_route_registry_key(&keys, pool,
+                                  j ? &alias[j - 1] : &mp[i]->name, mp[i]);
 
             if (rc == NGX_BUSY) {
                 /* infer_model checked its own: one side is the file */
                 ngx_http_infer_route_registry_error(err, mp[i],
-                    "name or alias \"%V\" is declared twice",
+                    "name or alias \"%V\" is declared twice (names may "
+                    "not differ in case only)",
                     j ? &alias[j - 1] : &mp[i]->name);
                 goto failed;
             }
@@ -989,6 +993,8 @@ ngx_http_infer_route_model_t *
 ngx_http_infer_route_registry_find(ngx_http_infer_route_registry_t *reg,
     ngx_str_t *name, ngx_uint_t *by_pattern)
 {
+    u_char                         low[NGX_HTTP_INFER_MODEL_MAX];
+    ngx_uint_t                     key;
     ngx_http_infer_route_model_t  *m;
 #if (NGX_PCRE)
     ngx_uint_t                     i;
@@ -997,10 +1003,13 @@ ngx_http_infer_route_registry_find(ngx_http_infer_route_registry_t *reg,
 
     *by_pattern = 0;
 
-    m = ngx_hash_find(&reg->names, ngx_hash_key(name->data, name->len),
-                      name->data, name->len);
-    if (m) {
-        return m;
+    if (name->len <= NGX_HTTP_INFER_MODEL_MAX) {
+        key = ngx_hash_strlow(low, name->data, name->len);
+        m = ngx_hash_find(&reg->names, key, low, name->len);
+
+        if (m && ngx_http_infer_route_registry_named(m, name)) {
+            return m;
+        }
     }
 
 #if (NGX_PCRE)
@@ -1115,16 +1124,69 @@ ngx_http_infer_route_registry_add_name(ngx_conf_t *cf,
 {
     ngx_int_t  rc;
 
-    /* model names are case-sensitive, as OpenAI's are */
-    rc = ngx_hash_add_key(rmcf->keys, name, m, NGX_HASH_READONLY_KEY);
+    rc = ngx_http_infer_route_registry_key(rmcf->keys, cf->pool, name, m);
 
     if (rc == NGX_BUSY) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "model name or alias \"%V\" is declared twice",
-                           name);
+                           "model name or alias \"%V\" is declared twice "
+                           "(names may not differ in case only)", name);
     }
 
     return rc;
+}
+
+
+/*
+ * Model names are case-sensitive, as OpenAI's are, but nginx's hash
+ * keeps its keys in lower case (ngx_hash_init): a name is its key in
+ * lower case, and a lookup checks the case after (registry_find).  Two
+ * names that differ in case only are then one key, refused.
+ */
+
+static ngx_int_t
+ngx_http_infer_route_registry_key(ngx_hash_keys_arrays_t *keys,
+    ngx_pool_t *pool, ngx_str_t *name, ngx_http_infer_route_model_t *m)
+{
+    ngx_str_t  low;
+
+    low.len = name->len;
+    low.data = ngx_pnalloc(pool, name->len);
+    if (low.data == NULL) {
+        return NGX_ERROR;
+    }
+
+    ngx_strlow(low.data, name->data, name->len);
+
+    return ngx_hash_add_key(keys, &low, m, NGX_HASH_READONLY_KEY);
+}
+
+
+/* whether m is named name, or has it as an alias, in this very case */
+
+static ngx_uint_t
+ngx_http_infer_route_registry_named(ngx_http_infer_route_model_t *m,
+    ngx_str_t *name)
+{
+    ngx_str_t   *alias;
+    ngx_uint_t   i;
+
+    if (m->name.len == name->len
+        && ngx_memcmp(m->name.data, name->data, name->len) == 0)
+    {
+        return 1;
+    }
+
+    alias = m->aliases.elts;
+
+    for (i = 0; i < m->aliases.nelts; i++) {
+        if (alias[i].len == name->len
+            && ngx_memcmp(alias[i].data, name->data, name->len) == 0)
+        {
+            return 1;
+        }
+    }
+
+    return 0;
 }
 
 

@@ -108,6 +108,33 @@ def test_model_names_are_case_sensitive(gw):
     assert error_of(r)["code"] == "model_not_found"
 
 
+def test_a_name_in_mixed_case_is_found_in_that_case_only(nginx_factory,
+                                                         pools):
+    """nginx's hash keeps its keys in lower case: a model declared as
+    Llama-3-8B must still be found, as Llama-3-8B and not as llama-3-8b."""
+    gw = nginx_factory(route_conf(*pools, models="""
+    infer_model Llama-3-8B upstream=llama alias=L3;
+    infer_model mistral-7b upstream=mistral;"""), modules=["route"])
+    for name in ("Llama-3-8B", "L3"):
+        r = chat(gw, name)
+        assert r.status_code == 200, r.text
+        assert r.headers["x-sim-replica"] == "llama-a"
+    for name in ("llama-3-8b", "LLAMA-3-8B", "l3"):
+        r = chat(gw, name)
+        assert r.status_code == 404, name
+        assert error_of(r)["code"] == "model_not_found"
+
+
+def test_names_that_differ_in_case_only_are_refused(nginx_factory, pools):
+    n = nginx_factory(route_conf(*pools, models="""
+    infer_model Llama upstream=llama;
+    infer_model llama upstream=mistral;"""), modules=["route"],
+                      start=False)
+    ok, out = n.check_config()
+    assert not ok
+    assert 'model name or alias "llama" is declared twice' in out, out
+
+
 def test_completions_embeddings_and_api_infer_route_too(gw):
     r = requests.post(gw.url + "/v1/completions", timeout=10,
                       json={"model": "mistral-7b", "prompt": "Hi"})
