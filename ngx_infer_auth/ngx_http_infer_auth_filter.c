@@ -188,14 +188,16 @@ ngx_http_infer_auth_header_filter(ngx_http_request_t *r)
     ctx->replaced = 1;
 
     if (ctx->www_authenticate.len) {
-        h = ngx_list_push(&r->headers_out.headers);
+        h = ngx_http_infer_header_add(r, (u_char *) "WWW-Authenticate",
+                                      sizeof("WWW-Authenticate") - 1);
         if (h == NULL) {
             return NGX_ERROR;
         }
 
-        h->hash = 1;
-        ngx_str_set(&h->key, "WWW-Authenticate");
         h->value = ctx->www_authenticate;
+
+        /* what nginx's own auth_basic sets, and auth_request copies */
+        r->headers_out.www_authenticate = h;
     }
 
     if (ctx->status == NGX_HTTP_INFER_AUTH_FORBIDDEN) {

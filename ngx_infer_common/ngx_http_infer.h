@@ -199,6 +199,36 @@ ngx_http_infer_error_buf(ngx_pool_t *pool, const char *type,
 }
 
 
+/*
+ * A header added to the response, its value still to be set.  Since
+ * nginx 1.23.0 headers of one name are linked through h->next, which
+ * nginx follows for the headers it knows (Cache-Control, Link,
+ * WWW-Authenticate, ...): the new one starts a chain of its own, as
+ * nginx's modules do (the list's memory is not zeroed).
+ */
+
+static ngx_inline ngx_table_elt_t *
+ngx_http_infer_header_add(ngx_http_request_t *r, u_char *key, size_t len)
+{
+    ngx_table_elt_t  *h;
+
+    h = ngx_list_push(&r->headers_out.headers);
+    if (h == NULL) {
+        return NULL;
+    }
+
+    h->hash = 1;
+    h->key.len = len;
+    h->key.data = key;
+    h->lowcase_key = NULL;
+#if (nginx_version >= 1023000)
+    h->next = NULL;
+#endif
+
+    return h;
+}
+
+
 /* a Retry-After header of sec seconds, for a 429 or a 503 */
 
 static ngx_inline ngx_int_t
@@ -206,13 +236,11 @@ ngx_http_infer_retry_after(ngx_http_request_t *r, time_t sec)
 {
     ngx_table_elt_t  *h;
 
-    h = ngx_list_push(&r->headers_out.headers);
+    h = ngx_http_infer_header_add(r, (u_char *) "Retry-After",
+                                  sizeof("Retry-After") - 1);
     if (h == NULL) {
         return NGX_ERROR;
     }
-
-    h->hash = 1;
-    ngx_str_set(&h->key, "Retry-After");
 
     h->value.data = ngx_pnalloc(r->pool, NGX_TIME_T_LEN);
     if (h->value.data == NULL) {

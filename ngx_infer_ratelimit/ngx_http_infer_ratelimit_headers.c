@@ -11,6 +11,7 @@
 #include <ngx_core.h>
 #include <ngx_http.h>
 
+#include "ngx_http_infer.h"
 #include "ngx_http_infer_ratelimit.h"
 
 
@@ -159,14 +160,10 @@ ngx_http_infer_ratelimit_set_header(ngx_http_request_t *r, char *name,
         }
     }
 
-    h = ngx_list_push(&r->headers_out.headers);
+    h = ngx_http_infer_header_add(r, (u_char *) name, nlen);
     if (h == NULL) {
         return NGX_ERROR;
     }
-
-    h->hash = 1;
-    h->key.len = nlen;
-    h->key.data = (u_char *) name;
 
     h->value.data = ngx_pnalloc(r->pool, len);
     if (h->value.data == NULL) {

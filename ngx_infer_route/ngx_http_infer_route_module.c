@@ -1040,16 +1040,16 @@ ngx_http_infer_route_deprecated(ngx_http_request_t *r,
     size_t            len;
     ngx_table_elt_t  *h;
 
-    h = ngx_list_push(&r->headers_out.headers);
+    h = ngx_http_infer_header_add(r, (u_char *) "Deprecation",
+                                  sizeof("Deprecation") - 1);
     if (h == NULL) {
         return NGX_ERROR;
     }
 
-    h->hash = 1;
-    ngx_str_set(&h->key, "Deprecation");
     ngx_str_set(&h->value, "true");
 
-    h = ngx_list_push(&r->headers_out.headers);
+    h = ngx_http_infer_header_add(r, (u_char *) "Warning",
+                                  sizeof("Warning") - 1);
     if (h == NULL) {
         return NGX_ERROR;
     }
@@ -1062,8 +1062,6 @@ ngx_http_infer_route_deprecated(ngx_http_request_t *r,
         return NGX_ERROR;
     }
 
-    h->hash = 1;
-    ngx_str_set(&h->key, "Warning");
     h->value.data = p;
     h->value.len = ngx_sprintf(p, "299 - \"The model `%V` is deprecated.\"",
                                &ctx->entry->name) - p;

@@ -13,7 +13,7 @@ import time
 import pytest
 import requests
 
-from harness.nginx import REPO
+from harness.nginx import REPO, nginx_version
 from harness.openai import chat, error_of
 
 CHAT = {"messages": [{"role": "user", "content": "Hello there"}]}
@@ -636,6 +636,34 @@ def test_a_deprecated_model_still_answers_with_a_warning(nginx_factory,
     assert r.headers["deprecation"] == "true"
     assert "llama-3-8b" in r.headers["warning"]
     assert "deprecation" not in chat(gw, "mistral-7b").headers
+
+
+def test_our_warning_beside_the_backends_is_one_more_of_that_name(
+        nginx_factory, pools, tmp_path):
+    """Headers we add start a chain of their own (h->next, nginx 1.23+):
+    with the backend's own Warning, the client gets both and nginx's
+    $sent_http_warning, which walks the headers of one name, joins both."""
+    log = tmp_path / "warning.log"
+    conf = route_conf(*pools, models="""
+    infer_model llama-3-8b upstream=llama state=deprecated;
+    infer_model mistral-7b upstream=mistral;
+    log_format warning '$sent_http_warning|$sent_http_deprecation';""")
+    conf = conf.replace("location / {",
+                        f"location / {{ access_log {log} warning;", 1)
+    gw = nginx_factory(conf, modules=["route"])
+    r = chat(gw, "llama-3-8b",
+             headers={"x-sim-add-header": 'Warning: 199 - "from the backend"'})
+    assert r.status_code == 200
+    warnings = r.raw.headers.getlist("Warning")
+    assert len(warnings) == 2, warnings
+    assert '199 - "from the backend"' in warnings
+    assert any("llama-3-8b" in w for w in warnings), warnings
+    gw.stop()
+    line = log.read_text().strip()
+    assert "llama-3-8b" in line and line.endswith("|true"), line
+    if nginx_version() >= (1, 23, 0):       # before, the first one only
+        assert line.count("from the backend") == 1, line
+        assert ", " in line, line
 
 
 def test_a_disabled_model_is_refused_clearly(nginx_factory, pools):

@@ -27,6 +27,21 @@ MODULES = ["route", "auth", "ratelimit", "metrics"]
 BAD_LOG_LINE = re.compile(r"\[alert\]|\[emerg\]|exited on signal")
 
 
+_version = None
+
+
+def nginx_version():
+    """The version of the nginx under test, e.g. (1, 22, 1)."""
+    global _version
+    if _version is None:
+        r = subprocess.run([NGINX_BIN, "-v"], capture_output=True,
+                           text=True, timeout=60)
+        m = re.search(r"nginx/(\d+)\.(\d+)\.(\d+)", r.stderr + r.stdout)
+        assert m, f"{NGINX_BIN} -v: {r.stderr}"
+        _version = tuple(int(x) for x in m.groups())
+    return _version
+
+
 def module_path(name):
     return MODULES_DIR / f"ngx_http_infer_{name}_module.so"
 
