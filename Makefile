@@ -7,13 +7,14 @@
 #   make valgrind   the reload and JWKS tests with nginx under valgrind
 #
 #   make NGINX_SRC=/path/to/nginx-1.x.y    build against another nginx tree
+#        [NGINX_BIN=/path/to/its/nginx]    for that binary (checked: same
+#                                          version, --with-compat)
 
 NGINX_SRC ?= /usr/share/nginx/src
 BUILD     ?= $(CURDIR)/build
 PYTHON    ?= /usr/bin/python3
 PYTEST_ARGS ?=
 
-TREE    := $(BUILD)/nginx-src
 MODDIR  := $(BUILD)/modules
 SOURCES := config $(wildcard ngx_infer_*/*.c ngx_infer_*/*.h)
 
@@ -29,43 +30,31 @@ build: $(MODDIR)/.built
 deps:
 	@scripts/deps.sh
 
-# The configure arguments are kept in a file rewritten only when they
-# change, so that a new NGINX_SRC or flag reconfigures and nothing else does.
-$(BUILD)/configure.args: FORCE
-	@test -x "$(NGINX_SRC)/configure" || { \
-	    echo "no nginx source tree at $(NGINX_SRC):" \
-	         "run 'make deps' (Debian's nginx-dev) or set NGINX_SRC" >&2; \
-	    exit 1; }
+# The modules are built for one nginx binary, NGINX_BIN: the tree is
+# configured with its own arguments (nginx -V), after checking that its
+# version is the tree's and that it was built --with-compat; see
+# scripts/build-modules.sh, which the controller images run too.  By
+# default that is Debian's nginx, for Debian's tree; another tree without
+# NGINX_BIN is configured --with-compat.  What the build is for is kept
+# in a file rewritten only when it changes, so that a new NGINX_SRC,
+# binary or flag reconfigures and nothing else does.
+ifeq ($(NGINX_SRC),/usr/share/nginx/src)
+NGINX_BIN ?= $(wildcard /usr/sbin/nginx)
+endif
+
+$(BUILD)/target: FORCE
 	@mkdir -p $(BUILD)
-	@{ echo "# $(abspath $(NGINX_SRC))"; \
-	   scripts/configure-args.sh "$(NGINX_SRC)"; } > $@.tmp
+	@{ echo "src: $(abspath $(NGINX_SRC))"; \
+	   echo "flags: $(NGINX_CONFIGURE_FLAGS)"; \
+	   if [ -n "$(NGINX_BIN)" ]; then "$(NGINX_BIN)" -V 2>&1; fi; \
+	 } > $@.tmp
 	@if cmp -s $@.tmp $@; then rm $@.tmp; else mv $@.tmp $@; fi
 
-# nginx's configure writes into the tree it runs in: work on a copy, so the
-# sources (Debian's or anyone's) are never touched.
-$(BUILD)/configured: $(BUILD)/configure.args config
-	@echo "configuring against $(NGINX_SRC) (log: $(BUILD)/configure.log)"
-	@rm -rf $(TREE) && mkdir -p $(TREE) && cp -a $(NGINX_SRC)/. $(TREE)/
-	@cd $(TREE) && grep -v '^#' $(BUILD)/configure.args \
-	    | env -u CFLAGS xargs -d '\n' ./configure \
-	        --add-dynamic-module=$(CURDIR) > $(BUILD)/configure.log 2>&1 \
-	    || { tail -n 20 $(BUILD)/configure.log; exit 1; }
-	@grep -q -- '-Werror' $(TREE)/objs/Makefile || { \
-	    echo "objs/Makefile lacks -Werror: warnings must be errors" >&2; \
-	    exit 1; }
+# the target file holds the binary's nginx -V output
+$(MODDIR)/.built: $(BUILD)/target $(SOURCES) scripts/build-modules.sh
+	@scripts/build-modules.sh --nginx-src "$(NGINX_SRC)" --build $(BUILD) \
+	    --out $(MODDIR) $(if $(NGINX_BIN),--nginx-v $(BUILD)/target)
 	@touch $@
-
-$(MODDIR)/.built: $(BUILD)/configured $(SOURCES)
-	$(MAKE) -C $(TREE) -f objs/Makefile modules
-	@mkdir -p $(MODDIR)
-	@# a new file, then a rename: a running nginx keeps the old one mapped
-	@for so in $(TREE)/objs/ngx_http_infer_*_module.so; do \
-	    name=$$(basename $$so); \
-	    cp $$so $(MODDIR)/.tmp.$$name \
-	    && mv -f $(MODDIR)/.tmp.$$name $(MODDIR)/$$name || exit 1; \
-	done
-	@touch $@
-	@echo "built: $$(cd $(MODDIR) && ls *.so | tr '\n' ' ')"
 
 run: deps build
 	$(PYTHON) examples/demo/run.py
