@@ -64,7 +64,7 @@ RENDER_GATEWAY = """
             infer_metrics on;
             infer_metrics_label model $http_x_model;
             infer_metrics_label tenant "bench-tenant";
-            root html;
+
             try_files /ok.txt =404;
         }
         location = /metrics { infer_metrics_export; }

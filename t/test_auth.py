@@ -35,7 +35,7 @@ from harness.ports import free_port
 REPO = Path(__file__).resolve().parents[1]
 INFER_KEY = REPO / "scripts" / "infer-key"
 
-STATIC = "root html; try_files /ok.txt =404;"
+STATIC = "try_files /ok.txt =404;"
 
 # What the module decided, as response headers (an empty value adds no
 # header: an absent header is an empty variable).
@@ -1445,7 +1445,6 @@ def test_an_error_page_redirect_keeps_the_decision(nginx_factory, keyfile,
         infer_auth_api_keys {keyfile};
         {pem_directives(keys, ['ES256'])}
         location / {{
-            root html;
             try_files /no-such-file =404;
             error_page 404 = /found/;
         }}

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwcrypto import jwk
 
 HIT = "token known from the token cache"
-STATIC = "root html; try_files /ok.txt =404;"
+STATIC = "try_files /ok.txt =404;"
 
 
 def pem(key):

@@ -24,7 +24,7 @@ MODEL = {"x-model": "some-model",
          "authorization": "Bearer sk-ngx-infer-test-key-0001"}
 
 
-STATIC = "root html; try_files /ok.txt =404;"
+STATIC = "try_files /ok.txt =404;"
 
 
 def server(body=STATIC, extra=""):

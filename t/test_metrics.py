@@ -69,7 +69,6 @@ def static(zone="infer_metrics_zone m 4m;", http="", location=""):
         location / {{
             infer_metrics on;
             {location}
-            root html;
             try_files /ok.txt =404;
         }}
         {PAGES}
@@ -599,7 +598,7 @@ def test_labels_in_another_order_make_the_same_series(nginx_factory):
             infer_metrics on;
             infer_metrics_label app "a";
             infer_metrics_label zone "z";
-            root html; try_files /ok.txt =404;
+            try_files /ok.txt =404;
         }
         location / {"""))
     for path in ("/", "/other", "/"):

@@ -32,7 +32,6 @@ def static_conf(limits, extra="", zone="infer_ratelimit_zone rl:1m;"):
     {zone}
     server {{
         listen 127.0.0.1:{{port}};
-        root html;
         infer_ratelimit on;
         {limits}
         {extra}

@@ -26,7 +26,6 @@ def conf(redis_addr, limits, redis_opts="timeout=2s", extra="",
     infer_ratelimit_redis {redis_addr} {redis_opts};
     server {{
         listen 127.0.0.1:{{port}};
-        root html;
         infer_ratelimit on;
         {limits}
         {extra}
@@ -582,7 +581,7 @@ def test_redis_up_for_a_readiness_probe(nginx_factory, redis, blackhole):
         server {{
             listen 127.0.0.1:{{port}};
             location / {{
-                root html; try_files /ok.txt =404;
+                try_files /ok.txt =404;
                 add_header X-Redis-Up $infer_ratelimit_redis_up always;
             }}
         }}""", modules=["ratelimit"], workers=1)

@@ -866,7 +866,7 @@ def test_a_redirect_the_pool_asked_for_is_no_failover(nginx_factory, pools):
     llama, mistral = pools
     conf = failover_conf(llama.addr, mistral.addr).replace(
         "location @fallback {",
-        "location /internal/ { internal; root html; try_files /ok.txt =404; "
+        "location /internal/ { internal; try_files /ok.txt =404; "
         "add_header X-Model-Target $infer_model_target always; }\n"
         "        location @fallback {")
     gw = nginx_factory(conf, modules=["route"])
@@ -1177,7 +1177,7 @@ def test_registry_models_counts_the_registry_in_use(nginx_factory, tmp_path):
     server {{
         listen 127.0.0.1:{{port}};
         location / {{
-            root html; try_files /ok.txt =404;
+            try_files /ok.txt =404;
             add_header X-Models $infer_registry_models always;
         }}
     }}""", modules=["route"])

@@ -3,6 +3,7 @@ compiled against the configured nginx tree's headers (build/nginx-src,
 made by 'make'), under ASan and UBSan, in the three ways their string
 skipping can be built."""
 
+import os
 import re
 import shutil
 import subprocess
@@ -11,12 +12,17 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-TREE = REPO / "build" / "nginx-src"
+# the configured tree the modules were built in (make's BUILD/nginx-src)
+TREE = Path(os.environ.get("INFER_NGINX_TREE",
+                           REPO / "build" / "nginx-src"))
 UNIT = REPO / "t" / "unit"
 
+# the directories of any configured tree: src/event/quic is there, and
+# needed by ngx_event.h, from 1.25 on when configured --with-http_v3_module
 INCLUDES = [f"-I{TREE / d}" for d in
-            ("src/core", "src/event", "src/event/modules", "src/os/unix",
-             "objs")] + [f"-I{REPO / d}" for d in
+            ("src/core", "src/event", "src/event/modules", "src/event/quic",
+             "src/os/unix", "objs")
+            if d == "objs" or (TREE / d).is_dir()] + [f"-I{REPO / d}" for d in
                          ("ngx_infer_common", "ngx_infer_route",
                           "ngx_infer_balance")]
 
