@@ -941,3 +941,383 @@ ngx_log_error_core(ngx_uint_t level, ngx_log_t *log, ngx_err_t err,
     fprintf(stderr, "[%d] %.*s (%d)\n", (int) level, (int) (p - buf), buf,
             (int) err);
 }
+
+
+ngx_uint_t
+ngx_hash_key(u_char *data, size_t len)
+{
+    ngx_uint_t  i, key;
+
+    key = 0;
+
+    for (i = 0; i < len; i++) {
+        key = ngx_hash(key, data[i]);
+    }
+
+    return key;
+}
+
+
+ngx_uint_t
+ngx_hash_strlow(u_char *dst, u_char *src, size_t n)
+{
+    ngx_uint_t  key;
+
+    key = 0;
+
+    while (n--) {
+        *dst = ngx_tolower(*src);
+        key = ngx_hash(key, *dst);
+        dst++;
+        src++;
+    }
+
+    return key;
+}
+
+
+/* exact keys only: NGX_HASH_SMALL's hsize, nginx's conflict check */
+
+ngx_int_t
+ngx_hash_keys_array_init(ngx_hash_keys_arrays_t *ha, ngx_uint_t type)
+{
+    ha->hsize = (type == NGX_HASH_SMALL) ? 107 : 10007;
+
+    if (ngx_array_init(&ha->keys, ha->temp_pool, 4, sizeof(ngx_hash_key_t))
+        != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    ha->keys_hash = ngx_pcalloc(ha->temp_pool,
+                                sizeof(ngx_array_t) * ha->hsize);
+    if (ha->keys_hash == NULL) {
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
+}
+
+
+ngx_int_t
+ngx_hash_add_key(ngx_hash_keys_arrays_t *ha, ngx_str_t *key, void *value,
+    ngx_uint_t flags)
+{
+    ngx_str_t       *name;
+    ngx_uint_t       i, k;
+    ngx_hash_key_t  *hk;
+
+    if (key->len > 65535 || (flags & NGX_HASH_WILDCARD_KEY)) {
+        return NGX_ERROR;
+    }
+
+    k = 0;
+
+    for (i = 0; i < key->len; i++) {
+        if (!(flags & NGX_HASH_READONLY_KEY)) {
+            key->data[i] = ngx_tolower(key->data[i]);
+        }
+
+        k = ngx_hash(k, key->data[i]);
+    }
+
+    k %= ha->hsize;
+
+    /* as nginx: a key given twice, byte for byte, is NGX_BUSY */
+
+    name = ha->keys_hash[k].elts;
+
+    if (name) {
+        for (i = 0; i < ha->keys_hash[k].nelts; i++) {
+            if (key->len == name[i].len
+                && ngx_strncmp(key->data, name[i].data, key->len) == 0)
+            {
+                return NGX_BUSY;
+            }
+        }
+
+    } else if (ngx_array_init(&ha->keys_hash[k], ha->temp_pool, 4,
+                              sizeof(ngx_str_t))
+               != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    name = ngx_array_push(&ha->keys_hash[k]);
+    if (name == NULL) {
+        return NGX_ERROR;
+    }
+
+    *name = *key;
+
+    hk = ngx_array_push(&ha->keys);
+    if (hk == NULL) {
+        return NGX_ERROR;
+    }
+
+    hk->key = *key;
+    hk->key_hash = ngx_hash_key(key->data, key->len);
+    hk->value = value;
+
+    return NGX_OK;
+}
+
+
+/*
+ * As nginx's: the bucket is the key_hash the caller's function gave, the
+ * name is kept in lower case, an element must fit bucket_size; unlike
+ * nginx's, one bucket per key at most and no packing.
+ */
+
+#define ngx_shim_elt_size(name)                                             \
+    (sizeof(void *) + ngx_align((name)->key.len + 2, sizeof(void *)))
+
+ngx_int_t
+ngx_hash_init(ngx_hash_init_t *hinit, ngx_hash_key_t *names, ngx_uint_t nelts)
+{
+    u_char          *elts;
+    size_t           len;
+    ngx_uint_t       i, n, size, *test;
+    ngx_hash_elt_t  *elt, **buckets;
+
+    for (n = 0; n < nelts; n++) {
+        if (hinit->bucket_size < ngx_shim_elt_size(&names[n]) + sizeof(void *))
+        {
+            return NGX_ERROR;
+        }
+    }
+
+    size = nelts ? nelts : 1;
+
+    buckets = ngx_pcalloc(hinit->pool, size * sizeof(ngx_hash_elt_t *));
+    test = calloc(size, sizeof(ngx_uint_t));
+
+    if (buckets == NULL || test == NULL) {
+        free(test);
+        return NGX_ERROR;
+    }
+
+    for (n = 0; n < nelts; n++) {
+        test[names[n].key_hash % size] += ngx_shim_elt_size(&names[n]);
+    }
+
+    for (i = 0; i < size; i++) {
+        len = test[i] + sizeof(void *);
+
+        elts = ngx_palloc(hinit->pool, len);
+        if (elts == NULL) {
+            free(test);
+            return NGX_ERROR;
+        }
+
+        buckets[i] = (ngx_hash_elt_t *) elts;
+        test[i] = 0;
+    }
+
+    for (n = 0; n < nelts; n++) {
+        i = names[n].key_hash % size;
+        elt = (ngx_hash_elt_t *) ((u_char *) buckets[i] + test[i]);
+
+        elt->value = names[n].value;
+        elt->len = (u_short) names[n].key.len;
+
+        ngx_strlow(elt->name, names[n].key.data, names[n].key.len);
+
+        test[i] += ngx_shim_elt_size(&names[n]);
+    }
+
+    for (i = 0; i < size; i++) {
+        elt = (ngx_hash_elt_t *) ((u_char *) buckets[i] + test[i]);
+        elt->value = NULL;
+    }
+
+    free(test);
+
+    hinit->hash->buckets = buckets;
+    hinit->hash->size = size;
+
+    return NGX_OK;
+}
+
+
+void *
+ngx_hash_find(ngx_hash_t *hash, ngx_uint_t key, u_char *name, size_t len)
+{
+    ngx_uint_t       i;
+    ngx_hash_elt_t  *elt;
+
+    elt = hash->buckets[key % hash->size];
+
+    while (elt->value) {
+        if (len == (size_t) elt->len) {
+            for (i = 0; i < len; i++) {
+                if (name[i] != elt->name[i]) {
+                    goto next;
+                }
+            }
+
+            return elt->value;
+        }
+
+    next:
+
+        elt = (ngx_hash_elt_t *) ngx_align_ptr(&elt->name[0] + elt->len,
+                                               sizeof(void *));
+    }
+
+    return NULL;
+}
+
+
+uint32_t
+ngx_murmur_hash2(u_char *data, size_t len)
+{
+    uint32_t  h, k;
+
+    h = 0 ^ len;
+
+    while (len >= 4) {
+        k  = data[0];
+        k |= data[1] << 8;
+        k |= data[2] << 16;
+        k |= (uint32_t) data[3] << 24;
+
+        k *= 0x5bd1e995;
+        k ^= k >> 24;
+        k *= 0x5bd1e995;
+
+        h *= 0x5bd1e995;
+        h ^= k;
+
+        data += 4;
+        len -= 4;
+    }
+
+    switch (len) {
+    case 3:
+        h ^= data[2] << 16;
+        /* fall through */
+    case 2:
+        h ^= data[1] << 8;
+        /* fall through */
+    case 1:
+        h ^= data[0];
+        h *= 0x5bd1e995;
+    }
+
+    h ^= h >> 13;
+    h *= 0x5bd1e995;
+    h ^= h >> 15;
+
+    return h;
+}
+
+
+#if (NGX_PCRE2)
+
+static void
+ngx_shim_regex_free(void *data)
+{
+    pcre2_code_free(data);
+}
+
+
+/* nginx's compile, its message; the code freed with rc->pool */
+
+ngx_int_t
+ngx_regex_compile(ngx_regex_compile_t *rc)
+{
+    int                  errcode;
+    u_char               errstr[128];
+    PCRE2_SIZE           erroff;
+    pcre2_code          *re;
+    ngx_pool_cleanup_t  *cln;
+
+    cln = ngx_pool_cleanup_add(rc->pool, 0);
+    if (cln == NULL) {
+        return NGX_ERROR;
+    }
+
+    re = pcre2_compile(rc->pattern.data, rc->pattern.len,
+                       (rc->options & NGX_REGEX_CASELESS) ? PCRE2_CASELESS
+                                                          : 0,
+                       &errcode, &erroff, NULL);
+
+    if (re == NULL) {
+        pcre2_get_error_message(errcode, errstr, sizeof(errstr));
+
+        if ((size_t) erroff == rc->pattern.len) {
+            rc->err.len = ngx_snprintf(rc->err.data, rc->err.len,
+                              "pcre2_compile() failed: %s in \"%V\"",
+                               errstr, &rc->pattern)
+                          - rc->err.data;
+
+        } else {
+            rc->err.len = ngx_snprintf(rc->err.data, rc->err.len,
+                              "pcre2_compile() failed: %s in \"%V\" at "
+                              "\"%s\"", errstr, &rc->pattern,
+                              rc->pattern.data + erroff)
+                          - rc->err.data;
+        }
+
+        return NGX_ERROR;
+    }
+
+    cln->handler = ngx_shim_regex_free;
+    cln->data = re;
+
+    rc->regex = re;
+
+    pcre2_pattern_info(re, PCRE2_INFO_CAPTURECOUNT, &rc->captures);
+    pcre2_pattern_info(re, PCRE2_INFO_NAMECOUNT, &rc->named_captures);
+
+    return NGX_OK;
+}
+
+
+ngx_int_t
+ngx_regex_exec(ngx_regex_t *re, ngx_str_t *s, int *captures, ngx_uint_t size)
+{
+    int                rc;
+    pcre2_match_data  *md;
+
+    (void) captures;
+
+    if (size) {
+        /* no caller here asks for captures */
+        abort();
+    }
+
+    md = pcre2_match_data_create(1, NULL);
+    if (md == NULL) {
+        return NGX_ERROR;
+    }
+
+    rc = pcre2_match(re, s->data, s->len, 0, 0, md, NULL);
+
+    pcre2_match_data_free(md);
+
+    return rc;
+}
+
+#endif
+
+
+/*
+ * Not reached: only a model of infer_model has a sticky key (a registry
+ * file refuses one), and the fuzzers pick no target of those.
+ */
+
+#include <ngx_http.h>
+
+ngx_int_t
+ngx_http_complex_value(ngx_http_request_t *r, ngx_http_complex_value_t *val,
+    ngx_str_t *value)
+{
+    (void) r;
+    (void) val;
+    (void) value;
+
+    fprintf(stderr, "ngx_shim: ngx_http_complex_value() called\n");
+    abort();
+}
