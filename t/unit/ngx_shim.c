@@ -10,7 +10,6 @@
  *     that ASan sees a read past any of them; ngx_destroy_pool() runs the
  *     cleanups, then frees them all.  A pool that grows past
  *     NGX_SHIM_POOL_MAX bytes aborts: what a parser keeps is bounded;
- *   - the log discards, or prints when NGX_SHIM_LOG is set;
  *   - ngx_hash_*: exact names only, as nginx keeps them (the key hashed
  *     by the caller's function, the name stored in lower case, a lookup
  *     comparing bytes), not nginx's bucket packing;
@@ -25,11 +24,7 @@
 
 #include <ngx_config.h>
 #include <ngx_core.h>
-
-#if (NGX_PCRE2)
-#define PCRE2_CODE_UNIT_WIDTH  8
-#include <pcre2.h>
-#endif
+#include <ngx_http.h>        /* and, by ngx_regex.h, pcre2.h */
 
 
 #define NGX_SHIM_POOL_MAX  (64 * 1024 * 1024)
@@ -54,9 +49,7 @@ typedef struct {
 #define ngx_shim_bytes(p)   (((ngx_shim_pool_t *) (p))->bytes)
 
 
-volatile ngx_cycle_t  *ngx_cycle;
 ngx_uint_t             ngx_cacheline_size = 64;
-ngx_uint_t             ngx_pagesize = 4096;
 
 static ngx_time_t      ngx_shim_time = { 1700000000, 0, 0 };
 volatile ngx_time_t   *ngx_cached_time = &ngx_shim_time;
@@ -180,24 +173,6 @@ ngx_pool_cleanup_add(ngx_pool_t *p, size_t size)
 
 
 void *
-ngx_alloc(size_t size, ngx_log_t *log)
-{
-    (void) log;
-
-    return malloc(size);
-}
-
-
-void *
-ngx_calloc(size_t size, ngx_log_t *log)
-{
-    (void) log;
-
-    return calloc(1, size);
-}
-
-
-void *
 ngx_array_push(ngx_array_t *a)
 {
     return ngx_array_push_n(a, 1);
@@ -242,30 +217,6 @@ ngx_strlow(u_char *dst, u_char *src, size_t n)
         src++;
         n--;
     }
-}
-
-
-u_char *
-ngx_cpystrn(u_char *dst, u_char *src, size_t n)
-{
-    if (n == 0) {
-        return dst;
-    }
-
-    while (--n) {
-        *dst = *src;
-
-        if (*dst == '\0') {
-            return dst;
-        }
-
-        dst++;
-        src++;
-    }
-
-    *dst = '\0';
-
-    return dst;
 }
 
 
@@ -565,34 +516,7 @@ ngx_shim_decode_base64(ngx_str_t *dst, ngx_str_t *src, const u_char *basis)
 }
 
 
-/* nginx's tables: 77 is no digit */
-
-ngx_int_t
-ngx_decode_base64(ngx_str_t *dst, ngx_str_t *src)
-{
-    static u_char  basis64[] = {
-        77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77,
-        77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77,
-        77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 62, 77, 77, 77, 63,
-        52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 77, 77, 77, 77, 77, 77,
-        77,  0,  1,  2,  3,  4,  5,  6,  7,  8,  9, 10, 11, 12, 13, 14,
-        15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 77, 77, 77, 77, 77,
-        77, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40,
-        41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 77, 77, 77, 77, 77,
-
-        77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77,
-        77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77,
-        77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77,
-        77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77,
-        77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77,
-        77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77,
-        77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77,
-        77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77, 77
-    };
-
-    return ngx_shim_decode_base64(dst, src, basis64);
-}
-
+/* nginx's table: 77 is no digit */
 
 ngx_int_t
 ngx_decode_base64url(ngx_str_t *dst, ngx_str_t *src)
@@ -918,28 +842,6 @@ ngx_vslprintf(u_char *buf, u_char *last, const char *fmt, va_list args)
     }
 
     return buf;
-}
-
-
-void ngx_cdecl
-ngx_log_error_core(ngx_uint_t level, ngx_log_t *log, ngx_err_t err,
-    const char *fmt, ...)
-{
-    u_char   *p, buf[NGX_MAX_ERROR_STR];
-    va_list   args;
-
-    (void) log;
-
-    if (getenv("NGX_SHIM_LOG") == NULL) {
-        return;
-    }
-
-    va_start(args, fmt);
-    p = ngx_vslprintf(buf, buf + sizeof(buf), fmt, args);
-    va_end(args);
-
-    fprintf(stderr, "[%d] %.*s (%d)\n", (int) level, (int) (p - buf), buf,
-            (int) err);
 }
 
 
@@ -1307,8 +1209,6 @@ ngx_regex_exec(ngx_regex_t *re, ngx_str_t *s, int *captures, ngx_uint_t size)
  * Not reached: only a model of infer_model has a sticky key (a registry
  * file refuses one), and the fuzzers pick no target of those.
  */
-
-#include <ngx_http.h>
 
 ngx_int_t
 ngx_http_complex_value(ngx_http_request_t *r, ngx_http_complex_value_t *val,
