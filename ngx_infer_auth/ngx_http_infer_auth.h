@@ -280,6 +280,9 @@ typedef struct {
 
 ngx_int_t ngx_http_infer_auth_api_key(ngx_http_request_t *r,
     ngx_http_infer_auth_ctx_t *ctx, ngx_http_infer_auth_loc_conf_t *lcf);
+/* an API key file's contents; log: one that lives as long as the table */
+ngx_http_infer_auth_apikeys_t *ngx_http_infer_auth_apikeys_parse(
+    u_char *data, size_t len, ngx_log_t *log, u_char *err);
 
 /* ngx_http_infer_auth_filter.c: refusals and nginx's page for them */
 ngx_int_t ngx_http_infer_auth_reject(ngx_http_request_t *r,

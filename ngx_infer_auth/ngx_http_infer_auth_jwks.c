@@ -670,6 +670,11 @@ ngx_http_infer_auth_jwks_body(ngx_http_request_t *r,
 
         n = b->last - b->pos;
 
+        if (n == 0) {
+            /* nothing to copy, from a body that may have no buffer yet */
+            goto consumed;
+        }
+
         if (body->len + n > NGX_HTTP_INFER_AUTH_JWKS_MAX) {
             body->failed = 1;
             goto consumed;

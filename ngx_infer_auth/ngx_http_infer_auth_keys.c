@@ -21,8 +21,6 @@
 static ngx_int_t ngx_http_infer_auth_watch_load(
     ngx_http_infer_auth_watch_t *w, ngx_log_t *log, ngx_log_t *keep,
     u_char *err);
-static ngx_http_infer_auth_apikeys_t *ngx_http_infer_auth_apikeys_parse(
-    u_char *data, size_t len, ngx_log_t *log, u_char *err);
 static ngx_int_t ngx_http_infer_auth_apikey_parse(json_t *obj, size_t n,
     ngx_pool_t *pool, ngx_http_infer_auth_apikey_t *k, u_char *err);
 static ngx_int_t ngx_http_infer_auth_apikey_cmp(const void *one,
@@ -263,7 +261,7 @@ ngx_http_infer_auth_watch_changed(ngx_http_infer_watch_t *watch,
  * "disabled"}]}
  */
 
-static ngx_http_infer_auth_apikeys_t *
+ngx_http_infer_auth_apikeys_t *
 ngx_http_infer_auth_apikeys_parse(u_char *data, size_t len, ngx_log_t *log,
     u_char *err)
 {

@@ -500,9 +500,9 @@ ngx_http_infer_ctx_get(ngx_http_request_t *r, ngx_module_t *module,
 static ngx_inline ngx_uint_t
 ngx_http_infer_has_control(u_char *p, size_t len)
 {
-    u_char  *last;
+    /* no p + len: an unset value has p NULL, and NULL + 0 is undefined */
 
-    for (last = p + len; p < last; p++) {
+    for ( /* void */ ; len; p++, len--) {
         if (*p < 0x20 || *p == 0x7f) {
             return 1;
         }

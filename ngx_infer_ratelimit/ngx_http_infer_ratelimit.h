@@ -110,6 +110,13 @@ ngx_int_t ngx_http_infer_ratelimit_redis_init_process(ngx_cycle_t *cycle,
     ngx_http_infer_ratelimit_redis_conf_t *rcf);
 void ngx_http_infer_ratelimit_redis_exit_process(ngx_cycle_t *cycle);
 ngx_uint_t ngx_http_infer_ratelimit_redis_up(void);
+
+/* the parts of the Redis client a fuzzer drives: hiredis's types */
+struct redisReader;
+struct redisReply;
+void ngx_http_infer_ratelimit_redis_bound(struct redisReader *reader);
+ngx_int_t ngx_http_infer_ratelimit_redis_answer(struct redisReply *rr,
+    ngx_http_infer_ratelimit_item_t *items, ngx_uint_t n);
 ngx_shm_zone_t *ngx_http_infer_ratelimit_zone_add(ngx_conf_t *cf,
     ngx_str_t *name, size_t size);
 ngx_int_t ngx_http_infer_ratelimit_zone_eval(ngx_shm_zone_t *zone,

@@ -41,6 +41,18 @@
 
 #define NGX_HTTP_INFER_RL_BACKOFF_MIN 100
 
+/*
+ * Our scripts answer an array of 1 + 3 integers per limit, never one
+ * nested: hiredis 0.14 sets no bound on an array (it has no maxelements),
+ * and "*2147483647\r\n" would have it allocate 2^31 pointers at once,
+ * and as many again for each "*N" inside, for a few bytes sent.
+ */
+#define NGX_HTTP_INFER_RL_LIMITS_MAX  1024
+#define NGX_HTTP_INFER_RL_REPLY_MAX   (1 + 3 * NGX_HTTP_INFER_RL_LIMITS_MAX)
+
+/* bytes hiredis may hold of a reply not yet whole: one is a few kB */
+#define NGX_HTTP_INFER_RL_READER_MAX  (1024 * 1024)
+
 
 typedef struct {
     ngx_event_t                         ev;      /* timeout; resumption */
@@ -96,6 +108,8 @@ static void ngx_http_infer_ratelimit_redis_handshake(redisAsyncContext *ac,
     void *reply, void *privdata);
 static void ngx_http_infer_ratelimit_redis_reply(redisAsyncContext *ac,
     void *reply, void *privdata);
+static void *ngx_http_infer_ratelimit_redis_array(const redisReadTask *task,
+    int elements);
 static ngx_uint_t ngx_http_infer_ratelimit_redis_admitted(redisReply *rr);
 static void ngx_http_infer_ratelimit_redis_undo(
     ngx_http_infer_ratelimit_waiter_t *w);
@@ -217,6 +231,12 @@ static ngx_str_t  ngx_http_infer_ratelimit_script = ngx_string(
 
 static ngx_http_infer_ratelimit_redis_t  ngx_http_infer_ratelimit_redis_worker;
 
+/* hiredis's functions to make replies, ours for arrays */
+static redisReplyObjectFunctions  ngx_http_infer_ratelimit_redis_fn;
+static void *(*ngx_http_infer_ratelimit_redis_create_array)(
+    const redisReadTask *task, int elements);
+static ngx_uint_t  ngx_http_infer_ratelimit_redis_refused;
+
 
 /*
  * Sends one call: the admission of a request's limits (done is called
@@ -243,6 +263,14 @@ ngx_http_infer_ratelimit_redis_eval(ngx_http_request_t *r,
     rd = &ngx_http_infer_ratelimit_redis_worker;
 
     if (rd->rcf == NULL) {
+        return NGX_DECLINED;
+    }
+
+    if (n > NGX_HTTP_INFER_RL_LIMITS_MAX) {
+        /* its answer would be refused as too long */
+        ngx_http_infer_ratelimit_redis_error(rd, "more than %d limits on "
+                                             "one request",
+                                             NGX_HTTP_INFER_RL_LIMITS_MAX);
         return NGX_DECLINED;
     }
 
@@ -426,6 +454,8 @@ ngx_http_infer_ratelimit_redis_connect(ngx_http_infer_ratelimit_redis_t *rd)
         redisAsyncFree(ac);
         return NGX_ERROR;
     }
+
+    ngx_http_infer_ratelimit_redis_bound(ac->c.reader);
 
     c = ngx_get_connection(ac->c.fd, rd->log);
     if (c == NULL) {
@@ -653,6 +683,18 @@ ngx_http_infer_ratelimit_redis_read(ngx_event_t *ev)
     if (rd->ac) {
         redisAsyncHandleRead(rd->ac);
     }
+
+    /* what is left in the reader is a reply not yet whole */
+
+    if (rd->ac
+        && rd->ac->c.reader->len - rd->ac->c.reader->pos
+           > NGX_HTTP_INFER_RL_READER_MAX)
+    {
+        ngx_http_infer_ratelimit_redis_error(rd, "a reply longer than %d "
+                                             "bytes: reconnecting",
+                                             NGX_HTTP_INFER_RL_READER_MAX);
+        ngx_http_infer_ratelimit_redis_drop(rd);
+    }
 }
 
 
@@ -702,10 +744,56 @@ ngx_http_infer_ratelimit_redis_disconnected(const redisAsyncContext *ac,
     int status)
 {
     if (status != REDIS_OK) {
+        /* a refused array: hiredis says "Out of memory" */
         ngx_http_infer_ratelimit_redis_error(
             &ngx_http_infer_ratelimit_redis_worker,
-            "connection lost: %s", ac->errstr);
+            "connection lost: %s",
+            ngx_http_infer_ratelimit_redis_refused
+            ? "an array nested or longer than our scripts answer"
+            : ac->errstr);
     }
+
+    ngx_http_infer_ratelimit_redis_refused = 0;
+}
+
+
+/*
+ * A reader's functions made ours: hiredis's own, but an array longer
+ * than our scripts answer, or one inside another, is refused, and the
+ * connection with it.
+ */
+
+void
+ngx_http_infer_ratelimit_redis_bound(redisReader *reader)
+{
+    if (reader->fn == NULL || reader->fn == &ngx_http_infer_ratelimit_redis_fn)
+    {
+        /* no reply objects at all, or bound already */
+        return;
+    }
+
+    if (ngx_http_infer_ratelimit_redis_create_array == NULL) {
+        ngx_http_infer_ratelimit_redis_fn = *reader->fn;
+        ngx_http_infer_ratelimit_redis_create_array = reader->fn->createArray;
+        ngx_http_infer_ratelimit_redis_fn.createArray =
+                                         ngx_http_infer_ratelimit_redis_array;
+    }
+
+    reader->fn = &ngx_http_infer_ratelimit_redis_fn;
+}
+
+
+static void *
+ngx_http_infer_ratelimit_redis_array(const redisReadTask *task,
+    int elements)
+{
+    if (elements > NGX_HTTP_INFER_RL_REPLY_MAX || task->parent != NULL) {
+        /* hiredis takes NULL for no memory and fails the reader */
+        ngx_http_infer_ratelimit_redis_refused = 1;
+        return NULL;
+    }
+
+    return ngx_http_infer_ratelimit_redis_create_array(task, elements);
 }
 
 
@@ -875,10 +963,6 @@ static ngx_int_t
 ngx_http_infer_ratelimit_redis_parse(ngx_http_infer_ratelimit_waiter_t *w,
     redisReply *rr)
 {
-    ngx_uint_t                        i, admitted;
-    redisReply                      **e;
-    ngx_http_infer_ratelimit_item_t  *item;
-
     if (rr == NULL) {
         return NGX_DECLINED;
     }
@@ -890,22 +974,48 @@ ngx_http_infer_ratelimit_redis_parse(ngx_http_infer_ratelimit_waiter_t *w,
         return NGX_DECLINED;
     }
 
-    if (rr->type != REDIS_REPLY_ARRAY || rr->elements != 1 + 3 * w->nitems) {
-        goto invalid;
+    if (ngx_http_infer_ratelimit_redis_answer(rr, w->items, w->nitems)
+        != NGX_OK)
+    {
+        ngx_http_infer_ratelimit_redis_error(
+            &ngx_http_infer_ratelimit_redis_worker,
+            "the script answered something unexpected");
+        return NGX_DECLINED;
+    }
+
+    return NGX_OK;
+}
+
+
+/*
+ * An admission's answer into its n items: NGX_DECLINED, and the items
+ * untouched, when it is not an array of 1 + 3 * n integers, none negative.
+ */
+
+ngx_int_t
+ngx_http_infer_ratelimit_redis_answer(redisReply *rr,
+    ngx_http_infer_ratelimit_item_t *items, ngx_uint_t n)
+{
+    ngx_uint_t                        i, admitted;
+    redisReply                      **e;
+    ngx_http_infer_ratelimit_item_t  *item;
+
+    if (rr->type != REDIS_REPLY_ARRAY || rr->elements != 1 + 3 * n) {
+        return NGX_DECLINED;
     }
 
     e = rr->element;
 
     for (i = 0; i < rr->elements; i++) {
         if (e[i]->type != REDIS_REPLY_INTEGER || e[i]->integer < 0) {
-            goto invalid;
+            return NGX_DECLINED;
         }
     }
 
     admitted = (e[0]->integer == 1);
 
-    for (i = 0; i < w->nitems; i++) {
-        item = &w->items[i];
+    for (i = 0; i < n; i++) {
+        item = &items[i];
 
         item->known = 1;
         item->limit_n = item->limit->limit;
@@ -918,14 +1028,6 @@ ngx_http_infer_ratelimit_redis_parse(ngx_http_infer_ratelimit_waiter_t *w,
     }
 
     return NGX_OK;
-
-invalid:
-
-    ngx_http_infer_ratelimit_redis_error(
-        &ngx_http_infer_ratelimit_redis_worker,
-        "the script answered something unexpected");
-
-    return NGX_DECLINED;
 }
 
 

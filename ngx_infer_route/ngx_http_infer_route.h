@@ -242,6 +242,10 @@ char *ngx_http_infer_route_file_conf(ngx_conf_t *cf, ngx_command_t *cmd,
 char *ngx_http_infer_route_file_init_conf(ngx_conf_t *cf,
     ngx_http_infer_route_main_conf_t *rmcf);
 ngx_int_t ngx_http_infer_route_file_init_process(ngx_cycle_t *cycle);
+ngx_http_infer_route_registry_t *ngx_http_infer_route_file_registry(
+    ngx_http_infer_route_main_conf_t *rmcf,
+    ngx_http_upstream_main_conf_t *umcf, u_char *data, size_t len,
+    ngx_pool_t *pool, ngx_log_t *log, u_char *err);
 void ngx_http_infer_route_file_exit_process(ngx_cycle_t *cycle);
 
 

@@ -37,10 +37,10 @@ static ngx_http_infer_route_registry_t *ngx_http_infer_route_file_load(
     ngx_http_infer_route_file_t *f, ngx_pool_t *pool, ngx_log_t *log,
     u_char *err);
 static ngx_int_t ngx_http_infer_route_file_parse(
-    ngx_http_infer_route_file_t *f, json_t *root, ngx_pool_t *pool,
+    ngx_http_upstream_main_conf_t *umcf, json_t *root, ngx_pool_t *pool,
     ngx_array_t *models, u_char *err);
 static ngx_http_infer_route_model_t *ngx_http_infer_route_file_model(
-    ngx_http_infer_route_file_t *f, json_t *obj, ngx_uint_t number,
+    ngx_http_upstream_main_conf_t *umcf, json_t *obj, ngx_uint_t number,
     ngx_pool_t *pool, u_char *err);
 static ngx_int_t ngx_http_infer_route_file_param(
     ngx_http_infer_route_model_t *m, const char *key, json_t *v,
@@ -257,10 +257,6 @@ ngx_http_infer_route_file_load(ngx_http_infer_route_file_t *f,
 {
     u_char                           *buf;
     size_t                            size;
-    json_t                           *root;
-    ngx_int_t                         rc;
-    ngx_array_t                       models;
-    json_error_t                      jerr;
     ngx_http_infer_route_registry_t  *reg;
 
     err[0] = '\0';
@@ -273,10 +269,36 @@ ngx_http_infer_route_file_load(ngx_http_infer_route_file_t *f,
         return NULL;
     }
 
-    root = json_loadb((char *) buf, size, JSON_REJECT_DUPLICATES,
-                      &jerr);
+    reg = ngx_http_infer_route_file_registry(f->rmcf, f->umcf, buf, size,
+                                             pool, log, err);
 
     ngx_free(buf);
+
+    return reg;
+}
+
+
+/*
+ * A registry file's contents, with the models of infer_model, as a new
+ * registry in pool, which keeps nothing of data; NULL and err on an
+ * error.  The names of umcf's upstream{} blocks are the pools a target
+ * may name.
+ */
+
+ngx_http_infer_route_registry_t *
+ngx_http_infer_route_file_registry(ngx_http_infer_route_main_conf_t *rmcf,
+    ngx_http_upstream_main_conf_t *umcf, u_char *data, size_t len,
+    ngx_pool_t *pool, ngx_log_t *log, u_char *err)
+{
+    json_t                           *root;
+    ngx_int_t                         rc;
+    ngx_array_t                       models;
+    json_error_t                      jerr;
+    ngx_http_infer_route_registry_t  *reg;
+
+    err[0] = '\0';
+
+    root = json_loadb((char *) data, len, JSON_REJECT_DUPLICATES, &jerr);
 
     if (root == NULL) {
         ngx_http_infer_route_registry_error(err, NULL,
@@ -285,7 +307,7 @@ ngx_http_infer_route_file_load(ngx_http_infer_route_file_t *f,
         return NULL;
     }
 
-    rc = ngx_http_infer_route_file_parse(f, root, pool, &models, err);
+    rc = ngx_http_infer_route_file_parse(umcf, root, pool, &models, err);
 
     json_decref(root);
 
@@ -293,7 +315,7 @@ ngx_http_infer_route_file_load(ngx_http_infer_route_file_t *f,
         goto invalid;
     }
 
-    reg = ngx_http_infer_route_registry_build(f->rmcf, &models, pool, log,
+    reg = ngx_http_infer_route_registry_build(rmcf, &models, pool, log,
                                               err);
     if (reg == NULL) {
         goto invalid;
@@ -316,7 +338,7 @@ invalid:
  */
 
 static ngx_int_t
-ngx_http_infer_route_file_parse(ngx_http_infer_route_file_t *f,
+ngx_http_infer_route_file_parse(ngx_http_upstream_main_conf_t *umcf,
     json_t *root, ngx_pool_t *pool, ngx_array_t *models, u_char *err)
 {
     size_t                          i;
@@ -361,7 +383,8 @@ ngx_http_infer_route_file_parse(ngx_http_infer_route_file_t *f,
             return NGX_ERROR;
         }
 
-        *mp = ngx_http_infer_route_file_model(f, item, i + 1, pool, err);
+        *mp = ngx_http_infer_route_file_model(umcf, item, i + 1, pool,
+                                              err);
         if (*mp == NULL) {
             return NGX_ERROR;
         }
@@ -378,8 +401,8 @@ ngx_http_infer_route_file_parse(ngx_http_infer_route_file_t *f,
  */
 
 static ngx_http_infer_route_model_t *
-ngx_http_infer_route_file_model(ngx_http_infer_route_file_t *f, json_t *obj,
-    ngx_uint_t number, ngx_pool_t *pool, u_char *err)
+ngx_http_infer_route_file_model(ngx_http_upstream_main_conf_t *umcf,
+    json_t *obj, ngx_uint_t number, ngx_pool_t *pool, u_char *err)
 {
     json_t                         *v;
     ngx_int_t                       rc;
@@ -442,7 +465,7 @@ ngx_http_infer_route_file_model(ngx_http_infer_route_file_t *f, json_t *obj,
         }
     }
 
-    if (ngx_http_infer_route_model_check(m, f->umcf, err) != NGX_OK) {
+    if (ngx_http_infer_route_model_check(m, umcf, err) != NGX_OK) {
         return NULL;
     }
 

@@ -862,7 +862,8 @@ static ngx_int_t
 ngx_http_infer_route_registry_fallbacks(ngx_http_infer_route_registry_t *reg,
     u_char *err)
 {
-    ngx_uint_t                      i, n;
+    u_char                          low[NGX_HTTP_INFER_MODEL_MAX];
+    ngx_uint_t                      i, n, key;
     ngx_http_infer_route_model_t  **m, *f, *step;
 
     m = reg->models.elts;
@@ -873,10 +874,12 @@ ngx_http_infer_route_registry_fallbacks(ngx_http_infer_route_registry_t *reg,
             continue;
         }
 
-        f = ngx_hash_find(&reg->names,
-                          ngx_hash_key(m[i]->fallback_name.data,
-                                       m[i]->fallback_name.len),
-                          m[i]->fallback_name.data, m[i]->fallback_name.len);
+        /* the key in lower case, as registry_find() looks a name up */
+
+        key = ngx_hash_strlow(low, m[i]->fallback_name.data,
+                              m[i]->fallback_name.len);
+
+        f = ngx_hash_find(&reg->names, key, low, m[i]->fallback_name.len);
 
         if (f == NULL
             || f->name.len != m[i]->fallback_name.len

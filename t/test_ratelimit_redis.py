@@ -335,6 +335,97 @@ def test_a_redis_that_never_answers(nginx_factory, blackhole):
     assert len(blackhole.conns) >= 1
 
 
+class FakeRedis:
+    """A loopback listener that answers whatever a connection sends with
+    the same bytes, once per read, for a bounded time."""
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.conns = []
+        self.stopped = False
+        self.t = threading.Thread(target=self.run, daemon=True)
+        self.t.start()
+
+    def run(self):
+        self.sock.settimeout(0.2)
+        deadline = time.monotonic() + 120
+        while not self.stopped and time.monotonic() < deadline:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.conns.append(c)
+            threading.Thread(target=self.serve, args=(c,),
+                             daemon=True).start()
+
+    def serve(self, c):
+        c.settimeout(0.2)
+        deadline = time.monotonic() + 120
+        while not self.stopped and time.monotonic() < deadline:
+            try:
+                if not c.recv(65536):
+                    return
+                c.sendall(self.answer)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+
+    def close(self):
+        self.stopped = True
+        self.t.join(2)
+        for c in self.conns:
+            c.close()
+        self.sock.close()
+
+
+def vm_peak_kb(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmPeak:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmPeak for {pid}")
+
+
+@pytest.mark.parametrize("answer", [
+    b"*2147483647\r\n",                     # hiredis 0.14: 2^31 pointers
+    b"*100000000\r\n",                      # 800 MB of them
+    b"*4\r\n" + b"*1000000\r\n" * 7,        # nested, 8 MB each
+], ids=["2^31-1", "10^8", "nested"])
+def test_a_huge_array_from_redis_is_refused(nginx_factory, answer):
+    """A Redis (or whatever answers on its address) that sends an array
+    header hiredis would allocate for at once: the connection is refused
+    with it, the worker stays up and no bigger, and the outage policy
+    decides."""
+    fake = FakeRedis(answer)
+    try:
+        n = nginx_factory(conf(
+            f"127.0.0.1:{fake.port}",
+            "infer_ratelimit_limit l global requests=100/h "
+            "on_error=fail_closed;",
+            redis_opts="timeout=500ms connect_timeout=500ms backoff=200ms"))
+        pids = sorted(n.worker_pids())
+        peak = {pid: vm_peak_kb(pid) for pid in pids}
+        for _ in range(10):
+            r = get(n)
+            assert r.status_code == 429, r.status_code
+            assert r.headers["X-RL-Status"] == "degraded"
+            assert error_of(r)["code"] == "rate_limit_exceeded"
+            time.sleep(0.1)
+        assert sorted(n.worker_pids()) == pids
+        for pid in pids:
+            grown = vm_peak_kb(pid) - peak[pid]
+            assert grown < 64 * 1024, (pid, grown)
+        assert "an array nested or longer than our scripts answer" \
+            in n.log_text()
+        assert "[alert]" not in n.log_text()
+    finally:
+        fake.close()
+
+
 def test_redis_restarted_reconnects_and_reloads_the_script(nginx_factory,
                                                            own_redis):
     rs = own_redis()

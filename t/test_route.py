@@ -860,6 +860,40 @@ def test_a_chain_of_fallbacks(nginx_factory, sim_factory):
     assert [len(recorded(s)) for s in (a, b, c)] == [1, 1, 1]
 
 
+def test_a_fallback_in_mixed_case_is_found(nginx_factory, sim_factory):
+    """fallback= names a model declared in upper or mixed case: it is
+    looked up in the case it was declared in, as a request's model is
+    (it was refused as "not a declared model": found by the registry
+    fuzzer)."""
+    a = sim_factory("a", "a-1", ttft_ms=0, fail_status=503, fail_ratio=1.0)
+    b = sim_factory("b", "b-1", ttft_ms=0)
+    gw = nginx_factory(f"""
+    upstream pa {{ server {a.addr}; }}
+    upstream pb {{ server {b.addr}; }}
+    infer_model Small-A upstream=pa fallback=Big-B;
+    infer_model Big-B upstream=pb;
+    server {{
+        listen 127.0.0.1:{{port}};
+        infer_route on;
+        location / {{ {FAILOVER_PROXY} }}
+        location @fallback {{ {FAILOVER_PROXY} }}
+    }}""", modules=["route"])
+    r = chat(gw, "Small-A")
+    assert r.status_code == 200, r.text
+    assert r.headers["x-sim-replica"] == "b-1"
+    assert [len(recorded(s)) for s in (a, b)] == [1, 1]
+
+    n = nginx_factory(f"""
+    upstream pa {{ server {a.addr}; }}
+    infer_model small upstream=pa fallback=big-b;
+    infer_model Big-B upstream=pa;
+    server {{ listen 127.0.0.1:{{port}}; }}""", modules=["route"],
+                      start=False)
+    ok, out = n.check_config()
+    assert not ok
+    assert 'fallback "big-b" is not a declared model' in out, out
+
+
 def test_a_redirect_the_pool_asked_for_is_no_failover(nginx_factory, pools):
     """An X-Accel-Redirect from the pool (a 200) also lands in a location
     with infer_route on: it must not be taken for a failure."""

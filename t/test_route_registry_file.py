@@ -187,6 +187,28 @@ def test_the_file_alone_makes_a_registry_even_when_empty(nginx_factory,
     assert listed(gw)[1] == []
 
 
+def test_a_fallback_in_mixed_case_is_found(nginx_factory, pools, reg):
+    """A file's fallback naming a model in upper or mixed case, of the
+    file or of infer_model, is that model (refused before as "not a
+    declared model": found by the registry fuzzer)."""
+    write_registry(reg, [
+        {"name": "Big-B", "upstream": "pb", "fallback": "A-1"},
+        {"name": "small", "upstream": "pa", "fallback": "Big-B"}])
+    gw = nginx_factory(registry_conf(reg, *pools, models="""
+    infer_model A-1 upstream=pa;"""), modules=["route"])
+    assert [m["id"] for m in listed(gw)[1]] == ["A-1", "Big-B", "small"]
+    assert chat(gw, "small").headers["x-sim-replica"] == "sim-a"
+    assert "infer_model_registry" not in gw.log_text()
+
+    write_registry(reg, [{"name": "Big-B", "upstream": "pb",
+                          "fallback": "a-1"}])
+    n = nginx_factory(registry_conf(reg, *pools, models="""
+    infer_model A-1 upstream=pa;"""), modules=["route"], start=False)
+    ok, out = n.check_config()
+    assert not ok
+    assert 'fallback "a-1" is not a declared model' in out, out
+
+
 # ------------------------------------------------------------- nginx -t
 
 BROKEN = [

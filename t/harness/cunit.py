@@ -21,10 +21,12 @@ UNIT = REPO / "t" / "unit"
 # needed by ngx_event.h, from 1.25 on when configured --with-http_v3_module
 INCLUDES = [f"-I{TREE / d}" for d in
             ("src/core", "src/event", "src/event/modules", "src/event/quic",
-             "src/os/unix", "objs")
-            if d == "objs" or (TREE / d).is_dir()] + [f"-I{REPO / d}" for d in
-                         ("ngx_infer_common", "ngx_infer_route",
-                          "ngx_infer_balance")]
+             "src/os/unix", "objs", "src/http", "src/http/modules",
+             "src/http/v2", "src/http/v3")
+            if d == "objs" or (TREE / d).is_dir()] + [
+                f"-I{REPO / d}" for d in
+                ("ngx_infer_common", "ngx_infer_route", "ngx_infer_balance",
+                 "ngx_infer_auth", "ngx_infer_ratelimit")]
 
 # ngx_http_infer_route_lex.h's three ways of skipping bytes: SSE2 (on
 # x86-64), 64-bit words, 64-bit words without the little-endian shortcut
@@ -36,11 +38,11 @@ SANITIZED = ["-O1", "-g", "-fsanitize=address,undefined",
              "-Wall", "-Werror"]
 
 
-def compile_c(out, sources, flags, cc="gcc"):
+def compile_c(out, sources, flags, cc="gcc", libs=()):
     if not (TREE / "objs" / "ngx_auto_config.h").exists():
         pytest.fail(f"no configured nginx tree at {TREE}: run 'make' first",
                     pytrace=False)
-    cmd = [cc, *flags, *INCLUDES, *map(str, sources), "-o", str(out)]
+    cmd = [cc, *flags, *INCLUDES, *map(str, sources), *libs, "-o", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, " ".join(cmd) + "\n" + r.stderr
     return out
@@ -51,10 +53,12 @@ def build_sanitized(out, sources, variant):
     return compile_c(out, sources, SANITIZED + VARIANTS[variant])
 
 
-def fuzz(tmp_path, sources, corpus, dictionary, seconds=15, args=()):
-    """Builds the libFuzzer harness in sources with clang, runs it over a
-    copy of corpus with the dictionary text for a bounded time, and fails
-    the test on any crash.  Skips when clang or its runtime is missing."""
+def fuzz(tmp_path, sources, corpus, dictionary, seconds=15, args=(),
+         flags=(), libs=()):
+    """Builds the libFuzzer harness in sources with clang (and flags,
+    libs), runs it over a copy of corpus with the dictionary text for a
+    bounded time, and fails the test on any crash.  Skips when clang or
+    its runtime is missing.  Returns the harness."""
     clang = shutil.which("clang") or shutil.which("clang-14")
     if clang is None:
         pytest.skip("clang is not installed")
@@ -70,8 +74,9 @@ def fuzz(tmp_path, sources, corpus, dictionary, seconds=15, args=()):
 
     binary = compile_c(tmp_path / "fuzz", sources,
                        ["-g", "-O1", "-fsanitize=fuzzer,address,undefined",
-                        "-fno-sanitize-recover=all", "-Wall", "-Werror"],
-                       cc=clang)
+                        "-fno-sanitize-recover=all", "-Wall", "-Werror",
+                        *flags],
+                       cc=clang, libs=libs)
     work = tmp_path / "corpus"
     shutil.copytree(corpus, work)
     dict_file = tmp_path / "fuzz.dict"
@@ -88,3 +93,4 @@ def fuzz(tmp_path, sources, corpus, dictionary, seconds=15, args=()):
           f" (-max_total_time={seconds}), corpus"
           f" {len(list(work.iterdir()))} inputs")
     assert r.returncode == 0, r.stderr[-6000:]
+    return binary
