@@ -534,6 +534,10 @@ def test_snippets_pass_nginx_t(tmp_path):
         if ctx == "http.server.location":
             groups.setdefault(f, {})["location"] = text
     assert len(groups) == 4, groups.keys()
+    v = subprocess.run([NGINX, "-V"], capture_output=True, text=True).stderr
+    temp = "".join(f"    {m}_temp_path {tmp_path}/{m};\n"
+                   for m in ("fastcgi", "uwsgi", "scgi")
+                   if f"--without-http_{m}_module" not in v)
     for n, (f, g) in enumerate(sorted(groups.items())):
         http = re.sub(r"server [a-z0-9.-]+\.svc\.cluster\.local:\d+;",
                       "server 127.0.0.1:9;", g["http"])
@@ -547,7 +551,7 @@ events {{ }}
 http {{
     client_body_temp_path {tmp_path}/body;
     proxy_temp_path {tmp_path}/proxy;
-    access_log off;
+{temp}    access_log off;
 {http}
     server {{
         listen 127.0.0.1:{18200 + n};

@@ -48,7 +48,17 @@ printf '%s\n' '{"keys": [{"id": "check-1", "tenant": "check",' \
     ' "hash": "sha256:0000000000000000000000000000000000000000000000000000000000000000"}]}' \
     > "$tmp/api-keys.json"
 
+# nginx -t creates every temporary directory: those of the modules this
+# binary has (ingress-nginx's lacks uwsgi and scgi) go to $tmp too.
+temp_paths=""
+for m in fastcgi uwsgi scgi; do
+    if ! grep -q -- "--without-http_${m}_module" "$tmp/nginx-V.txt"; then
+        temp_paths="$temp_paths ${m}_temp_path $tmp/$m;"
+    fi
+done
+
 sed -e "s|@MODULES@|$moddir|g" -e "s|@TMP@|$tmp|g" \
+    -e "s|@TEMP_PATHS@|$temp_paths|" \
     "$here/infer-test.conf" > "$tmp/nginx.conf"
 
 "$nginx" -t -q -p "$tmp/" -e stderr -c "$tmp/nginx.conf"
