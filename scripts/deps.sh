@@ -14,8 +14,8 @@ pkgs=(
     redis-server python3 python3-pytest python3-requests python3-jwt
     python3-jwcrypto python3-prometheus-client python3-redis
     python3-pytest-timeout
-    # memory checks (make valgrind) and the parsers' fuzzers (libFuzzer)
-    valgrind clang
+    # memory checks (make valgrind) and the parsers' fuzzers (libFuzzer); lld links them with --gc-sections
+    valgrind clang lld
     # metrics oracles: promtool and a real Prometheus server
     prometheus
     # benchmarks
