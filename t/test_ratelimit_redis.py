@@ -278,9 +278,12 @@ def test_a_local_policy_needs_a_zone(nginx_factory):
 
 
 class Blackhole:
-    """A loopback listener that accepts connections and never answers."""
+    """A loopback listener that accepts connections and never answers;
+    given an answer, a fake Redis that answers whatever a connection
+    sends with those bytes, once per read.  Bounded in time."""
 
-    def __init__(self):
+    def __init__(self, answer=None):
+        self.answer = answer
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(64)
@@ -292,12 +295,29 @@ class Blackhole:
 
     def run(self):
         self.sock.settimeout(0.2)
-        while not self.stopped:
+        deadline = time.monotonic() + 120
+        while not self.stopped and time.monotonic() < deadline:
             try:
                 c, _ = self.sock.accept()
-                self.conns.append(c)
             except OSError:
-                pass
+                continue
+            self.conns.append(c)
+            if self.answer is not None:
+                threading.Thread(target=self.serve, args=(c,),
+                                 daemon=True).start()
+
+    def serve(self, c):
+        c.settimeout(0.2)
+        deadline = time.monotonic() + 120
+        while not self.stopped and time.monotonic() < deadline:
+            try:
+                if not c.recv(65536):
+                    return
+                c.sendall(self.answer)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
 
     def close(self):
         self.stopped = True
@@ -335,54 +355,6 @@ def test_a_redis_that_never_answers(nginx_factory, blackhole):
     assert len(blackhole.conns) >= 1
 
 
-class FakeRedis:
-    """A loopback listener that answers whatever a connection sends with
-    the same bytes, once per read, for a bounded time."""
-
-    def __init__(self, answer):
-        self.answer = answer
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
-        self.conns = []
-        self.stopped = False
-        self.t = threading.Thread(target=self.run, daemon=True)
-        self.t.start()
-
-    def run(self):
-        self.sock.settimeout(0.2)
-        deadline = time.monotonic() + 120
-        while not self.stopped and time.monotonic() < deadline:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                continue
-            self.conns.append(c)
-            threading.Thread(target=self.serve, args=(c,),
-                             daemon=True).start()
-
-    def serve(self, c):
-        c.settimeout(0.2)
-        deadline = time.monotonic() + 120
-        while not self.stopped and time.monotonic() < deadline:
-            try:
-                if not c.recv(65536):
-                    return
-                c.sendall(self.answer)
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-
-    def close(self):
-        self.stopped = True
-        self.t.join(2)
-        for c in self.conns:
-            c.close()
-        self.sock.close()
-
-
 def vm_peak_kb(pid):
     for line in open(f"/proc/{pid}/status"):
         if line.startswith("VmPeak:"):
@@ -400,7 +372,7 @@ def test_a_huge_array_from_redis_is_refused(nginx_factory, answer):
     header hiredis would allocate for at once: the connection is refused
     with it, the worker stays up and no bigger, and the outage policy
     decides."""
-    fake = FakeRedis(answer)
+    fake = Blackhole(answer)
     try:
         n = nginx_factory(conf(
             f"127.0.0.1:{fake.port}",
