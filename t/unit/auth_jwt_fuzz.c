@@ -18,12 +18,12 @@
  */
 
 
+#include <ngx_config.h>
+#include <ngx_core.h>
+
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-#include <ngx_config.h>
-#include <ngx_core.h>
 
 #include <openssl/evp.h>
 #include <openssl/pem.h>

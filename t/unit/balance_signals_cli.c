@@ -32,13 +32,13 @@
  */
 
 
+#include <ngx_config.h>
+#include <ngx_core.h>
+
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-
-#include <ngx_config.h>
-#include <ngx_core.h>
 #include "ngx_http_infer_balance_signals.h"
 #include "unit.h"
 #include "murmur.h"

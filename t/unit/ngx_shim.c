@@ -17,13 +17,14 @@
  */
 
 
+#include <ngx_config.h>
+#include <ngx_core.h>
+
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include <ngx_config.h>
-#include <ngx_core.h>
 #include <ngx_http.h>        /* and, by ngx_regex.h, pcre2.h */
 
 

@@ -19,13 +19,13 @@
  */
 
 
+#include <ngx_config.h>
+#include <ngx_core.h>
+
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-
-#include <ngx_config.h>
-#include <ngx_core.h>
 #include "ngx_http_infer_route_json.h"
 #include "unit.h"
 

@@ -29,12 +29,12 @@
  */
 
 
+#include <ngx_config.h>
+#include <ngx_core.h>
+
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-#include <ngx_config.h>
-#include <ngx_core.h>
 #include <ngx_http.h>
 
 #include <jansson.h>

@@ -17,12 +17,12 @@
  */
 
 
+#include <ngx_config.h>
+#include <ngx_core.h>
+
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-#include <ngx_config.h>
-#include <ngx_core.h>
 #include "ngx_http_infer_route_usage.h"
 #include "unit.h"
 
