@@ -12,11 +12,27 @@ from pathlib import Path
 
 import pytest
 
-from harness.nginx import MODULES, Nginx, module_path
+from harness.nginx import MODULES, Nginx, has_debug, module_path
 from harness.redis import RedisServer
 
 REPO = Path(__file__).resolve().parents[1]
 NODE_DIR = REPO / "t" / "node"
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "debug_log: reads nginx's debug log, so needs an nginx "
+        "built --with-debug (skipped on one without)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if has_debug():
+        return
+    skip = pytest.mark.skip(reason="this nginx is built without --with-debug "
+                            "(nginx.org's nginx-debug binary has it)")
+    for item in items:
+        if "debug_log" in item.keywords:
+            item.add_marker(skip)
 
 
 def pytest_sessionstart(session):

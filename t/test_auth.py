@@ -1012,6 +1012,7 @@ def ours_at_debug(gw):
     return "\n".join(ours)
 
 
+@pytest.mark.debug_log
 def test_keys_and_tokens_never_reach_the_logs(nginx_factory, keyfile, keys):
     """Neither the access log (its variables) nor the error log at debug
     level shows a key or a token, not even in part."""
@@ -1039,6 +1040,7 @@ def test_keys_and_tokens_never_reach_the_logs(nginx_factory, keyfile, keys):
         assert tok not in text and tok.split(".")[2] not in text
 
 
+@pytest.mark.debug_log
 def test_refused_keys_and_tokens_never_reach_the_logs(nginx_factory,
                                                       keyfile, keys):
     """A rejected key is often a real key with a typo, or a real key that

@@ -80,6 +80,7 @@ def gateway(nginx_factory, auth, http="", locations=""):
     }}""", modules=["auth"], error_level="debug", workers=1)
 
 
+@pytest.mark.debug_log
 def test_the_same_token_again_skips_the_signature(nginx_factory, tmp_path,
                                                   rsa_keys):
     (tmp_path / "k.pem").write_bytes(pem(rsa_keys[0]))
@@ -104,6 +105,7 @@ def test_the_same_token_again_skips_the_signature(nginx_factory, tmp_path,
     assert hits(gw) == 2
 
 
+@pytest.mark.debug_log
 def test_off_turns_it_off(nginx_factory, tmp_path, rsa_keys):
     (tmp_path / "k.pem").write_bytes(pem(rsa_keys[0]))
     gw = gateway(nginx_factory, f"infer_auth_jwt_key {tmp_path}/k.pem kid=a;",
@@ -116,6 +118,7 @@ def test_off_turns_it_off(nginx_factory, tmp_path, rsa_keys):
     assert hits(gw) == 0
 
 
+@pytest.mark.debug_log
 def test_claims_are_checked_on_every_hit(nginx_factory, tmp_path,
                                          rsa_keys):
     """The key is the server's, so / and /strict share its key set: a token
@@ -148,6 +151,7 @@ def test_claims_are_checked_on_every_hit(nginx_factory, tmp_path,
     assert hits(gw) == 2
 
 
+@pytest.mark.debug_log
 def test_a_cached_token_is_refused_once_it_expires(nginx_factory, tmp_path,
                                                    rsa_keys):
     """A hit until exp; then the entry is gone with the token's validity,
@@ -168,6 +172,7 @@ def test_a_cached_token_is_refused_once_it_expires(nginx_factory, tmp_path,
         'error_description="the token has expired"')
 
 
+@pytest.mark.debug_log
 def test_a_rotated_key_is_not_trusted_from_the_cache(nginx_factory,
                                                       tmp_path, rsa_keys):
     """The JWKS file drops kid a for kid b: a token of a, accepted (and
@@ -193,6 +198,7 @@ def test_a_rotated_key_is_not_trusted_from_the_cache(nginx_factory,
     assert "no key for the token" in r.headers["www-authenticate"]
 
 
+@pytest.mark.debug_log
 def test_a_location_with_other_keys_does_not_trust_it(nginx_factory,
                                                       tmp_path, rsa_keys):
     """Verified in / against key a; /other knows key b only (same kid): the
@@ -213,6 +219,7 @@ def test_a_location_with_other_keys_does_not_trust_it(nginx_factory,
     assert hits(gw) == 1                        # not a hit in /other
 
 
+@pytest.mark.debug_log
 def test_the_cache_is_bounded(nginx_factory, tmp_path):
     """With room for 2 tokens, a third pushes out the least recent."""
     k = ec.generate_private_key(ec.SECP256R1())

@@ -118,6 +118,7 @@ def handler_runs(n, path):
 
 @pytest.mark.parametrize("order", list(itertools.permutations(MODULES))[::5],
                          ids="-".join)
+@pytest.mark.debug_log
 def test_each_module_runs_in_its_own_phase_whatever_the_load_order(
         nginx_factory, order):
     n = nginx_factory(ENABLE_ALL + server(), modules=order,
@@ -125,6 +126,7 @@ def test_each_module_runs_in_its_own_phase_whatever_the_load_order(
     assert handler_runs(n, "/phase") == EXPECTED_PHASES
 
 
+@pytest.mark.debug_log
 def test_off_in_a_location_turns_a_module_off_there(nginx_factory):
     http = ENABLE_ALL + f"""
     server {{
@@ -137,6 +139,7 @@ def test_off_in_a_location_turns_a_module_off_there(nginx_factory):
                                          ("ratelimit", "precontent")]
 
 
+@pytest.mark.debug_log
 def test_modules_are_off_unless_enabled(nginx_factory):
     n = nginx_factory(server(), error_level="debug")
     assert handler_runs(n, "/idle") == []

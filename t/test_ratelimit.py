@@ -456,6 +456,7 @@ def test_a_concurrency_limit(nginx_factory, sim):
         assert "x-ratelimit-limit-requests" not in r.headers
 
 
+@pytest.mark.debug_log
 def test_keys_are_never_logged(nginx_factory):
     n = nginx_factory(static_conf(
         "infer_ratelimit_limit per_key $http_x_api_key requests=1/h;"),

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwcrypto import jwk
 
-from harness.nginx import REPO
+from harness.nginx import REPO, nginx_version
 from harness.ports import free_port
 
 # fewer under valgrind (make test's second pass), where each is slower
@@ -46,11 +46,17 @@ def files(tmp_path, key):
 
 
 def conf(tmp_path, backend_port):
+    # The backend is a server of the nginx that reloads: its quitting
+    # workers close their idle connections, and a POST sent on one of them
+    # just then is a 502 (nginx retries no POST).  Since nginx 1.29.7 an
+    # upstream keeps connections alive unless told not to.
+    no_keepalive = "keepalive 0;" if nginx_version() >= (1, 29, 7) else ""
     return f"""
     upstream pool {{
         zone pool 64k;
         server 127.0.0.1:{backend_port};
         infer_balance least_tokens prefix_affinity;
+        {no_keepalive}
     }}
     infer_model_registry {tmp_path}/models.json interval=100ms;
     infer_ratelimit_zone limits:1m;

@@ -414,6 +414,7 @@ def test_a_broken_file_keeps_the_last_good_registry_and_is_told_once(
     assert len(registry_errors(gw)) == 2
 
 
+@pytest.mark.debug_log
 def test_a_request_in_flight_finishes_on_its_registry(nginx_factory, pools,
                                                       reg, tmp_path):
     """The registry a request resolved its model in is freed when the

@@ -47,6 +47,13 @@ def nginx_version():
     return tuple(int(x) for x in m.groups())
 
 
+def has_debug():
+    """Whether the nginx under test logs at debug level (built
+    --with-debug: Debian's and ingress-nginx's are; nginx.org's packages
+    ship it as a second binary, nginx-debug)."""
+    return "--with-debug" in nginx_v()
+
+
 def temp_paths(w):
     """A temp path in w for each proxying module the binary has (an
     ingress controller's build leaves out uwsgi and scgi: their
