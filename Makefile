@@ -5,6 +5,7 @@
 #   make test       install what is missing, build, run the whole test suite
 #   make bench      install what is missing, build, run the benchmarks
 #   make valgrind   the reload and JWKS tests with nginx under valgrind
+#   make deb        Debian packages of the modules, in build/deb/
 #
 #   make NGINX_SRC=/path/to/nginx-1.x.y    build against another nginx tree
 #        [NGINX_BIN=/path/to/its/nginx]    for that binary (checked: same
@@ -20,7 +21,7 @@ SOURCES := config $(wildcard ngx_infer_*/*.c ngx_infer_*/*.h)
 
 export INFER_MODULES_DIR := $(MODDIR)
 
-.PHONY: all build deps run test bench valgrind valgrind-run token clean \
+.PHONY: all build deps run test bench valgrind valgrind-run token deb clean \
         FORCE
 
 all: build
@@ -55,6 +56,11 @@ $(MODDIR)/.built: $(BUILD)/target $(SOURCES) scripts/build-modules.sh
 	@scripts/build-modules.sh --nginx-src "$(NGINX_SRC)" --build $(BUILD) \
 	    --out $(MODDIR) $(if $(NGINX_BIN),--nginx-v $(BUILD)/target)
 	@touch $@
+
+# libnginx-mod-http-infer-* for Debian's nginx, built by dpkg-buildpackage
+# from debian/ (docs/debian.md), checked by lintian
+deb: deps
+	@scripts/build-deb.sh --out $(BUILD)/deb --lintian
 
 run: deps build
 	$(PYTHON) examples/demo/run.py

@@ -10,6 +10,8 @@ pkgs=(
     # build: Debian's nginx, its module source tree, and our libraries
     build-essential nginx-core nginx-dev
     libjansson-dev libssl-dev libhiredis-dev libpcre2-dev zlib1g-dev
+    # the Debian packages (make deb): dpkg-buildpackage, dh, lintian
+    dpkg-dev debhelper lintian
     # tests and demo
     redis-server python3 python3-pytest python3-requests python3-jwt
     python3-jwcrypto python3-prometheus-client python3-redis
