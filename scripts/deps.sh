@@ -22,7 +22,16 @@ pkgs=(
     prometheus
     # benchmarks
     wrk util-linux
+    # the ingress-nginx annotation tests (t/test_annotations.py): Go's
+    # text/template renders the fragment, Debian's lua module and
+    # lua-resty-core stand in for the controller's balancer_by_lua, kubectl
+    # checks the example manifests with --dry-run=client (kubernetes-client
+    # below, unless a kubectl is there already)
+    golang-go libnginx-mod-http-lua lua-resty-core
 )
+# Debian's kubernetes-client ships /usr/bin/kubectl, which another package
+# (Google Cloud SDK's kubectl) may own already: dpkg would refuse the file.
+command -v kubectl >/dev/null 2>&1 || pkgs+=(kubernetes-client)
 
 missing=()
 for p in "${pkgs[@]}"; do

@@ -1,0 +1,186 @@
+// render: Go's text/template, as an ingress controller runs it, for the
+// tests (t/test_annotations.py), standard library only (Go 1.19).
+//
+//	render TEMPLATE DATA.json      renders TEMPLATE with DATA into stdout
+//	render -parse-only TEMPLATE    parses TEMPLATE, every function it calls
+//	                               that is not below stubbed, and exits 0
+//	                               if it parses
+//
+// The functions are those ngx-infer.tmpl and the tests' stand-in of the
+// controller's template use, with the behaviour ingress-nginx's
+// internal/ingress/controller/template/template.go gives them at
+// controller-v1.15.1 (reimplemented here from that behaviour):
+//
+//	quote                Go's %q of the value (a string, a fmt.Stringer,
+//	                     a *string; anything else printed with %v)
+//	escapeLiteralDollar  every "$" of a string replaced by
+//	                     "${literal_dollar}"; "" for anything else
+//	empty                true unless the value is a non-empty string
+//	contains             strings.Contains
+//
+// The data are typed as the controller's are, so that index of a missing
+// annotation is "" (a map[string]string), as it is in the controller.
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"regexp"
+	"strings"
+	"text/template"
+)
+
+// What the tests' stand-in template reads: a subset of the controller's
+// config.TemplateConfig and of its ingressInformation, by the same names.
+type configuration struct {
+	MainSnippet string
+	HTTPSnippet string
+}
+
+type templateConfig struct {
+	Cfg configuration
+}
+
+type ingressInformation struct {
+	Namespace   string
+	Path        string
+	Rule        string
+	Service     string
+	ServicePort string
+	Annotations map[string]string
+}
+
+type location struct {
+	Path    string
+	Backend string
+	Ing     *ingressInformation
+}
+
+type data struct {
+	All       templateConfig
+	Locations []location
+}
+
+func quote(input interface{}) string {
+	var s string
+
+	switch v := input.(type) {
+	case string:
+		s = v
+	case fmt.Stringer:
+		s = v.String()
+	case *string:
+		if v != nil {
+			s = *v
+		}
+	default:
+		s = fmt.Sprintf("%v", v)
+	}
+
+	return fmt.Sprintf("%q", s)
+}
+
+func escapeLiteralDollar(input interface{}) string {
+	s, ok := input.(string)
+	if !ok {
+		return ""
+	}
+
+	return strings.ReplaceAll(s, "$", "${literal_dollar}")
+}
+
+func empty(input interface{}) bool {
+	s, ok := input.(string)
+	if ok {
+		return s == ""
+	}
+
+	return true
+}
+
+var funcs = template.FuncMap{
+	"quote":               quote,
+	"escapeLiteralDollar": escapeLiteralDollar,
+	"empty":               empty,
+	"contains":            strings.Contains,
+}
+
+var undefined = regexp.MustCompile(`function "([^"]+)" not defined`)
+
+func fail(format string, args ...interface{}) {
+	fmt.Fprintf(os.Stderr, "render: "+format+"\n", args...)
+	os.Exit(1)
+}
+
+// parseOnly parses a whole controller template: a function it calls that
+// is not one of ours gets a stub, so that what is checked is the
+// template's syntax and its variables' scopes (an undefined $ing is a
+// parse error), at most 1000 stubs.
+func parseOnly(name string, text string) {
+	fm := template.FuncMap{}
+	for k, v := range funcs {
+		fm[k] = v
+	}
+
+	for i := 0; i < 1000; i++ {
+		_, err := template.New(name).Funcs(fm).Parse(text)
+		if err == nil {
+			fmt.Printf("parsed, %d functions stubbed\n", i)
+			return
+		}
+
+		m := undefined.FindStringSubmatch(err.Error())
+		if m == nil {
+			fail("%v", err)
+		}
+
+		fm[m[1]] = func(args ...interface{}) interface{} { return nil }
+	}
+
+	fail("%s: more than 1000 undefined functions", name)
+}
+
+func main() {
+	args := os.Args[1:]
+
+	if len(args) == 2 && args[0] == "-parse-only" {
+		text, err := os.ReadFile(args[1])
+		if err != nil {
+			fail("%v", err)
+		}
+		parseOnly(args[1], string(text))
+		return
+	}
+
+	if len(args) != 2 {
+		fail("usage: render TEMPLATE DATA.json | render -parse-only TEMPLATE")
+	}
+
+	text, err := os.ReadFile(args[0])
+	if err != nil {
+		fail("%v", err)
+	}
+
+	raw, err := os.ReadFile(args[1])
+	if err != nil {
+		fail("%v", err)
+	}
+
+	var d data
+	dec := json.NewDecoder(strings.NewReader(string(raw)))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&d); err != nil {
+		fail("%s: %v", args[1], err)
+	}
+
+	// the controller's own name for its template
+	t, err := template.New("nginx.tmpl").Funcs(funcs).Parse(string(text))
+	if err != nil {
+		fail("%v", err)
+	}
+
+	if err := t.Execute(os.Stdout, d); err != nil {
+		fail("%v", err)
+	}
+}
