@@ -17,6 +17,11 @@
 //	                     "${literal_dollar}"; "" for anything else
 //	empty                true unless the value is a non-empty string
 //	contains             strings.Contains
+//	getIngressInformation  the controller's takes the location's Ingress,
+//	                     the host and the path and returns what the
+//	                     template reads of that Ingress; here the data
+//	                     hold that already (Locations[].Ing), so it
+//	                     returns its first argument, or an empty one
 //
 // The data are typed as the controller's are, so that index of a missing
 // annotation is "" (a map[string]string), as it is in the controller.
@@ -99,11 +104,22 @@ func empty(input interface{}) bool {
 	return true
 }
 
+func getIngressInformation(i, h, p interface{}) *ingressInformation {
+	info, ok := i.(*ingressInformation)
+	if !ok || info == nil {
+		return &ingressInformation{}
+	}
+
+	return info
+}
+
 var funcs = template.FuncMap{
 	"quote":               quote,
 	"escapeLiteralDollar": escapeLiteralDollar,
 	"empty":               empty,
 	"contains":            strings.Contains,
+
+	"getIngressInformation": getIngressInformation,
 }
 
 var undefined = regexp.MustCompile(`function "([^"]+)" not defined`)
