@@ -86,7 +86,10 @@ def ing(namespace, name, annotations=None, service="svc", port="8000"):
 
 
 def loc(path, backend, ingress):
-    return {"Path": path, "Backend": backend, "Ing": ingress}
+    """A location of the Ingress at path, proxied to backend (the Lua
+    backend namespace-service-port); $location_path is path."""
+    return {"Path": path, "Backend": backend,
+            "Ing": dict(ingress, Path=path)}
 
 
 def render(render_bin, template, locations, http_snippet="",
@@ -401,3 +404,252 @@ def test_the_controller_s_own_templates_take_the_fragment(render_bin,
         r = subprocess.run([str(render_bin), "-parse-only", str(t)],
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, (tag, r.stderr)
+
+
+# ------------------------------------------------- through nginx and Lua
+
+def has_scope_directives():
+    """The route module's infer_route_phase, _models, _namespace and
+    infer_model_upstream_check (issue 14)."""
+    p = module_path("route")
+    return p.exists() and b"infer_route_phase" in p.read_bytes()
+
+
+needs_lua = pytest.mark.skipif(
+    not (LUA_MODULES / "ngx_http_lua_module.so").exists(),
+    reason="Debian's libnginx-mod-http-lua is not installed (make deps)")
+needs_scope = pytest.mark.skipif(
+    not has_scope_directives(),
+    reason="this route module has no infer_route_phase/_models/_namespace")
+
+# The admin's part, in the ConfigMap's http-snippet: limit plans keyed by
+# the location's path, labels of its namespace and its team.
+ADMIN = """
+    infer_ratelimit_zone infer_rl:1m;
+    map $infer_ingress_plan $infer_plan_gold {
+        gold    $location_path;
+        default "";
+    }
+    map $infer_ingress_plan $infer_plan_basic {
+        gold    "";
+        default $location_path;
+    }
+    infer_ratelimit_limit gold_rpm  $infer_plan_gold  requests=1000/m;
+    infer_ratelimit_limit basic_rpm $infer_plan_basic requests=3/m;
+
+    infer_metrics_zone infer_metrics 4m;
+    infer_metrics_label namespace $namespace;
+    infer_metrics_label team $infer_ingress_label;
+"""
+
+# the registry: models to the controller's Lua backends, and the
+# namespaces whose Ingresses may use each
+REGISTRY = """
+    infer_model_upstream_check off;
+    infer_model llama-3-8b upstream=team-a-llama-8000 namespaces=team-a;
+    infer_model mistral-7b upstream=team-a-mistral-8000
+                namespaces=team-a,team-b;
+    infer_model qwen-7b upstream=team-b-qwen-8000 namespaces=team-b;
+    infer_model phi-3 upstream=team-b-qwen-8000 namespaces=*;
+    infer_metrics_label model $infer_model_target;
+"""
+
+
+def ingress_gateway(nginx_factory, render_bin, template, tmp_path, locations,
+                    backends, http_snippet):
+    lua = ", ".join(f'["{name}"] = {{ "{s.host}", {s.port} }}'
+                    for name, s in backends.items())
+    http = render(render_bin, template, locations, http_snippet=http_snippet,
+                  tmp=tmp_path, backends=lua)
+    gw = nginx_factory(http, main=LUA_MAIN, start=False)
+    ok, out = gw.check_config()
+    assert ok, out
+    gw.start()
+    return gw
+
+
+def post(gw, path, model, **kw):
+    return chat(gw, model, path=path + "v1/chat/completions", **kw)
+
+
+@needs_lua
+def test_hostile_plans_and_labels_pass_nginx_t_and_stay_data(
+        nginx_factory, sim_factory, render_bin, template, tmp_path):
+    """Every hostile value as a limit plan and a metrics label in one
+    configuration: nginx -t passes, each location is served by its own
+    backend through the Lua balancer, and each label is exported as the
+    value nginx read, in a /metrics page a Prometheus parser accepts."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    web = sim_factory("llama-3-8b", "web-a", ttft_ms=0, tpot_ms=0)
+    locations, tokens = [], {}
+    for i, v in enumerate(HOSTILE):
+        path = f"/p{i}/"
+        ann = {"ngx-infer.io/limit-plan": v, "ngx-infer.io/metrics": "true",
+               "ngx-infer.io/metrics-label": v}
+        locations.append(loc(path, "team-a-web-8000",
+                             ing("team-a", f"ing{i}", ann)))
+    gw = ingress_gateway(nginx_factory, render_bin, template, tmp_path,
+                         locations, {"team-a-web-8000": web}, ADMIN)
+    text = render(render_bin, template, locations, http_snippet=ADMIN,
+                  tmp=tmp_path)
+    for i, v in enumerate(HOSTILE):
+        if v:
+            tokens[i] = check_lines(fragment_of(text, f"/p{i}/"))[
+                "set $infer_ingress_label"]
+        r = post(gw, f"/p{i}/", "llama-3-8b", timeout=10)
+        assert r.status_code == 200, (i, r.status_code, r.text[:200])
+        assert r.headers["x-sim-replica"] == "web-a"
+        assert r.headers["x-lua-backend"] == "team-a-web-8000"
+
+    page = requests.get(gw.url + "/metrics", timeout=10).text
+    teams = set()
+    for fam in text_string_to_metric_families(page):
+        for s in fam.samples:
+            if "team" in s.labels:
+                teams.add(s.labels["team"])
+    for i, token in tokens.items():
+        assert nginx_reads(token) in teams, (i, token[:60])
+
+
+@needs_lua
+def test_a_limit_plan_picks_the_admin_s_limits_and_an_unknown_is_the_default(
+        nginx_factory, sim_factory, render_bin, template, tmp_path):
+    web = sim_factory("llama-3-8b", "web-a", ttft_ms=0, tpot_ms=0)
+    locations = [
+        loc("/gold/", "team-a-web-8000",
+            ing("team-a", "g", {"ngx-infer.io/limit-plan": "gold"})),
+        loc("/basic/", "team-a-web-8000",
+            ing("team-a", "b", {"ngx-infer.io/limit-plan": "basic"})),
+        loc("/bogus/", "team-a-web-8000",
+            ing("team-a", "x", {"ngx-infer.io/limit-plan": 'gold"; $x'})),
+        loc("/none/", "team-a-web-8000", ing("team-a", "n")),
+    ]
+    gw = ingress_gateway(nginx_factory, render_bin, template, tmp_path,
+                         locations, {"team-a-web-8000": web}, ADMIN)
+    got = {}
+    for path in ("/gold/", "/basic/", "/bogus/", "/none/"):
+        got[path] = [post(gw, path, "llama-3-8b", timeout=10).status_code
+                     for _ in range(6)]
+    assert got["/gold/"] == [200] * 6
+    assert got["/none/"] == [200] * 6
+    for path in ("/basic/", "/bogus/"):
+        assert got[path][:3] == [200] * 3 and 429 in got[path][3:], got
+
+
+@needs_lua
+@needs_scope
+def test_an_annotated_ingress_is_routed_by_model_through_the_lua_balancer(
+        nginx_factory, sim_factory, render_bin, template, tmp_path):
+    sims = {name: sim_factory(model, name, ttft_ms=0, tpot_ms=0)
+            for name, model in (("own-a", "llama-3-8b"),
+                                ("own-b", "llama-3-8b"),
+                                ("web-b", "llama-3-8b"),
+                                ("llama", "llama-3-8b"),
+                                ("mistral", "mistral-7b"),
+                                ("qwen", "qwen-7b"))}
+    backends = {"team-a-chat-8000": sims["own-a"],
+                "team-b-chat-8000": sims["own-b"],
+                "team-b-web-8000": sims["web-b"],
+                "team-a-llama-8000": sims["llama"],
+                "team-a-mistral-8000": sims["mistral"],
+                "team-b-qwen-8000": sims["qwen"]}
+    route = {"ngx-infer.io/route": "true"}
+    locations = [
+        loc("/a/", "team-a-chat-8000",
+            ing("team-a", "chat", dict(route, **{
+                "ngx-infer.io/models": "llama-3-8b, mistral-7b"}))),
+        loc("/a-all/", "team-a-chat-8000", ing("team-a", "all", route)),
+        loc("/b/", "team-b-chat-8000", ing("team-b", "chat", route)),
+        loc("/plain/", "team-b-web-8000", ing("team-b", "web")),
+        loc("/bad/", "team-a-chat-8000",
+            ing("team-a", "bad", dict(route, **{
+                "ngx-infer.io/models": "llama-3-8b;{$x}"}))),
+    ]
+    gw = ingress_gateway(nginx_factory, render_bin, template, tmp_path,
+                         locations, backends, ADMIN + REGISTRY)
+
+    def routed(path, model, replica, backend):
+        r = post(gw, path, model, timeout=10)
+        assert r.status_code == 200, (path, model, r.status_code, r.text)
+        assert r.headers["x-sim-replica"] == replica, (path, model)
+        assert r.headers["x-lua-backend"] == backend
+
+    def refused(path, model, status=404, code="model_not_found"):
+        r = post(gw, path, model, timeout=10)
+        assert r.status_code == status, (path, model, r.status_code, r.text)
+        assert error_of(r)["code"] == code
+
+    # the model's Lua backend, not the Ingress's own Service
+    routed("/a/", "llama-3-8b", "llama", "team-a-llama-8000")
+    routed("/a/", "mistral-7b", "mistral", "team-a-mistral-8000")
+    # a registry model the Ingress does not list
+    refused("/a/", "qwen-7b")
+    refused("/a/", "phi-3")
+    refused("/a/", "no-such-model")
+    # every model of its namespace, none of another's
+    routed("/a-all/", "mistral-7b", "mistral", "team-a-mistral-8000")
+    routed("/a-all/", "phi-3", "qwen", "team-b-qwen-8000")
+    refused("/a-all/", "qwen-7b")
+    routed("/b/", "qwen-7b", "qwen", "team-b-qwen-8000")
+    routed("/b/", "mistral-7b", "mistral", "team-a-mistral-8000")
+    refused("/b/", "llama-3-8b")
+
+    # an Ingress without the annotations: its own backend, the body not
+    # read as a request for a model
+    r = requests.post(gw.url + "/plain/v1/chat/completions", timeout=10,
+                      data=b"not json at all",
+                      headers={"content-type": "application/json"})
+    assert r.headers.get("x-sim-replica") == "web-b", (r.status_code, r.text)
+    assert r.headers["x-lua-backend"] == "team-b-web-8000"
+
+    # a models value that is not a list of names: 500, one log line
+    for _ in range(3):
+        refused("/bad/", "llama-3-8b", 500, "gateway_misconfigured")
+    lines = [ln for ln in gw.our_log_lines()
+             if "[error]" in ln and "gateway_misconfigured" in ln]
+    assert 1 <= len(lines) <= 2, lines   # once per worker at most
+
+
+def valid_models(value):
+    """The route module's rule for infer_route_models (docs/route.md)."""
+    if len(value.encode()) > 4096:
+        return False
+    names = [n for n in re.split(r"[, ]", value) if n]
+    return (len(names) <= 64
+            and all(re.fullmatch(r"[A-Za-z0-9._:/@+-]+", n) for n in names))
+
+
+@needs_lua
+@needs_scope
+def test_every_hostile_models_value_passes_nginx_t_and_answers_for_itself(
+        nginx_factory, sim_factory, render_bin, template, tmp_path):
+    own = sim_factory("llama-3-8b", "own-a", ttft_ms=0, tpot_ms=0)
+    llama = sim_factory("llama-3-8b", "llama", ttft_ms=0, tpot_ms=0)
+    locations = [loc(f"/m{i}/", "team-a-chat-8000",
+                     ing("team-a", f"ing{i}", {"ngx-infer.io/route": "true",
+                                               "ngx-infer.io/models": v}))
+                 for i, v in enumerate(HOSTILE)]
+    gw = ingress_gateway(nginx_factory, render_bin, template, tmp_path,
+                         locations, {"team-a-chat-8000": own,
+                                     "team-a-llama-8000": llama},
+                         ADMIN + REGISTRY)
+    text = render(render_bin, template, locations, tmp=tmp_path)
+    for i, v in enumerate(HOSTILE):
+        seen = nginx_reads(check_lines(fragment_of(text, f"/m{i}/"))[
+            "infer_route_models"])
+        r = post(gw, f"/m{i}/", "llama-3-8b", timeout=10)
+        if not valid_models(seen):
+            want = 500
+        elif not [n for n in re.split(r"[, ]", seen) if n] \
+                or "llama-3-8b" in re.split(r"[, ]", seen):
+            want = 200
+        else:
+            want = 404
+        assert r.status_code == want, (i, v[:40], seen[:40], r.text[:200])
+        if want == 200:
+            assert r.headers["x-sim-replica"] == "llama"
+        else:
+            assert error_of(r)["code"] == ("gateway_misconfigured"
+                                           if want == 500
+                                           else "model_not_found")
