@@ -653,3 +653,228 @@ def test_every_hostile_models_value_passes_nginx_t_and_answers_for_itself(
             assert error_of(r)["code"] == ("gateway_misconfigured"
                                            if want == 500
                                            else "model_not_found")
+
+
+# --------------------------------------- examples/kubernetes/ingress-nginx
+
+EXAMPLES = REPO / "examples" / "kubernetes" / "ingress-nginx"
+EXAMPLE_KEYS = {"team-a": "sk-example-team-a-not-a-real-key",
+                "team-b": "sk-example-team-b-not-a-real-key"}
+
+
+def load_yaml(name):
+    yaml = pytest.importorskip("yaml")
+    return list(yaml.safe_load_all((EXAMPLES / name).read_text()))
+
+
+def example_objects():
+    return [(f.name, d) for f in sorted(EXAMPLES.glob("*.yaml"))
+            if f.name != "values.yaml" for d in load_yaml(f.name) if d]
+
+
+def test_the_example_manifests_are_what_the_fragment_reads():
+    """Checked here because kubectl validates schemas only against a
+    server: every object's shape, every ngx-infer.io annotation documented
+    and of a value the fragment takes, the registry and key files valid
+    JSON of the modules' keys."""
+    kinds = {}
+    for name, d in example_objects():
+        assert set(d) <= {"apiVersion", "kind", "metadata", "spec", "data",
+                          "stringData", "type"}, name
+        kinds.setdefault(d["kind"], []).append(d)
+        meta = d["metadata"]
+        assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?",
+                            meta["namespace"]), name
+    assert len(kinds["Ingress"]) == 2
+    assert {i["metadata"]["namespace"] for i in kinds["Ingress"]} \
+        == {"team-a", "team-b"}
+    for i in kinds["Ingress"]:
+        ann = i["metadata"]["annotations"]
+        ours = {k: v for k, v in ann.items() if k.startswith("ngx-infer.io/")}
+        assert set(ours) <= set(KEYS)
+        assert all(isinstance(v, str) for v in ann.values())
+        assert ours["ngx-infer.io/route"] == "true"
+        assert valid_models(ours["ngx-infer.io/models"])
+        assert not any(k.endswith("-snippet") for k in ann)
+        assert i["apiVersion"] == "networking.k8s.io/v1"
+        for rule in i["spec"]["rules"]:
+            for p in rule["http"]["paths"]:
+                assert p["pathType"] in ("Prefix", "Exact")
+                assert set(p["backend"]["service"]) == {"name", "port"}
+    reg = json.loads(kinds["ConfigMap"][0]["data"]["models.json"])
+    for m in reg["models"]:
+        assert set(m) <= {"name", "upstream", "aliases", "namespaces"}
+        assert m["namespaces"]
+    keys = json.loads(kinds["Secret"][0]["stringData"]["api-keys.json"])
+    assert {k["hash"] for k in keys["keys"]} == {
+        "sha256:" + __import__("hashlib").sha256(k.encode()).hexdigest()
+        for k in EXAMPLE_KEYS.values()}
+
+
+def kubectl_stub_server():
+    """Enough of an API server for kubectl's discovery (the kinds the
+    examples use) and nothing else: every object is not found, so apply
+    --dry-run=client reports what it would create.  Loopback only."""
+    import http.server
+    import threading
+
+    def resources(gv, *kinds):
+        return {"kind": "APIResourceList", "groupVersion": gv,
+                "resources": [{"name": n, "singularName": "",
+                               "namespaced": ns, "kind": k,
+                               "verbs": ["create", "get", "list", "patch",
+                                         "update", "delete"]}
+                              for n, ns, k in kinds]}
+
+    net = {"groupVersion": "networking.k8s.io/v1", "version": "v1"}
+    answers = {
+        "/api": {"kind": "APIVersions", "versions": ["v1"],
+                 "serverAddressByClientCIDRs": [
+                     {"clientCIDR": "0.0.0.0/0",
+                      "serverAddress": "127.0.0.1"}]},
+        "/apis": {"kind": "APIGroupList", "apiVersion": "v1",
+                  "groups": [{"name": "networking.k8s.io", "versions": [net],
+                              "preferredVersion": net}]},
+        "/api/v1": resources("v1", ("configmaps", True, "ConfigMap"),
+                             ("secrets", True, "Secret"),
+                             ("namespaces", False, "Namespace")),
+        "/apis/networking.k8s.io/v1": resources(
+            "networking.k8s.io/v1", ("ingresses", True, "Ingress")),
+    }
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = answers.get(self.path.split("?")[0])
+            code = 200 if body else 404
+            body = json.dumps(body or {
+                "kind": "Status", "apiVersion": "v1", "metadata": {},
+                "status": "Failure", "reason": "NotFound", "code": 404,
+                "message": "not found"}).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_kubectl_dry_run_client_takes_the_example_manifests(tmp_path):
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed (Debian's kubernetes-client)")
+    server = kubectl_stub_server()
+    try:
+        kc = tmp_path / "kubeconfig"
+        kc.write_text(
+            "apiVersion: v1\nkind: Config\n"
+            "clusters: [{name: stub, cluster: {server: "
+            f"'http://127.0.0.1:{server.server_port}'}}}}]\n"
+            "contexts: [{name: stub, context: {cluster: stub, user: stub}}]\n"
+            "current-context: stub\nusers: [{name: stub, user: {}}]\n")
+        files = [str(f) for f in sorted(EXAMPLES.glob("*.yaml"))
+                 if f.name != "values.yaml"]
+        args = [kubectl, "--kubeconfig", str(kc), "apply", "--dry-run=client",
+                "--validate=false"]
+        for f in files:
+            args += ["-f", f]
+        r = subprocess.run(args, capture_output=True, text=True, timeout=120,
+                           env=dict(os.environ, HOME=str(tmp_path)))
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.count("created (dry run)") == len(example_objects())
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def example_gateway(nginx_factory, sim_factory, render_bin, template,
+                    tmp_path):
+    """The examples as the controller would render them: values.yaml's
+    snippets, the registry and the keys from their manifests (their paths
+    moved into tmp_path), each Ingress path a location proxied to its
+    Service's Lua backend.  One server stands in for the two hosts: a
+    path /team-a/v1/... is team-a.llm.example.com's /v1/... (the
+    stand-in's rewrite strips the first segment)."""
+    from harness.ports import free_port
+
+    values = load_yaml("values.yaml")[0]["controller"]["config"]
+    objs = dict(((d["kind"], d["metadata"]["name"]), d)
+                for _, d in example_objects())
+    (tmp_path / "models.json").write_text(
+        objs[("ConfigMap", "ngx-infer-registry")]["data"]["models.json"])
+    (tmp_path / "api-keys.json").write_text(
+        objs[("Secret", "ngx-infer-api-keys")]["stringData"]["api-keys.json"])
+    metrics_port = free_port()
+    http = (values["http-snippet"]
+            .replace("/etc/nginx/ngx-infer/registry/", f"{tmp_path}/")
+            .replace("/etc/nginx/ngx-infer/keys/", f"{tmp_path}/")
+            .replace("listen 9913;", f"listen 127.0.0.1:{metrics_port};"))
+
+    locations, backends = [], {}
+    for (kind, name), d in objs.items():
+        if kind != "Ingress":
+            continue
+        ns = d["metadata"]["namespace"]
+        for rule in d["spec"]["rules"]:
+            for p in rule["http"]["paths"]:
+                svc = p["backend"]["service"]
+                backend = f"{ns}-{svc['name']}-{svc['port']['number']}"
+                model = svc["name"].split("-", 1)[1]
+                backends[backend] = sim_factory(model, svc["name"],
+                                                ttft_ms=0, tpot_ms=0)
+                path = f"/{ns}{p['path']}" + ("/" if p["pathType"]
+                                               == "Prefix" else "")
+                locations.append(loc(path, backend,
+                                     ing(ns, name, d["metadata"]
+                                         ["annotations"], svc["name"])))
+    gw = ingress_gateway(nginx_factory, render_bin, template, tmp_path,
+                         locations, backends, http)
+    gw.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+    return gw
+
+
+@needs_lua
+@needs_scope
+def test_the_examples_route_each_team_to_its_models(
+        nginx_factory, sim_factory, render_bin, template, tmp_path):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    gw = example_gateway(nginx_factory, sim_factory, render_bin, template,
+                         tmp_path)
+    a, b = EXAMPLE_KEYS["team-a"], EXAMPLE_KEYS["team-b"]
+
+    def routed(team, model, key, service):
+        r = post(gw, f"/{team}/", model, key=key, timeout=10)
+        assert r.status_code == 200, (team, model, r.status_code, r.text)
+        assert r.headers["x-sim-replica"] == service, (team, model)
+
+    def refused(team, model, key, status, code):
+        r = post(gw, f"/{team}/", model, key=key, timeout=10)
+        assert r.status_code == status, (team, model, r.status_code, r.text)
+        assert error_of(r)["code"] == code
+
+    routed("team-a", "llama-3-8b", a, "vllm-llama-3-8b")
+    routed("team-a", "llama3", a, "vllm-llama-3-8b")
+    routed("team-a", "mistral-7b", a, "vllm-mistral-7b")
+    refused("team-a", "qwen2-7b", a, 404, "model_not_found")
+    refused("team-a", "bge-m3", a, 404, "model_not_found")
+    refused("team-a", "llama-3-8b", None, 401, "missing_credentials")
+    routed("team-b", "qwen2-7b", b, "vllm-qwen2-7b")
+    routed("team-b", "mistral-7b", b, "vllm-mistral-7b")
+    routed("team-b", "bge-m3", b, "tei-bge-m3")
+    refused("team-b", "llama-3-8b", b, 404, "model_not_found")
+
+    page = requests.get(gw.metrics_url, timeout=10).text
+    series = [s.labels for fam in text_string_to_metric_families(page)
+              for s in fam.samples]
+    assert {"namespace": "team-a", "team": "chat", "ingress": "chat",
+            "model": "mistral-7b", "tenant": "team-a-app"}.items() \
+        <= next(s for s in series if s.get("team") == "chat"
+                and s.get("model") == "mistral-7b").items()
+    assert any(s.get("team") == "batch" and s.get("namespace") == "team-b"
+               for s in series)
