@@ -793,7 +793,7 @@ def test_kubectl_dry_run_client_takes_the_example_manifests(tmp_path):
 
 
 def example_gateway(nginx_factory, sim_factory, render_bin, template,
-                    tmp_path):
+                    tmp_path, plan_b=None):
     """The examples as the controller would render them: values.yaml's
     snippets, the registry and the keys from their manifests (their paths
     moved into tmp_path), each Ingress path a location proxied to its
@@ -820,6 +820,8 @@ def example_gateway(nginx_factory, sim_factory, render_bin, template,
         if kind != "Ingress":
             continue
         ns = d["metadata"]["namespace"]
+        if ns == "team-b" and plan_b:
+            d["metadata"]["annotations"]["ngx-infer.io/limit-plan"] = plan_b
         for rule in d["spec"]["rules"]:
             for p in rule["http"]["paths"]:
                 svc = p["backend"]["service"]
@@ -852,6 +854,9 @@ def test_the_examples_route_each_team_to_its_models(
         r = post(gw, f"/{team}/", model, key=key, timeout=10)
         assert r.status_code == 200, (team, model, r.status_code, r.text)
         assert r.headers["x-sim-replica"] == service, (team, model)
+        # the plan: team-a's gold, team-b's standard
+        assert r.headers["x-ratelimit-limit-requests"] \
+            == ("600" if team == "team-a" else "60")
 
     def refused(team, model, key, status, code):
         r = post(gw, f"/{team}/", model, key=key, timeout=10)
@@ -878,3 +883,17 @@ def test_the_examples_route_each_team_to_its_models(
                 and s.get("model") == "mistral-7b").items()
     assert any(s.get("team") == "batch" and s.get("namespace") == "team-b"
                for s in series)
+
+
+@needs_lua
+@needs_scope
+def test_a_plan_the_admin_did_not_grant_is_the_standard_plan(
+        nginx_factory, sim_factory, render_bin, template, tmp_path):
+    """ngx-infer.io/limit-plan asks; the admin's map in values.yaml grants
+    gold to team-a only, so team-b asking for it gets the standard plan."""
+    gw = example_gateway(nginx_factory, sim_factory, render_bin, template,
+                         tmp_path, plan_b="gold")
+    r = post(gw, "/team-b/", "qwen2-7b", key=EXAMPLE_KEYS["team-b"],
+             timeout=10)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-ratelimit-limit-requests"] == "60"
