@@ -342,6 +342,19 @@ def test_modules_not_loaded_render_nothing_of_theirs(render_bin, template,
     assert fragment_of(text, "/a/") == []
 
 
+def test_nginx_refuses_a_token_over_its_buffer_so_the_fragment_bounds_them(
+        nginx_factory):
+    """Why the fragment bounds each quoted string: nginx -t fails on a
+    token over 4096 bytes, quoted or not."""
+    for n, ok in ((4096, True), (4097, False), (65536, False)):
+        gw = nginx_factory(
+            "server { listen 127.0.0.1:{port}; location / { set $a \""
+            + "x" * (n - 2) + "\"; } }", modules=[], start=False)
+        good, out = gw.check_config()
+        assert good == ok, (n, out[-300:])
+        assert ok or "too long parameter" in out
+
+
 # ----------------------------------------------------- insert-template.sh
 
 def run_insert(t):
@@ -897,3 +910,4 @@ def test_a_plan_the_admin_did_not_grant_is_the_standard_plan(
              timeout=10)
     assert r.status_code == 200, r.text
     assert r.headers["x-ratelimit-limit-requests"] == "60"
+
