@@ -22,6 +22,10 @@
 #define NGX_HTTP_INFER_MODEL_DEPRECATED  1
 #define NGX_HTTP_INFER_MODEL_DISABLED    2
 
+/* infer_route_phase */
+#define NGX_HTTP_INFER_ROUTE_PREACCESS   0
+#define NGX_HTTP_INFER_ROUTE_REWRITE     1
+
 /* room for a registry error: two model names, a key, jansson's text */
 #define NGX_HTTP_INFER_ROUTE_ERRSTR      1024
 #define NGX_HTTP_INFER_ROUTE_WEIGHT_MAX  1000000
@@ -59,6 +63,10 @@ typedef struct {
     ngx_uint_t                     number;      /* n: the n-th model of the
                                                    registry file; 0: an
                                                    infer_model */
+    ngx_array_t                    namespaces;  /* of ngx_str_t: those whose
+                                                   locations may use it
+                                                   (infer_route_namespace);
+                                                   "*": any */
 } ngx_http_infer_route_model_t;
 
 
@@ -94,6 +102,7 @@ typedef struct {
     ngx_http_infer_route_registry_t  *current;  /* NULL: no registry at all,
                                                    the model is only
                                                    reported */
+    ngx_flag_t                        upstream_check;
 } ngx_http_infer_route_main_conf_t;
 
 
@@ -104,6 +113,9 @@ typedef struct {
     ngx_flag_t                     include_usage;
     size_t                         event_buffer_size;
     ngx_http_complex_value_t      *list_filter; /* infer_model_list */
+    ngx_uint_t                     phase;       /* infer_route_phase */
+    ngx_http_complex_value_t      *models;      /* infer_route_models */
+    ngx_http_complex_value_t      *namespace;   /* infer_route_namespace */
     unsigned                       list:1;      /* this location lists the
                                                    models: not inherited */
 } ngx_http_infer_route_loc_conf_t;
@@ -148,6 +160,8 @@ typedef struct {
     ngx_str_t                      error;       /* message, when status is
                                                    an error */
     const char                    *error_code;
+    const char                    *error_type;  /* NULL: the client's
+                                                   error */
     ngx_http_handler_pt            content;     /* the location's, when
                                                    shedding comes first */
     ngx_uint_t                     next_source;
@@ -211,6 +225,7 @@ ngx_int_t ngx_http_infer_route_rewrite_body(ngx_http_request_t *r,
     ngx_http_infer_route_ctx_t *ctx);
 
 ngx_int_t ngx_http_infer_route_registry_name_ok(ngx_str_t *name);
+ngx_int_t ngx_http_infer_route_namespace_ok(u_char *p, size_t len);
 ngx_http_infer_route_model_t *ngx_http_infer_route_model_create(
     ngx_pool_t *pool, ngx_uint_t number);
 ngx_int_t ngx_http_infer_route_model_param(ngx_http_infer_route_model_t *m,

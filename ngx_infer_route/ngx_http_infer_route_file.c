@@ -269,8 +269,10 @@ ngx_http_infer_route_file_load(ngx_http_infer_route_file_t *f,
         return NULL;
     }
 
-    reg = ngx_http_infer_route_file_registry(f->rmcf, f->umcf, buf, size,
-                                             pool, log, err);
+    reg = ngx_http_infer_route_file_registry(f->rmcf,
+                                             f->rmcf->upstream_check
+                                             ? f->umcf : NULL,
+                                             buf, size, pool, log, err);
 
     ngx_free(buf);
 
@@ -503,10 +505,17 @@ ngx_http_infer_route_file_param(ngx_http_infer_route_model_t *m,
         goto unknown;
     }
 
-    if (ngx_strcmp(key, "aliases") == 0) {
+    if (ngx_strcmp(key, "namespace") == 0) {
+        /* a list, as infer_model's namespaces= */
+        goto unknown;
+    }
+
+    if (ngx_strcmp(key, "aliases") == 0
+        || ngx_strcmp(key, "namespaces") == 0)
+    {
         if (!json_is_array(v)) {
             ngx_http_infer_route_registry_error(err, m,
-                "\"aliases\" must be an array of names");
+                "\"%s\" must be an array of names", key);
             return NGX_ERROR;
         }
 
@@ -515,7 +524,7 @@ ngx_http_infer_route_file_param(ngx_http_infer_route_model_t *m,
 
             if (rc == NGX_DECLINED) {
                 ngx_http_infer_route_registry_error(err, m,
-                    "\"aliases\": a name must be a string");
+                    "\"%s\": a name must be a string", key);
                 return NGX_ERROR;
             }
 

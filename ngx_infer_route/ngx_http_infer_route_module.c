@@ -31,6 +31,12 @@
 /* room for an error message with a model name in it */
 #define NGX_HTTP_INFER_ROUTE_ERROR_MAX  (160 + NGX_HTTP_INFER_MODEL_MAX)
 
+/* infer_route_models: the value's bytes and names at most */
+#define NGX_HTTP_INFER_ROUTE_MODELS_MAX    4096
+#define NGX_HTTP_INFER_ROUTE_MODELS_NAMES  64
+/* seconds between two error-log lines on a misconfigured location */
+#define NGX_HTTP_INFER_ROUTE_MISCONF_LOG   10
+
 
 typedef struct {
     ngx_uint_t                     type;
@@ -56,6 +62,9 @@ typedef enum {
 } ngx_http_infer_route_var_e;
 
 
+static ngx_int_t ngx_http_infer_route_rewrite_handler(ngx_http_request_t *r);
+static ngx_int_t ngx_http_infer_route_preaccess_handler(
+    ngx_http_request_t *r);
 static ngx_int_t ngx_http_infer_route_handler(ngx_http_request_t *r);
 static ngx_int_t ngx_http_infer_route_fallback(ngx_http_request_t *r,
     ngx_http_infer_route_ctx_t *ctx);
@@ -81,6 +90,13 @@ static ngx_int_t ngx_http_infer_route_from_header(ngx_http_request_t *r,
     ngx_http_infer_route_source_t *src, ngx_str_t *model);
 static ngx_int_t ngx_http_infer_route_resolve(ngx_http_request_t *r,
     ngx_http_infer_route_ctx_t *ctx);
+static ngx_int_t ngx_http_infer_route_allowed(ngx_http_request_t *r,
+    ngx_http_infer_route_ctx_t *ctx);
+static ngx_int_t ngx_http_infer_route_in_list(ngx_str_t *list,
+    ngx_str_t *name);
+static ngx_int_t ngx_http_infer_route_misconfigured(ngx_http_request_t *r,
+    ngx_http_infer_route_ctx_t *ctx, ngx_http_complex_value_t *cv,
+    const char *what);
 static ngx_int_t ngx_http_infer_route_pick(ngx_http_request_t *r,
     ngx_http_infer_route_ctx_t *ctx);
 static ngx_int_t ngx_http_infer_route_deprecated(ngx_http_request_t *r,
@@ -119,6 +135,13 @@ static ngx_conf_post_handler_pt  ngx_http_infer_route_event_buffer_bounds =
     ngx_http_infer_route_event_buffer_check;
 
 
+static ngx_conf_enum_t  ngx_http_infer_route_phases[] = {
+    { ngx_string("preaccess"), NGX_HTTP_INFER_ROUTE_PREACCESS },
+    { ngx_string("rewrite"), NGX_HTTP_INFER_ROUTE_REWRITE },
+    { ngx_null_string, 0 }
+};
+
+
 static ngx_command_t  ngx_http_infer_route_commands[] = {
 
     { ngx_string("infer_route"),
@@ -126,6 +149,34 @@ static ngx_command_t  ngx_http_infer_route_commands[] = {
       ngx_conf_set_flag_slot,
       NGX_HTTP_LOC_CONF_OFFSET,
       offsetof(ngx_http_infer_route_loc_conf_t, enable),
+      NULL },
+
+    { ngx_string("infer_route_phase"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_enum_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_infer_route_loc_conf_t, phase),
+      &ngx_http_infer_route_phases },
+
+    { ngx_string("infer_route_models"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_set_complex_value_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_infer_route_loc_conf_t, models),
+      NULL },
+
+    { ngx_string("infer_route_namespace"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_set_complex_value_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_infer_route_loc_conf_t, namespace),
+      NULL },
+
+    { ngx_string("infer_model_upstream_check"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_FLAG,
+      ngx_conf_set_flag_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_infer_route_main_conf_t, upstream_check),
       NULL },
 
     { ngx_string("infer_model"),
@@ -280,7 +331,51 @@ static ngx_http_variable_t  ngx_http_infer_route_vars[] = {
 
 
 /*
- * Runs in PREACCESS, before authentication, so that the model is known to
+ * The handler runs in the phase the location names: PREACCESS by default,
+ * or REWRITE, for a balancer that takes its pool from a variable set in
+ * that phase (ingress-nginx's, from $proxy_upstream_name).  In REWRITE,
+ * NGX_OK would end the request: the phase's checker knows only DECLINED
+ * and DONE as "go on" and "wait".
+ */
+
+static ngx_int_t
+ngx_http_infer_route_rewrite_handler(ngx_http_request_t *r)
+{
+    ngx_int_t                         rc;
+    ngx_http_infer_route_loc_conf_t  *rlcf;
+
+    rlcf = ngx_http_get_module_loc_conf(r, ngx_http_infer_route_module);
+
+    if (rlcf->phase != NGX_HTTP_INFER_ROUTE_REWRITE) {
+        return NGX_DECLINED;
+    }
+
+    rc = ngx_http_infer_route_handler(r);
+
+    return (rc == NGX_OK) ? NGX_DECLINED : rc;
+}
+
+
+static ngx_int_t
+ngx_http_infer_route_preaccess_handler(ngx_http_request_t *r)
+{
+    ngx_http_infer_route_loc_conf_t  *rlcf;
+    ngx_http_infer_route_ctx_t       *ctx;
+
+    rlcf = ngx_http_get_module_loc_conf(r, ngx_http_infer_route_module);
+    ctx = ngx_http_get_module_ctx(r, ngx_http_infer_route_module);
+
+    if (rlcf->phase == NGX_HTTP_INFER_ROUTE_REWRITE && ctx) {
+        /* found in REWRITE already */
+        return NGX_DECLINED;
+    }
+
+    return ngx_http_infer_route_handler(r);
+}
+
+
+/*
+ * Runs before authentication, so that the model is known to
  * the access check.  The sources are tried in their configured order; the
  * body, when it is one, is read first (the mirror module's pattern) and
  * stays intact for proxy_pass.
@@ -320,8 +415,10 @@ ngx_http_infer_route_handler(ngx_http_request_t *r)
         return ngx_http_infer_route_fallback(r, ctx);
     }
 
-    ngx_log_debug0(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
-                   "infer route preaccess handler");
+    ngx_log_debug1(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
+                   "infer route %s handler",
+                   rlcf->phase == NGX_HTTP_INFER_ROUTE_REWRITE
+                   ? "rewrite" : "preaccess");
 
     ctx = ngx_http_infer_ctx_create(r, &ngx_http_infer_route_module,
                                     sizeof(ngx_http_infer_route_ctx_t),
@@ -826,6 +923,7 @@ ngx_http_infer_route_resolve(ngx_http_request_t *r,
 {
     off_t                              size;
     u_char                            *p, *last;
+    ngx_int_t                          rc;
     ngx_uint_t                         by_pattern;
     ngx_http_infer_route_registry_t   *reg;
     ngx_http_infer_route_main_conf_t  *rmcf;
@@ -849,6 +947,11 @@ ngx_http_infer_route_resolve(ngx_http_request_t *r,
 
     if (rmcf->current == NULL) {
         /* no registry: the model is only reported, in $infer_model */
+
+        rc = ngx_http_infer_route_allowed(r, ctx);
+        if (rc != NGX_OK) {
+            return rc;
+        }
 
         if (ctx->inject
             && ngx_http_infer_route_rewrite_body(r, ctx) != NGX_OK)
@@ -878,6 +981,11 @@ ngx_http_infer_route_resolve(ngx_http_request_t *r,
                    "model_not_found",
                    "The model `%V` does not exist or you do not have "
                    "access to it.", &ctx->model);
+    }
+
+    rc = ngx_http_infer_route_allowed(r, ctx);
+    if (rc != NGX_OK) {
+        return rc;
     }
 
     if (ctx->entry->state == NGX_HTTP_INFER_MODEL_DISABLED) {
@@ -910,6 +1018,186 @@ ngx_http_infer_route_resolve(ngx_http_request_t *r,
                    &ctx->model, &ctx->entry->name);
 
     return NGX_OK;
+}
+
+
+/*
+ * What this location may serve, from values an ingress controller writes
+ * from its users' annotations (docs/kubernetes.md): infer_route_models, the
+ * models it serves (empty: all), and infer_route_namespace, whose value a
+ * model's namespaces= must list.  Either refusal is 404 model_not_found,
+ * as the OpenAI API answers a model one may not see.  A value that is not
+ * a list of names is the configuration's fault: 500, never a client's 4xx.
+ */
+
+static ngx_int_t
+ngx_http_infer_route_allowed(ngx_http_request_t *r,
+    ngx_http_infer_route_ctx_t *ctx)
+{
+    u_char                           *p, *last;
+    ngx_str_t                         value, *ns;
+    ngx_uint_t                        i, n;
+    ngx_http_infer_route_loc_conf_t  *rlcf;
+
+    rlcf = ngx_http_get_module_loc_conf(r, ngx_http_infer_route_module);
+
+    if (rlcf->models) {
+        if (ngx_http_complex_value(r, rlcf->models, &value) != NGX_OK) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
+        if (value.len > NGX_HTTP_INFER_ROUTE_MODELS_MAX) {
+            return ngx_http_infer_route_misconfigured(r, ctx, rlcf->models,
+                                                      "is over 4096 bytes");
+        }
+
+        n = 0;
+        last = value.data + value.len;
+
+        for (p = value.data; p < last; p++) {
+            if (*p == ',' || *p == ' ') {
+                continue;
+            }
+
+            if (p == value.data || p[-1] == ',' || p[-1] == ' ') {
+                n++;
+            }
+
+            /* strchr() finds the string's own NUL, so it is refused first */
+
+            if (*p == '\0'
+                || !((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z')
+                     || (*p >= '0' && *p <= '9')
+                     || ngx_strchr("._:/@+-", *p) != NULL))
+            {
+                return ngx_http_infer_route_misconfigured(r, ctx,
+                           rlcf->models, "is not a list of model names");
+            }
+        }
+
+        if (n > NGX_HTTP_INFER_ROUTE_MODELS_NAMES) {
+            return ngx_http_infer_route_misconfigured(r, ctx, rlcf->models,
+                                                      "names over 64 models");
+        }
+
+        if (n && ngx_http_infer_route_in_list(&value,
+                                              ctx->entry ? &ctx->entry->name
+                                                         : &ctx->model)
+                 != NGX_OK)
+        {
+            goto not_found;
+        }
+    }
+
+    if (rlcf->namespace) {
+        if (ngx_http_complex_value(r, rlcf->namespace, &value) != NGX_OK) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
+        if (value.len == 0) {
+            return NGX_OK;
+        }
+
+        if (ngx_http_infer_route_namespace_ok(value.data, value.len)
+            != NGX_OK)
+        {
+            return ngx_http_infer_route_misconfigured(r, ctx,
+                       rlcf->namespace, "is not a namespace name");
+        }
+
+        if (ctx->entry == NULL) {
+            goto not_found;
+        }
+
+        ns = ctx->entry->namespaces.elts;
+
+        for (i = 0; i < ctx->entry->namespaces.nelts; i++) {
+            if ((ns[i].len == 1 && ns[i].data[0] == '*')
+                || (ns[i].len == value.len
+                    && ngx_strncmp(ns[i].data, value.data, value.len) == 0))
+            {
+                return NGX_OK;
+            }
+        }
+
+        goto not_found;
+    }
+
+    return NGX_OK;
+
+not_found:
+
+    ctx->entry = NULL;
+
+    return ngx_http_infer_route_fail(r, ctx, NGX_HTTP_NOT_FOUND,
+               "model_not_found",
+               "The model `%V` does not exist or you do not have "
+               "access to it.", &ctx->model);
+}
+
+
+static ngx_int_t
+ngx_http_infer_route_in_list(ngx_str_t *list, ngx_str_t *name)
+{
+    u_char  *p, *last, *start;
+
+    p = list->data;
+    last = list->data + list->len;
+
+    while (p < last) {
+        while (p < last && (*p == ',' || *p == ' ')) {
+            p++;
+        }
+
+        start = p;
+
+        while (p < last && *p != ',' && *p != ' ') {
+            p++;
+        }
+
+        if ((size_t) (p - start) == name->len
+            && ngx_strncmp(start, name->data, name->len) == 0)
+        {
+            return NGX_OK;
+        }
+    }
+
+    return NGX_DECLINED;
+}
+
+
+/*
+ * One error-log line per worker and NGX_HTTP_INFER_ROUTE_MISCONF_LOG
+ * seconds, naming the directive's own text (the variable), never the
+ * value, which comes from users' annotations.
+ */
+
+static ngx_int_t
+ngx_http_infer_route_misconfigured(ngx_http_request_t *r,
+    ngx_http_infer_route_ctx_t *ctx, ngx_http_complex_value_t *cv,
+    const char *what)
+{
+    ngx_int_t      rc;
+    static time_t  logged;
+
+    if (ngx_time() - logged >= NGX_HTTP_INFER_ROUTE_MISCONF_LOG) {
+        logged = ngx_time();
+        ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                      "infer route: the value of \"%V\" %s: this "
+                      "location answers 500 gateway_misconfigured (logged "
+                      "at most once in %d s)", &cv->value, what,
+                      NGX_HTTP_INFER_ROUTE_MISCONF_LOG);
+    }
+
+    ctx->entry = NULL;
+
+    rc = ngx_http_infer_route_fail(r, ctx, NGX_HTTP_INTERNAL_SERVER_ERROR,
+             "gateway_misconfigured",
+             "The gateway's configuration for this path is invalid; its "
+             "operators have been told.");
+    ctx->error_type = "server_error";
+
+    return rc;
 }
 
 
@@ -1150,7 +1438,9 @@ ngx_http_infer_route_error_handler(ngx_http_request_t *r)
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
-    return ngx_http_infer_send_error(r, ctx->status, "invalid_request_error",
+    return ngx_http_infer_send_error(r, ctx->status,
+                                     ctx->error_type ? ctx->error_type
+                                                     : "invalid_request_error",
                                      ctx->error_code, &ctx->error);
 }
 
@@ -1529,6 +1819,8 @@ ngx_http_infer_route_create_main_conf(ngx_conf_t *cf)
         return NULL;
     }
 
+    rmcf->upstream_check = NGX_CONF_UNSET;
+
     /*
      * set by ngx_pcalloc():
      *
@@ -1544,6 +1836,10 @@ ngx_http_infer_route_create_main_conf(ngx_conf_t *cf)
 static char *
 ngx_http_infer_route_init_main_conf(ngx_conf_t *cf, void *conf)
 {
+    ngx_http_infer_route_main_conf_t  *rmcf = conf;
+
+    ngx_conf_init_value(rmcf->upstream_check, 1);
+
     return ngx_http_infer_route_registry_init(cf, conf);
 }
 
@@ -1563,6 +1859,9 @@ ngx_http_infer_route_create_conf(ngx_conf_t *cf)
     conf->prefix_max = NGX_CONF_UNSET_SIZE;
     conf->include_usage = NGX_CONF_UNSET;
     conf->event_buffer_size = NGX_CONF_UNSET_SIZE;
+    conf->phase = NGX_CONF_UNSET_UINT;
+    conf->models = NGX_CONF_UNSET_PTR;
+    conf->namespace = NGX_CONF_UNSET_PTR;
 
     /*
      * set by ngx_pcalloc():
@@ -1590,6 +1889,10 @@ ngx_http_infer_route_merge_conf(ngx_conf_t *cf, void *parent, void *child)
                               prev->event_buffer_size, 16384);
 
     ngx_conf_merge_ptr_value(conf->sources, prev->sources, NULL);
+    ngx_conf_merge_uint_value(conf->phase, prev->phase,
+                              NGX_HTTP_INFER_ROUTE_PREACCESS);
+    ngx_conf_merge_ptr_value(conf->models, prev->models, NULL);
+    ngx_conf_merge_ptr_value(conf->namespace, prev->namespace, NULL);
 
     if (conf->sources == NULL) {
         /* the default: body, then path */
@@ -1635,7 +1938,20 @@ ngx_http_infer_route_init(ngx_conf_t *cf)
         return NGX_ERROR;
     }
 
-    *h = ngx_http_infer_route_handler;
+    *h = ngx_http_infer_route_preaccess_handler;
+
+    /*
+     * infer_route_phase rewrite: pushed after the rewrite module's own
+     * handler, and so run before it (a phase runs its handlers last pushed
+     * first), ahead of the location's set and of any rewrite_by_lua
+     */
+
+    h = ngx_array_push(&cmcf->phases[NGX_HTTP_REWRITE_PHASE].handlers);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    *h = ngx_http_infer_route_rewrite_handler;
 
     ngx_http_infer_route_filter_init(cf);
 

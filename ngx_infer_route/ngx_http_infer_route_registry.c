@@ -111,9 +111,14 @@ ngx_http_infer_route_registry_model(ngx_conf_t *cf, ngx_command_t *cmd,
             goto invalid;
         }
 
-        if (name.len == 5 && ngx_strncmp(name.data, "alias", 5) == 0) {
-
-            /* alias=a,b: each name as a file's "aliases" gives it */
+        if ((name.len == 5 && ngx_strncmp(name.data, "alias", 5) == 0)
+            || (name.len == 10
+                && ngx_strncmp(name.data, "namespaces", 10) == 0))
+        {
+            /*
+             * alias=a,b: each name as a file's "aliases" gives it, and
+             * namespaces=a,b so
+             */
 
             p = v.data;
             last = v.data + v.len;
@@ -219,6 +224,8 @@ ngx_http_infer_route_model_create(ngx_pool_t *pool, ngx_uint_t number)
     m->max_body_size = -1;
 
     if (ngx_array_init(&m->aliases, pool, 2, sizeof(ngx_str_t)) != NGX_OK
+        || ngx_array_init(&m->namespaces, pool, 1, sizeof(ngx_str_t))
+           != NGX_OK
         || ngx_array_init(&m->targets, pool, 2,
                           sizeof(ngx_http_infer_route_target_t))
            != NGX_OK)
@@ -324,6 +331,27 @@ ngx_http_infer_route_model_param(ngx_http_infer_route_model_t *m,
             "\"pattern\" needs nginx built with PCRE");
         return NGX_ERROR;
 #endif
+    }
+
+    if (ngx_infer_param("namespaces")) {
+        if (!(v->len == 1 && v->data[0] == '*')
+            && ngx_http_infer_route_namespace_ok(v->data, v->len) != NGX_OK)
+        {
+            ngx_http_infer_route_registry_error(err, m,
+                "\"namespaces\": \"%V\" is not a Kubernetes namespace "
+                "name (1 to 63 lowercase letters, digits and \"-\", "
+                "starting and ending with a letter or digit) nor \"*\"",
+                v);
+            return NGX_ERROR;
+        }
+
+        s = ngx_array_push(&m->namespaces);
+        if (s == NULL) {
+            goto nomem;
+        }
+
+        *s = *v;
+        return NGX_OK;
     }
 
     if (ngx_infer_param("state")) {
@@ -432,10 +460,22 @@ ngx_http_infer_route_model_check(ngx_http_infer_route_model_t *m,
     }
 
     t = m->targets.elts;
-    uscf = umcf->upstreams.elts;
     m->total_weight = 0;
 
     for (i = 0; i < m->targets.nelts; i++) {
+
+        if (t[i].model.len == 0) {
+            t[i].model = m->model;
+        }
+
+        m->total_weight += t[i].weight;
+
+        if (umcf == NULL) {
+            /* infer_model_upstream_check off: a name, not a block */
+            continue;
+        }
+
+        uscf = umcf->upstreams.elts;
 
         for (j = 0; j < umcf->upstreams.nelts; j++) {
             if ((uscf[j]->flags & NGX_HTTP_UPSTREAM_CREATE)
@@ -453,12 +493,6 @@ ngx_http_infer_route_model_check(ngx_http_infer_route_model_t *m,
                 "no upstream \"%V\" is defined", &t[i].upstream);
             return NGX_ERROR;
         }
-
-        if (t[i].model.len == 0) {
-            t[i].model = m->model;
-        }
-
-        m->total_weight += t[i].weight;
     }
 
     return NGX_OK;
@@ -647,7 +681,9 @@ ngx_http_infer_route_registry_init(ngx_conf_t *cf,
     ngx_http_infer_route_registry_t  *reg;
     ngx_http_upstream_main_conf_t    *umcf;
 
-    umcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_upstream_module);
+    umcf = rmcf->upstream_check
+           ? ngx_http_conf_get_module_main_conf(cf, ngx_http_upstream_module)
+           : NULL;
 
     m = rmcf->models.elts;
 
@@ -1229,6 +1265,32 @@ ngx_http_infer_route_registry_name_ok(ngx_str_t *name)
 
     for (p = name->data; p < last; p++) {
         if (*p < 0x20 || *p == 0x7f) {
+            return NGX_ERROR;
+        }
+    }
+
+    return NGX_OK;
+}
+
+
+/*
+ * A Kubernetes namespace name (an RFC 1123 label): 1 to 63 lowercase
+ * letters, digits and '-', starting and ending with a letter or digit.
+ */
+
+ngx_int_t
+ngx_http_infer_route_namespace_ok(u_char *p, size_t len)
+{
+    size_t  i;
+
+    if (len == 0 || len > 63 || p[0] == '-' || p[len - 1] == '-') {
+        return NGX_ERROR;
+    }
+
+    for (i = 0; i < len; i++) {
+        if (!((p[i] >= 'a' && p[i] <= 'z') || (p[i] >= '0' && p[i] <= '9')
+              || p[i] == '-'))
+        {
             return NGX_ERROR;
         }
     }

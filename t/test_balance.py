@@ -228,8 +228,13 @@ def busy_sim(sims, timeout=5):
     raise AssertionError("no replica is serving the held request")
 
 
-def test_the_workers_share_the_counters(nginx_factory, pair):
-    gw = nginx_factory(balance_conf(pair, {"bal": "infer_balance;"}),
+@pytest.mark.parametrize("zone", ["", "zone bal 256k;"],
+                         ids=["no-zone", "nic-zone"])
+def test_the_workers_share_the_counters(nginx_factory, pair, zone):
+    """Also in an upstream with a zone of its own before the method, as
+    F5 NGINX Ingress Controller and NGINX Gateway Fabric write every
+    upstream: the balancer's counters are in a zone of their own."""
+    gw = nginx_factory(balance_conf(pair, {"bal": zone + " infer_balance;"}),
                        modules=["route"])
 
     t, out = hold(gw, "bal", 2000)

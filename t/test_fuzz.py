@@ -18,7 +18,7 @@ import subprocess
 import jwt
 import pytest
 
-from harness.cunit import REPO, UNIT, fuzz
+from harness.cunit import REPO, TREE, UNIT, fuzz
 
 SECONDS = 10
 
@@ -29,6 +29,13 @@ LINK = ["-ffunction-sections", "-fdata-sections", "-fuse-ld=lld",
 # t/unit/auth_jwt_fuzz.c's HMAC secret
 SECRET = (b"ngx_infer fuzz secret: 64 bytes or more, as HS512 wants, "
           b"for HS256, HS384 and HS512")
+
+
+def pcre_lib():
+    """The PCRE the tree is configured with: PCRE2, or PCRE1 for a tree
+    configured --without-pcre2 (ingress-nginx's)."""
+    config = (TREE / "objs" / "ngx_auto_config.h").read_text()
+    return "-lpcre2-8" if "#define NGX_PCRE2" in config else "-lpcre"
 
 
 def run_fuzz(tmp_path, target, sources, corpus, libs, args=()):
@@ -106,7 +113,7 @@ def test_model_registry_file(tmp_path):
     binary = run_fuzz(tmp_path, "route_registry_fuzz.c",
                       ["ngx_infer_route/ngx_http_infer_route_file.c",
                        "ngx_infer_route/ngx_http_infer_route_registry.c"],
-                      "registry_corpus", ["-ljansson", "-lpcre2-8"],
+                      "registry_corpus", ["-ljansson", pcre_lib()],
                       args=["-max_len=8192"])
     seeds = UNIT / "registry_corpus"
     assert "registry of 5 models" in verbose(binary, seeds / "models")

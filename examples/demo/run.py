@@ -18,7 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "t"))
 
-from harness.nginx import MODULES_DIR, NGINX_BIN  # noqa: E402
+from harness.nginx import MODULES_DIR, NGINX_BIN, temp_paths  # noqa: E402
 from harness.ports import wait_port  # noqa: E402
 from harness.process import stop_process  # noqa: E402
 from harness.redis import RedisServer  # noqa: E402
@@ -102,6 +102,9 @@ def main():
             "llama_b": sims["llama-3-8b-b"].addr,
             "mistral": sims["mistral-7b-a"].addr,
             "redis": redis.addr,
+            # one per proxying module the nginx has (ingress-nginx's
+            # build has no uwsgi or scgi)
+            "temp_paths": "\n".join(temp_paths(RUN)).strip(),
         })
         (RUN / "nginx.conf").write_text(conf)
 

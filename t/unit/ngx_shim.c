@@ -13,7 +13,8 @@
  *   - ngx_hash_*: exact names only, as nginx keeps them (the key hashed
  *     by the caller's function, the name stored in lower case, a lookup
  *     comparing bytes), not nginx's bucket packing;
- *   - ngx_regex_*: PCRE2, as nginx's NGX_PCRE2 build.
+ *   - ngx_regex_*: PCRE2, as nginx's NGX_PCRE2 build, or PCRE1 on a tree
+ *     configured --without-pcre2 (ingress-nginx's).
  */
 
 
@@ -1201,6 +1202,74 @@ ngx_regex_exec(ngx_regex_t *re, ngx_str_t *s, int *captures, ngx_uint_t size)
     pcre2_match_data_free(md);
 
     return rc;
+}
+
+#elif (NGX_PCRE)
+
+static void
+ngx_shim_regex_free(void *data)
+{
+    ngx_regex_t  *re = data;
+
+    pcre_free(re->code);
+}
+
+
+ngx_int_t
+ngx_regex_compile(ngx_regex_compile_t *rc)
+{
+    int                  erroff;
+    u_char              *p;
+    const char          *errstr;
+    ngx_regex_t         *re;
+    ngx_pool_cleanup_t  *cln;
+
+    re = ngx_pcalloc(rc->pool, sizeof(ngx_regex_t));
+    p = ngx_pnalloc(rc->pool, rc->pattern.len + 1);
+    cln = ngx_pool_cleanup_add(rc->pool, 0);
+
+    if (re == NULL || p == NULL || cln == NULL) {
+        return NGX_ERROR;
+    }
+
+    /* PCRE1 takes a NUL-terminated pattern */
+    *ngx_cpymem(p, rc->pattern.data, rc->pattern.len) = '\0';
+
+    re->code = pcre_compile((const char *) p,
+                            (rc->options & NGX_REGEX_CASELESS) ? PCRE_CASELESS
+                                                               : 0,
+                            &errstr, &erroff, NULL);
+
+    if (re->code == NULL) {
+        rc->err.len = ngx_snprintf(rc->err.data, rc->err.len,
+                          "pcre_compile() failed: %s in \"%V\" at \"%s\"",
+                          errstr, &rc->pattern, p + erroff)
+                      - rc->err.data;
+        return NGX_ERROR;
+    }
+
+    cln->handler = ngx_shim_regex_free;
+    cln->data = re;
+
+    rc->regex = re;
+
+    pcre_fullinfo(re->code, NULL, PCRE_INFO_CAPTURECOUNT, &rc->captures);
+    pcre_fullinfo(re->code, NULL, PCRE_INFO_NAMECOUNT, &rc->named_captures);
+
+    return NGX_OK;
+}
+
+
+ngx_int_t
+ngx_regex_exec(ngx_regex_t *re, ngx_str_t *s, int *captures, ngx_uint_t size)
+{
+    if (size) {
+        /* no caller here asks for captures */
+        abort();
+    }
+
+    return pcre_exec(re->code, re->extra, (const char *) s->data, s->len, 0,
+                     0, captures, 0);
 }
 
 #endif
