@@ -911,3 +911,58 @@ def test_a_plan_the_admin_did_not_grant_is_the_standard_plan(
     assert r.status_code == 200, r.text
     assert r.headers["x-ratelimit-limit-requests"] == "60"
 
+
+
+# ------------------------------------------ what the fragment works around
+
+@needs_scope
+@pytest.mark.xfail(reason="in REWRITE the route module reads "
+                   "infer_route_models before the location's set lines run "
+                   "(why the fragment passes the value as the argument)",
+                   strict=False)
+def test_a_models_variable_set_in_the_location_is_seen_in_rewrite(
+        nginx_factory, sim_factory):
+    llama = sim_factory("llama-3-8b", "llama", ttft_ms=0, tpot_ms=0)
+    gw = nginx_factory(f"""
+        upstream llama {{ server {llama.addr}; }}
+        infer_model llama-3-8b upstream=llama;
+        infer_model mistral-7b upstream=llama;
+        server {{
+            listen 127.0.0.1:{{port}};
+            location / {{
+                infer_route on;
+                infer_route_phase rewrite;
+                set $m "mistral-7b";
+                infer_route_models $m;
+                proxy_pass http://$infer_upstream;
+            }}
+        }}""", modules=["route"])
+    assert post(gw, "/", "llama-3-8b", timeout=10).status_code == 404
+
+
+@needs_scope
+@pytest.mark.xfail(reason="the route module logs infer_route_models' own "
+                   "text unescaped, which is the annotation's value when it "
+                   "is the argument", strict=False)
+def test_a_models_value_cannot_forge_a_log_line(tmp_path):
+    from harness.nginx import Nginx
+
+    gw = Nginx(tmp_path / "n", modules=["route"], http=r"""
+        upstream llama { server 127.0.0.1:1; }
+        infer_model llama-3-8b upstream=llama;
+        server {
+            listen 127.0.0.1:{port};
+            location / {
+                infer_route on;
+                infer_route_phase rewrite;
+                infer_route_models "x\n2026/01/01 00:00:00 [emerg] 1#1: forged";
+                proxy_pass http://$infer_upstream;
+            }
+        }""")
+    try:
+        gw.start()
+        assert post(gw, "/", "llama-3-8b", timeout=10).status_code == 500
+    finally:
+        gw.stop()
+    assert not [ln for ln in gw.log_text().splitlines()
+                if ln.startswith("2026/01/01")]
