@@ -293,6 +293,16 @@ def test_an_ingress_without_annotations_renders_nothing(render_bin, template,
                               tmp=tmp_path), "/a/") == []
 
 
+def test_a_location_of_no_ingress_renders_nothing(render_bin, template,
+                                                 tmp_path):
+    """The controller's default-backend locations have no Ingress: its
+    getIngressInformation gives an empty one, with no annotations."""
+    text = render(render_bin, template,
+                  [{"Path": "/", "Backend": "upstream-default-backend",
+                    "Ing": None}], tmp=tmp_path)
+    assert fragment_of(text, "/") == []
+
+
 def test_a_namespace_is_quoted_and_an_empty_one_refuses(render_bin, template,
                                                         tmp_path):
     ann = {"ngx-infer.io/route": "true"}
