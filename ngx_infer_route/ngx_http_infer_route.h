@@ -116,6 +116,9 @@ typedef struct {
     ngx_uint_t                     phase;       /* infer_route_phase */
     ngx_http_complex_value_t      *models;      /* infer_route_models */
     ngx_http_complex_value_t      *namespace;   /* infer_route_namespace */
+    time_t                         misconf_logged;  /* per worker: when a
+                                                   bad value of either was
+                                                   last logged */
     unsigned                       list:1;      /* this location lists the
                                                    models: not inherited */
 } ngx_http_infer_route_loc_conf_t;
@@ -183,6 +186,8 @@ typedef struct {
     unsigned                       rewritten:1;
     unsigned                       usage_partial:1;
     unsigned                       inject:1;    /* include_usage added */
+    unsigned                       scoped:1;    /* infer_route_models and
+                                                   _namespace checked */
     unsigned                       verify:1;    /* the body is read to
                                                    check its model against
                                                    the one found first */

@@ -95,8 +95,8 @@ static ngx_int_t ngx_http_infer_route_allowed(ngx_http_request_t *r,
 static ngx_int_t ngx_http_infer_route_in_list(ngx_str_t *list,
     ngx_str_t *name);
 static ngx_int_t ngx_http_infer_route_misconfigured(ngx_http_request_t *r,
-    ngx_http_infer_route_ctx_t *ctx, ngx_http_complex_value_t *cv,
-    const char *what);
+    ngx_http_infer_route_ctx_t *ctx, ngx_http_infer_route_loc_conf_t *rlcf,
+    ngx_http_complex_value_t *cv, const char *what);
 static ngx_int_t ngx_http_infer_route_pick(ngx_http_request_t *r,
     ngx_http_infer_route_ctx_t *ctx);
 static ngx_int_t ngx_http_infer_route_deprecated(ngx_http_request_t *r,
@@ -365,12 +365,23 @@ ngx_http_infer_route_preaccess_handler(ngx_http_request_t *r)
     rlcf = ngx_http_get_module_loc_conf(r, ngx_http_infer_route_module);
     ctx = ngx_http_get_module_ctx(r, ngx_http_infer_route_module);
 
-    if (rlcf->phase == NGX_HTTP_INFER_ROUTE_REWRITE && ctx) {
-        /* found in REWRITE already */
-        return NGX_DECLINED;
+    if (ctx == NULL || rlcf->phase != NGX_HTTP_INFER_ROUTE_REWRITE) {
+        return ngx_http_infer_route_handler(r);
     }
 
-    return ngx_http_infer_route_handler(r);
+    /*
+     * Found in REWRITE: what this location may serve is checked here, once
+     * the location's own set lines (ingress-nginx's $namespace, say) have
+     * run.  The pool a balancer took in REWRITE is not used: a refusal
+     * replaces the location's content handler.
+     */
+
+    if (ctx->status == NGX_OK && !ctx->scoped) {
+        ctx->status = ngx_http_infer_route_allowed(r, ctx);
+        return ngx_http_infer_route_done(r, ctx);
+    }
+
+    return NGX_DECLINED;
 }
 
 
@@ -926,6 +937,7 @@ ngx_http_infer_route_resolve(ngx_http_request_t *r,
     ngx_int_t                          rc;
     ngx_uint_t                         by_pattern;
     ngx_http_infer_route_registry_t   *reg;
+    ngx_http_infer_route_loc_conf_t   *rlcf;
     ngx_http_infer_route_main_conf_t  *rmcf;
 
     /*
@@ -944,13 +956,16 @@ ngx_http_infer_route_resolve(ngx_http_request_t *r,
     }
 
     rmcf = ngx_http_get_module_main_conf(r, ngx_http_infer_route_module);
+    rlcf = ngx_http_get_module_loc_conf(r, ngx_http_infer_route_module);
 
     if (rmcf->current == NULL) {
         /* no registry: the model is only reported, in $infer_model */
 
-        rc = ngx_http_infer_route_allowed(r, ctx);
-        if (rc != NGX_OK) {
-            return rc;
+        if (rlcf->phase == NGX_HTTP_INFER_ROUTE_PREACCESS) {
+            rc = ngx_http_infer_route_allowed(r, ctx);
+            if (rc != NGX_OK) {
+                return rc;
+            }
         }
 
         if (ctx->inject
@@ -983,9 +998,11 @@ ngx_http_infer_route_resolve(ngx_http_request_t *r,
                    "access to it.", &ctx->model);
     }
 
-    rc = ngx_http_infer_route_allowed(r, ctx);
-    if (rc != NGX_OK) {
-        return rc;
+    if (rlcf->phase == NGX_HTTP_INFER_ROUTE_PREACCESS) {
+        rc = ngx_http_infer_route_allowed(r, ctx);
+        if (rc != NGX_OK) {
+            return rc;
+        }
     }
 
     if (ctx->entry->state == NGX_HTTP_INFER_MODEL_DISABLED) {
@@ -1041,13 +1058,15 @@ ngx_http_infer_route_allowed(ngx_http_request_t *r,
 
     rlcf = ngx_http_get_module_loc_conf(r, ngx_http_infer_route_module);
 
+    ctx->scoped = 1;
+
     if (rlcf->models) {
         if (ngx_http_complex_value(r, rlcf->models, &value) != NGX_OK) {
             return NGX_HTTP_INTERNAL_SERVER_ERROR;
         }
 
         if (value.len > NGX_HTTP_INFER_ROUTE_MODELS_MAX) {
-            return ngx_http_infer_route_misconfigured(r, ctx, rlcf->models,
+            return ngx_http_infer_route_misconfigured(r, ctx, rlcf, rlcf->models,
                                                       "is over 4096 bytes");
         }
 
@@ -1070,13 +1089,13 @@ ngx_http_infer_route_allowed(ngx_http_request_t *r,
                      || (*p >= '0' && *p <= '9')
                      || ngx_strchr("._:/@+-", *p) != NULL))
             {
-                return ngx_http_infer_route_misconfigured(r, ctx,
+                return ngx_http_infer_route_misconfigured(r, ctx, rlcf,
                            rlcf->models, "is not a list of model names");
             }
         }
 
         if (n > NGX_HTTP_INFER_ROUTE_MODELS_NAMES) {
-            return ngx_http_infer_route_misconfigured(r, ctx, rlcf->models,
+            return ngx_http_infer_route_misconfigured(r, ctx, rlcf, rlcf->models,
                                                       "names over 64 models");
         }
 
@@ -1101,7 +1120,7 @@ ngx_http_infer_route_allowed(ngx_http_request_t *r,
         if (ngx_http_infer_route_namespace_ok(value.data, value.len)
             != NGX_OK)
         {
-            return ngx_http_infer_route_misconfigured(r, ctx,
+            return ngx_http_infer_route_misconfigured(r, ctx, rlcf,
                        rlcf->namespace, "is not a namespace name");
         }
 
@@ -1167,25 +1186,30 @@ ngx_http_infer_route_in_list(ngx_str_t *list, ngx_str_t *name)
 
 
 /*
- * One error-log line per worker and NGX_HTTP_INFER_ROUTE_MISCONF_LOG
- * seconds, naming the directive's own text (the variable), never the
- * value, which comes from users' annotations.
+ * One error-log line per location, worker and
+ * NGX_HTTP_INFER_ROUTE_MISCONF_LOG seconds, naming the directive's own
+ * text, never the request's value.  That text may be an annotation's
+ * value written as the argument (docs/kubernetes.md): its control
+ * characters are escaped, so that it cannot start a log line of its own.
  */
 
 static ngx_int_t
 ngx_http_infer_route_misconfigured(ngx_http_request_t *r,
-    ngx_http_infer_route_ctx_t *ctx, ngx_http_complex_value_t *cv,
-    const char *what)
+    ngx_http_infer_route_ctx_t *ctx, ngx_http_infer_route_loc_conf_t *rlcf,
+    ngx_http_complex_value_t *cv, const char *what)
 {
-    ngx_int_t      rc;
-    static time_t  logged;
+    ngx_int_t  rc;
+    ngx_str_t  text;
 
-    if (ngx_time() - logged >= NGX_HTTP_INFER_ROUTE_MISCONF_LOG) {
-        logged = ngx_time();
+    if (ngx_time() - rlcf->misconf_logged >= NGX_HTTP_INFER_ROUTE_MISCONF_LOG
+        && ngx_http_infer_escape_control(r->pool, &cv->value, &text)
+           == NGX_OK)
+    {
+        rlcf->misconf_logged = ngx_time();
         ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
                       "infer route: the value of \"%V\" %s: this "
                       "location answers 500 gateway_misconfigured (logged "
-                      "at most once in %d s)", &cv->value, what,
+                      "at most once in %d s)", &text, what,
                       NGX_HTTP_INFER_ROUTE_MISCONF_LOG);
     }
 

@@ -926,10 +926,6 @@ def test_a_plan_the_admin_did_not_grant_is_the_standard_plan(
 # ------------------------------------------ what the fragment works around
 
 @needs_scope
-@pytest.mark.xfail(reason="in REWRITE the route module reads "
-                   "infer_route_models before the location's set lines run "
-                   "(why the fragment passes the value as the argument)",
-                   strict=False)
 def test_a_models_variable_set_in_the_location_is_seen_in_rewrite(
         nginx_factory, sim_factory):
     llama = sim_factory("llama-3-8b", "llama", ttft_ms=0, tpot_ms=0)
@@ -951,9 +947,6 @@ def test_a_models_variable_set_in_the_location_is_seen_in_rewrite(
 
 
 @needs_scope
-@pytest.mark.xfail(reason="the route module logs infer_route_models' own "
-                   "text unescaped, which is the annotation's value when it "
-                   "is the argument", strict=False)
 def test_a_models_value_cannot_forge_a_log_line(tmp_path):
     from harness.nginx import Nginx
 

@@ -270,3 +270,43 @@ def test_a_pool_may_be_a_name_when_the_check_is_off(nginx_factory, pools):
                            start=False, name="strict")
     ok, out = strict.check_config()
     assert not ok and 'no upstream "team-a-llama-svc-8000"' in out
+
+
+def test_in_rewrite_the_locations_own_set_lines_are_seen(nginx_factory,
+                                                         pools):
+    """The model is found before the location's set lines, and what it
+    may serve is checked after them: ingress-nginx sets $namespace in
+    the location itself."""
+    gw = nginx_factory(conf(*pools, f"""
+        infer_route on;
+        infer_route_phase rewrite;
+        set $namespace "team-b";
+        set $served "mistral-7b shared";
+        infer_route_namespace $namespace;
+        infer_route_models $served;
+        set $backend_name $infer_upstream;
+        proxy_pass http://$backend_name;
+        {PROXY}"""))
+    assert chat(gw, "mistral-7b").status_code == 200
+    r = chat(gw, "llama-3-8b")
+    assert r.status_code == 404 and error_of(r)["code"] == "model_not_found"
+    assert replica(r) is None
+    r = chat(gw, "unscoped")
+    assert r.status_code == 404
+
+
+def test_each_misconfigured_location_is_logged(nginx_factory, pools):
+    gw = nginx_factory(conf(*pools, f"""
+        infer_route on;
+        proxy_pass http://$infer_upstream;
+        {PROXY}
+        location /a/ {{ infer_route on; infer_route_models "x;y"; }}
+        location /b/ {{ infer_route on; infer_route_namespace "B"; }}"""))
+    for path in ("/a/v1/chat/completions", "/b/v1/chat/completions"):
+        for _ in range(4):
+            r = chat(gw, "shared", path=path)
+            assert r.status_code == 500
+    lines = [l for l in gw.log_text().splitlines()
+             if "gateway_misconfigured (logged" in l]
+    assert any('"x;y"' in l for l in lines), lines
+    assert any('"B"' in l for l in lines), lines
