@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from harness.nginx import MODULES, module_path
+from harness.nginx import MODULES, NGINX_BIN, module_path
 from harness.openai import chat, error_of
 
 REPO = Path(__file__).resolve().parents[1]
@@ -439,8 +439,10 @@ def has_scope_directives():
 
 
 needs_lua = pytest.mark.skipif(
-    not (LUA_MODULES / "ngx_http_lua_module.so").exists(),
-    reason="Debian's libnginx-mod-http-lua is not installed (make deps)")
+    not (LUA_MODULES / "ngx_http_lua_module.so").exists()
+    or NGINX_BIN != "/usr/sbin/nginx",
+    reason="needs Debian's libnginx-mod-http-lua (make deps), which loads "
+           "only into Debian's nginx")
 needs_scope = pytest.mark.skipif(
     not has_scope_directives(),
     reason="this route module has no infer_route_phase/_models/_namespace")
