@@ -1066,7 +1066,8 @@ ngx_http_infer_route_allowed(ngx_http_request_t *r,
         }
 
         if (value.len > NGX_HTTP_INFER_ROUTE_MODELS_MAX) {
-            return ngx_http_infer_route_misconfigured(r, ctx, rlcf, rlcf->models,
+            return ngx_http_infer_route_misconfigured(r, ctx, rlcf,
+                                                      rlcf->models,
                                                       "is over 4096 bytes");
         }
 
@@ -1095,7 +1096,8 @@ ngx_http_infer_route_allowed(ngx_http_request_t *r,
         }
 
         if (n > NGX_HTTP_INFER_ROUTE_MODELS_NAMES) {
-            return ngx_http_infer_route_misconfigured(r, ctx, rlcf, rlcf->models,
+            return ngx_http_infer_route_misconfigured(r, ctx, rlcf,
+                                                      rlcf->models,
                                                       "names over 64 models");
         }
 
