@@ -532,17 +532,23 @@ def test_snippets_pass_nginx_t(tmp_path):
         if ctx.startswith("http") and ctx != "http.server.location":
             groups.setdefault(f, {})["http"] = text
         if ctx == "http.server.location":
-            groups.setdefault(f, {})["location"] = text
-    assert len(groups) == 4, groups.keys()
+            groups.setdefault(f, {}).setdefault("locations", []).append(text)
+    assert len(groups) == 5, groups.keys()
+    # a file of location snippets only goes with the NGF http snippet
+    ngf_http = groups["deploy/nginx-gateway-fabric/snippetsfilter.yaml"]["http"]
     v = subprocess.run([NGINX, "-V"], capture_output=True, text=True).stderr
     temp = "".join(f"    {m}_temp_path {tmp_path}/{m};\n"
                    for m in ("fastcgi", "uwsgi", "scgi")
                    if f"--without-http_{m}_module" not in v)
     for n, (f, g) in enumerate(sorted(groups.items())):
         http = re.sub(r"server [a-z0-9.-]+\.svc\.cluster\.local:\d+;",
-                      "server 127.0.0.1:9;", g["http"])
+                      "server 127.0.0.1:9;", g.get("http", ngf_http))
         http = http.replace("listen 8000;", f"listen 127.0.0.1:{18100 + n};")
-        loc = g.get("location", "")
+        locs = "".join(f"""
+        location /v{i}/ {{
+{loc}
+            proxy_pass http://127.0.0.1:9;
+        }}""" for i, loc in enumerate(g.get("locations", [""]), 1))
         conf = tmp_path / f"nginx{n}.conf"
         conf.write_text(f"""{main}
 error_log stderr notice;
@@ -554,11 +560,7 @@ http {{
 {temp}    access_log off;
 {http}
     server {{
-        listen 127.0.0.1:{18200 + n};
-        location /v1/ {{
-{loc}
-            proxy_pass http://127.0.0.1:9;
-        }}
+        listen 127.0.0.1:{18200 + n};{locs}
     }}
 }}
 """)

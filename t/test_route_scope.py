@@ -310,3 +310,39 @@ def test_each_misconfigured_location_is_logged(nginx_factory, pools):
              if "gateway_misconfigured (logged" in l]
     assert any('"x;y"' in l for l in lines), lines
     assert any('"B"' in l for l in lines), lines
+
+
+# ---------------------------------- NGF: routing by header, checked by body
+
+def test_ngf_by_header_recipe(nginx_factory, pools):
+    """deploy/nginx-gateway-fabric/snippetsfilter-by-header.yaml: NGF's
+    HTTPRoute rules match X-Model, each rule's location (here /llama/ and
+    /mistral/, where NGF's header match would send the request) keeps NGF's
+    own proxy_pass and gets its SnippetsFilter's lines: the body must name
+    the header's model, and only the rule's model is served."""
+    def rule(model, pool):
+        return f"""
+        location /{model.split('-')[0]}/ {{
+            infer_route on;
+            infer_model_source header=X-Model body;
+            infer_route_models "{model}";
+            proxy_pass http://{pool}/;
+            {PROXY}
+        }}"""
+    gw = nginx_factory(conf(*pools, "return 404;")
+                       .replace("location / { return 404; }",
+                                rule("llama-3-8b", "pa")
+                                + rule("mistral-7b", "pb")))
+    llama = "/llama/v1/chat/completions"
+    r = chat(gw, "llama-3-8b", path=llama, headers={"X-Model": "llama-3-8b"})
+    assert r.status_code == 200 and replica(r) == "sim-a"
+    # a header that says one model and a body that says another
+    r = chat(gw, "mistral-7b", path=llama, headers={"X-Model": "llama-3-8b"})
+    assert r.status_code == 400
+    assert error_of(r)["code"] == "model_mismatch"
+    # no header: the body's model must be the rule's
+    r = chat(gw, "mistral-7b", path=llama)
+    assert r.status_code == 404 and replica(r) is None
+    r = chat(gw, "mistral-7b", path="/mistral/v1/chat/completions",
+             headers={"X-Model": "mistral-7b"})
+    assert r.status_code == 200 and replica(r) == "sim-b"
