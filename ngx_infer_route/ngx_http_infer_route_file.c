@@ -505,11 +505,6 @@ ngx_http_infer_route_file_param(ngx_http_infer_route_model_t *m,
         goto unknown;
     }
 
-    if (ngx_strcmp(key, "namespace") == 0) {
-        /* a list, as infer_model's namespaces= */
-        goto unknown;
-    }
-
     if (ngx_strcmp(key, "aliases") == 0
         || ngx_strcmp(key, "namespaces") == 0)
     {

@@ -92,8 +92,6 @@ static ngx_int_t ngx_http_infer_route_resolve(ngx_http_request_t *r,
     ngx_http_infer_route_ctx_t *ctx);
 static ngx_int_t ngx_http_infer_route_allowed(ngx_http_request_t *r,
     ngx_http_infer_route_ctx_t *ctx);
-static ngx_int_t ngx_http_infer_route_in_list(ngx_str_t *list,
-    ngx_str_t *name);
 static ngx_int_t ngx_http_infer_route_misconfigured(ngx_http_request_t *r,
     ngx_http_infer_route_ctx_t *ctx, ngx_http_infer_route_loc_conf_t *rlcf,
     ngx_http_complex_value_t *cv, const char *what);
@@ -1051,9 +1049,9 @@ static ngx_int_t
 ngx_http_infer_route_allowed(ngx_http_request_t *r,
     ngx_http_infer_route_ctx_t *ctx)
 {
-    u_char                           *p, *last;
-    ngx_str_t                         value, *ns;
-    ngx_uint_t                        i, n;
+    u_char                           *p, *last, *start;
+    ngx_str_t                         value, *ns, *name;
+    ngx_uint_t                        i, n, found;
     ngx_http_infer_route_loc_conf_t  *rlcf;
 
     rlcf = ngx_http_get_module_loc_conf(r, ngx_http_infer_route_module);
@@ -1071,41 +1069,52 @@ ngx_http_infer_route_allowed(ngx_http_request_t *r,
                                                       "is over 4096 bytes");
         }
 
+        /* the names, checked and counted; and whether the model is one */
+
         n = 0;
+        found = 0;
+        name = ctx->entry ? &ctx->entry->name : &ctx->model;
         last = value.data + value.len;
 
-        for (p = value.data; p < last; p++) {
+        for (p = value.data; p < last; /* void */) {
             if (*p == ',' || *p == ' ') {
+                p++;
                 continue;
             }
 
-            if (p == value.data || p[-1] == ',' || p[-1] == ' ') {
-                n++;
+            start = p;
+
+            while (p < last && *p != ',' && *p != ' ') {
+
+                /* strchr() finds the string's own NUL: refused first */
+
+                if (*p == '\0'
+                    || !((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z')
+                         || (*p >= '0' && *p <= '9')
+                         || ngx_strchr("._:/@+-", *p) != NULL))
+                {
+                    return ngx_http_infer_route_misconfigured(r, ctx, rlcf,
+                               rlcf->models, "is not a list of model names");
+                }
+
+                p++;
             }
 
-            /* strchr() finds the string's own NUL, so it is refused first */
-
-            if (*p == '\0'
-                || !((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z')
-                     || (*p >= '0' && *p <= '9')
-                     || ngx_strchr("._:/@+-", *p) != NULL))
-            {
+            if (++n > NGX_HTTP_INFER_ROUTE_MODELS_NAMES) {
                 return ngx_http_infer_route_misconfigured(r, ctx, rlcf,
-                           rlcf->models, "is not a list of model names");
+                                                          rlcf->models,
+                                                          "names over 64 "
+                                                          "models");
+            }
+
+            if ((size_t) (p - start) == name->len
+                && ngx_strncmp(start, name->data, name->len) == 0)
+            {
+                found = 1;
             }
         }
 
-        if (n > NGX_HTTP_INFER_ROUTE_MODELS_NAMES) {
-            return ngx_http_infer_route_misconfigured(r, ctx, rlcf,
-                                                      rlcf->models,
-                                                      "names over 64 models");
-        }
-
-        if (n && ngx_http_infer_route_in_list(&value,
-                                              ctx->entry ? &ctx->entry->name
-                                                         : &ctx->model)
-                 != NGX_OK)
-        {
+        if (n && !found) {
             goto not_found;
         }
     }
@@ -1154,36 +1163,6 @@ not_found:
                "model_not_found",
                "The model `%V` does not exist or you do not have "
                "access to it.", &ctx->model);
-}
-
-
-static ngx_int_t
-ngx_http_infer_route_in_list(ngx_str_t *list, ngx_str_t *name)
-{
-    u_char  *p, *last, *start;
-
-    p = list->data;
-    last = list->data + list->len;
-
-    while (p < last) {
-        while (p < last && (*p == ',' || *p == ' ')) {
-            p++;
-        }
-
-        start = p;
-
-        while (p < last && *p != ',' && *p != ' ') {
-            p++;
-        }
-
-        if ((size_t) (p - start) == name->len
-            && ngx_strncmp(start, name->data, name->len) == 0)
-        {
-            return NGX_OK;
-        }
-    }
-
-    return NGX_DECLINED;
 }
 
 
