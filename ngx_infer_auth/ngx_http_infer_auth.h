@@ -135,7 +135,8 @@ typedef enum {
     NGX_HTTP_INFER_AUTH_EXPIRED,
     NGX_HTTP_INFER_AUTH_DISABLED,
     NGX_HTTP_INFER_AUTH_FORBIDDEN,
-    NGX_HTTP_INFER_AUTH_UNAVAILABLE
+    NGX_HTTP_INFER_AUTH_UNAVAILABLE,
+    NGX_HTTP_INFER_AUTH_MISCONFIGURED
 } ngx_http_infer_auth_status_e;
 
 
@@ -222,8 +223,20 @@ typedef struct {
 } ngx_http_infer_auth_main_conf_t;
 
 
+/* infer_auth */
+#define NGX_HTTP_INFER_AUTH_OFF       0
+#define NGX_HTTP_INFER_AUTH_ON        1
+#define NGX_HTTP_INFER_AUTH_REQUIRED  2
+
+/* a location "infer_auth required" leaves without keys logs this often */
+#define NGX_HTTP_INFER_AUTH_MISCONF_LOG  10
+
+
 typedef struct {
-    ngx_flag_t                        enable;
+    ngx_uint_t                        enable;    /* NGX_HTTP_INFER_AUTH_* */
+    ngx_uint_t                        unkeyed;   /* required, no key source:
+                                                    every request is 500 */
+    time_t                            misconf_logged;  /* per worker */
     ngx_http_infer_auth_keyset_t     *keys;      /* infer_auth_jwt_key */
     ngx_http_infer_auth_watch_t      *jwks_file;
     ngx_http_infer_auth_jwks_uri_t   *jwks_uri;

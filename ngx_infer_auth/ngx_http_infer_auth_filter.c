@@ -25,6 +25,8 @@ static ngx_int_t ngx_http_infer_auth_body_filter(ngx_http_request_t *r,
     ngx_chain_t *in);
 
 
+static const char *ngx_http_infer_auth_type(ngx_http_infer_auth_ctx_t *ctx);
+
 static ngx_http_output_header_filter_pt  ngx_http_next_header_filter;
 static ngx_http_output_body_filter_pt    ngx_http_next_body_filter;
 
@@ -92,6 +94,12 @@ ngx_http_infer_auth_reject(ngx_http_request_t *r,
 
     case NGX_HTTP_INFER_AUTH_UNAVAILABLE:
         ctx->http_status = NGX_HTTP_SERVICE_UNAVAILABLE;
+        ctx->message.data = ngx_pstrdup(r->pool, &desc);
+        ctx->message.len = desc.len;
+        break;
+
+    case NGX_HTTP_INFER_AUTH_MISCONFIGURED:
+        ctx->http_status = NGX_HTTP_INTERNAL_SERVER_ERROR;
         ctx->message.data = ngx_pstrdup(r->pool, &desc);
         ctx->message.len = desc.len;
         break;
@@ -219,9 +227,9 @@ ngx_http_infer_auth_header_filter(ngx_http_request_t *r)
     r->headers_out.content_length_n = sizeof("{\"error\": {\"message\": \"")
         - 1 + ctx->message.len
         + ngx_escape_json(NULL, ctx->message.data, ctx->message.len)
-        + sizeof("\", \"type\": \"invalid_request_error\", \"param\": null, "
+        + sizeof("\", \"type\": \"\", \"param\": null, "
                  "\"code\": \"\"}}\n") - 1
-        + ngx_strlen(ctx->code);
+        + ngx_strlen(ngx_http_infer_auth_type(ctx)) + ngx_strlen(ctx->code);
 
     if (r->headers_out.content_length) {
         r->headers_out.content_length->hash = 0;
@@ -274,8 +282,8 @@ ngx_http_infer_auth_body_filter(ngx_http_request_t *r, ngx_chain_t *in)
 
     ctx->sent = 1;
 
-    b = ngx_http_infer_error_buf(r->pool, "invalid_request_error", ctx->code,
-                                 &ctx->message);
+    b = ngx_http_infer_error_buf(r->pool, ngx_http_infer_auth_type(ctx),
+                                 ctx->code, &ctx->message);
     if (b == NULL) {
         return NGX_ERROR;
     }
@@ -287,4 +295,14 @@ ngx_http_infer_auth_body_filter(ngx_http_request_t *r, ngx_chain_t *in)
     out.next = NULL;
 
     return ngx_http_next_body_filter(r, &out);
+}
+
+
+/* the envelope's type: the client's error, or the gateway's */
+
+static const char *
+ngx_http_infer_auth_type(ngx_http_infer_auth_ctx_t *ctx)
+{
+    return (ctx->status == NGX_HTTP_INFER_AUTH_MISCONFIGURED)
+           ? "server_error" : "invalid_request_error";
 }

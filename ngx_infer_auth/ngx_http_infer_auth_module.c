@@ -24,6 +24,8 @@
 static ngx_int_t ngx_http_infer_auth_handler(ngx_http_request_t *r);
 static ngx_int_t ngx_http_infer_auth_decide(ngx_http_request_t *r,
     ngx_http_infer_auth_ctx_t *ctx, ngx_http_infer_auth_loc_conf_t *lcf);
+static ngx_int_t ngx_http_infer_auth_unkeyed(ngx_http_request_t *r,
+    ngx_http_infer_auth_ctx_t *ctx, ngx_http_infer_auth_loc_conf_t *lcf);
 static ngx_int_t ngx_http_infer_auth_credential(ngx_http_request_t *r,
     ngx_http_infer_auth_ctx_t *ctx, ngx_http_infer_auth_loc_conf_t *lcf);
 static ngx_int_t ngx_http_infer_auth_jwt(ngx_http_request_t *r,
@@ -67,6 +69,14 @@ static ngx_int_t ngx_http_infer_auth_init_process(ngx_cycle_t *cycle);
 static void ngx_http_infer_auth_exit_process(ngx_cycle_t *cycle);
 
 
+static ngx_conf_enum_t  ngx_http_infer_auth_enable[] = {
+    { ngx_string("off"), NGX_HTTP_INFER_AUTH_OFF },
+    { ngx_string("on"), NGX_HTTP_INFER_AUTH_ON },
+    { ngx_string("required"), NGX_HTTP_INFER_AUTH_REQUIRED },
+    { ngx_null_string, 0 }
+};
+
+
 static ngx_conf_enum_t  ngx_http_infer_auth_denied[] = {
     { ngx_string("403"), NGX_HTTP_FORBIDDEN },
     { ngx_string("404"), NGX_HTTP_NOT_FOUND },
@@ -77,11 +87,11 @@ static ngx_conf_enum_t  ngx_http_infer_auth_denied[] = {
 static ngx_command_t  ngx_http_infer_auth_commands[] = {
 
     { ngx_string("infer_auth"),
-      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_FLAG,
-      ngx_conf_set_flag_slot,
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_enum_slot,
       NGX_HTTP_LOC_CONF_OFFSET,
       offsetof(ngx_http_infer_auth_loc_conf_t, enable),
-      NULL },
+      &ngx_http_infer_auth_enable },
 
     { ngx_string("infer_auth_api_keys"),
       NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE12,
@@ -349,7 +359,8 @@ ngx_http_infer_auth_handler(ngx_http_request_t *r)
     ngx_log_debug0(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
                    "infer auth access handler");
 
-    rc = ngx_http_infer_auth_decide(r, ctx, lcf);
+    rc = lcf->unkeyed ? ngx_http_infer_auth_unkeyed(r, ctx, lcf)
+                      : ngx_http_infer_auth_decide(r, ctx, lcf);
 
     if (rc == NGX_AGAIN) {
         return NGX_AGAIN;
@@ -400,6 +411,33 @@ ngx_http_infer_auth_decide(ngx_http_request_t *r,
     ctx->status = NGX_HTTP_INFER_AUTH_OK;
 
     return NGX_OK;
+}
+
+
+/*
+ * "infer_auth required" with no key source for the location: nobody can
+ * be authenticated, and it is the gateway's fault, not the client's.  One
+ * error-log line per location, worker and NGX_HTTP_INFER_AUTH_MISCONF_LOG
+ * seconds.
+ */
+
+static ngx_int_t
+ngx_http_infer_auth_unkeyed(ngx_http_request_t *r,
+    ngx_http_infer_auth_ctx_t *ctx, ngx_http_infer_auth_loc_conf_t *lcf)
+{
+    if (ngx_time() - lcf->misconf_logged >= NGX_HTTP_INFER_AUTH_MISCONF_LOG) {
+        lcf->misconf_logged = ngx_time();
+        ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                      "infer auth: \"infer_auth required\" and no key "
+                      "source for this location: it answers 500 "
+                      "gateway_misconfigured (logged at most once in %d s)",
+                      NGX_HTTP_INFER_AUTH_MISCONF_LOG);
+    }
+
+    return ngx_http_infer_auth_reject(r, ctx, lcf,
+               NGX_HTTP_INFER_AUTH_MISCONFIGURED, "gateway_misconfigured",
+               "The gateway's configuration for this path is invalid; its "
+               "operators have been told.");
 }
 
 
@@ -1479,7 +1517,7 @@ ngx_http_infer_auth_create_conf(ngx_conf_t *cf)
      *     conf->header = { 0, NULL };
      */
 
-    conf->enable = NGX_CONF_UNSET;
+    conf->enable = NGX_CONF_UNSET_UINT;
     conf->jwks_file = NGX_CONF_UNSET_PTR;
     conf->jwks_uri = NGX_CONF_UNSET_PTR;
     conf->api_keys = NGX_CONF_UNSET_PTR;
@@ -1500,7 +1538,8 @@ ngx_http_infer_auth_merge_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_http_infer_auth_loc_conf_t  *prev = parent;
     ngx_http_infer_auth_loc_conf_t  *conf = child;
 
-    ngx_conf_merge_value(conf->enable, prev->enable, 0);
+    ngx_conf_merge_uint_value(conf->enable, prev->enable,
+                              NGX_HTTP_INFER_AUTH_OFF);
 
     if (conf->keys == NULL) {
         conf->keys = prev->keys;
@@ -1541,14 +1580,30 @@ ngx_http_infer_auth_merge_conf(ngx_conf_t *cf, void *parent, void *child)
         return NGX_CONF_ERROR;
     }
 
-    if (conf->enable && conf->keys == NULL && conf->jwks_file == NULL
-        && conf->jwks_uri == NULL && conf->api_keys == NULL)
+    if (conf->enable != NGX_HTTP_INFER_AUTH_OFF && conf->keys == NULL
+        && conf->jwks_file == NULL && conf->jwks_uri == NULL
+        && conf->api_keys == NULL)
     {
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "\"infer_auth on\" needs infer_auth_api_keys, "
-                           "infer_auth_jwt_key, infer_auth_jwks or "
-                           "infer_auth_jwks_uri");
-        return NGX_CONF_ERROR;
+        if (conf->enable == NGX_HTTP_INFER_AUTH_ON) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "\"infer_auth on\" needs infer_auth_api_keys, "
+                               "infer_auth_jwt_key, infer_auth_jwks or "
+                               "infer_auth_jwks_uri");
+            return NGX_CONF_ERROR;
+        }
+
+        /*
+         * what an ingress controller's template writes for an annotation:
+         * an Ingress must not fail the controller's configuration, and
+         * without keys nobody is let in (docs/kubernetes.md)
+         */
+
+        ngx_conf_log_error(NGX_LOG_WARN, cf, 0,
+                           "\"infer_auth required\" without "
+                           "infer_auth_api_keys, infer_auth_jwt_key, "
+                           "infer_auth_jwks or infer_auth_jwks_uri: every "
+                           "request is answered 500");
+        conf->unkeyed = 1;
     }
 
     return NGX_CONF_OK;

@@ -119,7 +119,7 @@ def fragment_of(text, path):
 QUOTED = r'"(?:[^"\\]|\\.)*"'
 FIXED = {"infer_route on;", "infer_route_phase rewrite;",
          "set $proxy_upstream_name $infer_lua_upstream;",
-         "infer_auth on;", "infer_auth off;", "infer_ratelimit on;",
+         "infer_auth required;", "infer_auth off;", "infer_ratelimit on;",
          "infer_metrics on;", "infer_metrics off;"}
 VALUED = re.compile(r"(infer_route_namespace|infer_route_models"
                     r"|set \$infer_ingress_plan|set \$infer_ingress_label) "
@@ -244,7 +244,7 @@ def test_a_choice_is_one_of_its_fixed_words(render_bin, template, tmp_path,
     lines = fragment_of(render(render_bin, template,
                                [loc("/a/", "b", ing("team-a", "chat", ann))],
                                tmp=tmp_path), "/a/")
-    assert lines == (["infer_auth on;"] if value else [])
+    assert lines == (["infer_auth required;"] if value else [])
 
 
 def test_a_route_annotation_renders_the_route_directives(render_bin,
@@ -263,7 +263,7 @@ def test_a_route_annotation_renders_the_route_directives(render_bin,
         'infer_route_namespace "team-a";',
         'infer_route_models "llama-3-8b, mistral-7b";',
         "set $proxy_upstream_name $infer_lua_upstream;",
-        "infer_auth on;",
+        "infer_auth required;",
         'set $infer_ingress_plan "gold";',
         "infer_ratelimit on;",
         "infer_metrics on;",
@@ -560,6 +560,30 @@ def test_a_limit_plan_picks_the_admin_s_limits_and_an_unknown_is_the_default(
     assert got["/none/"] == [200] * 6
     for path in ("/basic/", "/bogus/"):
         assert got[path][:3] == [200] * 3 and 429 in got[path][3:], got
+
+
+@needs_lua
+def test_an_auth_annotation_where_the_admin_has_no_keys_fails_closed(
+        nginx_factory, sim_factory, render_bin, template, tmp_path):
+    """The auth module loaded, no key source anywhere, and a team turns
+    auth on: nginx -t passes (the controller's reloads go on) and that
+    Ingress's requests are refused 500, while an unannotated one is
+    served."""
+    web = sim_factory("llama-3-8b", "web-a", ttft_ms=0, tpot_ms=0)
+    locations = [
+        loc("/on/", "team-a-web-8000",
+            ing("team-a", "on", {"ngx-infer.io/auth": "true"})),
+        loc("/plain/", "team-a-web-8000", ing("team-a", "plain")),
+    ]
+    gw = ingress_gateway(nginx_factory, render_bin, template, tmp_path,
+                         locations, {"team-a-web-8000": web}, ADMIN)
+    r = post(gw, "/on/", "llama-3-8b", timeout=10)
+    assert r.status_code == 500, r.text[:200]
+    assert error_of(r)["code"] == "gateway_misconfigured"
+    assert post(gw, "/plain/", "llama-3-8b", timeout=10).status_code == 200
+    assert any("no key source for this location" in l
+               for l in gw.log_text().splitlines())
+    gw.forget_log()
 
 
 @needs_lua

@@ -830,6 +830,50 @@ def test_nginx_t_checks_hmac_secret_lengths(nginx_factory, tmp_path, alg,
     assert got == ok, out
 
 
+def test_on_without_a_key_source_fails_nginx_t(nginx_factory):
+    n = nginx_factory(server(), modules=["auth"], start=False)
+    ok, out = n.check_config()
+    assert not ok
+    assert '"infer_auth on" needs infer_auth_api_keys' in out
+
+
+def test_required_without_a_key_source_answers_500_and_logs_once(
+        nginx_factory):
+    """infer_auth required, the form the annotation fragments write: with
+    no key source nginx -t warns and passes, and every request is refused
+    (500 gateway_misconfigured, type server_error), never let in."""
+    conf = server().replace("infer_auth on;", "infer_auth required;")
+    n = nginx_factory(conf, modules=["auth"], start=False)
+    ok, out = n.check_config()
+    assert ok, out
+    assert '[warn]' in out and '"infer_auth required" without' in out
+    n.start()
+    for token in (None, "not-a-token"):
+        r = get(n, token=token)
+        assert r.status_code == 500, (r.status_code, r.text)
+        err = error_of(r)
+        assert (err["type"], err["code"]) == ("server_error",
+                                              "gateway_misconfigured")
+        assert "www-authenticate" not in r.headers
+        assert r.headers.get("content-length") == str(len(r.content))
+    lines = [l for l in n.log_text().splitlines()
+             if "no key source for this location" in l]
+    # one line per worker at most within the interval
+    assert 1 <= len(lines) <= 2, lines
+    n.forget_log()
+
+
+def test_required_with_keys_is_on(nginx_factory, keys):
+    conf = server(pem_directives(keys, algs=["RS256"])).replace(
+        "infer_auth on;", "infer_auth required;")
+    n = nginx_factory(conf, modules=["auth"], start=False)
+    ok, out = n.check_config()
+    assert ok and "[warn]" not in out, out
+    n.start()
+    assert_ok(get(n, keys.token("RS256", kid="k-RS256")))
+    assert_missing(get(n))
+
+
 def test_nginx_t_refuses_a_public_key_as_an_hmac_secret(nginx_factory,
                                                         keys):
     """An RSA public key's PEM given as an HS256 secret would let anyone
