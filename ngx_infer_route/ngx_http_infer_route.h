@@ -194,6 +194,8 @@ typedef struct {
 
     ngx_http_infer_route_strip_t  *strip;       /* NULL: the usage chunk
                                                    is left in */
+    ngx_http_infer_route_loc_conf_t  *scope;    /* whose limits were
+                                                   checked */
 } ngx_http_infer_route_ctx_t;
 
 

@@ -92,6 +92,9 @@ static ngx_int_t ngx_http_infer_route_resolve(ngx_http_request_t *r,
     ngx_http_infer_route_ctx_t *ctx);
 static ngx_int_t ngx_http_infer_route_allowed(ngx_http_request_t *r,
     ngx_http_infer_route_ctx_t *ctx);
+static ngx_int_t ngx_http_infer_route_in_scope(ngx_http_request_t *r,
+    ngx_http_infer_route_ctx_t *ctx, ngx_http_infer_route_loc_conf_t *rlcf,
+    ngx_http_infer_route_model_t *entry);
 static ngx_int_t ngx_http_infer_route_misconfigured(ngx_http_request_t *r,
     ngx_http_infer_route_ctx_t *ctx, ngx_http_infer_route_loc_conf_t *rlcf,
     ngx_http_complex_value_t *cv, const char *what);
@@ -484,8 +487,10 @@ static ngx_int_t
 ngx_http_infer_route_fallback(ngx_http_request_t *r,
     ngx_http_infer_route_ctx_t *ctx)
 {
-    ngx_uint_t                  status;
-    ngx_http_upstream_state_t  *state;
+    ngx_int_t                      rc;
+    ngx_uint_t                     status;
+    ngx_http_upstream_state_t     *state;
+    ngx_http_infer_route_model_t  *next;
 
     if (ctx->status != NGX_OK || ctx->target == NULL) {
         /* redirected before anything was proxied */
@@ -510,8 +515,32 @@ ngx_http_infer_route_fallback(ngx_http_request_t *r,
         }
     }
 
-    if (ctx->entry->fallback == NULL
-        || ctx->fallbacks == NGX_HTTP_INFER_ROUTE_FALLBACKS_MAX)
+    next = ctx->entry->fallback;
+
+    if (next && ctx->scoped) {
+
+        /*
+         * a fallback is served only if the limits the model asked was
+         * checked against (an Ingress's models and namespace) let it be
+         */
+
+        rc = ngx_http_infer_route_in_scope(r, ctx, ctx->scope, next);
+
+        if (rc == NGX_DECLINED) {
+            ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
+                          "infer route: fallback \"%V\" of model \"%V\" "
+                          "is not served here",
+                          &((ngx_http_infer_route_model_t *) next)->name,
+                          &ctx->entry->name);
+            next = NULL;
+
+        } else if (rc != NGX_OK) {
+            ctx->status = rc;
+            return ngx_http_infer_route_done(r, ctx);
+        }
+    }
+
+    if (next == NULL || ctx->fallbacks == NGX_HTTP_INFER_ROUTE_FALLBACKS_MAX)
     {
         ctx->status = ngx_http_infer_route_fail(r, ctx, status,
                           "model_unavailable",
@@ -528,7 +557,7 @@ ngx_http_infer_route_fallback(ngx_http_request_t *r,
                   &((ngx_http_infer_route_model_t *)
                     ctx->entry->fallback)->name);
 
-    ctx->entry = ctx->entry->fallback;
+    ctx->entry = next;
     ctx->target = NULL;
     ctx->by_pattern = 0;
     ctx->fallbacks++;
@@ -956,15 +985,41 @@ ngx_http_infer_route_resolve(ngx_http_request_t *r,
     rmcf = ngx_http_get_module_main_conf(r, ngx_http_infer_route_module);
     rlcf = ngx_http_get_module_loc_conf(r, ngx_http_infer_route_module);
 
+    if (rmcf->current) {
+
+        /*
+         * The registry may be replaced (infer_model_registry) while the
+         * request lasts: the one it resolved in is held until it is freed.
+         */
+
+        reg = ngx_http_infer_route_registry_acquire(r);
+        if (reg == NULL) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
+        ctx->entry = ngx_http_infer_route_registry_find(reg, &ctx->model,
+                                                        &by_pattern);
+        ctx->by_pattern = by_pattern;
+
+        if (ctx->entry == NULL) {
+            return ngx_http_infer_route_fail(r, ctx, NGX_HTTP_NOT_FOUND,
+                       "model_not_found",
+                       "The model `%V` does not exist or you do not have "
+                       "access to it.", &ctx->model);
+        }
+    }
+
+    /* found in REWRITE, it is checked in PREACCESS */
+
+    if (rlcf->phase == NGX_HTTP_INFER_ROUTE_PREACCESS) {
+        rc = ngx_http_infer_route_allowed(r, ctx);
+        if (rc != NGX_OK) {
+            return rc;
+        }
+    }
+
     if (rmcf->current == NULL) {
         /* no registry: the model is only reported, in $infer_model */
-
-        if (rlcf->phase == NGX_HTTP_INFER_ROUTE_PREACCESS) {
-            rc = ngx_http_infer_route_allowed(r, ctx);
-            if (rc != NGX_OK) {
-                return rc;
-            }
-        }
 
         if (ctx->inject
             && ngx_http_infer_route_rewrite_body(r, ctx) != NGX_OK)
@@ -973,34 +1028,6 @@ ngx_http_infer_route_resolve(ngx_http_request_t *r,
         }
 
         return NGX_OK;
-    }
-
-    /*
-     * The registry may be replaced (infer_model_registry) while the
-     * request lasts: the one it resolved in is held until it is freed.
-     */
-
-    reg = ngx_http_infer_route_registry_acquire(r);
-    if (reg == NULL) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
-    }
-
-    ctx->entry = ngx_http_infer_route_registry_find(reg, &ctx->model,
-                                                    &by_pattern);
-    ctx->by_pattern = by_pattern;
-
-    if (ctx->entry == NULL) {
-        return ngx_http_infer_route_fail(r, ctx, NGX_HTTP_NOT_FOUND,
-                   "model_not_found",
-                   "The model `%V` does not exist or you do not have "
-                   "access to it.", &ctx->model);
-    }
-
-    if (rlcf->phase == NGX_HTTP_INFER_ROUTE_PREACCESS) {
-        rc = ngx_http_infer_route_allowed(r, ctx);
-        if (rc != NGX_OK) {
-            return rc;
-        }
     }
 
     if (ctx->entry->state == NGX_HTTP_INFER_MODEL_DISABLED) {
@@ -1049,14 +1076,43 @@ static ngx_int_t
 ngx_http_infer_route_allowed(ngx_http_request_t *r,
     ngx_http_infer_route_ctx_t *ctx)
 {
-    u_char                           *p, *last, *start;
-    ngx_str_t                         value, *ns, *name;
-    ngx_uint_t                        i, n, found;
+    ngx_int_t                         rc;
     ngx_http_infer_route_loc_conf_t  *rlcf;
 
     rlcf = ngx_http_get_module_loc_conf(r, ngx_http_infer_route_module);
 
     ctx->scoped = 1;
+    ctx->scope = rlcf;
+
+    rc = ngx_http_infer_route_in_scope(r, ctx, rlcf, ctx->entry);
+
+    if (rc != NGX_DECLINED) {
+        return rc;
+    }
+
+    ctx->entry = NULL;
+
+    return ngx_http_infer_route_fail(r, ctx, NGX_HTTP_NOT_FOUND,
+               "model_not_found",
+               "The model `%V` does not exist or you do not have "
+               "access to it.", &ctx->model);
+}
+
+
+/*
+ * Whether the limits of rlcf let it serve entry (NULL without a registry:
+ * the model asked): NGX_OK, NGX_DECLINED, or the status of a value that
+ * is not valid.
+ */
+
+static ngx_int_t
+ngx_http_infer_route_in_scope(ngx_http_request_t *r,
+    ngx_http_infer_route_ctx_t *ctx, ngx_http_infer_route_loc_conf_t *rlcf,
+    ngx_http_infer_route_model_t *entry)
+{
+    u_char     *p, *last, *start;
+    ngx_str_t   value, *ns, *name;
+    ngx_uint_t  i, n, found;
 
     if (rlcf->models) {
         if (ngx_http_complex_value(r, rlcf->models, &value) != NGX_OK) {
@@ -1073,9 +1129,8 @@ ngx_http_infer_route_allowed(ngx_http_request_t *r,
 
         n = 0;
         found = 0;
-        name = ctx->entry ? &ctx->entry->name : &ctx->model;
+        name = entry ? &entry->name : &ctx->model;
         last = value.data + value.len;
-
         for (p = value.data; p < last; /* void */) {
             if (*p == ',' || *p == ' ') {
                 p++;
@@ -1115,7 +1170,7 @@ ngx_http_infer_route_allowed(ngx_http_request_t *r,
         }
 
         if (n && !found) {
-            goto not_found;
+            return NGX_DECLINED;
         }
     }
 
@@ -1135,13 +1190,13 @@ ngx_http_infer_route_allowed(ngx_http_request_t *r,
                        rlcf->namespace, "is not a namespace name");
         }
 
-        if (ctx->entry == NULL) {
-            goto not_found;
+        if (entry == NULL) {
+            return NGX_DECLINED;
         }
 
-        ns = ctx->entry->namespaces.elts;
+        ns = entry->namespaces.elts;
 
-        for (i = 0; i < ctx->entry->namespaces.nelts; i++) {
+        for (i = 0; i < entry->namespaces.nelts; i++) {
             if ((ns[i].len == 1 && ns[i].data[0] == '*')
                 || (ns[i].len == value.len
                     && ngx_strncmp(ns[i].data, value.data, value.len) == 0))
@@ -1150,19 +1205,10 @@ ngx_http_infer_route_allowed(ngx_http_request_t *r,
             }
         }
 
-        goto not_found;
+        return NGX_DECLINED;
     }
 
     return NGX_OK;
-
-not_found:
-
-    ctx->entry = NULL;
-
-    return ngx_http_infer_route_fail(r, ctx, NGX_HTTP_NOT_FOUND,
-               "model_not_found",
-               "The model `%V` does not exist or you do not have "
-               "access to it.", &ctx->model);
 }
 
 

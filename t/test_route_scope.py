@@ -346,3 +346,58 @@ def test_ngf_by_header_recipe(nginx_factory, pools):
     r = chat(gw, "mistral-7b", path="/mistral/v1/chat/completions",
              headers={"X-Model": "mistral-7b"})
     assert r.status_code == 200 and replica(r) == "sim-b"
+
+
+# ------------------------------------------------------------- fallbacks
+
+FAILOVER = PROXY + """
+            proxy_pass http://$infer_upstream/v1/chat/completions;
+            proxy_intercept_errors on;
+            error_page 502 503 = @fallback;"""
+
+
+@pytest.mark.parametrize("phase", ["rewrite", "preaccess"])
+def test_a_fallback_is_held_to_the_limits_of_the_location(nginx_factory,
+                                                          sim_factory, phase):
+    """A model's fallback= is served only if the models and namespace the
+    model asked was checked against allow it too: a failing team-a pool
+    whose fallback belongs to team-b is model_unavailable on team-a's
+    location, and falls back where team-b's namespace allows it."""
+    bad = sim_factory("llama-3-8b", "bad", ttft_ms=0, fail_status=503,
+                      fail_ratio=1.0)
+    good = sim_factory("mistral-7b", "good", ttft_ms=0)
+    gw = nginx_factory(f"""
+    upstream pa {{ server {bad.addr}; }}
+    upstream pb {{ server {good.addr}; }}
+    infer_model llama-3-8b upstream=pa fallback=mistral-7b
+                namespaces=team-a,team-b;
+    infer_model mistral-7b upstream=pb namespaces=team-b;
+    server {{
+        listen 127.0.0.1:{{port}} reuseport;
+        infer_route on;
+        infer_route_phase {phase};
+        recursive_error_pages on;
+        location /a/ {{
+            infer_route_namespace "team-a";
+            {FAILOVER}
+        }}
+        location /b/ {{
+            infer_route_namespace "team-b";
+            {FAILOVER}
+        }}
+        location /listed/ {{
+            infer_route_models "llama-3-8b";
+            {FAILOVER}
+        }}
+        location @fallback {{ {FAILOVER} }}
+    }}""")
+    for path, ok in (("/a/", False), ("/listed/", False), ("/b/", True)):
+        r = chat(gw, "llama-3-8b", path=path + "v1/chat/completions")
+        if ok:
+            assert r.status_code == 200, r.text
+            assert replica(r) == "good"
+        else:
+            assert r.status_code == 503, (path, r.status_code, r.text)
+            assert error_of(r)["code"] == "model_unavailable"
+    assert gw.log_text().count('fallback "mistral-7b" of model '
+                               '"llama-3-8b" is not served here') == 2
