@@ -11,7 +11,6 @@ string, nor fails nginx -t; an annotated Ingress is routed by model to its
 registry pools through the Lua balancer, within its models and its
 namespace; other Ingresses are untouched."""
 
-import ast
 import json
 import os
 import re
@@ -22,6 +21,9 @@ from pathlib import Path
 import pytest
 import requests
 
+from harness.gotemplate import HOSTILE, HOSTILE_IDS, go_unquote, nginx_reads
+from harness.gotemplate import render_bin  # noqa: F401 (a fixture)
+from harness.kubectl import kubectl_dry_run
 from harness.nginx import MODULES, NGINX_BIN, module_path
 from harness.openai import chat, error_of
 
@@ -29,7 +31,6 @@ REPO = Path(__file__).resolve().parents[1]
 FRAGMENT = REPO / "deploy" / "ingress-nginx" / "ngx-infer.tmpl"
 INSERT = REPO / "deploy" / "ingress-nginx" / "insert-template.sh"
 STAND_IN = REPO / "t" / "data" / "ingress-nginx-stand-in.tmpl"
-RENDER_GO = REPO / "t" / "go" / "render.go"
 
 LUA_MODULES = Path("/usr/lib/nginx/modules")
 # Debian's: NDK first, then the lua module (lua-resty-core is found on
@@ -49,21 +50,6 @@ HELLO = [{"role": "user", "content": "Hello there"}]
 
 
 # ------------------------------------------------------------ the renderer
-
-@pytest.fixture(scope="module")
-def render_bin(tmp_path_factory):
-    go = shutil.which("go")
-    if go is None:
-        pytest.skip("go is not installed (Debian's golang-go; make deps "
-                    "installs it)")
-    d = tmp_path_factory.mktemp("render")
-    env = dict(os.environ, GOCACHE=str(d / "cache"), GOPATH=str(d / "gopath"),
-               GO111MODULE="off", GOFLAGS="")
-    r = subprocess.run([go, "build", "-o", str(d / "render"), str(RENDER_GO)],
-                       capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr
-    return d / "render"
-
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory):
@@ -126,37 +112,6 @@ VALUED = re.compile(r"(infer_route_namespace|infer_route_models"
                     rf"({QUOTED});")
 
 
-def go_unquote(token):
-    """What Go's %q wrote, read back: Go's escapes (\\" \\\\ \\n \\t \\xNN
-    \\uNNNN \\UNNNNNNNN \\a...) are Python's too."""
-    assert token[0] == '"' and token[-1] == '"'
-    inner = token[1:-1]
-    assert not re.search(r"[\x00-\x1f\x7f]", inner), token
-    return ast.literal_eval(token)
-
-
-def nginx_reads(token):
-    """The value nginx gives the quoted token once parsed (\\" \\' \\\\ \\t
-    \\r \\n unescaped, any other backslash kept) and its ${literal_dollar}
-    evaluated."""
-    inner, out, i = token[1:-1], [], 0
-    while i < len(inner):
-        c = inner[i]
-        if c == "\\" and i + 1 < len(inner):
-            n = inner[i + 1]
-            if n in "\"'\\":
-                out.append(n)
-                i += 2
-                continue
-            if n in "trn":
-                out.append({"t": "\t", "r": "\r", "n": "\n"}[n])
-                i += 2
-                continue
-        out.append(c)
-        i += 1
-    return "".join(out).replace("${literal_dollar}", "$")
-
-
 def check_lines(lines):
     """Every line is a fixed one or a valued one whose value is one quoted
     string in which "$" appears only as ${literal_dollar}; returns
@@ -170,20 +125,6 @@ def check_lines(lines):
         assert "$" not in m.group(2).replace("${literal_dollar}", ""), ln
         valued[m.group(1)] = m.group(2)
     return valued
-
-
-HOSTILE = [
-    "", "a", 'a"b', '"', '\\', 'a\\', '\\"', "$", "$host", "${host}",
-    "${literal_dollar}", "a$", "${", "}", "a;b", "; return 200 hacked;",
-    "{", "} server { listen 9999; }", "a\nb", "\n}\n", "a\rb", "a\tb",
-    "a\x00b", "\x00", "'single'", "#comment", "a b", "llama-3-8b,$x",
-    "\u2028", "\u00e9t\u00e9", "\U0001f600", "\x7f", "\\x41",
-    "x" * 65536, "$" * 4096, '"' * 3000, "llama-3-8b;" * 400,
-    '"; } } http { #',
-]
-
-HOSTILE_IDS = [repr(v[:12]) + (f"..{len(v)}" if len(v) > 12 else "")
-               for v in HOSTILE]
 
 
 def token_limit(key):
@@ -760,85 +701,11 @@ def test_the_example_manifests_are_what_the_fragment_reads():
         for k in EXAMPLE_KEYS.values()}
 
 
-def kubectl_stub_server():
-    """Enough of an API server for kubectl's discovery (the kinds the
-    examples use) and nothing else: every object is not found, so apply
-    --dry-run=client reports what it would create.  Loopback only."""
-    import http.server
-    import threading
-
-    def resources(gv, *kinds):
-        return {"kind": "APIResourceList", "groupVersion": gv,
-                "resources": [{"name": n, "singularName": "",
-                               "namespaced": ns, "kind": k,
-                               "verbs": ["create", "get", "list", "patch",
-                                         "update", "delete"]}
-                              for n, ns, k in kinds]}
-
-    net = {"groupVersion": "networking.k8s.io/v1", "version": "v1"}
-    answers = {
-        "/api": {"kind": "APIVersions", "versions": ["v1"],
-                 "serverAddressByClientCIDRs": [
-                     {"clientCIDR": "0.0.0.0/0",
-                      "serverAddress": "127.0.0.1"}]},
-        "/apis": {"kind": "APIGroupList", "apiVersion": "v1",
-                  "groups": [{"name": "networking.k8s.io", "versions": [net],
-                              "preferredVersion": net}]},
-        "/api/v1": resources("v1", ("configmaps", True, "ConfigMap"),
-                             ("secrets", True, "Secret"),
-                             ("namespaces", False, "Namespace")),
-        "/apis/networking.k8s.io/v1": resources(
-            "networking.k8s.io/v1", ("ingresses", True, "Ingress")),
-    }
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            body = answers.get(self.path.split("?")[0])
-            code = 200 if body else 404
-            body = json.dumps(body or {
-                "kind": "Status", "apiVersion": "v1", "metadata": {},
-                "status": "Failure", "reason": "NotFound", "code": 404,
-                "message": "not found"}).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
-
-
 def test_kubectl_dry_run_client_takes_the_example_manifests(tmp_path):
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl is not installed (Debian's kubernetes-client)")
-    server = kubectl_stub_server()
-    try:
-        kc = tmp_path / "kubeconfig"
-        kc.write_text(
-            "apiVersion: v1\nkind: Config\n"
-            "clusters: [{name: stub, cluster: {server: "
-            f"'http://127.0.0.1:{server.server_port}'}}}}]\n"
-            "contexts: [{name: stub, context: {cluster: stub, user: stub}}]\n"
-            "current-context: stub\nusers: [{name: stub, user: {}}]\n")
-        files = [str(f) for f in sorted(EXAMPLES.glob("*.yaml"))
-                 if f.name != "values.yaml"]
-        args = [kubectl, "--kubeconfig", str(kc), "apply", "--dry-run=client",
-                "--validate=false"]
-        for f in files:
-            args += ["-f", f]
-        r = subprocess.run(args, capture_output=True, text=True, timeout=120,
-                           env=dict(os.environ, HOME=str(tmp_path)))
-        assert r.returncode == 0, r.stderr
-        assert r.stdout.count("created (dry run)") == len(example_objects())
-    finally:
-        server.shutdown()
-        server.server_close()
+    files = [f for f in sorted(EXAMPLES.glob("*.yaml"))
+             if f.name != "values.yaml"]
+    out = kubectl_dry_run(files, tmp_path)
+    assert out.count("created (dry run)") == len(example_objects())
 
 
 def example_gateway(nginx_factory, sim_factory, render_bin, template,

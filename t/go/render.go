@@ -2,6 +2,8 @@
 // tests (t/test_annotations.py), standard library only (Go 1.19).
 //
 //	render TEMPLATE DATA.json      renders TEMPLATE with DATA into stdout
+//	render -nic TEMPLATE DATA.json the same with the F5 NGINX Ingress
+//	                               Controller's data and functions
 //	render -parse-only TEMPLATE    parses TEMPLATE, every function it calls
 //	                               that is not below stubbed, and exits 0
 //	                               if it parses
@@ -22,6 +24,15 @@
 //	                     template reads of that Ingress; here the data
 //	                     hold that already (Locations[].Ing), so it
 //	                     returns its first argument, or an empty one
+//
+// With -nic, the functions are those of nginx/kubernetes-ingress's
+// internal/configs/version1/template_helper.go (v5.5.4) that the tests'
+// stand-in of its nginx.ingress.tmpl calls:
+//
+//	replaceAll        strings.ReplaceAll
+//	contains          strings.Contains
+//	makeLocationPath  the location's path as it is (the controller's adds
+//	                  a modifier for nginx.org/path-regex; not used here)
 //
 // The data are typed as the controller's are, so that index of a missing
 // annotation is "" (a map[string]string), as it is in the controller.
@@ -65,6 +76,61 @@ type location struct {
 type data struct {
 	All       templateConfig
 	Locations []location
+}
+
+// The F5 NGINX Ingress Controller's version1.IngressNginxConfig, the part
+// the stand-in reads, by the same names.
+type nicIngress struct {
+	Name        string
+	Namespace   string
+	Annotations map[string]string
+}
+
+type nicUpstreamServer struct {
+	Address     string
+	MaxFails    int
+	MaxConns    int
+	FailTimeout string
+}
+
+type nicUpstream struct {
+	Name             string
+	UpstreamServers  []nicUpstreamServer
+	LBMethod         string
+	UpstreamZoneSize string
+}
+
+type nicLocation struct {
+	Path          string
+	Upstream      nicUpstream
+	ProxyPass     string
+	Rewrite       string
+	SSL           bool
+	GRPC          bool
+	Internal      bool
+	ServiceName   string
+	MinionIngress *nicIngress
+}
+
+type nicServer struct {
+	Name      string
+	Ports     []int
+	Locations []nicLocation
+}
+
+type nicConfig struct {
+	Upstreams []nicUpstream
+	Servers   []nicServer
+	Keepalive string
+	Ingress   nicIngress
+}
+
+var nicFuncs = template.FuncMap{
+	"replaceAll": strings.ReplaceAll,
+	"contains":   strings.Contains,
+	"makeLocationPath": func(l *nicLocation, a map[string]string) string {
+		return l.Path
+	},
 }
 
 func quote(input interface{}) string {
@@ -169,8 +235,14 @@ func main() {
 		return
 	}
 
+	nic := len(args) == 3 && args[0] == "-nic"
+	if nic {
+		args = args[1:]
+	}
+
 	if len(args) != 2 {
-		fail("usage: render TEMPLATE DATA.json | render -parse-only TEMPLATE")
+		fail("usage: render [-nic] TEMPLATE DATA.json | " +
+			"render -parse-only TEMPLATE")
 	}
 
 	text, err := os.ReadFile(args[0])
@@ -183,15 +255,23 @@ func main() {
 		fail("%v", err)
 	}
 
-	var d data
+	var d interface{} = &data{}
+	fm := funcs
+	// the controllers' own names for their templates
+	name := "nginx.tmpl"
+	if nic {
+		d = &nicConfig{}
+		fm = nicFuncs
+		name = "nginx.ingress.tmpl"
+	}
+
 	dec := json.NewDecoder(strings.NewReader(string(raw)))
 	dec.DisallowUnknownFields()
-	if err := dec.Decode(&d); err != nil {
+	if err := dec.Decode(d); err != nil {
 		fail("%s: %v", args[1], err)
 	}
 
-	// the controller's own name for its template
-	t, err := template.New("nginx.tmpl").Funcs(funcs).Parse(string(text))
+	t, err := template.New(name).Funcs(fm).Parse(string(text))
 	if err != nil {
 		fail("%v", err)
 	}
