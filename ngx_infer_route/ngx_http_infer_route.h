@@ -186,6 +186,8 @@ typedef struct {
     unsigned                       rewritten:1;
     unsigned                       usage_partial:1;
     unsigned                       inject:1;    /* include_usage added */
+    unsigned                       listing:1;   /* GET .../models of a
+                                                   limited location */
     unsigned                       scoped:1;    /* infer_route_models and
                                                    _namespace checked */
     unsigned                       verify:1;    /* the body is read to
@@ -256,6 +258,11 @@ void ngx_http_infer_route_filter_init(ngx_conf_t *cf);
 char *ngx_http_infer_route_list(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 ngx_int_t ngx_http_infer_route_list_handler(ngx_http_request_t *r);
+/* whether rlcf's infer_route_models and _namespace let it serve entry:
+ * NGX_OK, NGX_DECLINED, or the status of a value that is not valid */
+ngx_int_t ngx_http_infer_route_in_scope(ngx_http_request_t *r,
+    ngx_http_infer_route_ctx_t *ctx, ngx_http_infer_route_loc_conf_t *rlcf,
+    ngx_http_infer_route_model_t *entry);
 
 /* ngx_http_infer_route_file.c */
 

@@ -16,7 +16,7 @@
 #include "ngx_http_infer_route.h"
 
 
-static ngx_uint_t ngx_http_infer_route_listed(
+static ngx_uint_t ngx_http_infer_route_listed(ngx_http_request_t *r,
     ngx_http_infer_route_model_t *m, ngx_str_t *filter, ngx_str_t *want);
 static ngx_int_t ngx_http_infer_route_list_allows(ngx_str_t *filter,
     ngx_http_infer_route_model_t *m);
@@ -94,8 +94,8 @@ ngx_http_infer_route_list_handler(ngx_http_request_t *r)
 
     for (i = 0; i < nm; i++) {
 
-        if (!ngx_http_infer_route_listed(m[i], &filter, single ? &want
-                                                                : NULL))
+        if (!ngx_http_infer_route_listed(r, m[i], &filter,
+                                         single ? &want : NULL))
         {
             continue;
         }
@@ -133,8 +133,8 @@ ngx_http_infer_route_list_handler(ngx_http_request_t *r)
 
     for (i = 0; i < nm; i++) {
 
-        if (!ngx_http_infer_route_listed(m[i], &filter, single ? &want
-                                                                : NULL))
+        if (!ngx_http_infer_route_listed(r, m[i], &filter,
+                                         single ? &want : NULL))
         {
             continue;
         }
@@ -164,16 +164,29 @@ ngx_http_infer_route_list_handler(ngx_http_request_t *r)
 
 
 /*
- * Whether the list shows m: not disabled, allowed by the filter, and the
- * one asked for by /models/{id} (want, when not NULL).
+ * Whether the list shows m: not disabled, allowed by the filter and by
+ * the limits of the location it was asked on (already checked to be valid
+ * values), and the one asked for by /models/{id} (want, when not NULL).
  */
 
 static ngx_uint_t
-ngx_http_infer_route_listed(ngx_http_infer_route_model_t *m,
-    ngx_str_t *filter, ngx_str_t *want)
+ngx_http_infer_route_listed(ngx_http_request_t *r,
+    ngx_http_infer_route_model_t *m, ngx_str_t *filter, ngx_str_t *want)
 {
+    ngx_http_infer_route_ctx_t  *ctx;
+
     if (m->state == NGX_HTTP_INFER_MODEL_DISABLED
         || !ngx_http_infer_route_list_allows(filter, m))
+    {
+        return 0;
+    }
+
+    /* a location limited by infer_route_models or _namespace: its own */
+
+    ctx = ngx_http_get_module_ctx(r, ngx_http_infer_route_module);
+
+    if (ctx && ctx->listing
+        && ngx_http_infer_route_in_scope(r, ctx, ctx->scope, m) != NGX_OK)
     {
         return 0;
     }

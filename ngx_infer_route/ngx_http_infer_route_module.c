@@ -92,9 +92,10 @@ static ngx_int_t ngx_http_infer_route_resolve(ngx_http_request_t *r,
     ngx_http_infer_route_ctx_t *ctx);
 static ngx_int_t ngx_http_infer_route_allowed(ngx_http_request_t *r,
     ngx_http_infer_route_ctx_t *ctx);
-static ngx_int_t ngx_http_infer_route_in_scope(ngx_http_request_t *r,
-    ngx_http_infer_route_ctx_t *ctx, ngx_http_infer_route_loc_conf_t *rlcf,
-    ngx_http_infer_route_model_t *entry);
+static ngx_int_t ngx_http_infer_route_list_scope(ngx_http_request_t *r,
+    ngx_http_infer_route_ctx_t *ctx);
+static ngx_uint_t ngx_http_infer_route_lists(ngx_http_request_t *r,
+    ngx_http_infer_route_loc_conf_t *rlcf);
 static ngx_int_t ngx_http_infer_route_misconfigured(ngx_http_request_t *r,
     ngx_http_infer_route_ctx_t *ctx, ngx_http_infer_route_loc_conf_t *rlcf,
     ngx_http_complex_value_t *cv, const char *what);
@@ -378,7 +379,8 @@ ngx_http_infer_route_preaccess_handler(ngx_http_request_t *r)
      */
 
     if (ctx->status == NGX_OK && !ctx->scoped) {
-        ctx->status = ngx_http_infer_route_allowed(r, ctx);
+        ctx->status = ctx->listing ? ngx_http_infer_route_list_scope(r, ctx)
+                                   : ngx_http_infer_route_allowed(r, ctx);
         return ngx_http_infer_route_done(r, ctx);
     }
 
@@ -441,6 +443,13 @@ ngx_http_infer_route_handler(ngx_http_request_t *r)
 
     ctx->ttft = -1;
     ctx->body_size = -1;
+
+    if (ngx_http_infer_route_lists(r, rlcf)) {
+        ctx->listing = 1;
+        ctx->status = (rlcf->phase == NGX_HTTP_INFER_ROUTE_PREACCESS)
+                      ? ngx_http_infer_route_list_scope(r, ctx) : NGX_OK;
+        return ngx_http_infer_route_done(r, ctx);
+    }
 
     rc = ngx_http_infer_route_next(r, ctx);
 
@@ -1100,12 +1109,76 @@ ngx_http_infer_route_allowed(ngx_http_request_t *r,
 
 
 /*
+ * GET /.../models and /.../models/{id} on a location limited by
+ * infer_route_models or infer_route_namespace (an annotated Ingress's):
+ * the list of what it may serve, not a request without a model.
+ */
+
+static ngx_uint_t
+ngx_http_infer_route_lists(ngx_http_request_t *r,
+    ngx_http_infer_route_loc_conf_t *rlcf)
+{
+    u_char  *p, *start;
+
+    if ((rlcf->models == NULL && rlcf->namespace == NULL)
+        || !(r->method & (NGX_HTTP_GET|NGX_HTTP_HEAD)))
+    {
+        return 0;
+    }
+
+    start = r->uri.data;
+    p = start + r->uri.len;
+
+    if (p - start >= 7 && ngx_strncmp(p - 7, "/models", 7) == 0) {
+        return 1;
+    }
+
+    /* the last segment is a model id */
+
+    while (p > start && p[-1] != '/') {
+        p--;
+    }
+
+    return (p - start >= 8 && ngx_strncmp(p - 8, "/models/", 8) == 0);
+}
+
+
+/*
+ * The values are checked once (a bad one is the location's 500); the list
+ * handler then shows the models they let this location serve.
+ */
+
+static ngx_int_t
+ngx_http_infer_route_list_scope(ngx_http_request_t *r,
+    ngx_http_infer_route_ctx_t *ctx)
+{
+    ngx_int_t                         rc;
+    ngx_http_infer_route_loc_conf_t  *rlcf;
+
+    rlcf = ngx_http_get_module_loc_conf(r, ngx_http_infer_route_module);
+
+    ctx->scoped = 1;
+    ctx->scope = rlcf;
+
+    rc = ngx_http_infer_route_in_scope(r, ctx, rlcf, NULL);
+
+    if (rc != NGX_OK && rc != NGX_DECLINED) {
+        return rc;
+    }
+
+    r->content_handler = ngx_http_infer_route_list_handler;
+
+    return NGX_OK;
+}
+
+
+/*
  * Whether the limits of rlcf let it serve entry (NULL without a registry:
  * the model asked): NGX_OK, NGX_DECLINED, or the status of a value that
  * is not valid.
  */
 
-static ngx_int_t
+ngx_int_t
 ngx_http_infer_route_in_scope(ngx_http_request_t *r,
     ngx_http_infer_route_ctx_t *ctx, ngx_http_infer_route_loc_conf_t *rlcf,
     ngx_http_infer_route_model_t *entry)

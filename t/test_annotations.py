@@ -790,6 +790,18 @@ def test_the_examples_route_each_team_to_its_models(
     routed("team-b", "bge-m3", b, "tei-bge-m3")
     refused("team-b", "llama-3-8b", b, 404, "model_not_found")
 
+    # each team's GET /v1/models: the models its Ingress may serve, with
+    # its key (auth applies), through the location the Lua balancer serves
+    for team, key, want in (("team-a", a, ["llama-3-8b", "mistral-7b"]),
+                            ("team-b", b, ["mistral-7b", "qwen2-7b",
+                                           "bge-m3"])):
+        r = requests.get(gw.url + f"/{team}/v1/models", timeout=10,
+                         headers={"x-api-key": key})
+        assert r.status_code == 200, (team, r.text)
+        assert [m["id"] for m in r.json()["data"]] == want
+    r = requests.get(gw.url + "/team-a/v1/models", timeout=10)
+    assert r.status_code == 401
+
     page = requests.get(gw.metrics_url, timeout=10).text
     series = [s.labels for fam in text_string_to_metric_families(page)
               for s in fam.samples]

@@ -633,6 +633,12 @@ def test_the_examples_render_and_route_each_team(
     assert r.headers["x-ratelimit-limit-requests"] == "60"
     # no key: refused
     assert host_chat(gw, hosts["team-a"], "llama-3-8b").status_code == 401
+    for ns, want in (("team-a", ["llama-3-8b", "mistral-7b"]),
+                     ("team-b", ["mistral-7b", "qwen2-7b"])):
+        r = requests.get(gw.url + "/v1/models", timeout=10,
+                         headers={"Host": hosts[ns], "x-api-key": key[ns]})
+        assert r.status_code == 200, (ns, r.text)
+        assert [m["id"] for m in r.json()["data"]] == want
     page = requests.get(gw.url + "/metrics", headers={"Host": "metrics"},
                         timeout=10).text
     assert 'team="chat"' in page and 'team="batch"' in page

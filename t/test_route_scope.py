@@ -401,3 +401,71 @@ def test_a_fallback_is_held_to_the_limits_of_the_location(nginx_factory,
             assert error_of(r)["code"] == "model_unavailable"
     assert gw.log_text().count('fallback "mistral-7b" of model '
                                '"llama-3-8b" is not served here') == 2
+
+
+# --------------------------------------------------------------- GET models
+
+@pytest.mark.parametrize("phase", ["rewrite", "preaccess"])
+def test_a_limited_location_lists_what_it_may_serve(nginx_factory, pools,
+                                                    phase):
+    """GET .../models on a location limited by infer_route_models or
+    infer_route_namespace (an annotated Ingress's path) is the list of the
+    models it may serve, in OpenAI's shape; the models it may not serve are
+    404 as one model, as a chat for them is."""
+    gw = nginx_factory(conf(*pools, f"""
+        infer_route on;
+        infer_route_phase {phase};
+        proxy_pass http://$infer_upstream;
+        {PROXY}""", extra=f"""
+    server {{
+        listen 127.0.0.1:{{port}};
+        server_name limited;
+        infer_route on;
+        infer_route_phase {phase};
+        location /ns/ {{
+            infer_route_namespace "team-b";
+            proxy_pass http://$infer_upstream/v1/chat/completions;
+        }}
+        location /both/ {{
+            infer_route_namespace "team-b";
+            infer_route_models "unscoped mistral-7b";
+            proxy_pass http://$infer_upstream;
+        }}
+        location /bad/ {{
+            infer_route_models "a;b";
+            proxy_pass http://$infer_upstream;
+        }}
+    }}"""))
+
+    def get(path, host="limited"):
+        return requests.get(gw.url + path, headers={"Host": host},
+                            timeout=10)
+
+    def ids(path):
+        r = get(path)
+        assert r.status_code == 200, r.text
+        doc = r.json()
+        assert doc["object"] == "list"
+        return [m["id"] for m in doc["data"]]
+
+    assert ids("/ns/v1/models") == ["mistral-7b", "shared"]
+    assert ids("/both/v1/models") == ["mistral-7b"]
+    r = get("/ns/v1/models/shared")
+    assert r.status_code == 200 and r.json()["id"] == "shared"
+    for path in ("/ns/v1/models/llama-3-8b", "/ns/v1/models/unscoped",
+                 "/both/v1/models/shared"):
+        r = get(path)
+        assert r.status_code == 404, (path, r.text)
+        assert error_of(r)["code"] == "model_not_found"
+    r = get("/bad/v1/models")
+    assert r.status_code == 500
+    assert error_of(r)["code"] == "gateway_misconfigured"
+    # a POST there is routed as before
+    r = chat(gw, "mistral-7b", path="/ns/v1/chat/completions",
+             headers={"Host": "limited"})
+    assert r.status_code == 200 and replica(r) == "sim-b"
+    # a location without limits: a GET names no model, as before
+    r = get("/v1/models", host="other")
+    assert r.status_code == 400
+    assert error_of(r)["code"] == "missing_model"
+    gw.forget_log()
