@@ -475,7 +475,9 @@ def test_yaml_parses():
 
 def test_scripts_are_sh():
     sh = shutil.which("dash") or shutil.which("sh")
-    for f in ("common/check-image.sh", "ingress-nginx/init_module.sh"):
+    for f in ("common/check-image.sh", "ingress-nginx/init_module.sh",
+              "ingress-nginx/insert-template.sh",
+              "nginx-ingress/insert-template.sh"):
         p = DEPLOY / f
         assert os.access(p, os.X_OK), f"{f} is not executable"
         assert p.read_text().startswith("#!/bin/sh\n")
