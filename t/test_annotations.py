@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from harness import gotemplate
 from harness.gotemplate import HOSTILE, HOSTILE_IDS, go_unquote, nginx_reads
 from harness.gotemplate import render_bin  # noqa: F401 (a fixture)
 from harness.kubectl import kubectl_dry_run
@@ -102,29 +103,13 @@ def fragment_of(text, path):
 
 # ----------------------------------------------------------- the grammar
 
-QUOTED = r'"(?:[^"\\]|\\.)*"'
-FIXED = {"infer_route on;", "infer_route_phase rewrite;",
-         "set $proxy_upstream_name $infer_lua_upstream;",
-         "infer_auth required;", "infer_auth off;", "infer_ratelimit on;",
-         "infer_metrics on;", "infer_metrics off;"}
-VALUED = re.compile(r"(infer_route_namespace|infer_route_models"
-                    r"|set \$infer_ingress_plan|set \$infer_ingress_label) "
-                    rf"({QUOTED});")
+FIXED = gotemplate.FIXED | {
+    "infer_route_phase rewrite;",
+    "set $proxy_upstream_name $infer_lua_upstream;"}
 
 
 def check_lines(lines):
-    """Every line is a fixed one or a valued one whose value is one quoted
-    string in which "$" appears only as ${literal_dollar}; returns
-    {directive: token}."""
-    valued = {}
-    for ln in lines:
-        if ln in FIXED:
-            continue
-        m = VALUED.fullmatch(ln)
-        assert m, f"a line that is not the fragment's: {ln[:200]!r}"
-        assert "$" not in m.group(2).replace("${literal_dollar}", ""), ln
-        valued[m.group(1)] = m.group(2)
-    return valued
+    return gotemplate.check_lines(lines, FIXED)
 
 
 def token_limit(key):

@@ -22,6 +22,7 @@ import pytest
 import requests
 import yaml
 
+from harness import gotemplate
 from harness.gotemplate import HOSTILE, HOSTILE_IDS, go_unquote, nginx_reads
 from harness.gotemplate import render_bin  # noqa: F401 (a fixture)
 from harness.kubectl import kubectl_dry_run
@@ -149,25 +150,11 @@ def location_lines(text, path):
     return [ln.strip() for ln in block.splitlines() if ln.strip()]
 
 
-QUOTED = r'"(?:[^"\\]|\\.)*"'
-FIXED = {"# ngx_infer: ngx-infer.io/route", "infer_route on;",
-         "infer_auth required;", "infer_auth off;", "infer_ratelimit on;",
-         "infer_metrics on;", "infer_metrics off;"}
-VALUED = re.compile(r"(infer_route_namespace|infer_route_models"
-                    r"|set \$infer_ingress_plan|set \$infer_ingress_label) "
-                    rf"({QUOTED});")
+FIXED = gotemplate.FIXED | {"# ngx_infer: ngx-infer.io/route"}
 
 
 def check_lines(lines):
-    valued = {}
-    for ln in lines:
-        if ln in FIXED:
-            continue
-        m = VALUED.fullmatch(ln)
-        assert m, f"a line that is not the fragment's: {ln[:200]!r}"
-        assert "$" not in m.group(2).replace(DOLLAR, ""), ln
-        valued[m.group(1)] = m.group(2)
-    return valued
+    return gotemplate.check_lines(lines, FIXED, DOLLAR)
 
 
 # ------------------------------------------------------------- rendering

@@ -65,13 +65,16 @@ main_out=$(mktemp "${TMPDIR:-/tmp}/nginx.tmpl.XXXXXX")
 ingress_out=$(mktemp "${TMPDIR:-/tmp}/nginx.ingress.tmpl.XXXXXX")
 trap 'rm -f "$main_out" "$ingress_out"' EXIT
 
-awk '
+# both files' lines are compared without their leading and trailing blanks
+trim='
 function trim(s) {
     sub(/^[ \t]+/, "", s)
     sub(/[ \t\r]+$/, "", s)
     return s
 }
+'
 
+awk "$trim"'
 {
     line = trim($0)
     print
@@ -106,13 +109,7 @@ END {
 }
 ' "$main" > "$main_out" || die "$main: not changed"
 
-awk -v frag="$frag" '
-function trim(s) {
-    sub(/^[ \t]+/, "", s)
-    sub(/[ \t\r]+$/, "", s)
-    return s
-}
-
+awk -v frag="$frag" "$trim"'
 {
     line = trim($0)
     lead = $0

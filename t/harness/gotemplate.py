@@ -75,3 +75,30 @@ def nginx_reads(token, dollar="${literal_dollar}"):
         out.append(c)
         i += 1
     return "".join(out).replace(dollar, "$")
+
+
+# the lines an annotation fragment writes: fixed ones, and those that carry
+# one value as one quoted string
+QUOTED = r'"(?:[^"\\]|\\.)*"'
+VALUED = re.compile(r"(infer_route_namespace|infer_route_models"
+                    r"|set \$infer_ingress_plan|set \$infer_ingress_label) "
+                    rf"({QUOTED});")
+
+# what both controllers' fragments write as they are
+FIXED = {"infer_route on;", "infer_auth required;", "infer_auth off;",
+         "infer_ratelimit on;", "infer_metrics on;", "infer_metrics off;"}
+
+
+def check_lines(lines, fixed=FIXED, dollar="${literal_dollar}"):
+    """Every line is a fixed one or a valued one whose value is one quoted
+    string in which "$" appears only as the controller's dollar variable;
+    returns {directive: token}."""
+    valued = {}
+    for ln in lines:
+        if ln in fixed:
+            continue
+        m = VALUED.fullmatch(ln)
+        assert m, f"a line that is not the fragment's: {ln[:200]!r}"
+        assert "$" not in m.group(2).replace(dollar, ""), ln
+        valued[m.group(1)] = m.group(2)
+    return valued
