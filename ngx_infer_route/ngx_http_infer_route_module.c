@@ -92,6 +92,8 @@ static ngx_int_t ngx_http_infer_route_resolve(ngx_http_request_t *r,
     ngx_http_infer_route_ctx_t *ctx);
 static ngx_int_t ngx_http_infer_route_allowed(ngx_http_request_t *r,
     ngx_http_infer_route_ctx_t *ctx);
+static ngx_int_t ngx_http_infer_route_scope(ngx_http_request_t *r,
+    ngx_http_infer_route_ctx_t *ctx, ngx_http_infer_route_model_t *entry);
 static ngx_int_t ngx_http_infer_route_list_scope(ngx_http_request_t *r,
     ngx_http_infer_route_ctx_t *ctx);
 static ngx_uint_t ngx_http_infer_route_lists(ngx_http_request_t *r,
@@ -1085,15 +1087,9 @@ static ngx_int_t
 ngx_http_infer_route_allowed(ngx_http_request_t *r,
     ngx_http_infer_route_ctx_t *ctx)
 {
-    ngx_int_t                         rc;
-    ngx_http_infer_route_loc_conf_t  *rlcf;
+    ngx_int_t  rc;
 
-    rlcf = ngx_http_get_module_loc_conf(r, ngx_http_infer_route_module);
-
-    ctx->scoped = 1;
-    ctx->scope = rlcf;
-
-    rc = ngx_http_infer_route_in_scope(r, ctx, rlcf, ctx->entry);
+    rc = ngx_http_infer_route_scope(r, ctx, ctx->entry);
 
     if (rc != NGX_DECLINED) {
         return rc;
@@ -1152,15 +1148,9 @@ static ngx_int_t
 ngx_http_infer_route_list_scope(ngx_http_request_t *r,
     ngx_http_infer_route_ctx_t *ctx)
 {
-    ngx_int_t                         rc;
-    ngx_http_infer_route_loc_conf_t  *rlcf;
+    ngx_int_t  rc;
 
-    rlcf = ngx_http_get_module_loc_conf(r, ngx_http_infer_route_module);
-
-    ctx->scoped = 1;
-    ctx->scope = rlcf;
-
-    rc = ngx_http_infer_route_in_scope(r, ctx, rlcf, NULL);
+    rc = ngx_http_infer_route_scope(r, ctx, NULL);
 
     if (rc != NGX_OK && rc != NGX_DECLINED) {
         return rc;
@@ -1169,6 +1159,22 @@ ngx_http_infer_route_list_scope(ngx_http_request_t *r,
     r->content_handler = ngx_http_infer_route_list_handler;
 
     return NGX_OK;
+}
+
+
+/*
+ * The request is held to this location's limits from now on (a fallback
+ * too): whether they let it serve entry, as ngx_http_infer_route_in_scope().
+ */
+
+static ngx_int_t
+ngx_http_infer_route_scope(ngx_http_request_t *r,
+    ngx_http_infer_route_ctx_t *ctx, ngx_http_infer_route_model_t *entry)
+{
+    ctx->scoped = 1;
+    ctx->scope = ngx_http_get_module_loc_conf(r, ngx_http_infer_route_module);
+
+    return ngx_http_infer_route_in_scope(r, ctx, ctx->scope, entry);
 }
 
 
