@@ -22,8 +22,6 @@
 
 
 static ngx_int_t ngx_http_infer_auth_handler(ngx_http_request_t *r);
-static char *ngx_http_infer_auth_enable(ngx_conf_t *cf, ngx_command_t *cmd,
-    void *conf);
 static ngx_int_t ngx_http_infer_auth_decide(ngx_http_request_t *r,
     ngx_http_infer_auth_ctx_t *ctx, ngx_http_infer_auth_loc_conf_t *lcf);
 static ngx_int_t ngx_http_infer_auth_unkeyed(ngx_http_request_t *r,
@@ -71,6 +69,14 @@ static ngx_int_t ngx_http_infer_auth_init_process(ngx_cycle_t *cycle);
 static void ngx_http_infer_auth_exit_process(ngx_cycle_t *cycle);
 
 
+static ngx_conf_enum_t  ngx_http_infer_auth_enable[] = {
+    { ngx_string("off"), NGX_HTTP_INFER_AUTH_OFF },
+    { ngx_string("on"), NGX_HTTP_INFER_AUTH_ON },
+    { ngx_string("required"), NGX_HTTP_INFER_AUTH_REQUIRED },
+    { ngx_null_string, 0 }
+};
+
+
 static ngx_conf_enum_t  ngx_http_infer_auth_denied[] = {
     { ngx_string("403"), NGX_HTTP_FORBIDDEN },
     { ngx_string("404"), NGX_HTTP_NOT_FOUND },
@@ -82,10 +88,10 @@ static ngx_command_t  ngx_http_infer_auth_commands[] = {
 
     { ngx_string("infer_auth"),
       NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
-      ngx_http_infer_auth_enable,
+      ngx_conf_set_enum_slot,
       NGX_HTTP_LOC_CONF_OFFSET,
-      0,
-      NULL },
+      offsetof(ngx_http_infer_auth_loc_conf_t, enable),
+      &ngx_http_infer_auth_enable },
 
     { ngx_string("infer_auth_api_keys"),
       NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE12,
@@ -1523,44 +1529,6 @@ ngx_http_infer_auth_create_conf(ngx_conf_t *cf)
     conf->strip = NGX_CONF_UNSET;
 
     return conf;
-}
-
-
-/*
- * infer_auth on | off | required;  (a flag that knows "required")
- */
-
-static char *
-ngx_http_infer_auth_enable(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
-{
-    ngx_http_infer_auth_loc_conf_t *lcf = conf;
-
-    ngx_str_t  *value;
-
-    if (lcf->enable != NGX_CONF_UNSET_UINT) {
-        return "is duplicate";
-    }
-
-    value = cf->args->elts;
-
-    if (ngx_strcmp(value[1].data, "on") == 0) {
-        lcf->enable = NGX_HTTP_INFER_AUTH_ON;
-
-    } else if (ngx_strcmp(value[1].data, "off") == 0) {
-        lcf->enable = NGX_HTTP_INFER_AUTH_OFF;
-
-    } else if (ngx_strcmp(value[1].data, "required") == 0) {
-        lcf->enable = NGX_HTTP_INFER_AUTH_REQUIRED;
-
-    } else {
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "invalid value \"%V\" in \"%V\" directive, it "
-                           "must be \"on\", \"off\" or \"required\"",
-                           &value[1], &cmd->name);
-        return NGX_CONF_ERROR;
-    }
-
-    return NGX_CONF_OK;
 }
 
 

@@ -196,8 +196,10 @@ typedef struct {
 
     ngx_http_infer_route_strip_t  *strip;       /* NULL: the usage chunk
                                                    is left in */
-    ngx_http_infer_route_loc_conf_t  *scope;    /* whose limits were
-                                                   checked */
+    ngx_str_t                      limit_models;    /* the values of the
+                                                       infer_route_models */
+    ngx_str_t                      limit_namespace; /* and _namespace the
+                                                       request is held to */
 } ngx_http_infer_route_ctx_t;
 
 
@@ -258,10 +260,8 @@ void ngx_http_infer_route_filter_init(ngx_conf_t *cf);
 char *ngx_http_infer_route_list(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 ngx_int_t ngx_http_infer_route_list_handler(ngx_http_request_t *r);
-/* whether rlcf's infer_route_models and _namespace let it serve entry:
- * NGX_OK, NGX_DECLINED, or the status of a value that is not valid */
-ngx_int_t ngx_http_infer_route_in_scope(ngx_http_request_t *r,
-    ngx_http_infer_route_ctx_t *ctx, ngx_http_infer_route_loc_conf_t *rlcf,
+/* whether the limits kept in ctx let it serve entry: NGX_OK, NGX_DECLINED */
+ngx_int_t ngx_http_infer_route_in_scope(ngx_http_infer_route_ctx_t *ctx,
     ngx_http_infer_route_model_t *entry);
 
 /* ngx_http_infer_route_file.c */

@@ -186,7 +186,7 @@ ngx_http_infer_route_listed(ngx_http_request_t *r,
     ctx = ngx_http_get_module_ctx(r, ngx_http_infer_route_module);
 
     if (ctx && ctx->listing
-        && ngx_http_infer_route_in_scope(r, ctx, ctx->scope, m) != NGX_OK)
+        && ngx_http_infer_route_in_scope(ctx, m) != NGX_OK)
     {
         return 0;
     }

@@ -498,7 +498,6 @@ static ngx_int_t
 ngx_http_infer_route_fallback(ngx_http_request_t *r,
     ngx_http_infer_route_ctx_t *ctx)
 {
-    ngx_int_t                      rc;
     ngx_uint_t                     status;
     ngx_http_upstream_state_t     *state;
     ngx_http_infer_route_model_t  *next;
@@ -528,27 +527,18 @@ ngx_http_infer_route_fallback(ngx_http_request_t *r,
 
     next = ctx->entry->fallback;
 
-    if (next && ctx->scoped) {
-
+    if (next && ctx->scoped && ngx_http_infer_route_in_scope(ctx, next)
+                                 != NGX_OK)
+    {
         /*
          * a fallback is served only if the limits the model asked was
          * checked against (an Ingress's models and namespace) let it be
          */
 
-        rc = ngx_http_infer_route_in_scope(r, ctx, ctx->scope, next);
-
-        if (rc == NGX_DECLINED) {
-            ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
-                          "infer route: fallback \"%V\" of model \"%V\" "
-                          "is not served here",
-                          &((ngx_http_infer_route_model_t *) next)->name,
-                          &ctx->entry->name);
-            next = NULL;
-
-        } else if (rc != NGX_OK) {
-            ctx->status = rc;
-            return ngx_http_infer_route_done(r, ctx);
-        }
+        ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
+                      "infer route: fallback \"%V\" of model \"%V\" is "
+                      "not served here", &next->name, &ctx->entry->name);
+        next = NULL;
     }
 
     if (next == NULL || ctx->fallbacks == NGX_HTTP_INFER_ROUTE_FALLBACKS_MAX)
@@ -565,8 +555,7 @@ ngx_http_infer_route_fallback(ngx_http_request_t *r,
                   "infer route: model \"%V\" on upstream \"%V\" failed "
                   "with %ui, falling back to model \"%V\"",
                   &ctx->entry->name, &ctx->target->upstream, status,
-                  &((ngx_http_infer_route_model_t *)
-                    ctx->entry->fallback)->name);
+                  &next->name);
 
     ctx->entry = next;
     ctx->target = NULL;
@@ -1105,7 +1094,8 @@ ngx_http_infer_route_allowed(ngx_http_request_t *r,
 
 
 /*
- * GET /.../models and /.../models/{id} on a location limited by
+ * GET .../v1/models and .../v1/models/{id} (OpenAI's, not KServe's
+ * /v2/models/{id}, which is routed) on a location limited by
  * infer_route_models or infer_route_namespace (an annotated Ingress's):
  * the list of what it may serve, not a request without a model.
  */
@@ -1125,7 +1115,7 @@ ngx_http_infer_route_lists(ngx_http_request_t *r,
     start = r->uri.data;
     p = start + r->uri.len;
 
-    if (p - start >= 7 && ngx_strncmp(p - 7, "/models", 7) == 0) {
+    if (p - start >= 10 && ngx_strncmp(p - 10, "/v1/models", 10) == 0) {
         return 1;
     }
 
@@ -1135,7 +1125,7 @@ ngx_http_infer_route_lists(ngx_http_request_t *r,
         p--;
     }
 
-    return (p - start >= 8 && ngx_strncmp(p - 8, "/models/", 8) == 0);
+    return (p - start >= 11 && ngx_strncmp(p - 11, "/v1/models/", 11) == 0);
 }
 
 
@@ -1163,54 +1153,114 @@ ngx_http_infer_route_list_scope(ngx_http_request_t *r,
 
 
 /*
- * The request is held to this location's limits from now on (a fallback
- * too): whether they let it serve entry, as ngx_http_infer_route_in_scope().
+ * The request is held to this location's limits from now on (its
+ * fallbacks and its model list too): their values, read once and checked,
+ * are kept in ctx; then whether they let it serve entry, as
+ * ngx_http_infer_route_in_scope(), or the status of a value that is not
+ * valid.
  */
 
 static ngx_int_t
 ngx_http_infer_route_scope(ngx_http_request_t *r,
     ngx_http_infer_route_ctx_t *ctx, ngx_http_infer_route_model_t *entry)
 {
+    u_char                           *p, *last;
+    ngx_uint_t                        n;
+    ngx_str_t                        *value;
+    ngx_http_infer_route_loc_conf_t  *rlcf;
+
+    rlcf = ngx_http_get_module_loc_conf(r, ngx_http_infer_route_module);
+
     ctx->scoped = 1;
-    ctx->scope = ngx_http_get_module_loc_conf(r, ngx_http_infer_route_module);
-
-    return ngx_http_infer_route_in_scope(r, ctx, ctx->scope, entry);
-}
-
-
-/*
- * Whether the limits of rlcf let it serve entry (NULL without a registry:
- * the model asked): NGX_OK, NGX_DECLINED, or the status of a value that
- * is not valid.
- */
-
-ngx_int_t
-ngx_http_infer_route_in_scope(ngx_http_request_t *r,
-    ngx_http_infer_route_ctx_t *ctx, ngx_http_infer_route_loc_conf_t *rlcf,
-    ngx_http_infer_route_model_t *entry)
-{
-    u_char     *p, *last, *start;
-    ngx_str_t   value, *ns, *name;
-    ngx_uint_t  i, n, found;
 
     if (rlcf->models) {
-        if (ngx_http_complex_value(r, rlcf->models, &value) != NGX_OK) {
+        value = &ctx->limit_models;
+
+        if (ngx_http_complex_value(r, rlcf->models, value) != NGX_OK) {
             return NGX_HTTP_INTERNAL_SERVER_ERROR;
         }
 
-        if (value.len > NGX_HTTP_INFER_ROUTE_MODELS_MAX) {
+        if (value->len > NGX_HTTP_INFER_ROUTE_MODELS_MAX) {
             return ngx_http_infer_route_misconfigured(r, ctx, rlcf,
                                                       rlcf->models,
                                                       "is over 4096 bytes");
         }
 
-        /* the names, checked and counted; and whether the model is one */
+        /* names: their bytes, and how many */
 
+        n = 0;
+        last = value->data + value->len;
+
+        for (p = value->data; p < last; p++) {
+
+            if (*p == ',' || *p == ' ') {
+                continue;
+            }
+
+            /* strchr() finds the string's own NUL: refused first */
+
+            if (*p == '\0'
+                || !((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z')
+                     || (*p >= '0' && *p <= '9')
+                     || ngx_strchr("._:/@+-", *p) != NULL))
+            {
+                return ngx_http_infer_route_misconfigured(r, ctx, rlcf,
+                           rlcf->models, "is not a list of model names");
+            }
+
+            if ((p == value->data || p[-1] == ',' || p[-1] == ' ')
+                && ++n > NGX_HTTP_INFER_ROUTE_MODELS_NAMES)
+            {
+                return ngx_http_infer_route_misconfigured(r, ctx, rlcf,
+                                                          rlcf->models,
+                                                          "names over 64 "
+                                                          "models");
+            }
+        }
+    }
+
+    if (rlcf->namespace) {
+        value = &ctx->limit_namespace;
+
+        if (ngx_http_complex_value(r, rlcf->namespace, value) != NGX_OK) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
+        if (value->len
+            && ngx_http_infer_route_namespace_ok(value->data, value->len)
+               != NGX_OK)
+        {
+            return ngx_http_infer_route_misconfigured(r, ctx, rlcf,
+                       rlcf->namespace, "is not a namespace name");
+        }
+    }
+
+    return ngx_http_infer_route_in_scope(ctx, entry);
+}
+
+
+/*
+ * Whether the limits kept in ctx let the request be served entry (NULL
+ * without a registry: the model asked): NGX_OK or NGX_DECLINED.
+ */
+
+ngx_int_t
+ngx_http_infer_route_in_scope(ngx_http_infer_route_ctx_t *ctx,
+    ngx_http_infer_route_model_t *entry)
+{
+    u_char      *p, *last, *start;
+    ngx_str_t   *ns, *name, *value;
+    ngx_uint_t   i, n, found;
+
+    value = &ctx->limit_models;
+
+    if (value->len) {
         n = 0;
         found = 0;
         name = entry ? &entry->name : &ctx->model;
-        last = value.data + value.len;
-        for (p = value.data; p < last; /* void */) {
+        last = value->data + value->len;
+
+        for (p = value->data; p < last; /* void */) {
             if (*p == ',' || *p == ' ') {
                 p++;
                 continue;
@@ -1219,32 +1269,16 @@ ngx_http_infer_route_in_scope(ngx_http_request_t *r,
             start = p;
 
             while (p < last && *p != ',' && *p != ' ') {
-
-                /* strchr() finds the string's own NUL: refused first */
-
-                if (*p == '\0'
-                    || !((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z')
-                         || (*p >= '0' && *p <= '9')
-                         || ngx_strchr("._:/@+-", *p) != NULL))
-                {
-                    return ngx_http_infer_route_misconfigured(r, ctx, rlcf,
-                               rlcf->models, "is not a list of model names");
-                }
-
                 p++;
             }
 
-            if (++n > NGX_HTTP_INFER_ROUTE_MODELS_NAMES) {
-                return ngx_http_infer_route_misconfigured(r, ctx, rlcf,
-                                                          rlcf->models,
-                                                          "names over 64 "
-                                                          "models");
-            }
+            n++;
 
             if ((size_t) (p - start) == name->len
                 && ngx_strncmp(start, name->data, name->len) == 0)
             {
                 found = 1;
+                break;
             }
         }
 
@@ -1253,41 +1287,28 @@ ngx_http_infer_route_in_scope(ngx_http_request_t *r,
         }
     }
 
-    if (rlcf->namespace) {
-        if (ngx_http_complex_value(r, rlcf->namespace, &value) != NGX_OK) {
-            return NGX_HTTP_INTERNAL_SERVER_ERROR;
-        }
+    value = &ctx->limit_namespace;
 
-        if (value.len == 0) {
-            return NGX_OK;
-        }
+    if (value->len == 0) {
+        return NGX_OK;
+    }
 
-        if (ngx_http_infer_route_namespace_ok(value.data, value.len)
-            != NGX_OK)
-        {
-            return ngx_http_infer_route_misconfigured(r, ctx, rlcf,
-                       rlcf->namespace, "is not a namespace name");
-        }
-
-        if (entry == NULL) {
-            return NGX_DECLINED;
-        }
-
-        ns = entry->namespaces.elts;
-
-        for (i = 0; i < entry->namespaces.nelts; i++) {
-            if ((ns[i].len == 1 && ns[i].data[0] == '*')
-                || (ns[i].len == value.len
-                    && ngx_strncmp(ns[i].data, value.data, value.len) == 0))
-            {
-                return NGX_OK;
-            }
-        }
-
+    if (entry == NULL) {
         return NGX_DECLINED;
     }
 
-    return NGX_OK;
+    ns = entry->namespaces.elts;
+
+    for (i = 0; i < entry->namespaces.nelts; i++) {
+        if ((ns[i].len == 1 && ns[i].data[0] == '*')
+            || (ns[i].len == value->len
+                && ngx_strncmp(ns[i].data, value->data, value->len) == 0))
+        {
+            return NGX_OK;
+        }
+    }
+
+    return NGX_DECLINED;
 }
 
 

@@ -457,6 +457,11 @@ def test_a_limited_location_lists_what_it_may_serve(nginx_factory, pools,
         r = get(path)
         assert r.status_code == 404, (path, r.text)
         assert error_of(r)["code"] == "model_not_found"
+    # KServe's /v2/models/{id} is no OpenAI list: a request to route (by
+    # the body here, so it names no model)
+    r = get("/ns/v2/models/mistral-7b")
+    assert r.status_code == 400, r.text
+    assert error_of(r)["code"] == "missing_model"
     r = get("/bad/v1/models")
     assert r.status_code == 500
     assert error_of(r)["code"] == "gateway_misconfigured"

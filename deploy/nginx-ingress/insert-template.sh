@@ -109,7 +109,12 @@ END {
 }
 ' "$main" > "$main_out" || die "$main: not changed"
 
-awk -v frag="$frag" "$trim"'
+# before 5.5.0 a location has no .Internal (the fragment's test of it would
+# not render): there, no location is the controller's internal one
+internal=1
+grep -q '\$location\.Internal' "$ingress" || internal=0
+
+awk -v frag="$frag" -v internal="$internal" "$trim"'
 {
     line = trim($0)
     lead = $0
@@ -142,6 +147,9 @@ awk -v frag="$frag" "$trim"'
     if (line ~ /^location \{\{ +makeLocationPath .*\}\} \{$/) {
         loc++
         while ((getline l < frag) > 0) {
+            if (!internal) {
+                gsub(/\(not \$location\.Internal\)/, "true", l)
+            }
             print l
         }
         close(frag)

@@ -4,6 +4,8 @@
 //	render TEMPLATE DATA.json      renders TEMPLATE with DATA into stdout
 //	render -nic TEMPLATE DATA.json the same with the F5 NGINX Ingress
 //	                               Controller's data and functions
+//	render -nic-5.4 TEMPLATE DATA.json  its data before 5.5.0 (a location
+//	                               has no Internal)
 //	render -parse-only TEMPLATE    parses TEMPLATE, every function it calls
 //	                               that is not below stubbed, and exits 0
 //	                               if it parses
@@ -112,6 +114,32 @@ type nicLocation struct {
 	MinionIngress *nicIngress
 }
 
+// a location before 5.0.0 to 5.4.x: no Internal (the template must not
+// read it)
+type nicLocationOld struct {
+	Path          string
+	Upstream      nicUpstream
+	ProxyPass     string
+	Rewrite       string
+	SSL           bool
+	GRPC          bool
+	ServiceName   string
+	MinionIngress *nicIngress
+}
+
+type nicServerOld struct {
+	Name      string
+	Ports     []int
+	Locations []nicLocationOld
+}
+
+type nicConfigOld struct {
+	Upstreams []nicUpstream
+	Servers   []nicServerOld
+	Keepalive string
+	Ingress   nicIngress
+}
+
 type nicServer struct {
 	Name      string
 	Ports     []int
@@ -128,8 +156,18 @@ type nicConfig struct {
 var nicFuncs = template.FuncMap{
 	"replaceAll": strings.ReplaceAll,
 	"contains":   strings.Contains,
-	"makeLocationPath": func(l *nicLocation, a map[string]string) string {
-		return l.Path
+	"makeLocationPath": func(l interface{}, a map[string]string) string {
+		switch v := l.(type) {
+		case nicLocation:
+			return v.Path
+		case *nicLocation:
+			return v.Path
+		case nicLocationOld:
+			return v.Path
+		case *nicLocationOld:
+			return v.Path
+		}
+		return ""
 	},
 }
 
@@ -235,7 +273,8 @@ func main() {
 		return
 	}
 
-	nic := len(args) == 3 && args[0] == "-nic"
+	nic := len(args) == 3 && (args[0] == "-nic" || args[0] == "-nic-5.4")
+	old := nic && args[0] == "-nic-5.4"
 	if nic {
 		args = args[1:]
 	}
@@ -259,7 +298,11 @@ func main() {
 	fm := funcs
 	// the controllers' own names for their templates
 	name := "nginx.tmpl"
-	if nic {
+	if old {
+		d = &nicConfigOld{}
+		fm = nicFuncs
+		name = "nginx.ingress.tmpl"
+	} else if nic {
 		d = &nicConfig{}
 		fm = nicFuncs
 		name = "nginx.ingress.tmpl"
