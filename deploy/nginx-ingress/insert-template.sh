@@ -114,7 +114,13 @@ END {
 internal=1
 grep -q '\$location\.Internal' "$ingress" || internal=0
 
-awk -v frag="$frag" -v internal="$internal" "$trim"'
+# the fragment's path through the environment: -v would read its
+# backslashes as escapes
+NGX_INFER_FRAG=$frag awk -v internal="$internal" "$trim"'
+BEGIN {
+    frag = ENVIRON["NGX_INFER_FRAG"]
+}
+
 {
     line = trim($0)
     lead = $0
