@@ -436,8 +436,7 @@ ngx_http_infer_auth_unkeyed(ngx_http_request_t *r,
 
     return ngx_http_infer_auth_reject(r, ctx, lcf,
                NGX_HTTP_INFER_AUTH_MISCONFIGURED, "gateway_misconfigured",
-               "The gateway's configuration for this path is invalid; its "
-               "operators have been told.");
+               NGX_HTTP_INFER_MISCONFIGURED_MSG);
 }
 
 

@@ -27,6 +27,16 @@
 
 
 /*
+ * The message of a 500 gateway_misconfigured (type server_error): a value
+ * the configuration gives a location (an Ingress annotation's, say) that
+ * the module cannot use.  Every module's answer says the same.
+ */
+#define NGX_HTTP_INFER_MISCONFIGURED_MSG                                      \
+    "The gateway's configuration for this path is invalid; its operators "   \
+    "have been told."
+
+
+/*
  * Sends b, a whole JSON answer in memory, with status.  Returns what the
  * output filter returns, for ngx_http_finalize_request().
  */

@@ -1343,9 +1343,7 @@ ngx_http_infer_route_misconfigured(ngx_http_request_t *r,
     ctx->entry = NULL;
 
     rc = ngx_http_infer_route_fail(r, ctx, NGX_HTTP_INTERNAL_SERVER_ERROR,
-             "gateway_misconfigured",
-             "The gateway's configuration for this path is invalid; its "
-             "operators have been told.");
+             "gateway_misconfigured", NGX_HTTP_INFER_MISCONFIGURED_MSG);
     ctx->error_type = "server_error";
 
     return rc;
