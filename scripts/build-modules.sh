@@ -136,6 +136,9 @@ args=$build/configure.args.new
     for f in ${NGINX_CONFIGURE_FLAGS:-}; do
         echo "$f"
     done
+
+    # the addon's own config (its list of sources): a change reconfigures
+    echo "# config: $(cksum < "$top/config")"
 } > "$args"
 
 if [ -n "$print_args" ]; then
