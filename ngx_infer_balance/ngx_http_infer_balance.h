@@ -8,6 +8,7 @@
  *   ngx_http_infer_balance_scrape.c   reading the backends' metric pages
  *   ngx_http_infer_balance_signals.c  the page parser (pure, fuzzed)
  *   ngx_http_infer_balance_pool.c     shedding, the status page
+ *   ngx_http_infer_balance_eject.c    outlier ejection
  *
  * The balancer is built into the route module's shared object, and the
  * two meet in two places only:
@@ -31,6 +32,7 @@
 #include <ngx_core.h>
 #include <ngx_http.h>
 
+#include "ngx_http_infer.h"
 #include "ngx_http_infer_balance_signals.h"
 
 
@@ -52,8 +54,14 @@
 #define NGX_HTTP_INFER_BALANCE_PACE_SCALE      8    /* a peer's time per
                                                        token */
 
-/* the status page's room per endpoint (a line takes about 480 bytes) */
-#define NGX_HTTP_INFER_BALANCE_STATUS_PEER   512
+/* the status page's room per endpoint (a line takes about 700 bytes) */
+#define NGX_HTTP_INFER_BALANCE_STATUS_PEER   1024
+
+/* a peer's time to first byte is judged after this many answers */
+#define NGX_HTTP_INFER_BALANCE_SLOW_SAMPLES  8
+
+/* and is slow only above this, whatever its peers' */
+#define NGX_HTTP_INFER_BALANCE_SLOW_MIN      100
 
 /* a metric page larger than this fails the scrape */
 #define NGX_HTTP_INFER_SCRAPE_PAGE_MAX     (4 * 1024 * 1024)
@@ -85,6 +93,23 @@ typedef struct {
 
     ngx_atomic_t                        scrapes;
     ngx_atomic_t                        failures;
+
+    /* outlier ejection, see ngx_http_infer_balance_eject.c */
+    ngx_atomic_t                        errors;     /* answers failed in a
+                                                       row */
+    ngx_atomic_t                        scrape_errors; /* scrapes, same */
+    ngx_atomic_t                        ttfb;       /* msec to the first
+                                                       byte, x PACE_SCALE */
+    ngx_atomic_t                        samples;    /* of ttfb, since the
+                                                       peer came back */
+    ngx_atomic_t                        ejected;    /* msec: out until,
+                                                       0: in */
+    ngx_atomic_t                        returned;   /* msec: came back */
+    ngx_atomic_t                        multiplier; /* of the ejection
+                                                       time */
+    ngx_atomic_t                        ejections;
+    ngx_atomic_t                        why;        /* the last ejection's
+                                                       reason */
 } ngx_http_infer_balance_node_t;
 
 
@@ -138,6 +163,20 @@ typedef struct {
 } ngx_http_infer_balance_shed_t;
 
 
+#define NGX_HTTP_INFER_EJECT_ERRORS   0
+#define NGX_HTTP_INFER_EJECT_SCRAPES  1
+#define NGX_HTTP_INFER_EJECT_SLOW     2
+
+typedef struct {
+    ngx_uint_t                          errors;     /* in a row, 0: off */
+    ngx_uint_t                          scrapes;    /* in a row, 0: off */
+    ngx_uint_t                          slow;       /* x 100, 0: off */
+    ngx_msec_t                          time;
+    ngx_msec_t                          max_time;
+    ngx_uint_t                          max_share;  /* percent */
+} ngx_http_infer_balance_eject_t;
+
+
 typedef struct {
     ngx_flag_t                          enable;
     ngx_flag_t                          affinity;
@@ -154,6 +193,7 @@ typedef struct {
 
     ngx_http_infer_balance_scrape_t    *scrape;
     ngx_http_infer_balance_shed_t      *shed;
+    ngx_http_infer_balance_eject_t     *eject;
     ngx_http_complex_value_t           *external;
 
     ngx_int_t                           prompt_index;
@@ -164,16 +204,22 @@ typedef struct {
     ngx_http_upstream_srv_conf_t       *upstream;
     ngx_uint_t                          number;     /* primary + backup */
     uint32_t                           *hash;       /* of each peer's name */
+    ngx_str_t                          *name;       /* each peer's */
     ngx_shm_zone_t                     *shm_zone;
     ngx_http_infer_balance_shctx_t     *sh;
 } ngx_http_infer_balance_srv_conf_t;
 
 
 typedef struct {
+    ngx_http_infer_export_t             export;     /* first: the metrics
+                                                       module's page */
     ngx_array_t                         pools;      /* of srv conf * */
     ngx_uint_t                          shedding;   /* a pool sheds: the
                                                        route module checks
                                                        its requests */
+    ngx_uint_t                          timing;     /* a pool ejects slow
+                                                       peers: the first
+                                                       byte is timed */
 } ngx_http_infer_balance_main_conf_t;
 
 
@@ -183,6 +229,8 @@ typedef struct {
     ngx_str_t                           endpoint;
     ngx_uint_t                          score;
     ngx_uint_t                          reason;
+    ngx_msec_t                          first;      /* the answer's first
+                                                       byte, 0 */
 } ngx_http_infer_balance_ctx_t;
 
 
@@ -208,6 +256,25 @@ char *ngx_http_infer_balance_shed_conf(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 char *ngx_http_infer_balance_status(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
+size_t ngx_http_infer_balance_export_size(void *conf);
+u_char *ngx_http_infer_balance_export_write(void *conf, u_char *p,
+    ngx_http_infer_export_meta_pt meta, ngx_uint_t om);
+
+/*
+ * ngx_http_infer_balance_eject.c: n is the peer's node, primary peers
+ * first; ejected() is called on every pick, and brings a peer back in
+ * once its time is up.
+ */
+char *ngx_http_infer_balance_eject_conf(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+ngx_uint_t ngx_http_infer_balance_ejected(
+    ngx_http_infer_balance_srv_conf_t *bcf, ngx_uint_t n, ngx_msec_t now);
+void ngx_http_infer_balance_answered(ngx_http_infer_balance_srv_conf_t *bcf,
+    ngx_uint_t n, ngx_uint_t failed, ngx_msec_t ttfb, ngx_log_t *log);
+void ngx_http_infer_balance_scraped(ngx_http_infer_balance_srv_conf_t *bcf,
+    ngx_uint_t n, ngx_uint_t failed);
+ngx_int_t ngx_http_infer_balance_eject_init(ngx_conf_t *cf);
+extern ngx_str_t  ngx_http_infer_balance_eject_reasons[];
 
 extern ngx_module_t  ngx_http_infer_balance_module;
 

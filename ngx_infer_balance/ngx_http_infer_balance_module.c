@@ -144,6 +144,13 @@ static ngx_command_t  ngx_http_infer_balance_commands[] = {
       0,
       NULL },
 
+    { ngx_string("infer_balance_eject"),
+      NGX_HTTP_UPS_CONF|NGX_CONF_ANY,
+      ngx_http_infer_balance_eject_conf,
+      NGX_HTTP_SRV_CONF_OFFSET,
+      0,
+      NULL },
+
     { ngx_string("infer_balance_external"),
       NGX_HTTP_UPS_CONF|NGX_CONF_TAKE1,
       ngx_http_infer_balance_external_conf,
@@ -284,6 +291,11 @@ ngx_http_infer_balance_init_upstream(ngx_conf_t *cf,
         return NGX_ERROR;
     }
 
+    bcf->name = ngx_palloc(cf->pool, bcf->number * sizeof(ngx_str_t));
+    if (bcf->name == NULL) {
+        return NGX_ERROR;
+    }
+
     /*
      * The zone is named after the pool and its peers: a reload that keeps
      * them reuses the counters (requests of the old workers still release
@@ -308,6 +320,7 @@ ngx_http_infer_balance_init_upstream(ngx_conf_t *cf,
             }
 #endif
 
+            bcf->name[n] = peer->name;
             bcf->hash[n++] = ngx_murmur_hash2(peer->name.data,
                                               peer->name.len);
             ngx_crc32_update(&crc, peer->name.data, peer->name.len);
@@ -756,6 +769,7 @@ chosen:
         ctx->endpoint = best->name;
         ctx->score = (ngx_uint_t) best_cost;
         ctx->reason = reason;
+        ctx->first = 0;
     }
 
     ngx_log_debug4(NGX_LOG_DEBUG_HTTP, pc->log, 0,
@@ -852,7 +866,12 @@ ngx_http_infer_balance_external(ngx_http_infer_balance_peer_data_t *bp,
                 continue;
             }
 
-            if (ngx_http_infer_balance_usable(&bp->rrp, peer, i, now)) {
+            if (ngx_http_infer_balance_usable(&bp->rrp, peer, i, now)
+                && !(bp->conf->eject
+                     && ngx_http_infer_balance_ejected(bp->conf,
+                                                       bp->base + i,
+                                                       ngx_current_msec)))
+            {
                 *index = i;
                 return peer;
             }
@@ -914,7 +933,10 @@ ngx_http_infer_balance_costs(ngx_http_infer_balance_peer_data_t *bp,
 
     for (peer = bp->rrp.peers->peer, i = 0; peer; peer = peer->next, i++) {
 
-        if (!ngx_http_infer_balance_usable(&bp->rrp, peer, i, now)) {
+        if (!ngx_http_infer_balance_usable(&bp->rrp, peer, i, now)
+            || (bcf->eject
+                && ngx_http_infer_balance_ejected(bcf, bp->base + i, msec)))
+        {
             bp->cost[i] = NGX_HTTP_INFER_BALANCE_UNUSABLE;
             continue;
         }
@@ -1041,8 +1063,10 @@ ngx_http_infer_balance_free_peer(ngx_peer_connection_t *pc, void *data,
     ngx_http_infer_balance_peer_data_t  *bp = data;
 
     ngx_msec_t                      ms;
+    ngx_uint_t                      status, whole, failed;
     ngx_atomic_uint_t               us;
     ngx_http_upstream_t            *u;
+    ngx_http_infer_balance_ctx_t   *ctx;
     ngx_http_infer_balance_node_t  *node;
 
     node = bp->node;
@@ -1066,12 +1090,38 @@ ngx_http_infer_balance_free_peer(ngx_peer_connection_t *pc, void *data,
      */
 
     u = bp->request->upstream;
+    status = (u && u->state) ? u->state->status : 0;
+    whole = (u && ((u->pipe && u->pipe->upstream_done) || u->length == 0)
+             && !bp->request->connection->error
+             && !bp->request->connection->timedout);
+
+    /*
+     * outlier ejection: a failure is an attempt nginx gave up (a
+     * connection error, a timeout, an invalid header, a 5xx it retries),
+     * a 5xx answer, or a 200 cut short by the peer; an answer that never
+     * got a status (the client left first) counts neither way
+     */
+
+    if (bp->conf->eject) {
+        failed = (state & NGX_PEER_FAILED) || status >= 500
+                 || (status == NGX_HTTP_OK && !whole
+                     && !bp->request->connection->error
+                     && !bp->request->connection->timedout);
+
+        if (failed || status) {
+            ctx = ngx_http_get_module_ctx(bp->request,
+                                          ngx_http_infer_balance_module);
+            ms = (!failed && status == NGX_HTTP_OK && ctx && ctx->first)
+                 ? ngx_max(ctx->first - bp->start, 1) : 0;
+
+            ngx_http_infer_balance_answered(bp->conf,
+                                            node - bp->conf->sh->node,
+                                            failed, ms, pc->log);
+        }
+    }
 
     if (bp->conf->pace && !(state & NGX_PEER_FAILED)
-        && u && u->state && u->state->status == NGX_HTTP_OK
-        && ((u->pipe && u->pipe->upstream_done) || u->length == 0)
-        && !bp->request->connection->error
-        && !bp->request->connection->timedout)
+        && status == NGX_HTTP_OK && whole)
     {
         ms = ngx_current_msec - bp->start;
         us = (ngx_atomic_uint_t) ms * 1000 / bp->tokens;
@@ -1199,6 +1249,14 @@ ngx_http_infer_balance_postconfiguration(ngx_conf_t *cf)
                 return NGX_ERROR;
             }
 
+            if (bcf->eject && bcf->eject->scrapes && bcf->scrape == NULL) {
+                ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                              "\"infer_balance_eject\" with scrapes= needs "
+                              "\"infer_balance_scrape\" in upstream \"%V\"",
+                              &uscfp[i]->host);
+                return NGX_ERROR;
+            }
+
             if (bcf->shed && bcf->scrape == NULL) {
                 ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
                               "\"infer_balance_shed\" needs "
@@ -1213,6 +1271,7 @@ ngx_http_infer_balance_postconfiguration(ngx_conf_t *cf)
         name = bcf->scrape ? "infer_balance_scrape"
                : bcf->shed ? "infer_balance_shed"
                : bcf->external ? "infer_balance_external"
+               : bcf->eject ? "infer_balance_eject"
                : bcf->names_set ? "infer_balance_signal"
                : bcf->score_set ? "infer_balance_score" : NULL;
 
@@ -1224,7 +1283,7 @@ ngx_http_infer_balance_postconfiguration(ngx_conf_t *cf)
         }
     }
 
-    return NGX_OK;
+    return ngx_http_infer_balance_eject_init(cf);
 }
 
 
@@ -1319,6 +1378,9 @@ ngx_http_infer_balance_create_main_conf(ngx_conf_t *cf)
         return NULL;
     }
 
+    bmcf->export.size = ngx_http_infer_balance_export_size;
+    bmcf->export.write = ngx_http_infer_balance_export_write;
+
     return bmcf;
 }
 
@@ -1340,6 +1402,7 @@ ngx_http_infer_balance_create_conf(ngx_conf_t *cf)
      *     conf->affinity = 0;
      *     conf->scrape = NULL;
      *     conf->shed = NULL;
+     *     conf->eject = NULL;
      *     conf->external = NULL;
      *     conf->hash = NULL;
      *     conf->shm_zone = NULL;

@@ -21,6 +21,8 @@
 static ngx_uint_t ngx_http_infer_balance_saturated(
     ngx_http_infer_balance_srv_conf_t *bcf, ngx_uint_t *queue);
 static ngx_int_t ngx_http_infer_balance_status_handler(ngx_http_request_t *r);
+static u_char *ngx_http_infer_balance_status_eject(u_char *p,
+    ngx_http_infer_balance_srv_conf_t *bcf, ngx_uint_t n, ngx_msec_t now);
 
 
 /*
@@ -145,7 +147,9 @@ ngx_http_infer_balance_saturated(ngx_http_infer_balance_srv_conf_t *bcf,
 
     for (peer = peers->peer, i = 0; peer; peer = peer->next, i++) {
 
-        if (peer->down) {
+        if (peer->down
+            || (bcf->eject && ngx_http_infer_balance_ejected(bcf, i, now)))
+        {
             continue;
         }
 
@@ -260,6 +264,21 @@ ngx_http_infer_balance_status_handler(ngx_http_request_t *r)
             p = ngx_cpymem(p, "null", 4);
         }
 
+        p = ngx_cpymem(p, ",\"eject\":", sizeof(",\"eject\":") - 1);
+
+        if (bcf->eject) {
+            p = ngx_sprintf(p, "{\"errors\":%ui,\"scrapes\":%ui,"
+                            "\"slow\":%ui.%02ui,\"time_ms\":%M,"
+                            "\"max_time_ms\":%M,\"max_share\":%ui}",
+                            bcf->eject->errors, bcf->eject->scrapes,
+                            bcf->eject->slow / 100, bcf->eject->slow % 100,
+                            bcf->eject->time, bcf->eject->max_time,
+                            bcf->eject->max_share);
+
+        } else {
+            p = ngx_cpymem(p, "null", 4);
+        }
+
         p = ngx_cpymem(p, ",\"endpoints\":[", sizeof(",\"endpoints\":[") - 1);
 
         peers = bcf->upstream->peer.data;
@@ -314,10 +333,13 @@ ngx_http_infer_balance_status_handler(ngx_http_request_t *r)
 
                 p = ngx_sprintf(p, ",\"lora_running\":%uA,"
                                 "\"lora_waiting\":%uA,\"max_lora\":%uA,"
-                                "\"scrapes\":%uA,\"scrape_failures\":%uA}",
+                                "\"scrapes\":%uA,\"scrape_failures\":%uA",
                                 node->nrunning, node->nwaiting,
                                 node->max_lora, node->scrapes,
                                 node->failures);
+
+                p = ngx_http_infer_balance_status_eject(p, bcf, n, now);
+                *p++ = '}';
             }
         }
 
@@ -329,6 +351,166 @@ ngx_http_infer_balance_status_handler(ngx_http_request_t *r)
     b->last = p;
 
     return ngx_http_infer_send_json(r, NGX_HTTP_OK, b);
+}
+
+
+/*
+ * A peer's ejection state, on the status page: the counts stay 0 in a
+ * pool without infer_balance_eject.
+ */
+
+static u_char *
+ngx_http_infer_balance_status_eject(u_char *p,
+    ngx_http_infer_balance_srv_conf_t *bcf, ngx_uint_t n, ngx_msec_t now)
+{
+    ngx_msec_int_t                  left;
+    ngx_http_infer_balance_node_t  *node;
+
+    node = &bcf->sh->node[n];
+
+    if (bcf->eject && ngx_http_infer_balance_ejected(bcf, n, now)) {
+        left = (ngx_msec_int_t) (node->ejected - now);
+
+        p = ngx_sprintf(p, ",\"ejected\":true,\"ejected_ms\":%M,"
+                        "\"ejected_for\":\"%V\"", (ngx_msec_t) left,
+                        &ngx_http_infer_balance_eject_reasons[node->why]);
+
+    } else {
+        p = ngx_cpymem(p, ",\"ejected\":false,\"ejected_ms\":null,"
+                       "\"ejected_for\":null",
+                       sizeof(",\"ejected\":false,\"ejected_ms\":null,"
+                              "\"ejected_for\":null") - 1);
+    }
+
+    p = ngx_sprintf(p, ",\"ejections\":%uA,\"errors_in_a_row\":%uA,"
+                    "\"scrape_errors_in_a_row\":%uA,\"ttfb_ms\":",
+                    node->ejections, node->errors, node->scrape_errors);
+
+    if (node->samples) {
+        return ngx_sprintf(p, "%uA",
+                           node->ttfb / NGX_HTTP_INFER_BALANCE_PACE_SCALE);
+    }
+
+    return ngx_cpymem(p, "null", 4);
+}
+
+
+/*
+ * The pools on the metrics module's page: each endpoint's ejection state
+ * and tokens in flight.
+ */
+
+static ngx_str_t  ngx_http_infer_balance_export_names[] = {
+    ngx_string("infer_balance_ejected"),
+    ngx_string("infer_balance_ejections"),
+    ngx_string("infer_balance_tokens_in_flight")
+};
+
+static ngx_str_t  ngx_http_infer_balance_export_help[] = {
+    ngx_string("1 while infer_balance_eject has the endpoint out of its "
+               "pool, else 0."),
+    ngx_string("Times infer_balance_eject took the endpoint out, since its "
+               "pool's zone was made."),
+    ngx_string("Tokens in flight on the endpoint, estimated, counted by "
+               "every worker.")
+};
+
+
+size_t
+ngx_http_infer_balance_export_size(void *conf)
+{
+    ngx_http_infer_balance_main_conf_t *bmcf = conf;
+
+    size_t                               len;
+    ngx_uint_t                           i, n;
+    ngx_http_infer_balance_srv_conf_t  **pool;
+
+    pool = bmcf->pools.elts;
+    len = 3 * 256;
+
+    for (i = 0; i < bmcf->pools.nelts; i++) {
+        for (n = 0; n < pool[i]->number; n++) {
+
+            /* three series; a label's character escaped in two at worst */
+
+            len += 3 * (128 + 2 * (pool[i]->upstream->host.len
+                                   + pool[i]->name[n].len));
+        }
+    }
+
+    return len;
+}
+
+
+static u_char *
+ngx_http_infer_balance_label(u_char *p, ngx_str_t *value)
+{
+    u_char  *s, *last;
+
+    last = value->data + value->len;
+
+    for (s = value->data; s < last; s++) {
+        if (*s == '\\' || *s == '"' || *s == '\n') {
+            *p++ = '\\';
+            *p++ = (*s == '\n') ? 'n' : *s;
+            continue;
+        }
+
+        *p++ = *s;
+    }
+
+    return p;
+}
+
+
+u_char *
+ngx_http_infer_balance_export_write(void *conf, u_char *p,
+    ngx_http_infer_export_meta_pt meta, ngx_uint_t om)
+{
+    ngx_http_infer_balance_main_conf_t *bmcf = conf;
+
+    ngx_uint_t                           f, i, n, type;
+    ngx_msec_t                           now;
+    ngx_atomic_uint_t                    value;
+    ngx_http_infer_balance_srv_conf_t  **pool, *bcf;
+
+    if (bmcf->pools.nelts == 0) {
+        return p;
+    }
+
+    pool = bmcf->pools.elts;
+    now = ngx_current_msec;
+
+    for (f = 0; f < 3; f++) {
+        type = (f == 1) ? NGX_HTTP_INFER_EXPORT_COUNTER
+                        : NGX_HTTP_INFER_EXPORT_GAUGE;
+
+        p = meta(p, &ngx_http_infer_balance_export_names[f], type,
+                 &ngx_http_infer_balance_export_help[f], om);
+
+        for (i = 0; i < bmcf->pools.nelts; i++) {
+            bcf = pool[i];
+
+            for (n = 0; n < bcf->number; n++) {
+                value = (f == 0) ? (bcf->eject
+                                    && ngx_http_infer_balance_ejected(bcf, n,
+                                                                      now))
+                        : (f == 1) ? bcf->sh->node[n].ejections
+                        : bcf->sh->node[n].tokens;
+
+                p = ngx_sprintf(p, "%V%s{upstream=\"",
+                                &ngx_http_infer_balance_export_names[f],
+                                (f == 1) ? "_total" : "");
+                p = ngx_http_infer_balance_label(p, &bcf->upstream->host);
+                p = ngx_cpymem(p, "\",endpoint=\"",
+                               sizeof("\",endpoint=\"") - 1);
+                p = ngx_http_infer_balance_label(p, &bcf->name[n]);
+                p = ngx_sprintf(p, "\"} %uA\n", value);
+            }
+        }
+    }
+
+    return p;
 }
 
 

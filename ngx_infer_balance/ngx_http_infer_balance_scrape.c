@@ -605,6 +605,8 @@ ngx_http_infer_scrape_done(ngx_http_infer_scrape_peer_t *sp)
 
     (void) ngx_atomic_fetch_add(&node->scrapes, 1);
 
+    ngx_http_infer_balance_scraped(sp->conf, node - sp->conf->sh->node, 0);
+
     if (sp->failing) {
         ngx_log_error(NGX_LOG_NOTICE, ngx_cycle->log, 0,
                       "infer balance: scrape of \"%V\" works again",
@@ -628,6 +630,9 @@ ngx_http_infer_scrape_fail(ngx_http_infer_scrape_peer_t *sp,
     ngx_msec_t  now;
 
     (void) ngx_atomic_fetch_add(&sp->node->failures, 1);
+
+    ngx_http_infer_balance_scraped(sp->conf, sp->node - sp->conf->sh->node,
+                                   1);
 
     now = ngx_current_msec;
 

@@ -27,6 +27,48 @@
 
 
 /*
+ * State a module shows on the metrics module's page (the balancer's
+ * pools, ejections): the module puts an ngx_http_infer_export_t first in
+ * its main conf, and the metrics module, when both are loaded, finds it
+ * by the module's name (ngx_http_infer_export_find()).  size() bounds
+ * what write() writes; write() starts each family with meta(), the
+ * page's "# HELP" and "# TYPE" lines for the page's format (om: the
+ * OpenMetrics one, whose counters are typed without "_total").
+ */
+
+#define NGX_HTTP_INFER_EXPORT_COUNTER  0
+#define NGX_HTTP_INFER_EXPORT_GAUGE    1
+
+typedef u_char *(*ngx_http_infer_export_meta_pt)(u_char *p, ngx_str_t *name,
+    ngx_uint_t type, ngx_str_t *help, ngx_uint_t om);
+
+typedef struct {
+    size_t                    (*size)(void *conf);
+    u_char                   *(*write)(void *conf, u_char *p,
+                                   ngx_http_infer_export_meta_pt meta,
+                                   ngx_uint_t om);
+} ngx_http_infer_export_t;
+
+
+static ngx_inline ngx_http_infer_export_t *
+ngx_http_infer_export_find(ngx_http_request_t *r, const char *name)
+{
+    ngx_uint_t     i;
+    ngx_module_t  *m;
+
+    for (i = 0; ngx_cycle->modules[i]; i++) {
+        m = ngx_cycle->modules[i];
+
+        if (m->type == NGX_HTTP_MODULE && ngx_strcmp(m->name, name) == 0) {
+            return r->main_conf[m->ctx_index];
+        }
+    }
+
+    return NULL;
+}
+
+
+/*
  * The message of a 500 gateway_misconfigured (type server_error): a value
  * the configuration gives a location (an Ingress annotation's, say) that
  * the module cannot use.  Every module's answer says the same.

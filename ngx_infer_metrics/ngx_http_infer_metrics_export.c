@@ -11,6 +11,7 @@
 #include <ngx_core.h>
 #include <ngx_http.h>
 
+#include "ngx_http_infer.h"
 #include "ngx_http_infer_metrics.h"
 
 
@@ -192,6 +193,7 @@ ngx_http_infer_metrics_render(ngx_http_infer_metrics_page_t *pg,
     ngx_http_infer_metrics_zone_t     *zone;
     ngx_http_infer_metrics_shctx_t    *sh;
     ngx_http_infer_metrics_counter_t  *counter;
+    ngx_http_infer_export_t           *export;
 
     p = ngx_http_infer_metrics_reserve(pg, 1024);
     if (p == NULL) {
@@ -260,6 +262,21 @@ ngx_http_infer_metrics_render(ngx_http_infer_metrics_page_t *pg,
                 return NGX_ERROR;
             }
         }
+    }
+
+    /* the balancer's pools, when the route module is loaded */
+
+    export = ngx_http_infer_export_find(pg->r,
+                                        "ngx_http_infer_balance_module");
+
+    if (export) {
+        p = ngx_http_infer_metrics_reserve(pg, export->size(export));
+        if (p == NULL) {
+            return NGX_ERROR;
+        }
+
+        pg->b->last = export->write(export, p, ngx_http_infer_metrics_meta,
+                                    pg->om);
     }
 
     if (pg->om) {

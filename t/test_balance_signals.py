@@ -635,7 +635,9 @@ def test_lora_adapter_affinity(nginx_factory, sim_factory):
 ENDPOINT_KEYS = {"endpoint", "backup", "tokens_in_flight", "picks", "fresh",
                  "age_ms", "queue", "running", "kv_cache", "lora_running",
                  "lora_waiting", "max_lora", "scrapes", "scrape_failures",
-                 "pace_us_per_token"}
+                 "pace_us_per_token", "ejected", "ejected_ms", "ejected_for",
+                 "ejections", "errors_in_a_row", "scrape_errors_in_a_row",
+                 "ttfb_ms"}
 
 
 def test_the_status_page(nginx_factory, trio, sim_factory):
@@ -660,7 +662,8 @@ def test_the_status_page(nginx_factory, trio, sim_factory):
     assert "pool" in names and "bare" in names
     for p in st["pools"]:
         assert set(p) == {"upstream", "average_tokens", "saturated",
-                          "scrape", "endpoints"}, p
+                          "scrape", "eject", "endpoints"}, p
+        assert p["eject"] is None, p
         assert p["saturated"] is False
         for e in p["endpoints"]:
             assert set(e) == ENDPOINT_KEYS, e
