@@ -13,7 +13,8 @@
  * peer data, as least_conn does, so weight=, max_fails=, fail_timeout=,
  * max_conns=, down and backup keep working.  It also sheds requests of
  * low priority when every peer is saturated, follows an external
- * picker's choice, and shows its state on a status page.
+ * picker's choice, takes failing peers out of the pool
+ * (ngx_http_infer_balance_eject.c), and shows its state on a status page.
  */
 
 
