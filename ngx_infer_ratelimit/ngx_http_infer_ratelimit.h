@@ -145,6 +145,7 @@ typedef struct {
     ngx_flag_t                  headers;
     ngx_uint_t                  status_code;
     ngx_uint_t                  default_max_tokens;
+    ngx_flag_t                  charge_cache_hits;
 } ngx_http_infer_ratelimit_loc_conf_t;
 
 

@@ -153,6 +153,13 @@ static ngx_command_t  ngx_http_infer_ratelimit_commands[] = {
       offsetof(ngx_http_infer_ratelimit_loc_conf_t, default_max_tokens),
       NULL },
 
+    { ngx_string("infer_ratelimit_charge_cache_hits"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_FLAG,
+      ngx_conf_set_flag_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_infer_ratelimit_loc_conf_t, charge_cache_hits),
+      NULL },
+
       ngx_null_command
 };
 
@@ -798,6 +805,7 @@ ngx_http_infer_ratelimit_log_handler(ngx_http_request_t *r)
     ngx_uint_t                             i, found, found2, zone, redis;
     ngx_http_infer_ratelimit_ctx_t        *ctx;
     ngx_http_infer_ratelimit_item_t       *item;
+    ngx_http_infer_ratelimit_loc_conf_t   *lcf;
     ngx_http_infer_ratelimit_main_conf_t  *rmcf;
 
     if (r != r->main) {
@@ -823,6 +831,15 @@ ngx_http_infer_ratelimit_log_handler(ngx_http_request_t *r)
                               &found2);
         found = found || found2;
         real = (int64_t) (prompt + completion);
+    }
+
+    /* an answer from nginx's cache cost the backends nothing */
+
+    lcf = ngx_http_get_module_loc_conf(r, ngx_http_infer_ratelimit_module);
+
+    if (r->cached && !lcf->charge_cache_hits) {
+        real = 0;
+        found = 1;
     }
 
     zone = 0;
@@ -1391,6 +1408,7 @@ ngx_http_infer_ratelimit_create_conf(ngx_conf_t *cf)
     conf->headers = NGX_CONF_UNSET;
     conf->status_code = NGX_CONF_UNSET_UINT;
     conf->default_max_tokens = NGX_CONF_UNSET_UINT;
+    conf->charge_cache_hits = NGX_CONF_UNSET;
 
     return conf;
 }
@@ -1414,6 +1432,8 @@ ngx_http_infer_ratelimit_merge_conf(ngx_conf_t *cf, void *parent, void *child)
                               NGX_HTTP_TOO_MANY_REQUESTS);
     ngx_conf_merge_uint_value(conf->default_max_tokens,
                               prev->default_max_tokens, 1024);
+    ngx_conf_merge_value(conf->charge_cache_hits, prev->charge_cache_hits,
+                         0);
 
     if (conf->limits == NULL) {
         return NGX_CONF_OK;

@@ -103,6 +103,8 @@ typedef struct {
                                                    the model is only
                                                    reported */
     ngx_flag_t                        upstream_check;
+    ngx_int_t                         target_index;   /* variables, for */
+    ngx_int_t                         upstream_index; /* the cache key */
 } ngx_http_infer_route_main_conf_t;
 
 
@@ -116,6 +118,9 @@ typedef struct {
     ngx_uint_t                     phase;       /* infer_route_phase */
     ngx_http_complex_value_t      *models;      /* infer_route_models */
     ngx_http_complex_value_t      *namespace;   /* infer_route_namespace */
+    ngx_http_complex_value_t      *cache_scope; /* infer_cache_scope */
+    ngx_array_t                   *cache_uncacheable; /* of ngx_str_t,
+                                                   NUL-terminated */
     time_t                         misconf_logged;  /* per worker: when a
                                                    bad value of either was
                                                    last logged */
@@ -193,6 +198,8 @@ typedef struct {
     unsigned                       verify:1;    /* the body is read to
                                                    check its model against
                                                    the one found first */
+    unsigned                       cache_done:1;    /* the cache key and */
+    unsigned                       cacheable:1;     /* verdict are known */
 
     ngx_http_infer_route_strip_t  *strip;       /* NULL: the usage chunk
                                                    is left in */
@@ -200,6 +207,7 @@ typedef struct {
                                                        infer_route_models */
     ngx_str_t                      limit_namespace; /* and _namespace the
                                                        request is held to */
+    u_char                        *cache_key;   /* 64 hex digits, NULL */
 } ngx_http_infer_route_ctx_t;
 
 
@@ -263,6 +271,12 @@ ngx_int_t ngx_http_infer_route_list_handler(ngx_http_request_t *r);
 /* whether the limits kept in ctx let it serve entry: NGX_OK, NGX_DECLINED */
 ngx_int_t ngx_http_infer_route_in_scope(ngx_http_infer_route_ctx_t *ctx,
     ngx_http_infer_route_model_t *entry);
+
+/* ngx_http_infer_route_cache.c */
+ngx_int_t ngx_http_infer_route_cache_variable(ngx_http_request_t *r,
+    ngx_http_variable_value_t *v, uintptr_t data);
+char *ngx_http_infer_route_cache_uncacheable(ngx_conf_t *cf,
+    ngx_command_t *cmd, void *conf);
 
 /* ngx_http_infer_route_file.c */
 

@@ -176,6 +176,20 @@ static ngx_command_t  ngx_http_infer_route_commands[] = {
       offsetof(ngx_http_infer_route_loc_conf_t, namespace),
       NULL },
 
+    { ngx_string("infer_cache_scope"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_set_complex_value_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_infer_route_loc_conf_t, cache_scope),
+      NULL },
+
+    { ngx_string("infer_cache_uncacheable"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_1MORE,
+      ngx_http_infer_route_cache_uncacheable,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
     { ngx_string("infer_model_upstream_check"),
       NGX_HTTP_MAIN_CONF|NGX_CONF_FLAG,
       ngx_conf_set_flag_slot,
@@ -329,6 +343,20 @@ static ngx_http_variable_t  ngx_http_infer_route_vars[] = {
     { ngx_string("infer_registry_models"), NULL,
       ngx_http_infer_route_registry_variable, 0,
       NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    /* ngx_http_infer_route_cache.c */
+
+    { ngx_string("infer_cache_key"), NULL,
+      ngx_http_infer_route_cache_variable, 0, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("infer_cacheable"), NULL,
+      ngx_http_infer_route_cache_variable, 1, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("infer_cache_bypass"), NULL,
+      ngx_http_infer_route_cache_variable, 2, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("infer_cache_no_store"), NULL,
+      ngx_http_infer_route_cache_variable, 3, NGX_HTTP_VAR_NOCACHEABLE, 0 },
 
       ngx_http_null_variable
 };
@@ -2011,6 +2039,8 @@ ngx_http_infer_route_create_conf(ngx_conf_t *cf)
     conf->phase = NGX_CONF_UNSET_UINT;
     conf->models = NGX_CONF_UNSET_PTR;
     conf->namespace = NGX_CONF_UNSET_PTR;
+    conf->cache_scope = NGX_CONF_UNSET_PTR;
+    conf->cache_uncacheable = NGX_CONF_UNSET_PTR;
 
     /*
      * set by ngx_pcalloc():
@@ -2042,6 +2072,9 @@ ngx_http_infer_route_merge_conf(ngx_conf_t *cf, void *parent, void *child)
                               NGX_HTTP_INFER_ROUTE_PREACCESS);
     ngx_conf_merge_ptr_value(conf->models, prev->models, NULL);
     ngx_conf_merge_ptr_value(conf->namespace, prev->namespace, NULL);
+    ngx_conf_merge_ptr_value(conf->cache_scope, prev->cache_scope, NULL);
+    ngx_conf_merge_ptr_value(conf->cache_uncacheable,
+                             prev->cache_uncacheable, NULL);
 
     if (conf->sources == NULL) {
         /* the default: body, then path */
@@ -2077,10 +2110,26 @@ ngx_http_infer_route_merge_conf(ngx_conf_t *cf, void *parent, void *child)
 static ngx_int_t
 ngx_http_infer_route_init(ngx_conf_t *cf)
 {
-    ngx_http_handler_pt        *h;
-    ngx_http_core_main_conf_t  *cmcf;
+    ngx_str_t                          name;
+    ngx_http_handler_pt               *h;
+    ngx_http_core_main_conf_t         *cmcf;
+    ngx_http_infer_route_main_conf_t  *rmcf;
 
     cmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_core_module);
+    rmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_infer_route_module);
+
+    /* what the cache key reads, see ngx_http_infer_route_cache.c */
+
+    ngx_str_set(&name, "infer_model_target");
+    rmcf->target_index = ngx_http_get_variable_index(cf, &name);
+
+    ngx_str_set(&name, "infer_upstream");
+    rmcf->upstream_index = ngx_http_get_variable_index(cf, &name);
+
+    if (rmcf->target_index == NGX_ERROR || rmcf->upstream_index == NGX_ERROR)
+    {
+        return NGX_ERROR;
+    }
 
     h = ngx_array_push(&cmcf->phases[NGX_HTTP_PREACCESS_PHASE].handlers);
     if (h == NULL) {
