@@ -120,6 +120,21 @@ CONFIGS = [
         modules=list(MODULES),
         default=False,
     ),
+    # Not run by default: route, and the cache key computed for every
+    # request (sent to the backend in a header, so that it is evaluated
+    # after routing, as proxy_cache_key is): route-key/route is the cost
+    # of $infer_cache_key, a jansson parse and a SHA-256 of the body.
+    GatewayConfig(
+        name="route-key",
+        description="route, and $infer_cache_key computed for every "
+                    "request (proxy_set_header X-Cache-Key)",
+        modules=["route"],
+        http=REGISTRY,
+        location="infer_route on; "
+                 "proxy_set_header X-Cache-Key $infer_cache_key;",
+        proxy_pass="http://$infer_upstream",
+        default=False,
+    ),
     # Not run by default: plain, but proxy_pass through a variable, as
     # route does.  route/plain-var is the route module's own work, without
     # the cost of a run-time proxy_pass (evaluating the variable, looking

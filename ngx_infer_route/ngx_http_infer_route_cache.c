@@ -20,7 +20,8 @@
  * 0, or an integer "seed"), and has none of the top-level members the
  * location lists in infer_cache_uncacheable.  The body is parsed once
  * per request, when one of the variables is first asked for, by
- * jansson, and dumped compact with sorted keys straight into the digest.
+ * jansson, and its tree hashed in a canonical form (see
+ * ngx_http_infer_route_cache_value()).
  */
 
 
@@ -36,7 +37,7 @@
 #include "ngx_http_infer_route.h"
 
 
-#define NGX_HTTP_INFER_CACHE_VERSION  "ngx_infer cache 1\n"
+#define NGX_HTTP_INFER_CACHE_VERSION  "ngx_infer cache 2\n"
 
 
 typedef enum {
@@ -47,6 +48,12 @@ typedef enum {
 } ngx_http_infer_cache_var_e;
 
 
+typedef struct {
+    const char                   *name;
+    json_t                       *value;
+} ngx_http_infer_cache_member_t;
+
+
 static ngx_int_t ngx_http_infer_route_cache_compute(ngx_http_request_t *r,
     ngx_http_infer_route_ctx_t *ctx);
 static ngx_uint_t ngx_http_infer_route_cache_deterministic(
@@ -54,8 +61,9 @@ static ngx_uint_t ngx_http_infer_route_cache_deterministic(
 static ngx_int_t ngx_http_infer_route_cache_scope(ngx_http_request_t *r,
     ngx_http_infer_route_loc_conf_t *rlcf, ngx_str_t *scope);
 static void ngx_http_infer_route_cache_part(EVP_MD_CTX *md, ngx_str_t *s);
-static int ngx_http_infer_route_cache_dump(const char *buffer, size_t size,
-    void *data);
+static ngx_int_t ngx_http_infer_route_cache_value(EVP_MD_CTX *md,
+    json_t *v, ngx_pool_t *pool);
+static int ngx_http_infer_route_cache_cmp(const void *one, const void *two);
 static ngx_uint_t ngx_http_infer_route_cache_control(ngx_http_request_t *r,
     ngx_uint_t *no_store);
 
@@ -134,6 +142,7 @@ ngx_http_infer_route_cache_compute(ngx_http_request_t *r,
     u_char                           *p, digest[EVP_MAX_MD_SIZE];
     size_t                            i;
     json_t                           *root;
+    ngx_int_t                         rc;
     ngx_str_t                         body, scope, s;
     ngx_uint_t                        n, cacheable;
     EVP_MD_CTX                       *md;
@@ -227,11 +236,15 @@ ngx_http_infer_route_cache_compute(ngx_http_request_t *r,
         ngx_http_infer_route_cache_part(md, &s);
     }
 
-    if (json_dump_callback(root, ngx_http_infer_route_cache_dump, md,
-                           JSON_COMPACT|JSON_SORT_KEYS)
-        != 0
-        || EVP_DigestFinal_ex(md, digest, &dlen) != 1)
-    {
+    rc = ngx_http_infer_route_cache_value(md, root, r->pool);
+
+    if (rc == NGX_DECLINED) {
+        EVP_MD_CTX_free(md);
+        json_decref(root);
+        return NGX_OK;
+    }
+
+    if (rc != NGX_OK || EVP_DigestFinal_ex(md, digest, &dlen) != 1) {
         EVP_MD_CTX_free(md);
         json_decref(root);
         return NGX_ERROR;
@@ -372,10 +385,142 @@ ngx_http_infer_route_cache_part(EVP_MD_CTX *md, ngx_str_t *s)
 }
 
 
-static int
-ngx_http_infer_route_cache_dump(const char *buffer, size_t size, void *data)
+/*
+ * The canonical form, into the digest: "n", "t", "f"; an integer "i" and
+ * its digits, a real "r" and %.17g, each with ";"; a string "s", its
+ * length, ":" and its bytes (escapes decoded); an array "[" its elements
+ * "]"; an object "{" its members sorted by name (each a string, then its
+ * value) "}".  Depth is bounded: the body was scanned first, at most 64
+ * levels deep.
+ */
+
+static ngx_int_t
+ngx_http_infer_route_cache_value(EVP_MD_CTX *md, json_t *v, ngx_pool_t *pool)
 {
-    return EVP_DigestUpdate(data, buffer, size) == 1 ? 0 : -1;
+    u_char                         buf[NGX_INT64_LEN + 32], *p;
+    void                          *it;
+    size_t                         i, n;
+    ngx_int_t                      rc;
+    ngx_str_t                      s;
+    ngx_http_infer_cache_member_t *m;
+
+    switch (json_typeof(v)) {
+
+    case JSON_OBJECT:
+        n = json_object_size(v);
+
+        m = ngx_palloc(pool,
+                       (n ? n : 1) * sizeof(ngx_http_infer_cache_member_t));
+        if (m == NULL) {
+            return NGX_ERROR;
+        }
+
+        i = 0;
+
+        for (it = json_object_iter(v);
+             it && i < n;
+             it = json_object_iter_next(v, it))
+        {
+            m[i].name = json_object_iter_key(it);
+            m[i].value = json_object_iter_value(it);
+
+#if (JANSSON_VERSION_HEX >= 0x020e00)
+            /* a name with a NUL in it: not one canonical form */
+            if (json_object_iter_key_len(it) != ngx_strlen(m[i].name)) {
+                ngx_pfree(pool, m);
+                return NGX_DECLINED;
+            }
+#endif
+
+            i++;
+        }
+
+        n = i;
+
+        ngx_qsort(m, n, sizeof(ngx_http_infer_cache_member_t),
+                  ngx_http_infer_route_cache_cmp);
+
+        EVP_DigestUpdate(md, "{", 1);
+
+        for (i = 0; i < n; i++) {
+            s.data = (u_char *) m[i].name;
+            s.len = ngx_strlen(m[i].name);
+
+            EVP_DigestUpdate(md, "s", 1);
+            ngx_http_infer_route_cache_part(md, &s);
+
+            rc = ngx_http_infer_route_cache_value(md, m[i].value, pool);
+
+            if (rc != NGX_OK) {
+                return rc;
+            }
+        }
+
+        ngx_pfree(pool, m);
+        EVP_DigestUpdate(md, "}", 1);
+        return NGX_OK;
+
+    case JSON_ARRAY:
+        EVP_DigestUpdate(md, "[", 1);
+
+        n = json_array_size(v);
+
+        for (i = 0; i < n; i++) {
+            rc = ngx_http_infer_route_cache_value(md, json_array_get(v, i),
+                                                  pool);
+            if (rc != NGX_OK) {
+                return rc;
+            }
+        }
+
+        EVP_DigestUpdate(md, "]", 1);
+        return NGX_OK;
+
+    case JSON_STRING:
+        s.data = (u_char *) json_string_value(v);
+        s.len = json_string_length(v);
+
+        EVP_DigestUpdate(md, "s", 1);
+        ngx_http_infer_route_cache_part(md, &s);
+        return NGX_OK;
+
+    case JSON_INTEGER:
+        p = ngx_sprintf(buf, "i%L;", (int64_t) json_integer_value(v));
+        break;
+
+    case JSON_REAL:
+        n = snprintf((char *) buf, sizeof(buf), "r%.17g;",
+                     json_real_value(v));
+        p = buf + ngx_min(n, sizeof(buf) - 1);
+        break;
+
+    case JSON_TRUE:
+        p = ngx_cpymem(buf, "t", 1);
+        break;
+
+    case JSON_FALSE:
+        p = ngx_cpymem(buf, "f", 1);
+        break;
+
+    default: /* JSON_NULL */
+        p = ngx_cpymem(buf, "n", 1);
+        break;
+    }
+
+    EVP_DigestUpdate(md, buf, p - buf);
+
+    return NGX_OK;
+}
+
+
+/* member names, bytewise (none has a NUL in it) */
+
+static int
+ngx_http_infer_route_cache_cmp(const void *one, const void *two)
+{
+    const ngx_http_infer_cache_member_t  *a = one, *b = two;
+
+    return ngx_strcmp(a->name, b->name);
 }
 
 

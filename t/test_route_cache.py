@@ -10,6 +10,8 @@ hashlib, an oracle of its own."""
 
 import hashlib
 import json
+import os
+import re
 import time
 
 import pytest
@@ -72,8 +74,28 @@ def gw(nginx_factory, sim, tmp_path):
 
 def post(gw, body, path="/v1/chat/completions", headers=None, raw=None):
     data = raw if raw is not None else json.dumps(body)
-    return requests.post(gw.url + path, data=data, timeout=15, headers={
+    r = requests.post(gw.url + path, data=data, timeout=15, headers={
         "Content-Type": "application/json", **(headers or {})})
+    if (r.status_code == 200 and r.headers.get("x-cacheable") == "1"
+            and r.headers.get("x-cache") in ("MISS", "EXPIRED", "BYPASS")
+            and "no-store" not in str(headers or {}).lower()):
+        stored(gw, key(r))
+    return r
+
+
+def stored(gw, k):
+    """Wait (2 s at most) for the answer just sent to be in the cache.
+    nginx writes it once the backend's answer is read whole, which may be
+    just after the client has it: with two workers, the next request could
+    otherwise be a miss.  The file is named by the MD5 of the key."""
+    name = hashlib.md5(k.encode()).hexdigest()
+    dirs = re.findall(r"proxy_cache_path (\S+)", gw.conf_path.read_text())
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:
+        if any(os.path.exists(os.path.join(d, name)) for d in dirs):
+            time.sleep(0.02)    # the rename, then the zone's "exists"
+            return
+        time.sleep(0.005)
 
 
 def served(sim):
@@ -85,19 +107,38 @@ ASK = {"model": "m", "temperature": 0, "max_tokens": 8,
                     {"role": "user", "content": "What is 2+2?"}]}
 
 
-def canonical_key(body, upstream="m", target="llama-3-8b",
-                  scope="\n"):
+def canonical(v):
+    """The canonical form of a JSON value, as docs/route.md defines it."""
+    if v is None:
+        return b"n"
+    if v is True:
+        return b"t"
+    if v is False:
+        return b"f"
+    if isinstance(v, int):
+        return b"i%d;" % v
+    if isinstance(v, float):
+        return b"r" + ("%.17g" % v).encode() + b";"
+    if isinstance(v, str):
+        return b"s" + part(v)
+    if isinstance(v, list):
+        return b"[" + b"".join(canonical(x) for x in v) + b"]"
+    return b"{" + b"".join(b"s" + part(k) + canonical(v[k])
+                           for k in sorted(v, key=str.encode)) + b"}"
+
+
+def part(s):
+    b = s.encode()
+    return str(len(b)).encode() + b":" + b
+
+
+def canonical_key(body, upstream="m", target="llama-3-8b", scope="\n"):
     """What $infer_cache_key should be, from Python alone: of the body as
     sent to the backend, whose "model" is the model served."""
     body = {**body, "model": target}
-
-    def part(s):
-        b = s.encode()
-        return str(len(b)).encode() + b":" + b
-    dump = json.dumps(body, sort_keys=True, separators=(",", ":"),
-                      ensure_ascii=False).encode()
-    return hashlib.sha256(b"ngx_infer cache 1\n" + part(scope)
-                          + part(upstream) + part(target) + dump).hexdigest()
+    return hashlib.sha256(b"ngx_infer cache 2\n" + part(scope)
+                          + part(upstream) + part(target)
+                          + canonical(body)).hexdigest()
 
 
 def key(r):
@@ -140,9 +181,11 @@ def test_member_order_whitespace_and_escapes_do_not_matter(gw, sim):
     {"n": 2},
 ], ids=["max-tokens", "messages", "real-zero", "n"])
 def test_another_question_is_another_key(gw, sim, change):
+    """Also: the key of every request is the one Python computes."""
     post(gw, ASK)
     r = post(gw, {**ASK, **change})
     assert r.headers["x-cache"] == "MISS", r.headers
+    assert key(r) == canonical_key({**ASK, **change})
     assert served(sim) == 2
 
 
@@ -251,11 +294,14 @@ def test_the_clients_cache_control_is_honoured(gw, sim):
 
 
 @pytest.mark.parametrize("raw", [
-    '{"model": "m", "temperature": 0, "x": 1e999}',
-    '{"model": "m", "temperature": 0, "a": 1, "a": 2}',
-], ids=["number-out-of-range", "duplicate-member"])
+    '{"model": "m", "temperature": 0, "x": 1e999, "messages": %s}',
+    '{"model": "m", "temperature": 0, "a": 1, "a": 2, "messages": %s}',
+    '{"model": "m", "temperature": 0, "x": {"a\\u0000b": 1, "a": 2}, '
+    '"messages": %s}',
+], ids=["number-out-of-range", "duplicate-member", "nul-in-a-name"])
 def test_what_the_canonical_form_cannot_hold_is_not_cached(gw, sim, raw):
-    r = post(gw, None, raw=raw)
+    r = post(gw, None, raw=raw % json.dumps(ASK["messages"]))
+    assert r.status_code == 200, r.text     # routed, answered, not cached
     assert r.headers["x-cacheable"] == "0"
     assert key(r) == ""
 
