@@ -80,6 +80,13 @@ OPTIONS = {
     "max_tokens_cap": ("int", 4096),
     "seed": ("int", 1),
     "kv_slot_tokens": ("int", 1024),
+    # the engine model (off by default: a TTFT of ttft_ms, KV use from
+    # kv_slot_tokens): prefill at this many tokens/s, one prompt after
+    # another, and a KV cache of this many tokens with automatic prefix
+    # caching (blocks of BLOCK_TOKENS, LRU) and preemption when full
+    "prefill_tokens_per_s": ("float", 0.0),
+    "kv_cache_tokens": ("int", 0),
+    "prefix_caching": ("bool", True),
     "fake_running": ("int?", None),
     "fake_waiting": ("int?", None),
     "fake_kv_cache_usage": ("float?", None),
@@ -102,6 +109,8 @@ OPTIONS = {
 }
 
 METRICS_FLAVORS = ("vllm", "sglang", "tgi")
+BLOCK_TOKENS = 16                    # vLLM's default block size
+BLOCK_BYTES = 4 * BLOCK_TOKENS       # a token is 4 bytes of prompt text
 LORA_HISTORY = 8                     # label sets of lora_requests_info kept
 
 
@@ -325,7 +334,8 @@ class Scheduler:
 
 class Job:
     """One admitted inference request (for metrics: tokens in flight)."""
-    __slots__ = ("prompt_tokens", "generated", "t_start", "ttft", "tpot", "n", "track")
+    __slots__ = ("prompt_tokens", "generated", "t_start", "ttft", "tpot", "n", "track",
+                 "t_first", "hashes", "blocks", "kv", "cached_tokens")
 
     def tokens_now(self, now):
         if self.track:
@@ -341,6 +351,119 @@ class Job:
         return self.prompt_tokens + g
 
 
+class KVCache:
+    """vLLM's paged KV cache with automatic prefix caching, in blocks of
+    BLOCK_TOKENS tokens.  A full block of prompt is known by the hash of
+    its text and of every block before it (so a block matches only at the
+    same place after the same prefix); a request holds its prompt's
+    blocks, shared with any other request that holds them, and private
+    blocks for the rest and for what it generates.  A block no request
+    holds stays cached, and is reused in LRU order when a new block is
+    needed.  Usage, as vLLM's kv_cache_usage_perc, is the share of blocks
+    held by requests."""
+
+    def __init__(self, blocks, caching):
+        self.capacity = max(1, blocks)
+        self.caching = caching
+        self.ref = {}                          # hash -> requests holding it
+        self.free = collections.OrderedDict()  # hash -> None, LRU first
+        self.private = 0                       # held blocks of no hash
+        self.queries = 0                       # prompt tokens looked up
+        self.hits = 0                          # of them, found cached
+        self.preemptions = 0
+        self.waiters = collections.deque()     # FIFO of requests waiting
+
+    def held(self):
+        return len(self.ref) + self.private
+
+    def usage(self):
+        return min(1.0, self.held() / self.capacity)
+
+    def match(self, hashes):
+        """How many leading blocks of hashes are cached."""
+        n = 0
+        if self.caching:
+            for h in hashes:
+                if h not in self.ref and h not in self.free:
+                    break
+                n += 1
+        return n
+
+    def acquire(self, hashes, private):
+        """Hold the blocks of hashes and `private` more; False (nothing
+        held) when they do not fit beside what requests hold."""
+        new = sum(1 for h in hashes if h not in self.ref)
+        if new + private > self.capacity - self.held():
+            return False
+        for h in hashes:
+            if h in self.ref:
+                self.ref[h] += 1
+                continue
+            if h in self.free:
+                del self.free[h]
+            else:
+                self.make_room()
+            self.ref[h] = 1
+        for _ in range(private):
+            self.make_room()
+        self.private += private
+        return True
+
+    def make_room(self):
+        """A block for new content: the LRU cached block goes when every
+        block has content."""
+        if self.held() + len(self.free) >= self.capacity and self.free:
+            self.free.popitem(last=False)
+
+    def grow(self, force=False):
+        """One more private block; `force`: past the capacity, for a
+        request alone in the cache (vLLM would have refused it as too
+        long for the model)."""
+        if self.held() >= self.capacity and not force:
+            return False
+        self.make_room()
+        self.private += 1
+        return True
+
+    def release(self, hashes, private):
+        for h in hashes:
+            self.ref[h] -= 1
+            if not self.ref[h]:
+                del self.ref[h]
+                if self.caching:
+                    self.free[h] = None        # most recently used last
+        self.private -= private
+
+
+def prompt_text(kind, body):
+    """The text a prompt's blocks are made of, in order: each chat message
+    as its role and content, or a completions prompt's strings."""
+    if kind == "chat":
+        return "".join("%s\x00%s\x00" % (m.get("role", ""),
+                                         content_text(m.get("content")))
+                       if isinstance(m, dict) else jdump(m).decode("utf-8")
+                       for m in body.get("messages") or [])
+    if kind == "completions":
+        items = prompt_items(body.get("prompt"))
+        return "".join(x if isinstance(x, str) else jdump(x).decode("utf-8")
+                       for x in items)
+    return ""
+
+
+def block_hashes(text, prompt_tokens):
+    """The chained hashes of the prompt's full blocks, at most those of
+    prompt_tokens - 1 tokens (the last token is always computed, as in
+    vLLM)."""
+    data = text.encode("utf-8")
+    n = min(len(data) // BLOCK_BYTES, max(0, prompt_tokens - 1) // BLOCK_TOKENS)
+    out, h = [], b""
+    for i in range(n):
+        h = hashlib.blake2b(h + data[i * BLOCK_BYTES:(i + 1) * BLOCK_BYTES],
+                            digest_size=8).digest()
+        out.append(h)
+    return out
+
+
 class Sim:
     def __init__(self, cfg):
         self.cfg = cfg
@@ -348,6 +471,9 @@ class Sim:
         self.split_rng = random.Random(cfg["seed"] * 7919 + 1)
         self.sched = Scheduler(self)
         self.jobs = set()
+        self.kv = self.make_kv()
+        self.kv_waiting = 0          # have a slot, wait for KV blocks
+        self.prefill_free_at = 0.0   # loop time the prefill is done with
         self.records = collections.deque(maxlen=RECORD_KEEP)
         self.started = int(time.time())
         self.conns = set()
@@ -370,6 +496,12 @@ class Sim:
         if self.lora_current is not None:
             self.lora_sets[self.lora_current] = time.time()
         self.loop = None
+
+    def make_kv(self):
+        if self.cfg["kv_cache_tokens"] <= 0:
+            return None
+        return KVCache(self.cfg["kv_cache_tokens"] // BLOCK_TOKENS,
+                       self.cfg["prefix_caching"])
 
     # ------------------------------------------------------------------ HTTP
 
@@ -724,6 +856,8 @@ class Sim:
                     return await self.send_error(conn, req, 400, str(e), "bad_config")
                 self.cfg.update(new)
                 self.lora_changed()
+                if "kv_cache_tokens" in new or "prefix_caching" in new:
+                    self.kv = self.make_kv()    # requests held give back to theirs
                 if "seed" in new:
                     self.rng.seed(new["seed"])
                     self.split_rng.seed(new["seed"] * 7919 + 1)
@@ -743,6 +877,10 @@ class Sim:
                 "metrics_requests": self.metrics_requests,
                 "prompt_tokens_total": self.prompt_tokens_total,
                 "generation_tokens_total": self.generation_tokens_total,
+                "prefix_cache_queries": self.kv.queries if self.kv else 0,
+                "prefix_cache_hits": self.kv.hits if self.kv else 0,
+                "preemptions": self.kv.preemptions if self.kv else 0,
+                "kv_blocks_held": self.kv.held() if self.kv else 0,
                 "success": self.success})
         return await self.send_error(conn, req, 404, "Not Found: %s" % path, "not_found")
 
@@ -814,6 +952,15 @@ class Sim:
             raise BadRequest(400, "The request body must be a JSON object", "invalid_json")
 
         plan = self.plan(kind, body, ov, req)
+        hashes = []
+        if self.kv is not None:
+            blocks = -(-plan["prompt_tokens"] // BLOCK_TOKENS)
+            if blocks > self.kv.capacity:
+                raise BadRequest(400, "This model's KV cache holds %d tokens, the prompt has %d"
+                                 % (self.kv.capacity * BLOCK_TOKENS, plan["prompt_tokens"]),
+                                 "context_length_exceeded")
+            if kind in ("chat", "completions") and self.kv.caching:
+                hashes = block_hashes(prompt_text(kind, body), plan["prompt_tokens"])
         fut = self.sched.try_acquire()
         if fut is not None:
             try:
@@ -832,8 +979,14 @@ class Sim:
         job.tpot = max(0.0, ov.get("tpot_ms", cfg["tpot_ms"])) / 1000.0
         job.n = plan["n"]
         job.track = plan.get("stream", False)
+        job.hashes, job.blocks, job.kv, job.cached_tokens = hashes, 0, None, 0
         self.jobs.add(job)
         try:
+            if self.kv is not None or cfg["prefill_tokens_per_s"] > 0:
+                await self.admit(conn, job)
+                job.t_start = self.loop.time()
+            job.t_first = job.t_start + job.ttft
+            plan["cached_tokens"] = job.cached_tokens
             if plan.get("stream"):
                 return await self.gen_stream(conn, req, kind, plan, job, ov)
             return await self.gen_full(conn, req, kind, plan, job, ov, v2_version)
@@ -842,7 +995,80 @@ class Sim:
             raise
         finally:
             self.jobs.discard(job)
+            if job.kv is not None:
+                job.kv.release(job.hashes, job.blocks)
             self.sched.release()
+
+    # The engine model (prefill_tokens_per_s, kv_cache_tokens): what makes
+    # a replica's time to first token depend on the prompts before it and
+    # on its prefix cache, as in vLLM.  Off, a request waits only for a
+    # slot and its first token comes ttft_ms after.
+
+    async def admit(self, conn, job):
+        """KV blocks for the prompt (waiting, first come first served, for
+        room), then its prefill, after the prefills before it, of the
+        tokens the prefix cache does not have."""
+        if self.kv is not None:
+            job.cached_tokens = await self.kv_hold(conn, job, job.prompt_tokens)
+        await self.prefill(conn, job.prompt_tokens - job.cached_tokens)
+
+    async def kv_hold(self, conn, job, tokens):
+        """Hold the blocks of `tokens` tokens, the prompt's hashed ones
+        among them; returns how many of them were found cached."""
+        kv = self.kv
+        private = max(0, -(-tokens // BLOCK_TOKENS) - len(job.hashes))
+        me = object()
+        kv.waiters.append(me)
+        self.kv_waiting += 1
+        try:
+            while True:
+                if kv.waiters[0] is me:
+                    hit = kv.match(job.hashes)
+                    if kv.acquire(job.hashes, private):
+                        break
+                await asyncio.sleep(0.002)
+                if conn.gone():
+                    raise ClientGone()
+        finally:
+            kv.waiters.remove(me)
+            self.kv_waiting -= 1
+        job.kv, job.blocks = kv, private
+        kv.queries += tokens
+        kv.hits += hit * BLOCK_TOKENS
+        return hit * BLOCK_TOKENS
+
+    async def prefill(self, conn, tokens):
+        tps = self.cfg["prefill_tokens_per_s"]
+        if tps <= 0 or tokens <= 0:
+            return
+        start = max(self.loop.time(), self.prefill_free_at)
+        self.prefill_free_at = start + tokens / tps
+        await self.pause_until(conn, self.prefill_free_at)
+
+    async def decode_to(self, conn, job, i):
+        """Wait for the i-th generated token (0 = the first); with the KV
+        model, a new block every BLOCK_TOKENS tokens, and when none is
+        left, preemption as vLLM's recompute: the request gives its
+        blocks back, waits for room, and its prompt and what it generated
+        are computed again, less what the prefix cache still has."""
+        await self.pause_until(conn, job.t_first + i * job.tpot)
+        kv = job.kv
+        if kv is None or (job.prompt_tokens + i) % BLOCK_TOKENS:
+            return
+        alone = kv.held() <= len(job.hashes) + job.blocks
+        if kv.grow(force=alone):
+            job.blocks += 1
+            return
+        t0 = self.loop.time()
+        kv.preemptions += 1
+        kv.release(job.hashes, job.blocks)
+        job.kv, job.blocks = None, 0
+        tokens = job.prompt_tokens + i + 1
+        if self.kv is None:              # the KV model was turned off
+            return
+        cached = await self.kv_hold(conn, job, tokens)
+        await self.prefill(conn, tokens - cached)
+        job.t_first += self.loop.time() - t0
 
     def max_tokens(self, body):
         mt = body.get("max_completion_tokens")
@@ -939,17 +1165,20 @@ class Sim:
     def usage(self, plan):
         u = {"prompt_tokens": plan["prompt_tokens"], "completion_tokens": plan["n"],
              "total_tokens": plan["prompt_tokens"] + plan["n"],
-             "prompt_tokens_details": {"cached_tokens": 0}}
+             "prompt_tokens_details": {"cached_tokens": plan.get("cached_tokens", 0)}}
         return u
 
     async def gen_full(self, conn, req, kind, plan, job, ov, v2_version):
         cfg = self.cfg
         n = plan["n"]
-        t_first = job.t_start + job.ttft
-        await self.pause_until(conn, t_first)
+        await self.decode_to(conn, job, 0)
         self.ttft_hist.observe(time.monotonic() - req.t0)
+        if job.kv is not None:
+            for i in range(1, n):
+                if (job.prompt_tokens + i) % BLOCK_TOKENS == 0:
+                    await self.decode_to(conn, job, i)
         if n > 1:
-            await self.pause_until(conn, t_first + (n - 1) * job.tpot)
+            await self.pause_until(conn, job.t_first + (n - 1) * job.tpot)
         model = cfg["model"]
         now = int(time.time())
         if kind == "chat":
@@ -1115,13 +1344,12 @@ class Sim:
                 return [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": fin}]
             return [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": fin}]
 
-        t_first = job.t_start + job.ttft
-        await self.pause_until(conn, t_first)
+        await self.decode_to(conn, job, 0)
         if kind == "chat":
             await emit(ev(choice("", None, role=True)))
         for i in range(n):
             if i:
-                await self.pause_until(conn, t_first + i * job.tpot)
+                await self.decode_to(conn, job, i)
             text = words[i] if i == 0 else " " + words[i]
             await emit(ev(choice(text, finish if i == n - 1 else None)))
             job.generated += 1
@@ -1200,15 +1428,17 @@ class Sim:
         """(running, waiting, kv fraction), the fake_* options winning."""
         running = self.cfg["fake_running"]
         if running is None:
-            running = self.sched.running
+            running = self.sched.running - self.kv_waiting
         waiting = self.cfg["fake_waiting"]
         if waiting is None:
-            waiting = len(self.sched.waiting)
+            waiting = len(self.sched.waiting) + self.kv_waiting
         return running, waiting, self.kv_usage()
 
     def kv_usage(self):
         if self.cfg["fake_kv_cache_usage"] is not None:
             return self.cfg["fake_kv_cache_usage"]
+        if self.kv is not None:
+            return self.kv.usage()
         maxc = max(1, self.cfg["max_concurrency"])
         slot = max(1, self.cfg["kv_slot_tokens"])
         now = self.loop.time()
@@ -1245,6 +1475,16 @@ class Sim:
         out.append("vllm:prompt_tokens_total{%s} %s" % (lbl, float(self.prompt_tokens_total)))
         fam("vllm:generation_tokens_total", "counter", "Number of generation tokens processed.")
         out.append("vllm:generation_tokens_total{%s} %s" % (lbl, float(self.generation_tokens_total)))
+        kv = self.kv
+        for name, value, help_ in (
+                ("vllm:prefix_cache_queries", kv.queries if kv else 0,
+                 "Prefix cache queries, in terms of number of queried tokens."),
+                ("vllm:prefix_cache_hits", kv.hits if kv else 0,
+                 "Prefix cache hits, in terms of number of cached tokens."),
+                ("vllm:num_preemptions", kv.preemptions if kv else 0,
+                 "Cumulative number of preemption from the engine.")):
+            fam(name + "_total", "counter", help_)
+            out.append("%s_total{%s} %s" % (name, lbl, float(value)))
         fam("vllm:request_success_total", "counter", "Count of successfully processed requests.")
         for reason in ("stop", "length", "abort"):
             out.append('vllm:request_success_total{finished_reason="%s",%s} %s'
@@ -1425,6 +1665,10 @@ def main(argv=None):
     ap.add_argument("--max-tokens-cap", type=int, default=OPTIONS["max_tokens_cap"][1])
     ap.add_argument("--seed", type=int, default=OPTIONS["seed"][1])
     ap.add_argument("--kv-slot-tokens", type=int, default=OPTIONS["kv_slot_tokens"][1])
+    ap.add_argument("--prefill-tokens-per-s", type=float,
+                    default=OPTIONS["prefill_tokens_per_s"][1])
+    ap.add_argument("--kv-cache-tokens", type=int, default=OPTIONS["kv_cache_tokens"][1])
+    ap.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false")
     ap.add_argument("--access-log", action="store_true")
     ap.add_argument("--usage-chunks", type=int, default=OPTIONS["usage_chunks"][1])
     ap.add_argument("--usage-unterminated", action="store_true")
