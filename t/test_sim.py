@@ -869,3 +869,135 @@ def test_keep_alive_and_connection_close(sim):
             n = int(hdrs["content-length"])
             while len(rest) < n:
                 rest += sk.recv(65536)
+
+
+# ------------------------------------------------------ the engine model
+
+def engine_chat(system, user, **extra):
+    return {"model": "llama-3-8b", "max_tokens": 4, **extra,
+            "messages": [{"role": "system", "content": system},
+                         {"role": "user", "content": user}]}
+
+
+def expected_cached(first, second):
+    """From sim/README.md alone: blocks of 16 tokens of 4 bytes of the
+    messages' text (role, NUL, content, NUL); the leading blocks two
+    prompts share are cached, never the last token of the second."""
+    def blob(body):
+        return b"".join(m["role"].encode() + b"\0" + m["content"].encode()
+                        + b"\0" for m in body["messages"])
+    a, b = blob(first), blob(second)
+    same = 0
+    while same < min(len(a), len(b)) and a[same] == b[same]:
+        same += 1
+    prompt = 3 + sum(tokens(m["content"]) + 4 for m in second["messages"])
+    return min(same // 64, (prompt - 1) // 16, len(b) // 64) * 16
+
+
+def usage_of(s, body):
+    r, data = post(s, "/v1/chat/completions", body)
+    assert r.status == 200, data
+    return json.loads(data)["usage"]
+
+
+def test_prefix_cache_hits_what_was_seen_and_counts_it(make_sim):
+    s = make_sim(kv_cache_tokens=8192)
+    system = "You are a careful assistant. " * 40           # 1160 bytes
+    first = engine_chat(system, "What is a GPU?")
+    assert usage_of(s, first)["prompt_tokens_details"]["cached_tokens"] == 0
+    again = engine_chat(system, "And a TPU?")
+    cached = expected_cached(first, again)
+    assert cached >= 256
+    assert usage_of(s, again)["prompt_tokens_details"]["cached_tokens"] \
+        == cached
+    # another system prompt of the same length: nothing in common
+    other = engine_chat("You are a careless assistant." * 40, "What is a GPU?")
+    assert usage_of(s, other)["prompt_tokens_details"]["cached_tokens"] == 0
+    # the same prompt again: all of it but the last partial block
+    u = usage_of(s, first)
+    assert u["prompt_tokens_details"]["cached_tokens"] \
+        == expected_cached(first, first) > 0
+    stats = json.loads(get(s, "/_sim/stats")[1])
+    fams = metrics(s)
+    assert sample(fams, "vllm:prefix_cache_queries") \
+        == stats["prefix_cache_queries"] == stats["prompt_tokens_total"]
+    assert sample(fams, "vllm:prefix_cache_hits") \
+        == stats["prefix_cache_hits"] == cached + u[
+            "prompt_tokens_details"]["cached_tokens"]
+    assert fams["vllm:prefix_cache_hits"].type == "counter"
+    assert sample(fams, "vllm:num_preemptions") == 0
+    assert stats["kv_blocks_held"] == 0
+    assert sample(fams, "vllm:kv_cache_usage_perc") == 0
+
+
+def test_prefix_cache_forgets_least_recently_used_first(make_sim):
+    s = make_sim(kv_cache_tokens=2048)                   # 128 blocks
+    prompts = [engine_chat(f"[{i}] " + "lorem ipsum dolor " * 100, "q")
+               for i in range(4)]                        # ~460 tokens each
+    for p in prompts:
+        usage_of(s, p)
+    # four prompts of ~29 blocks fit in 128: all still there
+    for p in prompts:
+        assert usage_of(s, p)["prompt_tokens_details"]["cached_tokens"] > 0
+    # five more push out the oldest ones
+    for i in range(4, 9):
+        usage_of(s, engine_chat(f"[{i}] " + "lorem ipsum dolor " * 100, "q"))
+    assert usage_of(s, prompts[0])["prompt_tokens_details"][
+        "cached_tokens"] == 0
+    # without prefix caching nothing is ever cached
+    post(s, "/_sim/config", {"prefix_caching": False})
+    usage_of(s, prompts[1])
+    assert usage_of(s, prompts[1])["prompt_tokens_details"][
+        "cached_tokens"] == 0
+
+
+def test_prefill_takes_the_uncached_tokens_at_its_rate(make_sim):
+    s = make_sim(kv_cache_tokens=16384, prefill_tokens_per_s=4000)
+    body = engine_chat("x" * 8000, "q")                    # ~2010 tokens
+    t0 = time.monotonic()
+    assert usage_of(s, body)["prompt_tokens_details"]["cached_tokens"] == 0
+    cold = time.monotonic() - t0
+    assert cold >= 2000 / 4000                            # half a second
+    assert usage_of(s, body)["prompt_tokens_details"]["cached_tokens"] \
+        >= 1984
+    # two cold prompts sent together: the second one's prefill waits for
+    # the first one's, so the pair takes two prefills
+    t0 = time.monotonic()
+    ts = [threading.Thread(target=usage_of, args=(s, engine_chat(
+        f"[{i}]" + "y" * 8000, "q"))) for i in range(2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(15)
+    assert time.monotonic() - t0 >= 2 * 2000 / 4000
+
+
+def test_a_full_kv_cache_queues_and_preempts(make_sim):
+    s = make_sim(kv_cache_tokens=1024, tpot_ms=1)           # 64 blocks
+    body = dict(engine_chat("z" * 1200, "q"), max_tokens=400, stream=True)
+    results = []
+
+    def one(i):
+        b = dict(body, messages=[{"role": "system",
+                                  "content": f"[{i}]" + "z" * 1200},
+                                 body["messages"][1]])
+        r, data = post(s, "/v1/chat/completions", b, timeout=30)
+        events = [l for l in data.split(b"\n") if l.startswith(b"data: {")]
+        results.append((r.status, len(events)))
+
+    ts = [threading.Thread(target=one, args=(i,)) for i in range(3)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(30)
+    # every answer whole (a role event and 400 tokens), after preemptions
+    assert results == [(200, 401)] * 3
+    stats = json.loads(get(s, "/_sim/stats")[1])
+    assert stats["preemptions"] > 0
+    assert stats["kv_blocks_held"] == 0 and stats["generation_tokens_total"] \
+        == 1200
+    assert sample(metrics(s), "vllm:num_preemptions") == stats["preemptions"]
+    # a prompt larger than the whole cache
+    r, data = post(s, "/v1/chat/completions", engine_chat("w" * 5000, "q"))
+    assert r.status == 400
+    assert json.loads(data)["error"]["code"] == "context_length_exceeded"
