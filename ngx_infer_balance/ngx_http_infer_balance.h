@@ -63,6 +63,14 @@
 /* and is slow only above this, whatever its peers' */
 #define NGX_HTTP_INFER_BALANCE_SLOW_MIN      100
 
+/*
+ * The prompt prefixes a pool remembers having seen, a power of 2: one
+ * slot per prefix hash's low bits, the last prefix seen there winning.
+ * prefix_affinity keeps a prefix on its peer only once it has been seen,
+ * so that a prompt nobody shares is placed by load alone.
+ */
+#define NGX_HTTP_INFER_BALANCE_SEEN          4096
+
 /* a metric page larger than this fails the scrape */
 #define NGX_HTTP_INFER_SCRAPE_PAGE_MAX     (4 * 1024 * 1024)
 
@@ -122,6 +130,8 @@ typedef struct {
 
 typedef struct {
     ngx_uint_t                          number;     /* primary + backup */
+    ngx_atomic_t                        seen[NGX_HTTP_INFER_BALANCE_SEEN];
+                                                    /* prefixes, by hash */
     ngx_atomic_t                        average;    /* of the requests'
                                                        estimates, x
                                                        AVERAGE_SCALE */

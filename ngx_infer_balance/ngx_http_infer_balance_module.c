@@ -7,9 +7,9 @@
  * counted across all workers in shared memory, plus, when the pool's
  * metric pages are scraped (ngx_http_infer_balance_scrape.c), the
  * backends' queue, running requests and KV-cache use in token
- * equivalents.  With prefix_affinity, requests with the same prompt
- * prefix go to the same peer (rendezvous hashing) while its cost stays
- * within a bound of the pool's average.  It runs over the round-robin
+ * equivalents.  With prefix_affinity, requests with a prompt prefix the
+ * pool has seen before go to the same peer (rendezvous hashing) while its
+ * cost stays within a bound of the pool's average.  It runs over the round-robin
  * peer data, as least_conn does, so weight=, max_fails=, fail_timeout=,
  * max_conns=, down and backup keep working.  It also sheds requests of
  * low priority when every peer is saturated, follows an external
@@ -88,6 +88,8 @@ static void ngx_http_infer_balance_free_peer(ngx_peer_connection_t *pc,
     void *data, ngx_uint_t state);
 static ngx_uint_t ngx_http_infer_balance_estimate(ngx_http_request_t *r,
     ngx_http_infer_balance_srv_conf_t *bcf);
+static ngx_uint_t ngx_http_infer_balance_seen(
+    ngx_http_infer_balance_shctx_t *sh, uint32_t prefix);
 static ngx_inline uint64_t ngx_http_infer_balance_rank(uint32_t prefix,
     uint32_t peer);
 static ngx_uint_t ngx_http_infer_balance_has_adapter(
@@ -465,7 +467,8 @@ ngx_http_infer_balance_init_peer(ngx_http_request_t *r,
 
         if (v && v->len) {
             bp->prefix = ngx_murmur_hash2(v->data, v->len);
-            bp->has_prefix = 1;
+            bp->has_prefix = ngx_http_infer_balance_seen(bcf->sh,
+                                                         bp->prefix);
         }
     }
 
@@ -512,6 +515,32 @@ ngx_http_infer_balance_estimate(ngx_http_request_t *r,
     }
 
     return (prompt + max) ? (ngx_uint_t) (prompt + max) : 1;
+}
+
+
+/*
+ * Whether the pool has seen this prefix before, and from now on it has.
+ * The slot holds the hash with its lowest bit set, never 0: the prefixes
+ * of one slot share their low bits, the lowest among them.
+ */
+
+static ngx_uint_t
+ngx_http_infer_balance_seen(ngx_http_infer_balance_shctx_t *sh,
+    uint32_t prefix)
+{
+    ngx_atomic_t       *slot;
+    ngx_atomic_uint_t   mark;
+
+    slot = &sh->seen[prefix & (NGX_HTTP_INFER_BALANCE_SEEN - 1)];
+    mark = (ngx_atomic_uint_t) prefix | 1;
+
+    if (*slot == mark) {
+        return 1;
+    }
+
+    *slot = mark;
+
+    return 0;
 }
 
 
