@@ -97,6 +97,8 @@ bench: deps build
 	$(PYTHON) bench/ratelimit.py
 	$(PYTHON) bench/metrics.py
 	$(PYTHON) bench/balance.py
+	$(PYTHON) bench/prefix.py
+	$(PYTHON) bench/prefix.py --mix unique
 
 # a JWT for the running demo: make token TENANT=globex
 token:

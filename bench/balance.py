@@ -96,12 +96,14 @@ SCRAPE_WARN = "infer balance: scrape of"     # what a failed scrape logs
 HTTP_TIMEOUT = 30                            # per request, seconds
 
 
-def gateway_http(sims):
+def gateway_http(sims, policies=POLICIES, location=""):
+    """The gateway's http{} lines: an upstream block and a model per
+    policy, one location routing by model (and `location` in it)."""
     servers = " ".join(f"server {s.addr};" for s in sims)
     ups = "\n    ".join(f"upstream {u} {{ {how} {servers} keepalive 32; }}"
-                        for _, u, how in POLICIES)
+                        for _, u, how in policies)
     models = "\n    ".join(f"infer_model {u} upstream={u} model={MODEL};"
-                           for _, u, _ in POLICIES)
+                           for _, u, _ in policies)
     return f"""
     access_log off;
     {ups}
@@ -114,6 +116,7 @@ def gateway_http(sims):
             proxy_pass http://$infer_upstream;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
+            {location}
         }}
         location = {STATUS_URI} {{
             infer_balance_status;

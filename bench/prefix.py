@@ -71,11 +71,10 @@ sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent / "t"))
 
 from run import BenchError, fail, git_describe  # noqa: E402
-from balance import join_all, pct, sha256  # noqa: E402
+from balance import MODEL, gateway_http, join_all, pct, sha256  # noqa: E402
 from harness.nginx import Nginx, module_path  # noqa: E402
 from harness.simproc import SimProcess  # noqa: E402
 
-MODEL = "llama-3-8b"
 REPLICAS = ("a", "b", "c")
 SCRAPE = "infer_balance_scrape interval=50ms timeout=200ms stale=500ms;"
 BEST = "infer_balance+prefix+signals"
@@ -146,29 +145,6 @@ class Workload:
                      {"role": "user", "content": doc + "\n\n" + q()}]
                     for _ in range(rng.randint(1, a.turns))]
         return [[{"role": "user", "content": q()}]]
-
-
-def gateway_http(sims):
-    servers = " ".join(f"server {s.addr};" for s in sims)
-    ups = "\n    ".join(f"upstream {u} {{ {how} {servers} keepalive 32; }}"
-                        for _, u, how in POLICIES)
-    models = "\n    ".join(f"infer_model {u} upstream={u} model={MODEL};"
-                           for _, u, _ in POLICIES)
-    return f"""
-    access_log off;
-    {ups}
-    {models}
-    server {{
-        listen 127.0.0.1:{{port}} reuseport;
-        keepalive_requests 1000000;
-        location / {{
-            infer_route on;
-            proxy_pass http://$infer_upstream;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_buffering off;
-        }}
-    }}"""
 
 
 def stream(c, body):
@@ -323,7 +299,8 @@ def main():
                 tpot_ms=a.tpot_ms, max_concurrency=a.max_concurrency,
                 max_queue=4 * a.clients, prefill_tokens_per_s=a.prefill,
                 kv_cache_tokens=a.kv).start())
-        gw = Nginx(tmp / "gateway", http=gateway_http(sims),
+        gw = Nginx(tmp / "gateway", http=gateway_http(
+                       sims, POLICIES, "proxy_buffering off;"),
                    modules=["route"], error_level="warn").start()
         rng = random.Random(7)
         for i in range(a.rounds):
