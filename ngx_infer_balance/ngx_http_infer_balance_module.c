@@ -8,8 +8,8 @@
  * metric pages are scraped (ngx_http_infer_balance_scrape.c), the
  * backends' queue, running requests and KV-cache use in token
  * equivalents.  With prefix_affinity, requests with a prompt prefix the
- * pool has seen before go to the same peer (rendezvous hashing) while its
- * cost stays within a bound of the pool's average.  It runs over the round-robin
+ * pool has seen before go to the same peer (rendezvous hashing) while
+ * its cost stays within a bound of the pool's average.  It runs over the round-robin
  * peer data, as least_conn does, so weight=, max_fails=, fail_timeout=,
  * max_conns=, down and backup keep working.  It also sheds requests of
  * low priority when every peer is saturated, follows an external
