@@ -264,6 +264,7 @@ typedef struct {
     const char                       *code;
     ngx_str_t                         message;
     ngx_str_t                         www_authenticate;
+    ngx_buf_t                        *envelope;  /* the answer's body */
 
     ngx_str_t                         credential;
     ngx_str_t                         method;

@@ -224,12 +224,16 @@ ngx_http_infer_auth_header_filter(ngx_http_request_t *r)
     r->headers_out.content_type_len = sizeof(ct) - 1;
     r->headers_out.content_type_lowcase = NULL;
 
-    r->headers_out.content_length_n = sizeof("{\"error\": {\"message\": \"")
-        - 1 + ctx->message.len
-        + ngx_escape_json(NULL, ctx->message.data, ctx->message.len)
-        + sizeof("\", \"type\": \"\", \"param\": null, "
-                 "\"code\": \"\"}}\n") - 1
-        + ngx_strlen(ngx_http_infer_auth_type(ctx)) + ngx_strlen(ctx->code);
+    /* made here, for its length; sent by the body filter */
+
+    ctx->envelope = ngx_http_infer_error_buf(r, ngx_http_infer_auth_type(ctx),
+                                             ctx->code, &ctx->message);
+    if (ctx->envelope == NULL) {
+        return NGX_ERROR;
+    }
+
+    r->headers_out.content_length_n = ctx->envelope->last
+                                      - ctx->envelope->pos;
 
     if (r->headers_out.content_length) {
         r->headers_out.content_length->hash = 0;
@@ -282,11 +286,7 @@ ngx_http_infer_auth_body_filter(ngx_http_request_t *r, ngx_chain_t *in)
 
     ctx->sent = 1;
 
-    b = ngx_http_infer_error_buf(r->pool, ngx_http_infer_auth_type(ctx),
-                                 ctx->code, &ctx->message);
-    if (b == NULL) {
-        return NGX_ERROR;
-    }
+    b = ctx->envelope;
 
     b->last_buf = 1;
     b->last_in_chain = 1;

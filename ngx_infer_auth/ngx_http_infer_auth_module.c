@@ -1626,6 +1626,12 @@ ngx_http_infer_auth_init(ngx_conf_t *cf)
     cmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_core_module);
     amcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_infer_auth_module);
 
+    /* the id of the error envelopes, one per request */
+
+    if (ngx_http_infer_request_id_init(cf) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
     h = ngx_array_push(&cmcf->phases[NGX_HTTP_ACCESS_PHASE].handlers);
     if (h == NULL) {
         return NGX_ERROR;

@@ -194,31 +194,142 @@ ngx_http_infer_utf8_fix(ngx_pool_t *pool, ngx_str_t *s, ngx_str_t *out)
 
 
 /*
+ * The request's id, as OpenAI's x-request-id: the client's X-Request-Id
+ * when it is 1 to 128 bytes of A-Z a-z 0-9 and "._:+/=@-" (an SDK's or
+ * another proxy's id, kept so that one id follows the request), else
+ * nginx's $request_id, 32 hex digits.  $request_id is the same all
+ * through a request only when it is indexed: every module that answers
+ * with an id asks for its index at configuration
+ * (ngx_http_infer_request_id_init()).
+ */
+
+#define NGX_HTTP_INFER_REQUEST_ID_MAX  128
+
+
+static ngx_inline ngx_uint_t
+ngx_http_infer_request_id_valid(ngx_str_t *id)
+{
+    u_char  *p, *last;
+
+    if (id->len == 0 || id->len > NGX_HTTP_INFER_REQUEST_ID_MAX) {
+        return 0;
+    }
+
+    for (p = id->data, last = p + id->len; p < last; p++) {
+        if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z')
+              || (*p >= '0' && *p <= '9')
+              || ngx_strlchr((u_char *) "._:+/=@-",
+                             (u_char *) "._:+/=@-" + 8, *p)))
+        {
+            return 0;
+        }
+    }
+
+    return 1;
+}
+
+
+static ngx_inline ngx_table_elt_t *
+ngx_http_infer_header_in(ngx_http_request_t *r, u_char *name, size_t len)
+{
+    ngx_uint_t        i;
+    ngx_list_part_t  *part;
+    ngx_table_elt_t  *h;
+
+    part = &r->headers_in.headers.part;
+    h = part->elts;
+
+    for (i = 0; /* void */; i++) {
+
+        if (i >= part->nelts) {
+            if (part->next == NULL) {
+                return NULL;
+            }
+
+            part = part->next;
+            h = part->elts;
+            i = 0;
+        }
+
+        if (h[i].hash && h[i].key.len == len
+            && ngx_strncasecmp(h[i].key.data, name, len) == 0)
+        {
+            return &h[i];
+        }
+    }
+}
+
+
+static ngx_inline void
+ngx_http_infer_request_id(ngx_http_request_t *r, ngx_str_t *id)
+{
+    ngx_str_t                   name;
+    ngx_table_elt_t            *h;
+    ngx_http_variable_value_t  *vv;
+
+    h = ngx_http_infer_header_in(r->main, (u_char *) "X-Request-Id",
+                                 sizeof("X-Request-Id") - 1);
+
+    if (h && ngx_http_infer_request_id_valid(&h->value)) {
+        *id = h->value;
+        return;
+    }
+
+    ngx_str_set(&name, "request_id");
+
+    vv = ngx_http_get_variable(r->main, &name,
+                               ngx_hash_key(name.data, name.len));
+
+    if (vv == NULL || vv->not_found) {
+        ngx_str_null(id);
+        return;
+    }
+
+    id->data = vv->data;
+    id->len = vv->len;
+}
+
+
+static ngx_inline ngx_int_t
+ngx_http_infer_request_id_init(ngx_conf_t *cf)
+{
+    ngx_str_t  name;
+
+    ngx_str_set(&name, "request_id");
+
+    return (ngx_http_get_variable_index(cf, &name) == NGX_ERROR)
+           ? NGX_ERROR : NGX_OK;
+}
+
+
+/*
  * An error in the OpenAI envelope, so that the official SDKs raise the
- * matching exception:
+ * matching exception, with the request's id:
  *
  *   {"error": {"message": "...", "type": "...", "param": null,
- *              "code": "..."}}
+ *              "code": "...", "request_id": "..."}}
  *
  * type and code are literals of ours; message may carry client input
- * (a model name) and is JSON-escaped.
+ * (a model name) and is JSON-escaped; the id is of safe bytes only.
  */
 
 static ngx_inline ngx_buf_t *
-ngx_http_infer_error_buf(ngx_pool_t *pool, const char *type,
+ngx_http_infer_error_buf(ngx_http_request_t *r, const char *type,
     const char *code, ngx_str_t *text)
 {
     u_char     *p;
     size_t      len, tlen, clen;
     uintptr_t   esc;
-    ngx_str_t   valid, *message;
+    ngx_str_t   valid, id, *message;
     ngx_buf_t  *b;
 
     /* a model name the client sent may be no UTF-8: the JSON must be */
 
-    if (ngx_http_infer_utf8_fix(pool, text, &valid) != NGX_OK) {
+    if (ngx_http_infer_utf8_fix(r->pool, text, &valid) != NGX_OK) {
         return NULL;
     }
+
+    ngx_http_infer_request_id(r, &id);
 
     message = &valid;
 
@@ -230,9 +341,10 @@ ngx_http_infer_error_buf(ngx_pool_t *pool, const char *type,
           + message->len + esc
           + sizeof("\", \"type\": \"") - 1 + tlen
           + sizeof("\", \"param\": null, \"code\": \"") - 1 + clen
+          + sizeof("\", \"request_id\": \"") - 1 + id.len
           + sizeof("\"}}\n") - 1;
 
-    b = ngx_create_temp_buf(pool, len);
+    b = ngx_create_temp_buf(r->pool, len);
     if (b == NULL) {
         return NULL;
     }
@@ -245,6 +357,9 @@ ngx_http_infer_error_buf(ngx_pool_t *pool, const char *type,
     p = ngx_cpymem(p, "\", \"param\": null, \"code\": \"",
                    sizeof("\", \"param\": null, \"code\": \"") - 1);
     p = ngx_cpymem(p, code, clen);
+    p = ngx_cpymem(p, "\", \"request_id\": \"",
+                   sizeof("\", \"request_id\": \"") - 1);
+    p = ngx_cpymem(p, id.data, id.len);
     b->last = ngx_cpymem(p, "\"}}\n", sizeof("\"}}\n") - 1);
 
     return b;
@@ -344,7 +459,7 @@ ngx_http_infer_send_error(ngx_http_request_t *r, ngx_uint_t status,
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
-    b = ngx_http_infer_error_buf(r->pool, type, code, message);
+    b = ngx_http_infer_error_buf(r, type, code, message);
     if (b == NULL) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }

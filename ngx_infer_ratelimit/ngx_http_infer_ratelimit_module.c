@@ -1487,6 +1487,12 @@ ngx_http_infer_ratelimit_init(ngx_conf_t *cf)
     rmcf = ngx_http_conf_get_module_main_conf(cf,
                                               ngx_http_infer_ratelimit_module);
 
+    /* the id of the error envelopes, one per request */
+
+    if (ngx_http_infer_request_id_init(cf) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
     if (rmcf->redis) {
         /* the count of degraded decisions, for all workers, across reloads */
 

@@ -105,6 +105,9 @@ typedef struct {
     ngx_flag_t                        upstream_check;
     ngx_int_t                         target_index;   /* variables, for */
     ngx_int_t                         upstream_index; /* the cache key */
+    ngx_int_t                         trace_index[4]; /* trace, span,
+                                                         flags, parent */
+    ngx_int_t                         traceparent_index;
 } ngx_http_infer_route_main_conf_t;
 
 
@@ -121,6 +124,7 @@ typedef struct {
     ngx_http_complex_value_t      *cache_scope; /* infer_cache_scope */
     ngx_array_t                   *cache_uncacheable; /* of ngx_str_t,
                                                    NUL-terminated */
+    ngx_flag_t                     trace;       /* infer_trace */
     time_t                         misconf_logged;  /* per worker: when a
                                                    bad value of either was
                                                    last logged */
@@ -290,6 +294,35 @@ ngx_http_infer_route_registry_t *ngx_http_infer_route_file_registry(
     ngx_http_upstream_main_conf_t *umcf, u_char *data, size_t len,
     ngx_pool_t *pool, ngx_log_t *log, u_char *err);
 void ngx_http_infer_route_file_exit_process(ngx_cycle_t *cycle);
+
+
+/* the variables of ngx_http_infer_route_trace.c, their data */
+
+typedef enum {
+    ngx_http_infer_trace_var_request_id = 0,
+    ngx_http_infer_trace_var_trace_id,
+    ngx_http_infer_trace_var_span_id,
+    ngx_http_infer_trace_var_parent_span_id,
+    ngx_http_infer_trace_var_flags,
+    ngx_http_infer_trace_var_traceparent
+} ngx_http_infer_trace_var_e;
+
+
+/* a valid traceparent's fields, pointing into the header's value */
+
+typedef struct {
+    u_char                        *trace_id;    /* 32 hex digits */
+    u_char                        *parent_id;   /* 16 */
+    u_char                        *flags;       /* 2 */
+} ngx_http_infer_traceparent_t;
+
+
+ngx_int_t ngx_http_infer_traceparent_parse(u_char *p, size_t len,
+    ngx_http_infer_traceparent_t *tp);
+ngx_int_t ngx_http_infer_route_trace_variable(ngx_http_request_t *r,
+    ngx_http_variable_value_t *v, uintptr_t data);
+ngx_int_t ngx_http_infer_route_trace_request(ngx_http_request_t *r);
+ngx_int_t ngx_http_infer_route_trace_response(ngx_http_request_t *r);
 
 
 #endif /* _NGX_HTTP_INFER_ROUTE_H_INCLUDED_ */

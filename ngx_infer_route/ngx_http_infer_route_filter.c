@@ -80,6 +80,15 @@ ngx_http_infer_route_header_filter(ngx_http_request_t *r)
     ngx_http_infer_route_strip_t     *st;
     ngx_http_infer_route_loc_conf_t  *rlcf;
 
+    if (r == r->main) {
+        rlcf = ngx_http_get_module_loc_conf(r, ngx_http_infer_route_module);
+
+        if (rlcf->trace && ngx_http_infer_route_trace_response(r) != NGX_OK)
+        {
+            return NGX_ERROR;
+        }
+    }
+
     if (r != r->main || r->upstream == NULL || r->header_only
         || r->headers_out.status < NGX_HTTP_OK
         || r->headers_out.status >= NGX_HTTP_SPECIAL_RESPONSE)

@@ -253,6 +253,13 @@ static ngx_command_t  ngx_http_infer_route_commands[] = {
       offsetof(ngx_http_infer_route_loc_conf_t, prefix_max),
       NULL },
 
+    { ngx_string("infer_trace"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_FLAG,
+      ngx_conf_set_flag_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_infer_route_loc_conf_t, trace),
+      NULL },
+
       ngx_null_command
 };
 
@@ -358,6 +365,32 @@ static ngx_http_variable_t  ngx_http_infer_route_vars[] = {
     { ngx_string("infer_cache_no_store"), NULL,
       ngx_http_infer_route_cache_variable, 3, NGX_HTTP_VAR_NOCACHEABLE, 0 },
 
+    /* ngx_http_infer_route_trace.c: kept for the request, once computed */
+
+    { ngx_string("infer_request_id"), NULL,
+      ngx_http_infer_route_trace_variable,
+      ngx_http_infer_trace_var_request_id, 0, 0 },
+
+    { ngx_string("infer_trace_id"), NULL,
+      ngx_http_infer_route_trace_variable,
+      ngx_http_infer_trace_var_trace_id, 0, 0 },
+
+    { ngx_string("infer_span_id"), NULL,
+      ngx_http_infer_route_trace_variable,
+      ngx_http_infer_trace_var_span_id, 0, 0 },
+
+    { ngx_string("infer_parent_span_id"), NULL,
+      ngx_http_infer_route_trace_variable,
+      ngx_http_infer_trace_var_parent_span_id, 0, 0 },
+
+    { ngx_string("infer_trace_flags"), NULL,
+      ngx_http_infer_route_trace_variable,
+      ngx_http_infer_trace_var_flags, 0, 0 },
+
+    { ngx_string("infer_traceparent"), NULL,
+      ngx_http_infer_route_trace_variable,
+      ngx_http_infer_trace_var_traceparent, 0, 0 },
+
       ngx_http_null_variable
 };
 
@@ -396,6 +429,12 @@ ngx_http_infer_route_preaccess_handler(ngx_http_request_t *r)
 
     rlcf = ngx_http_get_module_loc_conf(r, ngx_http_infer_route_module);
     ctx = ngx_http_get_module_ctx(r, ngx_http_infer_route_module);
+
+    if (rlcf->trace && r == r->main
+        && ngx_http_infer_route_trace_request(r) != NGX_OK)
+    {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
 
     if (ctx == NULL || rlcf->phase != NGX_HTTP_INFER_ROUTE_REWRITE) {
         return ngx_http_infer_route_handler(r);
@@ -2035,6 +2074,7 @@ ngx_http_infer_route_create_conf(ngx_conf_t *cf)
     conf->sources = NGX_CONF_UNSET_PTR;
     conf->prefix_max = NGX_CONF_UNSET_SIZE;
     conf->include_usage = NGX_CONF_UNSET;
+    conf->trace = NGX_CONF_UNSET;
     conf->event_buffer_size = NGX_CONF_UNSET_SIZE;
     conf->phase = NGX_CONF_UNSET_UINT;
     conf->models = NGX_CONF_UNSET_PTR;
@@ -2064,6 +2104,7 @@ ngx_http_infer_route_merge_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_conf_merge_value(conf->enable, prev->enable, 0);
     ngx_conf_merge_size_value(conf->prefix_max, prev->prefix_max, 1024);
     ngx_conf_merge_value(conf->include_usage, prev->include_usage, 0);
+    ngx_conf_merge_value(conf->trace, prev->trace, 0);
     ngx_conf_merge_size_value(conf->event_buffer_size,
                               prev->event_buffer_size, 16384);
 
@@ -2118,6 +2159,12 @@ ngx_http_infer_route_init(ngx_conf_t *cf)
     cmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_core_module);
     rmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_infer_route_module);
 
+    /* the id of the error envelopes, one per request */
+
+    if (ngx_http_infer_request_id_init(cf) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
     /* what the cache key reads, see ngx_http_infer_route_cache.c */
 
     ngx_str_set(&name, "infer_model_target");
@@ -2127,6 +2174,35 @@ ngx_http_infer_route_init(ngx_conf_t *cf)
     rmcf->upstream_index = ngx_http_get_variable_index(cf, &name);
 
     if (rmcf->target_index == NGX_ERROR || rmcf->upstream_index == NGX_ERROR)
+    {
+        return NGX_ERROR;
+    }
+
+    /*
+     * what $infer_traceparent and infer_trace read: indexed, so that each
+     * is computed once per request, a random id included
+     */
+
+    ngx_str_set(&name, "infer_trace_id");
+    rmcf->trace_index[0] = ngx_http_get_variable_index(cf, &name);
+
+    ngx_str_set(&name, "infer_span_id");
+    rmcf->trace_index[1] = ngx_http_get_variable_index(cf, &name);
+
+    ngx_str_set(&name, "infer_trace_flags");
+    rmcf->trace_index[2] = ngx_http_get_variable_index(cf, &name);
+
+    ngx_str_set(&name, "infer_parent_span_id");
+    rmcf->trace_index[3] = ngx_http_get_variable_index(cf, &name);
+
+    ngx_str_set(&name, "infer_traceparent");
+    rmcf->traceparent_index = ngx_http_get_variable_index(cf, &name);
+
+    if (rmcf->trace_index[0] == NGX_ERROR
+        || rmcf->trace_index[1] == NGX_ERROR
+        || rmcf->trace_index[2] == NGX_ERROR
+        || rmcf->trace_index[3] == NGX_ERROR
+        || rmcf->traceparent_index == NGX_ERROR)
     {
         return NGX_ERROR;
     }

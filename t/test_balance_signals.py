@@ -466,7 +466,9 @@ def test_shedding_when_every_peer_is_saturated(nginx_factory, sim_factory,
         assert r.json() == {"error": {
             "message": r.json()["error"]["message"],
             "type": "server_overloaded", "param": None,
-            "code": "pool_saturated"}}, r.text
+            "code": "pool_saturated",
+            "request_id": r.json()["error"]["request_id"]}}, r.text
+        assert len(r.json()["error"]["request_id"]) == 32
         assert isinstance(r.json()["error"]["message"], str) and \
             r.json()["error"]["message"]
         # ceil(shortest queue 10 * 250 ms)

@@ -6,12 +6,15 @@ refusal is in the OpenAI error envelope, the one the official SDKs turn
 into their exceptions, and returns its "error" object.
 """
 
+import re
 import requests
 
 CHAT_PATH = "/v1/chat/completions"
 HELLO = [{"role": "user", "content": "Hello there"}]
 
 ENVELOPE = {"message", "type", "param", "code"}
+# a client's X-Request-Id as the gateway keeps it, or nginx's $request_id
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:+/=@-]{1,128}")
 
 
 def chat(gw, model="llama-3-8b", *, path=CHAT_PATH, messages=HELLO,
@@ -48,8 +51,15 @@ def error_of(r):
     doc = r.json()
     assert isinstance(doc, dict) and set(doc) == {"error"}, what
     e = doc["error"]
-    assert isinstance(e, dict) and set(e) == ENVELOPE, what
+    # the gateway's own errors carry the request's id, a backend's may not
+    ours = "x-sim-replica" not in r.headers
+    assert isinstance(e, dict) and (set(e) == ENVELOPE | {"request_id"}
+                                    or not ours and set(e) == ENVELOPE), what
     for k in ("message", "type", "code"):
         assert isinstance(e[k], str) and e[k], what
     assert e["param"] is None or isinstance(e["param"], str), what
+    if ours:
+        assert REQUEST_ID.fullmatch(e["request_id"]), what
+        assert e["request_id"] == r.headers.get("x-request-id",
+                                                e["request_id"]), what
     return e

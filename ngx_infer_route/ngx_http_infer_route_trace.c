@@ -1,0 +1,381 @@
+/*
+ * Copyright (C) ngx_infer authors
+ *
+ * Request ids and W3C trace context (infer_trace).  The variables are
+ * always there: $infer_request_id (the client's X-Request-Id when it is
+ * a sane one, else $request_id), $infer_trace_id and $infer_parent_span_id
+ * (from the client's traceparent when it is valid), $infer_span_id (the
+ * gateway's own span, new per request), $infer_trace_flags and
+ * $infer_traceparent (what the backend is sent).  Each is computed once
+ * per request: nginx keeps an indexed variable's value for the request,
+ * which is what makes a random id the same for every reader.
+ *
+ * With "infer_trace on", the request to the backend carries
+ * X-Request-Id and traceparent (the client's trace, with the gateway's
+ * span as parent; or a new trace when the client sent none or an invalid
+ * one), and every answer of the location carries x-request-id, replacing
+ * a backend's own.
+ */
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+
+#include <openssl/rand.h>
+
+#include "ngx_http_infer.h"
+#include "ngx_http_infer_route.h"
+
+
+#define NGX_HTTP_INFER_TRACEPARENT_LEN  55
+
+
+static ngx_int_t ngx_http_infer_route_trace_client(ngx_http_request_t *r,
+    ngx_http_infer_traceparent_t *tp);
+static ngx_int_t ngx_http_infer_route_trace_random(ngx_http_request_t *r,
+    ngx_http_variable_value_t *v, size_t bytes);
+static ngx_int_t ngx_http_infer_route_trace_set(ngx_http_request_t *r,
+    u_char *name, size_t len, ngx_str_t *value);
+
+
+/*
+ * A traceparent header, version 00 as W3C Trace Context defines it:
+ * "00-" 32 lowercase hex digits (the trace, not all zero) "-" 16 (the
+ * parent span, not all zero) "-" 2 (the flags).  A later version is read
+ * the same way when its first 55 bytes have that shape and what follows
+ * starts with "-"; version ff is invalid.  A pure parser, for the fuzzer.
+ */
+
+ngx_int_t
+ngx_http_infer_traceparent_parse(u_char *p, size_t len,
+    ngx_http_infer_traceparent_t *tp)
+{
+    size_t       i;
+    ngx_uint_t   zero;
+
+    if (len < NGX_HTTP_INFER_TRACEPARENT_LEN) {
+        return NGX_DECLINED;
+    }
+
+    for (i = 0; i < NGX_HTTP_INFER_TRACEPARENT_LEN; i++) {
+        if (i == 2 || i == 35 || i == 52) {
+            if (p[i] != '-') {
+                return NGX_DECLINED;
+            }
+
+            continue;
+        }
+
+        if (!((p[i] >= '0' && p[i] <= '9') || (p[i] >= 'a' && p[i] <= 'f')))
+        {
+            return NGX_DECLINED;
+        }
+    }
+
+    if (p[0] == 'f' && p[1] == 'f') {
+        return NGX_DECLINED;
+    }
+
+    if ((p[0] == '0' && p[1] == '0')
+        ? len != NGX_HTTP_INFER_TRACEPARENT_LEN
+        : len > NGX_HTTP_INFER_TRACEPARENT_LEN
+          && p[NGX_HTTP_INFER_TRACEPARENT_LEN] != '-')
+    {
+        return NGX_DECLINED;
+    }
+
+    tp->trace_id = p + 3;
+    tp->parent_id = p + 36;
+    tp->flags = p + 53;
+
+    /* neither id may be all zero */
+
+    for (zero = 1, i = 0; i < 32; i++) {
+        zero &= (tp->trace_id[i] == '0');
+    }
+
+    if (zero) {
+        return NGX_DECLINED;
+    }
+
+    for (zero = 1, i = 0; i < 16; i++) {
+        zero &= (tp->parent_id[i] == '0');
+    }
+
+    return zero ? NGX_DECLINED : NGX_OK;
+}
+
+
+ngx_int_t
+ngx_http_infer_route_trace_variable(ngx_http_request_t *r,
+    ngx_http_variable_value_t *v, uintptr_t data)
+{
+    u_char                             *p;
+    ngx_str_t                           s;
+    ngx_uint_t                          i;
+    ngx_http_variable_value_t          *vv[3];
+    ngx_http_infer_traceparent_t        tp;
+    ngx_http_infer_route_main_conf_t   *rmcf;
+
+    r = r->main;
+
+    switch (data) {
+
+    case ngx_http_infer_trace_var_request_id:
+        ngx_http_infer_request_id(r, &s);
+
+        v->data = s.data;
+        v->len = s.len;
+        break;
+
+    case ngx_http_infer_trace_var_trace_id:
+        if (ngx_http_infer_route_trace_client(r, &tp) == NGX_OK) {
+            v->data = tp.trace_id;
+            v->len = 32;
+            break;
+        }
+
+        return ngx_http_infer_route_trace_random(r, v, 16);
+
+    case ngx_http_infer_trace_var_span_id:
+        return ngx_http_infer_route_trace_random(r, v, 8);
+
+    case ngx_http_infer_trace_var_parent_span_id:
+        if (ngx_http_infer_route_trace_client(r, &tp) != NGX_OK) {
+            v->not_found = 1;
+            return NGX_OK;
+        }
+
+        v->data = tp.parent_id;
+        v->len = 16;
+        break;
+
+    case ngx_http_infer_trace_var_flags:
+
+        /* the client's sampling decision; a new trace is sampled */
+
+        if (ngx_http_infer_route_trace_client(r, &tp) == NGX_OK) {
+            v->data = tp.flags;
+
+        } else {
+            v->data = (u_char *) "01";
+        }
+
+        v->len = 2;
+        break;
+
+    default: /* ngx_http_infer_trace_var_traceparent */
+        rmcf = ngx_http_get_module_main_conf(r, ngx_http_infer_route_module);
+
+        for (i = 0; i < 3; i++) {
+            vv[i] = ngx_http_get_indexed_variable(r, rmcf->trace_index[i]);
+
+            if (vv[i] == NULL || vv[i]->not_found) {
+                return NGX_ERROR;
+            }
+        }
+
+        p = ngx_pnalloc(r->pool, NGX_HTTP_INFER_TRACEPARENT_LEN);
+        if (p == NULL) {
+            return NGX_ERROR;
+        }
+
+        v->data = p;
+        v->len = ngx_sprintf(p, "00-%v-%v-%v", vv[0], vv[1], vv[2]) - p;
+        break;
+    }
+
+    v->valid = 1;
+    v->no_cacheable = 0;
+    v->not_found = 0;
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_infer_route_trace_client(ngx_http_request_t *r,
+    ngx_http_infer_traceparent_t *tp)
+{
+    ngx_table_elt_t  *h;
+
+    h = ngx_http_infer_header_in(r, (u_char *) "traceparent",
+                                 sizeof("traceparent") - 1);
+
+    if (h == NULL) {
+        return NGX_DECLINED;
+    }
+
+    return ngx_http_infer_traceparent_parse(h->value.data, h->value.len, tp);
+}
+
+
+/* bytes random bytes, in lowercase hex; never all zero */
+
+static ngx_int_t
+ngx_http_infer_route_trace_random(ngx_http_request_t *r,
+    ngx_http_variable_value_t *v, size_t bytes)
+{
+    u_char      *p, raw[16];
+    uint32_t     x;
+    ngx_uint_t   i;
+
+    p = ngx_pnalloc(r->pool, 2 * bytes);
+    if (p == NULL) {
+        return NGX_ERROR;
+    }
+
+    if (RAND_bytes(raw, bytes) != 1) {
+        for (i = 0; i < bytes; i += sizeof(uint32_t)) {
+            x = (uint32_t) ngx_random();
+            ngx_memcpy(raw + i, &x, sizeof(uint32_t));
+        }
+    }
+
+    raw[bytes - 1] |= 1;
+
+    v->data = p;
+    v->len = ngx_hex_dump(p, raw, bytes) - p;
+    v->valid = 1;
+    v->no_cacheable = 0;
+    v->not_found = 0;
+
+    return NGX_OK;
+}
+
+
+/*
+ * infer_trace on: the request to the backend gets X-Request-Id (when the
+ * client's is missing or not kept) and traceparent; tracestate passes as
+ * the client sent it.  Run in PREACCESS, before the content handler
+ * reads the headers; setting the same values again is harmless.
+ */
+
+ngx_int_t
+ngx_http_infer_route_trace_request(ngx_http_request_t *r)
+{
+    ngx_str_t                          id;
+    ngx_http_variable_value_t         *vv;
+    ngx_http_infer_route_main_conf_t  *rmcf;
+
+    rmcf = ngx_http_get_module_main_conf(r, ngx_http_infer_route_module);
+
+    ngx_http_infer_request_id(r, &id);
+
+    if (ngx_http_infer_route_trace_set(r, (u_char *) "X-Request-Id",
+                                       sizeof("X-Request-Id") - 1, &id)
+        != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    /*
+     * the client's parent span, read before its traceparent is replaced
+     * (kept for the request, for the logs); then the one sent on
+     */
+
+    if (ngx_http_get_indexed_variable(r, rmcf->trace_index[3]) == NULL) {
+        return NGX_ERROR;
+    }
+
+    vv = ngx_http_get_indexed_variable(r, rmcf->traceparent_index);
+    if (vv == NULL || vv->not_found) {
+        return NGX_ERROR;
+    }
+
+    id.data = vv->data;
+    id.len = vv->len;
+
+    return ngx_http_infer_route_trace_set(r, (u_char *) "traceparent",
+                                          sizeof("traceparent") - 1, &id);
+}
+
+
+static ngx_int_t
+ngx_http_infer_route_trace_set(ngx_http_request_t *r, u_char *name,
+    size_t len, ngx_str_t *value)
+{
+    ngx_table_elt_t  *h;
+
+    h = ngx_http_infer_header_in(r, name, len);
+
+    if (h == NULL) {
+        h = ngx_list_push(&r->headers_in.headers);
+        if (h == NULL) {
+            return NGX_ERROR;
+        }
+
+        h->hash = 1;
+        h->key.len = len;
+        h->key.data = name;
+        h->lowcase_key = ngx_pnalloc(r->pool, len);
+        if (h->lowcase_key == NULL) {
+            return NGX_ERROR;
+        }
+
+        ngx_strlow(h->lowcase_key, name, len);
+#if (nginx_version >= 1023000)
+        h->next = NULL;
+#endif
+    }
+
+    h->value = *value;
+
+    return NGX_OK;
+}
+
+
+/*
+ * infer_trace on: x-request-id on every answer of the location, nginx's
+ * own and the gateway's errors included; a backend's own id is replaced,
+ * so that the client, the logs and the error envelopes show one id.
+ */
+
+ngx_int_t
+ngx_http_infer_route_trace_response(ngx_http_request_t *r)
+{
+    ngx_str_t         id;
+    ngx_uint_t        i;
+    ngx_list_part_t  *part;
+    ngx_table_elt_t  *h;
+
+    part = &r->headers_out.headers.part;
+    h = part->elts;
+
+    for (i = 0; /* void */; i++) {
+
+        if (i >= part->nelts) {
+            if (part->next == NULL) {
+                break;
+            }
+
+            part = part->next;
+            h = part->elts;
+            i = 0;
+        }
+
+        if (h[i].hash && h[i].key.len == sizeof("X-Request-Id") - 1
+            && ngx_strncasecmp(h[i].key.data, (u_char *) "X-Request-Id",
+                               sizeof("X-Request-Id") - 1) == 0)
+        {
+            h[i].hash = 0;
+        }
+    }
+
+    ngx_http_infer_request_id(r, &id);
+
+    if (id.len == 0) {
+        return NGX_OK;
+    }
+
+    h = ngx_http_infer_header_add(r, (u_char *) "x-request-id",
+                                  sizeof("x-request-id") - 1);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    h->value = id;
+
+    return NGX_OK;
+}
