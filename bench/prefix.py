@@ -165,9 +165,17 @@ def stream(c, body):
         if line.startswith(b"data: {"):
             if ttft is None:
                 ttft = time.monotonic() - t0
-            if b'"content":"' in line or b'"content": "' in line:
+            # a token: content, not the first chunk's role
+            if b'"content":"' in line and b'"role"' not in line:
                 tokens += 1
     return 200, replica, ttft, time.monotonic() - t0, tokens
+
+
+def check_log(gw):
+    log = gw.log_text().splitlines()
+    problems = gw.log_problems() + [l for l in log if SCRAPE_WARN in l]
+    if problems:
+        fail("nginx logged:\n" + "\n".join(problems))
 
 
 def sim_stats(sims):
@@ -235,7 +243,6 @@ def run_policy(port, model, work, a, rnd, sims):
     before = sim_stats(sims)
     join_all(ts, stop + HTTP_TIMEOUT + 5, model)
     after = sim_stats(sims)
-    t_end = time.monotonic()
     if errors:
         fail(f"{model}: {len(errors)} failed requests, e.g. {errors[:3]}")
     q = sum(after[r]["prefix_cache_queries"] - before[r]["prefix_cache_queries"]
@@ -244,10 +251,11 @@ def run_policy(port, model, work, a, rnd, sims):
             for r in after)
     pre = sum(after[r]["preemptions"] - before[r]["preemptions"]
               for r in after)
-    span = t_end - t_meas
+    # throughput: the answers that ended within the measured seconds
+    done = [x for x in rows if x[0] + x[3] <= stop]
     return {"ttft": [x[2] for x in rows], "dur": [x[3] for x in rows],
-            "rps": len(rows) / span,
-            "tps": sum(x[4] for x in rows) / span,
+            "rps": len(done) / a.seconds,
+            "tps": sum(x[4] for x in done) / a.seconds,
             "served": Counter(x[1] for x in rows),
             "hit_rate": h / q if q else 0.0, "preemptions": pre,
             "requests": len(rows)}
@@ -307,7 +315,12 @@ def main():
             order = [name for name, _, _ in policies]
             rng.shuffle(order)
             for name in order:
+                # every policy starts cold: the replicas' caches emptied,
+                # a gateway started afresh (infer_balance's seen prefixes)
+                check_log(gw)
+                gw.stop()
                 reset_caches(sims, a.kv)
+                gw.start()
                 r = run_policy(gw.port, UPSTREAM[name], work, a, i, sims)
                 r["round"] = i + 1
                 runs[name].append(r)
@@ -316,10 +329,7 @@ def main():
                       f"{pct(r['ttft'], 99) * 1e3:.0f} ms, "
                       f"{r['rps']:.1f} req/s, hits {r['hit_rate']:.0%}",
                       file=sys.stderr)
-        log = gw.log_text().splitlines()
-        problems = gw.log_problems() + [l for l in log if SCRAPE_WARN in l]
-        if problems:
-            fail("nginx logged:\n" + "\n".join(problems))
+        check_log(gw)
     finally:
         if gw is not None:
             gw.stop()

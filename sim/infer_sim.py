@@ -389,11 +389,13 @@ class KVCache:
                 n += 1
         return n
 
-    def acquire(self, hashes, private):
+    def acquire(self, hashes, private, force=False):
         """Hold the blocks of hashes and `private` more; False (nothing
-        held) when they do not fit beside what requests hold."""
+        held) when they do not fit beside what requests hold.  `force`:
+        past the capacity, for a request alone (a cache made smaller at
+        run time, under a request admitted to the larger one)."""
         new = sum(1 for h in hashes if h not in self.ref)
-        if new + private > self.capacity - self.held():
+        if new + private > self.capacity - self.held() and not force:
             return False
         for h in hashes:
             if h in self.ref:
@@ -406,7 +408,7 @@ class KVCache:
             self.ref[h] = 1
         for _ in range(private):
             self.make_room()
-        self.private += private
+            self.private += 1
         return True
 
     def make_room(self):
@@ -426,7 +428,9 @@ class KVCache:
         return True
 
     def release(self, hashes, private):
-        for h in hashes:
+        # the tail of a prompt first: it goes before its start, which
+        # others share, as in vLLM (a chain is matched from its start)
+        for h in reversed(hashes):
             self.ref[h] -= 1
             if not self.ref[h]:
                 del self.ref[h]
@@ -1012,19 +1016,27 @@ class Sim:
             job.cached_tokens = await self.kv_hold(conn, job, job.prompt_tokens)
         await self.prefill(conn, job.prompt_tokens - job.cached_tokens)
 
-    async def kv_hold(self, conn, job, tokens):
+    async def kv_hold(self, conn, job, tokens, first=False):
         """Hold the blocks of `tokens` tokens, the prompt's hashed ones
-        among them; returns how many of them were found cached."""
+        among them; returns how many of them were found cached.  A
+        preempted request waits at the head of the line (`first`), as in
+        vLLM; one that needs more than the whole cache (made smaller at
+        run time) gets it alone."""
         kv = self.kv
+        if not kv.caching:
+            job.hashes = []
         private = max(0, -(-tokens // BLOCK_TOKENS) - len(job.hashes))
         me = object()
-        kv.waiters.append(me)
+        if first:
+            kv.waiters.appendleft(me)
+        else:
+            kv.waiters.append(me)
         self.kv_waiting += 1
         try:
             while True:
                 if kv.waiters[0] is me:
                     hit = kv.match(job.hashes)
-                    if kv.acquire(job.hashes, private):
+                    if kv.acquire(job.hashes, private, force=not kv.held()):
                         break
                 await asyncio.sleep(0.002)
                 if conn.gone():
@@ -1066,7 +1078,7 @@ class Sim:
         tokens = job.prompt_tokens + i + 1
         if self.kv is None:              # the KV model was turned off
             return
-        cached = await self.kv_hold(conn, job, tokens)
+        cached = await self.kv_hold(conn, job, tokens, first=True)
         await self.prefill(conn, tokens - cached)
         job.t_first += self.loop.time() - t0
 

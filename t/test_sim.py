@@ -936,14 +936,22 @@ def test_prefix_cache_forgets_least_recently_used_first(make_sim):
                for i in range(4)]                        # ~460 tokens each
     for p in prompts:
         usage_of(s, p)
-    # four prompts of ~29 blocks fit in 128: all still there
+    # four prompts of 28 full blocks fit in 128: all still there
+    full = []
     for p in prompts:
-        assert usage_of(s, p)["prompt_tokens_details"]["cached_tokens"] > 0
-    # five more push out the oldest ones
-    for i in range(4, 9):
-        usage_of(s, engine_chat(f"[{i}] " + "lorem ipsum dolor " * 100, "q"))
+        full.append(usage_of(s, p)["prompt_tokens_details"]["cached_tokens"])
+        assert full[-1] == 28 * 16
+    # the first one used again, then two new ones push out the least
+    # recently used: all of prompts[1], the tail of prompts[2]
     assert usage_of(s, prompts[0])["prompt_tokens_details"][
-        "cached_tokens"] == 0
+        "cached_tokens"] == full[0]
+    for i in range(4, 6):
+        usage_of(s, engine_chat(f"[{i}] " + "lorem ipsum dolor " * 100, "q"))
+    cached = [usage_of(s, prompts[i])["prompt_tokens_details"][
+        "cached_tokens"] for i in (0, 2, 1)]
+    assert cached[0] == full[0]
+    assert 0 < cached[1] < full[2]          # its start is kept longest
+    assert cached[2] == 0
     # without prefix caching nothing is ever cached
     post(s, "/_sim/config", {"prefix_caching": False})
     usage_of(s, prompts[1])
@@ -963,12 +971,14 @@ def test_prefill_takes_the_uncached_tokens_at_its_rate(make_sim):
     # two cold prompts sent together: the second one's prefill waits for
     # the first one's, so the pair takes two prefills
     t0 = time.monotonic()
-    ts = [threading.Thread(target=usage_of, args=(s, engine_chat(
-        f"[{i}]" + "y" * 8000, "q"))) for i in range(2)]
+    done = []
+    ts = [threading.Thread(target=lambda i=i: done.append(usage_of(
+        s, engine_chat(f"[{i}]" + "y" * 8000, "q")))) for i in range(2)]
     for t in ts:
         t.start()
     for t in ts:
         t.join(15)
+    assert len(done) == 2
     assert time.monotonic() - t0 >= 2 * 2000 / 4000
 
 
@@ -1001,3 +1011,25 @@ def test_a_full_kv_cache_queues_and_preempts(make_sim):
     r, data = post(s, "/v1/chat/completions", engine_chat("w" * 5000, "q"))
     assert r.status == 400
     assert json.loads(data)["error"]["code"] == "context_length_exceeded"
+
+
+def test_a_cache_made_smaller_under_waiting_requests(make_sim):
+    """A request admitted to a larger cache, waiting for its slot while the
+    cache shrinks below its size, is served alone; so is the one behind."""
+    s = make_sim(kv_cache_tokens=16384, max_concurrency=1, ttft_ms=300)
+    results = []
+
+    def one(size):
+        r, _ = post(s, "/v1/chat/completions",
+                    engine_chat("v" * size + str(size), "q"), timeout=20)
+        results.append(r.status)
+
+    ts = [threading.Thread(target=one, args=(n,)) for n in (400, 4000, 40)]
+    for t in ts:
+        t.start()
+        time.sleep(0.05)
+    post(s, "/_sim/config", {"kv_cache_tokens": 256})
+    for t in ts:
+        t.join(20)
+    assert results == [200, 200, 200]
+    assert json.loads(get(s, "/_sim/stats")[1])["kv_blocks_held"] == 0
