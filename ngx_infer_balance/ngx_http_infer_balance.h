@@ -64,12 +64,14 @@
 #define NGX_HTTP_INFER_BALANCE_SLOW_MIN      100
 
 /*
- * The prompt prefixes a pool remembers having seen, a power of 2: one
- * slot per prefix hash's low bits, the last prefix seen there winning.
+ * The prompt prefixes a pool remembers having seen: sets of two entries
+ * (a power of 2 of them), one set per prefix hash's low bits.
  * prefix_affinity keeps a prefix on its peer only once it has been seen,
- * so that a prompt nobody shares is placed by load alone.
+ * so that a prompt nobody shares is placed by load alone.  A prefix seen
+ * once takes a set's second entry; seen again, it moves to the first:
+ * prompts seen once replace one another, never a prefix seen twice.
  */
-#define NGX_HTTP_INFER_BALANCE_SEEN          4096
+#define NGX_HTTP_INFER_BALANCE_SEEN          2048
 
 /* a metric page larger than this fails the scrape */
 #define NGX_HTTP_INFER_SCRAPE_PAGE_MAX     (4 * 1024 * 1024)
@@ -130,7 +132,8 @@ typedef struct {
 
 typedef struct {
     ngx_uint_t                          number;     /* primary + backup */
-    ngx_atomic_t                        seen[NGX_HTTP_INFER_BALANCE_SEEN];
+    ngx_atomic_t                        seen[2
+                                             * NGX_HTTP_INFER_BALANCE_SEEN];
                                                     /* prefixes, by hash */
     ngx_atomic_t                        average;    /* of the requests'
                                                        estimates, x

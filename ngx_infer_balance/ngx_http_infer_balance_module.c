@@ -520,25 +520,36 @@ ngx_http_infer_balance_estimate(ngx_http_request_t *r,
 
 /*
  * Whether the pool has seen this prefix before, and from now on it has.
- * The slot holds the hash with its lowest bit set, never 0: the prefixes
- * of one slot share their low bits, the lowest among them.
+ * An entry holds the hash with its lowest bit set, never 0: the prefixes
+ * of one set share their low bits, the lowest among them.  Workers race
+ * here without a lock: a lost write only makes a prefix seen once more.
  */
 
 static ngx_uint_t
 ngx_http_infer_balance_seen(ngx_http_infer_balance_shctx_t *sh,
     uint32_t prefix)
 {
-    ngx_atomic_t       *slot;
+    ngx_atomic_t       *set;
     ngx_atomic_uint_t   mark;
 
-    slot = &sh->seen[prefix & (NGX_HTTP_INFER_BALANCE_SEEN - 1)];
+    set = &sh->seen[2 * (prefix & (NGX_HTTP_INFER_BALANCE_SEEN - 1))];
     mark = (ngx_atomic_uint_t) prefix | 1;
 
-    if (*slot == mark) {
+    if (set[0] == mark) {
         return 1;
     }
 
-    *slot = mark;
+    if (set[1] == mark) {
+
+        /* seen twice: to the first entry, its prefix to the second */
+
+        set[1] = set[0];
+        set[0] = mark;
+
+        return 1;
+    }
+
+    set[1] = mark;
 
     return 0;
 }
