@@ -286,13 +286,18 @@ def main():
     ap.add_argument("--share-chat", type=float, default=0.6)
     ap.add_argument("--share-doc", type=float, default=0.3)
     ap.add_argument("--only", help="comma-separated policies")
+    ap.add_argument("--affinity", default="",
+                    help="more parameters of prefix_affinity's infer_balance "
+                         "line, e.g. bound=2")
     ap.add_argument("--quick", action="store_true", help="1 round of 4 s")
     ap.add_argument("--out")
     a = ap.parse_args()
     if a.quick:
         a.rounds, a.seconds, a.warm = 1, 4, 2
-    policies = [p for p in POLICIES
-                if not a.only or p[0] in a.only.split(",")]
+    policies = [(n, u, how.replace("prefix_affinity;",
+                                   f"prefix_affinity {a.affinity};"))
+                for n, u, how in POLICIES
+                if not a.only or n in a.only.split(",")]
     work = Workload(a)
 
     load_before = os.getloadavg()
@@ -308,7 +313,7 @@ def main():
                 max_queue=4 * a.clients, prefill_tokens_per_s=a.prefill,
                 kv_cache_tokens=a.kv).start())
         gw = Nginx(tmp / "gateway", http=gateway_http(
-                       sims, POLICIES, "proxy_buffering off;"),
+                       sims, policies, "proxy_buffering off;"),
                    modules=["route"], error_level="warn").start()
         rng = random.Random(7)
         for i in range(a.rounds):

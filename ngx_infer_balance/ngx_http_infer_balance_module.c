@@ -55,6 +55,7 @@ typedef struct {
     uint32_t                            target;     /* hash of the model
                                                        id, for LoRA */
     unsigned                            has_prefix:1;
+    unsigned                            seen:1;     /* the prefix, before */
     unsigned                            has_target:1;
     unsigned                            external:1; /* asked already */
     unsigned                            picked:1;
@@ -467,8 +468,8 @@ ngx_http_infer_balance_init_peer(ngx_http_request_t *r,
 
         if (v && v->len) {
             bp->prefix = ngx_murmur_hash2(v->data, v->len);
-            bp->has_prefix = ngx_http_infer_balance_seen(bcf->sh,
-                                                         bp->prefix);
+            bp->has_prefix = 1;
+            bp->seen = ngx_http_infer_balance_seen(bcf->sh, bp->prefix);
         }
     }
 
@@ -715,6 +716,28 @@ ngx_http_infer_balance_get_peer(ngx_peer_connection_t *pc, void *data)
      * of the pool's cost, this request included, stays within bound times
      * its share of the weight.
      */
+
+    if (pref && !bp->seen) {
+
+        /*
+         * A prefix seen for the first time is placed by load: its home
+         * only when that is as cheap as the cheapest peer give or take
+         * this request, so that a prompt nobody shares is not placed by
+         * its hash, and a shared one is often home from the start.
+         */
+
+        if ((double) pref_cost * best->weight
+            <= ((double) best_cost + bp->tokens) * pref->weight)
+        {
+            best = pref;
+            best_cost = pref_cost;
+            p = pi;
+            reason = NGX_HTTP_INFER_BALANCE_AFFINITY;
+            goto chosen;
+        }
+
+        pref = NULL;
+    }
 
     if (pref) {
 

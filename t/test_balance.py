@@ -172,11 +172,8 @@ def test_prefix_affinity_holds_while_load_is_low_and_spills(nginx_factory,
     # longer than the 1024 bytes of prompt the prefix hash covers
     prompt = "You are a helpful assistant. " * 40
 
-    # a prefix seen for the first time is placed by load; from then on
-    # it has a home
-    first = ask(gw, "aff", prompt + "question 0")
-    assert first.headers["x-reason"] == "least_tokens", dict(first.headers)
-    picks = [ask(gw, "aff", prompt + f"question {i}") for i in range(1, 10)]
+    # on an idle pool a prefix goes home from its first request on
+    picks = [ask(gw, "aff", prompt + f"question {i}") for i in range(10)]
     home = {r.headers["x-endpoint"] for r in picks}
     assert len(home) == 1, home
     assert {r.headers["x-reason"] for r in picks} == {"affinity"}
@@ -184,13 +181,11 @@ def test_prefix_affinity_holds_while_load_is_low_and_spills(nginx_factory,
     assert {r.headers["x-sim-replica"] for r in picks} == \
         {by_addr[home].replica}
 
-    # other prefixes are spread over the pool, the first time by load
-    # (round robin on an idle pool), then each on its home
-    for again in (False, True):
+    # other prefixes are spread over the pool, each on its home
+    for _ in range(2):
         rs = [ask(gw, "aff", f"{i} is another conversation")
               for i in range(24)]
-        assert {r.headers["x-reason"] for r in rs} == \
-            ({"affinity"} if again else {"least_tokens"})
+        assert {r.headers["x-reason"] for r in rs} == {"affinity"}
         assert len({r.headers["x-endpoint"] for r in rs}) == len(same)
 
     # the home replica busy: the same prefix spills to another one
@@ -210,6 +205,37 @@ def test_prefix_affinity_holds_while_load_is_low_and_spills(nginx_factory,
     r = ask(gw, "aff", prompt + "after")
     assert (r.headers["x-endpoint"], r.headers["x-reason"]) == \
         (home, "affinity")
+
+
+def test_a_prefix_seen_for_the_first_time_is_placed_by_load(nginx_factory,
+                                                            same):
+    """Its home takes it only if no busier than the cheapest peer by this
+    request's estimate: a prompt nobody shares is not placed by its hash.
+    Seen before, the bound decides (the busy home is above it: spill)."""
+    gw = nginx_factory(balance_conf(same, {
+        "aff": "infer_balance least_tokens prefix_affinity bound=1.25;",
+    }), modules=["route"])
+    t, out = hold(gw, "aff", 2500)          # 50,000 tokens on one replica
+    try:
+        busy = busy_sim(same)
+        busy_addr = busy.addr
+        firsts = [ask(gw, "aff", f"{i} never seen before")
+                  for i in range(24)]
+        again = [ask(gw, "aff", f"{i} never seen before")
+                 for i in range(24)]
+    finally:
+        t.join(10)
+    assert "e" not in out, out
+    for rs in (firsts, again):
+        assert busy_addr not in {r.headers["x-endpoint"] for r in rs}
+    # some of the 24 have the busy replica for home: placed by load the
+    # first time, spilled the second; the others went home both times
+    moved = [i for i, r in enumerate(firsts)
+             if r.headers["x-reason"] == "least_tokens"]
+    assert moved, [r.headers["x-reason"] for r in firsts]
+    assert {firsts[i].headers["x-reason"] for i in range(24)
+            if i not in moved} == {"affinity"}
+    assert {again[i].headers["x-reason"] for i in moved} == {"spill"}
 
 
 @pytest.fixture
