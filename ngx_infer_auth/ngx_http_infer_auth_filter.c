@@ -193,8 +193,6 @@ ngx_http_infer_auth_header_filter(ngx_http_request_t *r)
         return ngx_http_next_header_filter(r);
     }
 
-    ctx->replaced = 1;
-
     if (ctx->www_authenticate.len) {
         h = ngx_http_infer_header_add(r, (u_char *) "WWW-Authenticate",
                                       sizeof("WWW-Authenticate") - 1);
@@ -231,6 +229,8 @@ ngx_http_infer_auth_header_filter(ngx_http_request_t *r)
     if (ctx->envelope == NULL) {
         return NGX_ERROR;
     }
+
+    ctx->replaced = 1;
 
     r->headers_out.content_length_n = ctx->envelope->last
                                       - ctx->envelope->pos;

@@ -219,7 +219,8 @@ ngx_http_infer_request_id_valid(ngx_str_t *id)
         if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z')
               || (*p >= '0' && *p <= '9')
               || ngx_strlchr((u_char *) "._:+/=@-",
-                             (u_char *) "._:+/=@-" + 8, *p)))
+                             (u_char *) "._:+/=@-" + sizeof("._:+/=@-") - 1,
+                             *p)))
         {
             return 0;
         }

@@ -16,6 +16,7 @@
 
 #include "ngx_http_infer_route_json.h"
 #include "ngx_http_infer_route_usage.h"
+#include "ngx_http_infer_route_traceparent.h"
 
 
 #define NGX_HTTP_INFER_MODEL_ACTIVE      0
@@ -308,17 +309,6 @@ typedef enum {
 } ngx_http_infer_trace_var_e;
 
 
-/* a valid traceparent's fields, pointing into the header's value */
-
-typedef struct {
-    u_char                        *trace_id;    /* 32 hex digits */
-    u_char                        *parent_id;   /* 16 */
-    u_char                        *flags;       /* 2 */
-} ngx_http_infer_traceparent_t;
-
-
-ngx_int_t ngx_http_infer_traceparent_parse(u_char *p, size_t len,
-    ngx_http_infer_traceparent_t *tp);
 ngx_int_t ngx_http_infer_route_trace_variable(ngx_http_request_t *r,
     ngx_http_variable_value_t *v, uintptr_t data);
 ngx_int_t ngx_http_infer_route_trace_request(ngx_http_request_t *r);

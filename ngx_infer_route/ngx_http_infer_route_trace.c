@@ -28,83 +28,12 @@
 #include "ngx_http_infer_route.h"
 
 
-#define NGX_HTTP_INFER_TRACEPARENT_LEN  55
-
-
 static ngx_int_t ngx_http_infer_route_trace_client(ngx_http_request_t *r,
-    ngx_http_infer_traceparent_t *tp);
+    ngx_http_infer_route_traceparent_t *tp);
 static ngx_int_t ngx_http_infer_route_trace_random(ngx_http_request_t *r,
     ngx_http_variable_value_t *v, size_t bytes);
 static ngx_int_t ngx_http_infer_route_trace_set(ngx_http_request_t *r,
     u_char *name, size_t len, ngx_str_t *value);
-
-
-/*
- * A traceparent header, version 00 as W3C Trace Context defines it:
- * "00-" 32 lowercase hex digits (the trace, not all zero) "-" 16 (the
- * parent span, not all zero) "-" 2 (the flags).  A later version is read
- * the same way when its first 55 bytes have that shape and what follows
- * starts with "-"; version ff is invalid.  A pure parser, for the fuzzer.
- */
-
-ngx_int_t
-ngx_http_infer_traceparent_parse(u_char *p, size_t len,
-    ngx_http_infer_traceparent_t *tp)
-{
-    size_t       i;
-    ngx_uint_t   zero;
-
-    if (len < NGX_HTTP_INFER_TRACEPARENT_LEN) {
-        return NGX_DECLINED;
-    }
-
-    for (i = 0; i < NGX_HTTP_INFER_TRACEPARENT_LEN; i++) {
-        if (i == 2 || i == 35 || i == 52) {
-            if (p[i] != '-') {
-                return NGX_DECLINED;
-            }
-
-            continue;
-        }
-
-        if (!((p[i] >= '0' && p[i] <= '9') || (p[i] >= 'a' && p[i] <= 'f')))
-        {
-            return NGX_DECLINED;
-        }
-    }
-
-    if (p[0] == 'f' && p[1] == 'f') {
-        return NGX_DECLINED;
-    }
-
-    if ((p[0] == '0' && p[1] == '0')
-        ? len != NGX_HTTP_INFER_TRACEPARENT_LEN
-        : len > NGX_HTTP_INFER_TRACEPARENT_LEN
-          && p[NGX_HTTP_INFER_TRACEPARENT_LEN] != '-')
-    {
-        return NGX_DECLINED;
-    }
-
-    tp->trace_id = p + 3;
-    tp->parent_id = p + 36;
-    tp->flags = p + 53;
-
-    /* neither id may be all zero */
-
-    for (zero = 1, i = 0; i < 32; i++) {
-        zero &= (tp->trace_id[i] == '0');
-    }
-
-    if (zero) {
-        return NGX_DECLINED;
-    }
-
-    for (zero = 1, i = 0; i < 16; i++) {
-        zero &= (tp->parent_id[i] == '0');
-    }
-
-    return zero ? NGX_DECLINED : NGX_OK;
-}
 
 
 ngx_int_t
@@ -115,7 +44,7 @@ ngx_http_infer_route_trace_variable(ngx_http_request_t *r,
     ngx_str_t                           s;
     ngx_uint_t                          i;
     ngx_http_variable_value_t          *vv[3];
-    ngx_http_infer_traceparent_t        tp;
+    ngx_http_infer_route_traceparent_t        tp;
     ngx_http_infer_route_main_conf_t   *rmcf;
 
     r = r->main;
@@ -153,10 +82,15 @@ ngx_http_infer_route_trace_variable(ngx_http_request_t *r,
 
     case ngx_http_infer_trace_var_flags:
 
-        /* the client's sampling decision; a new trace is sampled */
+        /*
+         * the client's sampling decision, its other bits dropped (version
+         * 00 reserves them); a new trace is sampled
+         */
 
-        if (ngx_http_infer_route_trace_client(r, &tp) == NGX_OK) {
-            v->data = tp.flags;
+        if (ngx_http_infer_route_trace_client(r, &tp) == NGX_OK
+            && ngx_hextoi(tp.flags + 1, 1) % 2 == 0)
+        {
+            v->data = (u_char *) "00";
 
         } else {
             v->data = (u_char *) "01";
@@ -176,13 +110,15 @@ ngx_http_infer_route_trace_variable(ngx_http_request_t *r,
             }
         }
 
-        p = ngx_pnalloc(r->pool, NGX_HTTP_INFER_TRACEPARENT_LEN);
+        p = ngx_pnalloc(r->pool, NGX_HTTP_INFER_ROUTE_TRACEPARENT_LEN);
         if (p == NULL) {
             return NGX_ERROR;
         }
 
         v->data = p;
-        v->len = ngx_sprintf(p, "00-%v-%v-%v", vv[0], vv[1], vv[2]) - p;
+        v->len = ngx_snprintf(p, NGX_HTTP_INFER_ROUTE_TRACEPARENT_LEN,
+                              "00-%v-%v-%v", vv[0], vv[1], vv[2])
+                 - p;
         break;
     }
 
@@ -196,7 +132,7 @@ ngx_http_infer_route_trace_variable(ngx_http_request_t *r,
 
 static ngx_int_t
 ngx_http_infer_route_trace_client(ngx_http_request_t *r,
-    ngx_http_infer_traceparent_t *tp)
+    ngx_http_infer_route_traceparent_t *tp)
 {
     ngx_table_elt_t  *h;
 
@@ -207,7 +143,7 @@ ngx_http_infer_route_trace_client(ngx_http_request_t *r,
         return NGX_DECLINED;
     }
 
-    return ngx_http_infer_traceparent_parse(h->value.data, h->value.len, tp);
+    return ngx_http_infer_route_traceparent_parse(h->value.data, h->value.len, tp);
 }
 
 
@@ -306,7 +242,6 @@ ngx_http_infer_route_trace_set(ngx_http_request_t *r, u_char *name,
             return NGX_ERROR;
         }
 
-        h->hash = 1;
         h->key.len = len;
         h->key.data = name;
         h->lowcase_key = ngx_pnalloc(r->pool, len);
@@ -314,7 +249,9 @@ ngx_http_infer_route_trace_set(ngx_http_request_t *r, u_char *name,
             return NGX_ERROR;
         }
 
-        ngx_strlow(h->lowcase_key, name, len);
+        /* the hash proxy_set_header's table is keyed by: one replaces it */
+
+        h->hash = ngx_hash_strlow(h->lowcase_key, name, len);
 #if (nginx_version >= 1023000)
         h->next = NULL;
 #endif

@@ -246,3 +246,43 @@ def test_a_streamed_answer_has_the_id_too(gw, sim):
                       stream=True)
     assert HEX32.fullmatch(r.headers["x-request-id"])
     assert b"[DONE]" in r.content
+
+
+def test_fuzz_the_traceparent_parser(tmp_path):
+    """libFuzzer, ASan and UBSan over the parser for 10 s, its verdict
+    checked against an oracle of the harness's own (t/unit)."""
+    from harness.cunit import REPO, UNIT, fuzz
+    tokens = ["00-", "01-", "ff-", "-", "-01", "-00", "0" * 16, "0" * 32,
+              CLIENT_TRACE, CLIENT_SPAN, "A", "g"]
+    fuzz(tmp_path, [UNIT / "route_traceparent_fuzz.c",
+                    REPO / "ngx_infer_route"
+                    / "ngx_http_infer_route_traceparent.c"],
+         UNIT / "traceparent_corpus",
+         "".join("t%d=%s\n" % (i, json.dumps(t))
+                 for i, t in enumerate(tokens)), seconds=10)
+
+
+@pytest.mark.parametrize("flags,sent_flags", [("03", "01"), ("02", "00"),
+                                              ("ff", "01"), ("00", "00")])
+def test_only_the_sampled_flag_is_passed_on(gw, sim, flags, sent_flags):
+    chat(gw, headers={
+        "traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-{flags}"})
+    assert TRACEPARENT.fullmatch(sent(sim)["traceparent"][0]).group(3) == \
+        sent_flags
+
+
+def test_proxy_set_header_replaces_what_infer_trace_adds(nginx_factory,
+                                                         sim):
+    """The headers infer_trace adds for the backend are ones
+    proxy_set_header replaces, as it does the client's own."""
+    gw = nginx_factory(conf(sim, location="""
+            proxy_set_header X-Request-Id "gw-$request_id";
+            proxy_set_header traceparent $infer_traceparent;"""),
+        modules=["route"])
+    for headers in ({}, {"X-Request-Id": "client-1"}):
+        r = chat(gw, headers=headers)
+        got = sent(sim)
+        assert got["x-request-id"] == [f"gw-{got['x-request-id'][0][3:]}"]
+        assert len(got["traceparent"]) == 1
+        assert r.headers["x-request-id"] == headers.get(
+            "X-Request-Id", got["x-request-id"][0][3:])
