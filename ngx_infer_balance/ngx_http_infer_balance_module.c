@@ -7,13 +7,14 @@
  * counted across all workers in shared memory, plus, when the pool's
  * metric pages are scraped (ngx_http_infer_balance_scrape.c), the
  * backends' queue, running requests and KV-cache use in token
- * equivalents.  With prefix_affinity, requests with a prompt prefix the
- * pool has seen before go to the same peer (rendezvous hashing) while
- * its cost stays within a bound of the pool's average.  It runs over the round-robin
- * peer data, as least_conn does, so weight=, max_fails=, fail_timeout=,
- * max_conns=, down and backup keep working.  It also sheds requests of
- * low priority when every peer is saturated, follows an external
- * picker's choice, takes failing peers out of the pool
+ * equivalents.  With prefix_affinity, requests with the same prompt
+ * prefix go to the same peer (rendezvous hashing), a prefix seen before
+ * while its cost stays within a bound of the pool's average, one seen for
+ * the first time only while it is about the cheapest.  It runs over the
+ * round-robin peer data, as least_conn does, so weight=, max_fails=,
+ * fail_timeout=, max_conns=, down and backup keep working.  It also sheds
+ * requests of low priority when every peer is saturated, follows an
+ * external picker's choice, takes failing peers out of the pool
  * (ngx_http_infer_balance_eject.c), and shows its state on a status page.
  */
 

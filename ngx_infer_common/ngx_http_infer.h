@@ -230,14 +230,16 @@ ngx_http_infer_request_id_valid(ngx_str_t *id)
 }
 
 
+/* the first header of that name in a list of headers, case aside */
+
 static ngx_inline ngx_table_elt_t *
-ngx_http_infer_header_in(ngx_http_request_t *r, u_char *name, size_t len)
+ngx_http_infer_header_find(ngx_list_t *headers, u_char *name, size_t len)
 {
     ngx_uint_t        i;
     ngx_list_part_t  *part;
     ngx_table_elt_t  *h;
 
-    part = &r->headers_in.headers.part;
+    part = &headers->part;
     h = part->elts;
 
     for (i = 0; /* void */; i++) {
@@ -268,8 +270,9 @@ ngx_http_infer_request_id(ngx_http_request_t *r, ngx_str_t *id)
     ngx_table_elt_t            *h;
     ngx_http_variable_value_t  *vv;
 
-    h = ngx_http_infer_header_in(r->main, (u_char *) "X-Request-Id",
-                                 sizeof("X-Request-Id") - 1);
+    h = ngx_http_infer_header_find(&r->main->headers_in.headers,
+                                   (u_char *) "X-Request-Id",
+                                   sizeof("X-Request-Id") - 1);
 
     if (h && ngx_http_infer_request_id_valid(&h->value)) {
         *id = h->value;

@@ -136,14 +136,16 @@ ngx_http_infer_route_trace_client(ngx_http_request_t *r,
 {
     ngx_table_elt_t  *h;
 
-    h = ngx_http_infer_header_in(r, (u_char *) "traceparent",
-                                 sizeof("traceparent") - 1);
+    h = ngx_http_infer_header_find(&r->headers_in.headers,
+                                   (u_char *) "traceparent",
+                                   sizeof("traceparent") - 1);
 
     if (h == NULL) {
         return NGX_DECLINED;
     }
 
-    return ngx_http_infer_route_traceparent_parse(h->value.data, h->value.len, tp);
+    return ngx_http_infer_route_traceparent_parse(h->value.data,
+                                                  h->value.len, tp);
 }
 
 
@@ -234,7 +236,7 @@ ngx_http_infer_route_trace_set(ngx_http_request_t *r, u_char *name,
 {
     ngx_table_elt_t  *h;
 
-    h = ngx_http_infer_header_in(r, name, len);
+    h = ngx_http_infer_header_find(&r->headers_in.headers, name, len);
 
     if (h == NULL) {
         h = ngx_list_push(&r->headers_in.headers);
@@ -273,31 +275,17 @@ ngx_int_t
 ngx_http_infer_route_trace_response(ngx_http_request_t *r)
 {
     ngx_str_t         id;
-    ngx_uint_t        i;
-    ngx_list_part_t  *part;
     ngx_table_elt_t  *h;
 
-    part = &r->headers_out.headers.part;
-    h = part->elts;
-
-    for (i = 0; /* void */; i++) {
-
-        if (i >= part->nelts) {
-            if (part->next == NULL) {
-                break;
-            }
-
-            part = part->next;
-            h = part->elts;
-            i = 0;
+    for ( ;; ) {
+        h = ngx_http_infer_header_find(&r->headers_out.headers,
+                                       (u_char *) "X-Request-Id",
+                                       sizeof("X-Request-Id") - 1);
+        if (h == NULL) {
+            break;
         }
 
-        if (h[i].hash && h[i].key.len == sizeof("X-Request-Id") - 1
-            && ngx_strncasecmp(h[i].key.data, (u_char *) "X-Request-Id",
-                               sizeof("X-Request-Id") - 1) == 0)
-        {
-            h[i].hash = 0;
-        }
+        h->hash = 0;
     }
 
     ngx_http_infer_request_id(r, &id);
