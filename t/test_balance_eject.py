@@ -82,11 +82,12 @@ def spread(gw, n, stream=False):
 
 
 def only(got, *names):
-    """got went to those replicas only, each its share (the two workers
-    take tied peers in turn each: of 2k over 2, at least k - 1 each)."""
-    n = sum(got.values())
-    return set(got) == set(names) and all(
-        got[x] >= n // len(names) - 1 for x in names)
+    """got went to those replicas only, and to each of them.  Not evenly:
+    each worker takes tied peers in turn, but from wherever its smooth
+    round robin stood when the ejection began (which the picks before it
+    left uneven), so one replica may take two or three in a row (seen:
+    r2 r2 r0 r2 in one worker)."""
+    return set(got) == set(names)
 
 
 def endpoints(gw):
@@ -245,7 +246,7 @@ def test_an_answer_cut_short_counts_as_a_failure(nginx_factory, trio):
     b.configure(reset_after_chunks=1)
     wait_for("ejected", lambda: (ask(gw, stream=True),
                                  ejected(gw, b.addr))[1])
-    assert only(spread(gw, 6, stream=True), "r0", "r2")
+    assert only(spread(gw, 10, stream=True), "r0", "r2")
     gw.forget_log()     # "upstream prematurely closed connection"
 
 
@@ -276,7 +277,7 @@ def test_failed_scrapes_eject_when_asked(nginx_factory, trio):
     e = endpoints(gw)[1][b.addr]
     assert e["ejected_for"] == "scrapes" and e["scrape_failures"] >= 3, e
     assert "3 failed scrapes in a row" in gw.log_text()
-    assert only(spread(gw, 6), "r0", "r2")
+    assert only(spread(gw, 10), "r0", "r2")
 
 
 def test_a_stuck_but_answering_replica_is_ejected_as_slow(nginx_factory,
@@ -372,7 +373,7 @@ def test_an_ejection_outlives_a_reload(nginx_factory, trio):
     wait_for("ejected", lambda: (ask(gw), ejected(gw, b.addr))[1])
     gw.reload()
     assert ejected(gw, b.addr)
-    assert only(spread(gw, 6), "r0", "r2")
+    assert only(spread(gw, 10), "r0", "r2")
 
 
 def _check(nginx_factory, directives):
