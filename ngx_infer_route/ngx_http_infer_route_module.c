@@ -985,40 +985,20 @@ static ngx_int_t
 ngx_http_infer_route_from_header(ngx_http_request_t *r,
     ngx_http_infer_route_source_t *src, ngx_str_t *model)
 {
-    ngx_uint_t        i;
-    ngx_list_part_t  *part;
     ngx_table_elt_t  *h;
 
-    part = &r->headers_in.headers.part;
-    h = part->elts;
+    h = ngx_http_infer_header_find(&r->headers_in.headers, src->header.data,
+                                   src->header.len);
 
-    for (i = 0; /* void */ ; i++) {
-
-        if (i >= part->nelts) {
-            if (part->next == NULL) {
-                return NGX_DECLINED;
-            }
-
-            part = part->next;
-            h = part->elts;
-            i = 0;
-        }
-
-        if (h[i].key.len == src->header.len
-            && ngx_strncasecmp(h[i].key.data, src->header.data,
-                               src->header.len)
-               == 0)
-        {
-            if (h[i].value.len == 0
-                || h[i].value.len > NGX_HTTP_INFER_MODEL_MAX)
-            {
-                return NGX_DECLINED;
-            }
-
-            *model = h[i].value;
-            return NGX_OK;
-        }
+    if (h == NULL || h->value.len == 0
+        || h->value.len > NGX_HTTP_INFER_MODEL_MAX)
+    {
+        return NGX_DECLINED;
     }
+
+    *model = h->value;
+
+    return NGX_OK;
 }
 
 
