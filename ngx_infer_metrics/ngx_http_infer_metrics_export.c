@@ -279,6 +279,21 @@ ngx_http_infer_metrics_render(ngx_http_infer_metrics_page_t *pg,
                                     pg->om);
     }
 
+    /* the rate-limit module's usage events, when it sends them */
+
+    export = ngx_http_infer_export_find(pg->r,
+                                        "ngx_http_infer_ratelimit_module");
+
+    if (export && export->size) {
+        p = ngx_http_infer_metrics_reserve(pg, export->size(export));
+        if (p == NULL) {
+            return NGX_ERROR;
+        }
+
+        pg->b->last = export->write(export, p, ngx_http_infer_metrics_meta,
+                                    pg->om);
+    }
+
     if (pg->om) {
         p = ngx_http_infer_metrics_reserve(pg, sizeof("# EOF\n"));
         if (p == NULL) {

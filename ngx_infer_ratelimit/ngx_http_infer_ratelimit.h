@@ -15,6 +15,8 @@
 #include <ngx_core.h>
 #include <ngx_http.h>
 
+#include "ngx_http_infer.h"
+
 
 extern ngx_module_t  ngx_http_infer_ratelimit_module;
 
@@ -110,6 +112,12 @@ ngx_int_t ngx_http_infer_ratelimit_redis_init_process(ngx_cycle_t *cycle,
     ngx_http_infer_ratelimit_redis_conf_t *rcf);
 void ngx_http_infer_ratelimit_redis_exit_process(ngx_cycle_t *cycle);
 ngx_uint_t ngx_http_infer_ratelimit_redis_up(void);
+ngx_int_t ngx_http_infer_ratelimit_redis_open(void);
+struct redisAsyncContext;
+ngx_int_t ngx_http_infer_ratelimit_redis_send(u_char *cmd, size_t len,
+    void (*fn)(struct redisAsyncContext *ac, void *reply, void *data),
+    void *data);
+void ngx_http_infer_ratelimit_redis_reset(const char *why);
 
 /* the parts of the Redis client a fuzzer drives: hiredis's types */
 struct redisReader;
@@ -146,6 +154,7 @@ typedef struct {
     ngx_uint_t                  status_code;
     ngx_uint_t                  default_max_tokens;
     ngx_flag_t                  charge_cache_hits;
+    ngx_flag_t                  events;     /* infer_usage_events */
 } ngx_http_infer_ratelimit_loc_conf_t;
 
 
@@ -162,6 +171,46 @@ typedef struct {
     unsigned                    reconciled:1;
 } ngx_http_infer_ratelimit_ctx_t;
 
+
+#define NGX_HTTP_INFER_RL_INPUTS               6
+
+
+/* the usage events' stream (ngx_http_infer_ratelimit_events.c) */
+
+typedef struct {
+    ngx_str_t                   key;        /* the stream */
+    ngx_uint_t                  maxlen;     /* MAXLEN ~ */
+    size_t                      queue;      /* bytes queued, and in flight */
+    ngx_uint_t                  batch;      /* events per flush */
+    ngx_msec_t                  flush;      /* the longest an event waits */
+    ngx_shm_zone_t             *stats;      /* written, dropped, failed */
+    ngx_array_t                 fields;     /* events_field_t */
+    size_t                      max;        /* the longest event */
+    ngx_str_t                   head;       /* XADD key MAXLEN ~ n * */
+} ngx_http_infer_ratelimit_events_conf_t;
+
+
+typedef struct {
+    ngx_http_infer_export_t     export;     /* first: the metrics page's */
+    ngx_shm_zone_t             *shm_zone;
+    ngx_shm_zone_t             *stats_zone; /* degraded decisions, shared */
+    ngx_array_t                 names;      /* limit_t *, one per name */
+    ngx_http_infer_ratelimit_redis_conf_t  *redis;
+    ngx_http_infer_ratelimit_events_conf_t *events;
+    ngx_int_t                   input[NGX_HTTP_INFER_RL_INPUTS];
+                                            /* variable indexes, or
+                                               NGX_DECLINED */
+} ngx_http_infer_ratelimit_main_conf_t;
+
+
+char *ngx_http_infer_ratelimit_events_stream(ngx_conf_t *cf,
+    ngx_command_t *cmd, void *conf);
+ngx_int_t ngx_http_infer_ratelimit_events_init(ngx_conf_t *cf,
+    ngx_http_infer_ratelimit_main_conf_t *rmcf);
+ngx_int_t ngx_http_infer_ratelimit_events_init_process(ngx_cycle_t *cycle,
+    ngx_http_infer_ratelimit_events_conf_t *ecf);
+void ngx_http_infer_ratelimit_events_exit_process(ngx_cycle_t *cycle);
+void ngx_http_infer_ratelimit_events_quit(void);
 
 ngx_http_infer_ratelimit_ctx_t *ngx_http_infer_ratelimit_get_ctx(
     ngx_http_request_t *r);

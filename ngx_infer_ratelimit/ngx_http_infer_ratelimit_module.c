@@ -34,18 +34,6 @@
 #define NGX_HTTP_INFER_RL_IN_TOTAL             3
 #define NGX_HTTP_INFER_RL_IN_USAGE_PROMPT      4
 #define NGX_HTTP_INFER_RL_IN_USAGE_COMPLETION  5
-#define NGX_HTTP_INFER_RL_INPUTS               6
-
-
-typedef struct {
-    ngx_shm_zone_t             *shm_zone;
-    ngx_shm_zone_t             *stats_zone; /* degraded decisions, shared */
-    ngx_array_t                 names;      /* limit_t *, one per name */
-    ngx_http_infer_ratelimit_redis_conf_t  *redis;
-    ngx_int_t                   input[NGX_HTTP_INFER_RL_INPUTS];
-                                            /* variable indexes, or
-                                               NGX_DECLINED */
-} ngx_http_infer_ratelimit_main_conf_t;
 
 
 static ngx_int_t ngx_http_infer_ratelimit_handler(ngx_http_request_t *r);
@@ -158,6 +146,20 @@ static ngx_command_t  ngx_http_infer_ratelimit_commands[] = {
       ngx_conf_set_flag_slot,
       NGX_HTTP_LOC_CONF_OFFSET,
       offsetof(ngx_http_infer_ratelimit_loc_conf_t, charge_cache_hits),
+      NULL },
+
+    { ngx_string("infer_usage_events_stream"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_1MORE,
+      ngx_http_infer_ratelimit_events_stream,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("infer_usage_events"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_FLAG,
+      ngx_conf_set_flag_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_infer_ratelimit_loc_conf_t, events),
       NULL },
 
       ngx_null_command
@@ -1409,6 +1411,7 @@ ngx_http_infer_ratelimit_create_conf(ngx_conf_t *cf)
     conf->status_code = NGX_CONF_UNSET_UINT;
     conf->default_max_tokens = NGX_CONF_UNSET_UINT;
     conf->charge_cache_hits = NGX_CONF_UNSET;
+    conf->events = NGX_CONF_UNSET;
 
     return conf;
 }
@@ -1434,6 +1437,7 @@ ngx_http_infer_ratelimit_merge_conf(ngx_conf_t *cf, void *parent, void *child)
                               prev->default_max_tokens, 1024);
     ngx_conf_merge_value(conf->charge_cache_hits, prev->charge_cache_hits,
                          0);
+    ngx_conf_merge_value(conf->events, prev->events, 0);
 
     if (conf->limits == NULL) {
         return NGX_CONF_OK;
@@ -1532,7 +1536,7 @@ ngx_http_infer_ratelimit_init(ngx_conf_t *cf)
 
     ngx_http_infer_ratelimit_headers_init(cf);
 
-    return NGX_OK;
+    return ngx_http_infer_ratelimit_events_init(cf, rmcf);
 }
 
 
@@ -1548,6 +1552,13 @@ ngx_http_infer_ratelimit_init_process(ngx_cycle_t *cycle)
         return NGX_OK;
     }
 
+    if (rmcf->events
+        && ngx_http_infer_ratelimit_events_init_process(cycle, rmcf->events)
+           != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
     return ngx_http_infer_ratelimit_redis_init_process(cycle, rmcf->redis);
 }
 
@@ -1555,5 +1566,7 @@ ngx_http_infer_ratelimit_init_process(ngx_cycle_t *cycle)
 static void
 ngx_http_infer_ratelimit_exit_process(ngx_cycle_t *cycle)
 {
+    /* the events first: what hiredis fails then is counted as dropped */
+    ngx_http_infer_ratelimit_events_exit_process(cycle);
     ngx_http_infer_ratelimit_redis_exit_process(cycle);
 }

@@ -419,6 +419,80 @@ ngx_http_infer_ratelimit_redis_eval(ngx_http_request_t *r,
 }
 
 
+/*
+ * The connection, made now if there is none (within the backoff): NGX_OK
+ * when there is one, connected or connecting.
+ */
+
+ngx_int_t
+ngx_http_infer_ratelimit_redis_open(void)
+{
+    ngx_http_infer_ratelimit_redis_t  *rd;
+
+    rd = &ngx_http_infer_ratelimit_redis_worker;
+
+    if (rd->rcf == NULL) {
+        return NGX_DECLINED;
+    }
+
+    if (rd->ac) {
+        return NGX_OK;
+    }
+
+    if ((ngx_msec_int_t) (rd->next_try - ngx_current_msec) > 0) {
+        return NGX_DECLINED;
+    }
+
+    return ngx_http_infer_ratelimit_redis_connect(rd);
+}
+
+
+/*
+ * Sends a command a caller made in Redis's protocol, for no request (the
+ * usage events): hiredis copies it, and calls fn with the reply, or with
+ * NULL when the connection goes first.  NGX_DECLINED: Redis is
+ * unavailable now (a connection is tried, within the backoff).
+ */
+
+ngx_int_t
+ngx_http_infer_ratelimit_redis_send(u_char *cmd, size_t len,
+    redisCallbackFn *fn, void *data)
+{
+    if (ngx_http_infer_ratelimit_redis_open() != NGX_OK) {
+        return NGX_DECLINED;
+    }
+
+    if (redisAsyncFormattedCommand(ngx_http_infer_ratelimit_redis_worker.ac, fn, data, (char *) cmd, len)
+        != REDIS_OK)
+    {
+        return NGX_DECLINED;
+    }
+
+    return NGX_OK;
+}
+
+
+/*
+ * Drops the connection, failing every pending call: for a caller whose
+ * calls went unanswered longer than the timeout.
+ */
+
+void
+ngx_http_infer_ratelimit_redis_reset(const char *why)
+{
+    ngx_http_infer_ratelimit_redis_t  *rd;
+
+    rd = &ngx_http_infer_ratelimit_redis_worker;
+
+    if (rd->ac == NULL) {
+        return;
+    }
+
+    ngx_http_infer_ratelimit_redis_error(rd, "%s: reconnecting", why);
+    ngx_http_infer_ratelimit_redis_drop(rd);
+}
+
+
 static ngx_int_t
 ngx_http_infer_ratelimit_redis_connect(ngx_http_infer_ratelimit_redis_t *rd)
 {
@@ -469,6 +543,9 @@ ngx_http_infer_ratelimit_redis_connect(ngx_http_infer_ratelimit_redis_t *rd)
     c->write->log = rd->log;
     c->read->handler = ngx_http_infer_ratelimit_redis_read;
     c->write->handler = ngx_http_infer_ratelimit_redis_write;
+
+    /* told when the worker is to quit: see the read handler */
+    c->idle = 1;
 
     rd->ac = ac;
     rd->c = c;
@@ -679,6 +756,18 @@ ngx_http_infer_ratelimit_redis_read(ngx_event_t *ev)
 
     c = ev->data;
     rd = c->data;
+
+    if (c->close) {
+        /*
+         * The worker is told to quit (ngx_close_idle_connections()).  The
+         * connection stays for the calls pending, and the usage events
+         * queued are sent on it first.
+         */
+        c->close = 0;
+        c->idle = 0;
+
+        ngx_http_infer_ratelimit_events_quit();
+    }
 
     if (rd->ac) {
         redisAsyncHandleRead(rd->ac);
