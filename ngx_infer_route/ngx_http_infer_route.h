@@ -14,6 +14,7 @@
 #include <ngx_core.h>
 #include <ngx_http.h>
 
+#include "ngx_http_infer_decimal.h"
 #include "ngx_http_infer_route_json.h"
 #include "ngx_http_infer_route_usage.h"
 #include "ngx_http_infer_route_traceparent.h"
@@ -30,6 +31,13 @@
 /* room for a registry error: two model names, a key, jansson's text */
 #define NGX_HTTP_INFER_ROUTE_ERRSTR      1024
 #define NGX_HTTP_INFER_ROUTE_WEIGHT_MAX  1000000
+
+/* input_price=, output_price=, cached_input_price=: ngx_http_infer_route_model_t's price[] */
+#define NGX_HTTP_INFER_PRICE_INPUT       0
+#define NGX_HTTP_INFER_PRICE_OUTPUT      1
+#define NGX_HTTP_INFER_PRICE_CACHED      2
+/* the most a price may be: 1,000,000 dollars per million tokens */
+#define NGX_HTTP_INFER_PRICE_MAX         1000000000000LL
 
 
 typedef struct {
@@ -54,6 +62,9 @@ typedef struct {
     ngx_http_complex_value_t      *sticky;
     ngx_uint_t                     state;
     off_t                          max_body_size;   /* -1: no limit */
+    int64_t                        price[3];    /* input, output, cached
+                                                   input: micro-dollars per
+                                                   million tokens; -1: none */
 #if (NGX_PCRE)
     ngx_regex_t                   *regex;
 #endif

@@ -484,6 +484,7 @@ static ngx_int_t
 ngx_http_infer_route_file_param(ngx_http_infer_route_model_t *m,
     const char *key, json_t *v, ngx_pool_t *pool, u_char *err)
 {
+    double      d;
     size_t      index;
     json_t     *item;
     ngx_int_t   rc;
@@ -545,6 +546,24 @@ ngx_http_infer_route_file_param(ngx_http_infer_route_model_t *m,
 
         m->max_body_size = (off_t) json_integer_value(v);
         return NGX_OK;
+    }
+
+    if (json_is_number(v)
+        && (ngx_strcmp(key, "input_price") == 0
+            || ngx_strcmp(key, "output_price") == 0
+            || ngx_strcmp(key, "cached_input_price") == 0))
+    {
+        /* 0.15: its text with 6 decimals, checked as infer_model's */
+        s.data = ngx_pnalloc(pool, 64);
+        if (s.data == NULL) {
+            return NGX_ERROR;
+        }
+
+        d = json_number_value(v);
+        s.len = (d >= 0 && d <= 1e6)
+                ? (size_t) (ngx_sprintf(s.data, "%.6f", d) - s.data) : 0;
+
+        return ngx_http_infer_route_model_param(m, &name, &s, pool, err);
     }
 
     rc = ngx_http_infer_route_file_string(v, pool, &s);

@@ -58,7 +58,10 @@ typedef enum {
     ngx_http_infer_route_var_usage_cached,
     ngx_http_infer_route_var_usage_reasoning,
     ngx_http_infer_route_var_usage_estimated,
-    ngx_http_infer_route_var_ttft
+    ngx_http_infer_route_var_ttft,
+    ngx_http_infer_route_var_cost,
+    ngx_http_infer_route_var_price_input,
+    ngx_http_infer_route_var_price_output
 } ngx_http_infer_route_var_e;
 
 
@@ -66,6 +69,8 @@ static ngx_int_t ngx_http_infer_route_rewrite_handler(ngx_http_request_t *r);
 static ngx_int_t ngx_http_infer_route_preaccess_handler(
     ngx_http_request_t *r);
 static ngx_int_t ngx_http_infer_route_handler(ngx_http_request_t *r);
+static ngx_int_t ngx_http_infer_route_cost(ngx_http_request_t *r,
+    ngx_http_infer_route_ctx_t *ctx, ngx_str_t *s);
 static ngx_int_t ngx_http_infer_route_fallback(ngx_http_request_t *r,
     ngx_http_infer_route_ctx_t *ctx);
 static void ngx_http_infer_route_cleanup(void *data);
@@ -346,6 +351,15 @@ static ngx_http_variable_t  ngx_http_infer_route_vars[] = {
 
     { ngx_string("infer_ttft"), NULL, ngx_http_infer_route_variable,
       ngx_http_infer_route_var_ttft, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("infer_cost"), NULL, ngx_http_infer_route_variable,
+      ngx_http_infer_route_var_cost, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("infer_price_input"), NULL, ngx_http_infer_route_variable,
+      ngx_http_infer_route_var_price_input, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("infer_price_output"), NULL, ngx_http_infer_route_variable,
+      ngx_http_infer_route_var_price_output, NGX_HTTP_VAR_NOCACHEABLE, 0 },
 
     { ngx_string("infer_registry_models"), NULL,
       ngx_http_infer_route_registry_variable, 0,
@@ -1737,6 +1751,83 @@ ngx_http_infer_route_usage(ngx_http_infer_route_ctx_t *ctx, ngx_uint_t which)
 }
 
 
+/*
+ * $infer_cost: the usage (or its estimate) at the model's prices, in US
+ * dollars: prompt tokens not cached at input_price, cached ones at
+ * cached_input_price (else input_price), completion tokens (reasoning
+ * included, as OpenAI counts them) at output_price.  Empty when the model
+ * has no price or the answer no usage.  A figure is taken up to 2^31
+ * tokens, however large the backend says it was.
+ */
+
+static ngx_int_t
+ngx_http_infer_route_cost(ngx_http_request_t *r,
+    ngx_http_infer_route_ctx_t *ctx, ngx_str_t *s)
+{
+    int64_t                        *price;
+    uint64_t                        cost;
+    ngx_int_t                       prompt, completion, cached;
+
+    if (ctx->entry == NULL) {
+        return NGX_OK;
+    }
+
+    price = ctx->entry->price;
+
+    if (price[NGX_HTTP_INFER_PRICE_INPUT] < 0
+        && price[NGX_HTTP_INFER_PRICE_OUTPUT] < 0)
+    {
+        return NGX_OK;
+    }
+
+    prompt = ngx_http_infer_route_usage(ctx,
+                                     ngx_http_infer_route_var_usage_prompt);
+    completion = ngx_http_infer_route_usage(ctx,
+                                     ngx_http_infer_route_var_usage_completion);
+
+    if (prompt < 0 && completion < 0) {
+        return NGX_OK;
+    }
+
+    cached = ngx_http_infer_route_usage(ctx,
+                                     ngx_http_infer_route_var_usage_cached);
+
+    prompt = ngx_min(ngx_max(prompt, 0), 0x7fffffff);
+    completion = ngx_min(ngx_max(completion, 0), 0x7fffffff);
+    cached = ngx_min(ngx_max(cached, 0), prompt);
+
+    cost = 0;
+
+    if (price[NGX_HTTP_INFER_PRICE_INPUT] >= 0) {
+        cost += ngx_http_infer_decimal_cost(prompt - cached,
+                                        price[NGX_HTTP_INFER_PRICE_INPUT]);
+    }
+
+    if (price[NGX_HTTP_INFER_PRICE_CACHED] >= 0) {
+        cost += ngx_http_infer_decimal_cost(cached,
+                                        price[NGX_HTTP_INFER_PRICE_CACHED]);
+
+    } else if (price[NGX_HTTP_INFER_PRICE_INPUT] >= 0) {
+        cost += ngx_http_infer_decimal_cost(cached,
+                                        price[NGX_HTTP_INFER_PRICE_INPUT]);
+    }
+
+    if (price[NGX_HTTP_INFER_PRICE_OUTPUT] >= 0) {
+        cost += ngx_http_infer_decimal_cost(completion,
+                                        price[NGX_HTTP_INFER_PRICE_OUTPUT]);
+    }
+
+    s->data = ngx_pnalloc(r->pool, NGX_HTTP_INFER_DECIMAL_LEN);
+    if (s->data == NULL) {
+        return NGX_ERROR;
+    }
+
+    s->len = ngx_http_infer_decimal_print(s->data, cost, 9) - s->data;
+
+    return NGX_OK;
+}
+
+
 static ngx_int_t
 ngx_http_infer_route_variable(ngx_http_request_t *r,
     ngx_http_variable_value_t *v, uintptr_t data)
@@ -1744,6 +1835,7 @@ ngx_http_infer_route_variable(ngx_http_request_t *r,
     u_char                       *p;
     ngx_int_t                     n;
     ngx_str_t                     s;
+    ngx_uint_t                    k;
     ngx_http_infer_route_ctx_t   *ctx;
     ngx_http_infer_route_body_t  *b;
 
@@ -1819,6 +1911,31 @@ ngx_http_infer_route_variable(ngx_http_request_t *r,
         s.data = p;
         s.len = ngx_sprintf(p, "%T.%03M", (time_t) ctx->ttft / 1000,
                             (ngx_msec_t) (ctx->ttft % 1000)) - p;
+        break;
+
+    case ngx_http_infer_route_var_cost:
+        if (ngx_http_infer_route_cost(r, ctx, &s) != NGX_OK) {
+            return NGX_ERROR;
+        }
+
+        break;
+
+    case ngx_http_infer_route_var_price_input:
+    case ngx_http_infer_route_var_price_output:
+        k = (data == ngx_http_infer_route_var_price_input)
+            ? NGX_HTTP_INFER_PRICE_INPUT : NGX_HTTP_INFER_PRICE_OUTPUT;
+
+        if (ctx->entry == NULL || ctx->entry->price[k] < 0) {
+            break;
+        }
+
+        p = ngx_pnalloc(r->pool, NGX_HTTP_INFER_DECIMAL_LEN);
+        if (p == NULL) {
+            return NGX_ERROR;
+        }
+
+        s.data = p;
+        s.len = ngx_http_infer_decimal_print(p, ctx->entry->price[k], 6) - p;
         break;
 
     default: /* ngx_http_infer_route_var_prefix_hash */

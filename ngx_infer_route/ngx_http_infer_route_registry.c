@@ -34,7 +34,8 @@ static ngx_uint_t ngx_http_infer_route_registry_named(
 /*
  * infer_model NAME [upstream=POOL] [model=ID] [alias=NAME[,NAME...]]
  *     [pattern=REGEX] [sticky=VALUE] [state=active|deprecated|disabled]
- *     [max_body_size=SIZE] [fallback=NAME];
+ *     [max_body_size=SIZE] [fallback=NAME] [input_price=USD]
+ *     [output_price=USD] [cached_input_price=USD];
  *
  * Each parameter but sticky= (compiled with nginx variables) is checked
  * by ngx_http_infer_route_model_param(), as a registry file's keys are.
@@ -222,6 +223,9 @@ ngx_http_infer_route_model_create(ngx_pool_t *pool, ngx_uint_t number)
 
     m->number = number;
     m->max_body_size = -1;
+    m->price[0] = -1;
+    m->price[1] = -1;
+    m->price[2] = -1;
 
     if (ngx_array_init(&m->aliases, pool, 2, sizeof(ngx_str_t)) != NGX_OK
         || ngx_array_init(&m->namespaces, pool, 1, sizeof(ngx_str_t))
@@ -248,7 +252,9 @@ ngx_int_t
 ngx_http_infer_route_model_param(ngx_http_infer_route_model_t *m,
     ngx_str_t *name, ngx_str_t *v, ngx_pool_t *pool, u_char *err)
 {
+    int64_t               price;
     ngx_str_t            *s;
+    ngx_uint_t            k;
 #if (NGX_PCRE)
     u_char                errstr[NGX_MAX_CONF_ERRSTR];
     ngx_regex_compile_t   rc;
@@ -387,6 +393,30 @@ ngx_http_infer_route_model_param(ngx_http_infer_route_model_t *m,
             return NGX_ERROR;
         }
 
+        return NGX_OK;
+    }
+
+    if (ngx_infer_param("input_price") || ngx_infer_param("output_price")
+        || ngx_infer_param("cached_input_price"))
+    {
+        price = ngx_http_infer_decimal_parse(v->data, v->len, 6);
+
+        if (price < 0 || price > NGX_HTTP_INFER_PRICE_MAX) {
+            ngx_http_infer_route_registry_error(err, m,
+                "\"%V\" must be US dollars per million tokens, 0 to "
+                "1000000 with at most 6 decimals (\"0.15\")", name);
+            return NGX_ERROR;
+        }
+
+        k = (name->data[0] == 'i') ? NGX_HTTP_INFER_PRICE_INPUT
+            : (name->data[0] == 'o') ? NGX_HTTP_INFER_PRICE_OUTPUT
+            : NGX_HTTP_INFER_PRICE_CACHED;
+
+        if (m->price[k] >= 0) {
+            goto twice;
+        }
+
+        m->price[k] = price;
         return NGX_OK;
     }
 

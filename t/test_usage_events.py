@@ -287,3 +287,18 @@ def test_reload_and_quit_write_what_is_queued(nginx_factory, redis, sim):
     got = events(c, 15, timeout=5)
     assert len(got) == 15
     assert len({e["request_id"] for e in got}) == 15
+
+
+def test_cost_at_the_models_prices(nginx_factory, redis, sim):
+    n = nginx_factory(conf(redis.addr, sim).replace(
+        "model=llama-served;",
+        "model=llama-served input_price=0.15 output_price=0.6 "
+        "cached_input_price=0.075;"))
+    c = redis.client()
+    r = chat(n, completion=7)
+    u = r.json()["usage"]
+    (e,) = events(c, 1)
+    cached = (u.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+    want = ((u["prompt_tokens"] - cached) * 150000 + cached * 75000
+            + 7 * 600000) // 1000                       # nano-dollars
+    assert e["cost"] == f"{want / 1e9:.9f}".rstrip("0").rstrip(".")
