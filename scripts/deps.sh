@@ -16,6 +16,7 @@ pkgs=(
     redis-server python3 python3-pytest python3-requests python3-jwt
     python3-jwcrypto python3-prometheus-client python3-redis
     python3-pytest-timeout
+    postgresql python3-psycopg2      # examples/analytics and its test
     # memory checks (make valgrind) and the parsers' fuzzers (libFuzzer); lld links them with --gc-sections
     valgrind clang lld
     # metrics oracles: promtool and a real Prometheus server
