@@ -16,6 +16,7 @@
 #include <ngx_http.h>
 
 #include "ngx_http_infer.h"
+#include "ngx_http_infer_decimal.h"
 
 
 extern ngx_module_t  ngx_http_infer_ratelimit_module;
@@ -24,6 +25,12 @@ extern ngx_module_t  ngx_http_infer_ratelimit_module;
 #define NGX_HTTP_INFER_RL_REQUESTS     0
 #define NGX_HTTP_INFER_RL_TOKENS       1
 #define NGX_HTTP_INFER_RL_CONCURRENCY  2    /* in flight; no window */
+#define NGX_HTTP_INFER_RL_BUDGET       3    /* nano-dollars */
+
+/* calendar windows, in UTC: a count that starts again at each */
+#define NGX_HTTP_INFER_RL_ROLLING      0
+#define NGX_HTTP_INFER_RL_DAY          1
+#define NGX_HTTP_INFER_RL_MONTH        2
 
 /* how long Redis keeps an in-flight count nobody touches */
 #define NGX_HTTP_INFER_RL_CONCURRENCY_TTL  3600000
@@ -48,6 +55,7 @@ typedef struct {
     uint64_t                    limit;      /* per window */
     ngx_msec_t                  window;     /* 0: concurrency */
     ngx_str_t                   window_text;
+    ngx_uint_t                  calendar;   /* NGX_HTTP_INFER_RL_DAY ... */
     ngx_uint_t                  on_error;
 } ngx_http_infer_ratelimit_limit_t;
 
@@ -71,6 +79,10 @@ typedef struct {
 
     uint64_t                    floor;      /* us: this gateway's own use,
                                                the least Redis may hold */
+
+    uint64_t                    end;        /* a calendar window's end, in
+                                               ms since the epoch */
+    ngx_str_t                   window;     /* its name: "20261206" */
 
     unsigned                    refused:1;
     unsigned                    known:1;    /* remaining and reset set */
@@ -172,7 +184,7 @@ typedef struct {
 } ngx_http_infer_ratelimit_ctx_t;
 
 
-#define NGX_HTTP_INFER_RL_INPUTS               6
+#define NGX_HTTP_INFER_RL_INPUTS               9
 
 
 /* the usage events' stream (ngx_http_infer_ratelimit_events.c) */

@@ -83,7 +83,9 @@ ngx_http_infer_ratelimit_header_filter(ngx_http_request_t *r)
 
         k = item->limit->kind;
 
-        if (k == NGX_HTTP_INFER_RL_CONCURRENCY) {
+        if (k == NGX_HTTP_INFER_RL_CONCURRENCY
+            || k == NGX_HTTP_INFER_RL_BUDGET)
+        {
             continue;
         }
 

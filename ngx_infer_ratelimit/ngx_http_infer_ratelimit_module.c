@@ -34,12 +34,21 @@
 #define NGX_HTTP_INFER_RL_IN_TOTAL             3
 #define NGX_HTTP_INFER_RL_IN_USAGE_PROMPT      4
 #define NGX_HTTP_INFER_RL_IN_USAGE_COMPLETION  5
+#define NGX_HTTP_INFER_RL_IN_PRICE_INPUT       6
+#define NGX_HTTP_INFER_RL_IN_PRICE_OUTPUT      7
+#define NGX_HTTP_INFER_RL_IN_COST              8
 
 
 static ngx_int_t ngx_http_infer_ratelimit_handler(ngx_http_request_t *r);
 static ngx_int_t ngx_http_infer_ratelimit_items(ngx_http_request_t *r,
     ngx_http_infer_ratelimit_ctx_t *ctx,
     ngx_http_infer_ratelimit_loc_conf_t *lcf);
+static uint64_t ngx_http_infer_ratelimit_price(ngx_http_request_t *r,
+    ngx_uint_t input);
+static ngx_int_t ngx_http_infer_ratelimit_calendar(ngx_http_request_t *r,
+    ngx_http_infer_ratelimit_item_t *item);
+static ngx_int_t ngx_http_infer_ratelimit_days(ngx_int_t year,
+    ngx_int_t month);
 static void ngx_http_infer_ratelimit_redis_done(ngx_http_request_t *r,
     ngx_int_t rc);
 static void ngx_http_infer_ratelimit_degrade(ngx_http_request_t *r,
@@ -54,6 +63,7 @@ static ngx_uint_t ngx_http_infer_ratelimit_too_large(
     ngx_http_infer_ratelimit_item_t *item);
 static void ngx_http_infer_ratelimit_period(
     ngx_http_infer_ratelimit_limit_t *limit, ngx_str_t *period);
+static u_char *ngx_http_infer_ratelimit_usd(u_char *buf, uint64_t nano);
 static void ngx_http_infer_ratelimit_cleanup(void *data);
 static uint64_t ngx_http_infer_ratelimit_number(ngx_http_request_t *r,
     ngx_uint_t input, ngx_uint_t *found);
@@ -243,7 +253,10 @@ static ngx_str_t  ngx_http_infer_ratelimit_inputs[] = {
     ngx_string("infer_max_tokens"),
     ngx_string("infer_usage_total_tokens"),
     ngx_string("infer_usage_prompt_tokens"),
-    ngx_string("infer_usage_completion_tokens")
+    ngx_string("infer_usage_completion_tokens"),
+    ngx_string("infer_price_input"),
+    ngx_string("infer_price_output"),
+    ngx_string("infer_cost")
 };
 
 
@@ -354,7 +367,7 @@ ngx_http_infer_ratelimit_items(ngx_http_request_t *r,
     ngx_http_infer_ratelimit_loc_conf_t *lcf)
 {
     u_char                                *p;
-    uint64_t                               estimate, max;
+    uint64_t                               estimate, prompt, max, spend;
     ngx_str_t                              key;
     ngx_uint_t                             i, n, found, tokens;
     ngx_http_variable_value_t             *model;
@@ -384,19 +397,35 @@ ngx_http_infer_ratelimit_items(ngx_http_request_t *r,
         tokens = (model && model->len);
     }
 
+    prompt = 0;
+    max = 0;
+    spend = 0;
+
     for (i = 0; tokens && i < n; i++) {
-        if (limit[i].kind != NGX_HTTP_INFER_RL_TOKENS) {
+        if (limit[i].kind != NGX_HTTP_INFER_RL_TOKENS
+            && limit[i].kind != NGX_HTTP_INFER_RL_BUDGET)
+        {
             continue;
         }
 
         /* the estimate: prompt tokens as the route module counts them,
          * plus the answer's max_tokens or our default */
 
-        estimate = ngx_http_infer_ratelimit_number(r,
+        prompt = ngx_http_infer_ratelimit_number(r,
                               NGX_HTTP_INFER_RL_IN_PROMPT, &found);
         max = ngx_http_infer_ratelimit_number(r,
                               NGX_HTTP_INFER_RL_IN_MAX, &found);
-        estimate += found ? max : lcf->default_max_tokens;
+        max = found ? max : lcf->default_max_tokens;
+        estimate = prompt + max;
+
+        /* the most it may cost: those tokens at the model's prices */
+
+        spend = ngx_http_infer_decimal_cost(ngx_min(prompt, 0x7fffffff),
+                    ngx_http_infer_ratelimit_price(r,
+                                          NGX_HTTP_INFER_RL_IN_PRICE_INPUT))
+                + ngx_http_infer_decimal_cost(ngx_min(max, 0x7fffffff),
+                    ngx_http_infer_ratelimit_price(r,
+                                          NGX_HTTP_INFER_RL_IN_PRICE_OUTPUT));
         break;
     }
 
@@ -406,8 +435,11 @@ ngx_http_infer_ratelimit_items(ngx_http_request_t *r,
             return NGX_ERROR;
         }
 
+        /* a model without prices spends no budget */
+
         if (key.len == 0
-            || (limit[i].kind == NGX_HTTP_INFER_RL_TOKENS && !tokens))
+            || (limit[i].kind == NGX_HTTP_INFER_RL_TOKENS && !tokens)
+            || (limit[i].kind == NGX_HTTP_INFER_RL_BUDGET && spend == 0))
         {
             continue;
         }
@@ -426,9 +458,19 @@ ngx_http_infer_ratelimit_items(ngx_http_request_t *r,
         item->key = key;
         item->limit_n = limit[i].limit;
         item->cost = (limit[i].kind == NGX_HTTP_INFER_RL_TOKENS) ? estimate
-                                                                 : 1;
+                     : (limit[i].kind == NGX_HTTP_INFER_RL_BUDGET) ? spend
+                     : 1;
 
-        item->id.len = limit[i].name.len + 1 + key.len;
+        if (limit[i].calendar
+            && ngx_http_infer_ratelimit_calendar(r, item) != NGX_OK)
+        {
+            return NGX_ERROR;
+        }
+
+        /* "name:key", and ":window" for a calendar one */
+
+        item->id.len = limit[i].name.len + 1 + key.len
+                       + (item->window.len ? item->window.len + 1 : 0);
         item->id.data = ngx_pnalloc(r->pool, item->id.len);
         if (item->id.data == NULL) {
             return NGX_ERROR;
@@ -436,12 +478,111 @@ ngx_http_infer_ratelimit_items(ngx_http_request_t *r,
 
         p = ngx_cpymem(item->id.data, limit[i].name.data, limit[i].name.len);
         *p++ = ':';
-        ngx_memcpy(p, key.data, key.len);
+        p = ngx_cpymem(p, key.data, key.len);
+
+        if (item->window.len) {
+            *p++ = ':';
+            ngx_memcpy(p, item->window.data, item->window.len);
+        }
 
         item->hash = ngx_crc32_short(item->id.data, item->id.len);
     }
 
     return NGX_OK;
+}
+
+
+/* a price of the route module's, micro-dollars per million tokens; 0 */
+
+static uint64_t
+ngx_http_infer_ratelimit_price(ngx_http_request_t *r, ngx_uint_t input)
+{
+    int64_t                                price;
+    ngx_http_variable_value_t             *vv;
+    ngx_http_infer_ratelimit_main_conf_t  *rmcf;
+
+    rmcf = ngx_http_get_module_main_conf(r, ngx_http_infer_ratelimit_module);
+
+    vv = ngx_http_infer_variable(r, rmcf->input[input]);
+
+    if (vv == NULL) {
+        return 0;
+    }
+
+    price = ngx_http_infer_decimal_parse(vv->data, vv->len, 6);
+
+    return (price > 0) ? (uint64_t) price : 0;
+}
+
+
+/*
+ * A calendar window, in UTC by this gateway's clock: its name ("20261206"
+ * for a day, "202612" for a month), which names its counter, and its end.
+ */
+
+static ngx_int_t
+ngx_http_infer_ratelimit_calendar(ngx_http_request_t *r,
+    ngx_http_infer_ratelimit_item_t *item)
+{
+    time_t     now;
+    ngx_tm_t   tm;
+    ngx_int_t  year, month;
+
+    now = ngx_time();
+    ngx_gmtime(now, &tm);
+
+    item->window.data = ngx_pnalloc(r->pool, sizeof("20261206") - 1);
+    if (item->window.data == NULL) {
+        return NGX_ERROR;
+    }
+
+    if (item->limit->calendar == NGX_HTTP_INFER_RL_DAY) {
+        item->end = (uint64_t) (now / 86400 + 1) * 86400 * 1000;
+        item->window.len = ngx_sprintf(item->window.data, "%04d%02d%02d",
+                                       tm.ngx_tm_year, tm.ngx_tm_mon,
+                                       tm.ngx_tm_mday)
+                           - item->window.data;
+        return NGX_OK;
+    }
+
+    year = tm.ngx_tm_year;
+    month = tm.ngx_tm_mon + 1;      /* the next one, 1-12 */
+
+    if (month > 12) {
+        month = 1;
+        year++;
+    }
+
+    item->end = (uint64_t) ngx_http_infer_ratelimit_days(year, month)
+                * 86400 * 1000;
+    item->window.len = ngx_sprintf(item->window.data, "%04d%02d",
+                                   tm.ngx_tm_year, tm.ngx_tm_mon)
+                       - item->window.data;
+
+    return NGX_OK;
+}
+
+
+/*
+ * Days from 1970-01-01 to the first of a month (the proleptic Gregorian
+ * calendar's days-from-civil, for years 1970 and later).
+ */
+
+static ngx_int_t
+ngx_http_infer_ratelimit_days(ngx_int_t year, ngx_int_t month)
+{
+    ngx_int_t  era, yoe, doy, doe;
+
+    if (month <= 2) {
+        year--;
+    }
+
+    era = year / 400;
+    yoe = year - era * 400;
+    doy = (153 * (month > 2 ? month - 3 : month + 9) + 2) / 5;
+    doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+
+    return era * 146097 + doe - 719468;
 }
 
 
@@ -638,12 +779,37 @@ ngx_http_infer_ratelimit_refuse(ngx_http_request_t *r,
     ngx_http_infer_ratelimit_item_t       *item;
     ngx_http_infer_ratelimit_loc_conf_t   *lcf;
     u_char                                 buf[512];
+    u_char                                 usd[3][NGX_HTTP_INFER_DECIMAL_LEN
+                                                  + 1];
+    ngx_table_elt_t                       *h;
 
     lcf = ngx_http_get_module_loc_conf(r, ngx_http_infer_ratelimit_module);
 
     item = ctx->refused;
 
     ngx_http_infer_ratelimit_period(item->limit, &period);
+
+    if (ngx_http_infer_ratelimit_too_large(item)
+        && item->limit->kind == NGX_HTTP_INFER_RL_BUDGET)
+    {
+        p = ngx_snprintf(buf, sizeof(buf),
+                         "Request too large for budget \"%V\": it may "
+                         "cost up to %s USD (the prompt's estimate plus "
+                         "max_tokens at the model's prices), more than the "
+                         "whole budget of %s USD per %V. Reduce max_tokens "
+                         "or the prompt.",
+                         &item->limit->name,
+                         ngx_http_infer_ratelimit_usd(usd[0], item->cost),
+                         ngx_http_infer_ratelimit_usd(usd[1], item->limit_n),
+                         &period);
+
+        msg.data = buf;
+        msg.len = p - buf;
+
+        return ngx_http_infer_send_error(r, NGX_HTTP_BAD_REQUEST,
+                                         "invalid_request_error",
+                                         "request_too_large", &msg);
+    }
 
     if (ngx_http_infer_ratelimit_too_large(item)) {
         /*
@@ -678,6 +844,40 @@ ngx_http_infer_ratelimit_refuse(ngx_http_request_t *r,
     }
 
     /* the key is not said: it may be an address or a key id */
+
+    if (item->known && item->limit->kind == NGX_HTTP_INFER_RL_BUDGET) {
+        /*
+         * OpenAI's answer when the money is spent; the SDKs retry a 429
+         * unless told not to, and waiting is no use before the reset
+         */
+
+        p = ngx_snprintf(buf, sizeof(buf),
+                         "You exceeded your current quota (budget \"%V\": "
+                         "%s USD per %V, %s USD left, this request may cost "
+                         "up to %s USD). It renews in %Ts.",
+                         &item->limit->name,
+                         ngx_http_infer_ratelimit_usd(usd[0], item->limit_n),
+                         &period,
+                         ngx_http_infer_ratelimit_usd(usd[1],
+                                                      item->remaining),
+                         ngx_http_infer_ratelimit_usd(usd[2], item->cost),
+                         sec);
+
+        msg.data = buf;
+        msg.len = p - buf;
+
+        h = ngx_http_infer_header_add(r, (u_char *) "x-should-retry",
+                                      sizeof("x-should-retry") - 1);
+        if (h == NULL) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
+        ngx_str_set(&h->value, "false");
+
+        return ngx_http_infer_send_error(r, lcf->status_code,
+                                         "insufficient_quota",
+                                         "insufficient_quota", &msg);
+    }
 
     if (item->known
         && item->limit->kind == NGX_HTTP_INFER_RL_CONCURRENCY)
@@ -722,8 +922,21 @@ ngx_http_infer_ratelimit_refuse(ngx_http_request_t *r,
 static ngx_uint_t
 ngx_http_infer_ratelimit_too_large(ngx_http_infer_ratelimit_item_t *item)
 {
-    return item->known && item->limit->kind == NGX_HTTP_INFER_RL_TOKENS
+    return item->known
+           && (item->limit->kind == NGX_HTTP_INFER_RL_TOKENS
+               || item->limit->kind == NGX_HTTP_INFER_RL_BUDGET)
            && item->cost > item->limit_n;
+}
+
+
+/* nano-dollars as a NUL-terminated "0.25", for a message's %s */
+
+static u_char *
+ngx_http_infer_ratelimit_usd(u_char *buf, uint64_t nano)
+{
+    *ngx_http_infer_decimal_print(buf, nano, 9) = '\0';
+
+    return buf;
 }
 
 
@@ -733,6 +946,12 @@ static void
 ngx_http_infer_ratelimit_period(ngx_http_infer_ratelimit_limit_t *limit,
     ngx_str_t *period)
 {
+    if (limit->calendar) {
+        /* "day", "month" */
+        *period = limit->window_text;
+        return;
+    }
+
     switch (limit->window) {
 
     case 1000:
@@ -802,9 +1021,10 @@ ngx_http_infer_ratelimit_number(ngx_http_request_t *r, ngx_uint_t input,
 static ngx_int_t
 ngx_http_infer_ratelimit_log_handler(ngx_http_request_t *r)
 {
-    int64_t                                real;
+    int64_t                                real, cost;
     uint64_t                               prompt, completion, used;
     ngx_uint_t                             i, found, found2, zone, redis;
+    ngx_http_variable_value_t             *vv;
     ngx_http_infer_ratelimit_ctx_t        *ctx;
     ngx_http_infer_ratelimit_item_t       *item;
     ngx_http_infer_ratelimit_loc_conf_t   *lcf;
@@ -838,10 +1058,17 @@ ngx_http_infer_ratelimit_log_handler(ngx_http_request_t *r)
     /* an answer from nginx's cache cost the backends nothing */
 
     lcf = ngx_http_get_module_loc_conf(r, ngx_http_infer_ratelimit_module);
+    rmcf = ngx_http_get_module_main_conf(r, ngx_http_infer_ratelimit_module);
+
+    /* the cost at the model's prices, in nano-dollars */
+
+    vv = ngx_http_infer_variable(r, rmcf->input[NGX_HTTP_INFER_RL_IN_COST]);
+    cost = vv ? ngx_http_infer_decimal_parse(vv->data, vv->len, 9) : -1;
 
     if (r->cached && !lcf->charge_cache_hits) {
         real = 0;
         found = 1;
+        cost = 0;
     }
 
     zone = 0;
@@ -861,7 +1088,14 @@ ngx_http_infer_ratelimit_log_handler(ngx_http_request_t *r)
             /* no longer in flight */
             item->delta = -1;
 
-        } else if (found) {
+        } else if (item->limit->kind == NGX_HTTP_INFER_RL_BUDGET
+                   && cost >= 0)
+        {
+            used = ngx_min((uint64_t) cost, item->limit_n);
+
+            item->delta = (int64_t) used - (int64_t) item->cost;
+
+        } else if (found && item->limit->kind == NGX_HTTP_INFER_RL_TOKENS) {
             /*
              * One answer is charged at most the whole limit, the most a
              * request could have reserved: a runaway figure (4e9 tokens)
@@ -893,8 +1127,6 @@ ngx_http_infer_ratelimit_log_handler(ngx_http_request_t *r)
             redis = 1;
         }
     }
-
-    rmcf = ngx_http_get_module_main_conf(r, ngx_http_infer_ratelimit_module);
 
     if (zone && rmcf->shm_zone) {
         ngx_http_infer_ratelimit_zone_reconcile(rmcf->shm_zone, ctx->items,
@@ -1179,7 +1411,8 @@ ngx_http_infer_ratelimit_limit(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     for (i = 3; i < cf->args->nelts; i++) {
 
         if (ngx_strncmp(value[i].data, "requests=", 9) == 0
-            || ngx_strncmp(value[i].data, "tokens=", 7) == 0)
+            || ngx_strncmp(value[i].data, "tokens=", 7) == 0
+            || ngx_strncmp(value[i].data, "budget=", 7) == 0)
         {
             if (have_rate) {
                 ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
@@ -1197,7 +1430,9 @@ ngx_http_infer_ratelimit_limit(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
                 s.len = value[i].len - 9;
 
             } else {
-                limit->kind = NGX_HTTP_INFER_RL_TOKENS;
+                limit->kind = (value[i].data[0] == 't')
+                              ? NGX_HTTP_INFER_RL_TOKENS
+                              : NGX_HTTP_INFER_RL_BUDGET;
                 s.data = value[i].data + 7;
                 s.len = value[i].len - 7;
             }
@@ -1209,7 +1444,15 @@ ngx_http_infer_ratelimit_limit(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
                 goto invalid_rate;
             }
 
-            n = ngx_atoi(s.data, p - s.data);
+            if (limit->kind == NGX_HTTP_INFER_RL_BUDGET) {
+                /* US dollars, counted in nano-dollars */
+                n = (ngx_int_t) ngx_http_infer_decimal_parse(s.data,
+                                                             p - s.data, 9);
+
+            } else {
+                n = ngx_atoi(s.data, p - s.data);
+            }
+
             if (n == NGX_ERROR || n == 0) {
                 goto invalid_rate;
             }
@@ -1219,6 +1462,20 @@ ngx_http_infer_ratelimit_limit(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
             period.data = p + 1;
             period.len = last - period.data;
             limit->window_text = period;
+
+            if (period.len == 3 && ngx_strncmp(period.data, "day", 3) == 0)
+            {
+                limit->calendar = NGX_HTTP_INFER_RL_DAY;
+                limit->window = 86400 * 1000;
+                continue;
+            }
+
+            if (period.len == 5 && ngx_strncmp(period.data, "month", 5) == 0)
+            {
+                limit->calendar = NGX_HTTP_INFER_RL_MONTH;
+                limit->window = (ngx_msec_t) 31 * 86400 * 1000;
+                continue;
+            }
 
             if (period.data[0] >= '0' && period.data[0] <= '9') {
                 limit->window = ngx_parse_time(&period, 0);
@@ -1314,6 +1571,7 @@ ngx_http_infer_ratelimit_limit(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     if (!have_rate) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                            "limit \"%V\" has no rate: requests=N/period, "
+                           "budget=USD/period, "
                            "tokens=N/period or concurrency=N", &value[1]);
         return NGX_CONF_ERROR;
     }
@@ -1335,7 +1593,8 @@ ngx_http_infer_ratelimit_limit(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
         if (named[j]->kind != limit->kind
             || named[j]->limit != limit->limit
-            || named[j]->window != limit->window)
+            || named[j]->window != limit->window
+            || named[j]->calendar != limit->calendar)
         {
             ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                                "limit \"%V\" is declared with another rate "
@@ -1360,7 +1619,8 @@ invalid_rate:
 
     ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                        "invalid rate \"%V\": N/period expected, e.g. "
-                       "requests=60/m, tokens=100000/1m, requests=10/s",
+                       "requests=60/m, tokens=100000/1m, requests=10/s, "
+                       "tokens=1000000/day, budget=50.00/month",
                        &value[i]);
     return NGX_CONF_ERROR;
 }

@@ -127,7 +127,8 @@ static void ngx_http_infer_ratelimit_redis_error(
  * KEYS: one per limit.  ARGV[1]: "a" (admit: check all, charge all or
  * none) or "r" (reconcile: move each key by a signed number of units);
  * then per key: units, limit, window in ms (0: a count of requests in
- * flight, not a GCRA), and the floor: how far ahead of now, in us, the
+ * flight, not a GCRA; negative: a calendar window's count, minus the ms
+ * until the window ends, its key named by the window), and the floor: how far ahead of now, in us, the
  * gateway's own use puts the key at least (see zone_floor), which an
  * admission applies to a key Redis lost or holds less of.  A debt is
  * charged from now if the bucket refilled meanwhile (its key may even
@@ -156,7 +157,30 @@ static ngx_str_t  ngx_http_infer_ratelimit_script = ngx_string(
 "  local win = tonumber(ARGV[g + 2]) * 1000\n"
 "  local floor = now + tonumber(ARGV[g + 3])\n"
 "  local v = tonumber(redis.call('GET', KEYS[i]))\n"
-"  if win == 0 then\n"
+"  if win < 0 then\n"
+"    local left = -win / 1000\n"
+"    local c = v or 0\n"
+"    if not admit then\n"
+"      c = c + cost\n"
+"      if c > 0 then\n"
+"        redis.call('SET', KEYS[i], string.format('%.0f', c), 'PX',\n"
+"                   left + 60000)\n"
+"      else\n"
+"        redis.call('DEL', KEYS[i])\n"
+"      end\n"
+"    elseif c + cost > limit then\n"
+"      res[1] = 0\n"
+"      res[a] = math.max(0, limit - c)\n"
+"      res[a + 1] = left\n"
+"      res[a + 2] = left\n"
+"    else\n"
+"      res[a] = limit - c - cost\n"
+"      res[a + 1] = left\n"
+"      res[a + 2] = 0\n"
+"      new[i] = c + cost\n"
+"      ttl[i] = left + 60000\n"
+"    end\n"
+"  elseif win == 0 then\n"
 "    local c = v or 0\n"
 "    local pt = redis.call('PTTL', KEYS[i])\n"
 "    if pt <= 0 then\n"
@@ -254,6 +278,7 @@ ngx_http_infer_ratelimit_redis_eval(ngx_http_request_t *r,
     u_char                             *p, *data;
     size_t                              size;
     int64_t                             units;
+    uint64_t                            now;
     ngx_uint_t                          i, argc, k;
     ngx_pool_cleanup_t                 *cln;
     ngx_http_infer_ratelimit_item_t    *item;
@@ -291,8 +316,9 @@ ngx_http_infer_ratelimit_redis_eval(ngx_http_request_t *r,
            + argc * (sizeof(char *) + sizeof(size_t)) + 64;
 
     for (i = 0; i < n; i++) {
-        size += rcf->prefix.len + items[i].key.len + 3
-                + items[i].limit->name.len + 4 * (NGX_INT64_LEN + 1);
+        size += rcf->prefix.len + items[i].key.len + 4
+                + items[i].limit->name.len + items[i].window.len
+                + 4 * (NGX_INT64_LEN + 1);
     }
 
     w = ngx_alloc(size, ngx_cycle->log);
@@ -328,6 +354,12 @@ ngx_http_infer_ratelimit_redis_eval(ngx_http_request_t *r,
         *p++ = '}';
         *p++ = ':';
         p = ngx_cpymem(p, item->limit->name.data, item->limit->name.len);
+
+        if (item->window.len) {
+            *p++ = ':';
+            p = ngx_cpymem(p, item->window.data, item->window.len);
+        }
+
         w->argvlen[3 + i] = p - (u_char *) w->argv[3 + i];
     }
 
@@ -364,7 +396,17 @@ ngx_http_infer_ratelimit_redis_eval(ngx_http_request_t *r,
         k++;
 
         w->argv[k] = (char *) p;
-        p = ngx_sprintf(p, "%M", item->limit->window);
+
+        if (item->limit->calendar) {
+            /* the ms left in the window, by this gateway's clock */
+            now = (uint64_t) ngx_time() * 1000 + (ngx_timeofday())->msec;
+            p = ngx_sprintf(p, "-%uL", (item->end > now) ? item->end - now
+                                                         : 1);
+
+        } else {
+            p = ngx_sprintf(p, "%M", item->limit->window);
+        }
+
         w->argvlen[k] = p - (u_char *) w->argv[k];
         k++;
 

@@ -23,10 +23,14 @@
 
 typedef struct {
     u_char                      color;
-    u_char                      counter;    /* tat counts in-flight */
+    u_char                      counter;    /* tat counts: requests in
+                                               flight, or a calendar
+                                               window's units */
     u_short                     len;
     ngx_queue_t                 queue;
     uint64_t                    tat;        /* ns, ngx_current_msec's */
+    uint64_t                    end;        /* a calendar window's end, ms
+                                               since the epoch; 0: none */
     u_char                      data[1];
 } ngx_http_infer_ratelimit_node_t;
 
@@ -157,7 +161,9 @@ ngx_http_infer_ratelimit_expire(ngx_http_infer_ratelimit_zone_t *z,
 
         lrn = ngx_queue_data(q, ngx_http_infer_ratelimit_node_t, queue);
 
-        if (!force && lrn->counter && lrn->tat > 0) {
+        if (!force && lrn->counter && lrn->tat > 0
+            && (lrn->end == 0 || lrn->end > (uint64_t) ngx_time() * 1000))
+        {
             ngx_queue_remove(q);
             ngx_queue_insert_head(&z->sh->queue, q);
             continue;
@@ -225,8 +231,10 @@ ngx_http_infer_ratelimit_node(ngx_http_infer_ratelimit_zone_t *z,
     lrn = (ngx_http_infer_ratelimit_node_t *) &node->color;
 
     lrn->len = (u_short) item->id.len;
-    lrn->counter = (item->limit->kind == NGX_HTTP_INFER_RL_CONCURRENCY);
+    lrn->counter = (item->limit->kind == NGX_HTTP_INFER_RL_CONCURRENCY
+                    || item->limit->calendar);
     lrn->tat = 0;
+    lrn->end = item->end;
     ngx_memcpy(lrn->data, item->id.data, item->id.len);
 
     ngx_rbtree_insert(&z->sh->rbtree, node);
@@ -249,7 +257,7 @@ ngx_http_infer_ratelimit_zone_eval(ngx_shm_zone_t *zone,
     ngx_http_infer_ratelimit_item_t *items, ngx_uint_t n, ngx_uint_t local,
     ngx_uint_t divisor)
 {
-    uint64_t                           now, em, win, tat, next;
+    uint64_t                           now, em, win, tat, next, wall;
     ngx_uint_t                         i, refused, held;
     ngx_http_infer_ratelimit_item_t   *item;
     ngx_http_infer_ratelimit_node_t   *lrn, **nodes;
@@ -274,6 +282,7 @@ ngx_http_infer_ratelimit_zone_eval(ngx_shm_zone_t *zone,
     }
 
     now = (uint64_t) ngx_current_msec * 1000000;
+    wall = (uint64_t) ngx_time() * 1000 + (ngx_timeofday())->msec;
     refused = 0;
     held = 0;
 
@@ -321,6 +330,35 @@ ngx_http_infer_ratelimit_zone_eval(ngx_shm_zone_t *zone,
 
         item->known = 1;
 
+        if (local && item->cost > item->limit_n) {
+            /*
+             * a replica's share of the limit smaller than one request's
+             * estimate: during an outage, one such request at a time
+             */
+            item->cost = item->limit_n;
+        }
+
+        if (item->limit->calendar) {
+            /* a count until the window ends; the window names the node */
+            item->reset = (item->end > wall) ? item->end - wall : 1;
+
+            if (item->cost > item->limit_n
+                || lrn->tat + item->cost > item->limit_n)
+            {
+                item->refused = 1;
+                item->remaining = item->limit_n - ngx_min(lrn->tat,
+                                                          item->limit_n);
+                item->retry = item->reset;
+                refused = 1;
+                continue;
+            }
+
+            item->refused = 0;
+            item->remaining = item->limit_n - lrn->tat - item->cost;
+            item->retry = 0;
+            continue;
+        }
+
         if (item->limit->kind == NGX_HTTP_INFER_RL_CONCURRENCY) {
             item->reset = 0;
 
@@ -341,14 +379,6 @@ ngx_http_infer_ratelimit_zone_eval(ngx_shm_zone_t *zone,
         win = (uint64_t) item->limit->window * 1000000;
         em = win / item->limit_n;
         tat = ngx_max(lrn->tat, now);
-
-        if (local && item->cost > item->limit_n) {
-            /*
-             * a replica's share of the limit smaller than one request's
-             * estimate: during an outage, one such request at a time
-             */
-            item->cost = item->limit_n;
-        }
 
         if (item->cost > item->limit_n) {
             /* can never fit: as long a wait as a whole window */
@@ -387,7 +417,7 @@ ngx_http_infer_ratelimit_zone_eval(ngx_shm_zone_t *zone,
             item = &items[i];
             item->where = NGX_HTTP_INFER_RL_IN_ZONE;
 
-            if (item->limit->kind == NGX_HTTP_INFER_RL_CONCURRENCY) {
+            if (nodes[i]->counter) {
                 nodes[i]->tat += item->cost;
                 continue;
             }
@@ -428,7 +458,8 @@ static ngx_uint_t
 ngx_http_infer_ratelimit_mirrors(ngx_http_infer_ratelimit_item_t *item)
 {
     return item->limit->on_error == NGX_HTTP_INFER_RL_LOCAL
-           && item->limit->kind != NGX_HTTP_INFER_RL_CONCURRENCY;
+           && item->limit->kind != NGX_HTTP_INFER_RL_CONCURRENCY
+           && !item->limit->calendar;
 }
 
 
