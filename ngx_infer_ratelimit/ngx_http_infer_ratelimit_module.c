@@ -1699,12 +1699,19 @@ ngx_http_infer_ratelimit_merge_conf(ngx_conf_t *cf, void *parent, void *child)
                          0);
     ngx_conf_merge_value(conf->events, prev->events, 0);
 
+    rmcf = ngx_http_conf_get_module_main_conf(cf,
+                                              ngx_http_infer_ratelimit_module);
+
+    if (conf->events && rmcf->events == NULL) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "infer_usage_events needs "
+                           "infer_usage_events_stream: where to send them");
+        return NGX_CONF_ERROR;
+    }
+
     if (conf->limits == NULL) {
         return NGX_CONF_OK;
     }
-
-    rmcf = ngx_http_conf_get_module_main_conf(cf,
-                                              ngx_http_infer_ratelimit_module);
 
     if (rmcf->shm_zone) {
         return NGX_CONF_OK;

@@ -256,6 +256,31 @@ def test_needs_redis(nginx_factory, sim):
     assert "infer_usage_events_stream needs infer_ratelimit_redis" in out
 
 
+def test_events_need_a_stream(nginx_factory, redis):
+    n = nginx_factory(f"""
+        infer_ratelimit_redis {redis.addr};
+        server {{ listen 127.0.0.1:{{port}};
+                  location / {{ infer_usage_events on; }} }}""", start=False)
+    ok, out = n.check_config()
+    assert not ok
+    assert "infer_usage_events needs infer_usage_events_stream" in out, out
+
+
+def test_refused_requests_have_records_too(nginx_factory, redis, sim):
+    n = nginx_factory(conf(redis.addr, sim, extra="",
+                           location="infer_ratelimit on; "
+                           "infer_ratelimit_limit one global requests=1/h;"))
+    c = redis.client()
+    assert chat(n).status_code == 200
+    r = chat(n)
+    assert r.status_code == 429
+    got = events(c, 2)
+    assert sorted(e["status"] for e in got) == ["200", "429"]
+    (e,) = [e for e in got if e["status"] == "429"]
+    assert e["request_id"] == r.headers["x-request-id"]
+    assert e["prompt_tokens"] == "" and e["endpoint"] == ""
+
+
 @pytest.mark.parametrize("param", ["queue=1k", "batch=0", "flush=0",
                                    "flush=2m", "maxlen=x", "nope=1"])
 def test_bad_parameters(nginx_factory, redis, param):
