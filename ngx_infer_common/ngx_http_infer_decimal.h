@@ -59,7 +59,7 @@ ngx_http_infer_decimal_parse(u_char *p, size_t len, ngx_uint_t scale)
             return -1;
         }
 
-        if (v > (NGX_HTTP_INFER_DECIMAL_MAX - 9) / 10) {
+        if (v > (NGX_HTTP_INFER_DECIMAL_MAX - (*p - '0')) / 10) {
             return -1;
         }
 

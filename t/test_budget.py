@@ -238,3 +238,4 @@ def test_bad_budgets(nginx_factory, sim, rate):
     ok, out = n.check_config()
     assert not ok
     assert "invalid rate" in out, out
+

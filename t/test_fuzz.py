@@ -153,3 +153,16 @@ def test_the_seeds_are_what_they_say(tmp_path):
         want = base64.urlsafe_b64encode(
             hmac.new(SECRET, head + b"." + body, md).digest()).rstrip(b"=")
         assert sig == want, seed
+
+
+def test_decimal_amounts(tmp_path):
+    """Prices, costs and budgets (ngx_infer_common/ngx_http_infer_decimal.h):
+    the parser against an oracle written another way, every amount read
+    written back and read again to itself, the cost against 128-bit
+    arithmetic (t/unit/common_decimal_fuzz.c)."""
+    binary = run_fuzz(tmp_path, "common_decimal_fuzz.c", [],
+                      "decimal_corpus", [pcre_lib()])
+    out = verbose(binary, UNIT / "decimal_corpus" / "max",
+                  UNIT / "decimal_corpus" / "toolong")
+    assert "scale=6 v=9007199254740992 " in out
+    assert "scale=9 v=-1 " in out
