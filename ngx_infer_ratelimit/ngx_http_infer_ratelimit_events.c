@@ -360,7 +360,8 @@ ngx_http_infer_ratelimit_events_init(ngx_conf_t *cf,
     p = ngx_cpymem(p, "$1\r\n*\r\n", 7);
     ecf->head.len = p - ecf->head.data;
 
-    ecf->max += ecf->head.len + 4;
+    /* and its length ahead of it, aligned to 4 */
+    ecf->max += ecf->head.len + 4 + 3;
 
     ecf->stats = ngx_shared_memory_add(cf, &zone, 8 * ngx_pagesize,
                                        &ngx_http_infer_ratelimit_module);
@@ -831,23 +832,15 @@ ngx_http_infer_ratelimit_events_reply(redisAsyncContext *ac, void *reply,
 static void
 ngx_http_infer_ratelimit_events_count(ngx_uint_t outcome, ngx_uint_t n)
 {
-    ngx_http_infer_ratelimit_main_conf_t  *rmcf;
     ngx_http_infer_ratelimit_events_sh_t  *sh;
 
-    if (n == 0) {
+    /* the zone stays mapped until the worker exits, after its exit hook */
+
+    sh = ngx_http_infer_ratelimit_events.sh;
+
+    if (n == 0 || sh == NULL) {
         return;
     }
-
-    rmcf = ngx_http_cycle_get_module_main_conf(ngx_cycle,
-                                           ngx_http_infer_ratelimit_module);
-
-    if (rmcf == NULL || rmcf->events == NULL
-        || rmcf->events->stats->data == NULL)
-    {
-        return;
-    }
-
-    sh = rmcf->events->stats->data;
 
     (void) ngx_atomic_fetch_add(&sh->outcome[outcome], n);
 }

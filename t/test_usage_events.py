@@ -8,6 +8,7 @@ wait, what is lost is counted on the metrics page; the queue's bound;
 reload; the events of a worker told to quit are written first."""
 
 import json
+from pathlib import Path
 import signal
 import time
 
@@ -327,3 +328,47 @@ def test_cost_at_the_models_prices(nginx_factory, redis, sim):
     want = ((u["prompt_tokens"] - cached) * 150000 + cached * 75000
             + 7 * 600000) // 1000                       # nano-dollars
     assert e["cost"] == f"{want / 1e9:.9f}".rstrip("0").rstrip(".")
+
+
+def recipe():
+    """The JSON access log recipe of docs/route.md, as written there."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "route.md") \
+        .read_text()
+    start = text.index("    log_format infer_json escape=json")
+    end = text.index("    access_log /var/log/nginx/infer.json infer_json;")
+    return text[start:end]
+
+
+def test_json_access_log_recipe_agrees_with_the_events(nginx_factory,
+                                                        redis, sim):
+    n = nginx_factory(conf(redis.addr, sim, extra=recipe(),
+                           location="access_log infer.json infer_json;")
+                      .replace("model=llama-served;",
+                               "model=llama-served input_price=1 "
+                               "output_price=3;"))
+    c = redis.client()
+    chat(n, completion=4)
+    chat(n, completion=3, stream=True,
+         stream_options={"include_usage": True})
+    chat(n, model="nope")
+    got = {e["request_id"]: e for e in events(c, 3)}
+    assert len(got) == 3
+    log = n.workdir / "infer.json"
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and \
+            len(log.read_text().splitlines()) < 3:
+        time.sleep(0.02)
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    assert len(lines) == 3
+    for line in lines:
+        e = got[line["request_id"]]
+        assert set(line) == set(e) - {"ttft_ms", "duration_ms"} \
+            | {"ttft", "duration"}
+        for k in line:
+            if k in ("time", "ttft", "duration"):
+                continue
+            assert line[k] == e[k], k
+        assert abs(float(line["time"]) * 1000 - int(e["time"])) < 50
+        if e["ttft_ms"]:
+            assert round(float(line["ttft"]) * 1000) == int(e["ttft_ms"])
+    assert any(line["cost"] for line in lines)
