@@ -69,6 +69,36 @@ ngx_http_infer_export_find(ngx_http_request_t *r, const char *name)
 
 
 /*
+ * A shared zone's init for one zeroed struct of size bytes that lives on
+ * across reloads (counters): shm_zone->data points to it.
+ */
+
+static ngx_inline ngx_int_t
+ngx_http_infer_shm_struct(ngx_shm_zone_t *shm_zone, void *data, size_t size)
+{
+    ngx_slab_pool_t  *shpool;
+
+    if (data) {
+        shm_zone->data = data;
+        return NGX_OK;
+    }
+
+    shpool = (ngx_slab_pool_t *) shm_zone->shm.addr;
+
+    if (!shm_zone->shm.exists) {
+        shpool->data = ngx_slab_calloc(shpool, size);
+        if (shpool->data == NULL) {
+            return NGX_ERROR;
+        }
+    }
+
+    shm_zone->data = shpool->data;
+
+    return NGX_OK;
+}
+
+
+/*
  * The message of a 500 gateway_misconfigured (type server_error): a value
  * the configuration gives a location (an Ingress annotation's, say) that
  * the module cannot use.  Every module's answer says the same.

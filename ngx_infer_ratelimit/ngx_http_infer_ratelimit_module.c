@@ -1149,28 +1149,7 @@ ngx_http_infer_ratelimit_log_handler(ngx_http_request_t *r)
 static ngx_int_t
 ngx_http_infer_ratelimit_init_stats(ngx_shm_zone_t *shm_zone, void *data)
 {
-    ngx_slab_pool_t  *shpool;
-
-    if (data) {
-        shm_zone->data = data;
-        return NGX_OK;
-    }
-
-    shpool = (ngx_slab_pool_t *) shm_zone->shm.addr;
-
-    if (shm_zone->shm.exists) {
-        shm_zone->data = shpool->data;
-        return NGX_OK;
-    }
-
-    shpool->data = ngx_slab_calloc(shpool, sizeof(ngx_atomic_t));
-    if (shpool->data == NULL) {
-        return NGX_ERROR;
-    }
-
-    shm_zone->data = shpool->data;
-
-    return NGX_OK;
+    return ngx_http_infer_shm_struct(shm_zone, data, sizeof(ngx_atomic_t));
 }
 
 

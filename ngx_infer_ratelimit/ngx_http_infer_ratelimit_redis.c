@@ -128,9 +128,10 @@ static void ngx_http_infer_ratelimit_redis_error(
  * none) or "r" (reconcile: move each key by a signed number of units);
  * then per key: units, limit, window in ms (0: a count of requests in
  * flight, not a GCRA; negative: a calendar window's count, minus the ms
- * until the window ends, its key named by the window), and the floor: how far ahead of now, in us, the
- * gateway's own use puts the key at least (see zone_floor), which an
- * admission applies to a key Redis lost or holds less of.  A debt is
+ * until the window ends, its key named by the window), and the floor:
+ * how far ahead of now, in us, the gateway's own use puts the key at
+ * least (see zone_floor), which an admission applies to a key Redis lost
+ * or holds less of.  A debt is
  * charged from now if the bucket refilled meanwhile (its key may even
  * have expired during a long stream), as an admission would be.  The
  * time is Redis's own, so that replicas' clocks do not matter.  A GCRA
@@ -504,7 +505,8 @@ ngx_http_infer_ratelimit_redis_send(u_char *cmd, size_t len,
         return NGX_DECLINED;
     }
 
-    if (redisAsyncFormattedCommand(ngx_http_infer_ratelimit_redis_worker.ac, fn, data, (char *) cmd, len)
+    if (redisAsyncFormattedCommand(ngx_http_infer_ratelimit_redis_worker.ac,
+                                   fn, data, (char *) cmd, len)
         != REDIS_OK)
     {
         return NGX_DECLINED;

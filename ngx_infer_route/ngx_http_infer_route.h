@@ -32,7 +32,7 @@
 #define NGX_HTTP_INFER_ROUTE_ERRSTR      1024
 #define NGX_HTTP_INFER_ROUTE_WEIGHT_MAX  1000000
 
-/* input_price=, output_price=, cached_input_price=: ngx_http_infer_route_model_t's price[] */
+/* input_price=, output_price=, cached_input_price=: a model's price[] */
 #define NGX_HTTP_INFER_PRICE_INPUT       0
 #define NGX_HTTP_INFER_PRICE_OUTPUT      1
 #define NGX_HTTP_INFER_PRICE_CACHED      2

@@ -82,6 +82,23 @@ def redis(redis_server):
 
 
 @pytest.fixture
+def own_redis(tmp_path):
+    """make(port=None, extra_args=()) -> a redis-server of the test's own,
+    to stop, pause and restart."""
+    made = []
+
+    def make(port=None, extra_args=()):
+        r = RedisServer(tmp_path / f"redis{len(made)}", port=port,
+                        extra_args=extra_args).start()
+        made.append(r)
+        return r
+
+    yield make
+    for r in made:
+        r.stop()
+
+
+@pytest.fixture
 def sim_factory(tmp_path):
     """make(model, replica, **options) -> a running simulated replica."""
     made = []

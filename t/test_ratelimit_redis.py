@@ -16,7 +16,6 @@ import requests
 
 from harness.nginx import has_debug
 from harness.openai import chat, error_of
-from harness.redis import RedisServer
 from test_ratelimit import STATUS_HEADERS, parallel, stream_usage, streamed
 
 
@@ -47,22 +46,6 @@ def evalsha_calls(client):
     stats = client.info("commandstats")
     return sum(v["calls"] for k, v in stats.items()
                if k in ("cmdstat_evalsha", "cmdstat_eval"))
-
-
-@pytest.fixture
-def own_redis(tmp_path):
-    """A redis-server of this test's own, to kill and restart."""
-    made = []
-
-    def make(port=None, extra_args=()):
-        r = RedisServer(tmp_path / f"redis{len(made)}", port=port,
-                        extra_args=extra_args).start()
-        made.append(r)
-        return r
-
-    yield make
-    for r in made:
-        r.stop()
 
 
 def test_exact_across_two_workers(nginx_factory, redis):

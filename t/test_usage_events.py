@@ -16,7 +16,6 @@ import pytest
 import requests
 
 from harness.openai import chat
-from harness.redis import RedisServer
 
 FIELDS = ["v", "time", "request_id", "trace_id", "gateway", "tenant",
           "key_id", "subject", "model", "model_served", "pool", "endpoint",
@@ -57,21 +56,6 @@ def conf(redis_addr, sim, stream="infer_usage_events_stream infer:usage "
 @pytest.fixture
 def sim(sim_factory):
     return sim_factory("llama-served", "llama-a", ttft_ms=0, tpot_ms=0)
-
-
-@pytest.fixture
-def own_redis(tmp_path):
-    made = []
-
-    def make(port=None, extra_args=()):
-        r = RedisServer(tmp_path / f"redis{len(made)}", port=port,
-                        extra_args=extra_args).start()
-        made.append(r)
-        return r
-
-    yield make
-    for r in made:
-        r.stop()
 
 
 def events(client, n, key="infer:usage", timeout=5):
