@@ -10,16 +10,19 @@ process.  What a test checks is what a billing job would see: the rows,
 the daily sums psql prints for daily.sql, the Grafana panel's SQL, and
 what is left pending in the group.  Every wait is bounded.
 
-An end-to-end test with a real nginx writing the events goes at the end:
-the fixtures pg, redis and consumer are all it needs besides
-nginx_factory and sim_factory."""
+The last test is end to end: a real nginx with the four modules writes
+the events for requests sent through it to simulated model servers, and
+the consumer, stopped and started again in the middle, stores them; each
+row is checked against what the client saw."""
 
 import csv
 import datetime
+import hashlib
 import io
 import json
 import re
 import signal
+import socket
 import subprocess
 import time
 import uuid
@@ -27,6 +30,7 @@ from collections import defaultdict
 from decimal import Decimal
 
 import pytest
+import requests
 
 from harness.nginx import REPO
 from harness.postgres import PostgresServer, bindir
@@ -658,3 +662,283 @@ def test_reconnects_after_losing_redis_and_postgres(redis, pg, consumer):
     log = p.log_path.read_text()
     assert "retrying in" in log, log
     assert "Traceback" not in log, log
+
+
+# ------------------------------------------------- end to end: a real nginx
+
+# per million tokens: input, cached input (None: at input), output
+PRICES = {"llama-3-8b": ("2.5", "1.25", "10"),
+          "mistral-7b": None}                     # no price: no cost
+KEYS = {"acme": ("sk-e2e-acme-0123456789abcdef", "acme-1"),
+        "globex": ("sk-e2e-globex-0123456789abcdef", "globex-1")}
+HELLO_E2E = [{"role": "user", "content": "Hello there"}]
+LONG = [{"role": "user", "content": " ".join(
+    f"word{i:04d}" for i in range(300))}]          # ~750 tokens, cacheable
+
+
+def micro(price):
+    return int(Decimal(price) * 10**6)
+
+
+def cost_of(model, prompt, completion, cached):
+    """What the gateway's $infer_cost must say, as text (None: unpriced):
+    nano-dollars rounded down per part, then dollars without trailing
+    zeros."""
+    if PRICES.get(model) is None or (prompt is None and completion is None):
+        return None
+    inp, cached_inp, out = (micro(p) if p else None
+                            for p in PRICES[model])
+    cached_inp = inp if cached_inp is None else cached_inp
+
+    def part(tokens, m):
+        return tokens * (m // 1000) + tokens * (m % 1000) // 1000
+
+    prompt, completion, cached = prompt or 0, completion or 0, cached or 0
+    nano = (part(prompt - cached, inp) + part(cached, cached_inp)
+            + part(completion, out))
+    return f"{nano // 10**9}.{nano % 10**9:09d}".rstrip("0").rstrip(".")
+
+
+def e2e_conf(redis, sims, keyfile):
+    llama, mistral = sims
+    inp, cached, out = PRICES["llama-3-8b"]
+    return f"""
+    infer_ratelimit_redis {redis.addr} timeout=500ms;
+    infer_usage_events_stream {STREAM} flush=20ms;
+    infer_metrics_zone m 1m;
+    upstream llama {{ server {llama.addr}; keepalive 8; }}
+    upstream mistral {{ server {mistral.addr}; keepalive 8; }}
+    infer_model llama-3-8b upstream=llama model=llama-served
+                input_price={inp} cached_input_price={cached}
+                output_price={out};
+    infer_model mistral-7b upstream=mistral;
+    infer_auth_api_keys {keyfile};
+    server {{
+        listen 127.0.0.1:{{port}};
+        location /v1/ {{
+            infer_route on;
+            infer_trace on;
+            infer_auth on;
+            infer_usage_events on;
+            proxy_pass http://$infer_upstream;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }}
+        location = /metrics {{ infer_metrics off; infer_metrics_export; }}
+    }}"""
+
+
+class Gateway:
+    """Sends requests through the gateway and notes, for each, the row it
+    must become from what the client saw: its x-request-id, its status,
+    the usage in the answer (or in the stream's last chunk)."""
+
+    def __init__(self, nginx, sims):
+        self.nginx = nginx
+        self.endpoints = {"llama-3-8b": ("llama", "llama-served",
+                                         sims[0].addr),
+                          "mistral-7b": ("mistral", "mistral-7b",
+                                         sims[1].addr)}
+        self.gateway = socket.gethostname().lower()
+        self.sent = []                  # the rows, in order
+        self.stream_text = {}           # request_id -> the cost text
+
+    def send(self, tenant="acme", model="llama-3-8b", stream=False,
+             messages=HELLO_E2E, completion=5, body=None, headers=None):
+        trace = uuid.uuid4().hex
+        h = {"content-type": "application/json",
+             "traceparent": f"00-{trace}-{uuid.uuid4().hex[:16]}-01",
+             "x-sim-completion-tokens": str(completion), **(headers or {})}
+        if tenant:
+            h["x-api-key"] = KEYS[tenant][0]
+        if body is None:
+            doc = {"model": model, "messages": messages}
+            if stream:
+                doc.update(stream=True,
+                           stream_options={"include_usage": True})
+            body = json.dumps(doc)
+        t0 = now_ms()
+        r = requests.post(self.nginx.url + "/v1/chat/completions",
+                          data=body, headers=h, timeout=10, stream=True)
+        content, cut = b"", False
+        try:
+            for piece in r.iter_content(None):
+                content += piece
+        except requests.exceptions.ChunkedEncodingError:
+            cut = True                          # the backend reset it
+        r.close()
+        usage, estimated = None, None
+        if r.status_code == 200 and stream:
+            text = content.decode()
+            chunks = [json.loads(line[6:]) for line in text.splitlines()
+                      if line.startswith("data: {")]
+            assert cut or text.rstrip().endswith("data: [DONE]"), text
+            if chunks[-1].get("usage"):
+                assert chunks[-1]["choices"] == [], chunks[-1]
+                usage, estimated = chunks[-1]["usage"], False
+            else:
+                # no usage: the gateway's estimate (docs/route.md), one
+                # completion token per event with content; the prompt,
+                # one per 4 bytes of its text and 4 per message
+                usage = {"prompt_tokens": sum(
+                             (len(m["content"].encode()) + 3) // 4 + 4
+                             for m in messages),
+                         "completion_tokens": sum(
+                             1 for c in chunks if c["choices"]
+                             and c["choices"][0]["delta"].get("content")),
+                         "prompt_tokens_details": {"cached_tokens": None}}
+                estimated = True
+        elif r.status_code == 200:
+            usage, estimated = json.loads(content)["usage"], False
+        else:
+            assert json.loads(content)["error"]["message"], content
+        assert cut == ("x-sim-reset-after-chunks" in h)
+
+        routed = r.status_code not in (400, 404)
+        pool, served, endpoint = self.endpoints[model] if routed \
+            else (None, None, None)
+        prompt = usage["prompt_tokens"] if usage else None
+        answered = usage["completion_tokens"] if usage else None
+        cached = usage["prompt_tokens_details"]["cached_tokens"] \
+            if usage else None
+        cost = cost_of(model, prompt, answered, cached) if usage else None
+        rid = r.headers["x-request-id"]
+        # the tenant is known for what the route refuses too (a 404, a
+        # 400): the key was checked
+        authed = tenant and r.status_code != 401
+        row = {"request_id": rid, "v": 1, "trace_id": trace,
+               "gateway": self.gateway,
+               "tenant": tenant if authed else None,
+               "key_id": KEYS[tenant][1] if authed else None,
+               "subject": KEYS[tenant][1] if authed else None,
+               "model": model if routed else None,
+               "model_served": served, "pool": pool,
+               "endpoint": endpoint if r.status_code != 401 else None,
+               "status": r.status_code,
+               "stream": stream if routed else None,
+               "prompt_tokens": prompt, "completion_tokens": answered,
+               "cached_tokens": cached, "reasoning_tokens": None,
+               "estimated": estimated,
+               "cost": Decimal(cost) if cost else None}
+        # a cut answer ends with nginx's lingering close: the request (its
+        # log phase, the event) ends when the client has closed too
+        row["_window"] = (t0, now_ms() + (500 if cut else 1))
+        row["_sizes"] = (len(body), len(content))
+        self.sent.append(row)
+        self.stream_text[rid] = cost or ""
+        return r
+
+
+def test_end_to_end_with_nginx(nginx_factory, sim_factory, redis, pg,
+                               consumer, tmp_path):
+    """Requests through a real gateway, the consumer stopped and started
+    again in the middle: one row per request, as the client saw it."""
+    sims = (sim_factory("llama-served", "llama-a", ttft_ms=0, tpot_ms=0,
+                        kv_cache_tokens=8192),
+            sim_factory("mistral-7b", "mistral-a", ttft_ms=0, tpot_ms=0))
+    keyfile = tmp_path / "keys.json"
+    keyfile.write_text(json.dumps({"keys": [
+        {"id": kid, "tenant": tenant,
+         "hash": "sha256:" + hashlib.sha256(key.encode()).hexdigest()}
+        for tenant, (key, kid) in KEYS.items()]}))
+    n = nginx_factory(e2e_conf(redis, sims, keyfile))
+    gw = Gateway(n, sims)
+
+    def round_of_requests():
+        gw.send(completion=7)
+        gw.send(stream=True, completion=4)
+        gw.send(messages=LONG, completion=3)          # cached the 2nd time
+        gw.send(messages=LONG, stream=True, completion=2)
+        gw.send(tenant="globex", model="mistral-7b", completion=6)
+        gw.send(tenant="globex", model="mistral-7b", stream=True)
+        gw.send(model="gpt-nope")                                   # 404
+        gw.send(body='{"model": "llama-3-8b", "messages": [')       # 400
+        gw.send(tenant=None)                                        # 401
+        gw.send(headers={"x-sim-status": "500"})                    # 500
+        gw.send(stream=True, headers={"x-sim-status": "503"})       # 503
+        gw.send(stream=True, headers={"x-sim-usage-chunks": "0"})   # no usage
+        gw.send(stream=True, completion=9,
+                headers={"x-sim-reset-after-chunks": "4"})          # cut
+
+    c = consumer.start("--block-ms", "1000")
+    round_of_requests()
+    wait_for(lambda: pg.count() == len(gw.sent), what="first round's rows")
+
+    c.send_signal(signal.SIGTERM)
+    assert c.wait(5) == 0
+    before = len(gw.sent)
+    round_of_requests()                                # nobody reading
+    wait_for(lambda: redis.client().xlen(STREAM) == len(gw.sent),
+             what="second round's events in the stream")
+    assert pg.count() == before
+
+    c = consumer.start("--block-ms", "1000")
+    round_of_requests()
+    wait_for(lambda: pg.count() == len(gw.sent) and pending(redis) == 0,
+             what="every row, nothing pending")
+    c.send_signal(signal.SIGTERM)
+    assert c.wait(5) == 0
+    read = 0
+    for p in consumer.procs:
+        log = p.log_path.read_text()
+        assert "Traceback" not in log, log
+        s = stats(log)
+        assert s["kept_aside"] == s["duplicate"] == s["trimmed"] == 0, log
+        read += s["read"]
+    assert read == len(gw.sent)
+
+    rows = pg.rows()
+    assert len(rows) == pg.count() == len(gw.sent) == 39
+    assert pg.rejected() == {}
+    stream = {f["request_id"]: f
+              for _, f in redis.client().xrange(STREAM)}
+    for want in gw.sent:
+        row = dict(rows[want["request_id"]])
+        t0, t1 = want.pop("_window")
+        sent, received = want.pop("_sizes")
+        ts = int((row.pop("ts") - EPOCH).total_seconds() * 1000)
+        assert t0 <= ts <= t1, (want, ts)
+        ttft, duration = row.pop("ttft_ms"), row.pop("duration_ms")
+        assert 0 <= duration <= t1 - t0
+        assert ttft is None or ttft <= duration + 1
+        assert row.pop("request_bytes") > sent
+        assert row.pop("response_bytes") > received
+        assert row == want, (want["status"], want["model"])
+        assert stream[want["request_id"]]["cost"] == \
+            gw.stream_text[want["request_id"]]
+    # the long prompt, cached from its second sight on, billed so
+    assert sum(1 for w in gw.sent if w["cached_tokens"]) == 5
+    # what a billing job reads: daily.sql's sums, computed here from what
+    # the client saw
+    want = defaultdict(lambda: defaultdict(int))
+    for w in gw.sent:
+        s = want[(w["tenant"] or "", w["model"] or "")]
+        s["requests"] += 1
+        s["errors"] += w["status"] >= 400
+        for k in ("prompt_tokens", "completion_tokens", "cached_tokens"):
+            s[k] += w[k] or 0
+        s["cost"] += w["cost"] or 0
+        s["unpriced"] += w["cost"] is None
+        s["estimated"] += bool(w["estimated"])
+    today = datetime.datetime.now(UTC).date()
+    r = pg.psql(file=ANALYTICS / "daily.sql", csv=True, variables={
+        "from": today - datetime.timedelta(days=1),
+        "to": today + datetime.timedelta(days=1)})
+    got = defaultdict(lambda: defaultdict(int))
+    for g in csv.DictReader(io.StringIO(r.stdout)):   # days summed
+        s = got[(g["tenant"], g["model"])]
+        for k in ("requests", "errors", "prompt_tokens",
+                  "completion_tokens", "cached_tokens", "unpriced",
+                  "estimated"):
+            s[k] += int(g[k])
+        s["cost"] += Decimal(g["cost"])
+    assert got == want
+    # acme's llama-3-8b, globex's mistral-7b, acme's 404s and 400s (no
+    # model), the 401s (no tenant)
+    assert len(want) == 4
+    # nothing lost on the way: as many written as sent
+    m = requests.get(n.url + "/metrics", timeout=5).text
+    written = {o: int(float(v)) for o, v in re.findall(
+        r'^infer_usage_events_total\{outcome="(\w+)"\} (\S+)$', m, re.M)}
+    assert written == {"written": 39, "dropped": 0, "failed": 0}, m
