@@ -2,12 +2,14 @@
 replica through the gateway, and stops everything it started on SIGTERM."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import redis
 import requests
 
 from harness.openai import error_of
@@ -39,6 +41,10 @@ def test_demo_answers_and_stops_cleanly(tmp_path):
         assert out and out[-1].strip() == "demo ready", "".join(out)
         text = "".join(out)
         assert f"http://127.0.0.1:{port}" in text and "curl" in text
+        rhost, rport = re.search(r"Redis (\S+):(\d+)", text).groups()
+        assert f"redis-cli -h {rhost} -p {rport} XRANGE infer:usage - + " \
+            "COUNT 5" in text
+        assert "examples/analytics/README.md" in text
 
         base = f"http://127.0.0.1:{port}"
         r = requests.post(base + "/v1/chat/completions", timeout=10,
@@ -48,6 +54,7 @@ def test_demo_answers_and_stops_cleanly(tmp_path):
         assert r.status_code == 200
         assert r.json()["model"] == "llama-3-8b"
         assert r.headers["x-sim-replica"].startswith("llama-3-8b-")
+        first = r
 
         r = requests.post(base + "/v1/chat/completions", timeout=10,
                           headers=ACME, json={
@@ -73,6 +80,7 @@ def test_demo_answers_and_stops_cleanly(tmp_path):
                           headers={"content-type": "application/json"})
         assert r.status_code == 413
         assert error_of(r)["code"] == "request_too_large"
+        too_large = r
 
         r = requests.get(base + "/v1/models", timeout=10, headers=ACME)
         assert [m["id"] for m in r.json()["data"]] == ["llama-3-8b",
@@ -163,6 +171,30 @@ def test_demo_answers_and_stops_cleanly(tmp_path):
         assert list(ends) == ["llama-3-8b"], pools
         assert all(e["fresh"] and e["queue"] == 0 for e in ends["llama-3-8b"])
         assert sum(e["picks"] for e in ends["llama-3-8b"]) >= 2
+
+        # a usage event per API request, in the stream it prints, with
+        # the cost at the demo's prices (0.15 and 0.6 dollars per million
+        # tokens); the 413 too
+        c = redis.Redis(host=rhost, port=int(rport), decode_responses=True)
+        deadline = time.monotonic() + 5
+        while True:
+            events = {f["request_id"]: f
+                      for _, f in c.xrange("infer:usage")}
+            if too_large.headers["x-request-id"] in events \
+                    or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        e = events[first.headers["x-request-id"]]
+        u = first.json()["usage"]
+        assert (e["tenant"], e["key_id"], e["model"], e["status"],
+                e["stream"]) == ("acme", "acme-demo", "llama-3-8b", "200",
+                                 "0")
+        assert (int(e["prompt_tokens"]), int(e["completion_tokens"])) == \
+            (u["prompt_tokens"], u["completion_tokens"])
+        nano = (u["prompt_tokens"] * 150000
+                + u["completion_tokens"] * 600000) // 1000
+        assert e["cost"] == f"{nano / 1e9:.9f}".rstrip("0").rstrip(".")
+        assert events[too_large.headers["x-request-id"]]["status"] == "413"
 
         master = int((tmp_path / "nginx.pid").read_text())
     finally:

@@ -163,8 +163,12 @@ ngx_infer demo gateway: {base}  (nginx, Redis {redis.addr}, 3 simulated GPU repl
   How llama-3-8b's replicas are loaded (tokens in flight, queue, KV cache):
     curl {base}/balance
 
+  A usage event per request (tenant, model, tokens, cost at the models' prices, status),
+  in the Redis Stream infer:usage; examples/analytics/README.md stores them in PostgreSQL:
+    redis-cli -h {redis.host} -p {redis.port} XRANGE infer:usage - + COUNT 5
+
   Config: {RUN}/nginx.conf   Logs: {RUN}/error.log, {RUN}/access.log
-  (the access log shows each request's tenant, model, pool, tokens and time to first token)
+  (the access log shows each request's tenant, model, pool, tokens, time to first token and cost)
   Ctrl-C stops everything.
 """, flush=True)
     print("demo ready", flush=True)
