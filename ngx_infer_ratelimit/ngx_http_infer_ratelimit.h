@@ -104,6 +104,8 @@ typedef struct {
     ngx_msec_t                  backoff;    /* the longest wait */
     ngx_uint_t                  replicas;
     ngx_str_t                   prefix;
+    ngx_msec_t                  coalesce;   /* reconciliations summed for
+                                               so long; 0: sent at once */
 } ngx_http_infer_ratelimit_redis_conf_t;
 
 
@@ -223,6 +225,15 @@ ngx_int_t ngx_http_infer_ratelimit_events_init_process(ngx_cycle_t *cycle,
     ngx_http_infer_ratelimit_events_conf_t *ecf);
 void ngx_http_infer_ratelimit_events_exit_process(ngx_cycle_t *cycle);
 void ngx_http_infer_ratelimit_events_quit(void);
+
+ngx_int_t ngx_http_infer_ratelimit_coalesce_init_process(ngx_cycle_t *cycle,
+    ngx_http_infer_ratelimit_redis_conf_t *rcf);
+void ngx_http_infer_ratelimit_coalesce_exit_process(ngx_cycle_t *cycle);
+ngx_int_t ngx_http_infer_ratelimit_coalesce_add(
+    ngx_http_infer_ratelimit_item_t *items, ngx_uint_t n);
+void ngx_http_infer_ratelimit_coalesce_flush(void);
+void ngx_http_infer_ratelimit_coalesce_admit(
+    ngx_http_infer_ratelimit_item_t *items, ngx_uint_t n);
 
 ngx_http_infer_ratelimit_ctx_t *ngx_http_infer_ratelimit_get_ctx(
     ngx_http_request_t *r);

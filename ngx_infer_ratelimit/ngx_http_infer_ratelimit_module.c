@@ -327,6 +327,8 @@ ngx_http_infer_ratelimit_handler(ngx_http_request_t *r)
                                             rmcf->redis->replicas,
                                             rmcf->redis->timeout);
 
+        ngx_http_infer_ratelimit_coalesce_admit(ctx->items, ctx->nitems);
+
         rc = ngx_http_infer_ratelimit_redis_eval(r, rmcf->redis,
                                          NGX_HTTP_INFER_RL_ADMIT,
                                          ctx->items, ctx->nitems,
@@ -1135,7 +1137,10 @@ ngx_http_infer_ratelimit_log_handler(ngx_http_request_t *r)
                                                 ? rmcf->redis->replicas : 1);
     }
 
-    if (redis && rmcf->redis) {
+    if (redis && rmcf->redis
+        && ngx_http_infer_ratelimit_coalesce_add(ctx->items, ctx->nitems)
+           != NGX_OK)
+    {
         (void) ngx_http_infer_ratelimit_redis_eval(r, rmcf->redis,
                                                    NGX_HTTP_INFER_RL_RECONCILE,
                                                    ctx->items, ctx->nitems,
@@ -1805,6 +1810,12 @@ ngx_http_infer_ratelimit_init_process(ngx_cycle_t *cycle)
         return NGX_ERROR;
     }
 
+    if (ngx_http_infer_ratelimit_coalesce_init_process(cycle, rmcf->redis)
+        != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
     return ngx_http_infer_ratelimit_redis_init_process(cycle, rmcf->redis);
 }
 
@@ -1814,5 +1825,6 @@ ngx_http_infer_ratelimit_exit_process(ngx_cycle_t *cycle)
 {
     /* the events first: what hiredis fails then is counted as dropped */
     ngx_http_infer_ratelimit_events_exit_process(cycle);
+    ngx_http_infer_ratelimit_coalesce_exit_process(cycle);
     ngx_http_infer_ratelimit_redis_exit_process(cycle);
 }

@@ -427,9 +427,10 @@ ngx_http_infer_ratelimit_redis_eval(ngx_http_request_t *r,
     w->ev.log = ngx_cycle->log;
     /*
      * a worker told to quit waits for an admission's answer (at most the
-     * timeout): the request it holds must not go unanswered
+     * timeout): the request it holds must not go unanswered; and for a
+     * reconciliation's, so that its last corrections are written first
      */
-    w->ev.cancelable = (mode != NGX_HTTP_INFER_RL_ADMIT);
+    w->ev.cancelable = 0;
 
     if (redisAsyncCommandArgv(rd->ac, ngx_http_infer_ratelimit_redis_reply,
                               w, w->argc, w->argv, w->argvlen)
@@ -804,12 +805,13 @@ ngx_http_infer_ratelimit_redis_read(ngx_event_t *ev)
     if (c->close) {
         /*
          * The worker is told to quit (ngx_close_idle_connections()).  The
-         * connection stays for the calls pending, and the usage events
-         * queued are sent on it first.
+         * connection stays for the calls pending, and the corrections and
+         * usage events held back are sent on it first.
          */
         c->close = 0;
         c->idle = 0;
 
+        ngx_http_infer_ratelimit_coalesce_flush();
         ngx_http_infer_ratelimit_events_quit();
     }
 
@@ -1328,7 +1330,7 @@ ngx_http_infer_ratelimit_redis_exit_process(ngx_cycle_t *cycle)
 /*
  * infer_ratelimit_redis address [db=N] [user=name] [password=secret]
  *     [timeout=time] [connect_timeout=time] [backoff=time] [replicas=N]
- *     [prefix=string];
+ *     [prefix=string] [coalesce=time|off];
  */
 
 char *
@@ -1355,6 +1357,7 @@ ngx_http_infer_ratelimit_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     }
 
     rcf->timeout = 50;
+    rcf->coalesce = 10;
     rcf->connect_timeout = 100;
     rcf->backoff = 2000;
     rcf->replicas = 1;
@@ -1461,6 +1464,23 @@ ngx_http_infer_ratelimit_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
             }
 
             rcf->connect_timeout = ms;
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "coalesce=", 9) == 0) {
+            if (value[i].len == 12
+                && ngx_strncmp(value[i].data + 9, "off", 3) == 0)
+            {
+                rcf->coalesce = 0;
+                continue;
+            }
+
+            ms = ngx_http_infer_param_msec(&value[i], 9);
+            if (ms == (ngx_msec_t) NGX_ERROR || ms > 1000) {
+                goto invalid;
+            }
+
+            rcf->coalesce = ms;
             continue;
         }
 

@@ -756,3 +756,83 @@ def test_a_local_policy_keeps_redis_exact_while_it_is_up(nginx_factory,
         deadline = time.monotonic() + 5       # the reconciliation landed
         while evalsha_calls(c) < before + 2 and time.monotonic() < deadline:
             time.sleep(0.01)
+
+
+# ------------------------------------------------------------ coalescing
+
+def tokens_in_redis(c, key):
+    """A GCRA key's tokens used now: (TAT - now) / emission interval."""
+    tat = int(c.get(key) or 0)
+    sec, usec = c.time()
+    now = sec * 1_000_000 + usec
+    return max(0, tat - now)
+
+
+def test_corrections_are_coalesced_into_few_calls(nginx_factory, redis,
+                                                  sim):
+    """40 requests of 40 tenants: 40 admissions, and their 40 corrections
+    in a few calls (one per worker and coalesce= interval), not 40; every
+    correction lands."""
+    n = nginx_factory(proxy_conf(
+        redis.addr, sim, "infer_ratelimit_limit tpd $http_x_tenant "
+        "tokens=1000000/30d;").replace("timeout=2s;",
+                                     "timeout=2s coalesce=200ms;"))
+    c = redis.client()
+    s = requests.Session()
+    chat(n, session=s, headers={"X-Tenant": "warm"})    # connects
+    time.sleep(0.5)
+    c.config_resetstat()
+    est = {}
+    for i in range(40):
+        r = chat(n, session=s, max_tokens=100, completion=5,
+                 headers={"X-Tenant": f"t{i}"})
+        assert r.status_code == 200
+        est[f"t{i}"] = r.json()["usage"]["total_tokens"]
+    time.sleep(0.6)
+    calls = evalsha_calls(c)
+    assert 40 + 1 <= calls <= 40 + 2 * 4, calls
+    # each key holds the real usage (2.592 s of TAT per token)
+    em = 30 * 86400 * 1_000_000 / 1_000_000
+    for t, used in est.items():
+        held = tokens_in_redis(c, f"infer:rl:{{{t}}}:tpd") / em
+        assert abs(held - used) < 2, (t, held, used)
+
+
+def test_coalesce_off_sends_each_correction(nginx_factory, redis, sim):
+    n = nginx_factory(proxy_conf(
+        redis.addr, sim, "infer_ratelimit_limit tpd $http_x_tenant "
+        "tokens=1000000/30d;").replace("timeout=2s;",
+                                     "timeout=2s coalesce=off;"))
+    c = redis.client()
+    s = requests.Session()
+    chat(n, session=s, headers={"X-Tenant": "warm"})
+    time.sleep(0.2)
+    c.config_resetstat()
+    for i in range(10):
+        chat(n, session=s, max_tokens=100, completion=5,
+             headers={"X-Tenant": f"t{i}"})
+    deadline = time.monotonic() + 5
+    while evalsha_calls(c) < 20 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert evalsha_calls(c) == 20
+
+
+def test_a_quitting_worker_sends_its_pending_corrections(nginx_factory,
+                                                         redis, sim):
+    n = nginx_factory(proxy_conf(
+        redis.addr, sim, "infer_ratelimit_limit tpd $http_x_tenant "
+        "tokens=1000000/30d;").replace("timeout=2s;",
+                                     "timeout=2s coalesce=1s;"))
+    c = redis.client()
+    s = requests.Session()
+    used = {}
+    for i in range(6):
+        r = chat(n, session=s, max_tokens=1000, completion=5,
+                 headers={"X-Tenant": f"q{i}"})
+        used[f"q{i}"] = r.json()["usage"]["total_tokens"]
+    s.close()
+    n.reload()
+    em = 30 * 86400 * 1_000_000 / 1_000_000
+    for t, u in used.items():
+        held = tokens_in_redis(c, f"infer:rl:{{{t}}}:tpd") / em
+        assert abs(held - u) < 2, (t, held, u)
