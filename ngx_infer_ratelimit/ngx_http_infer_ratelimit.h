@@ -72,6 +72,9 @@ typedef struct {
     uint64_t                    limit_n;    /* the limit in force */
     uint64_t                    cost;       /* reserved at admission */
     int64_t                     delta;      /* reconcile: real - cost */
+    int64_t                     pre;        /* a correction pending for
+                                               the key, made by the
+                                               admission first */
 
     uint64_t                    remaining;
     ngx_msec_t                  reset;      /* until the budget is full */

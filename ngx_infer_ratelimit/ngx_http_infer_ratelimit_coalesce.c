@@ -12,8 +12,9 @@
  * A request that releases an in-flight count is reconciled at once, as
  * before, with all of its corrections: a release held back would refuse
  * a request that fits.  And an admission of a key with a correction
- * pending sends the pending ones first (coalesce_admit): a worker's
- * calls on one key stay in the order they were made.
+ * pending carries it (coalesce_admit): the script makes it first, so a
+ * worker's calls on one key keep their order, and a busy key's
+ * corrections cost no call at all.
  *
  * The sums live in a pool of the worker's, made again after each flush,
  * in an rbtree by key: memory is bounded by the keys of one interval,
@@ -191,7 +192,8 @@ ngx_http_infer_ratelimit_coalesce_add(ngx_http_infer_ratelimit_item_t *items,
         co->n++;
     }
 
-    if (co->n && !co->timer.timer_set) {
+    if (!co->timer.timer_set) {
+        /* the pool is made again then, even if admissions took all */
         ngx_add_timer(&co->timer, co->rcf->coalesce);
     }
 
@@ -200,9 +202,10 @@ ngx_http_infer_ratelimit_coalesce_add(ngx_http_infer_ratelimit_item_t *items,
 
 
 /*
- * Before an admission: the corrections pending for any of its keys go
- * first, in the same pipeline, so that a worker's admissions always see
- * its earlier corrections, as when each was sent at once.
+ * Before an admission: the correction pending for each of its keys rides
+ * with it, made by the script before it admits (item->pre), so that a
+ * worker's admissions always see its earlier corrections, as when each
+ * was sent at once, and a busy key costs no call of its own.
  */
 
 void
@@ -211,18 +214,26 @@ ngx_http_infer_ratelimit_coalesce_admit(ngx_http_infer_ratelimit_item_t *items,
 {
     uint32_t                              hash;
     ngx_uint_t                            i;
+    ngx_http_infer_ratelimit_pending_t   *pd;
     ngx_http_infer_ratelimit_coalesce_t  *co;
 
     co = &ngx_http_infer_ratelimit_coalesce;
 
-    if (co->rcf == NULL || co->n == 0) {
-        return;
-    }
-
     for (i = 0; i < n; i++) {
-        if (ngx_http_infer_ratelimit_coalesce_find(co, &items[i], &hash)) {
-            ngx_http_infer_ratelimit_coalesce_flush();
-            return;
+        items[i].pre = 0;
+
+        if (co->rcf == NULL || co->n == 0) {
+            continue;
+        }
+
+        pd = ngx_http_infer_ratelimit_coalesce_find(co, &items[i], &hash);
+
+        if (pd) {
+            items[i].pre = pd->item.delta;
+
+            /* its memory goes with the pool, at the next flush */
+            ngx_rbtree_delete(&co->tree, &pd->node);
+            co->n--;
         }
     }
 }
@@ -282,12 +293,15 @@ ngx_http_infer_ratelimit_coalesce_flush(void)
 
     co = &ngx_http_infer_ratelimit_coalesce;
 
-    if (co->rcf == NULL || co->n == 0) {
+    if (co->rcf == NULL) {
         return;
     }
 
-    items = ngx_palloc(co->pool,
-                       co->n * sizeof(ngx_http_infer_ratelimit_item_t));
+    /* with no key pending (all rode with admissions), the pool is reset */
+
+    items = co->n ? ngx_palloc(co->pool,
+                               co->n * sizeof(ngx_http_infer_ratelimit_item_t))
+                  : NULL;
 
     if (items) {
         n = 0;

@@ -131,7 +131,9 @@ static void ngx_http_infer_ratelimit_redis_error(
  * until the window ends, its key named by the window), and the floor:
  * how far ahead of now, in us, the gateway's own use puts the key at
  * least (see zone_floor), which an admission applies to a key Redis lost
- * or holds less of.  A debt is
+ * or holds less of; and a correction an admission carries for its key,
+ * made first whatever the admission decides (the coalesced ones, see
+ * ngx_http_infer_ratelimit_coalesce.c; ignored by "r").  A debt is
  * charged from now if the bucket refilled meanwhile (its key may even
  * have expired during a long stream), as an admission would be.  The
  * time is Redis's own, so that replicas' clocks do not matter.  A GCRA
@@ -150,26 +152,69 @@ static ngx_str_t  ngx_http_infer_ratelimit_script = ngx_string(
 "local res = {1}\n"
 "local new = {}\n"
 "local ttl = {}\n"
+"local function fix(k, cost, limit, win)\n"
+"  local v = tonumber(redis.call('GET', k))\n"
+"  if win < 0 then\n"
+"    local c = (v or 0) + cost\n"
+"    if c > 0 then\n"
+"      redis.call('SET', k, string.format('%.0f', c), 'PX',\n"
+"                 -win / 1000 + 60000)\n"
+"    else\n"
+"      redis.call('DEL', k)\n"
+"    end\n"
+"  elseif win == 0 then\n"
+"    local c = (v or 0) + cost\n"
+"    local pt = redis.call('PTTL', k)\n"
+"    if pt <= 0 then\n"
+"      pt = " ngx_value(NGX_HTTP_INFER_RL_CONCURRENCY_TTL) "\n"
+"    end\n"
+"    if c > 0 then\n"
+"      redis.call('SET', k, string.format('%.0f', c), 'PX', pt)\n"
+"    else\n"
+"      redis.call('DEL', k)\n"
+"    end\n"
+"  else\n"
+"    local em = win / limit\n"
+"    local tat = v\n"
+"    if cost > 0 then\n"
+"      tat = math.max(tat or now, now) + cost * em\n"
+"    elseif tat then\n"
+"      tat = tat + cost * em\n"
+"    end\n"
+"    if tat then\n"
+"      if tat > now then\n"
+"        redis.call('SET', k, string.format('%.0f', tat), 'PX',\n"
+"                   math.max(1, math.ceil((tat - now) / 1000)))\n"
+"      else\n"
+"        redis.call('DEL', k)\n"
+"      end\n"
+"    end\n"
+"  end\n"
+"end\n"
+"if not admit then\n"
+"  for i = 1, #KEYS do\n"
+"    local g = 5 * i - 3\n"
+"    fix(KEYS[i], tonumber(ARGV[g]), tonumber(ARGV[g + 1]),\n"
+"        tonumber(ARGV[g + 2]) * 1000)\n"
+"  end\n"
+"  return res\n"
+"end\n"
 "for i = 1, #KEYS do\n"
-"  local g = 4 * i - 2\n"
+"  local g = 5 * i - 3\n"
 "  local a = 3 * i - 1\n"
 "  local cost = tonumber(ARGV[g])\n"
 "  local limit = tonumber(ARGV[g + 1])\n"
 "  local win = tonumber(ARGV[g + 2]) * 1000\n"
 "  local floor = now + tonumber(ARGV[g + 3])\n"
+"  local pre = tonumber(ARGV[g + 4])\n"
+"  if pre ~= 0 then\n"
+"    fix(KEYS[i], pre, limit, win)\n"
+"  end\n"
 "  local v = tonumber(redis.call('GET', KEYS[i]))\n"
 "  if win < 0 then\n"
 "    local left = -win / 1000\n"
 "    local c = v or 0\n"
-"    if not admit then\n"
-"      c = c + cost\n"
-"      if c > 0 then\n"
-"        redis.call('SET', KEYS[i], string.format('%.0f', c), 'PX',\n"
-"                   left + 60000)\n"
-"      else\n"
-"        redis.call('DEL', KEYS[i])\n"
-"      end\n"
-"    elseif c + cost > limit then\n"
+"    if c + cost > limit then\n"
 "      res[1] = 0\n"
 "      res[a] = math.max(0, limit - c)\n"
 "      res[a + 1] = left\n"
@@ -187,14 +232,7 @@ static ngx_str_t  ngx_http_infer_ratelimit_script = ngx_string(
 "    if pt <= 0 then\n"
 "      pt = " ngx_value(NGX_HTTP_INFER_RL_CONCURRENCY_TTL) "\n"
 "    end\n"
-"    if not admit then\n"
-"      c = c + cost\n"
-"      if c > 0 then\n"
-"        redis.call('SET', KEYS[i], string.format('%.0f', c), 'PX', pt)\n"
-"      else\n"
-"        redis.call('DEL', KEYS[i])\n"
-"      end\n"
-"    elseif c + cost > limit then\n"
+"    if c + cost > limit then\n"
 "      res[1] = 0\n"
 "      res[a] = math.max(0, limit - c)\n"
 "      res[a + 1] = 0\n"
@@ -209,44 +247,28 @@ static ngx_str_t  ngx_http_infer_ratelimit_script = ngx_string(
 "  else\n"
 "    local em = win / limit\n"
 "    local tat = v\n"
-"    if not admit then\n"
-"      if cost > 0 then\n"
-"        tat = math.max(tat or now, now) + cost * em\n"
-"      elseif tat then\n"
-"        tat = tat + cost * em\n"
-"      end\n"
-"      if tat then\n"
-"        if tat > now then\n"
-"          redis.call('SET', KEYS[i], string.format('%.0f', tat), 'PX',\n"
-"                     math.max(1, math.ceil((tat - now) / 1000)))\n"
-"        else\n"
-"          redis.call('DEL', KEYS[i])\n"
-"        end\n"
+"    if not tat or tat < now then tat = now end\n"
+"    if tat < floor then tat = floor end\n"
+"    local nt = tat + cost * em\n"
+"    if cost > limit or nt - now > win then\n"
+"      res[1] = 0\n"
+"      res[a] = math.max(0, math.floor((now + win - tat) / em + 1e-6))\n"
+"      res[a + 1] = math.ceil((tat - now) / 1000)\n"
+"      if cost > limit then\n"
+"        res[a + 2] = math.ceil(win / 1000)\n"
+"      else\n"
+"        res[a + 2] = math.max(1, math.ceil((nt - now - win) / 1000))\n"
 "      end\n"
 "    else\n"
-"      if not tat or tat < now then tat = now end\n"
-"      if tat < floor then tat = floor end\n"
-"      local nt = tat + cost * em\n"
-"      if cost > limit or nt - now > win then\n"
-"        res[1] = 0\n"
-"        res[a] = math.max(0, math.floor((now + win - tat) / em + 1e-6))\n"
-"        res[a + 1] = math.ceil((tat - now) / 1000)\n"
-"        if cost > limit then\n"
-"          res[a + 2] = math.ceil(win / 1000)\n"
-"        else\n"
-"          res[a + 2] = math.max(1, math.ceil((nt - now - win) / 1000))\n"
-"        end\n"
-"      else\n"
-"        res[a] = math.floor((now + win - nt) / em + 1e-6)\n"
-"        res[a + 1] = math.ceil((nt - now) / 1000)\n"
-"        res[a + 2] = 0\n"
-"        new[i] = nt\n"
-"        ttl[i] = math.max(1, math.ceil((nt - now) / 1000))\n"
-"      end\n"
+"      res[a] = math.floor((now + win - nt) / em + 1e-6)\n"
+"      res[a + 1] = math.ceil((nt - now) / 1000)\n"
+"      res[a + 2] = 0\n"
+"      new[i] = nt\n"
+"      ttl[i] = math.max(1, math.ceil((nt - now) / 1000))\n"
 "    end\n"
 "  end\n"
 "end\n"
-"if admit and res[1] == 1 then\n"
+"if res[1] == 1 then\n"
 "  for i = 1, #KEYS do\n"
 "    redis.call('SET', KEYS[i], string.format('%.0f', new[i]), 'PX', ttl[i])\n"
 "  end\n"
@@ -312,14 +334,14 @@ ngx_http_infer_ratelimit_redis_eval(ngx_http_request_t *r,
 
     /* the waiter, its argv and the arguments' bytes in one block */
 
-    argc = 4 + 5 * n;
+    argc = 4 + 6 * n;
     size = sizeof(ngx_http_infer_ratelimit_waiter_t)
            + argc * (sizeof(char *) + sizeof(size_t)) + 64;
 
     for (i = 0; i < n; i++) {
         size += rcf->prefix.len + items[i].key.len + 4
                 + items[i].limit->name.len + items[i].window.len
-                + 4 * (NGX_INT64_LEN + 1);
+                + 5 * (NGX_INT64_LEN + 1);
     }
 
     w = ngx_alloc(size, ngx_cycle->log);
@@ -414,6 +436,12 @@ ngx_http_infer_ratelimit_redis_eval(ngx_http_request_t *r,
         w->argv[k] = (char *) p;
         p = ngx_sprintf(p, "%uL",
                         (mode == NGX_HTTP_INFER_RL_ADMIT) ? item->floor : 0);
+        w->argvlen[k] = p - (u_char *) w->argv[k];
+        k++;
+
+        w->argv[k] = (char *) p;
+        p = ngx_sprintf(p, "%L",
+                        (mode == NGX_HTTP_INFER_RL_ADMIT) ? item->pre : 0);
         w->argvlen[k] = p - (u_char *) w->argv[k];
         k++;
     }
@@ -1087,7 +1115,9 @@ ngx_http_infer_ratelimit_redis_undo(ngx_http_infer_ratelimit_waiter_t *w)
     k = 3 + w->nitems;
     w->argv[k++] = "r";
 
-    for (i = 0; i < w->nitems; i++, k += 4) {
+    /* the corrections the admission carried stay made: "r" ignores them */
+
+    for (i = 0; i < w->nitems; i++, k += 5) {
         w->argv[k]--;
         w->argvlen[k]++;
     }
