@@ -836,3 +836,31 @@ def test_a_quitting_worker_sends_its_pending_corrections(nginx_factory,
     for t, u in used.items():
         held = tokens_in_redis(c, f"infer:rl:{{{t}}}:tpd") / em
         assert abs(held - u) < 2, (t, held, u)
+
+
+def test_a_busy_keys_corrections_ride_with_its_admissions(nginx_factory,
+                                                          redis, sim):
+    """One tenant's requests back to back: each correction rides with the
+    next admission of the key, so 30 requests cost 30 calls and one for
+    the last correction (per worker), and the key holds every answer's
+    real usage."""
+    n = nginx_factory(proxy_conf(
+        redis.addr, sim, "infer_ratelimit_limit tpd $http_x_tenant "
+        "tokens=1000000/30d;").replace("timeout=2s;",
+                                       "timeout=2s coalesce=200ms;"))
+    c = redis.client()
+    s = requests.Session()
+    chat(n, session=s, headers={"X-Tenant": "warm"})
+    time.sleep(0.5)
+    c.config_resetstat()
+    total = 0
+    for _ in range(30):
+        r = chat(n, session=s, max_tokens=1000, completion=5,
+                 headers={"X-Tenant": "busy"})
+        assert r.status_code == 200
+        total += r.json()["usage"]["total_tokens"]
+    time.sleep(0.6)
+    assert 31 <= evalsha_calls(c) <= 32
+    em = 30 * 86400 * 1_000_000 / 1_000_000
+    held = tokens_in_redis(c, "infer:rl:{busy}:tpd") / em
+    assert abs(held - total) < 2, (held, total)
