@@ -2,6 +2,8 @@
 
     /usr/bin/python3 bench/ratelimit.py               # 5 rounds of 4 s
     /usr/bin/python3 bench/ratelimit.py --quick       # 2 rounds of 2 s
+    /usr/bin/python3 bench/ratelimit.py --tokens      # tokens, corrections
+    /usr/bin/python3 bench/ratelimit.py --tokens --hot   # one key for all
 
 wrk (one CPU) drives three gateways (the other CPU, one worker each, with
 the backend and redis-server on that CPU too) in interleaved rounds:
@@ -20,6 +22,15 @@ and the gateway worker's CPU per request, their ratio to plain, Redis's
 own CPU per request, and Redis commands per request from INFO
 commandstats (EVALSHA is one; the script's own GET/SET/TIME are counted
 by Redis apart and listed).  Loopback only.
+
+--tokens: the requests are chat completions (POST, a JSON body naming a
+model, max_tokens 64) through the route module too, and the limit is a
+tokens limit: each answer's usage (11 tokens) corrects its reservation,
+so Redis sees admissions and corrections.  The gateways are then plain,
+redis-each (each request's correction sent at once: coalesce=off) and
+redis (corrections coalesced, the default coalesce=10ms).  --hot: every
+request has the same key (one tenant), so corrections ride with the
+admissions of that key instead of being summed per key.
 """
 
 import argparse
@@ -48,7 +59,7 @@ local i = 0
 request = function()
    i = i %% %d + 1
    wrk.headers["X-Key"] = "k" .. i
-   return wrk.format("GET", "/v1/x")
+   return wrk.format(METHOD, "/v1/x", nil, BODY)
 end
 function done(summary, latency, requests)
    io.write(string.format('WRK_SUMMARY {"requests":%%d,"status":%%d}\\n',
@@ -76,8 +87,24 @@ GATEWAY = """
 LIMIT = ("infer_ratelimit on; infer_ratelimit_limit bench $http_x_key "
          "requests=10000/h;")
 
+CHAT = ('{"model":"bench-model","max_tokens":64,"messages":'
+        '[{"role":"user","content":"Say hello."}]}')
 
-def configs(redis_addr):
+# every key could take a million tokens an hour: nothing is refused
+TOKENS = ("infer_route on; infer_ratelimit on; "
+          "infer_ratelimit_limit bench $http_x_key tokens=1000000/h;")
+MODEL = "infer_model bench-model upstream=pool;"
+
+
+def configs(redis_addr, tokens):
+    if tokens:
+        redis = f"infer_ratelimit_redis {redis_addr} timeout=1s"
+        return [
+            ("plain", [], "", ""),
+            ("redis-each", ["route", "ratelimit"],
+             f"{redis} coalesce=off; {MODEL}", TOKENS),
+            ("redis", ["route", "ratelimit"], f"{redis}; {MODEL}", TOKENS),
+        ]
     return [
         ("plain", [], "", ""),
         ("local", ["ratelimit"], "infer_ratelimit_zone rl:16m;", LIMIT),
@@ -119,9 +146,12 @@ def main():
     ap.add_argument("--duration", type=int, default=4)
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--tokens", action="store_true")
+    ap.add_argument("--hot", action="store_true")
     args = ap.parse_args()
     if args.quick:
         args.rounds, args.duration = 2, 2
+    keys = 1 if args.hot else KEYS
 
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
@@ -130,7 +160,10 @@ def main():
 
     work = Path(tempfile.mkdtemp(prefix="infer-bench-rl-"))
     lua = work / "keys.lua"
-    lua.write_text(LUA)
+    lua.write_text(
+        LUA.replace("%d" % KEYS, str(keys), 1).replace(
+            "METHOD", '"POST"' if args.tokens else '"GET"').replace(
+            "BODY", "'%s'" % CHAT if args.tokens else "nil"))
     started = []
     try:
         mine = os.sched_getaffinity(0)
@@ -142,7 +175,7 @@ def main():
                             workers=1, error_level="warn").start()
             started.append(backend)
             gws = {}
-            for name, mods, http, loc in configs(redis.addr):
+            for name, mods, http, loc in configs(redis.addr, args.tokens):
                 gws[name] = Nginx(work / name, http=GATEWAY.format(
                     backend=backend.addr, http=http, location=loc),
                     modules=mods, workers=1, error_level="warn").start()
@@ -166,7 +199,8 @@ def main():
                 out = subprocess.run(
                     ["taskset", "-c", str(client_cpu), "wrk", "-t1",
                      f"-c{args.connections}", f"-d{args.duration}s",
-                     "--latency", "-s", str(lua), n.url + "/"],
+                     "--latency", "-s", str(lua), n.url + "/",
+                     "-H", "Content-Type: application/json"],
                     capture_output=True, text=True, timeout=120).stdout
                 c1 = cpu_sample([worker])
                 r1 = cpu_ns(redis.proc.pid)
@@ -200,19 +234,24 @@ def main():
                for name, rs in runs.items()}
         base = med["plain"]
         print(f"rate-limit bench: {args.rounds} rounds x {args.duration}s, "
-              f"{args.connections} connections, {KEYS} distinct keys, "
+              f"{args.connections} connections, {keys} distinct keys, "
+              f"{'a tokens' if args.tokens else 'a requests'} limit, "
               "1 worker per gateway")
-        print(f"{'gateway':8} {'req/s':>9} {'ratio':>6} {'p50 us':>8} "
+        print(f"{'gateway':10} {'req/s':>9} {'ratio':>6} {'p50 us':>8} "
               f"{'p99 us':>8} {'cpu us/req':>10} {'ratio':>6} "
               f"{'redis cpu us/req':>16}")
         for name, m in med.items():
-            print(f"{name:8} {m['rps']:9.0f} {m['rps'] / base['rps']:6.2f} "
+            print(f"{name:10} {m['rps']:9.0f} {m['rps'] / base['rps']:6.2f} "
                   f"{m['p50']:8.0f} {m['p99']:8.0f} {m['cpu_us']:10.1f} "
                   f"{m['cpu_us'] / base['cpu_us']:6.2f} "
                   f"{m['redis_cpu_us']:16.1f}")
-        cmds = runs["redis"][-1]["cmds"]
-        print("redis commands per request (last round, redis gateway): "
-              + ", ".join(f"{k}={v:.3f}" for k, v in sorted(cmds.items())))
+        for name in runs:
+            if not name.startswith("redis"):
+                continue
+            cmds = runs[name][-1]["cmds"]
+            print(f"redis commands per request (last round, {name}): "
+                  + ", ".join(f"{k}={v:.3f}"
+                              for k, v in sorted(cmds.items())))
         print(f"live keys in redis: {client.dbsize()}")
     finally:
         for n in reversed(started):

@@ -109,6 +109,8 @@ typedef struct {
     ngx_str_t                   prefix;
     ngx_msec_t                  coalesce;   /* reconciliations summed for
                                                so long; 0: sent at once */
+    ngx_str_t                   master;     /* Sentinel: the master's name */
+    ngx_array_t                *sentinels;  /* ngx_addr_t */
 } ngx_http_infer_ratelimit_redis_conf_t;
 
 
@@ -135,6 +137,11 @@ ngx_int_t ngx_http_infer_ratelimit_redis_send(u_char *cmd, size_t len,
     void (*fn)(struct redisAsyncContext *ac, void *reply, void *data),
     void *data);
 void ngx_http_infer_ratelimit_redis_reset(const char *why);
+void ngx_http_infer_ratelimit_redis_master(u_char *host, size_t len,
+    ngx_int_t port);
+void ngx_http_infer_ratelimit_sentinel_discover(
+    ngx_http_infer_ratelimit_redis_conf_t *rcf, ngx_log_t *log);
+void ngx_http_infer_ratelimit_sentinel_exit(void);
 
 /* the parts of the Redis client a fuzzer drives: hiredis's types */
 struct redisReader;

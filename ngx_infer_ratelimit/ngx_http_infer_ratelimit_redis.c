@@ -85,9 +85,14 @@ typedef struct {
     u_char                              sha[40];
     time_t                              logged;
     ngx_uint_t                          suppressed;
+    u_char                              host[NGX_INET_ADDRSTRLEN + 1];
+    ngx_int_t                           port;       /* Sentinel's master */
+    ngx_uint_t                          known;      /* host, port are */
 } ngx_http_infer_ratelimit_redis_t;
 
 
+static ngx_int_t ngx_http_infer_ratelimit_redis_sentinels(ngx_conf_t *cf,
+    ngx_http_infer_ratelimit_redis_conf_t *rcf, ngx_str_t *value);
 static ngx_int_t ngx_http_infer_ratelimit_redis_connect(
     ngx_http_infer_ratelimit_redis_t *rd);
 static void ngx_http_infer_ratelimit_redis_drop(
@@ -110,6 +115,7 @@ static void ngx_http_infer_ratelimit_redis_reply(redisAsyncContext *ac,
     void *reply, void *privdata);
 static void *ngx_http_infer_ratelimit_redis_array(const redisReadTask *task,
     int elements);
+static void ngx_http_infer_ratelimit_redis_readonly(redisReply *rr);
 static ngx_uint_t ngx_http_infer_ratelimit_redis_admitted(redisReply *rr);
 static void ngx_http_infer_ratelimit_redis_undo(
     ngx_http_infer_ratelimit_waiter_t *w);
@@ -322,14 +328,8 @@ ngx_http_infer_ratelimit_redis_eval(ngx_http_request_t *r,
         return NGX_DECLINED;
     }
 
-    if (rd->ac == NULL) {
-        if ((ngx_msec_int_t) (rd->next_try - ngx_current_msec) > 0) {
-            return NGX_DECLINED;
-        }
-
-        if (ngx_http_infer_ratelimit_redis_connect(rd) != NGX_OK) {
-            return NGX_DECLINED;
-        }
+    if (ngx_http_infer_ratelimit_redis_open() != NGX_OK) {
+        return NGX_DECLINED;
     }
 
     /* the waiter, its argv and the arguments' bytes in one block */
@@ -515,7 +515,56 @@ ngx_http_infer_ratelimit_redis_open(void)
         return NGX_DECLINED;
     }
 
+    if (rd->rcf->master.len && !rd->known) {
+        /* the sentinels are asked first; requests go on without Redis */
+        ngx_http_infer_ratelimit_sentinel_discover(rd->rcf, rd->log);
+        return NGX_DECLINED;
+    }
+
     return ngx_http_infer_ratelimit_redis_connect(rd);
+}
+
+
+/*
+ * The sentinels' answer: the master's address, which is connected to
+ * now, or none (host NULL: none of them answered), and a backoff.
+ */
+
+void
+ngx_http_infer_ratelimit_redis_master(u_char *host, size_t len,
+    ngx_int_t port)
+{
+    ngx_http_infer_ratelimit_redis_t  *rd;
+
+    rd = &ngx_http_infer_ratelimit_redis_worker;
+
+    if (rd->rcf == NULL) {
+        return;
+    }
+
+    if (host == NULL) {
+        ngx_http_infer_ratelimit_redis_error(rd, "no sentinel told the "
+                                             "master's address");
+        rd->next_try = ngx_current_msec + rd->backoff;
+        rd->backoff = ngx_min(rd->backoff * 2, rd->rcf->backoff);
+        return;
+    }
+
+    if (rd->port != port || ngx_strncmp(rd->host, host, len) != 0
+        || rd->host[len] != '\0')
+    {
+        ngx_log_error(NGX_LOG_NOTICE, rd->log, 0,
+                      "infer ratelimit: redis %V: the master is %*s:%i",
+                      &rd->rcf->address, len, host, port);
+    }
+
+    *ngx_cpymem(rd->host, host, len) = '\0';
+    rd->port = port;
+    rd->known = 1;
+
+    if (rd->ac == NULL) {
+        (void) ngx_http_infer_ratelimit_redis_connect(rd);
+    }
 }
 
 
@@ -583,6 +632,10 @@ ngx_http_infer_ratelimit_redis_connect(ngx_http_infer_ratelimit_redis_t *rd)
 
     if (rcf->path.len) {
         ac = redisAsyncConnectUnix((char *) rcf->path.data);
+
+    } else if (rcf->master.len) {
+        /* the master the sentinels told */
+        ac = redisAsyncConnect((char *) rd->host, (int) rd->port);
 
     } else {
         ac = redisAsyncConnect((char *) rcf->host.data, (int) rcf->port);
@@ -667,6 +720,21 @@ ngx_http_infer_ratelimit_redis_connect(ngx_http_infer_ratelimit_redis_t *rd)
         (void) redisAsyncCommandArgv(ac,
                                      ngx_http_infer_ratelimit_redis_handshake,
                                      "SELECT", 2, argv, argvlen);
+    }
+
+    if (rcf->master.len) {
+        /*
+         * a master that a failover made a replica says so (INFO, a
+         * string: ROLE answers nested arrays, which the reader refuses)
+         */
+        argv[0] = "INFO";
+        argvlen[0] = 4;
+        argv[1] = "replication";
+        argvlen[1] = 11;
+
+        (void) redisAsyncCommandArgv(ac,
+                                     ngx_http_infer_ratelimit_redis_handshake,
+                                     "INFO", 2, argv, argvlen);
     }
 
     argv[0] = "SCRIPT";
@@ -818,6 +886,9 @@ ngx_http_infer_ratelimit_redis_cleanup(void *data)
     rd->ac = NULL;
     rd->state = NGX_HTTP_INFER_RL_DOWN;
     rd->handshaken = 0;
+
+    /* with Sentinel, a lost connection asks again who the master is */
+    rd->known = 0;
 }
 
 
@@ -996,6 +1067,21 @@ ngx_http_infer_ratelimit_redis_handshake(redisAsyncContext *ac, void *reply,
         return;
     }
 
+    if (ngx_strcmp((char *) privdata, "INFO") == 0
+        && (rr->type != REDIS_REPLY_STRING
+            || ngx_strlcasestrn((u_char *) rr->str,
+                                (u_char *) rr->str + rr->len,
+                                (u_char *) "role:master\r", 12 - 1)
+               == NULL))
+    {
+        ngx_http_infer_ratelimit_redis_error(rd, "%s:%i is not the master "
+                                             "(a failover?): asking the "
+                                             "sentinels again",
+                                             rd->host, rd->port);
+        redisAsyncFree(ac);
+        return;
+    }
+
     if (ngx_strcmp((char *) privdata, "SCRIPT LOAD") == 0) {
         /*
          * the connection works (a Redis that accepts and never answers,
@@ -1068,6 +1154,7 @@ ngx_http_infer_ratelimit_redis_reply(redisAsyncContext *ac, void *reply,
             ngx_http_infer_ratelimit_redis_error(
                 &ngx_http_infer_ratelimit_redis_worker, "script failed: %*s",
                 (size_t) ngx_min(rr->len, 256), (u_char *) rr->str);
+            ngx_http_infer_ratelimit_redis_readonly(rr);
         }
 
         ngx_http_infer_ratelimit_redis_waiter_free(w);
@@ -1091,6 +1178,22 @@ ngx_http_infer_ratelimit_redis_reply(redisAsyncContext *ac, void *reply,
     /* the request goes on from the event loop, not from inside hiredis */
 
     ngx_post_event(&w->ev, &ngx_posted_events);
+}
+
+
+/*
+ * A master that a failover made a replica, and that kept our connection,
+ * answers writes with READONLY: the connection is dropped, and, with
+ * Sentinel, the master asked for again.  Deferred by hiredis when called
+ * from a reply's callback.
+ */
+
+static void
+ngx_http_infer_ratelimit_redis_readonly(redisReply *rr)
+{
+    if (rr->len >= 8 && ngx_strncmp(rr->str, "READONLY", 8) == 0) {
+        ngx_http_infer_ratelimit_redis_reset("a replica now");
+    }
 }
 
 
@@ -1136,6 +1239,7 @@ ngx_http_infer_ratelimit_redis_parse(ngx_http_infer_ratelimit_waiter_t *w,
         ngx_http_infer_ratelimit_redis_error(
             &ngx_http_infer_ratelimit_redis_worker, "script failed: %*s",
             (size_t) ngx_min(rr->len, 256), (u_char *) rr->str);
+        ngx_http_infer_ratelimit_redis_readonly(rr);
         return NGX_DECLINED;
     }
 
@@ -1351,16 +1455,81 @@ ngx_http_infer_ratelimit_redis_exit_process(ngx_cycle_t *cycle)
 
     rd = &ngx_http_infer_ratelimit_redis_worker;
 
+    ngx_http_infer_ratelimit_sentinel_exit();
     ngx_http_infer_ratelimit_redis_drop(rd);
 
     rd->rcf = NULL;
 }
 
 
+/* sentinels=IPv4:port[,IPv4:port...] */
+
+static ngx_int_t
+ngx_http_infer_ratelimit_redis_sentinels(ngx_conf_t *cf,
+    ngx_http_infer_ratelimit_redis_conf_t *rcf, ngx_str_t *value)
+{
+    u_char      *p, *last, *comma;
+    ngx_int_t    rc;
+    ngx_addr_t  *addr;
+
+    if (rcf->sentinels) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "sentinels= is duplicate");
+        return NGX_ERROR;
+    }
+
+    rcf->sentinels = ngx_array_create(cf->pool, 3, sizeof(ngx_addr_t));
+    if (rcf->sentinels == NULL) {
+        return NGX_ERROR;
+    }
+
+    p = value->data + 10;
+    last = value->data + value->len;
+
+    while (p < last) {
+        comma = ngx_strlchr(p, last, ',');
+        if (comma == NULL) {
+            comma = last;
+        }
+
+        addr = ngx_array_push(rcf->sentinels);
+        if (addr == NULL) {
+            return NGX_ERROR;
+        }
+
+        rc = ngx_parse_addr_port(cf->pool, addr, p, comma - p);
+
+        if (rc != NGX_OK || addr->sockaddr->sa_family != AF_INET
+            || ngx_inet_get_port(addr->sockaddr) == 0)
+        {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "invalid sentinel \"%*s\": IPv4:port "
+                               "expected", comma - p, p);
+            return NGX_ERROR;
+        }
+
+        addr->name.len = comma - p;
+        addr->name.data = p;
+
+        p = comma + 1;
+    }
+
+    if (rcf->sentinels->nelts == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "sentinels= needs at least one IPv4:port");
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
+}
+
+
 /*
  * infer_ratelimit_redis address [db=N] [user=name] [password=secret]
  *     [timeout=time] [connect_timeout=time] [backoff=time] [replicas=N]
- *     [prefix=string] [coalesce=time|off];
+ *     [prefix=string] [coalesce=time|off] [sentinels=IPv4:port,...];
+ *
+ * address: IPv4[:port], unix:/path, or sentinel:NAME (the master's name
+ * as the sentinels know it).
  */
 
 char *
@@ -1397,7 +1566,16 @@ ngx_http_infer_ratelimit_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
     rcf->address = value[1];
 
-    if (ngx_strncmp(value[1].data, "unix:", 5) == 0) {
+    if (ngx_strncmp(value[1].data, "sentinel:", 9) == 0) {
+        /* the master's name; sentinels= says whom to ask */
+        rcf->master.data = value[1].data + 9;
+        rcf->master.len = value[1].len - 9;
+
+        if (rcf->master.len == 0 || rcf->master.len > 256) {
+            goto invalid_address;
+        }
+
+    } else if (ngx_strncmp(value[1].data, "unix:", 5) == 0) {
         if (value[1].len == 5 || value[1].len > 100) {
             goto invalid_address;
         }
@@ -1497,6 +1675,16 @@ ngx_http_infer_ratelimit_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
             continue;
         }
 
+        if (ngx_strncmp(value[i].data, "sentinels=", 10) == 0) {
+            if (ngx_http_infer_ratelimit_redis_sentinels(cf, rcf, &value[i])
+                != NGX_OK)
+            {
+                return NGX_CONF_ERROR;
+            }
+
+            continue;
+        }
+
         if (ngx_strncmp(value[i].data, "coalesce=", 9) == 0) {
             if (value[i].len == 12
                 && ngx_strncmp(value[i].data + 9, "off", 3) == 0)
@@ -1533,6 +1721,14 @@ ngx_http_infer_ratelimit_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         return "has user= without password=";
     }
 
+    if (rcf->master.len && rcf->sentinels == NULL) {
+        return "has sentinel:NAME without sentinels=";
+    }
+
+    if (rcf->sentinels && rcf->master.len == 0) {
+        return "has sentinels= without sentinel:NAME as its address";
+    }
+
     *field = rcf;
 
     return NGX_CONF_OK;
@@ -1540,9 +1736,9 @@ ngx_http_infer_ratelimit_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 invalid_address:
 
     ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                       "invalid redis address \"%V\": IPv4:port or "
-                       "unix:/path expected (no names: they would need DNS "
-                       "at run time)", &value[1]);
+                       "invalid redis address \"%V\": IPv4:port, "
+                       "unix:/path or sentinel:NAME expected (no names: "
+                       "they would need DNS at run time)", &value[1]);
     return NGX_CONF_ERROR;
 
 invalid:
