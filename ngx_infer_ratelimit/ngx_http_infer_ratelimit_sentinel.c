@@ -8,9 +8,9 @@
  * connection of nginx's own (ngx_event_connect_peer(), non-blocking,
  * with the connect and call timeouts), reads the answer with hiredis's
  * reader, and hands the address to the Redis client, which connects and
- * checks with INFO replication that it is the master indeed.  A failover is followed
- * so: the old master's connection breaks, or it says it is a
- * replica, and the sentinels are asked again.
+ * checks with INFO replication that it is the master indeed.  A failover
+ * is followed so: the old master's connection breaks, or it says it is a
+ * replica, or answers READONLY, and the sentinels are asked again.
  */
 
 

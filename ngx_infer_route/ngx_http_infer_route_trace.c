@@ -32,6 +32,7 @@ static ngx_int_t ngx_http_infer_route_trace_client(ngx_http_request_t *r,
     ngx_http_infer_route_traceparent_t *tp);
 static ngx_int_t ngx_http_infer_route_trace_random(ngx_http_request_t *r,
     ngx_http_variable_value_t *v, size_t bytes);
+static uint64_t ngx_http_infer_route_trace_next(void);
 static ngx_int_t ngx_http_infer_route_trace_set(ngx_http_request_t *r,
     u_char *name, size_t len, ngx_str_t *value);
 
@@ -149,26 +150,30 @@ ngx_http_infer_route_trace_client(ngx_http_request_t *r,
 }
 
 
-/* bytes random bytes, in lowercase hex; never all zero */
+/*
+ * bytes random bytes, in lowercase hex; never all zero.  Trace and span
+ * ids need to be random, not secret (W3C Trace Context): they come from
+ * xoshiro256** seeded from OpenSSL once per worker, not RAND_bytes() per
+ * id, which costs a system call (getpid(), its fork check) and a lock,
+ * about 2 us each on the benchmark's machine (bench/README.md).
+ */
 
 static ngx_int_t
 ngx_http_infer_route_trace_random(ngx_http_request_t *r,
     ngx_http_variable_value_t *v, size_t bytes)
 {
-    u_char      *p, raw[16];
-    uint32_t     x;
-    ngx_uint_t   i;
+    u_char    *p, raw[16];
+    uint64_t   x;
+    size_t     i;
 
     p = ngx_pnalloc(r->pool, 2 * bytes);
     if (p == NULL) {
         return NGX_ERROR;
     }
 
-    if (RAND_bytes(raw, bytes) != 1) {
-        for (i = 0; i < bytes; i += sizeof(uint32_t)) {
-            x = (uint32_t) ngx_random();
-            ngx_memcpy(raw + i, &x, sizeof(uint32_t));
-        }
+    for (i = 0; i < bytes; i += sizeof(uint64_t)) {
+        x = ngx_http_infer_route_trace_next();
+        ngx_memcpy(raw + i, &x, ngx_min(sizeof(uint64_t), bytes - i));
     }
 
     raw[bytes - 1] |= 1;
@@ -180,6 +185,55 @@ ngx_http_infer_route_trace_random(ngx_http_request_t *r,
     v->not_found = 0;
 
     return NGX_OK;
+}
+
+
+/* xoshiro256**, its state seeded in each process that draws from it */
+
+static uint64_t
+ngx_http_infer_route_trace_next(void)
+{
+    uint64_t    t, result;
+    ngx_uint_t  i;
+
+    static uint64_t   s[4];
+    static ngx_pid_t  seeded;
+
+#define ngx_infer_rotl(x, k)  (((x) << (k)) | ((x) >> (64 - (k))))
+
+    if (seeded != ngx_pid) {
+        if (RAND_bytes((u_char *) s, sizeof(s)) != 1
+            || (s[0] | s[1] | s[2] | s[3]) == 0)
+        {
+            /* splitmix64 of what the process has */
+            t = (uint64_t) ngx_random() << 32 ^ (uint64_t) ngx_pid
+                ^ (uint64_t) ngx_time() << 20 ^ ngx_current_msec;
+
+            for (i = 0; i < 4; i++) {
+                t += 0x9e3779b97f4a7c15ULL;
+                s[i] = t;
+                s[i] = (s[i] ^ (s[i] >> 30)) * 0xbf58476d1ce4e5b9ULL;
+                s[i] = (s[i] ^ (s[i] >> 27)) * 0x94d049bb133111ebULL;
+                s[i] ^= s[i] >> 31;
+            }
+        }
+
+        seeded = ngx_pid;
+    }
+
+    result = ngx_infer_rotl(s[1] * 5, 7) * 9;
+    t = s[1] << 17;
+
+    s[2] ^= s[0];
+    s[3] ^= s[1];
+    s[1] ^= s[2];
+    s[0] ^= s[3];
+    s[2] ^= t;
+    s[3] = ngx_infer_rotl(s[3], 45);
+
+#undef ngx_infer_rotl
+
+    return result;
 }
 
 

@@ -286,3 +286,21 @@ def test_proxy_set_header_replaces_what_infer_trace_adds(nginx_factory,
         assert len(got["traceparent"]) == 1
         assert r.headers["x-request-id"] == headers.get(
             "X-Request-Id", got["x-request-id"][0][3:])
+
+
+def test_new_ids_are_unique_across_requests_and_workers(gw):
+    """Trace and span ids come from a generator seeded in each worker:
+    300 requests over fresh connections (both workers, reuseport) give
+    600 distinct ids, none all zero, and no two workers the same
+    sequence."""
+    traces, spans = set(), set()
+    for _ in range(300):
+        r = requests.get(gw.url + "/v1/models", timeout=5,
+                         headers={"Connection": "close"})
+        t, s = r.headers["X-Trace"].split()
+        assert HEX32.fullmatch(t) and re.fullmatch("[0-9a-f]{16}", s)
+        assert t != "0" * 32 and s != "0" * 16
+        traces.add(t)
+        spans.add(s)
+    assert len(traces) == 300 and len(spans) == 300
+    assert not {t[:16] for t in traces} & spans
