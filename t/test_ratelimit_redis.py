@@ -760,6 +760,23 @@ def test_a_local_policy_keeps_redis_exact_while_it_is_up(nginx_factory,
 
 # ------------------------------------------------------------ coalescing
 
+# 30 days of a million tokens: 2.592 s of TAT per token, so a key's
+# tokens barely decay while a test reads them
+EM = 30 * 86400 * 1_000_000 / 1_000_000
+
+
+def tokens_gateway(nginx_factory, redis, sim, coalesce):
+    """A tokens limit per X-Tenant, in Redis, with coalesce= as given."""
+    return nginx_factory(proxy_conf(
+        redis.addr, sim, "infer_ratelimit_limit tpd $http_x_tenant "
+        "tokens=1000000/30d;").replace("timeout=2s;",
+                                       f"timeout=2s coalesce={coalesce};"))
+
+
+def tokens_held(c, tenant):
+    return tokens_in_redis(c, f"infer:rl:{{{tenant}}}:tpd") / EM
+
+
 def tokens_in_redis(c, key):
     """A GCRA key's tokens used now: (TAT - now) / emission interval."""
     tat = int(c.get(key) or 0)
@@ -773,10 +790,7 @@ def test_corrections_are_coalesced_into_few_calls(nginx_factory, redis,
     """40 requests of 40 tenants: 40 admissions, and their 40 corrections
     in a few calls (one per worker and coalesce= interval), not 40; every
     correction lands."""
-    n = nginx_factory(proxy_conf(
-        redis.addr, sim, "infer_ratelimit_limit tpd $http_x_tenant "
-        "tokens=1000000/30d;").replace("timeout=2s;",
-                                     "timeout=2s coalesce=200ms;"))
+    n = tokens_gateway(nginx_factory, redis, sim, "200ms")
     c = redis.client()
     s = requests.Session()
     chat(n, session=s, headers={"X-Tenant": "warm"})    # connects
@@ -792,17 +806,13 @@ def test_corrections_are_coalesced_into_few_calls(nginx_factory, redis,
     calls = evalsha_calls(c)
     assert 40 + 1 <= calls <= 40 + 2 * 4, calls
     # each key holds the real usage (2.592 s of TAT per token)
-    em = 30 * 86400 * 1_000_000 / 1_000_000
     for t, used in est.items():
-        held = tokens_in_redis(c, f"infer:rl:{{{t}}}:tpd") / em
+        held = tokens_held(c, t)
         assert abs(held - used) < 2, (t, held, used)
 
 
 def test_coalesce_off_sends_each_correction(nginx_factory, redis, sim):
-    n = nginx_factory(proxy_conf(
-        redis.addr, sim, "infer_ratelimit_limit tpd $http_x_tenant "
-        "tokens=1000000/30d;").replace("timeout=2s;",
-                                     "timeout=2s coalesce=off;"))
+    n = tokens_gateway(nginx_factory, redis, sim, "off")
     c = redis.client()
     s = requests.Session()
     chat(n, session=s, headers={"X-Tenant": "warm"})
@@ -819,10 +829,7 @@ def test_coalesce_off_sends_each_correction(nginx_factory, redis, sim):
 
 def test_a_quitting_worker_sends_its_pending_corrections(nginx_factory,
                                                          redis, sim):
-    n = nginx_factory(proxy_conf(
-        redis.addr, sim, "infer_ratelimit_limit tpd $http_x_tenant "
-        "tokens=1000000/30d;").replace("timeout=2s;",
-                                     "timeout=2s coalesce=1s;"))
+    n = tokens_gateway(nginx_factory, redis, sim, "1s")
     c = redis.client()
     s = requests.Session()
     used = {}
@@ -832,9 +839,8 @@ def test_a_quitting_worker_sends_its_pending_corrections(nginx_factory,
         used[f"q{i}"] = r.json()["usage"]["total_tokens"]
     s.close()
     n.reload()
-    em = 30 * 86400 * 1_000_000 / 1_000_000
     for t, u in used.items():
-        held = tokens_in_redis(c, f"infer:rl:{{{t}}}:tpd") / em
+        held = tokens_held(c, t)
         assert abs(held - u) < 2, (t, held, u)
 
 
@@ -844,10 +850,7 @@ def test_a_busy_keys_corrections_ride_with_its_admissions(nginx_factory,
     next admission of the key, so 30 requests cost 30 calls and one for
     the last correction (per worker), and the key holds every answer's
     real usage."""
-    n = nginx_factory(proxy_conf(
-        redis.addr, sim, "infer_ratelimit_limit tpd $http_x_tenant "
-        "tokens=1000000/30d;").replace("timeout=2s;",
-                                       "timeout=2s coalesce=200ms;"))
+    n = tokens_gateway(nginx_factory, redis, sim, "200ms")
     c = redis.client()
     s = requests.Session()
     chat(n, session=s, headers={"X-Tenant": "warm"})
@@ -861,6 +864,5 @@ def test_a_busy_keys_corrections_ride_with_its_admissions(nginx_factory,
         total += r.json()["usage"]["total_tokens"]
     time.sleep(0.6)
     assert 31 <= evalsha_calls(c) <= 32
-    em = 30 * 86400 * 1_000_000 / 1_000_000
-    held = tokens_in_redis(c, "infer:rl:{busy}:tpd") / em
+    held = tokens_held(c, "busy")
     assert abs(held - total) < 2, (held, total)
