@@ -553,7 +553,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--retries", type=int, default=3,
                     help="rounds that may be redone, in all, because other "
-                         f"work took over {NOISY:.0%} of a benchmark CPU")
+                         f"work took over {NOISY * 100:.0f}%% of a benchmark CPU")
     ap.add_argument("--quick", action="store_true",
                     help="2 rounds of 2 s, the memory check 3 s")
     ap.add_argument("--stop", type=int, default=6,
