@@ -95,6 +95,7 @@ bench: deps build
 	$(PYTHON) bench/run.py
 	$(PYTHON) bench/auth.py
 	$(PYTHON) bench/ratelimit.py
+	$(PYTHON) bench/gateways.py
 	$(PYTHON) bench/events.py
 	$(PYTHON) bench/metrics.py
 	$(PYTHON) bench/balance.py

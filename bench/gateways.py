@@ -1,0 +1,679 @@
+"""ngx_infer benchmark: many gateways sharing one Redis (issue 16).
+
+    /usr/bin/python3 bench/gateways.py                # 5 rounds of 3 s, 2.5 min
+    /usr/bin/python3 bench/gateways.py --quick        # 1 round of 2 s, 50 s
+    /usr/bin/python3 bench/gateways.py --hot          # one key for all
+    /usr/bin/python3 bench/gateways.py --no-accuracy  # throughput only
+
+One redis-server, a static backend and eight gateways (nginx, one worker
+each: four with `infer_ratelimit_redis ... coalesce=off`, four with the
+default coalesce=10ms) all run pinned to one CPU; wrk runs on the other.
+Every gateway counts its limits in the same Redis.
+
+Throughput: for N = 1, 2 and 4 gateways and each coalesce mode, N wrk
+processes run at the same time, one per gateway (-t1, the --connections
+split evenly between them), each sending chat completions (POST, a JSON
+body naming a model, max_tokens 64) through the route module and a
+tokens limit keyed by X-Key (10,000 keys in turn, each wrk starting at
+its own offset; --hot: one key for all), so that every request is one
+admission and one correction (11 tokens of usage against the
+reservation).  One wrk per gateway rather than one wrk rotating over the
+gateways: wrk sends all of a thread's requests to one address, so a
+rotating script would still need a thread per gateway, and a wrk per
+gateway gives each gateway's own req/s and errors.  The limit
+(tokens=1000000000/h per key) never refuses; a key's bucket is full again
+microseconds after its request, so keys expire between their requests
+and Redis runs the same script for every one.  The configurations run in
+interleaved rounds (round 0 warms up); a run during which other work took
+over 5 % of a CPU is discarded and redone once the machine is quiet (at
+most --retries in all).  Reported per N and mode:
+total req/s, each gateway's share, per-gateway worker CPU per request
+(/proc/PID/schedstat, ns), Redis CPU per request (utime + stime of
+redis-server from /proc/PID/stat, all its threads; the threads'
+schedstat as a cross-check), Redis calls per request (INFO commandstats:
+evalsha + eval), p50 (median of the gateways) and p99 (worst gateway).
+
+Accuracy: a requests limit of --limit per 30 days on one fresh key
+(requests=N/30d: the bucket refills one request per 30d/N, so nothing
+refills during a run and exactly N may pass), hammered through 1, 2 and
+4 gateways at once, then a tokens limit of 11 x --limit tokens per 30
+days the same way (each answer's usage is 11 tokens, its reservation
+the prompt's estimate + max_tokens).  Counted: the 200s at the clients
+(wrk's response(), per gateway), the requests the backend served
+(stub_status, exact, including those wrk cut off at its end) and what
+Redis holds for the key at the end (its TAT).  Requests: admitted must
+be exactly N.  Tokens: 11 x served must not pass the limit.
+
+Exits non-zero on any wrk socket error, any non-2xx in a throughput run,
+a response other than 200/429 in an accuracy run, a replaced worker, or
+an nginx [alert]/[emerg].  Results: printed, and
+bench/results/gateways.json.  INFER_MODULES_DIR picks the modules (take a
+copy of build/modules if someone may rebuild during the run).
+"""
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import re
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+sys.path.insert(0, str(BENCH.parent / "t"))
+
+from run import (BACKEND_BODY, CLK_TCK, BenchError, cpu_ns,  # noqa: E402
+                 cpu_ticks, cpu_times, fail, git_describe, master_and_workers,
+                 parse_wrk, pin, tool_version)
+from ratelimit import redis_calls  # noqa: E402
+from harness.nginx import (MODULES_DIR, NGINX_BIN, Nginx,  # noqa: E402
+                           module_path)
+from harness.redis import RedisServer  # noqa: E402
+
+KEYS = 10000
+SIZES = (1, 2, 4)
+MODES = ("off", "10ms")         # coalesce=; 10ms is the default
+USAGE = 11                      # total_tokens in BACKEND_BODY's usage
+NOISY = 0.05
+GW_RPS = 20000                  # the extrapolation: a gateway's req/s
+FLEET = 50                      # and the fleet's gateways
+
+CHAT = ('{"model":"bench-model","max_tokens":64,"messages":'
+        '[{"role":"user","content":"Say hello."}]}')
+
+# GW_KEY set: every request has that key (wrk's fast path: one request
+# built once); otherwise keys k1..kGW_KEYS in turn from GW_OFFSET.
+# GW_COUNT set: count the answers by status (200, 429, other).
+LUA = r"""
+wrk.method = "POST"
+wrk.path = os.getenv("GW_PATH")
+wrk.body = '%s'
+wrk.headers["Content-Type"] = "application/json"
+local fixed = os.getenv("GW_KEY")
+local nkeys = tonumber(os.getenv("GW_KEYS"))
+local i = tonumber(os.getenv("GW_OFFSET"))
+if fixed then
+   wrk.headers["X-Key"] = fixed
+else
+   request = function()
+      i = i %% nkeys + 1
+      wrk.headers["X-Key"] = "k" .. i
+      return wrk.format()
+   end
+end
+ok, limited, other = 0, 0, 0
+if os.getenv("GW_COUNT") then
+   response = function(status, headers, body)
+      if status == 200 then ok = ok + 1
+      elseif status == 429 then limited = limited + 1
+      else other = other + 1 end
+   end
+end
+local threads = {}
+function setup(thread)
+   table.insert(threads, thread)
+end
+function done(summary, latency, requests)
+   local o, l, x = 0, 0, 0
+   for _, t in ipairs(threads) do
+      o = o + t:get("ok"); l = l + t:get("limited"); x = x + t:get("other")
+   end
+   io.write(string.format('WRK_SUMMARY {"requests":%%d,"status":%%d,'
+            .. '"ok":%%d,"limited":%%d,"other":%%d}\n', summary.requests,
+            summary.errors.status, o, l, x))
+end
+""" % CHAT
+
+BACKEND = """
+    server {
+        listen 127.0.0.1:{port};
+        access_log off;
+        keepalive_requests 1000000;
+        location / {
+            default_type application/json;
+            return 200 '%s';
+        }
+        location = /status {
+            stub_status;
+        }
+    }
+""" % BACKEND_BODY
+
+GATEWAY = """
+    upstream pool {{ server {backend}; keepalive 64;
+                     keepalive_requests 1000000; }}
+    infer_ratelimit_redis {redis} timeout=1s{coalesce};
+    infer_model bench-model upstream=pool;
+    server {{
+        listen 127.0.0.1:{{port}};
+        access_log off;
+        keepalive_requests 1000000;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        infer_route on;
+        infer_ratelimit on;
+        location / {{
+            infer_ratelimit_limit bench $http_x_key {rate};
+            proxy_pass http://pool;
+        }}
+        location /acc-req/ {{
+            infer_ratelimit_limit acc_req $http_x_key requests={limit}/30d;
+            proxy_pass http://pool;
+        }}
+        location /acc-tok/ {{
+            infer_ratelimit_limit acc_tok $http_x_key tokens={tokens}/30d;
+            proxy_pass http://pool;
+        }}
+    }}
+"""
+
+# the throughput limit never refuses: a refusal does not reach the
+# backend and would look cheap (and fails the run as a non-2xx)
+RATE = "tokens=1000000000/h"
+WINDOW_US = 30 * 86400 * 10 ** 6
+
+
+def redis_cpu(pid):
+    """utime + stime ticks of all of redis-server's threads (/proc/PID/stat
+    of the process), and their schedstat ns summed."""
+    ns = 0
+    for t in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            ns += int((t / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass
+    return cpu_ticks(pid), ns
+
+
+def children_ticks():
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (ru.ru_utime + ru.ru_stime) * CLK_TCK
+
+
+def stub_requests(url):
+    with urllib.request.urlopen(url + "/status", timeout=5) as r:
+        text = r.read().decode()
+    m = re.search(r"^\s*\d+\s+\d+\s+(\d+)\s*$", text, re.M)
+    if not m:
+        fail(f"stub_status: {text!r}")
+    return int(m.group(1))
+
+
+class Bench:
+    def __init__(self, args, work):
+        self.args = args
+        self.work = work
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            fail("need 2 CPUs")
+        self.server_cpu, self.client_cpu = {cpus[0]}, cpus[1]
+        self.started = []
+        self.lua = work / "gateways.lua"
+        self.lua.write_text(LUA)
+
+    def start(self):
+        a = self.args
+        mine = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, self.server_cpu)
+        try:
+            self.redis = RedisServer(self.work / "redis").start()
+            self.started.append(self.redis)
+            self.backend = Nginx(self.work / "backend", http=BACKEND,
+                                 modules=[], workers=1,
+                                 error_level="warn").start()
+            self.started.append(self.backend)
+            self.gws = {}
+            for mode in MODES:
+                self.gws[mode] = []
+                for i in range(max(SIZES)):
+                    http = GATEWAY.format(
+                        backend=self.backend.addr, redis=self.redis.addr,
+                        coalesce=" coalesce=off" if mode == "off" else "",
+                        rate=RATE, limit=a.limit, tokens=USAGE * a.limit)
+                    n = Nginx(self.work / f"gw-{mode}-{i + 1}", http=http,
+                              modules=["route", "ratelimit"], workers=1,
+                              error_level="warn").start()
+                    self.started.append(n)
+                    self.gws[mode].append(n)
+        finally:
+            os.sched_setaffinity(0, mine)
+        for n in self.started:
+            pids = (master_and_workers(n) if isinstance(n, Nginx)
+                    else [n.proc.pid])
+            for pid in pids:
+                pin(pid, self.server_cpu)
+                if os.sched_getaffinity(pid) != self.server_cpu:
+                    fail(f"pid {pid} not pinned")
+        self.workers = {n: n.worker_pids()[0]
+                        for m in MODES for n in self.gws[m]}
+        self.workers[self.backend] = self.backend.worker_pids()[0]
+        self.client = self.redis.client()
+
+    def stop(self):
+        for n in reversed(self.started):
+            n.stop()
+
+    def check_workers(self):
+        for n, pid in self.workers.items():
+            if n.worker_pids() != [pid]:
+                fail(f"{n.workdir.name}: the worker was replaced "
+                     f"(crash?): {n.log_text()[-2000:]}")
+
+    def sample(self):
+        """Everything a run's deltas are taken from."""
+        return {"t": time.monotonic(),
+                "ns": {n: cpu_ns(p) for n, p in self.workers.items()},
+                "ticks": {n: cpu_ticks(p) for n, p in self.workers.items()},
+                "masters": sum(cpu_ticks(n.proc.pid) for n in self.workers),
+                "redis": redis_cpu(self.redis.proc.pid),
+                "calls": redis_calls(self.client),
+                "kids": children_ticks(),
+                "stat": cpu_times()}
+
+    def wrk(self, gws, duration, path, key=None, count=False):
+        """One wrk per gateway, all at once; their parsed reports."""
+        per = max(1, self.args.connections // len(gws))
+        procs = []
+        for i, n in enumerate(gws):
+            env = dict(os.environ, GW_PATH=path, GW_KEYS=str(self.keys),
+                       GW_OFFSET=str(i * self.keys // len(gws)))
+            if key:
+                env["GW_KEY"] = key
+            if count:
+                env["GW_COUNT"] = "1"
+            procs.append(subprocess.Popen(
+                ["taskset", "-c", str(self.client_cpu), "wrk", "-t1",
+                 f"-c{per}", f"-d{duration}s", "--latency", "-s",
+                 str(self.lua), n.url + path],
+                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                text=True))
+        outs = []
+        for p in procs:
+            try:
+                out, _ = p.communicate(timeout=duration + 60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                fail("wrk did not finish")
+            outs.append(out)
+        res = []
+        for n, out in zip(gws, outs):
+            try:
+                w = parse_wrk(out)
+            except BenchError as e:
+                fail(f"{n.workdir.name}: {e}\nwrk's whole output:\n{out}"
+                     f"\nits error log:\n{n.log_text()[-3000:]}")
+            e = w["errors"]
+            if e["connect"] or e["read"] or e["write"] or e["timeout"]:
+                fail(f"{n.workdir.name}: socket errors:\n{out}")
+            if e["status"] and not count:
+                fail(f"{n.workdir.name}: non-2xx answers:\n{out}")
+            if count and w["summary"]["other"]:
+                fail(f"{n.workdir.name}: answers other than 200/429:\n{out}")
+            w["text"] = out
+            res.append(w)
+        return res
+
+    def throughput(self, mode, size, duration):
+        gws = self.gws[mode][:size]
+        s0 = self.sample()
+        ws = self.wrk(gws, duration, "/v1/chat/completions")
+        s1 = self.sample()
+        self.check_workers()
+        reqs = sum(w["requests"] for w in ws)
+        ticks0, ns0 = s0["redis"]
+        ticks1, ns1 = s1["redis"]
+        d = {k: s1["calls"].get(k, 0) - s0["calls"].get(k, 0)
+             for k in s1["calls"]}
+        wall = (s1["t"] - s0["t"]) * CLK_TCK
+        ours = (sum(s1["ticks"][n] - s0["ticks"][n] for n in self.workers)
+                + s1["masters"] - s0["masters"] + ticks1 - ticks0
+                + s1["kids"] - s0["kids"])
+        used = sum(s1["stat"][c]["proc"] - s0["stat"][c]["proc"]
+                   + s1["stat"][c]["steal"] - s0["stat"][c]["steal"]
+                   for c in s1["stat"]
+                   if c in self.server_cpu or c == self.client_cpu)
+        return {
+            "mode": mode, "gateways": size, "requests": reqs,
+            "rps": sum(w["rps"] for w in ws),
+            "gw_rps": [w["rps"] for w in ws],
+            "gw_cpu_us": [(s1["ns"][n] - s0["ns"][n]) / 1e3 / w["requests"]
+                          for n, w in zip(gws, ws)],
+            "gw_cpu_us_ticks": [(s1["ticks"][n] - s0["ticks"][n])
+                                * 1e6 / CLK_TCK / w["requests"]
+                                for n, w in zip(gws, ws)],
+            "backend_cpu_us": (s1["ns"][self.backend]
+                               - s0["ns"][self.backend]) / 1e3 / reqs,
+            "redis_ticks": ticks1 - ticks0,
+            "redis_cpu_us": (ticks1 - ticks0) * 1e6 / CLK_TCK / reqs,
+            "redis_cpu_us_schedstat": (ns1 - ns0) / 1e3 / reqs,
+            "redis_calls": (d.get("evalsha", 0) + d.get("eval", 0)) / reqs,
+            # INFO is this script's own
+            "redis_cmds": {k: v / reqs for k, v in d.items()
+                           if v and k != "info"},
+            "p50_us": statistics.median(w["p50_us"] for w in ws),
+            "p99_us": max(w["p99_us"] for w in ws),
+            "wrk_cpu": (s1["kids"] - s0["kids"]) / wall,
+            "noise": max(0.0, used - ours) / wall,
+        }
+
+    def wait_quiet(self, limit=60):
+        """Until a second passes with the two CPUs busy less than NOISY
+        (only idle servers of ours on them), at most limit seconds."""
+        cpus = self.server_cpu | {self.client_cpu}
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            s0, t0 = cpu_times(), time.monotonic()
+            time.sleep(1)
+            s1, t1 = cpu_times(), time.monotonic()
+            busy = sum(s1[c]["proc"] - s0[c]["proc"] + s1[c]["steal"]
+                       - s0[c]["steal"] for c in cpus)
+            if busy / ((t1 - t0) * CLK_TCK) < NOISY:
+                return
+
+    def accuracy(self, kind, mode, size, duration, tag):
+        """One limit on one fresh key through size gateways at once."""
+        gws = self.gws[mode][:size]
+        key = f"acc-{tag}-{kind}-{mode}-{size}"
+        path = "/acc-req/" if kind == "requests" else "/acc-tok/"
+        b0 = stub_requests(self.backend.url)
+        ws = self.wrk(gws, duration, path, key=key, count=True)
+        time.sleep(0.5)                 # coalesced corrections land
+        b1 = stub_requests(self.backend.url)
+        self.check_workers()
+        served = b1 - b0 - 1            # the second /status counts itself
+        limit = self.args.limit * (1 if kind == "requests" else USAGE)
+        name = "acc_req" if kind == "requests" else "acc_tok"
+        tat = self.client.get(f"infer:rl:{{{key}}}:{name}")
+        sec, usec = self.client.time()
+        now = sec * 10 ** 6 + usec
+        held = (max(0.0, float(tat) - now) / (WINDOW_US / limit)
+                if tat is not None else 0.0)
+        ok = [w["summary"]["ok"] for w in ws]
+        r = {"kind": kind, "mode": mode, "gateways": size, "key": key,
+             "limit": limit, "admitted": sum(ok), "gw_admitted": ok,
+             "refused": sum(w["summary"]["limited"] for w in ws),
+             "served": served, "redis_held": held}
+        if kind == "requests":
+            r["allowed"], r["charged"] = limit, sum(ok)
+        else:
+            r["allowed"], r["charged"] = limit, USAGE * served
+        r["over"] = r["charged"] > r["allowed"]
+        return r
+
+    def log_lines(self):
+        bad, other = [], []
+        for n in self.started:
+            if not isinstance(n, Nginx):
+                continue
+            bad += [f"{n.workdir.name}: {x}" for x in n.log_problems()]
+            other += [f"{n.workdir.name}: {x}"
+                      for x in n.log_text().splitlines()
+                      if "[error]" in x or "[warn]" in x]
+        return bad, other
+
+
+def median(vals):
+    return statistics.median(vals)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="measured rounds (default 5)")
+    ap.add_argument("--duration", type=int, default=3,
+                    help="seconds per throughput run (default 3)")
+    ap.add_argument("--connections", type=int, default=32,
+                    help="wrk connections in all, split between the "
+                         "gateways of a run (default 32)")
+    ap.add_argument("--limit", type=int, default=2000,
+                    help="the accuracy runs' requests limit, per 30 days, "
+                         "on one key; the tokens limit is 11 times it "
+                         "(default 2000)")
+    ap.add_argument("--acc-duration", type=int, default=2,
+                    help="seconds per accuracy run (default 2)")
+    ap.add_argument("--quick", action="store_true",
+                    help="1 round of 2 s")
+    ap.add_argument("--hot", action="store_true",
+                    help="one key for every throughput request")
+    ap.add_argument("--retries", type=int, default=10,
+                    help="throughput runs that may be redone, in all, "
+                         "because other work took over "
+                         f"{NOISY * 100:.0f}%% of a CPU (default 10)")
+    ap.add_argument("--no-accuracy", action="store_true",
+                    help="throughput only")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the work directory (confs, logs)")
+    ap.add_argument("--out", default=str(BENCH / "results" / "gateways.json"),
+                    help="JSON results (default bench/results/gateways.json)")
+    args = ap.parse_args()
+    if args.quick:
+        args.rounds, args.duration = 1, 2
+    if min(args.rounds, args.duration, args.limit, args.acc_duration) < 1 \
+            or args.connections < max(SIZES) or args.retries < 0:
+        ap.error("--rounds, --duration, --limit, --acc-duration must be >= 1"
+                 f", --connections >= {max(SIZES)}, --retries >= 0")
+
+    work = Path(tempfile.mkdtemp(prefix="infer-bench-gw-"))
+    bench = Bench(args, work)
+    bench.keys = 1 if args.hot else KEYS
+    configs = [(m, n) for n in SIZES for m in MODES]
+    runs, acc, discarded = [], [], []
+    load = [os.getloadavg()]
+    started = time.monotonic()
+    ok = False
+    try:
+        bench.start()
+        print(f"gateways bench: {args.rounds} rounds x {args.duration} s, "
+              f"{args.connections} wrk connections in all, "
+              f"{bench.keys} keys; redis {bench.redis.addr}, backend "
+              f"{bench.backend.addr}; servers on CPU "
+              f"{sorted(bench.server_cpu)}, wrk on CPU {bench.client_cpu}; "
+              f"modules {MODULES_DIR}", flush=True)
+        for rnd in range(args.rounds + 1):          # round 0 warms up
+            k = rnd % len(configs)
+            for mode, size in configs[k:] + configs[:k]:
+                while True:
+                    r = bench.throughput(mode, size,
+                                         1 if rnd == 0 else args.duration)
+                    if rnd == 0 or r["noise"] <= NOISY \
+                            or len(discarded) >= args.retries:
+                        break
+                    discarded.append(r)
+                    print(f"  round {rnd} N={size} coalesce={mode}: other "
+                          f"work took {r['noise']:.0%} of a CPU: discarded"
+                          f" ({args.retries - len(discarded)} retries "
+                          "left), redone once the machine is quiet",
+                          flush=True)
+                    bench.wait_quiet()
+                if rnd == 0:
+                    continue
+                r["round"] = rnd
+                runs.append(r)
+                print(f"  round {rnd} N={size} coalesce={mode:<4} "
+                      f"{r['rps']:8,.0f} req/s ("
+                      + "/".join(f"{x:,.0f}" for x in r["gw_rps"])
+                      + f")  gw {statistics.mean(r['gw_cpu_us']):5.1f} "
+                      f"µs/req  redis {r['redis_cpu_us']:5.2f} µs/req "
+                      f"(schedstat {r['redis_cpu_us_schedstat']:5.2f})  "
+                      f"{r['redis_calls']:.3f} calls/req  wrk CPU "
+                      f"{r['wrk_cpu']:.0%}  other load {r['noise']:.0%}",
+                      flush=True)
+        if not args.no_accuracy:
+            tag = str(int(time.time()))
+            for kind in ("requests", "tokens"):
+                for mode in MODES:
+                    for size in SIZES:
+                        r = bench.accuracy(kind, mode, size,
+                                           args.acc_duration, tag)
+                        acc.append(r)
+                        print(f"  accuracy {kind:<8} coalesce={mode:<4} "
+                              f"N={size}: admitted {r['admitted']} ("
+                              + "/".join(map(str, r["gw_admitted"]))
+                              + f"), served {r['served']}, charged "
+                              f"{r['charged']} of {r['allowed']}, redis holds"
+                              f" {r['redis_held']:.1f}, refused "
+                              f"{r['refused']}", flush=True)
+        bad, other = bench.log_lines()
+        if bad:
+            fail("nginx logged problems:\n" + "\n".join(bad[:20]))
+        ok = True
+    except BenchError as e:
+        print(f"\nBENCH FAILED: {e}", file=sys.stderr)
+    finally:
+        bench.stop()
+        if ok and not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"work directory kept: {work}", file=sys.stderr)
+    if not ok:
+        sys.exit(1)
+    load.append(os.getloadavg())
+    elapsed = time.monotonic() - started
+
+    summary = []
+    print()
+    print(f"Medians over {args.rounds} rounds of {args.duration} s; "
+          f"{elapsed / 60:.1f} min in all; load average before "
+          f"{load[0][0]:.2f}, after {load[1][0]:.2f}.")
+    print()
+    head = (f"{'N':>2} {'coalesce':>8} {'req/s':>8} {'per gateway':>23} "
+            f"{'gw CPU µs/req':>14} {'redis µs/req':>12} "
+            f"{'calls/req':>9} {'p50 ms':>6} {'p99 ms':>6}")
+    print(head)
+    print("-" * len(head))
+    for size in SIZES:
+        for mode in MODES:
+            rs = [r for r in runs if r["mode"] == mode
+                  and r["gateways"] == size]
+            # Redis CPU from the tick count summed over the rounds: a 3 s
+            # run is only some tens of ticks of Redis
+            ticks = sum(r["redis_ticks"] for r in rs)
+            reqs = sum(r["requests"] for r in rs)
+            m = {"mode": mode, "gateways": size,
+                 "rps": median([r["rps"] for r in rs]),
+                 "gw_rps": [median([r["gw_rps"][i] for r in rs])
+                            for i in range(size)],
+                 "gw_cpu_us": [median([r["gw_cpu_us"][i] for r in rs])
+                               for i in range(size)],
+                 "redis_cpu_us": ticks * 1e6 / CLK_TCK / reqs,
+                 "redis_cpu_us_schedstat":
+                     median([r["redis_cpu_us_schedstat"] for r in rs]),
+                 "redis_calls": median([r["redis_calls"] for r in rs]),
+                 "backend_cpu_us": median([r["backend_cpu_us"] for r in rs]),
+                 "p50_us": median([r["p50_us"] for r in rs]),
+                 "p99_us": median([r["p99_us"] for r in rs]),
+                 "redis_cmds": rs[-1]["redis_cmds"]}
+            summary.append(m)
+            share = "/".join(f"{x:,.0f}" for x in m["gw_rps"])
+            cpu = statistics.mean(m["gw_cpu_us"])
+            print(f"{size:>2} {mode:>8} {m['rps']:8,.0f} {share:>23} "
+                  f"{cpu:14.1f} {m['redis_cpu_us']:12.2f} "
+                  f"{m['redis_calls']:9.3f} {m['p50_us'] / 1e3:6.2f} "
+                  f"{m['p99_us'] / 1e3:6.2f}")
+    print()
+    print("gw CPU µs/req: mean of the gateways' workers (per gateway: "
+          + "; ".join(f"N={m['gateways']} {m['mode']} "
+                      + "/".join(f"{x:.1f}" for x in m["gw_cpu_us"])
+                      for m in summary if m["gateways"] > 1) + ")")
+    print("redis µs/req: redis-server utime+stime (/proc/PID/stat) over "
+          "all rounds / requests; schedstat cross-check: "
+          + ", ".join(f"N={m['gateways']} {m['mode']} "
+                      f"{m['redis_cpu_us_schedstat']:.2f}" for m in summary))
+    print("redis commands per request (last round): "
+          + "; ".join(f"N={m['gateways']} {m['mode']} "
+                      + ", ".join(f"{k}={v:.3f}" for k, v in
+                                  sorted(m["redis_cmds"].items()))
+                      for m in summary))
+    print("backend CPU µs/req (same CPU, for reference): "
+          + ", ".join(f"N={m['gateways']} {m['mode']} "
+                      f"{m['backend_cpu_us']:.1f}" for m in summary))
+    noisy = [r for r in runs if r["noise"] > NOISY]
+    print(f"other load on the two CPUs: at most "
+          f"{max(r['noise'] for r in runs):.0%} of a CPU in a kept run"
+          + (f"; WARNING: {len(noisy)} of {len(runs)} kept runs over "
+             f"{NOISY:.0%}, their figures are unreliable" if noisy else "")
+          + (f"; {len(discarded)} runs discarded and redone"
+             if discarded else ""))
+
+    if acc:
+        print()
+        print(f"Accuracy: one key, {args.acc_duration} s per run, all the "
+              "gateways at once (admitted = 200s at the clients; served = "
+              "the backend's count)")
+        print()
+        head = (f"{'limit':<22} {'coalesce':>8} {'N':>2} {'admitted':>8} "
+                f"{'per gateway':>16} {'served':>7} {'charged/allowed':>17}"
+                f" {'redis holds':>11} {'429s':>7}")
+        print(head)
+        print("-" * len(head))
+        for r in acc:
+            lim = (f"requests={args.limit}/30d" if r["kind"] == "requests"
+                   else f"tokens={r['limit']}/30d")
+            print(f"{lim:<22} {r['mode']:>8} {r['gateways']:>2} "
+                  f"{r['admitted']:>8} "
+                  f"{'/'.join(map(str, r['gw_admitted'])):>16} "
+                  f"{r['served']:>7} "
+                  f"{str(r['charged']) + '/' + str(r['allowed']):>17} "
+                  f"{r['redis_held']:11.1f} {r['refused']:>7}"
+                  + ("  OVER" if r["over"] else ""))
+        print("charged: requests admitted, or 11 tokens x requests served")
+    print()
+    print("What one Redis core carries at these figures (Redis CPU per "
+          "request as measured here: loopback, this machine, one worker "
+          "per gateway, 100 % of the core):")
+    for m in summary:
+        if m["gateways"] != max(SIZES):
+            continue
+        cap = 1e6 / m["redis_cpu_us"]
+        print(f"  coalesce={m['mode']:<4} (N={m['gateways']}): "
+              f"{m['redis_cpu_us']:.1f} µs/req -> {cap:,.0f} req/s per "
+              f"Redis core = {cap / GW_RPS:.1f} gateways at {GW_RPS:,} "
+              f"req/s; {FLEET} gateways ({FLEET * GW_RPS:,} req/s) need "
+              f"{FLEET * GW_RPS * m['redis_cpu_us'] / 1e6:.1f} Redis cores")
+    if other:
+        print()
+        print(f"nginx logged {len(other)} [error]/[warn] lines, e.g.:")
+        print("\n".join(other[:5]))
+
+    ex = [r for r in acc if r["kind"] == "requests"
+          and (r["admitted"] != r["allowed"] or r["served"] != r["admitted"])]
+    over = [r for r in acc if r["over"]]
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "date": datetime.datetime.now(datetime.timezone.utc)
+                .isoformat(timespec="seconds"),
+        "git": git_describe(), "nginx": tool_version([NGINX_BIN, "-v"]),
+        "redis": tool_version(["redis-server", "--version"]),
+        "modules_dir": str(MODULES_DIR),
+        "modules_sha256": {m: hashlib.sha256(
+            module_path(m).read_bytes()).hexdigest()
+            for m in ("route", "ratelimit")},
+        "params": {k: v for k, v in vars(args).items()},
+        "loadavg_before_after": load, "keys": bench.keys,
+        "summary": summary, "runs": runs, "discarded": discarded,
+        "accuracy": acc,
+        "nginx_error_warn_lines": other[:100],
+    }, indent=2, default=str) + "\n")
+    print(f"\nwritten: {out}")
+    if ex or over:
+        print("ACCURACY FAILED: " + "; ".join(
+            f"{r['kind']} coalesce={r['mode']} N={r['gateways']}: "
+            f"admitted {r['admitted']}, served {r['served']}, charged "
+            f"{r['charged']} of {r['allowed']}" for r in ex + over),
+            file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
