@@ -43,9 +43,11 @@ extern ngx_module_t  ngx_http_infer_ratelimit_module;
 #define NGX_HTTP_INFER_RL_NOWHERE      0
 #define NGX_HTTP_INFER_RL_IN_ZONE      1
 #define NGX_HTTP_INFER_RL_IN_REDIS     2
+#define NGX_HTTP_INFER_RL_IN_APPROX    3    /* this worker's, to sync */
 
 #define NGX_HTTP_INFER_RL_ADMIT        'a'
 #define NGX_HTTP_INFER_RL_RECONCILE    'r'
+#define NGX_HTTP_INFER_RL_SYNC         's'    /* approximate limits */
 
 
 typedef struct {
@@ -56,6 +58,8 @@ typedef struct {
     ngx_msec_t                  window;     /* 0: concurrency */
     ngx_str_t                   window_text;
     ngx_uint_t                  calendar;   /* NGX_HTTP_INFER_RL_DAY ... */
+    ngx_msec_t                  approximate; /* the sync interval; 0: an
+                                                exact limit */
     ngx_uint_t                  on_error;
 } ngx_http_infer_ratelimit_limit_t;
 
@@ -185,6 +189,8 @@ typedef struct {
 typedef struct {
     ngx_http_infer_ratelimit_item_t  *items;
     ngx_uint_t                  nitems;
+    ngx_uint_t                  nexact;     /* the first ones; then the
+                                               approximate ones */
     ngx_uint_t                  status;     /* PASSED ... SHADOW */
     ngx_http_infer_ratelimit_item_t  *refused;
 
@@ -221,6 +227,8 @@ typedef struct {
     ngx_array_t                 names;      /* limit_t *, one per name */
     ngx_http_infer_ratelimit_redis_conf_t  *redis;
     ngx_http_infer_ratelimit_events_conf_t *events;
+    ngx_msec_t                  approx;     /* the shortest sync interval
+                                               of approximate limits */
     ngx_int_t                   input[NGX_HTTP_INFER_RL_INPUTS];
                                             /* variable indexes, or
                                                NGX_DECLINED */
@@ -242,6 +250,17 @@ void ngx_http_infer_ratelimit_coalesce_exit_process(ngx_cycle_t *cycle);
 ngx_int_t ngx_http_infer_ratelimit_coalesce_add(
     ngx_http_infer_ratelimit_item_t *items, ngx_uint_t n);
 void ngx_http_infer_ratelimit_coalesce_flush(void);
+ngx_int_t ngx_http_infer_ratelimit_approx_init_process(ngx_cycle_t *cycle,
+    ngx_http_infer_ratelimit_redis_conf_t *rcf, ngx_msec_t interval);
+void ngx_http_infer_ratelimit_approx_exit_process(ngx_cycle_t *cycle);
+ngx_int_t ngx_http_infer_ratelimit_approx_admit(
+    ngx_http_infer_ratelimit_item_t *items, ngx_uint_t n);
+void ngx_http_infer_ratelimit_approx_move(
+    ngx_http_infer_ratelimit_item_t *items, ngx_uint_t n, ngx_uint_t undo);
+void ngx_http_infer_ratelimit_approx_sync(void);
+void ngx_http_infer_ratelimit_approx_synced(ngx_int_t rc, ngx_uint_t sent);
+ngx_http_infer_ratelimit_item_t *ngx_http_infer_ratelimit_approx_items(
+    ngx_uint_t *n);
 void ngx_http_infer_ratelimit_coalesce_admit(
     ngx_http_infer_ratelimit_item_t *items, ngx_uint_t n);
 

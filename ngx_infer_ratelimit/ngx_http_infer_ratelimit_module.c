@@ -321,17 +321,28 @@ ngx_http_infer_ratelimit_handler(ngx_http_request_t *r)
     rmcf = ngx_http_get_module_main_conf(r, ngx_http_infer_ratelimit_module);
 
     if (rmcf->redis) {
+        /* the approximate limits, from what this worker knows */
+
+        if (ngx_http_infer_ratelimit_approx_admit(ctx->items + ctx->nexact,
+                                                  ctx->nitems - ctx->nexact)
+            != NGX_OK || ctx->nexact == 0)
+        {
+            ctx->status = NGX_HTTP_INFER_RL_PASSED;
+            ngx_http_infer_ratelimit_decide(r, ctx);
+            return ngx_http_infer_ratelimit_result(r, ctx);
+        }
+
         /* what this gateway used itself: the least Redis may hold */
         ngx_http_infer_ratelimit_zone_floor(rmcf->shm_zone, ctx->items,
-                                            ctx->nitems,
+                                            ctx->nexact,
                                             rmcf->redis->replicas,
                                             rmcf->redis->timeout);
 
-        ngx_http_infer_ratelimit_coalesce_admit(ctx->items, ctx->nitems);
+        ngx_http_infer_ratelimit_coalesce_admit(ctx->items, ctx->nexact);
 
         rc = ngx_http_infer_ratelimit_redis_eval(r, rmcf->redis,
                                          NGX_HTTP_INFER_RL_ADMIT,
-                                         ctx->items, ctx->nitems,
+                                         ctx->items, ctx->nexact,
                                          ngx_http_infer_ratelimit_redis_done);
         if (rc == NGX_AGAIN) {
             ctx->waiting = 1;
@@ -371,7 +382,8 @@ ngx_http_infer_ratelimit_items(ngx_http_request_t *r,
     u_char                                *p;
     uint64_t                               estimate, prompt, max, spend;
     ngx_str_t                              key;
-    ngx_uint_t                             i, n, found, tokens;
+    ngx_uint_t                             i, k, n, found, tokens, approx;
+    ngx_http_infer_ratelimit_item_t       *sorted;
     ngx_http_variable_value_t             *model;
     ngx_http_infer_ratelimit_item_t       *item;
     ngx_http_infer_ratelimit_limit_t      *limit;
@@ -488,6 +500,40 @@ ngx_http_infer_ratelimit_items(ngx_http_request_t *r,
         }
 
         item->hash = ngx_crc32_short(item->id.data, item->id.len);
+    }
+
+    /* the exact limits first, then the approximate ones, in order */
+
+    ctx->nexact = ctx->nitems;
+
+    for (i = 0; i < ctx->nitems; i++) {
+        if (ctx->items[i].limit->approximate) {
+            break;
+        }
+    }
+
+    if (i < ctx->nitems) {
+        sorted = ngx_palloc(r->pool,
+                        ctx->nitems * sizeof(ngx_http_infer_ratelimit_item_t));
+        if (sorted == NULL) {
+            return NGX_ERROR;
+        }
+
+        k = 0;
+
+        for (approx = 0; approx < 2; approx++) {
+            for (i = 0; i < ctx->nitems; i++) {
+                if ((ctx->items[i].limit->approximate != 0) == approx) {
+                    sorted[k++] = ctx->items[i];
+                }
+            }
+
+            if (approx == 0) {
+                ctx->nexact = k;
+            }
+        }
+
+        ctx->items = sorted;
     }
 
     return NGX_OK;
@@ -616,7 +662,7 @@ ngx_http_infer_ratelimit_redis_done(ngx_http_request_t *r, ngx_int_t rc)
                                              ngx_http_infer_ratelimit_module);
 
         ngx_http_infer_ratelimit_zone_mirror(rmcf->shm_zone, ctx->items,
-                                             ctx->nitems,
+                                             ctx->nexact,
                                              rmcf->redis->replicas);
 
     } else {
@@ -658,7 +704,9 @@ ngx_http_infer_ratelimit_degrade(ngx_http_request_t *r,
                                     1);
     }
 
-    for (i = 0; i < ctx->nitems; i++) {
+    /* the approximate limits were decided here already */
+
+    for (i = 0; i < ctx->nexact; i++) {
         item = &ctx->items[i];
 
         item->known = 0;
@@ -675,7 +723,7 @@ ngx_http_infer_ratelimit_degrade(ngx_http_request_t *r,
     replicas = rmcf->redis ? rmcf->redis->replicas : 1;
 
     (void) ngx_http_infer_ratelimit_zone_eval(rmcf->shm_zone, ctx->items,
-                                              ctx->nitems, 1, replicas);
+                                              ctx->nexact, 1, replicas);
 }
 
 
@@ -733,6 +781,10 @@ ngx_http_infer_ratelimit_decide(ngx_http_request_t *r,
     }
 
     ctx->limited = 1;
+
+    /* refused by an exact limit: the approximate ones charged nothing */
+    ngx_http_infer_ratelimit_approx_move(ctx->items + ctx->nexact,
+                                         ctx->nitems - ctx->nexact, 1);
 
     if (ctx->status != NGX_HTTP_INFER_RL_DEGRADED) {
         ctx->status = NGX_HTTP_INFER_RL_LIMITED;
@@ -1138,14 +1190,17 @@ ngx_http_infer_ratelimit_log_handler(ngx_http_request_t *r)
     }
 
     if (redis && rmcf->redis
-        && ngx_http_infer_ratelimit_coalesce_add(ctx->items, ctx->nitems)
+        && ngx_http_infer_ratelimit_coalesce_add(ctx->items, ctx->nexact)
            != NGX_OK)
     {
         (void) ngx_http_infer_ratelimit_redis_eval(r, rmcf->redis,
                                                    NGX_HTTP_INFER_RL_RECONCILE,
-                                                   ctx->items, ctx->nitems,
+                                                   ctx->items, ctx->nexact,
                                                    NULL);
     }
+
+    ngx_http_infer_ratelimit_approx_move(ctx->items + ctx->nexact,
+                                         ctx->nitems - ctx->nexact, 0);
 
     return NGX_DECLINED;
 }
@@ -1522,6 +1577,29 @@ ngx_http_infer_ratelimit_limit(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
             continue;
         }
 
+        if (ngx_strncmp(value[i].data, "approximate", 11) == 0
+            && (value[i].len == 11 || value[i].data[11] == '='))
+        {
+            limit->approximate = 100;
+
+            if (value[i].len > 11) {
+                limit->approximate = ngx_http_infer_param_msec(&value[i], 12);
+
+                if (limit->approximate == (ngx_msec_t) NGX_ERROR
+                    || limit->approximate < 10
+                    || limit->approximate > 10000)
+                {
+                    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                       "invalid \"%V\": a sync interval "
+                                       "of 10ms to 10s expected",
+                                       &value[i]);
+                    return NGX_CONF_ERROR;
+                }
+            }
+
+            continue;
+        }
+
         if (ngx_strncmp(value[i].data, "on_error=", 9) == 0) {
             s.data = value[i].data + 9;
             s.len = value[i].len - 9;
@@ -1552,6 +1630,14 @@ ngx_http_infer_ratelimit_limit(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         return NGX_CONF_ERROR;
     }
 
+    if (limit->approximate && limit->kind == NGX_HTTP_INFER_RL_CONCURRENCY)
+    {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "limit \"%V\": a concurrency limit cannot be "
+                           "approximate", &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
     if (!have_rate) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                            "limit \"%V\" has no rate: requests=N/period, "
@@ -1578,7 +1664,8 @@ ngx_http_infer_ratelimit_limit(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         if (named[j]->kind != limit->kind
             || named[j]->limit != limit->limit
             || named[j]->window != limit->window
-            || named[j]->calendar != limit->calendar)
+            || named[j]->calendar != limit->calendar
+            || named[j]->approximate != limit->approximate)
         {
             ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                                "limit \"%V\" is declared with another rate "
@@ -1697,6 +1784,27 @@ ngx_http_infer_ratelimit_merge_conf(ngx_conf_t *cf, void *parent, void *child)
         return NGX_CONF_OK;
     }
 
+    limit = conf->limits->elts;
+
+    for (i = 0; i < conf->limits->nelts; i++) {
+        if (!limit[i].approximate) {
+            continue;
+        }
+
+        if (rmcf->redis == NULL) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "infer_ratelimit_limit \"%V\" is "
+                               "approximate: it needs infer_ratelimit_redis "
+                               "(the zone is exact already)",
+                               &limit[i].name);
+            return NGX_CONF_ERROR;
+        }
+
+        if (rmcf->approx == 0 || limit[i].approximate < rmcf->approx) {
+            rmcf->approx = limit[i].approximate;
+        }
+    }
+
     if (rmcf->shm_zone) {
         return NGX_CONF_OK;
     }
@@ -1811,7 +1919,10 @@ ngx_http_infer_ratelimit_init_process(ngx_cycle_t *cycle)
     }
 
     if (ngx_http_infer_ratelimit_coalesce_init_process(cycle, rmcf->redis)
-        != NGX_OK)
+        != NGX_OK
+        || ngx_http_infer_ratelimit_approx_init_process(cycle, rmcf->redis,
+                                                        rmcf->approx)
+           != NGX_OK)
     {
         return NGX_ERROR;
     }
@@ -1826,5 +1937,6 @@ ngx_http_infer_ratelimit_exit_process(ngx_cycle_t *cycle)
     /* the events first: what hiredis fails then is counted as dropped */
     ngx_http_infer_ratelimit_events_exit_process(cycle);
     ngx_http_infer_ratelimit_coalesce_exit_process(cycle);
+    ngx_http_infer_ratelimit_approx_exit_process(cycle);
     ngx_http_infer_ratelimit_redis_exit_process(cycle);
 }

@@ -66,6 +66,7 @@ typedef struct {
     const char                        **argv;
     size_t                             *argvlen;
 
+    u_char                              mode;
     unsigned                            pending:1;  /* hiredis holds it */
     unsigned                            answered:1;
     unsigned                            retried:1;
@@ -116,6 +117,9 @@ static void ngx_http_infer_ratelimit_redis_reply(redisAsyncContext *ac,
 static void *ngx_http_infer_ratelimit_redis_array(const redisReadTask *task,
     int elements);
 static void ngx_http_infer_ratelimit_redis_readonly(redisReply *rr);
+static void ngx_http_infer_ratelimit_redis_synced(redisReply *rr);
+static ngx_int_t ngx_http_infer_ratelimit_redis_parse_sync(redisReply *rr,
+    ngx_http_infer_ratelimit_item_t *items, ngx_uint_t n);
 static ngx_uint_t ngx_http_infer_ratelimit_redis_admitted(redisReply *rr);
 static void ngx_http_infer_ratelimit_redis_undo(
     ngx_http_infer_ratelimit_waiter_t *w);
@@ -131,7 +135,9 @@ static void ngx_http_infer_ratelimit_redis_error(
 
 /*
  * KEYS: one per limit.  ARGV[1]: "a" (admit: check all, charge all or
- * none) or "r" (reconcile: move each key by a signed number of units);
+ * none), "r" (reconcile: move each key by a signed number of units) or
+ * "s" (sync approximate limits: move each key so, and answer what is
+ * left of each as an admission does, every key passing);
  * then per key: units, limit, window in ms (0: a count of requests in
  * flight, not a GCRA; negative: a calendar window's count, minus the ms
  * until the window ends, its key named by the window), and the floor:
@@ -196,6 +202,30 @@ static ngx_str_t  ngx_http_infer_ratelimit_script = ngx_string(
 "      end\n"
 "    end\n"
 "  end\n"
+"end\n"
+"if ARGV[1] == 's' then\n"
+"  for i = 1, #KEYS do\n"
+"    local g = 5 * i - 3\n"
+"    local a = 3 * i - 1\n"
+"    local cost = tonumber(ARGV[g])\n"
+"    local limit = tonumber(ARGV[g + 1])\n"
+"    local win = tonumber(ARGV[g + 2]) * 1000\n"
+"    if cost ~= 0 then\n"
+"      fix(KEYS[i], cost, limit, win)\n"
+"    end\n"
+"    local v = tonumber(redis.call('GET', KEYS[i]))\n"
+"    if win < 0 then\n"
+"      res[a] = math.max(0, limit - (v or 0))\n"
+"      res[a + 1] = -win / 1000\n"
+"    else\n"
+"      local em = win / limit\n"
+"      local tat = math.max(v or now, now)\n"
+"      res[a] = math.max(0, math.floor((now + win - tat) / em + 1e-6))\n"
+"      res[a + 1] = math.ceil((tat - now) / 1000)\n"
+"    end\n"
+"    res[a + 2] = 0\n"
+"  end\n"
+"  return res\n"
 "end\n"
 "if not admit then\n"
 "  for i = 1, #KEYS do\n"
@@ -387,7 +417,8 @@ ngx_http_infer_ratelimit_redis_eval(ngx_http_request_t *r,
     }
 
     k = 3 + n;
-    w->argv[k] = (mode == NGX_HTTP_INFER_RL_ADMIT) ? "a" : "r";
+    w->argv[k] = (mode == NGX_HTTP_INFER_RL_ADMIT) ? "a"
+                 : (mode == NGX_HTTP_INFER_RL_SYNC) ? "s" : "r";
     w->argvlen[k++] = 1;
 
     for (i = 0; i < n; i++) {
@@ -396,6 +427,9 @@ ngx_http_infer_ratelimit_redis_eval(ngx_http_request_t *r,
         if (mode == NGX_HTTP_INFER_RL_ADMIT) {
             /* more than the limit never fits: no overflow, no reset */
             units = (int64_t) ngx_min(item->cost, item->limit->limit + 1);
+
+        } else if (mode == NGX_HTTP_INFER_RL_SYNC) {
+            units = item->delta;
 
         } else {
             units = (item->where == NGX_HTTP_INFER_RL_IN_REDIS)
@@ -449,6 +483,7 @@ ngx_http_infer_ratelimit_redis_eval(ngx_http_request_t *r,
     w->items = items;
     w->nitems = n;
     w->done = done;
+    w->mode = mode;
 
     w->ev.handler = ngx_http_infer_ratelimit_redis_waiter_event;
     w->ev.data = w;
@@ -911,6 +946,7 @@ ngx_http_infer_ratelimit_redis_read(ngx_event_t *ev)
         c->idle = 0;
 
         ngx_http_infer_ratelimit_coalesce_flush();
+        ngx_http_infer_ratelimit_approx_sync();
         ngx_http_infer_ratelimit_events_quit();
     }
 
@@ -1147,6 +1183,12 @@ ngx_http_infer_ratelimit_redis_reply(redisAsyncContext *ac, void *reply,
         }
     }
 
+    if (w->mode == NGX_HTTP_INFER_RL_SYNC) {
+        ngx_http_infer_ratelimit_redis_synced(rr);
+        ngx_http_infer_ratelimit_redis_waiter_free(w);
+        return;
+    }
+
     if (w->r == NULL) {
         /* a reconciliation, or a request that is gone */
 
@@ -1194,6 +1236,47 @@ ngx_http_infer_ratelimit_redis_readonly(redisReply *rr)
     if (rr->len >= 8 && ngx_strncmp(rr->str, "READONLY", 8) == 0) {
         ngx_http_infer_ratelimit_redis_reset("a replica now");
     }
+}
+
+
+/* an approximate limits' sync answered, or not (rr NULL) */
+
+static void
+ngx_http_infer_ratelimit_redis_synced(redisReply *rr)
+{
+    ngx_uint_t                        n;
+    ngx_http_infer_ratelimit_item_t  *items;
+
+    items = ngx_http_infer_ratelimit_approx_items(&n);
+
+    if (items == NULL) {
+        return;
+    }
+
+    if (rr == NULL || ngx_http_infer_ratelimit_redis_parse_sync(rr, items, n)
+                      != NGX_OK)
+    {
+        ngx_http_infer_ratelimit_approx_synced(NGX_DECLINED, 1);
+        return;
+    }
+
+    ngx_http_infer_ratelimit_approx_synced(NGX_OK, 1);
+}
+
+
+static ngx_int_t
+ngx_http_infer_ratelimit_redis_parse_sync(redisReply *rr,
+    ngx_http_infer_ratelimit_item_t *items, ngx_uint_t n)
+{
+    if (rr->type == REDIS_REPLY_ERROR) {
+        ngx_http_infer_ratelimit_redis_error(
+            &ngx_http_infer_ratelimit_redis_worker, "script failed: %*s",
+            (size_t) ngx_min(rr->len, 256), (u_char *) rr->str);
+        ngx_http_infer_ratelimit_redis_readonly(rr);
+        return NGX_DECLINED;
+    }
+
+    return ngx_http_infer_ratelimit_redis_answer(rr, items, n);
 }
 
 
