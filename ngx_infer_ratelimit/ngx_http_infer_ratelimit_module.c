@@ -1539,7 +1539,11 @@ ngx_http_infer_ratelimit_limit(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
                 goto invalid_rate;
             }
 
-            if (limit->limit > (uint64_t) limit->window * 1000000) {
+            /* a budget counts nano-dollars: many per ns, in 128 bits */
+
+            if (limit->kind != NGX_HTTP_INFER_RL_BUDGET
+                && limit->limit > (uint64_t) limit->window * 1000000)
+            {
                 ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                                    "rate \"%V\" is more than one per "
                                    "nanosecond", &value[i]);

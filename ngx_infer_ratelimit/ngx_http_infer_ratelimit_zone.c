@@ -53,6 +53,34 @@ static ngx_int_t ngx_http_infer_ratelimit_init_zone(ngx_shm_zone_t *shm_zone,
     void *data);
 
 
+/*
+ * A GCRA of limit units per win ns: units as ns of its TAT, and ns as
+ * units, multiplied before divided, in 128 bits.  An emission interval
+ * (win / limit) in whole ns would be truncated: a budget of 1000 USD an
+ * hour, 10^12 nano-dollars in 3.6 10^12 ns, would get 3 ns a unit instead
+ * of 3.6, and admit 20 % more.
+ */
+
+#if (defined __SIZEOF_INT128__)
+typedef unsigned __int128  ngx_http_infer_ratelimit_wide_t;
+#else
+typedef long double        ngx_http_infer_ratelimit_wide_t;
+#endif
+
+static ngx_inline uint64_t
+ngx_http_infer_ratelimit_ns(uint64_t units, uint64_t win, uint64_t limit)
+{
+    return (uint64_t) ((ngx_http_infer_ratelimit_wide_t) units * win / limit);
+}
+
+
+static ngx_inline uint64_t
+ngx_http_infer_ratelimit_units(uint64_t ns, uint64_t win, uint64_t limit)
+{
+    return (uint64_t) ((ngx_http_infer_ratelimit_wide_t) ns * limit / win);
+}
+
+
 static void
 ngx_http_infer_ratelimit_rbtree_insert_value(ngx_rbtree_node_t *temp,
     ngx_rbtree_node_t *node, ngx_rbtree_node_t *sentinel)
@@ -257,7 +285,7 @@ ngx_http_infer_ratelimit_zone_eval(ngx_shm_zone_t *zone,
     ngx_http_infer_ratelimit_item_t *items, ngx_uint_t n, ngx_uint_t local,
     ngx_uint_t divisor)
 {
-    uint64_t                           now, em, win, tat, next, wall;
+    uint64_t                           now, win, lim, tat, next, wall;
     ngx_uint_t                         i, refused, held;
     ngx_http_infer_ratelimit_item_t   *item;
     ngx_http_infer_ratelimit_node_t   *lrn, **nodes;
@@ -377,25 +405,27 @@ ngx_http_infer_ratelimit_zone_eval(ngx_shm_zone_t *zone,
         }
 
         win = (uint64_t) item->limit->window * 1000000;
-        em = win / item->limit_n;
+        lim = item->limit_n;
         tat = ngx_max(lrn->tat, now);
 
         if (item->cost > item->limit_n) {
             /* can never fit: as long a wait as a whole window */
             item->refused = 1;
-            item->remaining = (tat - now >= win) ? 0 : (now + win - tat) / em;
+            item->remaining = (tat - now >= win)
+                ? 0 : ngx_http_infer_ratelimit_units(now + win - tat, win, lim);
             item->reset = (tat - now) / 1000000;
             item->retry = item->limit->window;
             refused = 1;
             continue;
         }
 
-        next = tat + item->cost * em;
+        next = tat + ngx_http_infer_ratelimit_ns(item->cost, win, lim);
 
         if (next - now > win) {
             item->refused = 1;
             /* a debt may have pushed tat past the window */
-            item->remaining = (tat - now >= win) ? 0 : (now + win - tat) / em;
+            item->remaining = (tat - now >= win)
+                ? 0 : ngx_http_infer_ratelimit_units(now + win - tat, win, lim);
             item->reset = (tat - now + 999999) / 1000000;
             item->retry = (next - now - win + 999999) / 1000000;
             refused = 1;
@@ -403,7 +433,8 @@ ngx_http_infer_ratelimit_zone_eval(ngx_shm_zone_t *zone,
         }
 
         item->refused = 0;
-        item->remaining = (now + win - next) / em;
+        item->remaining = ngx_http_infer_ratelimit_units(now + win - next, win,
+                                                         lim);
         item->reset = (next - now + 999999) / 1000000;
         item->retry = 0;
     }
@@ -423,9 +454,10 @@ ngx_http_infer_ratelimit_zone_eval(ngx_shm_zone_t *zone,
             }
 
             win = (uint64_t) item->limit->window * 1000000;
-            em = win / item->limit_n;
 
-            nodes[i]->tat = ngx_max(nodes[i]->tat, now) + item->cost * em;
+            nodes[i]->tat = ngx_max(nodes[i]->tat, now)
+                            + ngx_http_infer_ratelimit_ns(item->cost, win,
+                                                          item->limit_n);
         }
     }
 
@@ -518,7 +550,7 @@ void
 ngx_http_infer_ratelimit_zone_mirror(ngx_shm_zone_t *zone,
     ngx_http_infer_ratelimit_item_t *items, ngx_uint_t n, ngx_uint_t divisor)
 {
-    uint64_t                           now, em, win, share, tat;
+    uint64_t                           now, win, share, tat;
     ngx_uint_t                         i, held;
     ngx_http_infer_ratelimit_item_t   *item;
     ngx_http_infer_ratelimit_node_t   *lrn;
@@ -564,13 +596,14 @@ ngx_http_infer_ratelimit_zone_mirror(ngx_shm_zone_t *zone,
 
         share = ngx_max(item->limit->limit / divisor, 1);
         win = (uint64_t) item->limit->window * 1000000;
-        em = win / share;
 
         /* never back: a debt counted here during an outage stays */
 
         tat = (item->cost >= share)
               ? now + win
-              : ngx_min(ngx_max(lrn->tat, now) + item->cost * em, now + win);
+              : ngx_min(ngx_max(lrn->tat, now)
+                        + ngx_http_infer_ratelimit_ns(item->cost, win, share),
+                        now + win);
 
         lrn->tat = ngx_max(lrn->tat, tat);
     }
@@ -590,7 +623,7 @@ void
 ngx_http_infer_ratelimit_zone_reconcile(ngx_shm_zone_t *zone,
     ngx_http_infer_ratelimit_item_t *items, ngx_uint_t n, ngx_uint_t divisor)
 {
-    uint64_t                           em, d, now, win, share;
+    uint64_t                           d, now, win, share;
     ngx_uint_t                         i;
     ngx_http_infer_ratelimit_item_t   *item;
     ngx_http_infer_ratelimit_node_t   *lrn;
@@ -629,17 +662,19 @@ ngx_http_infer_ratelimit_zone_reconcile(ngx_shm_zone_t *zone,
         share = item->mirrored ? ngx_max(item->limit->limit / divisor, 1)
                                : item->limit_n;
 
-        em = lrn->counter ? 1 : win / share;
+        d = (uint64_t) ((item->delta > 0) ? item->delta : - item->delta);
+
+        if (!lrn->counter) {
+            d = ngx_http_infer_ratelimit_ns(d, win, share);
+        }
 
         if (item->delta > 0) {
-            d = (lrn->counter ? lrn->tat : ngx_max(lrn->tat, now))
-                + (uint64_t) item->delta * em;
+            d += lrn->counter ? lrn->tat : ngx_max(lrn->tat, now);
 
             lrn->tat = item->mirrored
                        ? ngx_max(lrn->tat, ngx_min(d, now + win)) : d;
 
         } else {
-            d = (uint64_t) (- item->delta) * em;
             lrn->tat = (lrn->tat > d) ? lrn->tat - d : 0;
         }
     }

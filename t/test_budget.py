@@ -239,3 +239,22 @@ def test_bad_budgets(nginx_factory, sim, rate):
     assert not ok
     assert "invalid rate" in out, out
 
+
+
+def test_a_budget_finer_than_a_nanosecond_in_the_zone(nginx_factory, sim):
+    """budget=40/m is 4e10 nano-dollars in 6e10 ns: 1.5 ns a unit, which
+    whole ns would make 1 and admit 50 % more.  At a dollar a token, the
+    first answer uses about 16 and the second reserves its 7 prompt
+    tokens' and max_tokens' 20: 43 of 40, refused (of 60, admitted)."""
+    n = nginx_factory(conf(sim, "infer_ratelimit_limit m $http_x_tenant "
+                           "budget=40/m;",
+                           prices="input_price=1000000 output_price=1000000"))
+    h = {"X-Tenant": "acme"}
+    r = chat(n, max_tokens=20, completion=9, headers=h)
+    assert r.status_code == 200
+    used = r.json()["usage"]["total_tokens"]
+    est = int(r.headers["X-Estimate"]) + 20
+    assert 40 < used + est <= 60, (used, est)
+    r = chat(n, max_tokens=20, completion=9, headers=h)
+    assert r.status_code == 429, r.headers
+    assert error_of(r)["code"] == "insufficient_quota"
