@@ -120,7 +120,8 @@ ngx_http_infer_decimal_print(u_char *p, uint64_t v, ngx_uint_t scale)
 /*
  * The cost of tokens at a price per million tokens in micro-dollars, in
  * nano-dollars, rounded down: tokens * price / 1000, without overflow for
- * any 32-bit count and price below the largest amount.
+ * a count below 2^31 and a price up to 8.5 10^12 (the route module takes
+ * prices up to 10^12, a million dollars per million tokens).
  */
 
 static ngx_inline uint64_t

@@ -263,6 +263,8 @@ ngx_http_infer_ratelimit_item_t *ngx_http_infer_ratelimit_approx_items(
     ngx_uint_t *n);
 void ngx_http_infer_ratelimit_coalesce_admit(
     ngx_http_infer_ratelimit_item_t *items, ngx_uint_t n);
+void ngx_http_infer_ratelimit_coalesce_restore(
+    ngx_http_infer_ratelimit_item_t *items, ngx_uint_t n);
 
 ngx_http_infer_ratelimit_ctx_t *ngx_http_infer_ratelimit_get_ctx(
     ngx_http_request_t *r);

@@ -51,6 +51,7 @@
 typedef struct {
     ngx_rbtree_node_t                   node;   /* key: crc32 of the id */
     ngx_queue_t                         queue;  /* LRU, newest first */
+    ngx_queue_t                         dirtyq; /* to sync */
     ngx_http_infer_ratelimit_item_t     item;   /* limit, key, id, window */
     int64_t                             pending;    /* used since */
     int64_t                             sent;       /* in the sync call */
@@ -58,6 +59,7 @@ typedef struct {
     ngx_msec_t                          reset;
     unsigned                            touched:1;  /* asked since */
     unsigned                            syncing:1;
+    unsigned                            dirty:1;    /* in dirtyq */
 } ngx_http_infer_ratelimit_approx_node_t;
 
 
@@ -68,6 +70,7 @@ typedef struct {
     ngx_rbtree_t                        tree;
     ngx_rbtree_node_t                   sentinel;
     ngx_queue_t                         lru;
+    ngx_queue_t                         dirty;  /* used or asked since */
     ngx_uint_t                          n;
     ngx_event_t                         timer;
     ngx_log_t                          *log;
@@ -83,6 +86,12 @@ static ngx_http_infer_ratelimit_approx_node_t *
     ngx_http_infer_ratelimit_approx_node(
     ngx_http_infer_ratelimit_approx_t *ax,
     ngx_http_infer_ratelimit_item_t *item, ngx_uint_t create);
+static void ngx_http_infer_ratelimit_approx_mark(
+    ngx_http_infer_ratelimit_approx_t *ax,
+    ngx_http_infer_ratelimit_item_t *items, ngx_uint_t n);
+static void ngx_http_infer_ratelimit_approx_dirty(
+    ngx_http_infer_ratelimit_approx_t *ax,
+    ngx_http_infer_ratelimit_approx_node_t *an);
 static void ngx_http_infer_ratelimit_approx_timer(ngx_event_t *ev);
 static void ngx_http_infer_ratelimit_approx_insert(ngx_rbtree_node_t *temp,
     ngx_rbtree_node_t *node, ngx_rbtree_node_t *sentinel);
@@ -91,6 +100,51 @@ static ngx_int_t ngx_http_infer_ratelimit_approx_cmp(
 
 
 static ngx_http_infer_ratelimit_approx_t  ngx_http_infer_ratelimit_approx;
+
+
+/* the keys of a request, to be synced (after their units moved) */
+
+static void
+ngx_http_infer_ratelimit_approx_mark(ngx_http_infer_ratelimit_approx_t *ax,
+    ngx_http_infer_ratelimit_item_t *items, ngx_uint_t n)
+{
+    ngx_uint_t                               i;
+    ngx_http_infer_ratelimit_approx_node_t  *an;
+
+    for (i = 0; i < n; i++) {
+        an = ngx_http_infer_ratelimit_approx_node(ax, &items[i], 0);
+
+        if (an) {
+            ngx_http_infer_ratelimit_approx_dirty(ax, an);
+        }
+    }
+}
+
+
+/* the key is to be synced; the timer runs while any key is */
+
+static void
+ngx_http_infer_ratelimit_approx_dirty(ngx_http_infer_ratelimit_approx_t *ax,
+    ngx_http_infer_ratelimit_approx_node_t *an)
+{
+    if (!an->dirty) {
+        an->dirty = 1;
+        ngx_queue_insert_tail(&ax->dirty, &an->dirtyq);
+    }
+
+    if (ngx_exiting || ngx_quit) {
+        /* a worker that quits does not wait for the timer */
+        ngx_http_infer_ratelimit_approx_sync();
+        return;
+    }
+
+    if (!ax->timer.timer_set) {
+        ngx_add_timer(&ax->timer, ax->interval);
+
+        /* connected ahead of the sync, and told if the worker quits */
+        (void) ngx_http_infer_ratelimit_redis_open();
+    }
+}
 
 
 ngx_int_t
@@ -118,6 +172,7 @@ ngx_http_infer_ratelimit_approx_init_process(ngx_cycle_t *cycle,
     ngx_rbtree_init(&ax->tree, &ax->sentinel,
                     ngx_http_infer_ratelimit_approx_insert);
     ngx_queue_init(&ax->lru);
+    ngx_queue_init(&ax->dirty);
 
     ax->timer.handler = ngx_http_infer_ratelimit_approx_timer;
     ax->timer.data = ax;
@@ -213,13 +268,18 @@ ngx_http_infer_ratelimit_approx_admit(ngx_http_infer_ratelimit_item_t *items,
             && !(used <= 0 && (int64_t) item->cost <= left))
         {
             item->refused = 1;
-            /* when the next sync may tell otherwise, or the units refill */
-            item->retry = ngx_max(ax->interval,
-                              (ngx_msec_t) ((item->cost
-                                             - ngx_min(item->cost,
-                                                       item->remaining))
-                                            * item->limit->window
-                                            / item->limit->limit));
+            /*
+             * when the next sync may tell otherwise, or the units refill
+             * (a calendar window's, when it ends)
+             */
+            item->retry = item->limit->calendar
+                ? an->reset
+                : (ngx_msec_t) ((long double) (item->cost
+                                               - ngx_min(item->cost,
+                                                         item->remaining))
+                                * item->limit->window / item->limit->limit);
+            item->retry = ngx_min(ngx_max(item->retry, ax->interval),
+                                  item->limit->window);
             refused = 1;
             continue;
         }
@@ -228,11 +288,8 @@ ngx_http_infer_ratelimit_approx_admit(ngx_http_infer_ratelimit_item_t *items,
         item->remaining -= ngx_min(item->remaining, item->cost);
     }
 
-    if (!ax->timer.timer_set) {
-        ngx_add_timer(&ax->timer, ax->interval);
-    }
-
     if (refused) {
+        ngx_http_infer_ratelimit_approx_mark(ax, items, n);
         return NGX_BUSY;
     }
 
@@ -246,6 +303,8 @@ ngx_http_infer_ratelimit_approx_admit(ngx_http_infer_ratelimit_item_t *items,
             item->where = NGX_HTTP_INFER_RL_IN_APPROX;
         }
     }
+
+    ngx_http_infer_ratelimit_approx_mark(ax, items, n);
 
     return NGX_OK;
 }
@@ -286,8 +345,9 @@ ngx_http_infer_ratelimit_approx_move(ngx_http_infer_ratelimit_item_t *items,
             an->pending -= (int64_t) items[i].cost;
             items[i].where = NGX_HTTP_INFER_RL_NOWHERE;
 
-        } else {
+        } else if (items[i].delta) {
             an->pending += items[i].delta;
+            ngx_http_infer_ratelimit_approx_dirty(ax, an);
         }
     }
 }
@@ -313,16 +373,11 @@ ngx_http_infer_ratelimit_approx_sync(void)
 
     n = 0;
 
-    for (q = ngx_queue_head(&ax->lru);
-         q != ngx_queue_sentinel(&ax->lru);
+    for (q = ngx_queue_head(&ax->dirty);
+         q != ngx_queue_sentinel(&ax->dirty);
          q = ngx_queue_next(q))
     {
-        an = ngx_queue_data(q, ngx_http_infer_ratelimit_approx_node_t,
-                            queue);
-
-        if (an->touched || an->pending) {
-            n++;
-        }
+        n++;
     }
 
     if (n == 0) {
@@ -341,16 +396,13 @@ ngx_http_infer_ratelimit_approx_sync(void)
     ax->nodes = (ngx_http_infer_ratelimit_approx_node_t **) (ax->items + n);
     ax->nitems = 0;
 
-    for (q = ngx_queue_head(&ax->lru);
-         q != ngx_queue_sentinel(&ax->lru) && ax->nitems < n;
-         q = ngx_queue_next(q))
-    {
-        an = ngx_queue_data(q, ngx_http_infer_ratelimit_approx_node_t,
-                            queue);
+    while (!ngx_queue_empty(&ax->dirty) && ax->nitems < n) {
+        q = ngx_queue_head(&ax->dirty);
+        ngx_queue_remove(q);
 
-        if (!an->touched && !an->pending) {
-            continue;
-        }
+        an = ngx_queue_data(q, ngx_http_infer_ratelimit_approx_node_t,
+                            dirtyq);
+        an->dirty = 0;
 
         item = &ax->items[ax->nitems];
         *item = an->item;
@@ -409,12 +461,27 @@ ngx_http_infer_ratelimit_approx_synced(ngx_int_t rc, ngx_uint_t sent)
 
         an->sent = 0;
         an->syncing = 0;
+
+        if (an->pending || an->touched) {
+            /* what came meanwhile, or what the call could not take */
+            if (!an->dirty) {
+                an->dirty = 1;
+                ngx_queue_insert_tail(&ax->dirty, &an->dirtyq);
+            }
+        }
     }
 
     ngx_free(ax->items);
     ax->items = NULL;
     ax->nodes = NULL;
     ax->nitems = 0;
+
+    if (rc == NGX_OK && (ngx_exiting || ngx_quit)
+        && !ngx_queue_empty(&ax->dirty))
+    {
+        /* a quitting worker sends what came while it waited */
+        ngx_http_infer_ratelimit_approx_sync();
+    }
 }
 
 
@@ -436,7 +503,7 @@ ngx_http_infer_ratelimit_approx_timer(ngx_event_t *ev)
 
     ngx_http_infer_ratelimit_approx_sync();
 
-    if (!ngx_queue_empty(&ax->lru)) {
+    if (!ngx_queue_empty(&ax->dirty)) {
         ngx_add_timer(&ax->timer, ax->interval);
     }
 }
@@ -493,7 +560,7 @@ ngx_http_infer_ratelimit_approx_node(ngx_http_infer_ratelimit_approx_t *ax,
             an = ngx_queue_data(q, ngx_http_infer_ratelimit_approx_node_t,
                                 queue);
 
-            if (!an->pending && !an->syncing) {
+            if (!an->pending && !an->syncing && !an->dirty) {
                 ngx_queue_remove(q);
                 ngx_rbtree_delete(&ax->tree, &an->node);
                 ngx_free(an);

@@ -12,7 +12,8 @@
  * A request that releases an in-flight count is reconciled at once, as
  * before, with all of its corrections: a release held back would refuse
  * a request that fits.  And an admission of a key with a correction
- * pending carries it (coalesce_admit): the script makes it first, so a
+ * pending carries it (coalesce_admit; restored if the admission cannot
+ * be sent): the script makes it first, so a
  * worker's calls on one key keep their order, and a busy key's
  * corrections cost no call at all.
  *
@@ -229,12 +230,42 @@ ngx_http_infer_ratelimit_coalesce_admit(ngx_http_infer_ratelimit_item_t *items,
         pd = ngx_http_infer_ratelimit_coalesce_find(co, &items[i], &hash);
 
         if (pd) {
+            /* the key stays, at 0: the next correction sums into it */
             items[i].pre = pd->item.delta;
-
-            /* its memory goes with the pool, at the next flush */
-            ngx_rbtree_delete(&co->tree, &pd->node);
-            co->n--;
+            pd->item.delta = 0;
         }
+    }
+}
+
+
+/*
+ * The admission that carried them could not be sent: the corrections go
+ * back to be sent with the next flush.
+ */
+
+void
+ngx_http_infer_ratelimit_coalesce_restore(
+    ngx_http_infer_ratelimit_item_t *items, ngx_uint_t n)
+{
+    uint32_t                              hash;
+    ngx_uint_t                            i;
+    ngx_http_infer_ratelimit_pending_t   *pd;
+    ngx_http_infer_ratelimit_coalesce_t  *co;
+
+    co = &ngx_http_infer_ratelimit_coalesce;
+
+    for (i = 0; i < n; i++) {
+        if (items[i].pre == 0 || co->rcf == NULL) {
+            continue;
+        }
+
+        pd = ngx_http_infer_ratelimit_coalesce_find(co, &items[i], &hash);
+
+        if (pd) {
+            pd->item.delta += items[i].pre;
+        }
+
+        items[i].pre = 0;
     }
 }
 

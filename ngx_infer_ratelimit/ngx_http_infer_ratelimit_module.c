@@ -354,6 +354,7 @@ ngx_http_infer_ratelimit_handler(ngx_http_request_t *r)
             return NGX_AGAIN;
         }
 
+        ngx_http_infer_ratelimit_coalesce_restore(ctx->items, ctx->nexact);
         ngx_http_infer_ratelimit_degrade(r, ctx);
 
     } else {

@@ -202,3 +202,17 @@ def test_nginx_t_names_approximate_mistakes(nginx_factory, redis, limits,
     ok, out = n.check_config()
     assert not ok
     assert message in out, out
+
+
+def test_a_quitting_worker_syncs_what_it_used(nginx_factory, redis):
+    """A sync interval of 5 s, and a reload after 10 requests: the old
+    workers send what they admitted before they exit."""
+    n = nginx_factory(conf(redis, "infer_ratelimit_limit a global "
+                           "requests=1000/day approximate=5s;"))
+    c = redis.client()
+    s = requests.Session()
+    for _ in range(10):
+        assert get(n, s).status_code == 200
+    s.close()
+    n.reload()
+    assert settle(c, f"infer:rl:{{global}}:a:{day()}", 10) == 10
