@@ -49,10 +49,12 @@
 
 
 typedef struct {
-    ngx_rbtree_node_t                   node;   /* key: crc32 of the id */
+    ngx_rbtree_node_t                   node;   /* first, then the item:
+                                                   ngx_http_infer_ratelimit
+                                                   _key_insert()'s order */
+    ngx_http_infer_ratelimit_item_t     item;   /* limit, key, id, window */
     ngx_queue_t                         queue;  /* LRU, newest first */
     ngx_queue_t                         dirtyq; /* to sync */
-    ngx_http_infer_ratelimit_item_t     item;   /* limit, key, id, window */
     int64_t                             pending;    /* used since */
     int64_t                             sent;       /* in the sync call */
     int64_t                             remaining;  /* Redis's; -1: none */
@@ -93,10 +95,6 @@ static void ngx_http_infer_ratelimit_approx_dirty(
     ngx_http_infer_ratelimit_approx_t *ax,
     ngx_http_infer_ratelimit_approx_node_t *an);
 static void ngx_http_infer_ratelimit_approx_timer(ngx_event_t *ev);
-static void ngx_http_infer_ratelimit_approx_insert(ngx_rbtree_node_t *temp,
-    ngx_rbtree_node_t *node, ngx_rbtree_node_t *sentinel);
-static ngx_int_t ngx_http_infer_ratelimit_approx_cmp(
-    ngx_http_infer_ratelimit_item_t *a, ngx_http_infer_ratelimit_item_t *b);
 
 
 static ngx_http_infer_ratelimit_approx_t  ngx_http_infer_ratelimit_approx;
@@ -170,7 +168,7 @@ ngx_http_infer_ratelimit_approx_init_process(ngx_cycle_t *cycle,
     ax->log = cycle->log;
 
     ngx_rbtree_init(&ax->tree, &ax->sentinel,
-                    ngx_http_infer_ratelimit_approx_insert);
+                    ngx_http_infer_ratelimit_key_insert);
     ngx_queue_init(&ax->lru);
     ngx_queue_init(&ax->dirty);
 
@@ -517,33 +515,16 @@ ngx_http_infer_ratelimit_approx_node(ngx_http_infer_ratelimit_approx_t *ax,
 {
     u_char                                  *p;
     uint32_t                                 hash;
-    ngx_int_t                                rc;
     ngx_queue_t                             *q;
-    ngx_rbtree_node_t                       *node, *sentinel;
     ngx_http_infer_ratelimit_approx_node_t  *an;
 
-    hash = item->hash ^ (uint32_t) (uintptr_t) item->limit;
+    an = (ngx_http_infer_ratelimit_approx_node_t *)
+             ngx_http_infer_ratelimit_key_find(&ax->tree, item, &hash);
 
-    node = ax->tree.root;
-    sentinel = ax->tree.sentinel;
-
-    while (node != sentinel) {
-        if (hash != node->key) {
-            node = (hash < node->key) ? node->left : node->right;
-            continue;
-        }
-
-        an = (ngx_http_infer_ratelimit_approx_node_t *) node;
-
-        rc = ngx_http_infer_ratelimit_approx_cmp(item, &an->item);
-
-        if (rc == 0) {
-            ngx_queue_remove(&an->queue);
-            ngx_queue_insert_head(&ax->lru, &an->queue);
-            return an;
-        }
-
-        node = (rc < 0) ? node->left : node->right;
+    if (an) {
+        ngx_queue_remove(&an->queue);
+        ngx_queue_insert_head(&ax->lru, &an->queue);
+        return an;
     }
 
     if (!create) {
@@ -600,52 +581,4 @@ ngx_http_infer_ratelimit_approx_node(ngx_http_infer_ratelimit_approx_t *ax,
     ax->n++;
 
     return an;
-}
-
-
-static ngx_int_t
-ngx_http_infer_ratelimit_approx_cmp(ngx_http_infer_ratelimit_item_t *a,
-    ngx_http_infer_ratelimit_item_t *b)
-{
-    if (a->limit != b->limit) {
-        return ((uintptr_t) a->limit < (uintptr_t) b->limit) ? -1 : 1;
-    }
-
-    return ngx_memn2cmp(a->id.data, b->id.data, a->id.len, b->id.len);
-}
-
-
-static void
-ngx_http_infer_ratelimit_approx_insert(ngx_rbtree_node_t *temp,
-    ngx_rbtree_node_t *node, ngx_rbtree_node_t *sentinel)
-{
-    ngx_rbtree_node_t                       **p;
-    ngx_http_infer_ratelimit_approx_node_t   *a, *b;
-
-    a = (ngx_http_infer_ratelimit_approx_node_t *) node;
-
-    for ( ;; ) {
-
-        if (node->key != temp->key) {
-            p = (node->key < temp->key) ? &temp->left : &temp->right;
-
-        } else {
-            b = (ngx_http_infer_ratelimit_approx_node_t *) temp;
-
-            p = (ngx_http_infer_ratelimit_approx_cmp(&a->item, &b->item) < 0)
-                ? &temp->left : &temp->right;
-        }
-
-        if (*p == sentinel) {
-            break;
-        }
-
-        temp = *p;
-    }
-
-    *p = node;
-    node->parent = temp;
-    node->left = sentinel;
-    node->right = sentinel;
-    ngx_rbt_red(node);
 }

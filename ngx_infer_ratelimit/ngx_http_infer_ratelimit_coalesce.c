@@ -59,8 +59,8 @@ static ngx_http_infer_ratelimit_pending_t *
     ngx_http_infer_ratelimit_coalesce_t *co,
     ngx_http_infer_ratelimit_item_t *item, uint32_t *hash);
 static void ngx_http_infer_ratelimit_coalesce_timer(ngx_event_t *ev);
-static void ngx_http_infer_ratelimit_coalesce_insert(ngx_rbtree_node_t *temp,
-    ngx_rbtree_node_t *node, ngx_rbtree_node_t *sentinel);
+static ngx_int_t ngx_http_infer_ratelimit_key_cmp(
+    ngx_http_infer_ratelimit_item_t *a, ngx_http_infer_ratelimit_item_t *b);
 
 
 static ngx_http_infer_ratelimit_coalesce_t  ngx_http_infer_ratelimit_coalesce;
@@ -276,17 +276,41 @@ static ngx_http_infer_ratelimit_pending_t *
 ngx_http_infer_ratelimit_coalesce_find(ngx_http_infer_ratelimit_coalesce_t *co,
     ngx_http_infer_ratelimit_item_t *item, uint32_t *hash)
 {
-    ngx_int_t                          rc;
-    ngx_rbtree_node_t                 *node, *sentinel;
-    ngx_http_infer_ratelimit_item_t   *it;
+    return (ngx_http_infer_ratelimit_pending_t *)
+               ngx_http_infer_ratelimit_key_find(&co->tree, item, hash);
+}
 
-    /* the zone's id names the key; limits are told apart by address */
+
+/*
+ * The order of the trees of keys (here, and of approximate limits): an
+ * rbtree node followed by its item; by the id's hash mixed with the
+ * limit's address, then the limit, then the id.
+ */
+
+static ngx_int_t
+ngx_http_infer_ratelimit_key_cmp(ngx_http_infer_ratelimit_item_t *a,
+    ngx_http_infer_ratelimit_item_t *b)
+{
+    if (a->limit != b->limit) {
+        return ((uintptr_t) a->limit < (uintptr_t) b->limit) ? -1 : 1;
+    }
+
+    return ngx_memn2cmp(a->id.data, b->id.data, a->id.len, b->id.len);
+}
+
+
+ngx_rbtree_node_t *
+ngx_http_infer_ratelimit_key_find(ngx_rbtree_t *tree,
+    ngx_http_infer_ratelimit_item_t *item, uint32_t *hash)
+{
+    ngx_int_t           rc;
+    ngx_rbtree_node_t  *node, *sentinel;
 
     *hash = ngx_crc32_short(item->id.data, item->id.len)
             ^ (uint32_t) (uintptr_t) item->limit;
 
-    node = co->tree.root;
-    sentinel = co->tree.sentinel;
+    node = tree->root;
+    sentinel = tree->sentinel;
 
     while (node != sentinel) {
         if (*hash != node->key) {
@@ -294,21 +318,50 @@ ngx_http_infer_ratelimit_coalesce_find(ngx_http_infer_ratelimit_coalesce_t *co,
             continue;
         }
 
-        it = &((ngx_http_infer_ratelimit_pending_t *) node)->item;
-
-        rc = (it->limit == item->limit)
-             ? ngx_memn2cmp(item->id.data, it->id.data, item->id.len,
-                            it->id.len)
-             : ((uintptr_t) item->limit < (uintptr_t) it->limit ? -1 : 1);
+        rc = ngx_http_infer_ratelimit_key_cmp(item,
+                               (ngx_http_infer_ratelimit_item_t *) (node + 1));
 
         if (rc == 0) {
-            return (ngx_http_infer_ratelimit_pending_t *) node;
+            return node;
         }
 
         node = (rc < 0) ? node->left : node->right;
     }
 
     return NULL;
+}
+
+
+void
+ngx_http_infer_ratelimit_key_insert(ngx_rbtree_node_t *temp,
+    ngx_rbtree_node_t *node, ngx_rbtree_node_t *sentinel)
+{
+    ngx_rbtree_node_t  **p;
+
+    for ( ;; ) {
+
+        if (node->key != temp->key) {
+            p = (node->key < temp->key) ? &temp->left : &temp->right;
+
+        } else {
+            p = (ngx_http_infer_ratelimit_key_cmp(
+                     (ngx_http_infer_ratelimit_item_t *) (node + 1),
+                     (ngx_http_infer_ratelimit_item_t *) (temp + 1)) < 0)
+                ? &temp->left : &temp->right;
+        }
+
+        if (*p == sentinel) {
+            break;
+        }
+
+        temp = *p;
+    }
+
+    *p = node;
+    node->parent = temp;
+    node->left = sentinel;
+    node->right = sentinel;
+    ngx_rbt_red(node);
 }
 
 
@@ -375,7 +428,7 @@ ngx_http_infer_ratelimit_coalesce_reset(ngx_http_infer_ratelimit_coalesce_t *co)
     }
 
     ngx_rbtree_init(&co->tree, &co->sentinel,
-                    ngx_http_infer_ratelimit_coalesce_insert);
+                    ngx_http_infer_ratelimit_key_insert);
     co->n = 0;
 
     return NGX_OK;
@@ -386,44 +439,4 @@ static void
 ngx_http_infer_ratelimit_coalesce_timer(ngx_event_t *ev)
 {
     ngx_http_infer_ratelimit_coalesce_flush();
-}
-
-
-static void
-ngx_http_infer_ratelimit_coalesce_insert(ngx_rbtree_node_t *temp,
-    ngx_rbtree_node_t *node, ngx_rbtree_node_t *sentinel)
-{
-    ngx_int_t                           rc;
-    ngx_rbtree_node_t                 **p;
-    ngx_http_infer_ratelimit_item_t    *a, *b;
-
-    a = &((ngx_http_infer_ratelimit_pending_t *) node)->item;
-
-    for ( ;; ) {
-
-        if (node->key != temp->key) {
-            p = (node->key < temp->key) ? &temp->left : &temp->right;
-
-        } else {
-            b = &((ngx_http_infer_ratelimit_pending_t *) temp)->item;
-
-            rc = (a->limit == b->limit)
-                 ? ngx_memn2cmp(a->id.data, b->id.data, a->id.len, b->id.len)
-                 : ((uintptr_t) a->limit < (uintptr_t) b->limit ? -1 : 1);
-
-            p = (rc < 0) ? &temp->left : &temp->right;
-        }
-
-        if (*p == sentinel) {
-            break;
-        }
-
-        temp = *p;
-    }
-
-    *p = node;
-    node->parent = temp;
-    node->left = sentinel;
-    node->right = sentinel;
-    ngx_rbt_red(node);
 }

@@ -9,13 +9,13 @@ so it is an equality); tokens reconciled with the real usage; exact and
 approximate limits on one request; Redis stopped; nginx -t."""
 
 import datetime
-import threading
 import time
 
 import pytest
 import requests
 
 from harness.openai import chat
+from test_ratelimit import parallel
 from test_ratelimit_redis import evalsha_calls
 
 
@@ -41,27 +41,6 @@ def day():
 
 def get(n, session=None, **kw):
     return (session or requests).get(n.url + "/ok.txt", timeout=5, **kw)
-
-
-def parallel(fn, count, threads=8):
-    out, lock = [], threading.Lock()
-    todo = iter(range(count))
-
-    def run():
-        while True:
-            with lock:
-                if next(todo, None) is None:
-                    return
-            r = fn()
-            with lock:
-                out.append(r)
-
-    ts = [threading.Thread(target=run) for _ in range(threads)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join(60)
-    return out
 
 
 def settle(c, key, want=None, seconds=3):
