@@ -69,6 +69,7 @@ typedef struct {
     u_char                              mode;
     unsigned                            pending:1;  /* hiredis holds it */
     unsigned                            answered:1;
+    unsigned                            admitted:1;
     unsigned                            retried:1;
 } ngx_http_infer_ratelimit_waiter_t;
 
@@ -1211,6 +1212,7 @@ ngx_http_infer_ratelimit_redis_reply(redisAsyncContext *ac, void *reply,
     rc = ngx_http_infer_ratelimit_redis_parse(w, rr);
 
     w->answered = 1;
+    w->admitted = ngx_http_infer_ratelimit_redis_admitted(rr);
     w->rc = rc;
 
     if (w->ev.timer_set) {
@@ -1433,6 +1435,8 @@ ngx_http_infer_ratelimit_redis_waiter_cleanup(void *data)
 {
     ngx_http_infer_ratelimit_waiter_t  *w = data;
 
+    ngx_http_infer_ratelimit_redis_t  *rd;
+
     w->r = NULL;
 
     if (w->ev.timer_set) {
@@ -1441,6 +1445,29 @@ ngx_http_infer_ratelimit_redis_waiter_cleanup(void *data)
 
     if (w->ev.posted) {
         ngx_delete_posted_event(&w->ev);
+
+        /*
+         * Redis admitted the request, and the request went (its client
+         * closed) before it read the answer: nothing was served, so the
+         * charge is undone, as when the answer comes after it went.
+         */
+
+        rd = &ngx_http_infer_ratelimit_redis_worker;
+
+        if (w->admitted && !w->pending && rd->ac) {
+            ngx_http_infer_ratelimit_redis_undo(w);
+
+            if (redisAsyncCommandArgv(rd->ac,
+                                      ngx_http_infer_ratelimit_redis_reply,
+                                      w, w->argc, w->argv, w->argvlen)
+                == REDIS_OK)
+            {
+                /* the reply frees the waiter */
+                w->pending = 1;
+                ngx_add_timer(&w->ev, rd->rcf->timeout);
+                return;
+            }
+        }
     }
 
     if (!w->pending) {
