@@ -254,7 +254,7 @@ ngx_int_t ngx_http_infer_ratelimit_approx_init_process(ngx_cycle_t *cycle,
     ngx_http_infer_ratelimit_redis_conf_t *rcf, ngx_msec_t interval);
 void ngx_http_infer_ratelimit_approx_exit_process(ngx_cycle_t *cycle);
 ngx_int_t ngx_http_infer_ratelimit_approx_admit(
-    ngx_http_infer_ratelimit_item_t *items, ngx_uint_t n);
+    ngx_http_infer_ratelimit_item_t *items, ngx_uint_t n, ngx_uint_t shadow);
 void ngx_http_infer_ratelimit_approx_move(
     ngx_http_infer_ratelimit_item_t *items, ngx_uint_t n, ngx_uint_t undo);
 void ngx_http_infer_ratelimit_approx_sync(void);

@@ -217,12 +217,13 @@ ngx_http_infer_ratelimit_approx_exit_process(ngx_cycle_t *cycle)
 /*
  * Admits a request's approximate limits from what this worker knows, all
  * or none: NGX_OK (each charged here, where IN_APPROX) or NGX_BUSY (none
- * charged; the refused ones marked).
+ * charged; the refused ones marked).  With shadow set, a refusal is only
+ * reported: the request goes on, and all are charged.
  */
 
 ngx_int_t
 ngx_http_infer_ratelimit_approx_admit(ngx_http_infer_ratelimit_item_t *items,
-    ngx_uint_t n)
+    ngx_uint_t n, ngx_uint_t shadow)
 {
     int64_t                                  left, used, share;
     ngx_uint_t                               i, refused;
@@ -286,7 +287,7 @@ ngx_http_infer_ratelimit_approx_admit(ngx_http_infer_ratelimit_item_t *items,
         item->remaining -= ngx_min(item->remaining, item->cost);
     }
 
-    if (refused) {
+    if (refused && !shadow) {
         ngx_http_infer_ratelimit_approx_mark(ax, items, n);
         return NGX_BUSY;
     }
@@ -304,7 +305,7 @@ ngx_http_infer_ratelimit_approx_admit(ngx_http_infer_ratelimit_item_t *items,
 
     ngx_http_infer_ratelimit_approx_mark(ax, items, n);
 
-    return NGX_OK;
+    return refused ? NGX_BUSY : NGX_OK;
 }
 
 

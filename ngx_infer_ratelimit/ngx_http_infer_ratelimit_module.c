@@ -323,10 +323,13 @@ ngx_http_infer_ratelimit_handler(ngx_http_request_t *r)
     if (rmcf->redis) {
         /* the approximate limits, from what this worker knows */
 
-        if (ngx_http_infer_ratelimit_approx_admit(ctx->items + ctx->nexact,
-                                                  ctx->nitems - ctx->nexact)
-            != NGX_OK || ctx->nexact == 0)
-        {
+        /* in shadow mode they are charged, and the exact ones asked */
+
+        rc = ngx_http_infer_ratelimit_approx_admit(ctx->items + ctx->nexact,
+                                                   ctx->nitems - ctx->nexact,
+                                                   lcf->shadow);
+
+        if ((rc != NGX_OK && !lcf->shadow) || ctx->nexact == 0) {
             ctx->status = NGX_HTTP_INFER_RL_PASSED;
             ngx_http_infer_ratelimit_decide(r, ctx);
             return ngx_http_infer_ratelimit_result(r, ctx);
@@ -1043,7 +1046,18 @@ ngx_http_infer_ratelimit_get_ctx(ngx_http_request_t *r)
 static void
 ngx_http_infer_ratelimit_cleanup(void *data)
 {
-    /* a marker: the Redis waiter has a cleanup of its own */
+    ngx_http_infer_ratelimit_ctx_t  *ctx = data;
+
+    /*
+     * A marker, and: a request gone while its exact limits waited for
+     * Redis was not served, so its approximate charges are taken back
+     * (the Redis waiter has a cleanup of its own, for the exact ones).
+     */
+
+    if (ctx->waiting && !ctx->decided) {
+        ngx_http_infer_ratelimit_approx_move(ctx->items + ctx->nexact,
+                                             ctx->nitems - ctx->nexact, 1);
+    }
 }
 
 

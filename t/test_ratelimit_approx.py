@@ -195,3 +195,23 @@ def test_a_quitting_worker_syncs_what_it_used(nginx_factory, redis):
     s.close()
     n.reload()
     assert settle(c, f"infer:rl:{{global}}:a:{day()}", 10) == 10
+
+
+def test_shadow_mode_charges_and_asks_the_exact_limits(nginx_factory,
+                                                       redis):
+    """In shadow mode an approximate refusal is only reported: the request
+    goes on, it is charged, and its exact limits are still counted."""
+    n = nginx_factory(conf(redis,
+                           "infer_ratelimit_shadow on;"
+                           "infer_ratelimit_limit exact global "
+                           "requests=1000/day;"
+                           "infer_ratelimit_limit approx global "
+                           "requests=3/day approximate=100ms;"))
+    c = redis.client()
+    s = requests.Session()
+    statuses = [get(n, s).headers["X-RL-Status"] for _ in range(8)]
+    # this worker's share of 3 over 2 workers is 2 before the first sync
+    assert statuses[:2] == ["passed"] * 2
+    assert set(statuses[3:]) == {"shadow"}
+    assert settle(c, f"infer:rl:{{global}}:approx:{day()}", 8) == 8
+    assert int(c.get(f"infer:rl:{{global}}:exact:{day()}")) == 8
