@@ -265,6 +265,8 @@ void ngx_http_infer_ratelimit_coalesce_admit(
     ngx_http_infer_ratelimit_item_t *items, ngx_uint_t n);
 ngx_rbtree_node_t *ngx_http_infer_ratelimit_key_find(ngx_rbtree_t *tree,
     ngx_http_infer_ratelimit_item_t *item, uint32_t *hash);
+void ngx_http_infer_ratelimit_key_copy(ngx_http_infer_ratelimit_item_t *dst,
+    ngx_http_infer_ratelimit_item_t *src, u_char *p);
 void ngx_http_infer_ratelimit_key_insert(ngx_rbtree_node_t *temp,
     ngx_rbtree_node_t *node, ngx_rbtree_node_t *sentinel);
 void ngx_http_infer_ratelimit_coalesce_restore(

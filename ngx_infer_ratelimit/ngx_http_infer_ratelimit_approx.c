@@ -514,7 +514,6 @@ static ngx_http_infer_ratelimit_approx_node_t *
 ngx_http_infer_ratelimit_approx_node(ngx_http_infer_ratelimit_approx_t *ax,
     ngx_http_infer_ratelimit_item_t *item, ngx_uint_t create)
 {
-    u_char                                  *p;
     uint32_t                                 hash;
     ngx_queue_t                             *q;
     ngx_http_infer_ratelimit_approx_node_t  *an;
@@ -565,17 +564,9 @@ ngx_http_infer_ratelimit_approx_node(ngx_http_infer_ratelimit_approx_t *ax,
 
     ngx_memzero(an, sizeof(ngx_http_infer_ratelimit_approx_node_t));
 
-    an->item = *item;
+    ngx_http_infer_ratelimit_key_copy(&an->item, item, (u_char *) (an + 1));
     an->node.key = hash;
     an->remaining = -1;
-
-    p = (u_char *) (an + 1);
-    an->item.id.data = p;
-    p = ngx_cpymem(p, item->id.data, item->id.len);
-    an->item.key.data = p;
-    p = ngx_cpymem(p, item->key.data, item->key.len);
-    an->item.window.data = p;
-    ngx_memcpy(p, item->window.data, item->window.len);
 
     ngx_rbtree_insert(&ax->tree, &an->node);
     ngx_queue_insert_head(&ax->lru, &an->queue);

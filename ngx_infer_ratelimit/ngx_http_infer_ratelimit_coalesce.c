@@ -125,7 +125,6 @@ ngx_int_t
 ngx_http_infer_ratelimit_coalesce_add(ngx_http_infer_ratelimit_item_t *items,
     ngx_uint_t n)
 {
-    u_char                               *p;
     uint32_t                              hash;
     ngx_uint_t                            i;
     ngx_http_infer_ratelimit_item_t      *item;
@@ -178,16 +177,8 @@ ngx_http_infer_ratelimit_coalesce_add(ngx_http_infer_ratelimit_item_t *items,
             return NGX_OK;
         }
 
-        pd->item = *item;
+        ngx_http_infer_ratelimit_key_copy(&pd->item, item, (u_char *) (pd + 1));
         pd->node.key = hash;
-
-        p = (u_char *) (pd + 1);
-        pd->item.id.data = p;
-        p = ngx_cpymem(p, item->id.data, item->id.len);
-        pd->item.key.data = p;
-        p = ngx_cpymem(p, item->key.data, item->key.len);
-        pd->item.window.data = p;
-        ngx_memcpy(p, item->window.data, item->window.len);
 
         ngx_rbtree_insert(&co->tree, &pd->node);
         co->n++;
@@ -329,6 +320,26 @@ ngx_http_infer_ratelimit_key_find(ngx_rbtree_t *tree,
     }
 
     return NULL;
+}
+
+
+/*
+ * A tree's copy of an item: its id, key and window in p, which has
+ * room for the three (they are the request's, in its pool).
+ */
+
+void
+ngx_http_infer_ratelimit_key_copy(ngx_http_infer_ratelimit_item_t *dst,
+    ngx_http_infer_ratelimit_item_t *src, u_char *p)
+{
+    *dst = *src;
+
+    dst->id.data = p;
+    p = ngx_cpymem(p, src->id.data, src->id.len);
+    dst->key.data = p;
+    p = ngx_cpymem(p, src->key.data, src->key.len);
+    dst->window.data = p;
+    ngx_memcpy(p, src->window.data, src->window.len);
 }
 
 

@@ -386,7 +386,8 @@ ngx_http_infer_ratelimit_items(ngx_http_request_t *r,
     u_char                                *p;
     uint64_t                               estimate, prompt, max, spend;
     ngx_str_t                              key;
-    ngx_uint_t                             i, k, n, found, tokens, approx;
+    ngx_uint_t                             i, k, n, found, tokens, approx,
+                                           priced;
     ngx_http_infer_ratelimit_item_t       *sorted;
     ngx_http_variable_value_t             *model;
     ngx_http_infer_ratelimit_item_t       *item;
@@ -418,6 +419,7 @@ ngx_http_infer_ratelimit_items(ngx_http_request_t *r,
     prompt = 0;
     max = 0;
     spend = 0;
+    priced = 0;
 
     for (i = 0; tokens && i < n; i++) {
         if (limit[i].kind != NGX_HTTP_INFER_RL_TOKENS
@@ -426,25 +428,30 @@ ngx_http_infer_ratelimit_items(ngx_http_request_t *r,
             continue;
         }
 
-        /* the estimate: prompt tokens as the route module counts them,
-         * plus the answer's max_tokens or our default */
+        if (estimate == 0) {
+            /* the estimate: prompt tokens as the route module counts
+             * them, plus the answer's max_tokens or our default */
 
-        prompt = ngx_http_infer_ratelimit_number(r,
-                              NGX_HTTP_INFER_RL_IN_PROMPT, &found);
-        max = ngx_http_infer_ratelimit_number(r,
-                              NGX_HTTP_INFER_RL_IN_MAX, &found);
-        max = found ? max : lcf->default_max_tokens;
-        estimate = prompt + max;
+            prompt = ngx_http_infer_ratelimit_number(r,
+                                  NGX_HTTP_INFER_RL_IN_PROMPT, &found);
+            max = ngx_http_infer_ratelimit_number(r,
+                                  NGX_HTTP_INFER_RL_IN_MAX, &found);
+            max = found ? max : lcf->default_max_tokens;
+            estimate = prompt + max;
+        }
 
-        /* the most it may cost: those tokens at the model's prices */
+        if (limit[i].kind == NGX_HTTP_INFER_RL_BUDGET && !priced) {
+            /* the most it may cost: those tokens at the model's prices,
+             * read only where a budget applies */
 
-        spend = ngx_http_infer_decimal_cost(ngx_min(prompt, 0x7fffffff),
-                    ngx_http_infer_ratelimit_price(r,
+            spend = ngx_http_infer_decimal_cost(ngx_min(prompt, 0x7fffffff),
+                        ngx_http_infer_ratelimit_price(r,
                                           NGX_HTTP_INFER_RL_IN_PRICE_INPUT))
-                + ngx_http_infer_decimal_cost(ngx_min(max, 0x7fffffff),
-                    ngx_http_infer_ratelimit_price(r,
+                    + ngx_http_infer_decimal_cost(ngx_min(max, 0x7fffffff),
+                        ngx_http_infer_ratelimit_price(r,
                                           NGX_HTTP_INFER_RL_IN_PRICE_OUTPUT));
-        break;
+            priced = 1;
+        }
     }
 
     for (i = 0; i < n; i++) {
