@@ -95,6 +95,8 @@ typedef struct {
     unsigned                    known:1;    /* remaining and reset set */
     unsigned                    where:2;
     unsigned                    mirrored:1; /* in Redis, and in the zone */
+    unsigned                    unsent:1;   /* a sync's part that could
+                                               not be sent */
 } ngx_http_infer_ratelimit_item_t;
 
 
@@ -115,7 +117,51 @@ typedef struct {
                                                so long; 0: sent at once */
     ngx_str_t                   master;     /* Sentinel: the master's name */
     ngx_array_t                *sentinels;  /* ngx_addr_t */
+    ngx_array_t                *seeds;      /* Cluster: ngx_addr_t */
 } ngx_http_infer_ratelimit_redis_conf_t;
+
+
+/* Redis Cluster (ngx_http_infer_ratelimit_nodes.c, _cluster.c) */
+
+#define NGX_HTTP_INFER_RL_SLOTS      16384
+#define NGX_HTTP_INFER_RL_NODES_MAX  256
+
+typedef struct {
+    in_addr_t                   addr;       /* 0: the node that answered */
+    in_port_t                   port;
+} ngx_http_infer_ratelimit_node_addr_t;
+
+
+typedef struct {
+    ngx_http_infer_ratelimit_node_addr_t  node[NGX_HTTP_INFER_RL_NODES_MAX];
+    ngx_uint_t                  n;
+    uint16_t                    slot[NGX_HTTP_INFER_RL_SLOTS];
+                                            /* node's index + 1; 0: none */
+} ngx_http_infer_ratelimit_nodes_t;
+
+
+/* a connection to Redis: the one, or one per cluster node */
+
+typedef struct {
+    struct redisAsyncContext   *ac;
+    ngx_connection_t           *c;
+    ngx_event_t                 connect_timer;
+    ngx_uint_t                  state;
+    ngx_uint_t                  handshaken; /* SCRIPT LOAD done */
+    ngx_msec_t                  next_try;
+    ngx_msec_t                  backoff;
+    ngx_http_infer_ratelimit_redis_conf_t  *rcf;
+    ngx_log_t                  *log;
+    time_t                      logged;
+    ngx_uint_t                  suppressed;
+    ngx_str_t                   name;       /* for logs */
+    u_char                      host[NGX_INET_ADDRSTRLEN + 1];
+    ngx_int_t                   port;       /* Sentinel's master, or a
+                                               cluster node */
+    ngx_uint_t                  known;      /* host, port are */
+    ngx_uint_t                  node;       /* a cluster node's index + 1 */
+    u_char                      text[NGX_INET_ADDRSTRLEN + 24];
+} ngx_http_infer_ratelimit_redis_t;
 
 
 /*
@@ -136,16 +182,48 @@ ngx_int_t ngx_http_infer_ratelimit_redis_init_process(ngx_cycle_t *cycle,
 void ngx_http_infer_ratelimit_redis_exit_process(ngx_cycle_t *cycle);
 ngx_uint_t ngx_http_infer_ratelimit_redis_up(void);
 ngx_int_t ngx_http_infer_ratelimit_redis_open(void);
+ngx_int_t ngx_http_infer_ratelimit_redis_open_node(
+    ngx_http_infer_ratelimit_redis_t *rd);
+ngx_uint_t ngx_http_infer_ratelimit_redis_ready(
+    ngx_http_infer_ratelimit_redis_t *rd);
+void ngx_http_infer_ratelimit_redis_node_init(
+    ngx_http_infer_ratelimit_redis_t *rd,
+    ngx_http_infer_ratelimit_redis_conf_t *rcf, ngx_log_t *log);
+void ngx_http_infer_ratelimit_redis_drop(ngx_http_infer_ratelimit_redis_t *rd);
 struct redisAsyncContext;
-ngx_int_t ngx_http_infer_ratelimit_redis_send(u_char *cmd, size_t len,
+struct redisReply;
+ngx_int_t ngx_http_infer_ratelimit_redis_send(ngx_uint_t slot, u_char *cmd,
+    size_t len,
     void (*fn)(struct redisAsyncContext *ac, void *reply, void *data),
     void *data);
-void ngx_http_infer_ratelimit_redis_reset(const char *why);
+void ngx_http_infer_ratelimit_redis_reset(ngx_uint_t slot, const char *why);
+void ngx_http_infer_ratelimit_redis_moved(struct redisReply *rr);
 void ngx_http_infer_ratelimit_redis_master(u_char *host, size_t len,
     ngx_int_t port);
 void ngx_http_infer_ratelimit_sentinel_discover(
     ngx_http_infer_ratelimit_redis_conf_t *rcf, ngx_log_t *log);
 void ngx_http_infer_ratelimit_sentinel_exit(void);
+
+#define NGX_HTTP_INFER_RL_MOVED  1
+#define NGX_HTTP_INFER_RL_ASK    2
+
+ngx_uint_t ngx_http_infer_ratelimit_slot(u_char *key, size_t len);
+ngx_int_t ngx_http_infer_ratelimit_nodes_redirect(u_char *p, size_t len,
+    ngx_uint_t *slot, ngx_http_infer_ratelimit_node_addr_t *addr);
+ngx_int_t ngx_http_infer_ratelimit_nodes_parse(u_char *p, size_t len,
+    ngx_http_infer_ratelimit_nodes_t *nodes);
+ngx_int_t ngx_http_infer_ratelimit_cluster_init_process(ngx_cycle_t *cycle,
+    ngx_http_infer_ratelimit_redis_conf_t *rcf);
+void ngx_http_infer_ratelimit_cluster_exit_process(void);
+ngx_http_infer_ratelimit_redis_t *ngx_http_infer_ratelimit_cluster_slot(
+    ngx_uint_t slot);
+ngx_http_infer_ratelimit_redis_t *ngx_http_infer_ratelimit_cluster_node(
+    in_addr_t addr, in_port_t port);
+ngx_http_infer_ratelimit_redis_t *ngx_http_infer_ratelimit_cluster_any(void);
+void ngx_http_infer_ratelimit_cluster_moved(ngx_uint_t slot,
+    ngx_http_infer_ratelimit_redis_t *rd);
+void ngx_http_infer_ratelimit_cluster_lost(void);
+ngx_uint_t ngx_http_infer_ratelimit_cluster_up(void);
 
 /* the parts of the Redis client a fuzzer drives: hiredis's types */
 struct redisReader;

@@ -408,6 +408,8 @@ ngx_http_infer_ratelimit_approx_sync(void)
         item->delta = an->pending;
         item->pre = 0;
         item->floor = 0;
+        item->known = 0;
+        item->unsent = 0;
 
         an->sent = an->pending;
         an->pending = 0;
@@ -429,8 +431,9 @@ ngx_http_infer_ratelimit_approx_sync(void)
 
 
 /*
- * The sync's answer, in ax->items (rc NGX_OK), or none: the units sent
- * are not sent again unless the call never left (sent == 0).
+ * The sync's answer, in ax->items: each item answered is known.  The
+ * units of the others are not sent again unless their call never left
+ * (sent == 0, or, for a cluster's part, item->unsent).
  */
 
 void
@@ -449,11 +452,11 @@ ngx_http_infer_ratelimit_approx_synced(ngx_int_t rc, ngx_uint_t sent)
     for (i = 0; i < ax->nitems; i++) {
         an = ax->nodes[i];
 
-        if (rc == NGX_OK) {
+        if (ax->items[i].known) {
             an->remaining = (int64_t) ax->items[i].remaining;
             an->reset = ax->items[i].reset;
 
-        } else if (!sent) {
+        } else if (!sent || ax->items[i].unsent) {
             an->pending += an->sent;
             an->touched = 1;
         }

@@ -83,6 +83,7 @@ typedef struct {
     ngx_uint_t                  pending;    /* events not yet answered */
     ngx_msec_t                  waited;     /* since the last answer */
     ngx_msec_t                  timeout;    /* Redis's */
+    ngx_uint_t                  slot;       /* the stream's, in a cluster */
     ngx_str_t                   gateway;
 } ngx_http_infer_ratelimit_events_t;
 
@@ -419,6 +420,7 @@ ngx_http_infer_ratelimit_events_init_process(ngx_cycle_t *cycle,
     ev->timeout = rmcf->redis->timeout;
     ev->sh = ecf->stats->data;
     ev->gateway = cycle->hostname;
+    ev->slot = ngx_http_infer_ratelimit_slot(ecf->key.data, ecf->key.len);
 
     ev->timer.handler = ngx_http_infer_ratelimit_events_timer;
     ev->timer.data = ev;
@@ -693,7 +695,7 @@ ngx_http_infer_ratelimit_events_flush(ngx_http_infer_ratelimit_events_t *ev)
     while (p < last) {
         n = *(uint32_t *) p;
 
-        if (ngx_http_infer_ratelimit_redis_send(p + 4, n,
+        if (ngx_http_infer_ratelimit_redis_send(ev->slot, p + 4, n,
                                    ngx_http_infer_ratelimit_events_reply,
                                    (void *) (uintptr_t) n)
             != NGX_OK)
@@ -746,7 +748,8 @@ ngx_http_infer_ratelimit_events_timer(ngx_event_t *e)
         && ngx_current_msec - ev->waited > timeout)
     {
         /* the reset fails them: the replies come as NULL, and count */
-        ngx_http_infer_ratelimit_redis_reset("usage events unanswered");
+        ngx_http_infer_ratelimit_redis_reset(ev->slot,
+                                             "usage events unanswered");
     }
 
     ngx_http_infer_ratelimit_events_flush(ev);
@@ -794,6 +797,9 @@ ngx_http_infer_ratelimit_events_reply(redisAsyncContext *ac, void *reply,
                       &ev->ecf->key, (size_t) ngx_min(rr->len, 256),
                       (u_char *) rr->str);
         ngx_http_infer_ratelimit_events_count(NGX_HTTP_INFER_EV_FAILED, 1);
+
+        /* in a cluster, the stream's slot moved: the next go there */
+        ngx_http_infer_ratelimit_redis_moved(rr);
 
     } else {
         ngx_http_infer_ratelimit_events_count(NGX_HTTP_INFER_EV_WRITTEN, 1);

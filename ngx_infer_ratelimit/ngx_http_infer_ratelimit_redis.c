@@ -54,6 +54,13 @@
 #define NGX_HTTP_INFER_RL_READER_MAX  (1024 * 1024)
 
 
+#define NGX_HTTP_INFER_RL_REDIRECTS   5
+
+
+typedef struct ngx_http_infer_ratelimit_call_s
+    ngx_http_infer_ratelimit_call_t;
+
+
 typedef struct {
     ngx_event_t                         ev;      /* timeout; resumption */
     ngx_http_request_t                 *r;
@@ -66,6 +73,13 @@ typedef struct {
     const char                        **argv;
     size_t                             *argvlen;
 
+    ngx_http_infer_ratelimit_redis_t   *rd;      /* where it was sent */
+    ngx_http_infer_ratelimit_call_t    *call;    /* a part's */
+    ngx_uint_t                         *index;   /* a part's items' places
+                                                    in the call's */
+    ngx_uint_t                          slot;
+    ngx_uint_t                          redirects;
+
     u_char                              mode;
     unsigned                            pending:1;  /* hiredis holds it */
     unsigned                            answered:1;
@@ -74,30 +88,68 @@ typedef struct {
 } ngx_http_infer_ratelimit_waiter_t;
 
 
-typedef struct {
-    redisAsyncContext                  *ac;
-    ngx_connection_t                   *c;
-    ngx_event_t                         connect_timer;
-    ngx_uint_t                          state;
-    ngx_uint_t                          handshaken; /* SCRIPT LOAD done */
-    ngx_msec_t                          next_try;
-    ngx_msec_t                          backoff;
-    ngx_http_infer_ratelimit_redis_conf_t  *rcf;
-    ngx_log_t                          *log;
-    u_char                              sha[40];
-    time_t                              logged;
-    ngx_uint_t                          suppressed;
-    u_char                              host[NGX_INET_ADDRSTRLEN + 1];
-    ngx_int_t                           port;       /* Sentinel's master */
-    ngx_uint_t                          known;      /* host, port are */
-} ngx_http_infer_ratelimit_redis_t;
+/*
+ * A call whose keys are in several cluster slots: a part per slot, sent
+ * at once.  It is answered when every part is; it admits when every part
+ * did, and the parts that admitted are undone otherwise.
+ */
+
+struct ngx_http_infer_ratelimit_call_s {
+    ngx_event_t                         ev;      /* the request resumes */
+    ngx_http_request_t                 *r;
+    ngx_http_infer_ratelimit_done_pt    done;
+    ngx_http_infer_ratelimit_item_t    *items;  /* the request's */
+    ngx_uint_t                          nitems;
+    ngx_http_infer_ratelimit_waiter_t **part;
+    ngx_uint_t                          nparts;
+    ngx_uint_t                          waiting;
+    ngx_int_t                           rc;
+    u_char                              mode;
+    unsigned                            finished:1;
+    unsigned                            admitted:1;
+};
 
 
-static ngx_int_t ngx_http_infer_ratelimit_redis_sentinels(ngx_conf_t *cf,
-    ngx_http_infer_ratelimit_redis_conf_t *rcf, ngx_str_t *value);
-static ngx_int_t ngx_http_infer_ratelimit_redis_connect(
+static ngx_int_t ngx_http_infer_ratelimit_redis_addrs(ngx_conf_t *cf,
+    ngx_array_t **list, u_char *p, u_char *last, const char *what);
+static uint32_t *ngx_http_infer_ratelimit_redis_slots(
+    ngx_http_infer_ratelimit_redis_conf_t *rcf,
+    ngx_http_infer_ratelimit_item_t *items, ngx_uint_t n);
+static ngx_int_t ngx_http_infer_ratelimit_redis_cmp(const void *one,
+    const void *two);
+static ngx_int_t ngx_http_infer_ratelimit_redis_split(ngx_http_request_t *r,
+    ngx_http_infer_ratelimit_redis_conf_t *rcf, u_char mode,
+    ngx_http_infer_ratelimit_item_t *items, ngx_uint_t n, uint32_t *order,
+    ngx_http_infer_ratelimit_done_pt done);
+static ngx_http_infer_ratelimit_waiter_t *ngx_http_infer_ratelimit_redis_waiter(
+    ngx_http_infer_ratelimit_redis_conf_t *rcf, u_char mode,
+    ngx_http_infer_ratelimit_item_t *items, ngx_uint_t *index, ngx_uint_t n);
+static size_t ngx_http_infer_ratelimit_redis_key_len(
+    ngx_http_infer_ratelimit_redis_conf_t *rcf,
+    ngx_http_infer_ratelimit_item_t *item);
+static u_char *ngx_http_infer_ratelimit_redis_key(u_char *p,
+    ngx_http_infer_ratelimit_redis_conf_t *rcf,
+    ngx_http_infer_ratelimit_item_t *item);
+static ngx_int_t ngx_http_infer_ratelimit_redis_call(
+    ngx_http_infer_ratelimit_waiter_t *w,
     ngx_http_infer_ratelimit_redis_t *rd);
-static void ngx_http_infer_ratelimit_redis_drop(
+static ngx_http_infer_ratelimit_redis_t *ngx_http_infer_ratelimit_redis_node(
+    ngx_uint_t slot);
+static ngx_int_t ngx_http_infer_ratelimit_redis_redirect(
+    ngx_http_infer_ratelimit_waiter_t *w, redisReply *rr);
+static void ngx_http_infer_ratelimit_redis_part(
+    ngx_http_infer_ratelimit_waiter_t *w, redisReply *rr);
+static void ngx_http_infer_ratelimit_redis_finish(
+    ngx_http_infer_ratelimit_call_t *call);
+static void ngx_http_infer_ratelimit_redis_call_undo(
+    ngx_http_infer_ratelimit_call_t *call);
+static void ngx_http_infer_ratelimit_redis_call_event(ngx_event_t *ev);
+static void ngx_http_infer_ratelimit_redis_call_cleanup(void *data);
+static void ngx_http_infer_ratelimit_redis_call_free(
+    ngx_http_infer_ratelimit_call_t *call);
+static void ngx_http_infer_ratelimit_redis_failed(
+    ngx_http_infer_ratelimit_redis_t *rd, redisReply *rr);
+static ngx_int_t ngx_http_infer_ratelimit_redis_connect(
     ngx_http_infer_ratelimit_redis_t *rd);
 static void ngx_http_infer_ratelimit_redis_add_read(void *data);
 static void ngx_http_infer_ratelimit_redis_del_read(void *data);
@@ -117,10 +169,8 @@ static void ngx_http_infer_ratelimit_redis_reply(redisAsyncContext *ac,
     void *reply, void *privdata);
 static void *ngx_http_infer_ratelimit_redis_array(const redisReadTask *task,
     int elements);
-static void ngx_http_infer_ratelimit_redis_readonly(redisReply *rr);
-static void ngx_http_infer_ratelimit_redis_synced(redisReply *rr);
-static ngx_int_t ngx_http_infer_ratelimit_redis_parse_sync(redisReply *rr,
-    ngx_http_infer_ratelimit_item_t *items, ngx_uint_t n);
+static void ngx_http_infer_ratelimit_redis_synced(
+    ngx_http_infer_ratelimit_redis_t *rd, redisReply *rr);
 static ngx_uint_t ngx_http_infer_ratelimit_redis_admitted(redisReply *rr);
 static void ngx_http_infer_ratelimit_redis_undo(
     ngx_http_infer_ratelimit_waiter_t *w);
@@ -314,6 +364,7 @@ static ngx_str_t  ngx_http_infer_ratelimit_script = ngx_string(
 
 
 static ngx_http_infer_ratelimit_redis_t  ngx_http_infer_ratelimit_redis_worker;
+static u_char  ngx_http_infer_ratelimit_redis_sha[40];
 
 /* hiredis's functions to make replies, ours for arrays */
 static redisReplyObjectFunctions  ngx_http_infer_ratelimit_redis_fn;
@@ -324,9 +375,14 @@ static ngx_uint_t  ngx_http_infer_ratelimit_redis_refused;
 
 /*
  * Sends one call: the admission of a request's limits (done is called
- * with the outcome, NGX_AGAIN returned) or a reconciliation (r only for
- * its log; fire and forget, NGX_OK returned).  NGX_DECLINED: Redis is
- * unavailable now, decide without it.
+ * with the outcome, NGX_AGAIN returned), a reconciliation (r only for
+ * its log; fire and forget, NGX_OK returned) or an approximate limits'
+ * sync (answered into the approximate limits' items).  NGX_DECLINED:
+ * Redis is unavailable now, decide without it.
+ *
+ * In a cluster, the keys of one slot go in one part, to the slot's
+ * master: a call whose keys share a slot is sent as it is; one whose
+ * keys do not is split (see ngx_http_infer_ratelimit_redis_split()).
  */
 
 ngx_int_t
@@ -335,13 +391,9 @@ ngx_http_infer_ratelimit_redis_eval(ngx_http_request_t *r,
     ngx_http_infer_ratelimit_item_t *items, ngx_uint_t n,
     ngx_http_infer_ratelimit_done_pt done)
 {
-    u_char                             *p, *data;
-    size_t                              size;
-    int64_t                             units;
-    uint64_t                            now;
-    ngx_uint_t                          i, argc, k;
+    uint32_t                           *order;
+    ngx_uint_t                          slot;
     ngx_pool_cleanup_t                 *cln;
-    ngx_http_infer_ratelimit_item_t    *item;
     ngx_http_infer_ratelimit_waiter_t  *w;
     ngx_http_infer_ratelimit_redis_t   *rd;
 
@@ -354,66 +406,350 @@ ngx_http_infer_ratelimit_redis_eval(ngx_http_request_t *r,
     if (n > NGX_HTTP_INFER_RL_LIMITS_MAX) {
         /* its answer would be refused as too long */
         ngx_http_infer_ratelimit_redis_error(rd, "more than %d limits on "
-                                             "one request",
+                                             "one call",
                                              NGX_HTTP_INFER_RL_LIMITS_MAX);
         return NGX_DECLINED;
     }
 
-    if (ngx_http_infer_ratelimit_redis_open() != NGX_OK) {
+    slot = 0;
+
+    if (rcf->seeds) {
+        if (n == 0) {
+            return NGX_OK;
+        }
+
+        order = ngx_http_infer_ratelimit_redis_slots(rcf, items, n);
+        if (order == NULL) {
+            return NGX_DECLINED;
+        }
+
+        slot = order[0] >> 16;
+
+        if ((order[n - 1] >> 16) != slot) {
+            return ngx_http_infer_ratelimit_redis_split(r, rcf, mode, items,
+                                                        n, order, done);
+        }
+
+        rd = ngx_http_infer_ratelimit_cluster_slot(slot);
+        if (rd == NULL) {
+            return NGX_DECLINED;
+        }
+
+    } else if (ngx_http_infer_ratelimit_redis_open() != NGX_OK) {
         return NGX_DECLINED;
     }
 
-    /* the waiter, its argv and the arguments' bytes in one block */
+    w = ngx_http_infer_ratelimit_redis_waiter(rcf, mode, items, NULL, n);
+    if (w == NULL) {
+        return NGX_DECLINED;
+    }
+
+    w->slot = slot;
+    w->done = done;
+
+    if (ngx_http_infer_ratelimit_redis_call(w, rd) != NGX_OK) {
+        ngx_free(w);
+        return NGX_DECLINED;
+    }
+
+    if (mode != NGX_HTTP_INFER_RL_ADMIT || done == NULL) {
+        return NGX_OK;
+    }
+
+    cln = ngx_pool_cleanup_add(r->pool, 0);
+    if (cln == NULL) {
+        /* the reply frees the waiter */
+        return NGX_ERROR;
+    }
+
+    cln->handler = ngx_http_infer_ratelimit_redis_waiter_cleanup;
+    cln->data = w;
+
+    w->r = r;
+
+    return NGX_AGAIN;
+}
+
+
+/*
+ * The items' slots, sorted: slot << 16 | the item's place, from a buffer
+ * of the worker's that grows to the longest call seen.  NULL: no memory.
+ */
+
+static uint32_t *
+ngx_http_infer_ratelimit_redis_slots(
+    ngx_http_infer_ratelimit_redis_conf_t *rcf,
+    ngx_http_infer_ratelimit_item_t *items, ngx_uint_t n)
+{
+    u_char      *p;
+    size_t       size;
+    uint32_t    *order;
+    ngx_uint_t   i;
+
+    static u_char  *buf;
+    static size_t   len;
+
+    size = n * sizeof(uint32_t);
+
+    for (i = 0; i < n; i++) {
+        size = ngx_max(size, n * sizeof(uint32_t)
+                             + ngx_http_infer_ratelimit_redis_key_len(rcf,
+                                                                  &items[i]));
+    }
+
+    if (size > len) {
+        p = ngx_alloc(ngx_max(size, 4096), ngx_cycle->log);
+        if (p == NULL) {
+            return NULL;
+        }
+
+        if (buf) {
+            ngx_free(buf);
+        }
+
+        buf = p;
+        len = ngx_max(size, 4096);
+    }
+
+    order = (uint32_t *) buf;
+    p = buf + n * sizeof(uint32_t);
+
+    for (i = 0; i < n; i++) {
+        order[i] = (uint32_t) (ngx_http_infer_ratelimit_slot(p,
+                       ngx_http_infer_ratelimit_redis_key(p, rcf, &items[i])
+                       - p) << 16 | i);
+    }
+
+    ngx_sort(order, n, sizeof(uint32_t), ngx_http_infer_ratelimit_redis_cmp);
+
+    return order;
+}
+
+
+static ngx_int_t
+ngx_http_infer_ratelimit_redis_cmp(const void *one, const void *two)
+{
+    uint32_t  a, b;
+
+    a = *(uint32_t *) one;
+    b = *(uint32_t *) two;
+
+    return (a < b) ? -1 : (a > b);
+}
+
+
+/*
+ * A call split by slot.  Reconciliations go each to its master on its
+ * own.  An admission's parts are sent at once, and answered together
+ * (ngx_http_infer_ratelimit_redis_finish()): sent in full or not at all,
+ * so that a master that cannot be asked decides the request by the
+ * outage policy before anything is charged.  A sync's part whose master
+ * cannot be asked keeps its units for the next sync (item->unsent).
+ */
+
+static ngx_int_t
+ngx_http_infer_ratelimit_redis_split(ngx_http_request_t *r,
+    ngx_http_infer_ratelimit_redis_conf_t *rcf, u_char mode,
+    ngx_http_infer_ratelimit_item_t *items, ngx_uint_t n, uint32_t *order,
+    ngx_http_infer_ratelimit_done_pt done)
+{
+    ngx_uint_t                          i, k, nparts, part, sent;
+    ngx_uint_t                          index[NGX_HTTP_INFER_RL_LIMITS_MAX];
+    ngx_pool_cleanup_t                 *cln;
+    ngx_http_infer_ratelimit_call_t    *call;
+    ngx_http_infer_ratelimit_waiter_t  *w;
+    ngx_http_infer_ratelimit_redis_t   *rd;
+    ngx_http_infer_ratelimit_redis_t   *node[NGX_HTTP_INFER_RL_LIMITS_MAX];
+
+    /* a master per part: each part is a run of one slot in order */
+
+    nparts = 0;
+
+    for (i = 0; i < n; i++) {
+        if (i > 0 && (order[i] >> 16) == (order[i - 1] >> 16)) {
+            continue;
+        }
+
+        rd = ngx_http_infer_ratelimit_cluster_slot(order[i] >> 16);
+
+        if (rd == NULL && mode == NGX_HTTP_INFER_RL_ADMIT) {
+            return NGX_DECLINED;
+        }
+
+        node[nparts++] = rd;
+    }
+
+    call = NULL;
+
+    if (mode != NGX_HTTP_INFER_RL_RECONCILE) {
+        call = ngx_calloc(sizeof(ngx_http_infer_ratelimit_call_t)
+                          + nparts * sizeof(ngx_http_infer_ratelimit_waiter_t *),
+                          ngx_cycle->log);
+        if (call == NULL) {
+            return NGX_DECLINED;
+        }
+
+        call->part = (ngx_http_infer_ratelimit_waiter_t **) (call + 1);
+        call->items = items;
+        call->nitems = n;
+        call->mode = mode;
+        call->done = done;
+        call->ev.handler = ngx_http_infer_ratelimit_redis_call_event;
+        call->ev.data = call;
+        call->ev.log = ngx_cycle->log;
+        call->ev.cancelable = 0;
+    }
+
+    sent = 0;
+    part = 0;
+    i = 0;
+
+    while (i < n) {
+        k = 0;
+
+        do {
+            index[k++] = order[i++] & 0xffff;
+        } while (i < n && (order[i] >> 16) == (order[i - 1] >> 16));
+
+        rd = node[part++];
+
+        if (rd == NULL) {
+            /* a sync's, or a reconciliation's, lost as a whole one is */
+            while (k) {
+                items[index[--k]].unsent = 1;
+            }
+
+            continue;
+        }
+
+        w = ngx_http_infer_ratelimit_redis_waiter(rcf, mode, items, index, k);
+        if (w == NULL) {
+            continue;
+        }
+
+        w->slot = order[i - 1] >> 16;
+        w->call = call;
+
+        if (ngx_http_infer_ratelimit_redis_call(w, rd) != NGX_OK) {
+            ngx_free(w);
+            continue;
+        }
+
+        if (call) {
+            call->part[call->nparts++] = w;
+            call->waiting++;
+        }
+
+        sent++;
+    }
+
+    if (call == NULL) {
+        return NGX_OK;
+    }
+
+    if (sent == 0) {
+        ngx_free(call);
+        return NGX_DECLINED;
+    }
+
+    if (mode == NGX_HTTP_INFER_RL_SYNC) {
+        return NGX_OK;
+    }
+
+    if (sent < nparts) {
+        /* never half an admission: what was sent is undone on answer */
+        call->rc = NGX_DECLINED;
+    }
+
+    cln = ngx_pool_cleanup_add(r->pool, 0);
+    if (cln == NULL) {
+        /* answered with no request: undone, then freed */
+        return NGX_ERROR;
+    }
+
+    cln->handler = ngx_http_infer_ratelimit_redis_call_cleanup;
+    cln->data = call;
+
+    call->r = r;
+
+    return NGX_AGAIN;
+}
+
+
+/*
+ * A waiter and its command, for the n items at index (all of them,
+ * in order, when index is NULL), in one block: the waiter, its argv, a
+ * part's copy of its items and of their places, then the arguments'
+ * bytes.
+ */
+
+static ngx_http_infer_ratelimit_waiter_t *
+ngx_http_infer_ratelimit_redis_waiter(
+    ngx_http_infer_ratelimit_redis_conf_t *rcf, u_char mode,
+    ngx_http_infer_ratelimit_item_t *items, ngx_uint_t *index, ngx_uint_t n)
+{
+    u_char                             *p;
+    size_t                              size;
+    int64_t                             units;
+    uint64_t                            now;
+    ngx_uint_t                          i, argc, k;
+    ngx_http_infer_ratelimit_item_t    *item;
+    ngx_http_infer_ratelimit_waiter_t  *w;
 
     argc = 4 + 6 * n;
     size = sizeof(ngx_http_infer_ratelimit_waiter_t)
            + argc * (sizeof(char *) + sizeof(size_t)) + 64;
 
+    if (index) {
+        size += n * (sizeof(ngx_http_infer_ratelimit_item_t)
+                     + sizeof(ngx_uint_t));
+    }
+
     for (i = 0; i < n; i++) {
-        size += rcf->prefix.len + items[i].key.len + 4
-                + items[i].limit->name.len + items[i].window.len
+        item = index ? &items[index[i]] : &items[i];
+        size += ngx_http_infer_ratelimit_redis_key_len(rcf, item)
                 + 5 * (NGX_INT64_LEN + 1);
     }
 
     w = ngx_alloc(size, ngx_cycle->log);
     if (w == NULL) {
-        return NGX_DECLINED;
+        return NULL;
     }
 
     ngx_memzero(w, sizeof(ngx_http_infer_ratelimit_waiter_t));
 
     w->argv = (const char **) (w + 1);
     w->argvlen = (size_t *) (w->argv + argc);
-    data = (u_char *) (w->argvlen + argc);
+    p = (u_char *) (w->argvlen + argc);
     w->argc = (int) argc;
+
+    w->items = items;
+    w->nitems = n;
+
+    if (index) {
+        /* a part answers into its own items: the request may be gone */
+        w->items = (ngx_http_infer_ratelimit_item_t *) p;
+        w->index = (ngx_uint_t *) (w->items + n);
+        p = (u_char *) (w->index + n);
+
+        for (i = 0; i < n; i++) {
+            w->items[i] = items[index[i]];
+            w->index[i] = index[i];
+        }
+    }
 
     w->argv[0] = "EVALSHA";
     w->argvlen[0] = sizeof("EVALSHA") - 1;
-    w->argv[1] = (char *) rd->sha;
+    w->argv[1] = (char *) ngx_http_infer_ratelimit_redis_sha;
     w->argvlen[1] = 40;
 
-    p = data;
     w->argv[2] = (char *) p;
     p = ngx_sprintf(p, "%ui", n);
     w->argvlen[2] = p - (u_char *) w->argv[2];
 
-    /* {the key} is the hash tag: one entity's keys share a cluster slot */
-
     for (i = 0; i < n; i++) {
-        item = &items[i];
         w->argv[3 + i] = (char *) p;
-        p = ngx_cpymem(p, rcf->prefix.data, rcf->prefix.len);
-        *p++ = '{';
-        p = ngx_cpymem(p, item->key.data, item->key.len);
-        *p++ = '}';
-        *p++ = ':';
-        p = ngx_cpymem(p, item->limit->name.data, item->limit->name.len);
-
-        if (item->window.len) {
-            *p++ = ':';
-            p = ngx_cpymem(p, item->window.data, item->window.len);
-        }
-
+        p = ngx_http_infer_ratelimit_redis_key(p, rcf, &w->items[i]);
         w->argvlen[3 + i] = p - (u_char *) w->argv[3 + i];
     }
 
@@ -423,7 +759,7 @@ ngx_http_infer_ratelimit_redis_eval(ngx_http_request_t *r,
     w->argvlen[k++] = 1;
 
     for (i = 0; i < n; i++) {
-        item = &items[i];
+        item = &w->items[i];
 
         if (mode == NGX_HTTP_INFER_RL_ADMIT) {
             /* more than the limit never fits: no overflow, no reset */
@@ -481,9 +817,6 @@ ngx_http_infer_ratelimit_redis_eval(ngx_http_request_t *r,
         k++;
     }
 
-    w->items = items;
-    w->nitems = n;
-    w->done = done;
     w->mode = mode;
 
     w->ev.handler = ngx_http_infer_ratelimit_redis_waiter_event;
@@ -496,40 +829,70 @@ ngx_http_infer_ratelimit_redis_eval(ngx_http_request_t *r,
      */
     w->ev.cancelable = 0;
 
+    return w;
+}
+
+
+/* PREFIX{key}:name[:window]: {the key} is the hash tag, see slots */
+
+static size_t
+ngx_http_infer_ratelimit_redis_key_len(
+    ngx_http_infer_ratelimit_redis_conf_t *rcf,
+    ngx_http_infer_ratelimit_item_t *item)
+{
+    return rcf->prefix.len + item->key.len + 4 + item->limit->name.len
+           + item->window.len;
+}
+
+
+static u_char *
+ngx_http_infer_ratelimit_redis_key(u_char *p,
+    ngx_http_infer_ratelimit_redis_conf_t *rcf,
+    ngx_http_infer_ratelimit_item_t *item)
+{
+    p = ngx_cpymem(p, rcf->prefix.data, rcf->prefix.len);
+    *p++ = '{';
+    p = ngx_cpymem(p, item->key.data, item->key.len);
+    *p++ = '}';
+    *p++ = ':';
+    p = ngx_cpymem(p, item->limit->name.data, item->limit->name.len);
+
+    if (item->window.len) {
+        *p++ = ':';
+        p = ngx_cpymem(p, item->window.data, item->window.len);
+    }
+
+    return p;
+}
+
+
+/* hands the waiter's command to a connection, its timeout running */
+
+static ngx_int_t
+ngx_http_infer_ratelimit_redis_call(ngx_http_infer_ratelimit_waiter_t *w,
+    ngx_http_infer_ratelimit_redis_t *rd)
+{
     if (redisAsyncCommandArgv(rd->ac, ngx_http_infer_ratelimit_redis_reply,
                               w, w->argc, w->argv, w->argvlen)
         != REDIS_OK)
     {
-        ngx_free(w);
-        return NGX_DECLINED;
-    }
-
-    w->pending = 1;
-
-    ngx_add_timer(&w->ev, rcf->timeout);
-
-    if (mode != NGX_HTTP_INFER_RL_ADMIT || done == NULL) {
-        return NGX_OK;
-    }
-
-    cln = ngx_pool_cleanup_add(r->pool, 0);
-    if (cln == NULL) {
-        /* the reply frees the waiter */
         return NGX_ERROR;
     }
 
-    cln->handler = ngx_http_infer_ratelimit_redis_waiter_cleanup;
-    cln->data = w;
+    w->rd = rd;
+    w->pending = 1;
 
-    w->r = r;
+    ngx_add_timer(&w->ev, rd->rcf->timeout);
 
-    return NGX_AGAIN;
+    return NGX_OK;
 }
 
 
 /*
- * The connection, made now if there is none (within the backoff): NGX_OK
- * when there is one, connected or connecting.
+ * A connection, made now if there is none (within the backoff): NGX_OK
+ * when there is one, connected or connecting.  In a cluster, any node's:
+ * for the callers that only want a connection to be told that the
+ * worker quits (see the read handler).
  */
 
 ngx_int_t
@@ -539,6 +902,22 @@ ngx_http_infer_ratelimit_redis_open(void)
 
     rd = &ngx_http_infer_ratelimit_redis_worker;
 
+    if (rd->rcf == NULL) {
+        return NGX_DECLINED;
+    }
+
+    if (rd->rcf->seeds) {
+        return ngx_http_infer_ratelimit_cluster_any() ? NGX_OK
+                                                       : NGX_DECLINED;
+    }
+
+    return ngx_http_infer_ratelimit_redis_open_node(rd);
+}
+
+
+ngx_int_t
+ngx_http_infer_ratelimit_redis_open_node(ngx_http_infer_ratelimit_redis_t *rd)
+{
     if (rd->rcf == NULL) {
         return NGX_DECLINED;
     }
@@ -558,6 +937,32 @@ ngx_http_infer_ratelimit_redis_open(void)
     }
 
     return ngx_http_infer_ratelimit_redis_connect(rd);
+}
+
+
+/* connected, and its handshake done */
+
+ngx_uint_t
+ngx_http_infer_ratelimit_redis_ready(ngx_http_infer_ratelimit_redis_t *rd)
+{
+    return rd->ac && rd->state == NGX_HTTP_INFER_RL_READY && rd->handshaken;
+}
+
+
+void
+ngx_http_infer_ratelimit_redis_node_init(ngx_http_infer_ratelimit_redis_t *rd,
+    ngx_http_infer_ratelimit_redis_conf_t *rcf, ngx_log_t *log)
+{
+    rd->rcf = rcf;
+    rd->log = log;
+    rd->name = rcf->address;
+    rd->backoff = NGX_HTTP_INFER_RL_BACKOFF_MIN;
+    rd->next_try = ngx_current_msec;
+
+    rd->connect_timer.handler = ngx_http_infer_ratelimit_redis_connect_timeout;
+    rd->connect_timer.data = rd;
+    rd->connect_timer.log = log;
+    rd->connect_timer.cancelable = 1;
 }
 
 
@@ -606,21 +1011,25 @@ ngx_http_infer_ratelimit_redis_master(u_char *host, size_t len,
 
 /*
  * Sends a command a caller made in Redis's protocol, for no request (the
- * usage events): hiredis copies it, and calls fn with the reply, or with
- * NULL when the connection goes first.  NGX_DECLINED: Redis is
- * unavailable now (a connection is tried, within the backoff).
+ * usage events), on the connection of the slot of its key: hiredis
+ * copies it, and calls fn with the reply, or with NULL when the
+ * connection goes first.  NGX_DECLINED: Redis is unavailable now (a
+ * connection is tried, within the backoff).
  */
 
 ngx_int_t
-ngx_http_infer_ratelimit_redis_send(u_char *cmd, size_t len,
+ngx_http_infer_ratelimit_redis_send(ngx_uint_t slot, u_char *cmd, size_t len,
     redisCallbackFn *fn, void *data)
 {
-    if (ngx_http_infer_ratelimit_redis_open() != NGX_OK) {
+    ngx_http_infer_ratelimit_redis_t  *rd;
+
+    rd = ngx_http_infer_ratelimit_redis_node(slot);
+
+    if (rd == NULL) {
         return NGX_DECLINED;
     }
 
-    if (redisAsyncFormattedCommand(ngx_http_infer_ratelimit_redis_worker.ac,
-                                   fn, data, (char *) cmd, len)
+    if (redisAsyncFormattedCommand(rd->ac, fn, data, (char *) cmd, len)
         != REDIS_OK)
     {
         return NGX_DECLINED;
@@ -631,23 +1040,77 @@ ngx_http_infer_ratelimit_redis_send(u_char *cmd, size_t len,
 
 
 /*
- * Drops the connection, failing every pending call: for a caller whose
- * calls went unanswered longer than the timeout.
+ * Drops the connection of a slot, failing every pending call on it: for
+ * a caller whose calls went unanswered longer than the timeout.
  */
 
 void
-ngx_http_infer_ratelimit_redis_reset(const char *why)
+ngx_http_infer_ratelimit_redis_reset(ngx_uint_t slot, const char *why)
 {
     ngx_http_infer_ratelimit_redis_t  *rd;
 
     rd = &ngx_http_infer_ratelimit_redis_worker;
 
-    if (rd->ac == NULL) {
+    if (rd->rcf && rd->rcf->seeds) {
+        rd = ngx_http_infer_ratelimit_cluster_slot(slot);
+    }
+
+    if (rd == NULL || rd->ac == NULL) {
         return;
     }
 
     ngx_http_infer_ratelimit_redis_error(rd, "%s: reconnecting", why);
     ngx_http_infer_ratelimit_redis_drop(rd);
+}
+
+
+/* the connection of a slot, opened if need be; NULL: none now */
+
+static ngx_http_infer_ratelimit_redis_t *
+ngx_http_infer_ratelimit_redis_node(ngx_uint_t slot)
+{
+    ngx_http_infer_ratelimit_redis_t  *rd;
+
+    rd = &ngx_http_infer_ratelimit_redis_worker;
+
+    if (rd->rcf == NULL) {
+        return NULL;
+    }
+
+    if (rd->rcf->seeds) {
+        return ngx_http_infer_ratelimit_cluster_slot(slot);
+    }
+
+    return (ngx_http_infer_ratelimit_redis_open_node(rd) == NGX_OK) ? rd
+                                                                    : NULL;
+}
+
+
+/*
+ * A MOVED answered to a command sent for no request (a usage event's):
+ * the slot's master is noted, so that the next ones go there.
+ */
+
+void
+ngx_http_infer_ratelimit_redis_moved(redisReply *rr)
+{
+    ngx_uint_t                            slot;
+    ngx_http_infer_ratelimit_redis_t     *rd;
+    ngx_http_infer_ratelimit_node_addr_t  addr;
+
+    if (rr == NULL || rr->type != REDIS_REPLY_ERROR
+        || ngx_http_infer_ratelimit_nodes_redirect((u_char *) rr->str,
+                                                   rr->len, &slot, &addr)
+           != NGX_HTTP_INFER_RL_MOVED)
+    {
+        return;
+    }
+
+    rd = ngx_http_infer_ratelimit_cluster_node(addr.addr, addr.port);
+
+    if (rd) {
+        ngx_http_infer_ratelimit_cluster_moved(slot, rd);
+    }
 }
 
 
@@ -669,8 +1132,8 @@ ngx_http_infer_ratelimit_redis_connect(ngx_http_infer_ratelimit_redis_t *rd)
     if (rcf->path.len) {
         ac = redisAsyncConnectUnix((char *) rcf->path.data);
 
-    } else if (rcf->master.len) {
-        /* the master the sentinels told */
+    } else if (rcf->master.len || rd->node) {
+        /* the master the sentinels told, or a cluster node */
         ac = redisAsyncConnect((char *) rd->host, (int) rd->port);
 
     } else {
@@ -789,7 +1252,7 @@ ngx_http_infer_ratelimit_redis_connect(ngx_http_infer_ratelimit_redis_t *rd)
 
 /* fails every pending call at once; the cleanup below follows */
 
-static void
+void
 ngx_http_infer_ratelimit_redis_drop(ngx_http_infer_ratelimit_redis_t *rd)
 {
     if (rd->ac) {
@@ -923,8 +1386,14 @@ ngx_http_infer_ratelimit_redis_cleanup(void *data)
     rd->state = NGX_HTTP_INFER_RL_DOWN;
     rd->handshaken = 0;
 
-    /* with Sentinel, a lost connection asks again who the master is */
-    rd->known = 0;
+    if (rd->node) {
+        /* the slots it served may be another node's now */
+        ngx_http_infer_ratelimit_cluster_lost();
+
+    } else {
+        /* with Sentinel, a lost connection asks again who the master is */
+        rd->known = 0;
+    }
 }
 
 
@@ -990,7 +1459,7 @@ ngx_http_infer_ratelimit_redis_connected(const redisAsyncContext *ac,
 {
     ngx_http_infer_ratelimit_redis_t  *rd;
 
-    rd = &ngx_http_infer_ratelimit_redis_worker;
+    rd = ac->ev.data;
 
     if (status != REDIS_OK) {
         /* hiredis frees the context next */
@@ -1016,8 +1485,7 @@ ngx_http_infer_ratelimit_redis_disconnected(const redisAsyncContext *ac,
 {
     if (status != REDIS_OK) {
         /* a refused array: hiredis says "Out of memory" */
-        ngx_http_infer_ratelimit_redis_error(
-            &ngx_http_infer_ratelimit_redis_worker,
+        ngx_http_infer_ratelimit_redis_error(ac->ev.data,
             "connection lost: %s",
             ngx_http_infer_ratelimit_redis_refused
             ? "an array nested or longer than our scripts answer"
@@ -1088,7 +1556,7 @@ ngx_http_infer_ratelimit_redis_handshake(redisAsyncContext *ac, void *reply,
     redisReply                        *rr = reply;
     ngx_http_infer_ratelimit_redis_t  *rd;
 
-    rd = &ngx_http_infer_ratelimit_redis_worker;
+    rd = ac->ev.data;
 
     if (rr == NULL) {
         return;
@@ -1162,6 +1630,17 @@ ngx_http_infer_ratelimit_redis_reply(redisAsyncContext *ac, void *reply,
         }
     }
 
+    if (rr && rr->type == REDIS_REPLY_ERROR
+        && ngx_http_infer_ratelimit_redis_redirect(w, rr) == NGX_OK)
+    {
+        return;
+    }
+
+    if (w->call) {
+        ngx_http_infer_ratelimit_redis_part(w, rr);
+        return;
+    }
+
     if (w->r == NULL && w->done && !w->answered
         && ngx_http_infer_ratelimit_redis_admitted(rr))
     {
@@ -1178,14 +1657,13 @@ ngx_http_infer_ratelimit_redis_reply(redisAsyncContext *ac, void *reply,
             == REDIS_OK)
         {
             w->pending = 1;
-            ngx_add_timer(&w->ev,
-                          ngx_http_infer_ratelimit_redis_worker.rcf->timeout);
+            ngx_add_timer(&w->ev, w->rd->rcf->timeout);
             return;
         }
     }
 
     if (w->mode == NGX_HTTP_INFER_RL_SYNC) {
-        ngx_http_infer_ratelimit_redis_synced(rr);
+        ngx_http_infer_ratelimit_redis_synced(w->rd, rr);
         ngx_http_infer_ratelimit_redis_waiter_free(w);
         return;
     }
@@ -1194,10 +1672,7 @@ ngx_http_infer_ratelimit_redis_reply(redisAsyncContext *ac, void *reply,
         /* a reconciliation, or a request that is gone */
 
         if (rr && rr->type == REDIS_REPLY_ERROR) {
-            ngx_http_infer_ratelimit_redis_error(
-                &ngx_http_infer_ratelimit_redis_worker, "script failed: %*s",
-                (size_t) ngx_min(rr->len, 256), (u_char *) rr->str);
-            ngx_http_infer_ratelimit_redis_readonly(rr);
+            ngx_http_infer_ratelimit_redis_failed(w->rd, rr);
         }
 
         ngx_http_infer_ratelimit_redis_waiter_free(w);
@@ -1226,17 +1701,294 @@ ngx_http_infer_ratelimit_redis_reply(redisAsyncContext *ac, void *reply,
 
 
 /*
- * A master that a failover made a replica, and that kept our connection,
- * answers writes with READONLY: the connection is dropped, and, with
- * Sentinel, the master asked for again.  Deferred by hiredis when called
- * from a reply's callback.
+ * A cluster's MOVED or ASK: the call is sent again to the node named,
+ * at most NGX_HTTP_INFER_RL_REDIRECTS times, within its first timeout.
+ * After a MOVED the slot is that node's; an ASK is for this call only,
+ * behind ASKING.  NGX_OK: sent again.
+ */
+
+static ngx_int_t
+ngx_http_infer_ratelimit_redis_redirect(ngx_http_infer_ratelimit_waiter_t *w,
+    redisReply *rr)
+{
+    ngx_int_t                              rc;
+    ngx_uint_t                             slot;
+    ngx_http_infer_ratelimit_redis_t      *rd;
+    ngx_http_infer_ratelimit_node_addr_t   addr;
+
+    if (w->rd == NULL || w->rd->node == 0
+        || w->redirects == NGX_HTTP_INFER_RL_REDIRECTS)
+    {
+        return NGX_DECLINED;
+    }
+
+    rc = ngx_http_infer_ratelimit_nodes_redirect((u_char *) rr->str, rr->len,
+                                                 &slot, &addr);
+    if (rc == NGX_DECLINED) {
+        if (rr->len >= 11 && ngx_strncmp(rr->str, "CLUSTERDOWN", 11) == 0) {
+            ngx_http_infer_ratelimit_cluster_lost();
+        }
+
+        return NGX_DECLINED;
+    }
+
+    rd = ngx_http_infer_ratelimit_cluster_node(addr.addr, addr.port);
+    if (rd == NULL) {
+        return NGX_DECLINED;
+    }
+
+    if (rc == NGX_HTTP_INFER_RL_MOVED) {
+        ngx_http_infer_ratelimit_cluster_moved(slot, rd);
+    }
+
+    if (ngx_http_infer_ratelimit_redis_open_node(rd) != NGX_OK) {
+        return NGX_DECLINED;
+    }
+
+    if (rc == NGX_HTTP_INFER_RL_ASK
+        && redisAsyncCommand(rd->ac, NULL, NULL, "ASKING") != REDIS_OK)
+    {
+        return NGX_DECLINED;
+    }
+
+    if (redisAsyncCommandArgv(rd->ac, ngx_http_infer_ratelimit_redis_reply,
+                              w, w->argc, w->argv, w->argvlen)
+        != REDIS_OK)
+    {
+        return NGX_DECLINED;
+    }
+
+    w->rd = rd;
+    w->pending = 1;
+    w->redirects++;
+
+    return NGX_OK;
+}
+
+
+/* a part of a call split by slot answered, or failed (rr NULL) */
+
+static void
+ngx_http_infer_ratelimit_redis_part(ngx_http_infer_ratelimit_waiter_t *w,
+    redisReply *rr)
+{
+    ngx_http_infer_ratelimit_call_t  *call;
+
+    call = w->call;
+
+    w->rc = NGX_DECLINED;
+
+    if (rr && rr->type == REDIS_REPLY_ERROR) {
+        ngx_http_infer_ratelimit_redis_failed(w->rd, rr);
+
+    } else if (rr && ngx_http_infer_ratelimit_redis_answer(rr, w->items,
+                                                           w->nitems)
+                     == NGX_OK)
+    {
+        w->rc = NGX_OK;
+        w->admitted = ngx_http_infer_ratelimit_redis_admitted(rr);
+    }
+
+    w->answered = 1;
+
+    if (w->ev.timer_set) {
+        ngx_del_timer(&w->ev);
+    }
+
+    if (--call->waiting == 0) {
+        ngx_http_infer_ratelimit_redis_finish(call);
+    }
+}
+
+
+/*
+ * Every part answered.  An admission admits if every part did; else the
+ * parts that admitted are undone, and the request is refused (a part
+ * refused) or left to the outage policy (a part failed).  Between the
+ * parts' answers and the undoing, the units undone were held for one
+ * round trip: a request then may be refused that would have passed.
  */
 
 static void
-ngx_http_infer_ratelimit_redis_readonly(redisReply *rr)
+ngx_http_infer_ratelimit_redis_finish(ngx_http_infer_ratelimit_call_t *call)
 {
+    ngx_uint_t                          i, j, n;
+    ngx_http_infer_ratelimit_item_t    *items;
+    ngx_http_infer_ratelimit_waiter_t  *w;
+
+    call->finished = 1;
+    call->admitted = (call->rc == NGX_OK);
+
+    for (i = 0; i < call->nparts; i++) {
+        w = call->part[i];
+
+        if (w->rc != NGX_OK) {
+            call->rc = NGX_DECLINED;
+            call->admitted = 0;
+
+        } else if (!w->admitted) {
+            call->admitted = 0;
+        }
+    }
+
+    if (call->mode == NGX_HTTP_INFER_RL_SYNC) {
+        items = ngx_http_infer_ratelimit_approx_items(&n);
+
+        if (items == call->items) {
+            for (i = 0; i < call->nparts; i++) {
+                w = call->part[i];
+
+                for (j = 0; w->rc == NGX_OK && j < w->nitems; j++) {
+                    items[w->index[j]] = w->items[j];
+                }
+            }
+
+            ngx_http_infer_ratelimit_approx_synced(call->rc, 1);
+        }
+
+        ngx_http_infer_ratelimit_redis_call_free(call);
+        return;
+    }
+
+    if (call->r == NULL || !call->admitted) {
+        ngx_http_infer_ratelimit_redis_call_undo(call);
+    }
+
+    if (call->r == NULL) {
+        ngx_http_infer_ratelimit_redis_call_free(call);
+        return;
+    }
+
+    for (i = 0; i < call->nparts; i++) {
+        w = call->part[i];
+
+        for (j = 0; w && j < w->nitems; j++) {
+            call->items[w->index[j]] = w->items[j];
+
+            if (!call->admitted) {
+                call->items[w->index[j]].where = NGX_HTTP_INFER_RL_NOWHERE;
+            }
+        }
+    }
+
+    /* the request goes on from the event loop, not from inside hiredis */
+
+    ngx_post_event(&call->ev, &ngx_posted_events);
+}
+
+
+/* the parts that admitted are charged back, each as a reconciliation */
+
+static void
+ngx_http_infer_ratelimit_redis_call_undo(ngx_http_infer_ratelimit_call_t *call)
+{
+    ngx_uint_t                          i;
+    ngx_http_infer_ratelimit_waiter_t  *w;
+
+    for (i = 0; i < call->nparts; i++) {
+        w = call->part[i];
+
+        if (w == NULL || w->rc != NGX_OK || !w->admitted) {
+            continue;
+        }
+
+        w->admitted = 0;
+
+        if (w->rd == NULL || w->rd->ac == NULL) {
+            continue;
+        }
+
+        ngx_http_infer_ratelimit_redis_undo(w);
+
+        /* its own now: its reply frees it */
+        w->call = NULL;
+        w->redirects = 0;
+
+        if (ngx_http_infer_ratelimit_redis_call(w, w->rd) != NGX_OK) {
+            w->call = call;
+            continue;
+        }
+
+        call->part[i] = NULL;
+    }
+}
+
+
+static void
+ngx_http_infer_ratelimit_redis_call_event(ngx_event_t *ev)
+{
+    ngx_http_infer_ratelimit_call_t  *call = ev->data;
+
+    if (call->r == NULL || call->done == NULL) {
+        return;
+    }
+
+    /* may finalize the request, and free the call with it */
+
+    call->done(call->r, call->admitted ? NGX_OK : call->rc);
+}
+
+
+static void
+ngx_http_infer_ratelimit_redis_call_cleanup(void *data)
+{
+    ngx_http_infer_ratelimit_call_t  *call = data;
+
+    call->r = NULL;
+
+    if (!call->finished) {
+        /* the last part's answer undoes and frees it */
+        return;
+    }
+
+    if (call->ev.posted) {
+        /* admitted, and gone before it read the answer: undone */
+        ngx_delete_posted_event(&call->ev);
+        ngx_http_infer_ratelimit_redis_call_undo(call);
+    }
+
+    ngx_http_infer_ratelimit_redis_call_free(call);
+}
+
+
+static void
+ngx_http_infer_ratelimit_redis_call_free(ngx_http_infer_ratelimit_call_t *call)
+{
+    ngx_uint_t  i;
+
+    for (i = 0; i < call->nparts; i++) {
+        if (call->part[i]) {
+            ngx_http_infer_ratelimit_redis_waiter_free(call->part[i]);
+        }
+    }
+
+    if (call->ev.posted) {
+        ngx_delete_posted_event(&call->ev);
+    }
+
+    ngx_free(call);
+}
+
+
+/*
+ * An error a script call got.  A master that a failover made a replica,
+ * and that kept our connection, answers writes with READONLY: the
+ * connection is dropped, and the master asked for again (Sentinel,
+ * Cluster).  Deferred by hiredis when called from a reply's callback.
+ */
+
+static void
+ngx_http_infer_ratelimit_redis_failed(ngx_http_infer_ratelimit_redis_t *rd,
+    redisReply *rr)
+{
+    ngx_http_infer_ratelimit_redis_error(rd, "script failed: %*s",
+                                         (size_t) ngx_min(rr->len, 256),
+                                         (u_char *) rr->str);
+
     if (rr->len >= 8 && ngx_strncmp(rr->str, "READONLY", 8) == 0) {
-        ngx_http_infer_ratelimit_redis_reset("a replica now");
+        ngx_http_infer_ratelimit_redis_error(rd, "a replica now: "
+                                             "reconnecting");
+        ngx_http_infer_ratelimit_redis_drop(rd);
     }
 }
 
@@ -1244,7 +1996,8 @@ ngx_http_infer_ratelimit_redis_readonly(redisReply *rr)
 /* an approximate limits' sync answered, or not (rr NULL) */
 
 static void
-ngx_http_infer_ratelimit_redis_synced(redisReply *rr)
+ngx_http_infer_ratelimit_redis_synced(ngx_http_infer_ratelimit_redis_t *rd,
+    redisReply *rr)
 {
     ngx_uint_t                        n;
     ngx_http_infer_ratelimit_item_t  *items;
@@ -1255,30 +2008,20 @@ ngx_http_infer_ratelimit_redis_synced(redisReply *rr)
         return;
     }
 
-    if (rr == NULL || ngx_http_infer_ratelimit_redis_parse_sync(rr, items, n)
-                      != NGX_OK)
+    if (rr && rr->type == REDIS_REPLY_ERROR) {
+        ngx_http_infer_ratelimit_redis_failed(rd, rr);
+        ngx_http_infer_ratelimit_approx_synced(NGX_DECLINED, 1);
+        return;
+    }
+
+    if (rr == NULL
+        || ngx_http_infer_ratelimit_redis_answer(rr, items, n) != NGX_OK)
     {
         ngx_http_infer_ratelimit_approx_synced(NGX_DECLINED, 1);
         return;
     }
 
     ngx_http_infer_ratelimit_approx_synced(NGX_OK, 1);
-}
-
-
-static ngx_int_t
-ngx_http_infer_ratelimit_redis_parse_sync(redisReply *rr,
-    ngx_http_infer_ratelimit_item_t *items, ngx_uint_t n)
-{
-    if (rr->type == REDIS_REPLY_ERROR) {
-        ngx_http_infer_ratelimit_redis_error(
-            &ngx_http_infer_ratelimit_redis_worker, "script failed: %*s",
-            (size_t) ngx_min(rr->len, 256), (u_char *) rr->str);
-        ngx_http_infer_ratelimit_redis_readonly(rr);
-        return NGX_DECLINED;
-    }
-
-    return ngx_http_infer_ratelimit_redis_answer(rr, items, n);
 }
 
 
@@ -1321,18 +2064,14 @@ ngx_http_infer_ratelimit_redis_parse(ngx_http_infer_ratelimit_waiter_t *w,
     }
 
     if (rr->type == REDIS_REPLY_ERROR) {
-        ngx_http_infer_ratelimit_redis_error(
-            &ngx_http_infer_ratelimit_redis_worker, "script failed: %*s",
-            (size_t) ngx_min(rr->len, 256), (u_char *) rr->str);
-        ngx_http_infer_ratelimit_redis_readonly(rr);
+        ngx_http_infer_ratelimit_redis_failed(w->rd, rr);
         return NGX_DECLINED;
     }
 
     if (ngx_http_infer_ratelimit_redis_answer(rr, w->items, w->nitems)
         != NGX_OK)
     {
-        ngx_http_infer_ratelimit_redis_error(
-            &ngx_http_infer_ratelimit_redis_worker,
+        ngx_http_infer_ratelimit_redis_error(w->rd,
             "the script answered something unexpected");
         return NGX_DECLINED;
     }
@@ -1396,7 +2135,7 @@ ngx_http_infer_ratelimit_redis_waiter_event(ngx_event_t *ev)
     ngx_http_infer_ratelimit_redis_t   *rd;
 
     w = ev->data;
-    rd = &ngx_http_infer_ratelimit_redis_worker;
+    rd = w->rd;
 
     if (ev->timedout) {
         ev->timedout = 0;
@@ -1452,7 +2191,7 @@ ngx_http_infer_ratelimit_redis_waiter_cleanup(void *data)
          * charge is undone, as when the answer comes after it went.
          */
 
-        rd = &ngx_http_infer_ratelimit_redis_worker;
+        rd = w->rd;
 
         if (w->admitted && !w->pending && rd->ac) {
             ngx_http_infer_ratelimit_redis_undo(w);
@@ -1517,7 +2256,7 @@ ngx_http_infer_ratelimit_redis_error(ngx_http_infer_ratelimit_redis_t *rd,
     ngx_log_error(NGX_LOG_ERR, rd->log, 0,
                   "infer ratelimit: redis %V: %*s (%ui similar errors not "
                   "logged)",
-                  &rd->rcf->address, (size_t) (p - buf), buf,
+                  &rd->name, (size_t) (p - buf), buf,
                   rd->suppressed);
 
     rd->logged = ngx_time();
@@ -1537,22 +2276,19 @@ ngx_http_infer_ratelimit_redis_init_process(ngx_cycle_t *cycle,
 
     ngx_memzero(rd, sizeof(ngx_http_infer_ratelimit_redis_t));
 
-    rd->rcf = rcf;
-    rd->log = cycle->log;
-    rd->backoff = NGX_HTTP_INFER_RL_BACKOFF_MIN;
-    rd->next_try = ngx_current_msec;
-
-    rd->connect_timer.handler = ngx_http_infer_ratelimit_redis_connect_timeout;
-    rd->connect_timer.data = rd;
-    rd->connect_timer.log = cycle->log;
-    rd->connect_timer.cancelable = 1;
+    ngx_http_infer_ratelimit_redis_node_init(rd, rcf, cycle->log);
 
     ngx_sha1_init(&sha1);
     ngx_sha1_update(&sha1, ngx_http_infer_ratelimit_script.data,
                     ngx_http_infer_ratelimit_script.len);
     ngx_sha1_final(hash, &sha1);
 
-    ngx_hex_dump(rd->sha, hash, 20);
+    ngx_hex_dump(ngx_http_infer_ratelimit_redis_sha, hash, 20);
+
+    if (rcf->seeds) {
+        /* the one connection is not used: the nodes have theirs */
+        return ngx_http_infer_ratelimit_cluster_init_process(cycle, rcf);
+    }
 
     return NGX_OK;
 }
@@ -1566,34 +2302,32 @@ ngx_http_infer_ratelimit_redis_exit_process(ngx_cycle_t *cycle)
     rd = &ngx_http_infer_ratelimit_redis_worker;
 
     ngx_http_infer_ratelimit_sentinel_exit();
+    ngx_http_infer_ratelimit_cluster_exit_process();
     ngx_http_infer_ratelimit_redis_drop(rd);
 
     rd->rcf = NULL;
 }
 
 
-/* sentinels=IPv4:port[,IPv4:port...] */
+/* sentinels=IPv4:port[,IPv4:port...], cluster:IPv4:port[,IPv4:port...] */
 
 static ngx_int_t
-ngx_http_infer_ratelimit_redis_sentinels(ngx_conf_t *cf,
-    ngx_http_infer_ratelimit_redis_conf_t *rcf, ngx_str_t *value)
+ngx_http_infer_ratelimit_redis_addrs(ngx_conf_t *cf, ngx_array_t **list,
+    u_char *p, u_char *last, const char *what)
 {
-    u_char      *p, *last, *comma;
+    u_char      *comma;
     ngx_int_t    rc;
     ngx_addr_t  *addr;
 
-    if (rcf->sentinels) {
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "sentinels= is duplicate");
+    if (*list) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "%s is duplicate", what);
         return NGX_ERROR;
     }
 
-    rcf->sentinels = ngx_array_create(cf->pool, 3, sizeof(ngx_addr_t));
-    if (rcf->sentinels == NULL) {
+    *list = ngx_array_create(cf->pool, 3, sizeof(ngx_addr_t));
+    if (*list == NULL) {
         return NGX_ERROR;
     }
-
-    p = value->data + 10;
-    last = value->data + value->len;
 
     while (p < last) {
         comma = ngx_strlchr(p, last, ',');
@@ -1601,7 +2335,7 @@ ngx_http_infer_ratelimit_redis_sentinels(ngx_conf_t *cf,
             comma = last;
         }
 
-        addr = ngx_array_push(rcf->sentinels);
+        addr = ngx_array_push(*list);
         if (addr == NULL) {
             return NGX_ERROR;
         }
@@ -1612,8 +2346,8 @@ ngx_http_infer_ratelimit_redis_sentinels(ngx_conf_t *cf,
             || ngx_inet_get_port(addr->sockaddr) == 0)
         {
             ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                               "invalid sentinel \"%*s\": IPv4:port "
-                               "expected", comma - p, p);
+                               "invalid %s address \"%*s\": IPv4:port "
+                               "expected", what, comma - p, p);
             return NGX_ERROR;
         }
 
@@ -1623,9 +2357,9 @@ ngx_http_infer_ratelimit_redis_sentinels(ngx_conf_t *cf,
         p = comma + 1;
     }
 
-    if (rcf->sentinels->nelts == 0) {
+    if ((*list)->nelts == 0) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "sentinels= needs at least one IPv4:port");
+                           "%s needs at least one IPv4:port", what);
         return NGX_ERROR;
     }
 
@@ -1676,7 +2410,18 @@ ngx_http_infer_ratelimit_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
     rcf->address = value[1];
 
-    if (ngx_strncmp(value[1].data, "sentinel:", 9) == 0) {
+    if (ngx_strncmp(value[1].data, "cluster:", 8) == 0) {
+        /* the seeds: any node tells the others */
+        if (ngx_http_infer_ratelimit_redis_addrs(cf, &rcf->seeds,
+                                                 value[1].data + 8,
+                                                 value[1].data + value[1].len,
+                                                 "cluster")
+            != NGX_OK)
+        {
+            return NGX_CONF_ERROR;
+        }
+
+    } else if (ngx_strncmp(value[1].data, "sentinel:", 9) == 0) {
         /* the master's name; sentinels= says whom to ask */
         rcf->master.data = value[1].data + 9;
         rcf->master.len = value[1].len - 9;
@@ -1786,7 +2531,10 @@ ngx_http_infer_ratelimit_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         }
 
         if (ngx_strncmp(value[i].data, "sentinels=", 10) == 0) {
-            if (ngx_http_infer_ratelimit_redis_sentinels(cf, rcf, &value[i])
+            if (ngx_http_infer_ratelimit_redis_addrs(cf, &rcf->sentinels,
+                                                value[i].data + 10,
+                                                value[i].data + value[i].len,
+                                                "sentinels=")
                 != NGX_OK)
             {
                 return NGX_CONF_ERROR;
@@ -1839,6 +2587,10 @@ ngx_http_infer_ratelimit_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         return "has sentinels= without sentinel:NAME as its address";
     }
 
+    if (rcf->seeds && rcf->db) {
+        return "has db= with a cluster: a cluster has database 0 only";
+    }
+
     *field = rcf;
 
     return NGX_CONF_OK;
@@ -1847,8 +2599,9 @@ invalid_address:
 
     ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                        "invalid redis address \"%V\": IPv4:port, "
-                       "unix:/path or sentinel:NAME expected (no names: "
-                       "they would need DNS at run time)", &value[1]);
+                       "unix:/path, sentinel:NAME or cluster:IPv4:port,... "
+                       "expected (no names: they would need DNS at run "
+                       "time)", &value[1]);
     return NGX_CONF_ERROR;
 
 invalid:
@@ -1878,6 +2631,10 @@ ngx_http_infer_ratelimit_redis_up(void)
 
     if (rd->rcf == NULL) {
         return 0;
+    }
+
+    if (rd->rcf->seeds) {
+        return ngx_http_infer_ratelimit_cluster_up();
     }
 
     if (rd->ac == NULL
