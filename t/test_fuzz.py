@@ -166,3 +166,31 @@ def test_decimal_amounts(tmp_path):
                   UNIT / "decimal_corpus" / "toolong")
     assert "scale=6 v=9007199254740992 " in out
     assert "scale=9 v=-1 " in out
+
+
+def test_cluster_slots_and_nodes(tmp_path):
+    """A key's slot, a MOVED or ASK, and CLUSTER NODES's answer
+    (ngx_infer_ratelimit/ngx_http_infer_ratelimit_nodes.c): the slot
+    against an oracle written bit by bit and, here, against redis-py's
+    own key_slot; the map against the lines read again another way."""
+    from redis.crc import key_slot
+    binary = run_fuzz(tmp_path, "ratelimit_nodes_fuzz.c",
+                      ["ngx_infer_ratelimit/"
+                       "ngx_http_infer_ratelimit_nodes.c"],
+                      "nodes_corpus", [])
+    for k in [b"foo", b"{user1000}.following", b"{}{bar}", b"{{a}}",
+              b"a{b}c", b"{a", b"}a{", b"", b"infer:rl:{acme}:req:20261206",
+              "{t\u00e9nant}:x".encode()]:
+        f = tmp_path / "key"
+        f.write_bytes(b"k" + k)
+        assert f"slot={key_slot(k)}\n" in verbose(binary, f), k
+    out = verbose(binary, UNIT / "nodes_corpus" / "nodes_doc")
+    assert "rc=0 masters=3 slots=16384" in out, out
+    out = verbose(binary, UNIT / "nodes_corpus" / "nodes_self")
+    assert "rc=0 masters=1 slots=102" in out, out
+    assert "rc=-5" in verbose(binary, UNIT / "nodes_corpus" / "nodes_none")
+    assert "rc=1 slot=3999 port=6381" in verbose(
+        binary, UNIT / "nodes_corpus" / "moved")
+    assert "rc=2 slot=3999 port=6381" in verbose(
+        binary, UNIT / "nodes_corpus" / "ask")
+    assert "rc=-5" in verbose(binary, UNIT / "nodes_corpus" / "moved_bad")
