@@ -1850,6 +1850,18 @@ ngx_http_infer_ratelimit_redis_finish(ngx_http_infer_ratelimit_call_t *call)
         return;
     }
 
+    for (i = 0; call->r && i < call->nparts; i++) {
+        w = call->part[i];
+
+        for (j = 0; w->rc == NGX_OK && j < w->nitems; j++) {
+            call->items[w->index[j]] = w->items[j];
+
+            if (!call->admitted) {
+                call->items[w->index[j]].where = NGX_HTTP_INFER_RL_NOWHERE;
+            }
+        }
+    }
+
     if (call->r == NULL || !call->admitted) {
         ngx_http_infer_ratelimit_redis_call_undo(call);
     }
@@ -1857,18 +1869,6 @@ ngx_http_infer_ratelimit_redis_finish(ngx_http_infer_ratelimit_call_t *call)
     if (call->r == NULL) {
         ngx_http_infer_ratelimit_redis_call_free(call);
         return;
-    }
-
-    for (i = 0; i < call->nparts; i++) {
-        w = call->part[i];
-
-        for (j = 0; w && j < w->nitems; j++) {
-            call->items[w->index[j]] = w->items[j];
-
-            if (!call->admitted) {
-                call->items[w->index[j]].where = NGX_HTTP_INFER_RL_NOWHERE;
-            }
-        }
     }
 
     /* the request goes on from the event loop, not from inside hiredis */
