@@ -140,6 +140,16 @@ typedef struct {
 } ngx_http_infer_ratelimit_nodes_t;
 
 
+/*
+ * Our scripts answer an array of 1 + 3 integers per limit, never one
+ * nested: hiredis 0.14 sets no bound on an array (it has no maxelements),
+ * and "*2147483647\r\n" would have it allocate 2^31 pointers at once,
+ * and as many again for each "*N" inside, for a few bytes sent.  So no
+ * call carries more limits than this.
+ */
+#define NGX_HTTP_INFER_RL_LIMITS_MAX  1024
+
+
 /* a connection to Redis: the one, or one per cluster node */
 
 typedef struct {
@@ -190,6 +200,11 @@ void ngx_http_infer_ratelimit_redis_node_init(
     ngx_http_infer_ratelimit_redis_t *rd,
     ngx_http_infer_ratelimit_redis_conf_t *rcf, ngx_log_t *log);
 void ngx_http_infer_ratelimit_redis_drop(ngx_http_infer_ratelimit_redis_t *rd);
+ngx_http_infer_ratelimit_redis_t *ngx_http_infer_ratelimit_redis_main(void);
+void ngx_http_infer_ratelimit_redis_error(ngx_http_infer_ratelimit_redis_t *rd,
+    const char *fmt, ...);
+void ngx_http_infer_ratelimit_redis_sha1(void);
+ngx_str_t *ngx_http_infer_ratelimit_redis_script(void);
 struct redisAsyncContext;
 struct redisReply;
 ngx_int_t ngx_http_infer_ratelimit_redis_send(ngx_uint_t slot, u_char *cmd,

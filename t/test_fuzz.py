@@ -137,7 +137,9 @@ def test_redis_replies(tmp_path):
     answer."""
     binary = run_fuzz(tmp_path, "ratelimit_redis_fuzz.c",
                       ["ngx_infer_ratelimit/"
-                       "ngx_http_infer_ratelimit_redis.c"],
+                       "ngx_http_infer_ratelimit_redis.c",
+                       "ngx_infer_ratelimit/"
+                       "ngx_http_infer_ratelimit_redis_call.c"],
                       "redis_corpus", ["-lhiredis"], args=["-max_len=4096"])
     verbose(binary, UNIT / "redis_corpus" / "huge",
             UNIT / "redis_corpus" / "nested")
