@@ -248,13 +248,13 @@ def rc(shared_cluster):
 
 @pytest.fixture
 def own_cluster(tmp_path):
-    """make(replicas=0) -> a cluster of 3 masters of the test's own, to
-    kill."""
+    """make(replicas=0, password=None, hostnames=False) -> a cluster of 3
+    masters of the test's own, to kill."""
     made = []
 
-    def make(replicas=0):
+    def make(replicas=0, **kw):
         c = RedisCluster(tmp_path / f"cluster{len(made)}", masters=3,
-                         replicas=replicas)
+                         replicas=replicas, **kw)
         made.append(c)
         return c.start()
 
@@ -356,6 +356,106 @@ def test_the_slot_is_redis_rule(nginx_factory, rc, prefix):
         slots.add(key_slot(k))
         assert int(rc.master_for(k).client().get(k)) == 3, k
     assert len(slots) >= 3
+
+
+def test_one_call_per_slot(nginx_factory, rc):
+    """Five limits: two keyed by the tenant (one slot), three by constants
+    in three other slots, two of them on one master.  Each request is one
+    EVALSHA per slot, on that slot's master; a refusal in one slot undoes
+    the four other keys."""
+    masters = rc.masters()
+    a, b = masters[0], masters[1]
+    t = tenant_on(rc, a.port, "cs")
+    c1 = tenant_on(rc, b.port, "k")
+    c2 = tenant_on(rc, b.port, "k", taken=[c1])
+    c3 = tenant_on(rc, a.port, "k", taken=[c1, c2])
+    assert len({key_slot(x) for x in (t, c1, c2, c3)}) == 4
+    n = nginx_factory(conf(rc.seeds(), f"""
+        infer_ratelimit_limit r1 $http_x_tenant requests=100/day;
+        infer_ratelimit_limit r2 $http_x_tenant requests=100/day;
+        infer_ratelimit_limit k1 {c1} requests=100/day;
+        infer_ratelimit_limit k2 {c2} requests=100/day;
+        infer_ratelimit_limit k3 {c3} requests=6/day;"""))
+    warm(n, rc)
+    rc.reset_stats()
+    s = requests.Session()
+    codes = [get(n, t, session=s).status_code for _ in range(5)]
+    assert codes == [200] * 5
+    calls = {p: c + rc.calls("eval")[p]
+             for p, c in rc.calls("evalsha").items()}
+    # a: the tenant's slot and k3's; b: k1's and k2's
+    assert calls == {m.port: 10 if m in (a, b) else 0 for m in masters}, \
+        calls
+    codes = [get(n, t, session=s) for _ in range(3)]
+    assert [r.status_code for r in codes] == [200, 429, 429]
+    assert {r.headers["X-RL-By"] for r in codes[1:]} == {"k3"}
+    for k, want in ((key(t, "r1"), 6), (key(t, "r2"), 6), (key(c1, "k1"), 6),
+                    (key(c2, "k2"), 6), (key(c3, "k3"), 6)):
+        assert settle(rc, k, want) == want, k
+
+
+def test_a_standalone_redis_as_a_seed(nginx_factory, redis):
+    """A seed that is not a cluster (CLUSTER NODES answered with an error):
+    said in the log, the policy decides at once, nothing crashes."""
+    n = nginx_factory(conf([redis.addr], "infer_ratelimit_limit req "
+                           "$http_x_tenant requests=100/day "
+                           "on_error=fail_closed;",
+                           opts="timeout=300ms connect_timeout=300ms "
+                           "backoff=200ms"))
+    t0 = time.monotonic()
+    rs = parallel(lambda: get(n, "acme"), 10)
+    assert time.monotonic() - t0 < 5
+    assert {(r.status_code, r.headers["X-RL-Status"]) for r in rs} == \
+        {(429, "degraded")}
+    assert get(n, path="/up").headers["X-Redis-Up"] == "0"
+    assert not redis.client().keys("*")
+    assert "no slot map" in n.log_text()
+
+
+def test_a_cluster_with_a_password(nginx_factory, own_cluster):
+    """requirepass on every node: the gateway authenticates on each
+    connection (the map's and each master's); a wrong password is an
+    outage, and the password is never logged."""
+    cl = own_cluster(password="s3cret-pw")
+    n = nginx_factory(conf(cl.seeds()[:1], "infer_ratelimit_limit req "
+                           "$http_x_tenant requests=5/day "
+                           "on_error=fail_closed;",
+                           opts="password=s3cret-pw timeout=1s"))
+    warm(n, cl)
+    for port, t in tenants_per_master(cl, "pw").items():
+        assert [get(n, t).status_code for _ in range(6)] == \
+            [200] * 5 + [429]
+        assert int(cl.client_for(port).get(key(t))) == 5
+    bad = nginx_factory(conf(cl.seeds()[:1], "infer_ratelimit_limit req "
+                             "$http_x_tenant requests=5/day "
+                             "on_error=fail_closed;",
+                             opts="password=wrong-pw timeout=300ms "
+                             "connect_timeout=300ms backoff=200ms"),
+                        name="bad")
+    rs = [get(bad, "acme") for _ in range(4)]
+    assert {(r.status_code, r.headers["X-RL-Status"]) for r in rs} == \
+        {(429, "degraded")}
+    for gw in (n, bad):
+        log = gw.log_text()
+        assert "s3cret-pw" not in log and "wrong-pw" not in log
+
+
+def test_nodes_that_announce_a_host_name(nginx_factory, own_cluster):
+    """cluster-announce-hostname on every node: CLUSTER NODES lines carry
+    ",hostname" after the address; the addresses are still IPs (the
+    preferred endpoint), so the gateway counts as usual."""
+    cl = own_cluster(hostnames=True)
+    assert ".test" in cl.live()[0].client().execute_command("CLUSTER",
+                                                              "NODES")
+    n = nginx_factory(conf(cl.seeds()[:1], "infer_ratelimit_limit req "
+                           "$http_x_tenant requests=5/day;"))
+    warm(n, cl)
+    cl.reset_stats()
+    for port, t in tenants_per_master(cl, "hn").items():
+        assert [get(n, t).status_code for _ in range(6)] == \
+            [200] * 5 + [429]
+        assert int(cl.client_for(port).get(key(t))) == 5
+    assert sum(cl.errors("MOVED").values()) == 0
 
 
 def test_a_hash_tag_in_the_prefix_puts_every_key_in_one_slot(nginx_factory,
@@ -481,6 +581,41 @@ def test_a_concurrency_limit_and_a_requests_limit_in_two_slots(
     assert settle(rc, inflight, 0) == 0           # released, or gone
     assert sorted(each(slow, range(2), threads=2)) == [200, 200]
     assert settle(rc, key(everyone, "rpd"), 4) == 4
+
+
+def test_a_client_gone_while_a_part_is_pending(nginx_factory, rc):
+    """A request on two slots whose client goes away while one part is
+    held (its master paused) and the other admitted: when the held part
+    admits too, both are undone (nothing was served)."""
+    import socket
+    a, b = rc.masters()[0], rc.masters()[1]
+    t = tenant_on(rc, a.port, "gone")
+    everyone = tenant_on(rc, b.port, "all")
+    n = nginx_factory(conf(rc.seeds(), f"""
+        infer_ratelimit_limit t $http_x_tenant requests=100/day;
+        infer_ratelimit_limit g {everyone} requests=100/day;""",
+                           opts="timeout=3s"))
+    warm(n, rc)
+    assert get(n, t).status_code == 200
+    a.client().execute_command("CLIENT", "PAUSE", 700, "ALL")
+    socks = []
+    for _ in range(6):
+        c = socket.create_connection(("127.0.0.1", n.port))
+        c.sendall(f"GET /ok.txt HTTP/1.1\r\nHost: x\r\nX-Tenant: {t}"
+                  "\r\n\r\n".encode())
+        socks.append(c)
+    time.sleep(0.2)
+    for c in socks:
+        c.close()               # gone before the paused master answers
+    time.sleep(0.8)             # its answers come to no one
+    r = get(n, t)
+    assert r.status_code == 200 and r.headers["X-RL-Status"] == "passed"
+    assert settle(rc, key(t, "t"), 2) == 2
+    assert settle(rc, key(everyone, "g"), 2) == 2
+    time.sleep(0.3)
+    assert (rc.count(key(t, "t")), rc.count(key(everyone, "g"))) == (2, 2)
+    n.stop()
+    assert (n.workdir / "access.log").read_text().count('" 499 ') >= 1
 
 
 # ------------------------------------------------------------ resharding
@@ -1075,6 +1210,100 @@ def test_an_approximate_limit_holds_what_was_admitted(nginx_factory, rc):
         want = sum(1 for u, _ in results if u == t)
         assert settle(rc, key(t, "a"), want) == want, t
     assert settle(rc, key("everyone", "b"), 60) == 60
+
+
+def test_an_approximate_sync_part_that_times_out(nginx_factory, rc):
+    """A sync split by slot, one master paused past the timeout: the
+    other masters' parts land exactly; the paused one's units are not
+    counted twice (a call that got no answer may have been counted)."""
+    n = nginx_factory(conf(rc.seeds(), "infer_ratelimit_limit a "
+                           "$http_x_tenant requests=1000/day "
+                           "approximate=100ms;",
+                           opts="timeout=300ms connect_timeout=300ms "
+                           "backoff=200ms"))
+    warm(n, rc)
+    tenants = tenants_per_master(rc, "as")
+    sent = {t: 0 for t in tenants.values()}
+
+    def burst():
+        codes = each(lambda t: get(n, t).status_code,
+                     list(tenants.values()) * 10)
+        assert codes == [200] * 30     # each worker's share: 500
+        for t in tenants.values():
+            sent[t] += 10
+
+    burst()
+    for t in tenants.values():
+        assert settle(rc, key(t, "a"), sent[t]) == sent[t]
+    paused = rc.masters()[0]
+    paused.client().execute_command("CLIENT", "PAUSE", 1000, "ALL")
+    burst()
+    time.sleep(1.5)
+    for port, t in tenants.items():
+        if port == paused.port:
+            assert 10 <= rc.count(key(t, "a")) <= sent[t]
+        else:
+            assert settle(rc, key(t, "a"), sent[t]) == sent[t], t
+    # and after: counted again
+    burst()
+    for port, t in tenants.items():
+        if port != paused.port:
+            assert settle(rc, key(t, "a"), sent[t]) == sent[t], t
+
+
+@pytest.mark.parametrize("kind", ["tokens", "approximate"])
+def test_corrections_and_syncs_follow_a_moving_slot(nginx_factory, rc,
+                                                    sim_factory, kind):
+    """Token corrections (coalesced for 200 ms) and approximate syncs
+    (every 200 ms) of a tenant whose slot is resharded meanwhile: sent
+    while the slot is half moved (ASK), after its key went, and after the
+    move (MOVED), each lands once: the day's key ends holding exactly
+    what the answers used (tokens) or what was admitted (requests)."""
+    sim = sim_factory("llama-3-8b", "llama-a", ttft_ms=0, tpot_ms=0)
+    if kind == "tokens":
+        limit = "infer_ratelimit_limit d $http_x_tenant tokens=100000000/day;"
+        opts = "timeout=2s coalesce=200ms"
+    else:
+        limit = ("infer_ratelimit_limit d $http_x_tenant requests=100000/day"
+                 " approximate=200ms;")
+        opts = "timeout=2s"
+    n = nginx_factory(proxy_conf(rc.seeds(), sim, limit, opts=opts))
+    warm(n, rc)
+    masters = rc.masters()
+    src, dst = masters[0], masters[1]
+    t = tenant_on(rc, src.port, "mc")
+    slot = key_slot(t)
+    total = 0
+
+    def some(k):
+        nonlocal total
+        for i in range(k):
+            r = chat(n, max_tokens=100, completion=3 + i,
+                     headers={"X-Tenant": t})
+            assert r.status_code == 200
+            assert r.headers["X-RL-Status"] == "passed"
+            total += r.json()["usage"]["total_tokens"] \
+                if kind == "tokens" else 1
+
+    some(3)
+    assert settle(rc, key(t, "d"), total) == total
+    rc.reset_stats()
+    # each phase lasts past the interval, so that a call of corrections
+    # or a sync is sent in each
+    rc.begin_move(slot, dst.port)
+    some(3)                          # the key still on src
+    time.sleep(0.3)
+    rc.migrate_keys(slot, src, dst)
+    some(3)                          # the key on dst: ASK
+    time.sleep(0.3)
+    rc.finish_move(slot, dst.port)
+    some(3)                          # MOVED
+    time.sleep(0.3)
+    assert rc.node_for_slot(slot) is dst
+    assert rc.errors("ASK")[src.port] >= 1
+    assert settle(rc, key(t, "d"), total) == total
+    time.sleep(0.5)
+    assert rc.count(key(t, "d")) == total
 
 
 # ------------------------------------------------------------ events

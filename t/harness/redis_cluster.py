@@ -1,6 +1,7 @@
 """A real Redis Cluster on loopback, made as an operator makes one.
 
-RedisCluster(workdir, masters=3, replicas=0, node_timeout_ms=1000).start()
+RedisCluster(workdir, masters=3, replicas=0, node_timeout_ms=1000,
+password=None, hostnames=False).start()
 starts masters * (1 + replicas) redis-servers with cluster-enabled (each
 its own directory, cluster-config-file and bus port, nothing saved to
 disk), joins them with `redis-cli --cluster create ... --cluster-replicas
@@ -56,12 +57,15 @@ class ClusterNode(Served):
     holding its nodes.conf, so that it can be killed and started again
     as the same node."""
 
-    def __init__(self, workdir, port, bus_port, node_timeout_ms):
+    def __init__(self, workdir, port, bus_port, node_timeout_ms,
+                 password=None, extra_args=()):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port
         self.bus_port = bus_port
         self.node_timeout_ms = node_timeout_ms
+        self.password = password
+        self.extra_args = list(extra_args)
         self.proc = None
         self.id = None
 
@@ -76,7 +80,10 @@ class ClusterNode(Served):
              # a replica syncs at once (the default waits 5 s for others)
              "--repl-diskless-sync-delay", "0",
              "--dir", str(self.workdir),
-             "--logfile", str(self.workdir / "redis.log")],
+             "--logfile", str(self.workdir / "redis.log"),
+             *(["--requirepass", self.password, "--masterauth",
+                self.password] if self.password else []),
+             *self.extra_args],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         if not wait_port(self.host, self.port, timeout,
                          alive=lambda: self.proc.poll() is None):
@@ -100,8 +107,8 @@ class ClusterNode(Served):
     def client(self, **kw):
         import redis
         return redis.Redis(host=self.host, port=self.port,
-                           decode_responses=True, socket_timeout=5,
-                           socket_connect_timeout=2, **kw)
+                           password=self.password, decode_responses=True,
+                           socket_timeout=5, socket_connect_timeout=2, **kw)
 
     def nodes(self):
         """This node's view of the cluster (CLUSTER NODES), parsed:
@@ -143,13 +150,16 @@ class ClusterNode(Served):
 
 
 class RedisCluster:
-    def __init__(self, workdir, masters=3, replicas=0, node_timeout_ms=1000):
+    def __init__(self, workdir, masters=3, replicas=0, node_timeout_ms=1000,
+                 password=None, hostnames=False):
         assert masters >= 3, "redis-cli --cluster create needs 3 masters"
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.n_masters = masters
         self.n_replicas = replicas
         self.node_timeout_ms = node_timeout_ms
+        self.password = password        # requirepass and masterauth
+        self.hostnames = hostnames      # cluster-announce-hostname
         self.nodes = []
         self.killed = []
         self._used = set()
@@ -166,8 +176,10 @@ class RedisCluster:
             raise RuntimeError("no free port")
 
         p = port()
+        extra = ["--cluster-announce-hostname", f"node-{p}.test"] \
+            if self.hostnames else []
         return ClusterNode(self.workdir / f"node-{p}", p, port(),
-                           self.node_timeout_ms)
+                           self.node_timeout_ms, self.password, extra)
 
     # ------------------------------------------------------------ life
 
@@ -178,7 +190,9 @@ class RedisCluster:
             # the first `masters` addresses become the masters, the others
             # their replicas (redis-cli picks which replica goes where)
             r = subprocess.run(
-                [REDIS_CLI, "--cluster", "create",
+                [REDIS_CLI, *(["-a", self.password, "--no-auth-warning"]
+                               if self.password else []),
+                 "--cluster", "create",
                  *(n.addr for n in self.nodes),
                  "--cluster-replicas", str(self.n_replicas),
                  "--cluster-yes"],
@@ -339,7 +353,8 @@ class RedisCluster:
         from redis.cluster import RedisCluster as PyCluster
         n = self.live()[0]
         return PyCluster(host=n.host, port=n.port, decode_responses=True,
-                         socket_timeout=5, socket_connect_timeout=2)
+                         password=self.password, socket_timeout=5,
+                         socket_connect_timeout=2)
 
     def get(self, key):
         """key's value read where it lives: on the master that serves its
@@ -434,8 +449,9 @@ class RedisCluster:
             keys = c.execute_command("CLUSTER", "GETKEYSINSLOT", slot, batch)
             if not keys:
                 return moved
+            auth = ["AUTH", self.password] if self.password else []
             c.execute_command("MIGRATE", dst.host, dst.port, "", 0, 5000,
-                              "KEYS", *keys)
+                              *auth, "KEYS", *keys)
             moved += len(keys)
             if pause:
                 time.sleep(pause)
