@@ -118,6 +118,8 @@ typedef struct {
     ngx_str_t                   master;     /* Sentinel: the master's name */
     ngx_array_t                *sentinels;  /* ngx_addr_t */
     ngx_array_t                *seeds;      /* Cluster: ngx_addr_t */
+    ngx_uint_t                  batch;      /* admissions per call at most;
+                                               0: one each */
 } ngx_http_infer_ratelimit_redis_conf_t;
 
 
@@ -263,6 +265,68 @@ void ngx_http_infer_ratelimit_zone_mirror(ngx_shm_zone_t *zone,
 
 char *ngx_http_infer_ratelimit_redis(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
+
+
+/* a call to Redis (ngx_http_infer_ratelimit_redis_call.c) */
+
+typedef struct ngx_http_infer_ratelimit_call_s
+    ngx_http_infer_ratelimit_call_t;
+
+
+typedef struct {
+    ngx_event_t                         ev;      /* timeout; resumption */
+    ngx_http_request_t                 *r;
+    ngx_http_infer_ratelimit_done_pt    done;
+    ngx_http_infer_ratelimit_item_t    *items;
+    ngx_uint_t                          nitems;
+    ngx_int_t                           rc;
+
+    int                                 argc;
+    const char                        **argv;
+    size_t                             *argvlen;
+
+    ngx_http_infer_ratelimit_redis_t   *rd;      /* where it was sent */
+    ngx_http_infer_ratelimit_call_t    *call;    /* a part's */
+    ngx_uint_t                         *index;   /* a part's items' places
+                                                    in the call's */
+    ngx_uint_t                          slot;
+    ngx_uint_t                          redirects;
+
+    u_char                              mode;
+    unsigned                            pending:1;  /* hiredis holds it */
+    unsigned                            answered:1;
+    unsigned                            admitted:1;
+    unsigned                            retried:1;
+    unsigned                            queued:1;   /* waits for a batch */
+    unsigned                            gated:1;    /* an admission sent
+                                                       alone, counted */
+} ngx_http_infer_ratelimit_waiter_t;
+
+
+struct redisAsyncContext;
+struct redisReply;
+
+ngx_int_t ngx_http_infer_ratelimit_redis_call(
+    ngx_http_infer_ratelimit_waiter_t *w,
+    ngx_http_infer_ratelimit_redis_t *rd);
+void ngx_http_infer_ratelimit_redis_reply(struct redisAsyncContext *ac,
+    void *reply, void *privdata);
+void ngx_http_infer_ratelimit_redis_answered(struct redisAsyncContext *ac,
+    ngx_http_infer_ratelimit_waiter_t *w, struct redisReply *rr);
+void ngx_http_infer_ratelimit_redis_waiter_free(
+    ngx_http_infer_ratelimit_waiter_t *w);
+u_char *ngx_http_infer_ratelimit_redis_evalsha(void);
+
+/* admissions batched (ngx_http_infer_ratelimit_batch.c) */
+
+#define NGX_HTTP_INFER_RL_BATCH_MAX   64
+#define NGX_HTTP_INFER_RL_BATCH_KEYS  256
+
+void ngx_http_infer_ratelimit_batch_add(ngx_http_infer_ratelimit_waiter_t *w,
+    ngx_http_infer_ratelimit_redis_t *rd);
+void ngx_http_infer_ratelimit_batch_remove(
+    ngx_http_infer_ratelimit_waiter_t *w);
+void ngx_http_infer_ratelimit_batch_answered(void);
 
 
 /* what the module's files share */

@@ -965,6 +965,7 @@ ngx_http_infer_ratelimit_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
     rcf->timeout = 50;
     rcf->coalesce = 10;
+    rcf->batch = 16;
     rcf->connect_timeout = 100;
     rcf->backoff = 2000;
     rcf->replicas = 1;
@@ -1121,6 +1122,23 @@ ngx_http_infer_ratelimit_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
             }
 
             rcf->coalesce = ms;
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "batch=", 6) == 0) {
+            if (value[i].len == 9
+                && ngx_strncmp(value[i].data + 6, "off", 3) == 0)
+            {
+                rcf->batch = 0;
+                continue;
+            }
+
+            n = ngx_atoi(value[i].data + 6, value[i].len - 6);
+            if (n < 2 || n > NGX_HTTP_INFER_RL_BATCH_MAX) {
+                goto invalid;
+            }
+
+            rcf->batch = (ngx_uint_t) n;
             continue;
         }
 

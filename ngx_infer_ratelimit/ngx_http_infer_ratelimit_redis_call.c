@@ -38,35 +38,6 @@
 #define NGX_HTTP_INFER_RL_REDIRECTS   5
 
 
-typedef struct ngx_http_infer_ratelimit_call_s
-    ngx_http_infer_ratelimit_call_t;
-
-
-typedef struct {
-    ngx_event_t                         ev;      /* timeout; resumption */
-    ngx_http_request_t                 *r;
-    ngx_http_infer_ratelimit_done_pt    done;
-    ngx_http_infer_ratelimit_item_t    *items;
-    ngx_uint_t                          nitems;
-    ngx_int_t                           rc;
-
-    int                                 argc;
-    const char                        **argv;
-    size_t                             *argvlen;
-
-    ngx_http_infer_ratelimit_redis_t   *rd;      /* where it was sent */
-    ngx_http_infer_ratelimit_call_t    *call;    /* a part's */
-    ngx_uint_t                         *index;   /* a part's items' places
-                                                    in the call's */
-    ngx_uint_t                          slot;
-    ngx_uint_t                          redirects;
-
-    u_char                              mode;
-    unsigned                            pending:1;  /* hiredis holds it */
-    unsigned                            answered:1;
-    unsigned                            admitted:1;
-    unsigned                            retried:1;
-} ngx_http_infer_ratelimit_waiter_t;
 
 
 /*
@@ -109,9 +80,6 @@ static size_t ngx_http_infer_ratelimit_redis_key_len(
 static u_char *ngx_http_infer_ratelimit_redis_key(u_char *p,
     ngx_http_infer_ratelimit_redis_conf_t *rcf,
     ngx_http_infer_ratelimit_item_t *item);
-static ngx_int_t ngx_http_infer_ratelimit_redis_call(
-    ngx_http_infer_ratelimit_waiter_t *w,
-    ngx_http_infer_ratelimit_redis_t *rd);
 static ngx_int_t ngx_http_infer_ratelimit_redis_redirect(
     ngx_http_infer_ratelimit_waiter_t *w, redisReply *rr);
 static void ngx_http_infer_ratelimit_redis_part(
@@ -126,8 +94,6 @@ static void ngx_http_infer_ratelimit_redis_call_free(
     ngx_http_infer_ratelimit_call_t *call);
 static void ngx_http_infer_ratelimit_redis_failed(
     ngx_http_infer_ratelimit_redis_t *rd, redisReply *rr);
-static void ngx_http_infer_ratelimit_redis_reply(redisAsyncContext *ac,
-    void *reply, void *privdata);
 static void ngx_http_infer_ratelimit_redis_synced(
     ngx_http_infer_ratelimit_redis_t *rd, redisReply *rr);
 static ngx_uint_t ngx_http_infer_ratelimit_redis_admitted(redisReply *rr);
@@ -137,15 +103,15 @@ static ngx_int_t ngx_http_infer_ratelimit_redis_parse(
     ngx_http_infer_ratelimit_waiter_t *w, redisReply *reply);
 static void ngx_http_infer_ratelimit_redis_waiter_event(ngx_event_t *ev);
 static void ngx_http_infer_ratelimit_redis_waiter_cleanup(void *data);
-static void ngx_http_infer_ratelimit_redis_waiter_free(
-    ngx_http_infer_ratelimit_waiter_t *w);
 
 
 /*
  * KEYS: one per limit.  ARGV[1]: "a" (admit: check all, charge all or
  * none), "r" (reconcile: move each key by a signed number of units) or
  * "s" (sync approximate limits: move each key so, and answer what is
- * left of each as an admission does, every key passing);
+ * left of each as an admission does, every key passing), or "b" (a
+ * batch of admissions, each all-or-nothing in turn: ARGV[2] their
+ * count, then each one's number of keys; KEYS one after the other);
  * then per key: units, limit, window in ms (0: a count of requests in
  * flight, not a GCRA; negative: a calendar window's count, minus the ms
  * until the window ends, its key named by the window), and the floor:
@@ -162,16 +128,14 @@ static void ngx_http_infer_ratelimit_redis_waiter_free(
  * gateway died before it could release it.
  *
  * Admission returns {admitted, then per key: remaining, reset ms, retry
- * ms (0 when this key would pass)}.
+ * ms (0 when this key would pass)}; a batch, that for each admission,
+ * one after the other.
  */
 
 static ngx_str_t  ngx_http_infer_ratelimit_script = ngx_string(
 "local t = redis.call('TIME')\n"
 "local now = tonumber(t[1]) * 1000000 + tonumber(t[2])\n"
-"local admit = ARGV[1] == 'a'\n"
 "local res = {1}\n"
-"local new = {}\n"
-"local ttl = {}\n"
 "local function fix(k, cost, limit, win)\n"
 "  local v = tonumber(redis.call('GET', k))\n"
 "  if win < 0 then\n"
@@ -235,7 +199,7 @@ static ngx_str_t  ngx_http_infer_ratelimit_script = ngx_string(
 "  end\n"
 "  return res\n"
 "end\n"
-"if not admit then\n"
+"if ARGV[1] == 'r' then\n"
 "  for i = 1, #KEYS do\n"
 "    local g = 5 * i - 3\n"
 "    fix(KEYS[i], tonumber(ARGV[g]), tonumber(ARGV[g + 1]),\n"
@@ -243,80 +207,100 @@ static ngx_str_t  ngx_http_infer_ratelimit_script = ngx_string(
 "  end\n"
 "  return res\n"
 "end\n"
-"for i = 1, #KEYS do\n"
-"  local g = 5 * i - 3\n"
-"  local a = 3 * i - 1\n"
-"  local cost = tonumber(ARGV[g])\n"
-"  local limit = tonumber(ARGV[g + 1])\n"
-"  local win = tonumber(ARGV[g + 2]) * 1000\n"
-"  local floor = now + tonumber(ARGV[g + 3])\n"
-"  local pre = tonumber(ARGV[g + 4])\n"
-"  if pre ~= 0 then\n"
-"    fix(KEYS[i], pre, limit, win)\n"
-"  end\n"
-"  local v = tonumber(redis.call('GET', KEYS[i]))\n"
-"  if win < 0 then\n"
-"    local left = -win / 1000\n"
-"    local c = v or 0\n"
-"    if c + cost > limit then\n"
-"      res[1] = 0\n"
-"      res[a] = math.max(0, limit - c)\n"
-"      res[a + 1] = left\n"
-"      res[a + 2] = left\n"
-"    else\n"
-"      res[a] = limit - c - cost\n"
-"      res[a + 1] = left\n"
-"      res[a + 2] = 0\n"
-"      new[i] = c + cost\n"
-"      ttl[i] = left + 60000\n"
+"local function admit(k0, n, g0, r0)\n"
+"  local new = {}\n"
+"  local ttl = {}\n"
+"  res[r0] = 1\n"
+"  for i = 1, n do\n"
+"    local k = KEYS[k0 + i]\n"
+"    local g = g0 + 5 * (i - 1)\n"
+"    local a = r0 + 3 * i - 2\n"
+"    local cost = tonumber(ARGV[g])\n"
+"    local limit = tonumber(ARGV[g + 1])\n"
+"    local win = tonumber(ARGV[g + 2]) * 1000\n"
+"    local floor = now + tonumber(ARGV[g + 3])\n"
+"    local pre = tonumber(ARGV[g + 4])\n"
+"    if pre ~= 0 then\n"
+"      fix(k, pre, limit, win)\n"
 "    end\n"
-"  elseif win == 0 then\n"
-"    local c = v or 0\n"
-"    local pt = redis.call('PTTL', KEYS[i])\n"
-"    if pt <= 0 then\n"
-"      pt = " ngx_value(NGX_HTTP_INFER_RL_CONCURRENCY_TTL) "\n"
-"    end\n"
-"    if c + cost > limit then\n"
-"      res[1] = 0\n"
-"      res[a] = math.max(0, limit - c)\n"
-"      res[a + 1] = 0\n"
-"      res[a + 2] = 1000\n"
-"    else\n"
-"      res[a] = limit - c - cost\n"
-"      res[a + 1] = 0\n"
-"      res[a + 2] = 0\n"
-"      new[i] = c + cost\n"
-"      ttl[i] = pt\n"
-"    end\n"
-"  else\n"
-"    local em = win / limit\n"
-"    local tat = v\n"
-"    if not tat or tat < now then tat = now end\n"
-"    if tat < floor then tat = floor end\n"
-"    local nt = tat + cost * em\n"
-"    if cost > limit or nt - now > win then\n"
-"      res[1] = 0\n"
-"      res[a] = math.max(0, math.floor((now + win - tat) / em + 1e-6))\n"
-"      res[a + 1] = math.ceil((tat - now) / 1000)\n"
-"      if cost > limit then\n"
-"        res[a + 2] = math.ceil(win / 1000)\n"
+"    local v = tonumber(redis.call('GET', k))\n"
+"    if win < 0 then\n"
+"      local left = -win / 1000\n"
+"      local c = v or 0\n"
+"      if c + cost > limit then\n"
+"        res[r0] = 0\n"
+"        res[a] = math.max(0, limit - c)\n"
+"        res[a + 1] = left\n"
+"        res[a + 2] = left\n"
 "      else\n"
-"        res[a + 2] = math.max(1, math.ceil((nt - now - win) / 1000))\n"
+"        res[a] = limit - c - cost\n"
+"        res[a + 1] = left\n"
+"        res[a + 2] = 0\n"
+"        new[i] = c + cost\n"
+"        ttl[i] = left + 60000\n"
+"      end\n"
+"    elseif win == 0 then\n"
+"      local c = v or 0\n"
+"      local pt = redis.call('PTTL', k)\n"
+"      if pt <= 0 then\n"
+"        pt = " ngx_value(NGX_HTTP_INFER_RL_CONCURRENCY_TTL) "\n"
+"      end\n"
+"      if c + cost > limit then\n"
+"        res[r0] = 0\n"
+"        res[a] = math.max(0, limit - c)\n"
+"        res[a + 1] = 0\n"
+"        res[a + 2] = 1000\n"
+"      else\n"
+"        res[a] = limit - c - cost\n"
+"        res[a + 1] = 0\n"
+"        res[a + 2] = 0\n"
+"        new[i] = c + cost\n"
+"        ttl[i] = pt\n"
 "      end\n"
 "    else\n"
-"      res[a] = math.floor((now + win - nt) / em + 1e-6)\n"
-"      res[a + 1] = math.ceil((nt - now) / 1000)\n"
-"      res[a + 2] = 0\n"
-"      new[i] = nt\n"
-"      ttl[i] = math.max(1, math.ceil((nt - now) / 1000))\n"
+"      local em = win / limit\n"
+"      local tat = v\n"
+"      if not tat or tat < now then tat = now end\n"
+"      if tat < floor then tat = floor end\n"
+"      local nt = tat + cost * em\n"
+"      if cost > limit or nt - now > win then\n"
+"        res[r0] = 0\n"
+"        res[a] = math.max(0, math.floor((now + win - tat) / em + 1e-6))\n"
+"        res[a + 1] = math.ceil((tat - now) / 1000)\n"
+"        if cost > limit then\n"
+"          res[a + 2] = math.ceil(win / 1000)\n"
+"        else\n"
+"          res[a + 2] = math.max(1, math.ceil((nt - now - win) / 1000))\n"
+"        end\n"
+"      else\n"
+"        res[a] = math.floor((now + win - nt) / em + 1e-6)\n"
+"        res[a + 1] = math.ceil((nt - now) / 1000)\n"
+"        res[a + 2] = 0\n"
+"        new[i] = nt\n"
+"        ttl[i] = math.max(1, math.ceil((nt - now) / 1000))\n"
+"      end\n"
+"    end\n"
+"  end\n"
+"  if res[r0] == 1 then\n"
+"    for i = 1, n do\n"
+"      redis.call('SET', KEYS[k0 + i], string.format('%.0f', new[i]),\n"
+"                 'PX', ttl[i])\n"
 "    end\n"
 "  end\n"
 "end\n"
-"if res[1] == 1 then\n"
-"  for i = 1, #KEYS do\n"
-"    redis.call('SET', KEYS[i], string.format('%.0f', new[i]), 'PX', ttl[i])\n"
+"if ARGV[1] == 'b' then\n"
+"  local q = tonumber(ARGV[2])\n"
+"  local k0, g0, r0 = 0, 3 + q, 1\n"
+"  for j = 1, q do\n"
+"    local n = tonumber(ARGV[2 + j])\n"
+"    admit(k0, n, g0, r0)\n"
+"    k0 = k0 + n\n"
+"    g0 = g0 + 5 * n\n"
+"    r0 = r0 + 1 + 3 * n\n"
 "  end\n"
+"  return res\n"
 "end\n"
+"admit(0, #KEYS, 2, 1)\n"
 "return res\n");
 
 
@@ -397,7 +381,13 @@ ngx_http_infer_ratelimit_redis_eval(ngx_http_request_t *r,
     w->slot = slot;
     w->done = done;
 
-    if (ngx_http_infer_ratelimit_redis_call(w, rd) != NGX_OK) {
+    if (mode == NGX_HTTP_INFER_RL_ADMIT && done && rcf->batch
+        && rcf->seeds == NULL)
+    {
+        /* sent now, or with others once the admission in flight is back */
+        ngx_http_infer_ratelimit_batch_add(w, rd);
+
+    } else if (ngx_http_infer_ratelimit_redis_call(w, rd) != NGX_OK) {
         ngx_free(w);
         return NGX_DECLINED;
     }
@@ -819,7 +809,7 @@ ngx_http_infer_ratelimit_redis_key(u_char *p,
 
 /* hands the waiter's command to a connection, its timeout running */
 
-static ngx_int_t
+ngx_int_t
 ngx_http_infer_ratelimit_redis_call(ngx_http_infer_ratelimit_waiter_t *w,
     ngx_http_infer_ratelimit_redis_t *rd)
 {
@@ -839,13 +829,12 @@ ngx_http_infer_ratelimit_redis_call(ngx_http_infer_ratelimit_waiter_t *w,
 }
 
 
-static void
+void
 ngx_http_infer_ratelimit_redis_reply(redisAsyncContext *ac, void *reply,
     void *privdata)
 {
     ngx_http_infer_ratelimit_waiter_t  *w = privdata;
 
-    ngx_int_t    rc;
     redisReply  *rr = reply;
 
     w->pending = 0;
@@ -880,6 +869,29 @@ ngx_http_infer_ratelimit_redis_reply(redisAsyncContext *ac, void *reply,
         ngx_http_infer_ratelimit_redis_part(w, rr);
         return;
     }
+
+    if (w->gated) {
+        /* the next batch may go */
+        w->gated = 0;
+        ngx_http_infer_ratelimit_batch_answered();
+    }
+
+    ngx_http_infer_ratelimit_redis_answered(ac, w, rr);
+}
+
+
+/*
+ * A call's answer, or a batch member's part of its batch's (rr NULL:
+ * none came).
+ */
+
+void
+ngx_http_infer_ratelimit_redis_answered(redisAsyncContext *ac,
+    ngx_http_infer_ratelimit_waiter_t *w, redisReply *rr)
+{
+    ngx_int_t  rc;
+
+    w->pending = 0;
 
     if (w->r == NULL && w->done && !w->answered
         && ngx_http_infer_ratelimit_redis_admitted(rr))
@@ -1384,6 +1396,10 @@ ngx_http_infer_ratelimit_redis_waiter_event(ngx_event_t *ev)
                                              "%Mms: reconnecting",
                                              rd->rcf->timeout);
 
+        if (w->queued) {
+            ngx_http_infer_ratelimit_batch_remove(w);
+        }
+
         if (w->r == NULL) {
             /* the drop's NULL reply frees the waiter */
             ngx_http_infer_ratelimit_redis_drop(rd);
@@ -1422,6 +1438,11 @@ ngx_http_infer_ratelimit_redis_waiter_cleanup(void *data)
         ngx_del_timer(&w->ev);
     }
 
+    if (w->queued) {
+        /* never sent: nothing to undo */
+        ngx_http_infer_ratelimit_batch_remove(w);
+    }
+
     if (w->ev.posted) {
         ngx_delete_posted_event(&w->ev);
 
@@ -1455,7 +1476,7 @@ ngx_http_infer_ratelimit_redis_waiter_cleanup(void *data)
 }
 
 
-static void
+void
 ngx_http_infer_ratelimit_redis_waiter_free(
     ngx_http_infer_ratelimit_waiter_t *w)
 {
@@ -1472,6 +1493,14 @@ ngx_http_infer_ratelimit_redis_waiter_free(
 
 
 /* the script's SHA1, for EVALSHA: once per worker */
+
+u_char *
+ngx_http_infer_ratelimit_redis_evalsha(void)
+{
+    return ngx_http_infer_ratelimit_redis_sha;
+}
+
+
 
 void
 ngx_http_infer_ratelimit_redis_sha1(void)

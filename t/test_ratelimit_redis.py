@@ -7,6 +7,7 @@ mid-run; a Redis that accepts connections and never answers; Redis
 restarted and its scripts flushed; a client gone while its reply is
 pending; AUTH, db and a unix socket.  redis-py inspects Redis."""
 
+import datetime
 import socket
 import threading
 import time
@@ -870,3 +871,47 @@ def test_a_busy_keys_corrections_ride_with_its_admissions(nginx_factory,
     assert 31 <= evalsha_calls(c) <= 32
     held = tokens_held(c, "busy")
     assert abs(held - total) < 2, (held, total)
+
+
+@pytest.mark.parametrize("batch", ["16", "off"])
+def test_admissions_in_flight_make_the_next_wait_and_go_together(
+        nginx_factory, redis, batch):
+    """While a worker's admission is in flight, the next ones wait and go
+    in one call when it is back (batch=16), or go each alone (off).
+    Redis is paused so that they pile up: 80 requests of 10 tenants, each
+    request checked by two keys, all-or-nothing one after the other as
+    separate calls would be: exactly 5 per tenant pass, and the wide
+    limit counted only those."""
+    n = nginx_factory(conf(
+        redis.addr,
+        "infer_ratelimit_limit tenant $http_x_tenant requests=5/day;"
+        "infer_ratelimit_limit all global requests=1000/day;",
+        redis_opts=f"timeout=3s batch={batch}"))
+    c = redis.client()
+    parallel(lambda: get(n, headers={"X-Tenant": "warm"}), 8, threads=8)
+    c.config_resetstat()
+    c.execute_command("CLIENT", "PAUSE", "1000", "ALL")
+    tenants = [f"t{i}" for i in range(10)] * 8
+    lock = threading.Lock()
+
+    def one():
+        with lock:
+            t = tenants.pop()
+        r = get(n, headers={"X-Tenant": t})
+        return t, r.status_code, r.headers.get("X-RL-Status")
+
+    got = parallel(one, 80, threads=80)     # all sent while Redis waits
+    assert len(got) == 80
+    assert all(s in (200, 429) for _, s, _ in got), got
+    for t in set(tenants) | {f"t{i}" for i in range(10)}:
+        assert sum(1 for x, s, _ in got if x == t and s == 200) == 5, t
+    day = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d")
+    for i in range(10):
+        assert c.get(f"infer:rl:{{t{i}}}:tenant:{day}") == "5"
+    assert c.get(f"infer:rl:{{global}}:all:{day}") == str(50 + 5)   # and warm's 5
+    calls = evalsha_calls(c)
+    if batch == "off":
+        assert calls == 80
+    else:
+        # two workers: the first of each alone, the rest in batches of 16
+        assert calls <= 16, calls
