@@ -28,7 +28,9 @@ model, max_tokens 64) through the route module too, and the limit is a
 tokens limit: each answer's usage (11 tokens) corrects its reservation,
 so Redis sees admissions and corrections.  The gateways are then plain,
 redis-each (each request's correction sent at once: coalesce=off),
-redis (corrections coalesced, the default coalesce=10ms) and approx (the
+redis-alone (corrections coalesced, each admission its own call:
+batch=off), redis (the defaults: corrections coalesced for 10 ms,
+admissions that wait for the one in flight batched) and approx (the
 limit approximate=100ms: each worker syncs its keys with Redis every
 100 ms instead of asking it about each request).  --hot: every
 request has the same key (one tenant), so corrections ride with the
@@ -106,6 +108,8 @@ def configs(redis_addr, tokens):
             ("plain", [], "", ""),
             ("redis-each", ["route", "ratelimit"],
              f"{redis} coalesce=off; {MODEL}", TOKENS),
+            ("redis-alone", ["route", "ratelimit"],
+             f"{redis} batch=off; {MODEL}", TOKENS),
             ("redis", ["route", "ratelimit"], f"{redis}; {MODEL}", TOKENS),
             ("approx", ["route", "ratelimit"], f"{redis}; {MODEL}",
              TOKENS.replace("/h;", "/h approximate=100ms;")),
@@ -113,6 +117,8 @@ def configs(redis_addr, tokens):
     return [
         ("plain", [], "", ""),
         ("local", ["ratelimit"], "infer_ratelimit_zone rl:16m;", LIMIT),
+        ("redis-alone", ["ratelimit"],
+         f"infer_ratelimit_redis {redis_addr} timeout=1s batch=off;", LIMIT),
         ("redis", ["ratelimit"],
          f"infer_ratelimit_redis {redis_addr} timeout=1s;", LIMIT),
     ]
