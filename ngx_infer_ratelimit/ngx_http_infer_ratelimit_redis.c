@@ -1165,6 +1165,11 @@ ngx_http_infer_ratelimit_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         return "has sentinel:NAME without sentinels=";
     }
 
+    if (rcf->sentinels && rcf->seeds) {
+        return "has sentinels= with a cluster: the cluster's nodes are "
+               "the seeds";
+    }
+
     if (rcf->sentinels && rcf->master.len == 0) {
         return "has sentinels= without sentinel:NAME as its address";
     }
