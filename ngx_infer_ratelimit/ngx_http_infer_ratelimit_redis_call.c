@@ -554,25 +554,29 @@ ngx_http_infer_ratelimit_redis_split(ngx_http_request_t *r,
 
         rd = node[part++];
 
-        if (rd == NULL) {
-            /* a sync's, or a reconciliation's, lost as a whole one is */
+        w = (rd == NULL) ? NULL
+            : ngx_http_infer_ratelimit_redis_waiter(rcf, mode, items, index,
+                                                    k);
+
+        if (w) {
+            w->slot = order[i - 1] >> 16;
+            w->call = call;
+
+            if (ngx_http_infer_ratelimit_redis_call(w, rd) != NGX_OK) {
+                ngx_free(w);
+                w = NULL;
+            }
+        }
+
+        if (w == NULL) {
+            /*
+             * not sent: a sync's units wait for the next one; a
+             * reconciliation's are lost, as a whole one's would be
+             */
             while (k) {
                 items[index[--k]].unsent = 1;
             }
 
-            continue;
-        }
-
-        w = ngx_http_infer_ratelimit_redis_waiter(rcf, mode, items, index, k);
-        if (w == NULL) {
-            continue;
-        }
-
-        w->slot = order[i - 1] >> 16;
-        w->call = call;
-
-        if (ngx_http_infer_ratelimit_redis_call(w, rd) != NGX_OK) {
-            ngx_free(w);
             continue;
         }
 
