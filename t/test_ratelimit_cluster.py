@@ -1183,6 +1183,50 @@ def test_tokens_corrected_on_every_master(nginx_factory, rc, sim_factory,
     assert settle(rc, key("everyone", "all"), total) == total
 
 
+def test_a_quitting_worker_sends_its_corrections_to_every_master(
+        nginx_factory, rc, sim_factory):
+    """coalesce=1s, then a reload: the old workers send the corrections
+    they hold, split by slot, to every master before they exit."""
+    sim = sim_factory("llama-3-8b", "llama-a", ttft_ms=0, tpot_ms=0)
+    n = nginx_factory(proxy_conf(
+        rc.seeds(), sim,
+        "infer_ratelimit_limit tpd $http_x_tenant tokens=100000000/day;",
+        opts="timeout=2s coalesce=1s"))
+    warm(n, rc)
+    tenants = [tenant_on(rc, m.port, f"q{i}") for i in range(2)
+               for m in rc.masters()]
+    used = {}
+    s = requests.Session()
+    for t in tenants:
+        r = chat(n, session=s, max_tokens=1000, completion=5,
+                 headers={"X-Tenant": t})
+        assert r.headers["X-RL-Status"] == "passed"
+        used[t] = r.json()["usage"]["total_tokens"]
+    s.close()
+    n.reload()
+    for t in tenants:
+        assert rc.count(key(t, "tpd")) == used[t], t
+
+
+def test_many_limits_in_many_slots(nginx_factory, rc):
+    """Twelve limits keyed by twelve values in twelve slots: admitted
+    together, and a refusal by the last one undoes the eleven others."""
+    names = [tenant_on(rc, rc.masters()[i % 3].port, f"m{i}-")
+             for i in range(12)]
+    assert len({key_slot(x) for x in names}) == 12
+    limits = "".join(f"infer_ratelimit_limit l{i} {x} requests=100/day;"
+                     for i, x in enumerate(names[:-1]))
+    limits += f"infer_ratelimit_limit l11 {names[-1]} requests=4/day;"
+    n = nginx_factory(conf(rc.seeds(), limits))
+    warm(n, rc)
+    s = requests.Session()
+    rs = [get(n, session=s) for _ in range(6)]
+    assert [r.status_code for r in rs] == [200] * 4 + [429] * 2
+    assert rs[-1].headers["X-RL-By"] == "l11"
+    for i, x in enumerate(names):
+        assert settle(rc, key(x, f"l{i}"), 4) == 4, (i, x)
+
+
 # ------------------------------------------------------------ approximate
 
 def test_an_approximate_limit_holds_what_was_admitted(nginx_factory, rc):

@@ -213,8 +213,11 @@ class RedisCluster:
         node = self._new_node()
         self.nodes.append(node)
         node.start()
-        self.live()[0].client().execute_command(
-            "CLUSTER", "MEET", node.host, node.port, node.bus_port)
+        # every node meets it, rather than wait for the gossip to spread
+        for n in self.live():
+            if n is not node:
+                n.client().execute_command("CLUSTER", "MEET", node.host,
+                                           node.port, node.bus_port)
         self.wait_ok(timeout)
         return node
 
