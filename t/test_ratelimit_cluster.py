@@ -700,8 +700,20 @@ def test_a_new_master_and_a_slot_moved_to_it(nginx_factory, own_cluster):
         for _ in range(3):
             assert get(n, t, session=s).headers["X-RL-Status"] == "passed"
     fourth = cl.add_master()
-    cl.move_slot(key_slot(t1), fourth.port)
+    # half moved to it: a key the source does not have is asked of a node
+    # the gateway has never connected to
+    src, _ = cl.begin_move(key_slot(t1), fourth.port)
+    f1 = tenant_in_slot(key_slot(t1), "nf")
+    rs = [get(n, f1) for _ in range(3)]
+    assert [(r.status_code, r.headers["X-RL-Status"]) for r in rs] == \
+        [(200, "passed")] * 3
+    assert cl.count(key(f1)) == 3
+    assert key(f1) not in [k for ks in cl.keys_everywhere().values()
+                           for k in ks]      # on fourth, not a master yet
+    cl.migrate_keys(key_slot(t1), src, fourth)
+    cl.finish_move(key_slot(t1), fourth.port)
     assert cl.master_for(key(t1)) is fourth
+    assert int(fourth.client().get(key(f1))) == 3
     statuses = [get(n, t1).headers["X-RL-Status"] for _ in range(10)]
     assert statuses == ["passed"] * 10, statuses
     assert int(fourth.client().get(key(t1))) == 13
@@ -761,12 +773,13 @@ def test_redirects_are_bounded(nginx_factory, rc):
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("how", ["timeout", "tryagain"])
+@pytest.mark.parametrize("how", ["timeout", "tryagain", "error"])
 def test_a_part_that_fails_undoes_the_others(nginx_factory, rc, how):
     """A request on two slots, a tenant's and everyone's, on two masters:
-    when the tenant's part fails (its master paused past the timeout, or
-    TRYAGAIN: the slot half moved, one of the tenant's two keys gone),
-    everyone's part, admitted, is undone, and the policy decides."""
+    when the tenant's part fails (its master paused past the timeout;
+    TRYAGAIN: the slot half moved, one of the tenant's two keys gone; an
+    error: its key holds a hash), everyone's part, admitted, is undone,
+    and the policy decides."""
     masters = rc.masters()
     a, b, c = masters
     t = tenant_on(rc, a.port, "f")
@@ -786,6 +799,9 @@ def test_a_part_that_fails_undoes_the_others(nginx_factory, rc, how):
     if how == "timeout":
         a.client().execute_command("CLIENT", "PAUSE", 1000, "ALL")
         paused_until = time.monotonic() + 1.0
+    elif how == "error":
+        a.client().delete(key(t, "r2"))
+        a.client().hset(key(t, "r2"), "not", "a count")
     else:
         rc.begin_move(slot, c.port)
         a.client().execute_command("MIGRATE", c.host, c.port, "", 0, 5000,
@@ -800,6 +816,8 @@ def test_a_part_that_fails_undoes_the_others(nginx_factory, rc, how):
     assert rc.count(key(everyone, "g")) == 2
     if how == "timeout":
         time.sleep(max(0, paused_until - time.monotonic()) + 0.1)
+    elif how == "error":
+        a.client().delete(key(t, "r2"))
     else:
         errs = rc.errors("TRYAGAIN")
         assert errs[a.port] + errs[c.port] >= 1, errs
@@ -1206,6 +1224,31 @@ def test_a_quitting_worker_sends_its_corrections_to_every_master(
     n.reload()
     for t in tenants:
         assert rc.count(key(t, "tpd")) == used[t], t
+
+
+def test_a_script_flushed_on_one_master(nginx_factory, rc):
+    """SCRIPT FLUSH on one master (as after its restart): the part sent
+    there is answered NOSCRIPT and sent again with the script; no request
+    is degraded and the counts are exact."""
+    a, b = rc.masters()[0], rc.masters()[1]
+    t = tenant_on(rc, a.port, "sf")
+    everyone = tenant_on(rc, b.port, "all")
+    n = nginx_factory(conf(rc.seeds(), f"""
+        infer_ratelimit_limit t $http_x_tenant requests=100/day
+                              on_error=fail_closed;
+        infer_ratelimit_limit g {everyone} requests=100/day
+                              on_error=fail_closed;"""))
+    warm(n, rc)
+    s = requests.Session()
+    assert get(n, t, session=s).headers["X-RL-Status"] == "passed"
+    a.client().script_flush()
+    statuses = [get(n, t, session=s).headers["X-RL-Status"]
+                for _ in range(4)]
+    statuses += [r.headers["X-RL-Status"]
+                 for r in parallel(lambda: get(n, t), 8)]
+    assert statuses == ["passed"] * 12
+    assert rc.count(key(t, "t")) == 13
+    assert rc.count(key(everyone, "g")) == 13
 
 
 def test_many_limits_in_many_slots(nginx_factory, rc):
