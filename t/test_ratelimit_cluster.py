@@ -249,7 +249,8 @@ def rc(shared_cluster):
 @pytest.fixture
 def own_cluster(tmp_path):
     """make(replicas=0, password=None, hostnames=False) -> a cluster of 3
-    masters of the test's own, to kill."""
+    masters of the test's own, to kill.  (Asked for before nginx_factory,
+    it stops after the test's nginx: no error for a cluster gone first.)"""
     made = []
 
     def make(replicas=0, **kw):
@@ -412,7 +413,7 @@ def test_a_standalone_redis_as_a_seed(nginx_factory, redis):
     assert "no slot map" in n.log_text()
 
 
-def test_a_cluster_with_a_password(nginx_factory, own_cluster):
+def test_a_cluster_with_a_password(own_cluster, nginx_factory):
     """requirepass on every node: the gateway authenticates on each
     connection (the map's and each master's); a wrong password is an
     outage, and the password is never logged."""
@@ -440,7 +441,7 @@ def test_a_cluster_with_a_password(nginx_factory, own_cluster):
         assert "s3cret-pw" not in log and "wrong-pw" not in log
 
 
-def test_nodes_that_announce_a_host_name(nginx_factory, own_cluster):
+def test_nodes_that_announce_a_host_name(own_cluster, nginx_factory):
     """cluster-announce-hostname on every node: CLUSTER NODES lines carry
     ",hostname" after the address; the addresses are still IPs (the
     preferred endpoint), so the gateway counts as usual."""
@@ -682,7 +683,7 @@ def test_a_slot_moved_under_load(nginx_factory, rc):
     assert rc.count(key(fresh)) == 9
 
 
-def test_a_new_master_and_a_slot_moved_to_it(nginx_factory, own_cluster):
+def test_a_new_master_and_a_slot_moved_to_it(own_cluster, nginx_factory):
     """A fourth master joins and a slot (with its keys) is moved to it:
     the gateway, told MOVED, connects to a node it did not know and counts
     there exactly.  A fifth joins and takes a slot no request asks for:
@@ -840,7 +841,7 @@ def test_a_part_that_fails_undoes_the_others(nginx_factory, rc, how):
 
 # ------------------------------------------------------------ outages
 
-def test_a_master_killed_under_load(nginx_factory, own_cluster):
+def test_a_master_killed_under_load(own_cluster, nginx_factory):
     """3 masters with a replica each; one master SIGKILLed under load: no
     request waits past the timeout, each limit's policy decides while
     its slots have no master (fail_closed: 429, fail_open: 200), the
@@ -938,7 +939,7 @@ def test_a_master_killed_under_load(nginx_factory, own_cluster):
         == {"1"}
 
 
-def test_a_graceful_failover_under_load(nginx_factory, own_cluster):
+def test_a_graceful_failover_under_load(own_cluster, nginx_factory):
     """CLUSTER FAILOVER on a replica while threads send requests: the old
     master becomes a replica and answers MOVED; no request is degraded or
     waits past the timeout, and every count is exact on the new master
@@ -972,8 +973,8 @@ def test_a_graceful_failover_under_load(nginx_factory, own_cluster):
         assert cl.count(key(t)) == before[t] + load.passed(tenant=t), t
 
 
-def test_readiness_follows_a_failover_without_traffic(nginx_factory,
-                                                     own_cluster):
+def test_readiness_follows_a_failover_without_traffic(own_cluster,
+                                                     nginx_factory):
     """Only a readiness probe asks: a master killed makes it 0; once a
     replica took over, it is 1 again, without any request counted (the
     map is asked for again by the probe's connection attempts, or
@@ -1007,7 +1008,7 @@ def test_readiness_follows_a_failover_without_traffic(nginx_factory,
         f"promotion"
 
 
-def test_every_node_down_and_back(nginx_factory, own_cluster):
+def test_every_node_down_and_back(own_cluster, nginx_factory):
     """Every node SIGKILLed: each request is decided by its policy at
     once, and the readiness variable says 0; the same nodes started again
     (their config files, no data): requests pass and are counted again."""
