@@ -5,6 +5,7 @@
     /usr/bin/python3 bench/gateways.py --hot          # one key for all
     /usr/bin/python3 bench/gateways.py --no-accuracy  # throughput only
     /usr/bin/python3 bench/gateways.py --modes approx # one mode or more
+    /usr/bin/python3 bench/gateways.py --cluster      # a Redis Cluster
 
 One redis-server, a static backend and eighteen gateways (nginx, one
 worker each) all run pinned to one CPU; wrk runs on the other.  Three
@@ -65,11 +66,32 @@ a run with replicas= right that passes it fails.  Also printed: the
 fleet's requests per sync interval (100 ms, the run's mean), the other
 form of the bound.
 
+--cluster: the same runs, but Redis is a Redis Cluster of three masters
+and no replicas on loopback (t/harness/redis_cluster.py: made by
+redis-cli --cluster create, cluster-node-timeout 15 s, Redis's
+default), its processes on the servers' CPU, and every gateway has
+`infer_ratelimit_redis cluster:<the three masters> ...`.  A key's slot
+is its hash tag, the X-Key value, so the 10,000 keys spread over the
+masters by slot (their share per master is printed, computed with
+redis-py's slot rule against the cluster's map).  A coalesced
+correction or a sync is split by slot, a call per slot (one script call
+may not touch keys of several slots), so with one key per slot it saves
+no call; admissions are not batched (batch= does not apply to a
+cluster).  Redis CPU per request
+is summed over the three redis-servers (utime + stime, all threads),
+calls per request over the masters' INFO commandstats; also reported,
+over all rounds, each master's share of the script calls and of Redis's
+CPU, and per run the MOVED and ASK answered (INFO errorstats of every
+master: ~0 once each worker knows the slot map; the warm-up round and
+the accuracy runs are in the whole-bench count).  The accuracy runs read
+the key on the master that serves its slot (the harness's get(), which
+follows MOVED and ASK) and that master's TIME.
+
 Exits non-zero on any wrk socket error, any non-2xx in a throughput run,
 a response other than 200/429 in an accuracy run, a replaced worker, an
 nginx [alert]/[emerg], or an accuracy check failed (after writing the
-results).  Results: printed, and
-bench/results/gateways.json.  INFER_MODULES_DIR picks the modules (take a
+results).  Results: printed, and bench/results/gateways.json (--cluster:
+gateways-cluster.json).  INFER_MODULES_DIR picks the modules (take a
 copy of build/modules if someone may rebuild during the run).
 """
 
@@ -77,6 +99,7 @@ import argparse
 import datetime
 import hashlib
 import json
+import math
 import os
 import re
 import resource
@@ -100,6 +123,7 @@ from ratelimit import redis_calls  # noqa: E402
 from harness.nginx import (MODULES_DIR, NGINX_BIN, Nginx,  # noqa: E402
                            module_path)
 from harness.redis import RedisServer  # noqa: E402
+from harness.redis_cluster import RedisCluster, key_slot  # noqa: E402
 
 KEYS = 10000
 SIZES = (1, 2, 4)
@@ -114,6 +138,10 @@ USAGE = 11                      # total_tokens in BACKEND_BODY's usage
 NOISY = 0.05
 GW_RPS = 20000                  # the extrapolation: a gateway's req/s
 FLEET = 50                      # and the fleet's gateways
+MASTERS = 3                     # --cluster: its masters, no replicas
+# --cluster: Redis's own default; the harness's 1 s (made for failover
+# tests) could see a master starved of CPU 0 by the gateways as failing
+NODE_TIMEOUT_MS = 15000
 
 CHAT = ('{"model":"bench-model","max_tokens":64,"messages":'
         '[{"role":"user","content":"Say hello."}]}')
@@ -228,6 +256,22 @@ def redis_cpu(pid):
     return cpu_ticks(pid), ns
 
 
+def redis_errors(client):
+    """{code: errors answered} from INFO errorstats (MOVED, ASK, ...)."""
+    out = {}
+    for k, v in client.info("errorstats").items():
+        if not k.startswith("errorstat_"):
+            continue
+        if isinstance(v, str):              # redis-py 4.3: "count=N"
+            v = dict(kv.split("=") for kv in v.split(","))
+        out[k[len("errorstat_"):]] = int(v.get("count", 0))
+    return out
+
+
+def script_calls(calls):
+    return calls.get("evalsha", 0) + calls.get("eval", 0)
+
+
 def children_ticks():
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     return (ru.ru_utime + ru.ru_stime) * CLK_TCK
@@ -259,8 +303,33 @@ class Bench:
         mine = os.sched_getaffinity(0)
         os.sched_setaffinity(0, self.server_cpu)
         try:
-            self.redis = RedisServer(self.work / "redis").start()
-            self.started.append(self.redis)
+            # the Redis side: one redis-server, or a cluster's masters
+            # (every node a master), each a process with .proc, .addr
+            # and .client()
+            if a.cluster:
+                self.cluster = RedisCluster(
+                    self.work / "cluster", masters=MASTERS, replicas=0,
+                    node_timeout_ms=NODE_TIMEOUT_MS)
+                self.started.append(self.cluster)
+                self.cluster.start()
+                self.redis_nodes = sorted(self.cluster.masters(),
+                                          key=lambda m: m.port)
+                if len(self.redis_nodes) != MASTERS:
+                    fail(f"the cluster has {len(self.redis_nodes)} "
+                         f"masters serving slots, not {MASTERS}")
+                redis_conf = "cluster:" + ",".join(
+                    m.addr for m in self.redis_nodes)
+            else:
+                self.cluster = None
+                redis = RedisServer(self.work / "redis").start()
+                self.started.append(redis)
+                self.redis_nodes = [redis]
+                redis_conf = redis.addr
+            self.redis_conf = redis_conf
+            self.clients = [m.client() for m in self.redis_nodes]
+            # the errors Redis answers from now on (MOVED, ASK before the
+            # gateways know the slot map)
+            self.errors0 = [redis_errors(c) for c in self.clients]
             self.backend = Nginx(self.work / "backend", http=BACKEND,
                                  modules=[], workers=1,
                                  error_level="warn").start()
@@ -274,7 +343,7 @@ class Bench:
                     opts = (f" replicas={replicas}" if replicas
                             else " coalesce=off" if mode == "off" else "")
                     http = GATEWAY.format(
-                        backend=self.backend.addr, redis=self.redis.addr,
+                        backend=self.backend.addr, redis=redis_conf,
                         redis_opts=opts, rate=RATE, limit=a.limit,
                         tokens=USAGE * a.limit,
                         approx=(f" approximate={APPROX}"
@@ -290,7 +359,8 @@ class Bench:
             os.sched_setaffinity(0, mine)
         for n in self.started:
             pids = (master_and_workers(n) if isinstance(n, Nginx)
-                    else [n.proc.pid])
+                    else [x.proc.pid for x in n.nodes]
+                    if isinstance(n, RedisCluster) else [n.proc.pid])
             for pid in pids:
                 pin(pid, self.server_cpu)
                 if os.sched_getaffinity(pid) != self.server_cpu:
@@ -298,7 +368,6 @@ class Bench:
         self.workers = {n: n.worker_pids()[0]
                         for f in self.gws.values() for n in f}
         self.workers[self.backend] = self.backend.worker_pids()[0]
-        self.client = self.redis.client()
         self.reserve = self.reservation()
 
     def fleet(self, mode, size, replicas=None):
@@ -322,8 +391,19 @@ class Bench:
         return int(est) + json.loads(CHAT)["max_tokens"]
 
     def script_calls(self):
-        c = redis_calls(self.client)
-        return c.get("evalsha", 0) + c.get("eval", 0)
+        return sum(script_calls(redis_calls(c)) for c in self.clients)
+
+    def key_shares(self):
+        """--cluster: the share of the throughput keys each master serves
+        (redis-py's slot rule against the cluster's own map), to set
+        beside its share of the calls."""
+        owner = self.cluster.slot_map()
+        ports = [m.port for m in self.redis_nodes]
+        n = [0] * len(ports)
+        keys = [f"k{i}" for i in range(1, self.keys + 1)]
+        for k in keys:
+            n[ports.index(owner[key_slot(k)])] += 1
+        return [x / len(keys) for x in n]
 
     def settle(self, quiet=0.3, limit=3.0):
         """Until Redis has had no script call for quiet seconds (the last
@@ -356,8 +436,10 @@ class Bench:
                 "ns": {n: cpu_ns(p) for n, p in self.workers.items()},
                 "ticks": {n: cpu_ticks(p) for n, p in self.workers.items()},
                 "masters": sum(cpu_ticks(n.proc.pid) for n in self.workers),
-                "redis": redis_cpu(self.redis.proc.pid),
-                "calls": redis_calls(self.client),
+                "redis_nodes": [redis_cpu(m.proc.pid)
+                                for m in self.redis_nodes],
+                "calls": [redis_calls(c) for c in self.clients],
+                "errors": [redis_errors(c) for c in self.clients],
                 "kids": children_ticks(),
                 "stat": cpu_times()}
 
@@ -412,13 +494,23 @@ class Bench:
         s1 = self.sample()
         self.check_workers()
         reqs = sum(w["requests"] for w in ws)
-        ticks0, ns0 = s0["redis"]
-        ticks1, ns1 = s1["redis"]
-        d = {k: s1["calls"].get(k, 0) - s0["calls"].get(k, 0)
-             for k in s1["calls"]}
+        # summed over the redis-servers (the cluster's masters)
+        node_ticks = [t1 - t0 for (t0, _), (t1, _)
+                      in zip(s0["redis_nodes"], s1["redis_nodes"])]
+        ticks = sum(node_ticks)
+        ns = sum(n1 - n0 for (_, n0), (_, n1)
+                 in zip(s0["redis_nodes"], s1["redis_nodes"]))
+        per_node = [{k: c1.get(k, 0) - c0.get(k, 0) for k in c1}
+                    for c0, c1 in zip(s0["calls"], s1["calls"])]
+        d = {}
+        for c in per_node:
+            for k, v in c.items():
+                d[k] = d.get(k, 0) + v
+        node_calls = [script_calls(c) for c in per_node]
+        errs = errors_delta(s0["errors"], s1["errors"])
         wall = (s1["t"] - s0["t"]) * CLK_TCK
         ours = (sum(s1["ticks"][n] - s0["ticks"][n] for n in self.workers)
-                + s1["masters"] - s0["masters"] + ticks1 - ticks0
+                + s1["masters"] - s0["masters"] + ticks
                 + s1["kids"] - s0["kids"])
         used = sum(s1["stat"][c]["proc"] - s0["stat"][c]["proc"]
                    + s1["stat"][c]["steal"] - s0["stat"][c]["steal"]
@@ -435,10 +527,20 @@ class Bench:
                                 for n, w in zip(gws, ws)],
             "backend_cpu_us": (s1["ns"][self.backend]
                                - s0["ns"][self.backend]) / 1e3 / reqs,
-            "redis_ticks": ticks1 - ticks0,
-            "redis_cpu_us": (ticks1 - ticks0) * 1e6 / CLK_TCK / reqs,
-            "redis_cpu_us_schedstat": (ns1 - ns0) / 1e3 / reqs,
-            "redis_calls": (d.get("evalsha", 0) + d.get("eval", 0)) / reqs,
+            "redis_ticks": ticks,
+            "redis_cpu_us": ticks * 1e6 / CLK_TCK / reqs,
+            "redis_cpu_us_schedstat": ns / 1e3 / reqs,
+            "redis_calls": script_calls(d) / reqs,
+            # per redis-server (a cluster's masters by port): its share
+            # of the script calls and of the Redis CPU
+            "redis_nodes": [m.addr for m in self.redis_nodes],
+            "redis_node_calls": node_calls,
+            "redis_node_ticks": node_ticks,
+            "redis_calls_share": [c / max(1, sum(node_calls))
+                                  for c in node_calls],
+            # errors answered during the run, summed over the nodes
+            # (MOVED, ASK: ~0 once the gateways know the slot map)
+            "redis_errors": errs,
             # INFO is this script's own
             "redis_cmds": {k: v / reqs for k, v in d.items()
                            if v and k != "info"},
@@ -467,8 +569,17 @@ class Bench:
         """The units Redis holds for a key: its TAT ahead of Redis's
         clock, over the emission interval (the refill during a run is
         under 0.03 of a unit)."""
-        tat = self.client.get(f"infer:rl:{{{key}}}:{name}")
-        sec, usec = self.client.time()
+        k = f"infer:rl:{{{key}}}:{name}"
+        if self.cluster:
+            # where it lives (the harness follows MOVED and ASK), and
+            # that master's clock
+            tat = self.cluster.get(k)
+            c = self.clients[[m.port for m in self.redis_nodes].index(
+                self.cluster.master_for(k).port)]
+        else:
+            c = self.clients[0]
+            tat = c.get(k)
+        sec, usec = c.time()
         now = sec * 10 ** 6 + usec
         return (max(0.0, float(tat) - now) / (WINDOW_US / limit)
                 if tat is not None else 0.0)
@@ -480,6 +591,7 @@ class Bench:
         key = f"acc-{tag}-{kind}-{label}-{size}"
         path = "/acc-req/" if kind == "requests" else "/acc-tok/"
         b0 = stub_requests(self.backend.url)
+        e0 = [redis_errors(c) for c in self.clients]
         ws = self.wrk(gws, duration, path, key=key, count=True)
         t_end = time.monotonic()
         time.sleep(0.2)                 # requests wrk cut off finish
@@ -500,6 +612,7 @@ class Bench:
                 break
             time.sleep(0.05)
         settled = time.monotonic() - t_end
+        errs = errors_delta(e0, [redis_errors(c) for c in self.clients])
         total = sum(w["requests"] for w in ws)
         r = {"kind": kind, "mode": mode, "gateways": size, "key": key,
              "replicas": (replicas or size) if mode == "approx" else None,
@@ -508,6 +621,10 @@ class Bench:
              "served": served, "redis_held": held, "held_after_s": settled,
              "allowed": limit, "charged": charged,
              "held_ok": abs(held - charged) < 0.5,
+             "redis_errors": errs,
+             "master": (self.cluster.master_for(
+                 f"infer:rl:{{{key}}}:{name}").addr
+                 if self.cluster else None),
              # the fleet's traffic in one sync interval (the run's mean)
              "per_interval": total / duration * APPROX_S}
         r["over"] = r["charged"] > r["allowed"]
@@ -532,6 +649,24 @@ class Bench:
                       for x in n.log_text().splitlines()
                       if "[error]" in x or "[warn]" in x]
         return bad, other
+
+
+def errors_delta(e0, e1):
+    """{code: errors answered between two samples}, summed over nodes."""
+    out = {}
+    for a, b in zip(e0, e1):
+        for k, v in b.items():
+            if v - a.get(k, 0):
+                out[k] = out.get(k, 0) + v - a.get(k, 0)
+    return out
+
+
+def cluster_note(r):
+    """A run's calls per master and its MOVED / ASK answers."""
+    e = r["redis_errors"]
+    return ("  calls per master " + "/".join(
+        f"{x:.0%}" for x in r["redis_calls_share"])
+        + f"  MOVED {e.get('MOVED', 0)} ASK {e.get('ASK', 0)}")
 
 
 def median(vals):
@@ -566,11 +701,19 @@ def main():
     ap.add_argument("--modes", default=",".join(MODES),
                     help="the modes to run, comma-separated (default "
                          f"{','.join(MODES)})")
+    ap.add_argument("--cluster", action="store_true",
+                    help=f"count in a Redis Cluster of {MASTERS} masters "
+                         "(no replicas) instead of one redis-server")
     ap.add_argument("--keep", action="store_true",
                     help="keep the work directory (confs, logs)")
-    ap.add_argument("--out", default=str(BENCH / "results" / "gateways.json"),
-                    help="JSON results (default bench/results/gateways.json)")
+    ap.add_argument("--out",
+                    help="JSON results (default bench/results/gateways.json"
+                         ", with --cluster gateways-cluster.json)")
     args = ap.parse_args()
+    if args.out is None:
+        args.out = str(BENCH / "results" / ("gateways-cluster.json"
+                                            if args.cluster
+                                            else "gateways.json"))
     if args.quick:
         args.rounds, args.duration = 1, 2
     asked = set(args.modes.split(","))
@@ -587,6 +730,7 @@ def main():
     bench.keys = 1 if args.hot else KEYS
     configs = [(m, n) for n in SIZES for m in args.modes]
     runs, acc, discarded = [], [], []
+    warm_errors = {}                    # answered during the warm-up round
     load = [os.getloadavg()]
     started = time.monotonic()
     ok = False
@@ -594,11 +738,18 @@ def main():
         bench.start()
         print(f"gateways bench: {args.rounds} rounds x {args.duration} s, "
               f"{args.connections} wrk connections in all, "
-              f"{bench.keys} keys; redis {bench.redis.addr}, backend "
+              f"{bench.keys} keys; redis {bench.redis_conf}, backend "
               f"{bench.backend.addr}; {bench.reserve} tokens reserved "
               f"per request; servers on CPU "
               f"{sorted(bench.server_cpu)}, wrk on CPU {bench.client_cpu}; "
               f"modules {MODULES_DIR}", flush=True)
+        key_share = bench.key_shares() if args.cluster else None
+        if key_share:
+            print(f"cluster: {MASTERS} masters, no replicas, "
+                  f"cluster-node-timeout {NODE_TIMEOUT_MS} ms; the "
+                  f"{bench.keys} throughput keys' share per master (by "
+                  "slot): " + " / ".join(f"{x:.1%}" for x in key_share),
+                  flush=True)
         for rnd in range(args.rounds + 1):          # round 0 warms up
             k = rnd % len(configs)
             for mode, size in configs[k:] + configs[:k]:
@@ -616,6 +767,8 @@ def main():
                           flush=True)
                     bench.wait_quiet()
                 if rnd == 0:
+                    for code, v in r["redis_errors"].items():
+                        warm_errors[code] = warm_errors.get(code, 0) + v
                     continue
                 r["round"] = rnd
                 runs.append(r)
@@ -626,7 +779,8 @@ def main():
                       f"µs/req  redis {r['redis_cpu_us']:5.2f} µs/req "
                       f"(schedstat {r['redis_cpu_us_schedstat']:5.2f})  "
                       f"{r['redis_calls']:.3f} calls/req  wrk CPU "
-                      f"{r['wrk_cpu']:.0%}  other load {r['noise']:.0%}",
+                      f"{r['wrk_cpu']:.0%}  other load {r['noise']:.0%}"
+                      + (cluster_note(r) if args.cluster else ""),
                       flush=True)
         if not args.no_accuracy:
             tag = str(int(time.time()))
@@ -652,7 +806,13 @@ def main():
                       + f", redis holds {r['redis_held']:.1f} after "
                       f"{r['held_after_s']:.2f} s, refused {r['refused']}"
                       f", {r['per_interval']:,.0f} req per "
-                      f"{APPROX}", flush=True)
+                      f"{APPROX}"
+                      + (f"; on {r['master']}, MOVED "
+                         f"{r['redis_errors'].get('MOVED', 0)} ASK "
+                         f"{r['redis_errors'].get('ASK', 0)}"
+                         if args.cluster else ""), flush=True)
+        all_errors = errors_delta(bench.errors0, [redis_errors(c)
+                                                  for c in bench.clients])
         bad, other = bench.log_lines()
         if bad:
             fail("nginx logged problems:\n" + "\n".join(bad[:20]))
@@ -704,6 +864,19 @@ def main():
                  "p99_us": median([r["p99_us"] for r in rs]),
                  "redis_cmds": rs[-1]["redis_cmds"],
                  "tail_s": max(r["tail_s"] for r in rs)}
+            if args.cluster:
+                # over all rounds: each master's share of the script calls
+                # and of Redis's CPU, and the MOVED / ASK answered
+                calls = [sum(r["redis_node_calls"][i] for r in rs)
+                         for i in range(len(bench.redis_nodes))]
+                nt = [sum(r["redis_node_ticks"][i] for r in rs)
+                      for i in range(len(bench.redis_nodes))]
+                m["redis_calls_share"] = [c / max(1, sum(calls))
+                                          for c in calls]
+                m["redis_cpu_share"] = [t / max(1, sum(nt)) for t in nt]
+                m["moved"] = sum(r["redis_errors"].get("MOVED", 0)
+                                 for r in rs)
+                m["ask"] = sum(r["redis_errors"].get("ASK", 0) for r in rs)
             summary.append(m)
             share = "/".join(f"{x:,.0f}" for x in m["gw_rps"])
             cpu = statistics.mean(m["gw_cpu_us"])
@@ -731,6 +904,31 @@ def main():
     print("backend CPU µs/req (same CPU, for reference): "
           + ", ".join(f"N={m['gateways']} {LABEL[m['mode']]} "
                       f"{m['backend_cpu_us']:.1f}" for m in summary))
+    if args.cluster:
+        print(f"cluster masters {', '.join(m.addr for m in bench.redis_nodes)}"
+              ": the throughput keys' share by slot "
+              + "/".join(f"{x:.1%}" for x in key_share))
+        print("  share of the script calls (all rounds): "
+              + "; ".join(f"N={m['gateways']} {LABEL[m['mode']]} "
+                          + "/".join(f"{x:.1%}"
+                                     for x in m["redis_calls_share"])
+                          for m in summary))
+        print("  share of Redis's CPU (all rounds): "
+              + "; ".join(f"N={m['gateways']} {LABEL[m['mode']]} "
+                          + "/".join(f"{x:.1%}"
+                                     for x in m["redis_cpu_share"])
+                          for m in summary))
+        print("  MOVED / ASK answered in the kept runs: "
+              + ", ".join(f"N={m['gateways']} {LABEL[m['mode']]} "
+                          f"{m['moved']}/{m['ask']}" for m in summary)
+              + "; in the warm-up round (every gateway's first "
+              "requests, before its workers know the slot map): "
+              + (", ".join(f"{k} {v}" for k, v in
+                           sorted(warm_errors.items())) or "none")
+              + "; over the whole bench (accuracy runs and the "
+              "gateways' first request included): "
+              + (", ".join(f"{k} {v}" for k, v in
+                           sorted(all_errors.items())) or "none"))
     noisy = [r for r in runs if r["noise"] > NOISY]
     print(f"other load on the two CPUs: at most "
           f"{max(r['noise'] for r in runs):.0%} of a CPU in a kept run"
@@ -783,6 +981,18 @@ def main():
               f"Redis core = {cap / GW_RPS:.1f} gateways at {GW_RPS:,} "
               f"req/s; {FLEET} gateways ({FLEET * GW_RPS:,} req/s) need "
               f"{FLEET * GW_RPS * m['redis_cpu_us'] / 1e6:.1f} Redis cores")
+        if args.cluster:
+            # a master runs the scripts on one thread: masters = cores,
+            # spread as evenly as the keys are; the busiest master sets
+            # the pace
+            cores = FLEET * GW_RPS * m["redis_cpu_us"] / 1e6
+            skew = max(m["redis_cpu_share"]) * MASTERS
+            print(f"    a cluster: {math.ceil(cores)} masters at 100 % of "
+                  f"a core, {math.ceil(cores / 0.7)} at 70 %, if the keys "
+                  "spread evenly; here the busiest of "
+                  f"{MASTERS} masters had {max(m['redis_cpu_share']):.1%} "
+                  f"of Redis's CPU ({skew:.2f} x an even share): "
+                  f"{math.ceil(cores * skew / 0.7)} at 70 % with that skew")
     if other:
         print()
         print(f"nginx logged {len(other)} [error]/[warn] lines, e.g.:")
@@ -818,6 +1028,10 @@ def main():
         "loadavg_before_after": load, "keys": bench.keys,
         "summary": summary, "runs": runs, "discarded": discarded,
         "accuracy": acc,
+        "redis_errors_warmup": warm_errors, "redis_errors_all": all_errors,
+        "cluster": ({"masters": [m.addr for m in bench.redis_nodes],
+                     "node_timeout_ms": NODE_TIMEOUT_MS,
+                     "key_share": key_share} if args.cluster else None),
         "nginx_error_warn_lines": other[:100],
     }, indent=2, default=str) + "\n")
     print(f"\nwritten: {out}")
