@@ -240,6 +240,7 @@ ngx_http_infer_ratelimit_redis_t *ngx_http_infer_ratelimit_cluster_any(void);
 void ngx_http_infer_ratelimit_cluster_moved(ngx_uint_t slot,
     ngx_http_infer_ratelimit_redis_t *rd);
 void ngx_http_infer_ratelimit_cluster_lost(void);
+ngx_int_t ngx_http_infer_ratelimit_cluster_known(void);
 ngx_uint_t ngx_http_infer_ratelimit_cluster_up(void);
 
 /* the parts of the Redis client a fuzzer drives: hiredis's types */
@@ -292,12 +293,16 @@ typedef struct {
     ngx_uint_t                          slot;
     ngx_uint_t                          redirects;
 
+    ngx_queue_t                         hold;    /* held: in the list */
+
     u_char                              mode;
     unsigned                            pending:1;  /* hiredis holds it */
     unsigned                            answered:1;
     unsigned                            admitted:1;
     unsigned                            retried:1;
     unsigned                            queued:1;   /* waits for a batch */
+    unsigned                            held:1;     /* waits for the
+                                                       cluster's map */
     unsigned                            gated:1;    /* an admission sent
                                                        alone, counted */
 } ngx_http_infer_ratelimit_waiter_t;
@@ -316,6 +321,7 @@ void ngx_http_infer_ratelimit_redis_answered(struct redisAsyncContext *ac,
 void ngx_http_infer_ratelimit_redis_waiter_free(
     ngx_http_infer_ratelimit_waiter_t *w);
 u_char *ngx_http_infer_ratelimit_redis_evalsha(void);
+void ngx_http_infer_ratelimit_redis_release(ngx_int_t rc);
 
 /* admissions batched (ngx_http_infer_ratelimit_batch.c) */
 

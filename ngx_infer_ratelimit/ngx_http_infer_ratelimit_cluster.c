@@ -8,9 +8,14 @@
  * learnt since): at the worker's first call, after a MOVED, after a
  * connection to a node was lost, and when a slot's master cannot be
  * reached (a failover promotes a replica, which the next map names).
- * It is asked at most once per NGX_HTTP_INFER_RL_REFRESH ms and one at
- * a time.  Until it is known, a call goes to any node and follows the
- * MOVED it gets.  Connections are made when a call first needs them,
+ * and every NGX_HTTP_INFER_RL_REMAP ms (a master added, a slot moved
+ * that no call asked for); at most once per NGX_HTTP_INFER_RL_REFRESH ms
+ * and one at a time.  Until it is first known, calls wait for it (at
+ * most their timeout; see ngx_http_infer_ratelimit_redis_hold()); when
+ * no node can tell it, the outage policy decides: a call never goes to
+ * a node the map does not name, so that a seed that is not a cluster
+ * node (a standalone Redis) counts nothing.  Connections are made when a
+ * call first needs them,
  * each as the Redis client makes its one connection (the handshake, the
  * backoff); nodes are added, never removed, up to
  * NGX_HTTP_INFER_RL_NODES_MAX.
@@ -29,6 +34,7 @@
 
 
 #define NGX_HTTP_INFER_RL_REFRESH  100
+#define NGX_HTTP_INFER_RL_REMAP    2000
 
 
 typedef struct {
@@ -38,7 +44,9 @@ typedef struct {
     uint16_t                               *slot;   /* node's index + 1 */
     ngx_http_infer_ratelimit_nodes_t       *parsed;
     ngx_msec_t                              asked;
-    ngx_uint_t                              next;   /* the seed to try */
+    ngx_http_infer_ratelimit_redis_t       *asking_rd;
+    ngx_uint_t                              next;   /* the node to ask */
+    ngx_event_t                             timer;  /* asks again */
     ngx_log_t                              *log;
     unsigned                                known:1;
     unsigned                                stale:1;
@@ -50,6 +58,7 @@ static void ngx_http_infer_ratelimit_cluster_refresh(
     ngx_http_infer_ratelimit_cluster_t *cl);
 static void ngx_http_infer_ratelimit_cluster_nodes(redisAsyncContext *ac,
     void *reply, void *data);
+static void ngx_http_infer_ratelimit_cluster_timer(ngx_event_t *ev);
 
 
 static ngx_http_infer_ratelimit_cluster_t  ngx_http_infer_ratelimit_cluster;
@@ -84,6 +93,11 @@ ngx_http_infer_ratelimit_cluster_init_process(ngx_cycle_t *cycle,
 
     cl->rcf = rcf;
 
+    cl->timer.handler = ngx_http_infer_ratelimit_cluster_timer;
+    cl->timer.data = cl;
+    cl->timer.log = cycle->log;
+    cl->timer.cancelable = 1;
+
     seed = rcf->seeds->elts;
 
     for (i = 0; i < rcf->seeds->nelts; i++) {
@@ -115,6 +129,10 @@ ngx_http_infer_ratelimit_cluster_exit_process(void)
 
     cl->rcf = NULL;
 
+    if (cl->timer.timer_set) {
+        ngx_del_timer(&cl->timer);
+    }
+
     for (i = 0; i < cl->n; i++) {
         ngx_http_infer_ratelimit_redis_drop(cl->node[i]);
         cl->node[i]->rcf = NULL;
@@ -125,9 +143,8 @@ ngx_http_infer_ratelimit_cluster_exit_process(void)
 
 
 /*
- * The connection for a slot: its master's, or, while the map does not
- * know it, any node's (the call then follows a MOVED).  NULL: no node
- * can be asked now.
+ * The connection for a slot: its master's.  NULL: none now (the map is
+ * not known, or does not name one, or the master cannot be reached).
  */
 
 ngx_http_infer_ratelimit_redis_t *
@@ -147,7 +164,7 @@ ngx_http_infer_ratelimit_cluster_slot(ngx_uint_t slot)
     }
 
     if (cl->slot[slot] == 0) {
-        return ngx_http_infer_ratelimit_cluster_any();
+        return NULL;
     }
 
     rd = cl->node[cl->slot[slot] - 1];
@@ -271,6 +288,32 @@ ngx_http_infer_ratelimit_cluster_moved(ngx_uint_t slot,
 }
 
 
+/*
+ * Whether calls can be sent: NGX_OK, the map is known; NGX_AGAIN, it is
+ * being asked for (calls wait); NGX_DECLINED, no node can tell it now.
+ */
+
+ngx_int_t
+ngx_http_infer_ratelimit_cluster_known(void)
+{
+    ngx_http_infer_ratelimit_cluster_t  *cl;
+
+    cl = &ngx_http_infer_ratelimit_cluster;
+
+    if (cl->rcf == NULL) {
+        return NGX_DECLINED;
+    }
+
+    if (cl->known) {
+        return NGX_OK;
+    }
+
+    ngx_http_infer_ratelimit_cluster_refresh(cl);
+
+    return cl->asking ? NGX_AGAIN : NGX_DECLINED;
+}
+
+
 /* a node's connection was lost: the map is asked for again */
 
 void
@@ -339,26 +382,58 @@ static void
 ngx_http_infer_ratelimit_cluster_refresh(
     ngx_http_infer_ratelimit_cluster_t *cl)
 {
+    ngx_uint_t                         i;
     ngx_http_infer_ratelimit_redis_t  *rd;
 
-    if (cl->asking
-        || (cl->asked
-            && ngx_current_msec - cl->asked < NGX_HTTP_INFER_RL_REFRESH))
+    if (cl->asking) {
+        if (ngx_current_msec - cl->asked < cl->rcf->timeout) {
+            return;
+        }
+
+        /*
+         * Unanswered for as long as a call may wait: that node is left
+         * (its NULL answer ends the question, failing the calls that
+         * waited for it), and the next one asked.
+         */
+
+        rd = cl->asking_rd;
+        ngx_http_infer_ratelimit_redis_error(rd, "CLUSTER NODES unanswered "
+                                             "after %Mms: reconnecting",
+                                             cl->rcf->timeout);
+        ngx_http_infer_ratelimit_redis_drop(rd);
+
+        if (cl->asking) {
+            /* in its own callback: hiredis frees it after */
+            return;
+        }
+
+    } else if (cl->asked
+               && ngx_current_msec - cl->asked < NGX_HTTP_INFER_RL_REFRESH)
     {
         return;
     }
 
-    rd = ngx_http_infer_ratelimit_cluster_any();
-    if (rd == NULL) {
+    /* the nodes in turn, from one that answered last time */
+
+    for (i = 0; i < cl->n; i++) {
+        rd = cl->node[(cl->next + i) % cl->n];
+
+        if (ngx_http_infer_ratelimit_redis_open_node(rd) == NGX_OK
+            && redisAsyncCommand(rd->ac,
+                                 ngx_http_infer_ratelimit_cluster_nodes, rd,
+                                 "CLUSTER NODES")
+               == REDIS_OK)
+        {
+            break;
+        }
+    }
+
+    if (i == cl->n) {
         return;
     }
 
-    if (redisAsyncCommand(rd->ac, ngx_http_infer_ratelimit_cluster_nodes, rd,
-                          "CLUSTER NODES")
-        != REDIS_OK)
-    {
-        return;
-    }
+    cl->next += i;
+    cl->asking_rd = rd;
 
     cl->asking = 1;
     cl->stale = 0;
@@ -386,8 +461,14 @@ ngx_http_infer_ratelimit_cluster_nodes(redisAsyncContext *ac, void *reply,
 
     cl->asking = 0;
 
-    if (cl->rcf == NULL || rr == NULL) {
+    if (cl->rcf == NULL) {
+        return;
+    }
+
+    if (rr == NULL) {
         cl->stale = 1;
+        cl->next++;
+        ngx_http_infer_ratelimit_redis_release(NGX_DECLINED);
         return;
     }
 
@@ -397,8 +478,8 @@ ngx_http_infer_ratelimit_cluster_nodes(redisAsyncContext *ac, void *reply,
            != NGX_OK)
     {
         ngx_log_error(NGX_LOG_ERR, cl->log, 0,
-                      "infer ratelimit: redis cluster: node %V answered "
-                      "CLUSTER NODES with no slot map%s%*s",
+                      "infer ratelimit: redis %V answered CLUSTER NODES "
+                      "with no slot map%s%*s",
                       &from->name,
                       rr->type == REDIS_REPLY_ERROR ? ": " : "",
                       (size_t) (rr->type == REDIS_REPLY_ERROR
@@ -406,6 +487,7 @@ ngx_http_infer_ratelimit_cluster_nodes(redisAsyncContext *ac, void *reply,
                       rr->type == REDIS_REPLY_ERROR ? rr->str : "");
         cl->stale = 1;
         cl->next++;
+        ngx_http_infer_ratelimit_redis_release(NGX_DECLINED);
         return;
     }
 
@@ -422,6 +504,7 @@ ngx_http_infer_ratelimit_cluster_nodes(redisAsyncContext *ac, void *reply,
                                                    addr[i].port);
         if (rd == NULL) {
             cl->stale = 1;
+            ngx_http_infer_ratelimit_redis_release(NGX_DECLINED);
             return;
         }
 
@@ -440,4 +523,27 @@ ngx_http_infer_ratelimit_cluster_nodes(redisAsyncContext *ac, void *reply,
     }
 
     cl->known = 1;
+
+    if (!cl->timer.timer_set) {
+        ngx_add_timer(&cl->timer, NGX_HTTP_INFER_RL_REMAP);
+    }
+
+    /* the calls that waited for the map go now */
+    ngx_http_infer_ratelimit_redis_release(NGX_OK);
+}
+
+
+static void
+ngx_http_infer_ratelimit_cluster_timer(ngx_event_t *ev)
+{
+    ngx_http_infer_ratelimit_cluster_t  *cl = ev->data;
+
+    if (cl->rcf == NULL || ngx_exiting) {
+        return;
+    }
+
+    cl->stale = 1;
+    ngx_http_infer_ratelimit_cluster_refresh(cl);
+
+    ngx_add_timer(&cl->timer, NGX_HTTP_INFER_RL_REMAP);
 }

@@ -893,10 +893,17 @@ ngx_http_infer_ratelimit_redis_addrs(ngx_conf_t *cf, ngx_array_t **list,
         return NGX_ERROR;
     }
 
-    while (p < last) {
+    for ( ;; ) {
         comma = ngx_strlchr(p, last, ',');
         if (comma == NULL) {
             comma = last;
+        }
+
+        if (comma == p) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "%s has an empty address: IPv4:port "
+                               "expected", what);
+            return NGX_ERROR;
         }
 
         addr = ngx_array_push(*list);
@@ -918,13 +925,11 @@ ngx_http_infer_ratelimit_redis_addrs(ngx_conf_t *cf, ngx_array_t **list,
         addr->name.len = comma - p;
         addr->name.data = p;
 
-        p = comma + 1;
-    }
+        if (comma == last) {
+            break;
+        }
 
-    if ((*list)->nelts == 0) {
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "%s needs at least one IPv4:port", what);
-        return NGX_ERROR;
+        p = comma + 1;
     }
 
     return NGX_OK;

@@ -70,7 +70,11 @@ static ngx_int_t ngx_http_infer_ratelimit_redis_cmp(const void *one,
 static ngx_int_t ngx_http_infer_ratelimit_redis_split(ngx_http_request_t *r,
     ngx_http_infer_ratelimit_redis_conf_t *rcf, u_char mode,
     ngx_http_infer_ratelimit_item_t *items, ngx_uint_t n, uint32_t *order,
-    ngx_http_infer_ratelimit_done_pt done);
+    ngx_http_infer_ratelimit_done_pt done, ngx_uint_t hold);
+static void ngx_http_infer_ratelimit_redis_hold(
+    ngx_http_infer_ratelimit_waiter_t *w);
+static void ngx_http_infer_ratelimit_redis_fail(
+    ngx_http_infer_ratelimit_waiter_t *w);
 static ngx_http_infer_ratelimit_waiter_t *ngx_http_infer_ratelimit_redis_waiter(
     ngx_http_infer_ratelimit_redis_conf_t *rcf, u_char mode,
     ngx_http_infer_ratelimit_item_t *items, ngx_uint_t *index, ngx_uint_t n);
@@ -305,6 +309,7 @@ static ngx_str_t  ngx_http_infer_ratelimit_script = ngx_string(
 
 
 static u_char  ngx_http_infer_ratelimit_redis_sha[40];
+static ngx_queue_t  ngx_http_infer_ratelimit_redis_waiting;
 
 
 /*
@@ -326,6 +331,7 @@ ngx_http_infer_ratelimit_redis_eval(ngx_http_request_t *r,
     ngx_http_infer_ratelimit_done_pt done)
 {
     uint32_t                           *order;
+    ngx_int_t                           known;
     ngx_uint_t                          slot;
     ngx_pool_cleanup_t                 *cln;
     ngx_http_infer_ratelimit_waiter_t  *w;
@@ -352,6 +358,13 @@ ngx_http_infer_ratelimit_redis_eval(ngx_http_request_t *r,
             return NGX_OK;
         }
 
+        /* the map: known; asked for (the call waits for it); or neither */
+
+        known = ngx_http_infer_ratelimit_cluster_known();
+        if (known == NGX_DECLINED) {
+            return NGX_DECLINED;
+        }
+
         order = ngx_http_infer_ratelimit_redis_slots(rcf, items, n);
         if (order == NULL) {
             return NGX_DECLINED;
@@ -361,12 +374,18 @@ ngx_http_infer_ratelimit_redis_eval(ngx_http_request_t *r,
 
         if ((order[n - 1] >> 16) != slot) {
             return ngx_http_infer_ratelimit_redis_split(r, rcf, mode, items,
-                                                        n, order, done);
+                                                        n, order, done,
+                                                        known == NGX_AGAIN);
         }
 
-        rd = ngx_http_infer_ratelimit_cluster_slot(slot);
-        if (rd == NULL) {
-            return NGX_DECLINED;
+        if (known == NGX_AGAIN) {
+            rd = NULL;
+
+        } else {
+            rd = ngx_http_infer_ratelimit_cluster_slot(slot);
+            if (rd == NULL) {
+                return NGX_DECLINED;
+            }
         }
 
     } else if (ngx_http_infer_ratelimit_redis_open() != NGX_OK) {
@@ -381,8 +400,11 @@ ngx_http_infer_ratelimit_redis_eval(ngx_http_request_t *r,
     w->slot = slot;
     w->done = done;
 
-    if (mode == NGX_HTTP_INFER_RL_ADMIT && done && rcf->batch
-        && rcf->seeds == NULL)
+    if (rd == NULL) {
+        ngx_http_infer_ratelimit_redis_hold(w);
+
+    } else if (mode == NGX_HTTP_INFER_RL_ADMIT && done && rcf->batch
+               && rcf->seeds == NULL)
     {
         /* sent now, or with others once the admission in flight is back */
         ngx_http_infer_ratelimit_batch_add(w, rd);
@@ -491,7 +513,7 @@ static ngx_int_t
 ngx_http_infer_ratelimit_redis_split(ngx_http_request_t *r,
     ngx_http_infer_ratelimit_redis_conf_t *rcf, u_char mode,
     ngx_http_infer_ratelimit_item_t *items, ngx_uint_t n, uint32_t *order,
-    ngx_http_infer_ratelimit_done_pt done)
+    ngx_http_infer_ratelimit_done_pt done, ngx_uint_t hold)
 {
     ngx_uint_t                          i, k, nparts, part, sent;
     ngx_uint_t                          index[NGX_HTTP_INFER_RL_LIMITS_MAX];
@@ -510,9 +532,12 @@ ngx_http_infer_ratelimit_redis_split(ngx_http_request_t *r,
             continue;
         }
 
-        rd = ngx_http_infer_ratelimit_cluster_slot(order[i] >> 16);
+        /* while the map is asked for, every part waits for it */
 
-        if (rd == NULL && mode == NGX_HTTP_INFER_RL_ADMIT) {
+        rd = hold ? NULL
+                  : ngx_http_infer_ratelimit_cluster_slot(order[i] >> 16);
+
+        if (rd == NULL && !hold && mode == NGX_HTTP_INFER_RL_ADMIT) {
             return NGX_DECLINED;
         }
 
@@ -554,7 +579,7 @@ ngx_http_infer_ratelimit_redis_split(ngx_http_request_t *r,
 
         rd = node[part++];
 
-        w = (rd == NULL) ? NULL
+        w = (rd == NULL && !hold) ? NULL
             : ngx_http_infer_ratelimit_redis_waiter(rcf, mode, items, index,
                                                     k);
 
@@ -562,7 +587,10 @@ ngx_http_infer_ratelimit_redis_split(ngx_http_request_t *r,
             w->slot = order[i - 1] >> 16;
             w->call = call;
 
-            if (ngx_http_infer_ratelimit_redis_call(w, rd) != NGX_OK) {
+            if (hold) {
+                ngx_http_infer_ratelimit_redis_hold(w);
+
+            } else if (ngx_http_infer_ratelimit_redis_call(w, rd) != NGX_OK) {
                 ngx_free(w);
                 w = NULL;
             }
@@ -1393,6 +1421,19 @@ ngx_http_infer_ratelimit_redis_waiter_event(ngx_event_t *ev)
     w = ev->data;
     rd = w->rd;
 
+    if (ev->timedout && w->held) {
+        ev->timedout = 0;
+
+        /* the cluster's map did not come in time: the node asked goes */
+        (void) ngx_http_infer_ratelimit_cluster_known();
+
+        if (w->held) {
+            ngx_http_infer_ratelimit_redis_fail(w);
+        }
+
+        return;
+    }
+
     if (ev->timedout) {
         ev->timedout = 0;
 
@@ -1447,6 +1488,11 @@ ngx_http_infer_ratelimit_redis_waiter_cleanup(void *data)
         ngx_http_infer_ratelimit_batch_remove(w);
     }
 
+    if (w->held) {
+        ngx_queue_remove(&w->hold);
+        w->held = 0;
+    }
+
     if (w->ev.posted) {
         ngx_delete_posted_event(&w->ev);
 
@@ -1493,6 +1539,85 @@ ngx_http_infer_ratelimit_redis_waiter_free(
     }
 
     ngx_free(w);
+}
+
+
+/*
+ * Calls that wait for a cluster's map: sent when it comes (rc NGX_OK),
+ * failed when no node could tell it (the outage policy decides), or
+ * when they time out.
+ */
+
+static void
+ngx_http_infer_ratelimit_redis_hold(ngx_http_infer_ratelimit_waiter_t *w)
+{
+    if (ngx_http_infer_ratelimit_redis_waiting.next == NULL) {
+        ngx_queue_init(&ngx_http_infer_ratelimit_redis_waiting);
+    }
+
+    w->held = 1;
+    ngx_queue_insert_tail(&ngx_http_infer_ratelimit_redis_waiting, &w->hold);
+
+    ngx_add_timer(&w->ev, ngx_http_infer_ratelimit_redis_main()->rcf->timeout);
+}
+
+
+void
+ngx_http_infer_ratelimit_redis_release(ngx_int_t rc)
+{
+    ngx_queue_t                        *q, *list;
+    ngx_http_infer_ratelimit_redis_t   *rd;
+    ngx_http_infer_ratelimit_waiter_t  *w;
+
+    list = &ngx_http_infer_ratelimit_redis_waiting;
+
+    if (list->next == NULL) {
+        return;
+    }
+
+    while (!ngx_queue_empty(list)) {
+        q = ngx_queue_head(list);
+        w = ngx_queue_data(q, ngx_http_infer_ratelimit_waiter_t, hold);
+
+        rd = (rc == NGX_OK) ? ngx_http_infer_ratelimit_cluster_slot(w->slot)
+                            : NULL;
+
+        if (rd && ngx_http_infer_ratelimit_redis_call(w, rd) == NGX_OK) {
+            ngx_queue_remove(q);
+            w->held = 0;
+            continue;
+        }
+
+        ngx_http_infer_ratelimit_redis_fail(w);
+    }
+}
+
+
+/* a held call fails as if its connection had: no answer */
+
+static void
+ngx_http_infer_ratelimit_redis_fail(ngx_http_infer_ratelimit_waiter_t *w)
+{
+    ngx_uint_t  i;
+
+    if (w->held) {
+        ngx_queue_remove(&w->hold);
+        w->held = 0;
+    }
+
+    if (w->mode == NGX_HTTP_INFER_RL_SYNC) {
+        /* never sent: a sync's units wait for the next one */
+        for (i = 0; i < w->nitems; i++) {
+            if (w->call) {
+                w->call->items[w->index[i]].unsent = 1;
+
+            } else {
+                w->items[i].unsent = 1;
+            }
+        }
+    }
+
+    ngx_http_infer_ratelimit_redis_reply(NULL, NULL, w);
 }
 
 
