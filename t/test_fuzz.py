@@ -20,7 +20,7 @@ import pytest
 
 from harness.cunit import REPO, TREE, UNIT, fuzz
 
-SECONDS = 10
+SECONDS = 5
 
 # what lets a target leave out the module code it does not call
 LINK = ["-ffunction-sections", "-fdata-sections", "-fuse-ld=lld",
