@@ -114,6 +114,9 @@ ngx_http_infer_ratelimit_batch_remove(ngx_http_infer_ratelimit_waiter_t *w)
 
     w->queued = 0;
 
+    /* never sent: the corrections it carried wait for the next call */
+    ngx_http_infer_ratelimit_coalesce_restore(w->items, w->nitems);
+
     for (i = 0; i < q->n; i++) {
         if (q->member[i] == w) {
             q->keys -= w->nitems;
@@ -296,6 +299,9 @@ failed:
 static void
 ngx_http_infer_ratelimit_batch_fail(ngx_http_infer_ratelimit_waiter_t *w)
 {
+    /* never sent: the corrections it carried wait for the next call */
+    ngx_http_infer_ratelimit_coalesce_restore(w->items, w->nitems);
+
     w->answered = 1;
     w->rc = NGX_DECLINED;
 

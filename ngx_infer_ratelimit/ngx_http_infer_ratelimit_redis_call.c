@@ -1491,6 +1491,9 @@ ngx_http_infer_ratelimit_redis_waiter_cleanup(void *data)
     if (w->held) {
         ngx_queue_remove(&w->hold);
         w->held = 0;
+
+        /* never sent: the corrections it carried wait for the next call */
+        ngx_http_infer_ratelimit_coalesce_restore(w->items, w->nitems);
     }
 
     if (w->ev.posted) {
@@ -1603,6 +1606,11 @@ ngx_http_infer_ratelimit_redis_fail(ngx_http_infer_ratelimit_waiter_t *w)
     if (w->held) {
         ngx_queue_remove(&w->hold);
         w->held = 0;
+    }
+
+    if (w->mode == NGX_HTTP_INFER_RL_ADMIT) {
+        /* never sent: the corrections it carried wait for the next call */
+        ngx_http_infer_ratelimit_coalesce_restore(w->items, w->nitems);
     }
 
     if (w->mode == NGX_HTTP_INFER_RL_SYNC) {
