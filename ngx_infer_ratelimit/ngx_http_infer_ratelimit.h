@@ -170,6 +170,7 @@ typedef struct {
     u_char                      host[NGX_INET_ADDRSTRLEN + 1];
     ngx_int_t                   port;       /* Sentinel's master, or a
                                                cluster node */
+    in_addr_t                   addr;       /* a cluster node's */
     ngx_uint_t                  known;      /* host, port are */
     ngx_uint_t                  node;       /* a cluster node's index + 1 */
     u_char                      text[NGX_INET_ADDRSTRLEN + 24];
@@ -245,7 +246,6 @@ ngx_uint_t ngx_http_infer_ratelimit_cluster_up(void);
 
 /* the parts of the Redis client a fuzzer drives: hiredis's types */
 struct redisReader;
-struct redisReply;
 void ngx_http_infer_ratelimit_redis_bound(struct redisReader *reader);
 ngx_int_t ngx_http_infer_ratelimit_redis_answer(struct redisReply *rr,
     ngx_http_infer_ratelimit_item_t *items, ngx_uint_t n);
@@ -307,9 +307,6 @@ typedef struct {
                                                        alone, counted */
 } ngx_http_infer_ratelimit_waiter_t;
 
-
-struct redisAsyncContext;
-struct redisReply;
 
 ngx_int_t ngx_http_infer_ratelimit_redis_call(
     ngx_http_infer_ratelimit_waiter_t *w,

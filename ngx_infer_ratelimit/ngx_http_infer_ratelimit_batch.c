@@ -372,6 +372,16 @@ ngx_http_infer_ratelimit_batch_reply(redisAsyncContext *ac, void *reply,
             part.element = rr->element + at;
             at += part.elements;
             answer = &part;
+
+            if (part.element[0]->type == REDIS_REPLY_INTEGER
+                && part.element[0]->integer == -1)
+            {
+                /* its keys failed in the script, the others' did not */
+                ngx_http_infer_ratelimit_redis_error(
+                    ngx_http_infer_ratelimit_redis_main(),
+                    "the script failed for one admission of a batch");
+                answer = NULL;
+            }
         }
 
         ngx_http_infer_ratelimit_redis_answered(ac, b->member[i], answer);

@@ -6,16 +6,16 @@
  * per worker.  The map comes from CLUSTER NODES, asked of any node that
  * answers (the seeds of infer_ratelimit_redis cluster:..., or a master
  * learnt since): at the worker's first call, after a MOVED, after a
- * connection to a node was lost, and when a slot's master cannot be
- * reached (a failover promotes a replica, which the next map names).
- * and every NGX_HTTP_INFER_RL_REMAP ms (a master added, a slot moved
- * that no call asked for); at most once per NGX_HTTP_INFER_RL_REFRESH ms
- * and one at a time.  Until it is first known, calls wait for it (at
- * most their timeout; see ngx_http_infer_ratelimit_redis_hold()); when
- * no node can tell it, the outage policy decides: a call never goes to
- * a node the map does not name, so that a seed that is not a cluster
- * node (a standalone Redis) counts nothing.  Connections are made when a
- * call first needs them,
+ * connection to a node was lost, when a slot's master cannot be reached
+ * (a failover promotes a replica, which the next map names), and every
+ * NGX_HTTP_INFER_RL_REMAP ms (a master added, a slot moved that no call
+ * asked for); at most once per NGX_HTTP_INFER_RL_REFRESH ms, one
+ * question at a time, of the nodes in turn.  Until it is first known,
+ * calls wait for it (at most their timeout; see
+ * ngx_http_infer_ratelimit_redis_hold()); when no node can tell it, the
+ * outage policy decides: a call never goes to a node the map does not
+ * name, so that a seed that is not a cluster node (a standalone Redis)
+ * counts nothing.  Connections are made when a call first needs them,
  * each as the Redis client makes its one connection (the handshake, the
  * backoff); nodes are added, never removed, up to
  * NGX_HTTP_INFER_RL_NODES_MAX.
@@ -44,6 +44,7 @@ typedef struct {
     uint16_t                               *slot;   /* node's index + 1 */
     ngx_http_infer_ratelimit_nodes_t       *parsed;
     ngx_msec_t                              asked;
+    ngx_msec_t                              wait;   /* for the answer */
     ngx_http_infer_ratelimit_redis_t       *asking_rd;
     ngx_uint_t                              next;   /* the node to ask */
     ngx_event_t                             timer;  /* asks again */
@@ -58,6 +59,8 @@ static void ngx_http_infer_ratelimit_cluster_refresh(
     ngx_http_infer_ratelimit_cluster_t *cl);
 static void ngx_http_infer_ratelimit_cluster_nodes(redisAsyncContext *ac,
     void *reply, void *data);
+static void ngx_http_infer_ratelimit_cluster_next(
+    ngx_http_infer_ratelimit_cluster_t *cl);
 static void ngx_http_infer_ratelimit_cluster_timer(ngx_event_t *ev);
 
 
@@ -226,12 +229,15 @@ ngx_http_infer_ratelimit_cluster_node(in_addr_t addr, in_port_t port)
 
     cl = &ngx_http_infer_ratelimit_cluster;
 
+    if (cl->rcf == NULL) {
+        /* not a cluster, or the worker's exit */
+        return NULL;
+    }
+
     for (i = 0; i < cl->n; i++) {
         rd = cl->node[i];
 
-        if (rd->port == port
-            && ngx_inet_addr(rd->host, ngx_strlen(rd->host)) == addr)
-        {
+        if (rd->port == port && rd->addr == addr) {
             return rd;
         }
     }
@@ -252,6 +258,7 @@ ngx_http_infer_ratelimit_cluster_node(in_addr_t addr, in_port_t port)
 
     len = ngx_inet_ntop(AF_INET, &addr, rd->host, NGX_INET_ADDRSTRLEN);
     rd->host[len] = '\0';
+    rd->addr = addr;
     rd->port = port;
     rd->known = 1;
     rd->node = cl->n + 1;
@@ -386,7 +393,7 @@ ngx_http_infer_ratelimit_cluster_refresh(
     ngx_http_infer_ratelimit_redis_t  *rd;
 
     if (cl->asking) {
-        if (ngx_current_msec - cl->asked < cl->rcf->timeout) {
+        if (ngx_current_msec - cl->asked < cl->wait) {
             return;
         }
 
@@ -399,7 +406,7 @@ ngx_http_infer_ratelimit_cluster_refresh(
         rd = cl->asking_rd;
         ngx_http_infer_ratelimit_redis_error(rd, "CLUSTER NODES unanswered "
                                              "after %Mms: reconnecting",
-                                             cl->rcf->timeout);
+                                             cl->wait);
         ngx_http_infer_ratelimit_redis_drop(rd);
 
         if (cl->asking) {
@@ -417,6 +424,14 @@ ngx_http_infer_ratelimit_cluster_refresh(
 
     for (i = 0; i < cl->n; i++) {
         rd = cl->node[(cl->next + i) % cl->n];
+
+        /* a connection still to be made has its connect time on top */
+
+        cl->wait = cl->rcf->timeout;
+
+        if (!ngx_http_infer_ratelimit_redis_ready(rd)) {
+            cl->wait += cl->rcf->connect_timeout;
+        }
 
         if (ngx_http_infer_ratelimit_redis_open_node(rd) == NGX_OK
             && redisAsyncCommand(rd->ac,
@@ -466,9 +481,7 @@ ngx_http_infer_ratelimit_cluster_nodes(redisAsyncContext *ac, void *reply,
     }
 
     if (rr == NULL) {
-        cl->stale = 1;
-        cl->next++;
-        ngx_http_infer_ratelimit_redis_release(NGX_DECLINED);
+        ngx_http_infer_ratelimit_cluster_next(cl);
         return;
     }
 
@@ -485,9 +498,7 @@ ngx_http_infer_ratelimit_cluster_nodes(redisAsyncContext *ac, void *reply,
                       (size_t) (rr->type == REDIS_REPLY_ERROR
                                 ? ngx_min(rr->len, 256) : 0),
                       rr->type == REDIS_REPLY_ERROR ? rr->str : "");
-        cl->stale = 1;
-        cl->next++;
-        ngx_http_infer_ratelimit_redis_release(NGX_DECLINED);
+        ngx_http_infer_ratelimit_cluster_next(cl);
         return;
     }
 
@@ -530,6 +541,26 @@ ngx_http_infer_ratelimit_cluster_nodes(redisAsyncContext *ac, void *reply,
 
     /* the calls that waited for the map go now */
     ngx_http_infer_ratelimit_redis_release(NGX_OK);
+}
+
+
+/*
+ * A node could not tell the map: the next one is asked at once; the
+ * calls that waited fail (the outage policy decides) when none can be.
+ */
+
+static void
+ngx_http_infer_ratelimit_cluster_next(ngx_http_infer_ratelimit_cluster_t *cl)
+{
+    cl->stale = 1;
+    cl->next++;
+    cl->asked = 0;
+
+    ngx_http_infer_ratelimit_cluster_refresh(cl);
+
+    if (!cl->asking) {
+        ngx_http_infer_ratelimit_redis_release(NGX_DECLINED);
+    }
 }
 
 

@@ -68,9 +68,6 @@ static void *ngx_http_infer_ratelimit_redis_array(const redisReadTask *task,
     int elements);
 
 
-
-
-
 static ngx_http_infer_ratelimit_redis_t  ngx_http_infer_ratelimit_redis_worker;
 
 /* hiredis's functions to make replies, ours for arrays */
@@ -307,6 +304,7 @@ ngx_http_infer_ratelimit_redis_moved(redisReply *rr)
         return;
     }
 
+    /* not a cluster's (a standalone Redis that is a cluster node): none */
     rd = ngx_http_infer_ratelimit_cluster_node(addr.addr, addr.port);
 
     if (rd) {
@@ -939,10 +937,12 @@ ngx_http_infer_ratelimit_redis_addrs(ngx_conf_t *cf, ngx_array_t **list,
 /*
  * infer_ratelimit_redis address [db=N] [user=name] [password=secret]
  *     [timeout=time] [connect_timeout=time] [backoff=time] [replicas=N]
- *     [prefix=string] [coalesce=time|off] [sentinels=IPv4:port,...];
+ *     [prefix=string] [coalesce=time|off] [batch=N|off]
+ *     [sentinels=IPv4:port,...];
  *
- * address: IPv4[:port], unix:/path, or sentinel:NAME (the master's name
- * as the sentinels know it).
+ * address: IPv4[:port], unix:/path, sentinel:NAME (the master's name as
+ * the sentinels know it), or cluster:IPv4:port[,IPv4:port...] (a Redis
+ * Cluster's seeds; no db=, sentinels= or batch=).
  */
 
 char *
@@ -953,11 +953,12 @@ ngx_http_infer_ratelimit_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     u_char                                  *p, *colon;
     ngx_int_t                                n;
     ngx_str_t                               *value;
-    ngx_uint_t                               i;
+    ngx_uint_t                               i, batched;
     ngx_msec_t                               ms;
     ngx_http_infer_ratelimit_redis_conf_t  **field, *rcf;
 
     field = (ngx_http_infer_ratelimit_redis_conf_t **) (base + cmd->offset);
+    batched = 0;
 
     if (*field) {
         return "is duplicate";
@@ -1135,6 +1136,7 @@ ngx_http_infer_ratelimit_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
                 && ngx_strncmp(value[i].data + 6, "off", 3) == 0)
             {
                 rcf->batch = 0;
+                batched = 1;
                 continue;
             }
 
@@ -1144,6 +1146,7 @@ ngx_http_infer_ratelimit_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
             }
 
             rcf->batch = (ngx_uint_t) n;
+            batched = 1;
             continue;
         }
 
@@ -1181,6 +1184,11 @@ ngx_http_infer_ratelimit_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
     if (rcf->seeds && rcf->db) {
         return "has db= with a cluster: a cluster has database 0 only";
+    }
+
+    if (rcf->seeds && batched) {
+        return "has batch= with a cluster: a cluster's calls go each to "
+               "its slot's master";
     }
 
     *field = rcf;

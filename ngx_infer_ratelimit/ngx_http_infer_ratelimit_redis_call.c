@@ -38,8 +38,6 @@
 #define NGX_HTTP_INFER_RL_REDIRECTS   5
 
 
-
-
 /*
  * A call whose keys are in several cluster slots: a part per slot, sent
  * at once.  It is answered when every part is; it admits when every part
@@ -115,7 +113,8 @@ static void ngx_http_infer_ratelimit_redis_waiter_cleanup(void *data);
  * "s" (sync approximate limits: move each key so, and answer what is
  * left of each as an admission does, every key passing), or "b" (a
  * batch of admissions, each all-or-nothing in turn: ARGV[2] their
- * count, then each one's number of keys; KEYS one after the other);
+ * count, then each one's number of keys; KEYS one after the other; an
+ * admission whose keys fail (a key of another type) answers -1 alone);
  * then per key: units, limit, window in ms (0: a count of requests in
  * flight, not a GCRA; negative: a calendar window's count, minus the ms
  * until the window ends, its key named by the window), and the floor:
@@ -297,7 +296,12 @@ static ngx_str_t  ngx_http_infer_ratelimit_script = ngx_string(
 "  local k0, g0, r0 = 0, 3 + q, 1\n"
 "  for j = 1, q do\n"
 "    local n = tonumber(ARGV[2 + j])\n"
-"    admit(k0, n, g0, r0)\n"
+"    if not pcall(admit, k0, n, g0, r0) then\n"
+"      res[r0] = -1\n"
+"      for i = 1, 3 * n do\n"
+"        res[r0 + i] = 0\n"
+"      end\n"
+"    end\n"
 "    k0 = k0 + n\n"
 "    g0 = g0 + 5 * n\n"
 "    r0 = r0 + 1 + 3 * n\n"
@@ -392,6 +396,17 @@ ngx_http_infer_ratelimit_redis_eval(ngx_http_request_t *r,
         return NGX_DECLINED;
     }
 
+    /* a request's admission: its hold on the waiter, made first */
+
+    cln = NULL;
+
+    if (mode == NGX_HTTP_INFER_RL_ADMIT && done) {
+        cln = ngx_pool_cleanup_add(r->pool, 0);
+        if (cln == NULL) {
+            return NGX_ERROR;
+        }
+    }
+
     w = ngx_http_infer_ratelimit_redis_waiter(rcf, mode, items, NULL, n);
     if (w == NULL) {
         return NGX_DECLINED;
@@ -400,36 +415,29 @@ ngx_http_infer_ratelimit_redis_eval(ngx_http_request_t *r,
     w->slot = slot;
     w->done = done;
 
+    if (cln) {
+        cln->handler = ngx_http_infer_ratelimit_redis_waiter_cleanup;
+        cln->data = w;
+        w->r = r;
+    }
+
     if (rd == NULL) {
         ngx_http_infer_ratelimit_redis_hold(w);
 
-    } else if (mode == NGX_HTTP_INFER_RL_ADMIT && done && rcf->batch
-               && rcf->seeds == NULL)
-    {
+    } else if (cln && rcf->batch && rcf->seeds == NULL) {
         /* sent now, or with others once the admission in flight is back */
         ngx_http_infer_ratelimit_batch_add(w, rd);
 
     } else if (ngx_http_infer_ratelimit_redis_call(w, rd) != NGX_OK) {
+        if (cln) {
+            cln->handler = NULL;
+        }
+
         ngx_free(w);
         return NGX_DECLINED;
     }
 
-    if (mode != NGX_HTTP_INFER_RL_ADMIT || done == NULL) {
-        return NGX_OK;
-    }
-
-    cln = ngx_pool_cleanup_add(r->pool, 0);
-    if (cln == NULL) {
-        /* the reply frees the waiter */
-        return NGX_ERROR;
-    }
-
-    cln->handler = ngx_http_infer_ratelimit_redis_waiter_cleanup;
-    cln->data = w;
-
-    w->r = r;
-
-    return NGX_AGAIN;
+    return cln ? NGX_AGAIN : NGX_OK;
 }
 
 
@@ -502,11 +510,15 @@ ngx_http_infer_ratelimit_redis_cmp(const void *one, const void *two)
 
 /*
  * A call split by slot.  Reconciliations go each to its master on its
- * own.  An admission's parts are sent at once, and answered together
+ * own (a part that cannot be sent is lost, as a whole call would be).
+ * An admission's parts are sent at once, and answered together
  * (ngx_http_infer_ratelimit_redis_finish()): sent in full or not at all,
  * so that a master that cannot be asked decides the request by the
- * outage policy before anything is charged.  A sync's part whose master
- * cannot be asked keeps its units for the next sync (item->unsent).
+ * outage policy before anything is charged; while the cluster's map is
+ * asked for, the parts wait for it, and one that then cannot be sent
+ * fails, the others undone on their answers.  A sync's part whose
+ * master cannot be asked keeps its units for the next sync
+ * (item->unsent).
  */
 
 static ngx_int_t
@@ -545,6 +557,15 @@ ngx_http_infer_ratelimit_redis_split(ngx_http_request_t *r,
     }
 
     call = NULL;
+    cln = NULL;
+
+    if (mode == NGX_HTTP_INFER_RL_ADMIT) {
+        /* the request's hold on the call, made first */
+        cln = ngx_pool_cleanup_add(r->pool, 0);
+        if (cln == NULL) {
+            return NGX_ERROR;
+        }
+    }
 
     if (mode != NGX_HTTP_INFER_RL_RECONCILE) {
         call = ngx_calloc(sizeof(ngx_http_infer_ratelimit_call_t)
@@ -556,6 +577,7 @@ ngx_http_infer_ratelimit_redis_split(ngx_http_request_t *r,
         }
 
         call->part = (ngx_http_infer_ratelimit_waiter_t **) (call + 1);
+        call->r = r;
         call->items = items;
         call->nitems = n;
         call->mode = mode;
@@ -563,7 +585,6 @@ ngx_http_infer_ratelimit_redis_split(ngx_http_request_t *r,
         call->ev.handler = ngx_http_infer_ratelimit_redis_call_event;
         call->ev.data = call;
         call->ev.log = ngx_cycle->log;
-        call->ev.cancelable = 0;
     }
 
     sent = 0;
@@ -621,6 +642,10 @@ ngx_http_infer_ratelimit_redis_split(ngx_http_request_t *r,
     }
 
     if (sent == 0) {
+        if (cln) {
+            cln->handler = NULL;
+        }
+
         ngx_free(call);
         return NGX_DECLINED;
     }
@@ -634,16 +659,8 @@ ngx_http_infer_ratelimit_redis_split(ngx_http_request_t *r,
         call->rc = NGX_DECLINED;
     }
 
-    cln = ngx_pool_cleanup_add(r->pool, 0);
-    if (cln == NULL) {
-        /* answered with no request: undone, then freed */
-        return NGX_ERROR;
-    }
-
     cln->handler = ngx_http_infer_ratelimit_redis_call_cleanup;
     cln->data = call;
-
-    call->r = r;
 
     return NGX_AGAIN;
 }
@@ -855,7 +872,11 @@ ngx_http_infer_ratelimit_redis_call(ngx_http_infer_ratelimit_waiter_t *w,
     w->rd = rd;
     w->pending = 1;
 
-    ngx_add_timer(&w->ev, rd->rcf->timeout);
+    /* a call that waited (a batch, the cluster's map) keeps its deadline */
+
+    if (!w->ev.timer_set) {
+        ngx_add_timer(&w->ev, rd->rcf->timeout);
+    }
 
     return NGX_OK;
 }
@@ -935,6 +956,7 @@ ngx_http_infer_ratelimit_redis_answered(redisAsyncContext *ac,
          */
 
         ngx_http_infer_ratelimit_redis_undo(w);
+        w->redirects = 0;
 
         if (redisAsyncCommandArgv(ac, ngx_http_infer_ratelimit_redis_reply,
                                   w, w->argc, w->argv, w->argvlen)
@@ -1178,7 +1200,15 @@ ngx_http_infer_ratelimit_redis_call_undo(ngx_http_infer_ratelimit_call_t *call)
 
         w->admitted = 0;
 
-        if (w->rd == NULL || w->rd->ac == NULL) {
+        /* a connection lost since is made again: hiredis queues meanwhile */
+
+        if (w->rd == NULL
+            || ngx_http_infer_ratelimit_redis_open_node(w->rd) != NGX_OK)
+        {
+            ngx_http_infer_ratelimit_redis_error(
+                ngx_http_infer_ratelimit_redis_main(),
+                "a part admitted could not be undone: its master is "
+                "unavailable");
             continue;
         }
 
@@ -1424,13 +1454,18 @@ ngx_http_infer_ratelimit_redis_waiter_event(ngx_event_t *ev)
     if (ev->timedout && w->held) {
         ev->timedout = 0;
 
-        /* the cluster's map did not come in time: the node asked goes */
+        /*
+         * The cluster's map did not come in time: the waiter leaves the
+         * list first (asking again may fail the ones left, and free
+         * them), then fails.
+         */
+
+        ngx_queue_remove(&w->hold);
+        w->held = 0;
+
         (void) ngx_http_infer_ratelimit_cluster_known();
 
-        if (w->held) {
-            ngx_http_infer_ratelimit_redis_fail(w);
-        }
-
+        ngx_http_infer_ratelimit_redis_fail(w);
         return;
     }
 
@@ -1446,7 +1481,10 @@ ngx_http_infer_ratelimit_redis_waiter_event(ngx_event_t *ev)
         }
 
         if (w->r == NULL) {
-            /* the drop's NULL reply frees the waiter */
+            /*
+             * no request: the drop's NULL reply frees the waiter (a
+             * part's, its call)
+             */
             ngx_http_infer_ratelimit_redis_drop(rd);
             return;
         }
@@ -1554,10 +1592,6 @@ ngx_http_infer_ratelimit_redis_waiter_free(
 static void
 ngx_http_infer_ratelimit_redis_hold(ngx_http_infer_ratelimit_waiter_t *w)
 {
-    if (ngx_http_infer_ratelimit_redis_waiting.next == NULL) {
-        ngx_queue_init(&ngx_http_infer_ratelimit_redis_waiting);
-    }
-
     w->held = 1;
     ngx_queue_insert_tail(&ngx_http_infer_ratelimit_redis_waiting, &w->hold);
 
@@ -1573,10 +1607,6 @@ ngx_http_infer_ratelimit_redis_release(ngx_int_t rc)
     ngx_http_infer_ratelimit_waiter_t  *w;
 
     list = &ngx_http_infer_ratelimit_redis_waiting;
-
-    if (list->next == NULL) {
-        return;
-    }
 
     while (!ngx_queue_empty(list)) {
         q = ngx_queue_head(list);
@@ -1629,7 +1659,7 @@ ngx_http_infer_ratelimit_redis_fail(ngx_http_infer_ratelimit_waiter_t *w)
 }
 
 
-/* the script's SHA1, for EVALSHA: once per worker */
+/* the script's SHA1, for EVALSHA */
 
 u_char *
 ngx_http_infer_ratelimit_redis_evalsha(void)
@@ -1637,6 +1667,8 @@ ngx_http_infer_ratelimit_redis_evalsha(void)
     return ngx_http_infer_ratelimit_redis_sha;
 }
 
+
+/* computed once per worker; the calls held for a cluster's map, none */
 
 
 void
@@ -1651,6 +1683,8 @@ ngx_http_infer_ratelimit_redis_sha1(void)
     ngx_sha1_final(hash, &sha1);
 
     ngx_hex_dump(ngx_http_infer_ratelimit_redis_sha, hash, 20);
+
+    ngx_queue_init(&ngx_http_infer_ratelimit_redis_waiting);
 }
 
 

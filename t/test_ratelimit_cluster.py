@@ -1079,8 +1079,9 @@ def test_every_node_down_and_back(own_cluster, nginx_factory):
     ("cluster:127.0.0.1:70000", ["127.0.0.1:70000"]),
     ("cluster:", ["cluster"]),
     ("cluster:127.0.0.1:7000,", ["cluster"]),
+    ("cluster:127.0.0.1:7000 batch=8", ["cluster", "batch="]),
 ], ids=["db", "sentinels", "no-port", "a-name-among-seeds", "a-name",
-        "port-too-large", "no-seed", "an-empty-seed"])
+        "port-too-large", "no-seed", "an-empty-seed", "batch"])
 def test_nginx_t_names_cluster_mistakes(nginx_factory, opts, words):
     n = nginx_factory(f"""
         infer_ratelimit_redis {opts};
@@ -1427,6 +1428,31 @@ def test_usage_events_go_to_the_streams_master(nginx_factory, rc):
     assert sorted(e["status"] for e in events) == ["200"] * 16 + ["429"] * 4
     for t in tenants:
         assert rc.count(key(t)) == 8
+
+
+def test_a_standalone_gateway_pointed_at_a_cluster_node(nginx_factory, rc):
+    """infer_ratelimit_redis with one cluster node's address, not
+    cluster:, and usage events whose stream is another master's: the XADDs
+    are answered MOVED, counted as failed, and no worker crashes (found by
+    review: the MOVED was followed into the cluster's table, which a
+    standalone configuration does not have)."""
+    stream = "infer:usage"
+    other = [m for m in rc.masters() if m is not rc.master_for(stream)][0]
+    n = nginx_factory(f"""
+    infer_ratelimit_redis {other.addr} timeout=1s;
+    infer_usage_events_stream {stream} flush=20ms;
+    server {{
+        listen 127.0.0.1:{{port}};
+        location / {{ infer_usage_events on; }}
+    }}""")
+    for _ in range(5):
+        assert get(n).status_code == 200
+        time.sleep(0.05)
+    deadline = time.monotonic() + 5
+    while "XADD" not in n.log_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "MOVED" in n.log_text()
+    assert get(n).status_code == 200
 
 
 # ------------------------------------------------------------ readiness

@@ -915,3 +915,38 @@ def test_admissions_in_flight_make_the_next_wait_and_go_together(
     else:
         # two workers: the first of each alone, the rest in batches of 16
         assert calls <= 16, calls
+
+
+def test_a_batched_admission_that_fails_fails_alone(nginx_factory, redis):
+    """One tenant's key is a hash (someone else wrote it): the script
+    fails for that tenant's admissions only, which the outage policy
+    decides (fail_closed: 429, degraded); the other requests batched with
+    them are admitted and counted exactly, as separate calls would be."""
+    n = nginx_factory(conf(
+        redis.addr,
+        "infer_ratelimit_limit tenant $http_x_tenant requests=100/day "
+        "on_error=fail_closed;",
+        redis_opts="timeout=3s batch=16"))
+    c = redis.client()
+    day = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d")
+    c.hset(f"infer:rl:{{bad}}:tenant:{day}", "x", "1")
+    parallel(lambda: get(n, headers={"X-Tenant": "warm"}), 8, threads=8)
+    c.execute_command("CLIENT", "PAUSE", "1000", "ALL")
+    tenants = ["bad", "g1", "g2", "g3"] * 10
+    lock = threading.Lock()
+
+    def one():
+        with lock:
+            t = tenants.pop()
+        r = get(n, headers={"X-Tenant": t})
+        return t, r.status_code, r.headers.get("X-RL-Status")
+
+    got = parallel(one, 40, threads=40)
+    for t, status, rl in got:
+        if t == "bad":
+            assert (status, rl) == (429, "degraded"), (t, status, rl)
+        else:
+            assert (status, rl) == (200, "passed"), (t, status, rl)
+    for t in ("g1", "g2", "g3"):
+        assert c.get(f"infer:rl:{{{t}}}:tenant:{day}") == "10"
+    assert "the script failed for one admission of a batch" in n.log_text()
