@@ -33,6 +33,21 @@ HEADERS = STATUS_HEADERS + """
 
 HUGE = "requests=100000000/day"      # never refuses: only counts
 
+# /closed and /open: one tenant's count, and each outage policy
+POLICIES = f"""
+        location /closed {{
+            infer_ratelimit_limit c $http_x_tenant {HUGE}
+                                  on_error=fail_closed;
+            rewrite ^ /ok.txt break;
+            {HEADERS}
+        }}
+        location /open {{
+            infer_ratelimit_limit o $http_x_tenant {HUGE}
+                                  on_error=fail_open;
+            rewrite ^ /ok.txt break;
+            {HEADERS}
+        }}"""
+
 
 def day():
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d")
@@ -855,19 +870,7 @@ def test_a_master_killed_under_load(own_cluster, nginx_factory):
     everyone = tenant_on(cl, other.port, "all")
     n = nginx_factory(conf(cl.seeds(), "", opts="timeout=300ms "
                            "connect_timeout=200ms backoff=300ms",
-                           locations=f"""
-        location /closed {{
-            infer_ratelimit_limit c $http_x_tenant {HUGE}
-                                  on_error=fail_closed;
-            rewrite ^ /ok.txt break;
-            {HEADERS}
-        }}
-        location /open {{
-            infer_ratelimit_limit o $http_x_tenant {HUGE}
-                                  on_error=fail_open;
-            rewrite ^ /ok.txt break;
-            {HEADERS}
-        }}
+                           locations=POLICIES + f"""
         location /both {{
             infer_ratelimit_limit bt $http_x_tenant {HUGE}
                                   on_error=fail_closed;
@@ -1016,19 +1019,7 @@ def test_every_node_down_and_back(own_cluster, nginx_factory):
     tenants = tenants_per_master(cl, "d")
     n = nginx_factory(conf(cl.seeds(), "", opts="timeout=300ms "
                            "connect_timeout=200ms backoff=300ms",
-                           locations=f"""
-        location /closed {{
-            infer_ratelimit_limit c $http_x_tenant {HUGE}
-                                  on_error=fail_closed;
-            rewrite ^ /ok.txt break;
-            {HEADERS}
-        }}
-        location /open {{
-            infer_ratelimit_limit o $http_x_tenant {HUGE}
-                                  on_error=fail_open;
-            rewrite ^ /ok.txt break;
-            {HEADERS}
-        }}"""))
+                           locations=POLICIES))
     warm(n, cl)
     load = Load(n, [(p, t) for p in ("/closed", "/open")
                     for t in tenants.values()])
