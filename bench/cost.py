@@ -257,7 +257,8 @@ def profile(args, cases, scripts, client_cpu):
                    n.url]
             subprocess.run(wrk + ["-d1s"], capture_output=True, timeout=60)
             perf = subprocess.Popen(
-                ["perf", "record", "-g", "-F", "4999", "-o", args.perf_data,
+                ["perf", "record", "--call-graph", args.perf_call_graph,
+                 "-F", "4999", "-o", args.perf_data,
                  "-p", str(n.worker_pids()[0])],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(0.5)
@@ -328,7 +329,13 @@ def measure(args, name, n, rnd, script, client_cpu, cpus, backend, redis,
     if abs(per - size) > 0.02 * size or (not chunked
                                          and s["bytes"] != reqs * size):
         run.fail(f"{name}: {per:.1f} bytes per response, {size} expected")
-    w = run.parse_wrk(out)
+    try:
+        w = run.parse_wrk(out)
+    except run.BenchError:
+        # a stalled run can lack wrk's p99 line: its CPU still counts
+        w = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)",
+                                    out).group(1)),
+             "p50_us": None, "p99_us": None}
     tck = os.sysconf("SC_CLK_TCK")
     secs = sum(st1[c]["total"] - st0[c]["total"] for c in cpus[:2]) / 2 / tck
     # the time of the two CPUs that was not ours: the worker, wrk, the
@@ -349,6 +356,78 @@ def measure(args, name, n, rnd, script, client_cpu, cpus, backend, redis,
           f"{r['cpu_us']:6.2f} CPU µs/req  other load {other * 100:4.1f} %",
           flush=True)
     return r
+
+
+def callgrind_run(n, count, case_body, token, out):
+    """nginx n under callgrind for count requests on one connection: the
+    worker's instructions by function."""
+    out.mkdir()
+    vg = subprocess.Popen(
+        ["valgrind", "--tool=callgrind", "--trace-children=yes",
+         f"--callgrind-out-file={out}/cg.%p", run.NGINX_BIN,
+         "-p", str(n.workdir), "-c", str(n.conf_path),
+         "-e", str(n.error_log)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection((n.host, n.port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    run.fail("nginx under valgrind did not start")
+                time.sleep(0.5)
+        kids = Path(f"/proc/{vg.pid}/task/{vg.pid}/children")
+        worker = int(kids.read_text().split()[0])
+        c = http.client.HTTPConnection(n.host, n.port, timeout=60)
+        for _ in range(count):
+            c.request("POST", "/v1/chat/completions", case_body,
+                      {"Content-Type": "application/json",
+                       "Authorization": "Bearer " + token})
+            r = c.getresponse()
+            r.read()
+            if r.status != 200:
+                run.fail(f"status {r.status}")
+        c.close()
+    finally:
+        vg.terminate()
+        vg.wait(timeout=60)
+    ann = subprocess.run(
+        ["callgrind_annotate", "--inclusive=no", "--threshold=100",
+         str(out / f"cg.{worker}")],
+        capture_output=True, text=True, timeout=300).stdout
+    fns = {}
+    for line in ann.splitlines():
+        m = re.match(r"^\s*([\d,]+)(?: \([ \d.]+%\))?\s+(\S.*)$", line)
+        if m:
+            fns[m.group(2)] = int(m.group(1).replace(",", ""))
+    return fns
+
+
+def callgrind(args, cases, bodies, token, work):
+    """The worker's instructions per request, by function: two runs of
+    200 and 200 + --requests requests, the difference over --requests, so
+    that starting and stopping cancel out."""
+    for case, gws in cases.items():
+        for name, n in gws:
+            if name != args.callgrind:
+                continue
+            n.stop()
+            a = callgrind_run(n, 200, bodies[case], token, work / "cg-a")
+            b = callgrind_run(n, 200 + args.requests, bodies[case], token,
+                              work / "cg-b")
+            per = {k: (b.get(k, 0) - a.get(k, 0)) / args.requests
+                   for k in set(a) | set(b)}
+            total = [k for k in per if "PROGRAM TOTALS" in k][0]
+            print(f"{name}: {per.pop(total):,.0f} instructions per request "
+                  f"in the worker ({args.requests} requests, one "
+                  "connection); by function, per request:")
+            for k, v in sorted(per.items(), key=lambda kv: -kv[1]):
+                if v >= 50:
+                    print(f"  {v:9,.0f}  {k[:110]}")
+            return
+    run.fail(f"--callgrind {args.callgrind}: no such config")
 
 
 def median(v):
@@ -377,6 +456,17 @@ def main():
                     help="instead of the rounds: perf record -g on that "
                          "config's worker during one wrk run of --duration "
                          "seconds, then perf report --no-children")
+    ap.add_argument("--callgrind", metavar="CONFIG",
+                    help="instead of the rounds: that config's gateway "
+                         "again under valgrind --tool=callgrind, "
+                         "--requests requests one after the other on one "
+                         "connection, and the worker's instructions per "
+                         "request by function (deterministic, unlike time "
+                         "on a shared machine)")
+    ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--perf-call-graph", default="fp",
+                    help="perf record --call-graph (fp; dwarf, to see "
+                         "who calls libc and nginx)")
     ap.add_argument("--perf-data", default="perf.data",
                     help="where --perf writes (default %(default)s)")
     args = ap.parse_args()
@@ -501,6 +591,10 @@ def main():
 
         if args.perf:
             profile(args, cases, scripts, client_cpu)
+            return
+
+        if args.callgrind:
+            callgrind(args, cases, bodies, token, work)
             return
 
         runs = {name: [] for gws in cases.values() for name, _ in gws}
