@@ -638,7 +638,7 @@ def main():
             base = gws[0][0]
             print(f"\n{case}:\n  {'config':14} {'req/s':>9} {'p50 µs':>8} "
                   f"{'p99 µs':>7}  CPU µs/req (min-max)     ratio  paired "
-                  "(range)      other load max")
+                  "(range)      min/min  other load max")
             for name, _ in gws:
                 rs = runs[name]
                 med = {k: median([r[k] for r in rs if r[k] is not None])
@@ -648,15 +648,19 @@ def main():
                 paired = [r["cpu_us"] / bcpu[r["round"]] for r in rs]
                 ratio = med["cpu_us"] / median(
                     [r["cpu_us"] for r in runs[base]])
+                # others' load only ever adds: the least of each is the
+                # least disturbed
+                mins = min(cpu) / min(r["cpu_us"] for r in runs[base])
                 print(f"  {name:14} {med['rps']:9.0f} {med['p50']:8.0f}"
                       f" {med['p99']:7.0f}  {med['cpu_us']:6.2f} "
                       f"({min(cpu):.2f}-{max(cpu):.2f})  {ratio:9.2f}  "
                       f"{median(paired):5.2f} ({min(paired):.2f}-"
-                      f"{max(paired):.2f})  "
+                      f"{max(paired):.2f})  {mins:7.2f}  "
                       f"{max(r['other_load'] for r in rs) * 100:5.1f} %")
                 result["cases"].setdefault(case, {})[name] = {
                     **med, "cpu_min": min(cpu), "cpu_max": max(cpu),
                     "ratio": ratio, "paired": median(paired),
+                    "min_ratio": mins,
                     "paired_range": [min(paired), max(paired)]}
         Path(args.out).parent.mkdir(exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1))
