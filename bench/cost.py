@@ -1,7 +1,7 @@
 """What a request costs the gateway with every ngx_infer module on: the
 table of issue 16, in one run.
 
-    /usr/bin/python3 bench/cost.py                  # 5 rounds x 5 s, ~3 min
+    /usr/bin/python3 bench/cost.py                  # 5 rounds x 5 s, ~5 min
     /usr/bin/python3 bench/cost.py --quick          # 2 rounds x 2 s
     /usr/bin/python3 bench/cost.py --rounds 9 --only plain,all-zone
     INFER_MODULES_DIR=/tmp/mods /usr/bin/python3 bench/cost.py ...
@@ -30,11 +30,17 @@ its own baseline, in interleaved rounds (the order rotates every round):
                module takes the usage and removes them, so the client gets
                the very bytes plain-sse's client gets (checked)
 
+  sse-chunked: the same pair, plain-ssec and route-ssec, the backend
+        streaming without Content-Length (chunked), as model servers do
+
 Per run: req/s, p50, p99 and the gateway worker's CPU µs per request, from
 /proc/PID/schedstat (ns) over the requests wrk completed.  Reported: the
 medians over rounds, their ratio to the case's baseline, and the paired
 ratio (median over rounds of the ratio of two runs seconds apart) with its
-range.  Checks (the run stops): a wrk error or non-2xx, a response of
+range, and min/min.  --base-modules DIR measures every config with
+modules again with DIR's modules (NAME@base): before and after in one
+run.  --perf and --callgrind profile one config instead (bench/README.md).
+Checks (the run stops): a wrk error or non-2xx, a response of
 another size than the preflight's, a replaced worker, [alert]/[emerg].
 """
 
