@@ -46,6 +46,8 @@ static ngx_int_t ngx_http_infer_route_strip_buf(ngx_http_request_t *r,
     ngx_http_infer_route_strip_t *st);
 static ngx_int_t ngx_http_infer_route_strip_end(ngx_http_request_t *r,
     ngx_http_infer_route_strip_t *st);
+static ngx_inline ngx_uint_t ngx_http_infer_route_strip_ending(
+    ngx_http_request_t *r);
 static void ngx_http_infer_route_ttft(ngx_http_request_t *r,
     ngx_http_infer_route_ctx_t *ctx);
 
@@ -268,6 +270,18 @@ ngx_http_infer_route_strip(ngx_http_request_t *r,
 
         if (st->out == NULL && !flush) {
             break;
+        }
+
+        if (st->out && st->in == NULL && !st->send && !st->last
+            && ngx_http_infer_route_strip_ending(r))
+        {
+            /*
+             * The upstream has all of the answer and ends the request as
+             * soon as this returns: the rest goes out with the end of
+             * the stream, one write to the client instead of two.
+             */
+            r->buffered |= NGX_HTTP_INFER_ROUTE_BUFFERED;
+            return st->busy ? NGX_AGAIN : NGX_OK;
         }
 
         rc = ngx_http_next_body_filter(r, st->out);
@@ -598,6 +612,25 @@ ngx_http_infer_route_strip_end(ngx_http_request_t *r,
     st->done = 1;
 
     return NGX_OK;
+}
+
+
+/*
+ * Without proxy buffering, the upstream finalizes the request, and so
+ * passes last_buf, right after the output call in which its length came
+ * to 0, once its own buffers are consumed: the input is all read when
+ * this is asked.  With buffering the event pipe ends the answer on its
+ * own schedule: not known here.
+ */
+
+static ngx_inline ngx_uint_t
+ngx_http_infer_route_strip_ending(ngx_http_request_t *r)
+{
+    ngx_http_upstream_t  *u;
+
+    u = r->upstream;
+
+    return (u != NULL && !u->buffering && u->length == 0);
 }
 
 

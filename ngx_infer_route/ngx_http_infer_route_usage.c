@@ -139,7 +139,8 @@ static ngx_int_t ngx_http_infer_usage_json_end(ngx_http_infer_usage_t *u);
 static void ngx_http_infer_usage_json_init(ngx_http_infer_usage_t *u);
 static ngx_inline void ngx_http_infer_usage_begin(ngx_http_infer_usage_t *u,
     ngx_uint_t role, u_char c);
-static ngx_uint_t ngx_http_infer_usage_key(ngx_http_infer_usage_t *u);
+static ngx_uint_t ngx_http_infer_usage_key(ngx_http_infer_usage_t *u,
+    u_char *k, size_t n);
 static ngx_inline void ngx_http_infer_usage_key_add(ngx_http_infer_usage_t *u,
     u_char *p, size_t n);
 static void ngx_http_infer_usage_publish(ngx_http_infer_usage_t *u);
@@ -647,6 +648,14 @@ ngx_http_infer_usage_json(ngx_http_infer_usage_t *u, u_char *p, u_char *last)
 
             s = ngx_http_infer_route_special(p, last);
 
+            if (s != last && *s == '"' && u->scratch_len == 0) {
+                /* whole in the buffer, without escapes: not copied */
+                role = ngx_http_infer_usage_key(u, p, s - p);
+                p = s + 1;
+                state = sw_colon;
+                continue;
+            }
+
             ngx_http_infer_usage_key_add(u, p, s - p);
 
             if (s == last) {
@@ -657,7 +666,8 @@ ngx_http_infer_usage_json(ngx_http_infer_usage_t *u, u_char *p, u_char *last)
             p = s + 1;
 
             if (*s == '"') {
-                role = ngx_http_infer_usage_key(u);
+                role = ngx_http_infer_usage_key(u, u->scratch,
+                                                u->scratch_len);
                 state = sw_colon;
                 continue;
             }
@@ -1046,17 +1056,15 @@ ngx_http_infer_usage_begin(ngx_http_infer_usage_t *u, ngx_uint_t role,
 }
 
 
-/* the role of the value of the key just read, in the current context */
+/*
+ * The role of the value of the key just read, k, n long, in the current
+ * context: a key whole in the buffer is read where it is, one cut by a
+ * buffer's end or with an escape is decoded in the scratch first.
+ */
 
 static ngx_uint_t
-ngx_http_infer_usage_key(ngx_http_infer_usage_t *u)
+ngx_http_infer_usage_key(ngx_http_infer_usage_t *u, u_char *k, size_t n)
 {
-    size_t   n;
-    u_char  *k;
-
-    k = u->scratch;
-    n = u->scratch_len;
-
 #define ngx_usage_key_is(s)                                                  \
     (n == sizeof(s) - 1 && ngx_memcmp(k, s, sizeof(s) - 1) == 0)
 
