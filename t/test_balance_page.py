@@ -1176,7 +1176,7 @@ def test_garbage(cli):
 
 
 def test_fuzz(tmp_path):
-    """libFuzzer, ASan and UBSan over the parser for 10 s."""
+    """libFuzzer, ASan and UBSan over the parser for 5 s."""
     tokens = ["\n", "\r\n", "{", "}", "=", '"', ",", "\\", '\\"', "\\n",
               "\\\\", " ", "\t", "#", "# HELP ", "# TYPE ", "# EOF", "e",
               "E", "e-", "e+", ".", "-", "+", "NaN", "+Inf", "-Inf",
@@ -1194,7 +1194,7 @@ def test_fuzz(tmp_path):
          "".join('t%d="%s"\n' % (i, "".join(
              chr(c) if 0x20 <= c < 0x7f and c not in b'"\\' else "\\x%02x" % c
              for c in t.encode("utf-8"))) for i, t in enumerate(tokens)),
-         seconds=10, args=["-max_len=16384"])
+         seconds=5, args=["-max_len=16384"])
 
 
 def test_bench(tmp_path):

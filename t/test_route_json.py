@@ -1012,7 +1012,7 @@ def test_depth(cli):
 
 
 def test_fuzz(tmp_path):
-    """libFuzzer, ASan and UBSan over the scanner for 15 s."""
+    """libFuzzer, ASan and UBSan over the scanner for 5 s."""
     tokens = ["{", "}", "[", "]", ",", ":", '"', "\\u", "\\ud83d",
               "\\ude00", "\\\\", "true", "false", "null", "-0", "1e5",
               '"model"', '"stream"', '"max_tokens"',

@@ -1135,7 +1135,7 @@ def test_sse_strip_hold(cli):
 
 
 def test_fuzz(tmp_path):
-    """libFuzzer, ASan and UBSan over the parser for 15 s."""
+    """libFuzzer, ASan and UBSan over the parser for 5 s."""
     tokens = ["{", "}", "[", "]", ",", ":", '"', "\\u", "\\u0075", "\\\\",
               "true", "false", "null", "-0", "1e5", "9007199254740993",
               '"usage"', '"prompt_tokens"', '"completion_tokens"',

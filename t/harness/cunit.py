@@ -53,7 +53,7 @@ def build_sanitized(out, sources, variant):
     return compile_c(out, sources, SANITIZED + VARIANTS[variant])
 
 
-def fuzz(tmp_path, sources, corpus, dictionary, seconds=15, args=(),
+def fuzz(tmp_path, sources, corpus, dictionary, seconds=5, args=(),
          flags=(), libs=()):
     """Builds the libFuzzer harness in sources with clang (and flags,
     libs), runs it over a copy of corpus with the dictionary text for a
